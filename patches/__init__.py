@@ -1,0 +1,7 @@
+"""Version-guarded engine patches (DESIGN.md). One patch per file; the lists below are the order in
+which each engine's adapter applies them. Only ``afterburner.plugins`` applies patches."""
+
+from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
+from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
+
+VLLM_PATCHES = (ENGINE_CONFIG, WORKER_INIT_DEVICE)

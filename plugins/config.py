@@ -1,0 +1,147 @@
+"""afterburner's one typed configuration, and how each host hands it to us.
+
+- vLLM: ``--additional-config '{"afterburner": {...}}'`` (lands in ``VllmConfig.additional_config``).
+- SGLang and lm-eval: ``AFTERBURNER_CONFIG``, JSON text or the path of a JSON or YAML file.
+
+Every model forbids unknown keys, so a typo is an error, never a silently ignored setting. Errors are
+raised as one ``ConfigError`` whose message names each bad field, what it got and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_VAR = "AFTERBURNER_CONFIG"
+ADDITIONAL_CONFIG_KEY = "afterburner"
+
+AttentionMethod = Literal["dense", "sparse", "squeezed", "local_linear"]
+# Methods the config already knows (so their settings validate) but whose backends have not landed.
+# Choosing one is a startup error rather than a silent fall-back to dense attention.
+PLANNED_ATTENTION_METHODS = frozenset({"sparse", "squeezed", "local_linear"})
+
+
+class ConfigError(ValueError):
+    """A configuration the user asked for cannot be used; the message says which field and why."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SparseSettings(_Settings):
+    """Query-aware KV page selection (Quest-style block summaries)."""
+
+    budget_ratio: float = Field(0.25, gt=0, le=1, description="fraction of the context's KV to read")
+    token_budget: int | None = Field(None, ge=1, description="absolute budget in tokens; overrides the ratio")
+    sink_blocks: int = Field(1, ge=0, description="first blocks always kept (attention sinks)")
+    recent_blocks: int = Field(2, ge=0, description="most recent blocks always kept")
+    dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
+
+
+class SqueezedSettings(_Settings):
+    """Squeezed Attention: k-means centroids over a fixed context's keys."""
+
+    centroid_ratio: float = Field(0.05, gt=0, le=1, description="centroids per fixed-context token")
+    threshold_quantile: float = Field(0.9, gt=0, lt=1, description="calibration quantile of the threshold")
+    hierarchical: bool = Field(False, description="two-level centroid lookup")
+
+
+class AttentionSettings(_Settings):
+    method: AttentionMethod = "dense"
+    sparse: SparseSettings = SparseSettings()
+    squeezed: SqueezedSettings = SqueezedSettings()
+
+    @field_validator("method")
+    @classmethod
+    def _method_available(cls, method: str) -> str:
+        if method in PLANNED_ATTENTION_METHODS:
+            available = sorted(set(get_args(AttentionMethod)) - PLANNED_ATTENTION_METHODS)
+            raise ValueError(f"'{method}' is planned but not in this release; available now: {available}")
+        return method
+
+
+class AfterburnerConfig(_Settings):
+    enabled: bool = Field(True, description="false: the plugin registers nothing")
+    attention: AttentionSettings = AttentionSettings()
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
+    """One line per pydantic error: dotted field path, the value given, what is allowed."""
+    loc = [str(part) for part in error["loc"]]
+    field = ".".join([ADDITIONAL_CONFIG_KEY, *loc])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        return f"{field}: unknown key; allowed keys here: {', '.join(allowed)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field}: {message} (got {error['input']!r})"
+
+
+def _allowed_keys(model: type[BaseModel], parent: list[str]) -> list[str]:
+    for part in parent:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def parse_config(raw: Mapping[str, Any] | None, *, source: str) -> AfterburnerConfig:
+    """Validate a plain mapping (``{}`` or None gives the defaults); ``source`` names where it came from."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"afterburner config from {source} must be a JSON object, got {type(raw).__name__}")
+    try:
+        return AfterburnerConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        lines = [_describe(err, AfterburnerConfig) for err in exc.errors()]
+        raise ConfigError(f"invalid afterburner config from {source}: " + "; ".join(lines)) from None
+
+
+def from_additional_config(additional_config: Mapping[str, Any] | None) -> AfterburnerConfig:
+    """The ``afterburner`` entry of vLLM's ``additional_config`` (absent: defaults)."""
+    section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    return parse_config(section, source="--additional-config")
+
+
+def _load_text(value: str) -> tuple[Any, str]:
+    """``AFTERBURNER_CONFIG`` is JSON text when it starts with '{', else a path to a JSON or YAML file."""
+    if value.lstrip().startswith("{"):
+        source = f"{ENV_VAR} (JSON text)"
+        try:
+            return json.loads(value), source
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+    path = Path(value).expanduser()
+    source = f"{ENV_VAR} file {path}"
+    if not path.is_file():
+        raise ConfigError(f"{ENV_VAR} names a file that does not exist: {path} (give JSON text or a path)")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text), source
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    try:
+        return json.loads(text), source
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+
+
+def from_env(environ: Mapping[str, str] = os.environ) -> AfterburnerConfig:
+    """The config in ``AFTERBURNER_CONFIG`` (unset or empty: defaults). Accepts ``{"afterburner": {...}}``
+    too, so one file serves both vLLM's ``--additional-config`` and this variable."""
+    value = environ.get(ENV_VAR, "").strip()
+    if not value:
+        return AfterburnerConfig()
+    raw, source = _load_text(value)
+    if isinstance(raw, Mapping) and set(raw) == {ADDITIONAL_CONFIG_KEY}:
+        raw = raw[ADDITIONAL_CONFIG_KEY]
+    return parse_config(raw, source=source)

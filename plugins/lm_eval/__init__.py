@@ -1,0 +1,1 @@
+"""lm-eval integration: offline tasks generated from local text, and helpers to run them."""

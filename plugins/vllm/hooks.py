@@ -1,0 +1,37 @@
+"""What afterburner runs at the points its vLLM patches hook (see ``afterburner.patches``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
+from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
+from afterburner.plugins import report
+from afterburner.plugins.config import AfterburnerConfig, ConfigError, from_additional_config
+from afterburner.plugins.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def config_of(vllm_config: Any) -> AfterburnerConfig:
+    """The afterburner config carried by a ``VllmConfig`` (validated again: it is cheap)."""
+    return from_additional_config(getattr(vllm_config, "additional_config", None))
+
+
+def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
+    """After ``EngineArgs.create_engine_config``: a bad config stops startup here, in the user's process."""
+    try:
+        config = config_of(vllm_config)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        raise
+    report.record("config", engine="vllm", where="engine_config", config=config.model_dump())
+
+
+def on_worker_device(_result: Any, worker_wrapper: Any, *_args: Any, **_kwargs: Any) -> None:
+    """After ``WorkerWrapperBase.init_device``: the config as this worker process received it."""
+    config = config_of(worker_wrapper.vllm_config)
+    report.record("config", engine="vllm", where="worker", config=config.model_dump())
+
+
+HOOKS = {ENGINE_CONFIG.name: check_engine_config, WORKER_INIT_DEVICE.name: on_worker_device}

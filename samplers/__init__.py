@@ -1,0 +1,1 @@
+"""Engine-free constrained and adaptive samplers: constraints, AWRS, SMC (no vllm / sglang imports)."""

