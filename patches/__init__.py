@@ -5,3 +5,4 @@ from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 
 VLLM_PATCHES = (ENGINE_CONFIG, WORKER_INIT_DEVICE)
+SGLANG_PATCHES: tuple = ()

