@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args
 
@@ -145,3 +146,20 @@ def from_env(environ: Mapping[str, str] = os.environ) -> AfterburnerConfig:
     if isinstance(raw, Mapping) and set(raw) == {ADDITIONAL_CONFIG_KEY}:
         raw = raw[ADDITIONAL_CONFIG_KEY]
     return parse_config(raw, source=source)
+
+
+def print_uncaught_config_errors() -> None:
+    """Show an uncaught ``ConfigError`` as its one-line message, not as a traceback through engine
+    internals (``vllm serve`` lets startup errors escape to the interpreter). Other errors are untouched."""
+    previous = sys.excepthook
+    if getattr(previous, "_afterburner", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, ConfigError):
+            print(f"ERROR [afterburner] {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._afterburner = True
+    sys.excepthook = hook

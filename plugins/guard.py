@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 
 from afterburner.patches import base as patching
 from afterburner.plugins import compat, report
+from afterburner.plugins.config import print_uncaught_config_errors
 from afterburner.plugins.log import get_logger
 
 DISABLE_ENV = "AFTERBURNER_DISABLE"
@@ -43,6 +44,7 @@ def guarded_register(
         logger.warning(message)
         report.record("skipped", engine=engine, version=verdict.version, reason=message)
         return False
+    print_uncaught_config_errors()
     registered = patching.applied() + extras
     logger.debug("afterburner: active on %s %s: %s", engine, verdict.version, registered)
     report.record("registered", engine=engine, version=verdict.version, status=verdict.status, registered=registered)

@@ -7,10 +7,8 @@ from typing import Any
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
-from afterburner.plugins.config import AfterburnerConfig, ConfigError, from_additional_config
-from afterburner.plugins.log import get_logger
+from afterburner.plugins.config import AfterburnerConfig, from_additional_config
 
-logger = get_logger(__name__)
 
 
 def config_of(vllm_config: Any) -> AfterburnerConfig:
@@ -19,12 +17,9 @@ def config_of(vllm_config: Any) -> AfterburnerConfig:
 
 
 def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
-    """After ``EngineArgs.create_engine_config``: a bad config stops startup here, in the user's process."""
-    try:
-        config = config_of(vllm_config)
-    except ConfigError as exc:
-        logger.error("%s", exc)
-        raise
+    """After ``EngineArgs.create_engine_config``: a bad config raises ``ConfigError`` here, in the user's
+    process, before any engine process starts."""
+    config = config_of(vllm_config)
     report.record("config", engine="vllm", where="engine_config", config=config.model_dump())
 
 

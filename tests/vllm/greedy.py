@@ -1,0 +1,29 @@
+"""Run greedy generation in a fresh process and print the token ids as JSON (one process engine).
+
+    python greedy.py MODEL_DIR [--unsupported]
+
+``--unsupported`` makes afterburner's compat table exclude this vLLM before the engine loads plugins,
+so the plugin must register nothing and the engine must behave exactly as stock.
+"""
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    from engine_args import AFTERBURNER_SECTION, ENGINE_KWARGS, MAX_TOKENS, PROMPTS
+
+    if "--unsupported" in sys.argv:
+        from packaging.specifiers import SpecifierSet
+
+        from afterburner.plugins import compat
+
+        compat.SUPPORTED_RANGES["vllm"] = SpecifierSet(">=99")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=sys.argv[1], additional_config={"afterburner": AFTERBURNER_SECTION}, **ENGINE_KWARGS)
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
