@@ -1,0 +1,164 @@
+"""The documents of afterburner's lm-eval tasks, built from local text by seeded pure functions.
+
+- ``mc_docs``: sentence continuation. The context is the first part of a local sentence; the four
+  choices are its true ending and the endings of three other sentences of about the same length.
+- ``passkey_docs``: needle retrieval (Mohtashami & Jaggi 2023, "Landmark Attention", passkey test).
+  A 5-digit pass key sits at a seeded depth inside filler prose; the prompt ends with
+  "The pass key is" and the model must copy the key.
+
+Lengths are in tokens, counted by a ``TokenCounter``. The default counts ``len(text) / 4.0``
+(4 characters per token, the usual rule of thumb for English BPE), so the shipped files need no
+tokenizer. Measured on the filler sentences: SmolLM2's tokenizer gives 4.6 characters per token, so a
+``passkey_8192`` prompt is ~7,100 SmolLM2 tokens and fits its 8,192-token window with room to answer.
+``--tokenizer DIR`` counts with a real tokenizer instead (per sentence, summed).
+
+Randomness comes only from ``random.Random(str).random()``: Python guarantees that sequence across
+versions (unlike ``shuffle``/``randint``), so the same seed gives the same files. The text itself comes
+from stdlib docstrings (``text.local_sentences``): regenerate with the same Python minor version.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+CHARS_PER_TOKEN = 4.0
+HEADER = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key there."
+)
+NEEDLE = "The pass key is {passkey}. Remember it."
+QUESTION = "What is the pass key? The pass key is"
+_DIGIT = re.compile(r"\d")
+
+TokenCounter = Callable[[str], float]
+
+
+def chars_per_token_counter(text: str) -> float:
+    """Tokenizer-free length: characters / CHARS_PER_TOKEN."""
+    return len(text) / CHARS_PER_TOKEN
+
+
+def rng_for(seed: int, *labels: object) -> random.Random:
+    """A generator per (seed, task, doc): adding docs or lengths never shifts the others."""
+    return random.Random("/".join(map(str, (seed, *labels))))
+
+
+def below(rng: random.Random, n: int) -> int:
+    """Uniform integer in [0, n) from ``rng.random()`` only (stable across Python versions)."""
+    return min(int(rng.random() * n), n - 1)
+
+
+def shuffled(rng: random.Random, items: Sequence) -> list:
+    """Fisher-Yates with ``below``: ``random.shuffle``'s algorithm may change between versions."""
+    out = list(items)
+    for i in range(len(out) - 1, 0, -1):
+        j = below(rng, i + 1)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+# ----------------------------------------------------------------------------------- multiple choice
+
+
+@dataclass(frozen=True)
+class _Split:
+    context: str
+    ending: str
+
+
+def _split(sentence: str, rng: random.Random) -> _Split | None:
+    """Cut a sentence after 40-60% of its words; both sides keep at least three words."""
+    words = sentence.split()
+    if len(words) < 8:
+        return None
+    cut = round(len(words) * (0.4 + 0.2 * rng.random()))
+    cut = max(3, min(cut, len(words) - 3))
+    return _Split(" ".join(words[:cut]), " ".join(words[cut:]))
+
+
+def mc_docs(sentences: Sequence[str], *, n_docs: int, seed: int) -> list[dict]:
+    """``{"id", "context", "choices" (4), "label"}``; distractors are endings of other sentences whose
+    word count is closest to the true ending's (so length alone does not give the answer away)."""
+    rng = rng_for(seed, "mc")
+    splits = [s for s in (_split(sentence, rng) for sentence in sentences) if s is not None]
+    order = shuffled(rng, range(len(splits)))
+    docs = []
+    for doc_id, index in enumerate(order[:n_docs]):
+        doc_rng = rng_for(seed, "mc", doc_id)
+        true = splits[index]
+        n_words = len(true.ending.split())
+        # Candidates in a seeded order, then stably sorted by length difference: ties stay random.
+        candidates = shuffled(doc_rng, [s.ending for i, s in enumerate(splits) if i != index])
+        candidates.sort(key=lambda ending: abs(len(ending.split()) - n_words))
+        distractors: list[str] = []
+        for ending in candidates:
+            if ending != true.ending and ending not in distractors:
+                distractors.append(ending)
+            if len(distractors) == 3:
+                break
+        label = below(doc_rng, 4)
+        choices = distractors[:label] + [true.ending] + distractors[label:]
+        docs.append({"id": doc_id, "context": true.context, "choices": choices, "label": label})
+    return docs
+
+
+# ----------------------------------------------------------------------------------------- passkey
+
+
+def filler_sentences(sentences: Sequence[str]) -> list[str]:
+    """Sentences without digits: the pass key is then the only number in the prompt."""
+    return [s for s in sentences if not _DIGIT.search(s)]
+
+
+def passkey_prompt(context: str) -> str:
+    """What the model reads; the task yaml renders the same string (``{{context}}\\n{{question}}``)."""
+    return f"{context}\n{QUESTION}"
+
+
+def passkey_docs(
+    filler: Sequence[str],
+    *,
+    length: int,
+    n_docs: int,
+    seed: int,
+    count: TokenCounter = chars_per_token_counter,
+) -> list[dict]:
+    """``{"id", "context", "question", "passkey", "depth", "length"}``.
+
+    The prompt (``passkey_prompt(context)``) holds at most ``length`` tokens by ``count``: the header,
+    the needle and the question, plus as many filler sentences (seeded order, cycled if the text runs
+    out) as fit. Depths are stratified: doc i's needle sits at a seeded depth in [i/n, (i+1)/n) of the
+    filler, so every part of the context is probed once per n docs.
+    """
+    sentence_cost = {s: count(" " + s) for s in filler}
+    docs = []
+    for doc_id in range(n_docs):
+        rng = rng_for(seed, "passkey", length, doc_id)
+        passkey = str(10000 + below(rng, 90000))
+        needle = NEEDLE.format(passkey=passkey)
+        budget = length - count(passkey_prompt(f"{HEADER} {needle}"))
+        order = shuffled(rng, filler)
+        chosen: list[str] = []
+        while budget >= 0:
+            sentence = order[len(chosen) % len(order)]
+            if sentence_cost[sentence] > budget:
+                break
+            chosen.append(sentence)
+            budget -= sentence_cost[sentence]
+        depth = (doc_id + rng.random()) / n_docs
+        at = round(depth * len(chosen))
+        context = " ".join([HEADER, *chosen[:at], needle, *chosen[at:]])
+        docs.append(
+            {
+                "id": doc_id,
+                "context": context,
+                "question": QUESTION,
+                "passkey": passkey,
+                "depth": round(at / max(len(chosen), 1), 4),
+                "length": length,
+            }
+        )
+    return docs

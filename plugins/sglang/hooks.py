@@ -1,0 +1,31 @@
+"""What afterburner runs at the points its SGLang patches hook (see ``afterburner.patches``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from afterburner.patches.sglang_check_server_args import CHECK_SERVER_ARGS
+from afterburner.plugins import report
+from afterburner.plugins.config import ConfigError, from_env
+
+
+def record_config(where: str) -> None:
+    """Note the config this process sees. A bad one is only recorded here: ``check_server_args`` is
+    where it stops startup (SGLang's plugin loader swallows exceptions raised by ``register``)."""
+    try:
+        config = from_env()
+    except ConfigError as exc:
+        report.record("config_error", engine="sglang", where=where, error=str(exc))
+        return
+    report.record("config", engine="sglang", where=where, config=config.model_dump())
+
+
+def check_server_args(_server_args: Any, *_args: Any, **_kwargs: Any) -> None:
+    """Before ``ServerArgs.check_server_args``: read ``AFTERBURNER_CONFIG`` again (the environment the
+    scheduler and detokenizer are about to inherit) and raise ``ConfigError`` here, in the user's
+    process, before any of them starts. Uncaught, it prints as one line (``guard`` installs that)."""
+    config = from_env()
+    report.record("config", engine="sglang", where="check_server_args", config=config.model_dump())
+
+
+HOOKS = {CHECK_SERVER_ARGS.name: check_server_args}

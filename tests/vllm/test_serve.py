@@ -1,0 +1,67 @@
+"""A real `vllm serve` subprocess with afterburner: the plugin is active in each engine process, the
+OpenAI endpoints answer, SIGTERM by PID stops it cleanly, and a bad --additional-config exits non-zero
+with the one-line message."""
+
+import json
+import subprocess
+
+import pytest
+
+from afterburner.plugins import report
+from engine_args import AFTERBURNER_SECTION
+from server import free_port, post, serve_command, vllm_server
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    report_dir = folder / "report"
+    with vllm_server(
+        tiny_model, "--additional-config", json.dumps({"afterburner": AFTERBURNER_SECTION}),
+        env={report.REPORT_DIR_ENV: str(report_dir)}, log=folder / "serve.log",
+    ) as (process, port):
+        yield process, port, report_dir
+    assert process.returncode == 0, "SIGTERM by PID must stop vllm serve cleanly"
+
+
+def test_completions(served):
+    _, port, _ = served
+    body = post(port, "/v1/completions", {"prompt": "The module provides", "max_tokens": 8, "temperature": 0})
+    choice = body["choices"][0]
+    assert body["usage"]["completion_tokens"] == 8 and isinstance(choice["text"], str)
+
+
+def test_chat_completions(served):
+    _, port, _ = served
+    body = post(port, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0,
+    })
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] == 6
+
+
+def test_plugin_ran_in_every_engine_process_and_config_reached_the_worker(served):
+    _, _, report_dir = served
+    events = report.read_dir(report_dir)
+    registered_pids = {e["pid"] for e in events if e["event"] == "registered"}
+    # The API server and the EngineCore are separate processes under `vllm serve` (with one CPU worker
+    # the worker runs inside the EngineCore process).
+    assert len(registered_pids) >= 2, events
+    workers = [e for e in events if e["event"] == "config" and e["where"] == "worker"]
+    assert len(workers) == 1 and workers[0]["pid"] in registered_pids
+    assert workers[0]["config"]["attention"]["sparse"]["budget_ratio"] == 0.125
+    api = [e for e in events if e["event"] == "config" and e["where"] == "engine_config"]
+    assert api and api[0]["pid"] != workers[0]["pid"]
+
+
+def test_bad_additional_config_exits_nonzero_with_one_clear_line(tiny_model):
+    bad = json.dumps({"afterburner": {"attention": {"sparse": {"recent_blocks": -2}}}})
+    run = subprocess.run(serve_command(tiny_model, free_port(), "--additional-config", bad),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    lines = [l for l in run.stderr.splitlines() if "afterburner.attention.sparse.recent_blocks" in l]
+    assert lines == [
+        "ERROR [afterburner] invalid afterburner config from --additional-config: "
+        "afterburner.attention.sparse.recent_blocks: Input should be greater than or equal to 0 (got -2)"
+    ]
+    assert "Traceback" not in run.stderr
