@@ -9,7 +9,7 @@ import pytest
 
 from afterburner.plugins import report
 from engine_args import AFTERBURNER_SECTION
-from server import free_port, post, serve_command, vllm_server
+from afterburner.plugins.vllm.server import free_port, post, serve_command, vllm_server
 
 
 @pytest.fixture(scope="module")

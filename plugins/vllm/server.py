@@ -1,4 +1,4 @@
-"""Start a real `vllm serve` subprocess on 127.0.0.1 and stop it by its own PID."""
+"""Start a real `vllm serve` subprocess on 127.0.0.1 and stop it by its own PID (tests, demo, benchmarks)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_command(model: Path, port: int, *extra: str) -> list[str]:
+def serve_command(model: Path, port: int, *extra: str, max_model_len: int = 512) -> list[str]:
     return [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-            "--enforce-eager", "--max-model-len", "512", *extra]
+            "--enforce-eager", "--max-model-len", str(max_model_len), *extra]
 
 
 def post(port: int, path: str, body: dict, timeout: float = 120) -> dict:
@@ -45,11 +45,12 @@ def _healthy(port: int) -> bool:
 
 
 @contextmanager
-def vllm_server(model: Path, *extra: str, env: dict | None = None, log: Path, startup_timeout: float = 300):
+def vllm_server(model: Path, *extra: str, env: dict | None = None, log: Path, startup_timeout: float = 300,
+                max_model_len: int = 512):
     """Yields (process, port) once /health answers; on exit SIGTERM by PID and wait for the exit."""
     port = free_port()
     with open(log, "w") as out:
-        process = subprocess.Popen(serve_command(model, port, *extra), stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(serve_command(model, port, *extra, max_model_len=max_model_len), stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
     try:
         deadline = time.time() + startup_timeout
