@@ -35,7 +35,7 @@ test-sglang:
 
 demo:
 	$(VLLM_VENV)/bin/afterburner models smollm2
-	$(VLLM_VENV)/bin/python benchmarks/../scripts/demo.py
+	$(VLLM_VENV)/bin/python scripts/demo.py
 
 eval:
 	$(VLLM_VENV)/bin/afterburner models smollm2

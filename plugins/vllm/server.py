@@ -44,28 +44,54 @@ def _healthy(port: int) -> bool:
         return False
 
 
-@contextmanager
-def vllm_server(model: Path, *extra: str, env: dict | None = None, log: Path, startup_timeout: float = 300,
-                max_model_len: int = 512):
-    """Yields (process, port) once /health answers; on exit SIGTERM by PID and wait for the exit."""
-    port = free_port()
-    with open(log, "w") as out:
-        process = subprocess.Popen(serve_command(model, port, *extra, max_model_len=max_model_len), stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
-    try:
-        deadline = time.time() + startup_timeout
-        while not _healthy(port):
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+class VllmServer:
+    """One `vllm serve` process: ``start`` returns at once (start several side by side), ``wait`` blocks
+    until /health answers, ``stop`` sends SIGTERM to its PID and waits for the exit code."""
+
+    def __init__(self, model: Path, *extra: str, log: Path, env: dict | None = None, max_model_len: int = 512):
+        self.port = free_port()
+        self.log = log
+        self.command = serve_command(model, self.port, *extra, max_model_len=max_model_len)
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> VllmServer:
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def wait(self, timeout: float = 300) -> VllmServer:
+        deadline = time.time() + timeout
+        while not _healthy(self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self._tail()}")
             if time.time() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after {startup_timeout} s:\n{log.read_text()[-3000:]}")
+                raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{self._tail()}")
             time.sleep(1)
-        yield process, port
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
+        return self
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=60)
+                self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> dict:
+        return post(self.port, path, body, timeout)
+
+    def _tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+
+@contextmanager
+def vllm_server(model: Path, *extra: str, log: Path, env: dict | None = None, max_model_len: int = 512):
+    """Yields a healthy VllmServer; stops it by PID on exit."""
+    server = VllmServer(model, *extra, log=log, env=env, max_model_len=max_model_len).start()
+    try:
+        yield server.wait()
+    finally:
+        server.stop()

@@ -19,9 +19,9 @@ def served(tiny_model, tmp_path_factory):
     with vllm_server(
         tiny_model, "--additional-config", json.dumps({"afterburner": AFTERBURNER_SECTION}),
         env={report.REPORT_DIR_ENV: str(report_dir)}, log=folder / "serve.log",
-    ) as (process, port):
-        yield process, port, report_dir
-    assert process.returncode == 0, "SIGTERM by PID must stop vllm serve cleanly"
+    ) as server:
+        yield server, server.port, report_dir
+    assert server.process.returncode == 0, "SIGTERM by PID must stop vllm serve cleanly"
 
 
 def test_completions(served):
