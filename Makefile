@@ -2,8 +2,10 @@
 # Venvs live in $(AFTERBURNER_CACHE)/venvs keyed by the pins in requirements/*.txt (scripts/venv.sh).
 SHELL := /bin/bash
 export AFTERBURNER_CACHE ?= $(HOME)/.cache/afterburner
-VLLM_VENV = $(shell scripts/venv.sh vllm)
-SGLANG_VENV = $(shell scripts/venv.sh sglang)
+# Built on first use and evaluated once per make run (a venv is only built when a target needs it).
+VLLM_VENV = $(eval VLLM_VENV := $$(call venv,vllm))$(VLLM_VENV)
+SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
+venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
 .PHONY: help venvs models test test-unit test-vllm test-sglang demo eval tasks lint
