@@ -1,0 +1,122 @@
+"""Sequential Monte Carlo over constrained sequences, with AWRS as the per-token proposal.
+
+Target over complete sequences x (ending in EOS within ``max_tokens``):
+    pi(x) ∝ p(x) c(x) exp(R(x))
+p: the model, c: the constraint (every prefix viable, the sequence complete), R: an optional reward
+(``log_twist``; 0 without one). Each particle is extended by one AWRS token per step; its weight is
+multiplied by AWRS's unbiased estimate of the allowed next-token mass (and, with a twist, by
+exp(R(new prefix) - R(old prefix)), which telescopes to exp(R(x)) at the end: particle filtering with a
+reward, the inference-time-scaling use). When the effective sample size (sum w)^2 / sum w^2 falls below
+``ess_threshold * N`` the population is resampled multinomially and every weight is set to the mean, so
+mean(w) stays an unbiased estimate of the normalising constant. Finished particles are frozen (not
+extended) but keep taking part in resampling. A particle that reaches ``max_tokens`` without EOS lies
+outside the target's support and gets weight 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from afterburner.samplers.awrs import awrs_step
+from afterburner.samplers.constraints import Constraint, allows_next
+
+# prefixes (one list of token ids per live particle) -> next-token logits [len(prefixes), V]
+NextLogits = Callable[[Sequence[Sequence[int]]], torch.Tensor]
+
+
+@dataclass
+class Particle:
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS included once finished
+    log_weight: float = 0.0
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class SMCResult:
+    particles: list[Particle]
+    log_normalizer: float  # log of the estimate of sum_x p(x) c(x) exp(R(x))
+    checks: int  # constraint evaluations, all particles and steps
+    resamples: int
+
+    def posterior(self) -> dict[tuple[int, ...], float]:
+        """The weighted particles as a distribution over sequences (weights normalised)."""
+        log_weights = torch.tensor([p.log_weight for p in self.particles], dtype=torch.float64)
+        if not torch.isfinite(log_weights).any():
+            return {}
+        probs = torch.softmax(log_weights, dim=0).tolist()
+        merged: dict[tuple[int, ...], float] = defaultdict(float)
+        for particle, prob in zip(self.particles, probs):
+            if prob > 0:
+                merged[tuple(particle.tokens)] += prob
+        return dict(merged)
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> float:
+    """(sum w)^2 / sum w^2, computed from log weights; 0 when every weight is 0."""
+    if not torch.isfinite(log_weights).any():
+        return 0.0
+    return math.exp(2 * torch.logsumexp(log_weights, 0).item() - torch.logsumexp(2 * log_weights, 0).item())
+
+
+def _resample(particles: list[Particle], generator: torch.Generator | None) -> list[Particle]:
+    log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
+    log_mean = (torch.logsumexp(log_weights, 0) - math.log(len(particles))).item()
+    picks = torch.multinomial(torch.softmax(log_weights, 0), len(particles), replacement=True, generator=generator)
+    return [Particle(list(particles[i].tokens), log_mean, particles[i].finished) for i in picks.tolist()]
+
+
+def smc(
+    next_logits: NextLogits,
+    constraint: Constraint,
+    *,
+    n_particles: int,
+    max_tokens: int,
+    eos_token_id: int,
+    ess_threshold: float = 0.5,
+    log_twist: Callable[[Sequence[int]], float] | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> SMCResult:
+    """Run SMC; ``on_step(step, live_particles, ess)`` reports progress after each step."""
+    if n_particles < 1 or max_tokens < 1 or not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError("need n_particles >= 1, max_tokens >= 1 and 0 <= ess_threshold <= 1")
+    particles = [Particle() for _ in range(n_particles)]
+    twist_of = {id(p): 0.0 for p in particles} if log_twist else {}
+    checks = resamples = 0
+    for step in range(max_tokens):
+        live = [p for p in particles if not p.finished]
+        if not live:
+            break
+        logits = next_logits([p.tokens for p in live])
+        for particle, row in zip(live, logits):
+            prefix = particle.tokens
+            result = awrs_step(row, lambda t: allows_next(constraint, prefix, t, eos_token_id), generator=generator)
+            checks += result.checks
+            particle.log_weight += result.log_weight
+            particle.tokens = [*prefix, result.token]
+            particle.finished = result.token == eos_token_id or not result.accepted
+            if not particle.finished and len(particle.tokens) == max_tokens:
+                particle.finished, particle.log_weight = True, -math.inf
+            if log_twist and result.accepted:
+                new_twist = log_twist(particle.tokens)
+                particle.log_weight += new_twist - twist_of.pop(id(particle), 0.0)
+                twist_of[id(particle)] = new_twist
+        log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
+        ess = effective_sample_size(log_weights)
+        if on_step:
+            on_step(step, sum(not p.finished for p in particles), ess)
+        if ess == 0.0:
+            break
+        if ess < ess_threshold * n_particles and any(not p.finished for p in particles):
+            particles = _resample(particles, generator)
+            if log_twist:
+                twist_of = {id(p): log_twist(p.tokens) for p in particles}
+            resamples += 1
+    log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
+    log_normalizer = (torch.logsumexp(log_weights, 0) - math.log(n_particles)).item()
+    return SMCResult(particles, log_normalizer, checks, resamples)
