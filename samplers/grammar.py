@@ -1,0 +1,83 @@
+"""Regex, JSON-schema and context-free-grammar constraints, checked one token at a time by llguidance.
+
+llguidance's matcher is incremental: it consumes tokens and can roll them back. ``GrammarConstraint``
+keeps one matcher in step with the prefix it was last asked about (rolling back to the common prefix
+and consuming the difference), so a sampler that extends one sequence pays one ``consume`` per token,
+and ``allows`` validates a single candidate token without committing it: no vocabulary-wide mask.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import llguidance
+
+GRAMMAR_KINDS = ("regex", "json_schema", "lark")
+
+
+class GrammarError(ValueError):
+    """The grammar, regex or schema cannot be compiled; the message says why."""
+
+
+def compile_grammar(kind: str, spec: Any) -> str:
+    """llguidance's grammar text for a regex (str), a JSON schema (dict or JSON text) or Lark text."""
+    if kind == "regex":
+        if not isinstance(spec, str):
+            raise GrammarError(f"regex must be a string, got {type(spec).__name__}")
+        return llguidance.LLMatcher.grammar_from_regex(spec)
+    if kind == "json_schema":
+        try:
+            schema = json.loads(spec) if isinstance(spec, str) else spec
+            return llguidance.LLMatcher.grammar_from_json_schema(schema)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"json_schema is not a valid JSON object: {exc}") from None
+    if kind == "lark":
+        if not isinstance(spec, str):
+            raise GrammarError(f"lark grammar must be a string, got {type(spec).__name__}")
+        return llguidance.LLMatcher.grammar_from_lark(spec)
+    raise GrammarError(f"unknown constraint kind {kind!r}; allowed: {', '.join(GRAMMAR_KINDS)}")
+
+
+class GrammarConstraint:
+    """A ``Constraint`` (see constraints.py) backed by one llguidance matcher."""
+
+    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer):
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        if error and not error.startswith("WARNING"):
+            raise GrammarError(error)
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise GrammarError(self._matcher.get_error())
+        self._consumed: list[int] = []
+
+    @classmethod
+    def of(cls, kind: str, spec: Any, tokenizer: llguidance.LLTokenizer) -> GrammarConstraint:
+        return cls(compile_grammar(kind, spec), tokenizer)
+
+    def _sync(self, prefix: Sequence[int]) -> bool:
+        """Bring the matcher to ``prefix``; False if the prefix itself violates the grammar."""
+        common = 0
+        limit = min(len(prefix), len(self._consumed))
+        while common < limit and prefix[common] == self._consumed[common]:
+            common += 1
+        if common < len(self._consumed):
+            self._matcher.rollback(len(self._consumed) - common)
+            del self._consumed[common:]
+        rest = list(prefix[common:])
+        if rest:
+            taken = self._matcher.try_consume_tokens(rest)
+            self._consumed += rest[:taken]
+            if taken < len(rest):
+                return False
+        return not self._matcher.is_error()
+
+    def allows(self, prefix: Sequence[int], token: int) -> bool:
+        return self._sync(prefix) and self._matcher.validate_tokens([token]) == 1
+
+    def is_complete(self, prefix: Sequence[int]) -> bool:
+        return self._sync(prefix) and self._matcher.is_accepting()
+
+    def can_continue(self, prefix: Sequence[int]) -> bool:
+        """False once the grammar admits no further token (only EOS may follow)."""
+        return self._sync(prefix) and not self._matcher.is_stopped()
