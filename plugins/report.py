@@ -12,12 +12,14 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 REPORT_DIR_ENV = "AFTERBURNER_REPORT_DIR"
 
-_events: list[dict[str, Any]] = []
+# Bounded: a long-running server records an event per constrained request.
+_events: deque[dict[str, Any]] = deque(maxlen=10_000)
 
 
 def record(event: str, **fields: Any) -> dict[str, Any]:

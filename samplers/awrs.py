@@ -121,3 +121,17 @@ def masked_logprobs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def allowed_mass(logits: torch.Tensor, mask: torch.Tensor) -> float:
     """Z = sum of softmax(logits) over the allowed tokens."""
     return torch.softmax(logits.double(), dim=-1)[mask].sum().item()
+
+
+def constrained_argmax(logits: torch.Tensor, accept: Callable[[int], bool], *, max_checks: int | None = None
+                       ) -> tuple[int | None, int]:
+    """Greedy decoding under a constraint: the highest-logit allowed token, checking tokens in decreasing
+    logit order (AWRS without the noise). Returns (token or None if none allowed, checks made)."""
+    checks = 0
+    for token in _descending(logits.double()):
+        if max_checks is not None and checks >= max_checks:
+            break
+        checks += 1
+        if accept(token):
+            return token, checks
+    return None, checks

@@ -1,9 +1,11 @@
 """Run greedy generation in a fresh process and print the token ids as JSON (one process engine).
 
-    python greedy.py MODEL_DIR [--unsupported]
+    python greedy.py MODEL_DIR [--unsupported | --not-installed]
 
 ``--unsupported`` makes afterburner's compat table exclude this vLLM before the engine loads plugins,
 so the plugin must register nothing and the engine must behave exactly as stock.
+``--not-installed`` hides afterburner's entry points from vLLM (general plugin and logits processor):
+vLLM exactly as without the package.
 """
 
 import json
@@ -22,6 +24,15 @@ if __name__ == "__main__":
         from afterburner.plugins import compat
 
         compat.SUPPORTED_RANGES["vllm"] = SpecifierSet(">=99")
+    if "--not-installed" in sys.argv:
+        import vllm.plugins
+        import vllm.v1.sample.logits_processor as logitsprocs
+
+        os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        loaded = logitsprocs._load_logitsprocs_plugins
+        logitsprocs._load_logitsprocs_plugins = lambda: [
+            cls for cls in loaded() if not cls.__module__.startswith("afterburner.")
+        ]
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=sys.argv[1], additional_config={"afterburner": AFTERBURNER_SECTION}, **ENGINE_KWARGS)

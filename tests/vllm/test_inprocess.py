@@ -76,10 +76,11 @@ def test_bad_config_stops_engine_startup(tiny_model, section, field):
 
 
 def test_stock_unsupported_and_plugin_outputs_are_identical(llm, tiny_model, tmp_path):
-    """Stock vLLM (plugin filtered out by VLLM_PLUGINS), afterburner on an 'unsupported' vLLM, and
-    afterburner active give the same greedy tokens; the unsupported run registered nothing."""
+    """vLLM without afterburner's entry points, afterburner on an 'unsupported' vLLM, and afterburner
+    active (AWRS processor loaded, no constrained request) give the same greedy tokens; the unsupported
+    run registered nothing."""
     ours = _greedy(llm)
-    stock, _ = _greedy_subprocess(tiny_model, env={"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    stock, _ = _greedy_subprocess(tiny_model, "--not-installed")
     report_dir = tmp_path / "report"
     unsupported, stderr = _greedy_subprocess(
         tiny_model, "--unsupported", env={report.REPORT_DIR_ENV: str(report_dir)}

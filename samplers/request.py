@@ -1,0 +1,61 @@
+"""What a request asks of the constrained sampler, parsed and validated without any engine.
+
+Per-request arguments (vLLM: ``SamplingParams.extra_args`` / ``vllm_xargs``; SGLang: custom params):
+
+    {"awrs": {"regex": "..."}}            or {"awrs": {"json_schema": {...} | "..."}}
+    {"awrs": {"lark": "...", "max_checks": 4096}}
+    {"awrs_regex": "...", "awrs_max_checks": 4096}   flat form, for vLLM's OpenAI ``vllm_xargs``
+                                                     (which only carries strings and numbers)
+
+Exactly one of ``regex``, ``json_schema``, ``lark``. ``max_checks`` bounds the constraint checks per token
+(default: unbounded); a token step that exhausts it, or finds no allowed token, ends the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import llguidance
+
+from afterburner.samplers.grammar import GRAMMAR_KINDS, GrammarError, compile_grammar
+
+REQUEST_KEY = "awrs"
+_OPTIONS = ("max_checks",)
+_FLAT_PREFIX = REQUEST_KEY + "_"
+
+
+@dataclass(frozen=True)
+class ConstraintRequest:
+    kind: str  # one of GRAMMAR_KINDS
+    grammar: str  # llguidance grammar text
+    max_checks: int | None = None
+
+
+def parse_request(extra_args: Mapping[str, Any] | None) -> ConstraintRequest | None:
+    """None when the request does not ask for AWRS; ``GrammarError`` with a clear message when it asks
+    wrongly (unknown key, several or no constraint kinds, malformed grammar)."""
+    if not extra_args:
+        return None
+    flat = {key.removeprefix(_FLAT_PREFIX): value for key, value in extra_args.items()
+            if key.startswith(_FLAT_PREFIX)}
+    if REQUEST_KEY not in extra_args and not flat:
+        return None
+    args = extra_args.get(REQUEST_KEY, {})
+    if not isinstance(args, Mapping):
+        raise GrammarError(f"{REQUEST_KEY} must be an object like {{\"regex\": \"...\"}}, got {type(args).__name__}")
+    args = {**args, **flat}
+    unknown = sorted(set(args) - set(GRAMMAR_KINDS) - set(_OPTIONS))
+    if unknown:
+        raise GrammarError(f"{REQUEST_KEY}: unknown keys {unknown}; allowed: {', '.join((*GRAMMAR_KINDS, *_OPTIONS))}")
+    kinds = [kind for kind in GRAMMAR_KINDS if kind in args]
+    if len(kinds) != 1:
+        raise GrammarError(f"{REQUEST_KEY}: give exactly one of {', '.join(GRAMMAR_KINDS)} (got {kinds or 'none'})")
+    max_checks = args.get("max_checks")
+    if max_checks is not None and (not isinstance(max_checks, int) or isinstance(max_checks, bool) or max_checks < 1):
+        raise GrammarError(f"{REQUEST_KEY}.max_checks must be a positive integer, got {max_checks!r}")
+    grammar = compile_grammar(kinds[0], args[kinds[0]])
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        raise GrammarError(f"{REQUEST_KEY}.{kinds[0]} is malformed: {error.strip()}")
+    return ConstraintRequest(kinds[0], grammar, max_checks)
