@@ -25,7 +25,7 @@ class _Missing:
         self._name = name
 
     def __call__(self, *args, **kwargs):
-        raise ShimCalled(f"{self._name} is a CUDA kernel; the sgl_kernel test shim has none (CPU path changed?)")
+        raise ShimCalled(f"{self._name} is a CUDA kernel; the sgl_kernel test shim has none (CPU path moved)")
 
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
