@@ -3,6 +3,8 @@
     afterburner models [smollm2] [tiny] [--force]   build local model folders (no hub), print their paths
     afterburner info                                versions, engine compatibility, config from the env
     afterburner check-config [JSON|PATH]            validate a config and print it with its defaults
+    afterburner smc --model DIR --prompt TEXT (--regex R | --json-schema S | --lark G) [--particles N]
+                                                    constrained samples with weights (SMC + AWRS on vLLM)
 """
 
 from __future__ import annotations
@@ -42,6 +44,30 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smc(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    from afterburner.plugins.vllm.smc import constrained_smc
+
+    kinds = {"regex": args.regex, "json_schema": args.json_schema, "lark": args.lark}
+    constraint = {kind: value for kind, value in kinds.items() if value is not None}
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
+              enable_prefix_caching=True, max_logprobs=-1, distributed_executor_backend="uni", seed=args.seed)
+    samples, result = constrained_smc(llm, args.prompt, constraint, n_particles=args.particles,
+                                      max_tokens=args.max_tokens, ess_threshold=args.ess_threshold, seed=args.seed)
+    if args.json:
+        print(json.dumps({"log_normalizer": result.log_normalizer, "checks": result.checks,
+                          "resamples": result.resamples, "samples": [s.__dict__ for s in samples]}))
+        return 0
+    print(f"log Z estimate {result.log_normalizer:.3f}, {result.checks} constraint checks, {result.resamples} resamples")
+    for sample in samples:
+        print(f"{sample.weight:7.3f}  {sample.text!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="afterburner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help=f"validate a config (JSON text or path; default: ${ENV_VAR})")
     check.add_argument("config", nargs="?")
     check.set_defaults(run=_check_config)
+    smc = sub.add_parser("smc", help="constrained sampling with SMC + AWRS on a vLLM engine")
+    smc.add_argument("--model", required=True, help="local model folder")
+    smc.add_argument("--prompt", required=True)
+    kind = smc.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--regex")
+    kind.add_argument("--json-schema", help="JSON schema text")
+    kind.add_argument("--lark", help="Lark grammar text")
+    smc.add_argument("--particles", type=int, default=8)
+    smc.add_argument("--max-tokens", type=int, default=64)
+    smc.add_argument("--ess-threshold", type=float, default=0.5)
+    smc.add_argument("--seed", type=int, default=0)
+    smc.add_argument("--dtype", default="float32")
+    smc.add_argument("--max-model-len", type=int, default=2048)
+    smc.add_argument("--json", action="store_true", help="print one JSON object")
+    smc.set_defaults(run=_smc)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

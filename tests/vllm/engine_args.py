@@ -9,6 +9,8 @@ ENGINE_KWARGS = dict(
     max_model_len=512,
     seed=0,
     distributed_executor_backend="uni",
+    enable_prefix_caching=True,
+    max_logprobs=-1,  # SMC asks for full-vocabulary log-probs
 )
 # A non-default value: seeing it inside the engine proves the config travelled there.
 AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_blocks": 3}}}
