@@ -25,7 +25,6 @@ if __name__ == "__main__":
 
         compat.SUPPORTED_RANGES["vllm"] = SpecifierSet(">=99")
     if "--not-installed" in sys.argv:
-        import vllm.plugins
         import vllm.v1.sample.logits_processor as logitsprocs
 
         os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"
