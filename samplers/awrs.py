@@ -45,9 +45,9 @@ class AWRSResult:
 
 def gumbel_keys(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """log p + Gumbel(0, 1) noise; tokens with log p = -inf keep key -inf. logprobs: [V]."""
-    uniform = torch.rand(logprobs.shape, generator=generator, dtype=torch.float64, device=logprobs.device)
-    uniform = uniform.clamp_(min=torch.finfo(torch.float64).tiny)
-    return logprobs.double() - torch.log(-torch.log(uniform))
+    uniform = torch.rand(logprobs.shape, generator=generator, dtype=logprobs.dtype, device=logprobs.device)
+    uniform = uniform.clamp_(min=torch.finfo(logprobs.dtype).tiny)
+    return logprobs - torch.log(-torch.log(uniform))
 
 
 def _descending(keys: torch.Tensor) -> Iterator[int]:
@@ -73,11 +73,13 @@ def awrs_step(
 ) -> AWRSResult:
     """Draw one token from softmax(logits) restricted to ``accept``, with its importance weight.
 
-    logits: [V] (any float dtype; the walk runs in float64). ``accept(token)`` is the constraint.
+    logits: [V] (float32 or float64; vector work stays in that dtype, a float64 cast of 49k logits costs
+    more than the whole walk; the walk's running sums are Python floats). ``accept(token)`` is the
+    constraint.
     ``max_checks`` bounds the work; hitting it without an acceptance returns weight -inf (a zero-weight
     sample: the caller drops or resamples it).
     """
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    logprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     keys = gumbel_keys(logprobs, generator)
     order = _descending(keys)
     rejected_mass = 0.0
@@ -128,7 +130,7 @@ def constrained_argmax(logits: torch.Tensor, accept: Callable[[int], bool], *, m
     """Greedy decoding under a constraint: the highest-logit allowed token, checking tokens in decreasing
     logit order (AWRS without the noise). Returns (token or None if none allowed, checks made)."""
     checks = 0
-    for token in _descending(logits.double()):
+    for token in _descending(logits):
         if max_checks is not None and checks >= max_checks:
             break
         checks += 1

@@ -49,18 +49,3 @@ class TextPredicate:
     def is_complete(self, prefix: Sequence[int]) -> bool:
         return self.complete_ok(self.decode(list(prefix)))
 
-
-class CountingConstraint:
-    """Wraps a constraint and counts its checks (benchmarks compare checks per token)."""
-
-    def __init__(self, inner: Constraint):
-        self.inner = inner
-        self.checks = 0
-
-    def allows(self, prefix: Sequence[int], token: int) -> bool:
-        self.checks += 1
-        return self.inner.allows(prefix, token)
-
-    def is_complete(self, prefix: Sequence[int]) -> bool:
-        self.checks += 1
-        return self.inner.is_complete(prefix)
