@@ -11,8 +11,9 @@ Without it (another harness version), relative files are looked up in the shippe
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 

@@ -9,7 +9,7 @@
 Lengths are in tokens, counted by a ``TokenCounter``. The default counts ``len(text) / 4.0``
 (4 characters per token, the usual rule of thumb for English BPE), so the shipped files need no
 tokenizer. Measured on the filler sentences: SmolLM2's tokenizer gives 4.6 characters per token, so a
-``passkey_8192`` prompt is ~7,100 SmolLM2 tokens and fits its 8,192-token window with room to answer.
+``passkey_8192`` prompt is ~7,000 SmolLM2 tokens and fits its 8,192-token window with room to answer.
 ``--tokenizer DIR`` counts with a real tokenizer instead (per sentence, summed).
 
 Randomness comes only from ``random.Random(str).random()``: Python guarantees that sequence across
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 CHARS_PER_TOKEN = 4.0
 HEADER = (
@@ -81,27 +81,34 @@ def _split(sentence: str, rng: random.Random) -> _Split | None:
 
 def mc_docs(sentences: Sequence[str], *, n_docs: int, seed: int) -> list[dict]:
     """``{"id", "context", "choices" (4), "label"}``; distractors are endings of other sentences whose
-    word count is closest to the true ending's (so length alone does not give the answer away)."""
+    word count is closest to the true ending's (so length alone does not give the answer away). Each
+    context is used once, and no distractor completes it into a real sentence."""
     rng = rng_for(seed, "mc")
     splits = [s for s in (_split(sentence, rng) for sentence in sentences) if s is not None]
-    order = shuffled(rng, range(len(splits)))
-    docs = []
-    for doc_id, index in enumerate(order[:n_docs]):
-        doc_rng = rng_for(seed, "mc", doc_id)
+    real = set(sentences)
+    docs: list[dict] = []
+    used: set[str] = set()
+    for index in shuffled(rng, range(len(splits))):
+        if len(docs) == n_docs:
+            break
         true = splits[index]
+        if true.context in used:
+            continue
+        used.add(true.context)
+        doc_rng = rng_for(seed, "mc", len(docs))
         n_words = len(true.ending.split())
         # Candidates in a seeded order, then stably sorted by length difference: ties stay random.
         candidates = shuffled(doc_rng, [s.ending for i, s in enumerate(splits) if i != index])
         candidates.sort(key=lambda ending: abs(len(ending.split()) - n_words))
         distractors: list[str] = []
         for ending in candidates:
-            if ending != true.ending and ending not in distractors:
+            if ending not in distractors and f"{true.context} {ending}" not in real:
                 distractors.append(ending)
             if len(distractors) == 3:
                 break
         label = below(doc_rng, 4)
         choices = distractors[:label] + [true.ending] + distractors[label:]
-        docs.append({"id": doc_id, "context": true.context, "choices": choices, "label": label})
+        docs.append({"id": len(docs), "context": true.context, "choices": choices, "label": label})
     return docs
 
 
@@ -118,6 +125,24 @@ def passkey_prompt(context: str) -> str:
     return f"{context}\n{QUESTION}"
 
 
+def spread_order(n: int) -> list[int]:
+    """A permutation of range(n) whose every prefix is spread over [0, n): the ranks of the first n
+    van der Corput numbers (0, 1/2, 1/4, 3/4, 1/8, ...). So ``--limit k`` still probes all depths."""
+
+    def van_der_corput(i: int) -> float:
+        value, scale = 0.0, 0.5
+        while i:
+            value, i, scale = value + scale * (i & 1), i >> 1, scale / 2
+        return value
+
+    points = [van_der_corput(i) for i in range(n)]
+    ranks = sorted(range(n), key=points.__getitem__)
+    order = [0] * n
+    for rank, i in enumerate(ranks):
+        order[i] = rank
+    return order
+
+
 def passkey_docs(
     filler: Sequence[str],
     *,
@@ -130,10 +155,13 @@ def passkey_docs(
 
     The prompt (``passkey_prompt(context)``) holds at most ``length`` tokens by ``count``: the header,
     the needle and the question, plus as many filler sentences (seeded order, cycled if the text runs
-    out) as fit. Depths are stratified: doc i's needle sits at a seeded depth in [i/n, (i+1)/n) of the
-    filler, so every part of the context is probed once per n docs.
+    out) as fit. Depths are stratified: doc i's needle sits at a seeded depth in [k/n, (k+1)/n) of the
+    filler, k = ``spread_order(n)[i]``: every part of the context is probed once per n docs, and any
+    first few docs already spread over it. ``depth`` records where the needle landed (a sentence
+    boundary).
     """
     sentence_cost = {s: count(" " + s) for s in filler}
+    strata = spread_order(n_docs)
     docs = []
     for doc_id in range(n_docs):
         rng = rng_for(seed, "passkey", length, doc_id)
@@ -148,7 +176,7 @@ def passkey_docs(
                 break
             chosen.append(sentence)
             budget -= sentence_cost[sentence]
-        depth = (doc_id + rng.random()) / n_docs
+        depth = (strata[doc_id] + rng.random()) / n_docs
         at = round(depth * len(chosen))
         context = " ".join([HEADER, *chosen[:at], needle, *chosen[at:]])
         docs.append(

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from afterburner.plugins.lm_eval import generators
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR
@@ -125,14 +125,27 @@ def tokenizer_counter(path: str) -> generators.TokenCounter:
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def command_line(seed: int, lengths: Sequence[int], tokenizer: str | None) -> str:
+    """The command that regenerates the files, written in their headers."""
+    parts = ["python -m afterburner.plugins.lm_eval.make_tasks", f"--seed {seed}"]
+    if tuple(lengths) != DEFAULT_LENGTHS:
+        parts.append("--lengths " + " ".join(map(str, lengths)))
+    if tokenizer:
+        parts.append(f"--tokenizer {Path(tokenizer).name}")
+    return " ".join(parts)
+
+
 def task_files(
     *,
     seed: int = DEFAULT_SEED,
     lengths: Sequence[int] = DEFAULT_LENGTHS,
-    count: generators.TokenCounter = generators.chars_per_token_counter,
-    command: str = "python -m afterburner.plugins.lm_eval.make_tasks",
+    tokenizer: str | None = None,
 ) -> dict[str, str]:
-    """Every generated file as ``{relative path: text}``; pure, so tests can compare without writing."""
+    """Every generated file as ``{relative path: text}``; pure, so tests can compare without writing.
+
+    ``tokenizer``: an HF tokenizer folder to count tokens with (default: characters / 4)."""
+    count = tokenizer_counter(tokenizer) if tokenizer else generators.chars_per_token_counter
+    command = command_line(seed, lengths, tokenizer)
     sentences = local_sentences()
     filler = generators.filler_sentences(sentences)
     files = {
@@ -160,15 +173,6 @@ def write(files: dict[str, str], out: Path) -> None:
         path.write_text(text, encoding="utf-8", newline="\n")
 
 
-def _command(args: argparse.Namespace) -> str:
-    parts = ["python -m afterburner.plugins.lm_eval.make_tasks", f"--seed {args.seed}"]
-    if tuple(args.lengths) != DEFAULT_LENGTHS:
-        parts.append("--lengths " + " ".join(map(str, args.lengths)))
-    if args.tokenizer:
-        parts.append(f"--tokenizer {Path(args.tokenizer).name}")
-    return " ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -178,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="count tokens with this tokenizer (HF folder) instead of "
                         f"{generators.CHARS_PER_TOKEN} characters per token")
     args = parser.parse_args(argv)
-    count = tokenizer_counter(args.tokenizer) if args.tokenizer else generators.chars_per_token_counter
-    files = task_files(seed=args.seed, lengths=args.lengths, count=count, command=_command(args))
+    files = task_files(seed=args.seed, lengths=args.lengths, tokenizer=args.tokenizer)
     write(files, args.out)
     total = sum(len(text.encode()) for text in files.values())
     print(f"wrote {len(files)} files ({total / 1e6:.2f} MB) under {args.out}")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from afterburner.plugins.config import ADDITIONAL_CONFIG_KEY, parse_config
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR
@@ -55,7 +56,7 @@ def cli_command(
     tasks: Sequence[str],
     args: Mapping[str, Any],
     *,
-    limit: int | float | None = None,
+    limit: float | None = None,
     output_path: str | Path | None = None,
     python: str = sys.executable,
     extra: Sequence[str] = (),
@@ -80,7 +81,7 @@ def evaluate(
     tasks: Sequence[str],
     args: Mapping[str, Any],
     *,
-    limit: int | float | None = None,
+    limit: float | None = None,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on our tasks in this process (create engines under ``__main__``)."""

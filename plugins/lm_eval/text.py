@@ -2,13 +2,21 @@
 
 They ship with every CPython, need no download, and are stable across patch releases of a Python
 version; the sentence list is sorted and deduplicated so that seeded sampling from it is repeatable.
+
+The docstrings are read in a clean interpreter (``python -I -S``, stdlib only): read in-process, they
+depend on what else was imported first (``typing_extensions`` replaces three private ``typing``
+helpers, whose docstrings then vanish), so pytest and the command line saw 846 and 849 sentences.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import json
 import re
+import subprocess
+import sys
 
 MODULES = (
     "argparse", "collections", "csv", "datetime", "decimal", "difflib", "email", "fractions",
@@ -28,7 +36,19 @@ def _docstrings(module_name: str):
 
 
 def local_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-    """Plain prose sentences (no code, no tables), sorted and unique."""
+    """Plain prose sentences (no code, no tables), sorted and unique; the same in every process."""
+    return list(_clean_interpreter_sentences(min_words, max_words))
+
+
+@functools.cache
+def _clean_interpreter_sentences(min_words: int, max_words: int) -> tuple[str, ...]:
+    # -I: no environment variables, user site or script folder on sys.path; -S: no site-packages.
+    command = [sys.executable, "-I", "-S", __file__, str(min_words), str(max_words)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return tuple(json.loads(done.stdout))
+
+
+def _sentences_in_this_process(min_words: int, max_words: int) -> list[str]:
     found = set()
     for name in MODULES:
         for doc in _docstrings(name):
@@ -45,3 +65,7 @@ def local_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
                     ):
                         found.add(sentence)
     return sorted(found)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_sentences_in_this_process(int(sys.argv[1]), int(sys.argv[2]))))
