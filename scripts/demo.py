@@ -2,7 +2,9 @@
 
 Starts two real `vllm serve` processes side by side (afterburner loaded; afterburner filtered out with
 VLLM_PLUGINS=""), sends the same requests to both, prints the answers side by side, then what afterburner
-registered and did in each engine process. Each feature issue adds its own section.
+registered and did in each engine process. Each feature issue adds its own section:
+- constrained sampling: one request constrained by a JSON schema through AWRS (``vllm_xargs``), with the
+  number of constraint checks it took, next to the same request unconstrained.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
     os.environ.setdefault(key, value)
 
 CONFIG = {"afterburner": {"attention": {"method": "dense"}}}
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                           "population_millions": {"type": "number"}},
+          "required": ["city", "population_millions"], "additionalProperties": False}
+CONSTRAINED_PROMPT = "Give the largest city of France and its population as JSON:"
 REQUESTS = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12}),
     ("/v1/completions", {"prompt": "def fibonacci(n):", "max_tokens": 24}),
@@ -53,8 +59,32 @@ def _print_report(report_dir: Path) -> None:
                 print(f"    registered on vLLM {event['version']} ({event['status']}): {', '.join(event['registered'])}")
             elif event["event"] == "config":
                 print(f"    config seen at {event['where']}: {json.dumps(event['config'])}")
+            elif event["event"] == "awrs":
+                print(f"    AWRS request ({event['kind']}): {event['tokens']} tokens, {event['checks']} checks")
             else:
                 print(f"    {event['event']}: {event.get('reason', '')}")
+
+
+def _constrained_section(servers: dict[str, VllmServer], report_dir: Path) -> bool:
+    print("\nConstrained sampling (AWRS), JSON schema:", json.dumps(SCHEMA))
+    body = {"prompt": CONSTRAINED_PROMPT, "max_tokens": 60, "temperature": 0,
+            "vllm_xargs": {"awrs_json_schema": json.dumps(SCHEMA)}}
+    text, seconds = _ask(servers["afterburner"], "/v1/completions", body)
+    plain, _ = _ask(servers["afterburner"], "/v1/completions", {"prompt": CONSTRAINED_PROMPT, "max_tokens": 60})
+    print(f"  unconstrained: {plain!r}")
+    print(f"  with AWRS ({seconds:4.1f} s): {text!r}")
+    try:
+        value = json.loads(text)
+        valid = set(value) == set(SCHEMA["required"])
+    except ValueError:
+        valid = False
+    awrs = [e for e in report.read_dir(report_dir) if e["event"] == "awrs"]
+    if awrs:
+        event = awrs[-1]
+        print(f"  valid JSON for the schema: {valid}; {event['checks']} constraint checks for {event['tokens']} "
+              f"tokens ({event['checks'] / max(1, event['tokens']):.1f} per token; token masking would check "
+              f"49,152 per token)")
+    return valid
 
 
 def main() -> int:
@@ -85,11 +115,12 @@ def main() -> int:
             same += answers["afterburner"][0] == answers["stock"][0]
         print(f"\n{same}/{len(REQUESTS)} answers identical (greedy; afterburner's attention method here is "
               f"'{CONFIG['afterburner']['attention']['method']}', so they should all be)")
+        constrained_ok = _constrained_section(servers, report_dir)
         _print_report(report_dir)
     finally:
         codes = {name: server.stop() for name, server in servers.items()}
         print(f"\n[demo] servers stopped by PID: exit codes {codes}")
-    return 0 if same == len(REQUESTS) else 1
+    return 0 if same == len(REQUESTS) and constrained_ok else 1
 
 
 if __name__ == "__main__":
