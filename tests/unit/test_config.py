@@ -91,3 +91,11 @@ def test_config_is_frozen():
     config = AfterburnerConfig()
     with pytest.raises(Exception):
         config.enabled = False
+
+
+def test_vllm_falls_back_to_the_env_variable_only_without_an_afterburner_section():
+    environ = {ENV_VAR: '{"attention": {"sparse": {"sink_blocks": 7}}}'}
+    assert from_additional_config({}, environ).attention.sparse.sink_blocks == 7
+    assert from_additional_config({"afterburner": {}}, environ).attention.sparse.sink_blocks == 1
+    with pytest.raises(ConfigError, match="AFTERBURNER_CONFIG"):
+        from_additional_config(None, {ENV_VAR: '{"attention": 1}'})
