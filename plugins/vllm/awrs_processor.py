@@ -18,9 +18,6 @@ vLLM refuses custom logits processors when speculative decoding is on.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -28,26 +25,15 @@ from afterburner.plugins import report
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import is_active
 from afterburner.plugins.vllm.hooks import config_of
-from afterburner.samplers.awrs import awrs_step, constrained_argmax
-from afterburner.samplers.constraints import allows_next
-from afterburner.samplers.grammar import GrammarConstraint, GrammarError
-from afterburner.samplers.request import ConstraintRequest, parse_request
+from afterburner.samplers.grammar import GrammarError
+from afterburner.samplers.request import parse_request
+from afterburner.samplers.request_state import RequestState, force_token, load_tokenizer
 
-logger = get_logger(__name__)
+logger = get_logger(__name__)  # also installs the handler for the samplers' warnings
 _GREEDY_EPS = 1e-5  # vLLM's own threshold for greedy sampling
 
-
-@dataclass
-class _RequestState:
-    request: ConstraintRequest
-    constraint: GrammarConstraint
-    output_ids: list[int]  # vLLM's live list of this request's generated tokens
-    temperature: float
-    generator: torch.Generator
-    checks: int = 0
-    tokens: int = 0
-    log_weight: float = 0.0  # sum of AWRS log weights (the sequence's importance weight)
-    stopped_unsatisfiable: bool = field(default=False)
+# A constrained row: its decoding state and vLLM's live list of the request's generated tokens.
+_Row = tuple[RequestState, list[int]]
 
 
 class AWRSLogitsProcessor(LogitsProcessor):
@@ -67,36 +53,24 @@ class AWRSLogitsProcessor(LogitsProcessor):
         # AFTERBURNER_DISABLE) or is configured off: vLLM loads entry-point processors regardless.
         self._enabled = is_active() and config_of(vllm_config).enabled
         self._model_config = vllm_config.model_config
-        self._states: dict[int, _RequestState] = {}
-        self._ll_tokenizer = None
-        self._eos: int | None = None
+        self._states: dict[int, _Row] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False
 
-    def _tokenizer(self):
-        if self._ll_tokenizer is None:  # ~1 s, once per worker, only when a constrained request arrives
-            from llguidance.hf import from_tokenizer
-            from transformers import AutoTokenizer
-
-            hf = AutoTokenizer.from_pretrained(
-                self._model_config.tokenizer, revision=self._model_config.tokenizer_revision,
-                trust_remote_code=self._model_config.trust_remote_code,
-            )
-            self._eos = hf.eos_token_id
-            self._ll_tokenizer = from_tokenizer(hf, n_vocab=self._model_config.get_vocab_size())
-        return self._ll_tokenizer
-
-    def _new_state(self, params, output_ids: list[int]) -> _RequestState | None:
+    def _new_state(self, params, output_ids: list[int]) -> _Row | None:
         if not self._enabled:
             return None
         request = parse_request(params.extra_args)
         if request is None:
             return None
-        generator = torch.Generator()
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        return _RequestState(request, GrammarConstraint(request.grammar, self._tokenizer()), output_ids,
-                             params.temperature, generator)
+        config = self._model_config
+        tokenizer, eos = load_tokenizer(config.tokenizer, config.get_vocab_size(),
+                                        revision=config.tokenizer_revision,
+                                        trust_remote_code=config.trust_remote_code)
+        temperature = None if params.temperature < _GREEDY_EPS else params.temperature
+        state = RequestState.start(request, tokenizer, eos, temperature=temperature, seed=params.seed)
+        return state, output_ids
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -105,9 +79,9 @@ class AWRSLogitsProcessor(LogitsProcessor):
             self._finish(self._states.pop(index, None))
         for index, params, _prompt_ids, output_ids in batch_update.added:
             self._finish(self._states.pop(index, None))
-            state = self._new_state(params, output_ids)
-            if state is not None:
-                self._states[index] = state
+            row = self._new_state(params, output_ids)
+            if row is not None:
+                self._states[index] = row
         for source, target, direction in batch_update.moved:
             moving, other = self._states.pop(source, None), self._states.pop(target, None)
             if moving is not None:
@@ -116,33 +90,10 @@ class AWRSLogitsProcessor(LogitsProcessor):
                 self._states[source] = other
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, state in self._states.items():
-            token = self._draw(state, logits[index])
-            logits[index].fill_(-math.inf)
-            logits[index, token] = 0.0
+        for index, (state, output_ids) in self._states.items():
+            force_token(logits[index], state.draw(logits[index], list(output_ids)))
         return logits
 
-    def _draw(self, state: _RequestState, row: torch.Tensor) -> int:
-        prefix = list(state.output_ids)
-        accept = lambda token: allows_next(state.constraint, prefix, token, self._eos)  # noqa: E731
-        if state.temperature < _GREEDY_EPS:
-            token, checks = constrained_argmax(row, accept, max_checks=state.request.max_checks)
-        else:
-            result = awrs_step(row / state.temperature, accept, generator=state.generator,
-                               max_checks=state.request.max_checks)
-            token, checks = (result.token if result.accepted else None), result.checks
-            state.log_weight += result.log_weight
-        state.checks += checks
-        state.tokens += 1
-        if token is None:
-            if not state.stopped_unsatisfiable:
-                logger.warning("afterburner: AWRS found no allowed token after %d generated tokens (%s constraint "
-                               "unsatisfiable here); ending the request with EOS", len(prefix), state.request.kind)
-            state.stopped_unsatisfiable = True
-            token = self._eos
-        return token
-
-    def _finish(self, state: _RequestState | None) -> None:
-        if state is not None:
-            report.record("awrs", kind=state.request.kind, tokens=state.tokens, checks=state.checks,
-                          log_weight=state.log_weight, unsatisfiable=state.stopped_unsatisfiable)
+    def _finish(self, row: _Row | None) -> None:
+        if row is not None:
+            report.record("awrs", **row[0].summary())

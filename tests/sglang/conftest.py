@@ -12,8 +12,27 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_setup import SHIM, cpu_env  # noqa: E402
+from engine_setup import AFTERBURNER_CONFIG, ENGINE_KWARGS, SHIM, cpu_env  # noqa: E402
+
+from afterburner.plugins import report  # noqa: E402
 
 sys.path.insert(0, str(SHIM))
 os.environ.update(cpu_env())
 pytest.importorskip("sglang")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model, tmp_path_factory):
+    """One Engine for the session (~50-60 s to start on 2 cores: the scheduler and detokenizer each
+    import sglang). The report dir and config are set only while it starts: its subprocesses inherit
+    them, and later tests in this process do not write there."""
+    import sglang
+
+    report_dir = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(report.REPORT_DIR_ENV, str(report_dir))
+        env.setenv("AFTERBURNER_CONFIG", AFTERBURNER_CONFIG)
+        env.delenv("AFTERBURNER_DISABLE", raising=False)
+        started = sglang.Engine(model_path=str(tiny_model), **ENGINE_KWARGS)
+    yield started, report_dir
+    started.shutdown()

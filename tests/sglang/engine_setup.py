@@ -22,6 +22,8 @@ ENGINE_KWARGS = dict(
     random_seed=0,
     # Without it the idle scheduler polls in a busy loop and takes a whole core of the two.
     sleep_on_idle=True,
+    # Lets requests name a custom logit processor (AWRS); requests that name none run as before.
+    enable_custom_logit_processor=True,
 )
 # Non-default values: seeing them in a process proves AFTERBURNER_CONFIG travelled there.
 AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_blocks": 3}}}

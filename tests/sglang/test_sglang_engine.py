@@ -29,23 +29,6 @@ pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="session")
-def engine(tiny_model, tmp_path_factory):
-    """One Engine for the session (~50-60 s to start on 2 cores: the scheduler and detokenizer each
-    import sglang). The report dir and config are set only while it starts: its subprocesses inherit
-    them, and later tests in this process do not write there."""
-    import sglang
-
-    report_dir = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(report.REPORT_DIR_ENV, str(report_dir))
-        env.setenv("AFTERBURNER_CONFIG", AFTERBURNER_CONFIG)
-        env.delenv("AFTERBURNER_DISABLE", raising=False)
-        started = sglang.Engine(model_path=str(tiny_model), **ENGINE_KWARGS)
-    yield started, report_dir
-    started.shutdown()
-
-
 def test_register_ran_in_every_engine_process_with_the_config(engine):
     _, report_dir = engine
     events = report.read_dir(report_dir)
@@ -55,8 +38,8 @@ def test_register_ran_in_every_engine_process_with_the_config(engine):
     assert configs["check_server_args"]["pid"] == os.getpid()
     children = {configs[w]["pid"] for w in ("run_scheduler_process", "run_detokenizer_process")}
     assert len(children) == 2 and os.getpid() not in children
-    for pid in children:
-        assert [e["event"] for e in events if e["pid"] == pid] == ["registered", "config"]
+    for pid in children:  # first; later events (AWRS requests in the scheduler) depend on the tests run
+        assert [e["event"] for e in events if e["pid"] == pid][:2] == ["registered", "config"]
     wanted = AFTERBURNER_SECTION["attention"]["sparse"]
     for event in configs.values():
         assert wanted.items() <= event["config"]["attention"]["sparse"].items(), event["where"]

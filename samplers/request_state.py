@@ -1,0 +1,101 @@
+"""One constrained request's decoding state, shared by the engine adapters (vLLM's logits processor,
+SGLang's custom logit processor): which token the engine may sample next, and what finding it cost.
+
+Each step the adapter hands over the row's logits [V] and the generated prefix; ``RequestState.draw``
+returns the one token to force (``force_token`` leaves it the only finite logit, so the engine's sampler,
+greedy or random after temperature / top-k / top-p, can only pick it):
+- greedy (temperature None): the highest-logit allowed token (``constrained_argmax``);
+- temperature T > 0: an exact sample of softmax(logits / T) restricted to the allowed tokens
+  (``awrs_step``), drawn from the request's own generator; its log weight is added to the sequence's;
+- no allowed token (or ``max_checks`` ran out): EOS, so the request ends instead of hanging; one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import torch
+
+from afterburner.samplers.awrs import awrs_step, constrained_argmax
+from afterburner.samplers.constraints import allows_next
+from afterburner.samplers.grammar import GrammarConstraint
+from afterburner.samplers.request import ConstraintRequest
+
+# A child of the "afterburner" logger, which the adapters configure (samplers/ never import plugins/).
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    request: ConstraintRequest
+    constraint: GrammarConstraint  # its llguidance matcher follows the prefix incrementally
+    eos_token_id: int
+    temperature: float | None  # None: greedy
+    generator: torch.Generator  # the request's own: seeded draws do not depend on the batch
+    checks: int = 0  # constraint evaluations so far
+    tokens: int = 0  # draws so far
+    log_weight: float = 0.0  # sum of AWRS log weights: the sequence's importance weight
+    unsatisfiable: bool = False  # a step found no allowed token and forced EOS
+
+    @classmethod
+    def start(cls, request: ConstraintRequest, tokenizer: llguidance.LLTokenizer, eos_token_id: int, *,
+              temperature: float | None, seed: int | None) -> RequestState:
+        """``GrammarError`` if the grammar does not compile against this tokenizer."""
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()  # non-deterministic, and leaves torch's global generator alone
+        else:
+            generator.manual_seed(seed)
+        constraint = GrammarConstraint(request.grammar, tokenizer)
+        return cls(request, constraint, eos_token_id, temperature, generator)
+
+    def draw(self, logits: torch.Tensor, prefix: Sequence[int]) -> int:
+        """The next token after ``prefix`` (generated ids, prompt excluded). logits: [V]."""
+        accept = lambda token: allows_next(self.constraint, prefix, token, self.eos_token_id)
+        if self.temperature is None:
+            token, checks = constrained_argmax(logits, accept, max_checks=self.request.max_checks)
+        else:
+            result = awrs_step(logits / self.temperature, accept, generator=self.generator,
+                               max_checks=self.request.max_checks)
+            token, checks = (result.token if result.accepted else None), result.checks
+            self.log_weight += result.log_weight
+        self.checks += checks
+        self.tokens += 1
+        if token is None:
+            if not self.unsatisfiable:
+                logger.warning("afterburner: AWRS found no allowed token after %d generated tokens (%s "
+                               "constraint unsatisfiable here); ending the request with EOS", len(prefix),
+                               self.request.kind)
+            self.unsatisfiable = True
+            token = self.eos_token_id
+        return token
+
+    def summary(self) -> dict[str, Any]:
+        """The fields of the ``awrs`` report event each adapter records when the request ends."""
+        return {"kind": self.request.kind, "tokens": self.tokens, "checks": self.checks,
+                "log_weight": self.log_weight, "unsatisfiable": self.unsatisfiable}
+
+
+def force_token(row: torch.Tensor, token: int) -> None:
+    """Leave ``token`` the only finite logit of ``row`` [V], in place."""
+    row.fill_(-math.inf)
+    row[token] = 0.0
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, n_vocab: int, *, revision: str | None = None,
+                   trust_remote_code: bool = False) -> tuple[llguidance.LLTokenizer, int]:
+    """llguidance's view of the Hugging Face tokenizer at ``path`` and its EOS id. ``n_vocab``: the
+    model's logits width (may exceed the tokenizer's size: padded embeddings). ~1 s; once per process
+    and model, and only when a constrained request arrives."""
+    from llguidance.hf import from_tokenizer
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return from_tokenizer(hf, n_vocab=n_vocab), hf.eos_token_id
