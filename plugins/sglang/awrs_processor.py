@@ -24,7 +24,7 @@ the request's temperature, seeded by ``sampling_seed`` when given; one finite lo
 token is allowed. SGLang applies logit bias, penalties and its own grammar mask before this processor,
 so the draw sees them; top-k, top-p and min-p are not applied to the constrained draw.
 
-Overlap scheduling (SGLang's default on GPU; always off on CPU) samples a batch before the previous
+Overlap scheduling (on by default, on CPU too; SGLang turns it off for speculative decoding) samples a batch before the previous
 step's token reaches ``req.output_ids``; the prefix is then completed from the tokens this processor
 forced (``lagged_prefix``).
 
