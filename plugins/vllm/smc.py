@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from afterburner.samplers.constraints import Constraint
 from afterburner.samplers.grammar import GrammarConstraint
 from afterburner.samplers.request import parse_request
 from afterburner.samplers.smc import SMCResult, smc
@@ -56,10 +57,31 @@ def _progress(step: int, live: int, ess: float) -> None:
           flush=True)
 
 
+def judge_log_twist(llm: Any, template: str, answer: str) -> Callable[[Sequence[int]], float]:
+    """A model-based reward for particle filtering: R(x) = log p(answer | template.format(text=x)) under
+    the engine's own model (e.g. template "...{text}\nIs this answer correct?", answer " Yes"). One
+    prompt-log-prob request per call; prefix caching makes the shared template cheap."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+
+    def log_twist(tokens: Sequence[int]) -> float:
+        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
+        context = tokenizer.encode(template.format(text=text))
+        (output,) = llm.generate([TokensPrompt(prompt_token_ids=context + answer_ids)], params, use_tqdm=False)
+        scored = output.prompt_logprobs[len(context):]
+        return sum(position[token].logprob for position, token in zip(scored, answer_ids))
+
+    return log_twist
+
+
 def constrained_smc(
     llm: Any,
     prompt: str,
-    constraint: dict,
+    constraint: dict | Constraint,
     *,
     n_particles: int = 8,
     max_tokens: int = 64,
@@ -68,18 +90,20 @@ def constrained_smc(
     log_twist: Callable[[Sequence[int]], float] | None = None,
     progress: bool = True,
 ) -> tuple[list[Sample], SMCResult]:
-    """Samples of ``prompt``'s continuation under ``constraint`` (``{"regex": ...}``, ``{"json_schema": ...}``
-    or ``{"lark": ...}``), properly weighted for the model restricted to the constraint (times
-    exp(log_twist) when given: particle filtering with a reward). Returns the samples, best first."""
-    from llguidance.hf import from_tokenizer
-
-    request = parse_request({"awrs": constraint})
+    """Samples of ``prompt``'s continuation under ``constraint`` (``{"regex": ...}``, ``{"json_schema": ...}``,
+    ``{"lark": ...}``, or any ``Constraint`` object such as a ``TextPredicate``), properly weighted for the
+    model restricted to the constraint (times exp(log_twist) when given: particle filtering with a reward,
+    e.g. ``judge_log_twist``). Returns the samples, best first."""
     tokenizer = llm.get_tokenizer()
     vocab_size = llm.llm_engine.model_config.get_vocab_size()
-    grammar = GrammarConstraint(request.grammar, from_tokenizer(tokenizer, n_vocab=vocab_size))
+    if isinstance(constraint, dict):
+        from llguidance.hf import from_tokenizer
+
+        request = parse_request({"awrs": constraint})
+        constraint = GrammarConstraint(request.grammar, from_tokenizer(tokenizer, n_vocab=vocab_size))
     prompt_ids = tokenizer.encode(prompt)
     result = smc(
-        _vllm_next_logits(llm, prompt_ids, vocab_size), grammar, n_particles=n_particles, max_tokens=max_tokens,
+        _vllm_next_logits(llm, prompt_ids, vocab_size), constraint, n_particles=n_particles, max_tokens=max_tokens,
         eos_token_id=tokenizer.eos_token_id, ess_threshold=ess_threshold, log_twist=log_twist,
         generator=torch.Generator().manual_seed(seed), on_step=_progress if progress else None,
     )

@@ -1,11 +1,13 @@
 """A real `vllm serve` subprocess with afterburner: the plugin is active in each engine process, the
-OpenAI endpoints answer, SIGTERM by PID stops it cleanly, and a bad --additional-config exits non-zero
-with the one-line message."""
+OpenAI endpoints answer (AWRS through `vllm_xargs` too; a malformed constraint is a 400 for that request
+only), SIGTERM by PID stops it cleanly, and a bad --additional-config exits non-zero with one line."""
 
 import json
 import subprocess
+import urllib.error
 
 import pytest
+import regex
 
 from afterburner.plugins import report
 from engine_args import AFTERBURNER_SECTION
@@ -65,3 +67,16 @@ def test_bad_additional_config_exits_nonzero_with_one_clear_line(tiny_model):
         "afterburner.attention.sparse.recent_blocks: Input should be greater than or equal to 0 (got -2)"
     ]
     assert "Traceback" not in run.stderr
+
+
+def test_awrs_over_the_openai_api_and_a_malformed_constraint_is_a_400_for_that_request_only(served):
+    server, port, _ = served
+    pattern = "(yes|no), [0-9]{2}"
+    body = post(port, "/v1/completions", {"prompt": "Answer:", "max_tokens": 20, "temperature": 0.7, "seed": 1,
+                                          "vllm_xargs": {"awrs_regex": pattern}})
+    assert regex.fullmatch(pattern, body["choices"][0]["text"])
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(port, "/v1/completions", {"prompt": "Answer:", "max_tokens": 5, "vllm_xargs": {"awrs_regex": "(x"}})
+    assert err.value.code == 400 and "unclosed group" in err.value.read().decode()
+    body = post(port, "/v1/completions", {"prompt": "Still serving?", "max_tokens": 3})
+    assert body["usage"]["completion_tokens"] == 3
