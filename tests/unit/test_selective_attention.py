@@ -1,0 +1,109 @@
+"""The selective paged-attention op: the reference against torch SDPA (dense and masked), and the
+batched path against the reference, on many shapes and seeds with shuffled physical blocks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afterburner.attention_backends.selective import (
+    gather_sequence,
+    kv_bytes_read,
+    selective_attention,
+    selective_attention_reference,
+)
+
+
+def make_batch(seed, *, seq_lens, q_lens, block_size, num_heads, num_kv_heads, head_dim, spare_blocks=3):
+    """A paged cache holding len(seq_lens) sequences in shuffled physical blocks, plus their queries."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        table[b, :n] = perm[used:used + n].int()
+        used += n
+    query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    query = torch.randn(int(query_start[-1]), num_heads, head_dim, generator=gen)
+    return query, k_cache, v_cache, table, torch.tensor(seq_lens), query_start
+
+
+SHAPES = [
+    dict(seq_lens=[7], q_lens=[1], block_size=4, num_heads=2, num_kv_heads=1, head_dim=8),
+    dict(seq_lens=[33, 5, 16], q_lens=[1, 5, 3], block_size=8, num_heads=4, num_kv_heads=2, head_dim=16),
+    dict(seq_lens=[64, 40], q_lens=[16, 1], block_size=16, num_heads=9, num_kv_heads=3, head_dim=32),
+    dict(seq_lens=[1, 2, 3], q_lens=[1, 2, 1], block_size=2, num_heads=4, num_kv_heads=4, head_dim=8),
+]
+
+
+def _sdpa(query, k_cache, v_cache, table, seq_lens, query_start, scale, block_mask=None):
+    """torch SDPA per sequence, with the causal + selection mask spelled out."""
+    out = torch.zeros_like(query)
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = query.shape[1] // num_kv_heads
+    for b, n in enumerate(seq_lens.tolist()):
+        s, e = query_start[b].item(), query_start[b + 1].item()
+        k = gather_sequence(k_cache, table[b], n).transpose(0, 1).repeat_interleave(group, 0)  # [Hq, L, D]
+        v = gather_sequence(v_cache, table[b], n).transpose(0, 1).repeat_interleave(group, 0)
+        q = query[s:e].transpose(0, 1)  # [Hq, n_q, D]
+        pos = torch.arange(n)
+        allowed = (pos[None, :] <= torch.arange(n - (e - s), n)[:, None])[None].expand(query.shape[1], -1, -1)
+        if block_mask is not None:
+            allowed = allowed & block_mask[b].repeat_interleave(group, 0)[:, pos // block_size][:, None, :]
+        out[s:e] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_dense_matches_sdpa(shape, seed):
+    batch = make_batch(seed, **shape)
+    scale = shape["head_dim"] ** -0.5
+    expected = _sdpa(*batch, scale)
+    assert torch.allclose(selective_attention_reference(*batch, scale=scale), expected, atol=1e-5)
+    assert torch.allclose(selective_attention(*batch, scale=scale), expected, atol=1e-5)
+
+
+def _random_mask(seed, batch, shape):
+    gen = torch.Generator().manual_seed(seed + 100)
+    _, _, _, table, seq_lens, _ = batch
+    mask = torch.rand(len(seq_lens), shape["num_kv_heads"], table.shape[1], generator=gen) < 0.5
+    last = ((seq_lens - 1) // shape["block_size"]).long()
+    mask[torch.arange(len(seq_lens)), :, last] = True  # the block holding the query itself, as policies do
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_masked_reference_matches_sdpa_and_batched_matches_reference(shape, seed):
+    batch = make_batch(seed, **shape)
+    scale = shape["head_dim"] ** -0.5
+    mask = _random_mask(seed, batch, shape)
+    reference = selective_attention_reference(*batch, scale=scale, block_mask=mask)
+    assert torch.allclose(reference, _sdpa(*batch, scale, block_mask=mask), atol=1e-5)
+    assert torch.allclose(selective_attention(*batch, scale=scale, block_mask=mask), reference, atol=1e-5)
+
+
+def test_a_full_mask_is_dense_and_dropping_a_block_changes_the_output():
+    shape = SHAPES[1]
+    batch = make_batch(5, **shape)
+    full = torch.ones(3, shape["num_kv_heads"], batch[3].shape[1], dtype=torch.bool)
+    dense = selective_attention(*batch, scale=0.25)
+    assert torch.equal(selective_attention(*batch, scale=0.25, block_mask=full), dense)
+    full[0, :, 0] = False
+    assert not torch.allclose(selective_attention(*batch, scale=0.25, block_mask=full), dense)
+
+
+def test_kv_bytes_read_counts_selected_blocks():
+    seq_lens = torch.tensor([33, 5])  # 5 and 1 blocks of 8
+    mask = torch.zeros(2, 2, 5, dtype=torch.bool)
+    mask[0, :, :2] = True  # 2 blocks on each of 2 kv heads
+    mask[1, 0, 0] = True
+    mask[1, 1, 3] = True  # beyond sequence 1's single block: not read
+    assert kv_bytes_read(seq_lens, mask, 8, 16, 2, 4) == (2 * 2 + 1) * 8 * 16 * 4 * 2
+    assert kv_bytes_read(seq_lens, None, 8, 16, 2, 4) == 38 * 2 * 16 * 4 * 2
