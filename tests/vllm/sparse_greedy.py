@@ -1,0 +1,32 @@
+"""Greedy generation with a given afterburner attention config in a fresh one-process engine; prints
+the token ids and the selective path's block counts as JSON.
+
+    python sparse_greedy.py MODEL_DIR CONFIG_JSON
+"""
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+# Long, mixed-length prompts (32-token blocks: ~20, ~9 and 1 block), one of them twice so that the
+# second request hits the prefix cache.
+PROMPTS = ["The module provides " * 120, "Return a new list of " * 60, "Hi", "The module provides " * 120]
+
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+
+    from afterburner.plugins.vllm import sparse_attention
+
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32,
+              seed=0, distributed_executor_backend="uni", enable_prefix_caching=True,
+              additional_config={"afterburner": json.loads(sys.argv[2])})
+    params = SamplingParams(temperature=0, max_tokens=12)
+    first = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    again = llm.generate(PROMPTS[3:], params, use_tqdm=False)  # prefix-cache hit on PROMPTS[0]
+    print("RESULT " + json.dumps({
+        "tokens": [list(o.outputs[0].token_ids) for o in [*first, *again]],
+        "stats": sparse_attention.STATS,
+        "cached_prompt_tokens": again[0].num_cached_tokens,
+    }), flush=True)
