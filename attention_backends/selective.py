@@ -61,6 +61,13 @@ def selective_attention_reference(
     return out
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float):
+    """q [..., n_q, D], keys / values [..., L, D], allowed [n_q, L] (broadcast) -> [..., n_q, D]."""
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)  # no key: read nothing
+    return torch.matmul(probs, values.float())
+
+
 def selective_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -72,28 +79,36 @@ def selective_attention(
     scale: float,
     block_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batched torch path: per sequence one masked matmul over its gathered blocks (keys stay in the
-    cache's dtype until the product). Same signature and result as the reference."""
+    """Batched torch path, same signature and result as the reference. Without a mask, one matmul per
+    sequence over its gathered blocks; with one, per sequence and kv head, only the selected blocks are
+    gathered (that is where the saving in KV reads comes from)."""
     out = torch.zeros_like(query)
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = query.shape[1] // num_kv_heads
+    offsets = torch.arange(block_size)
     for b, seq_len in enumerate(seq_lens.tolist()):
         start, end = query_start[b].item(), query_start[b + 1].item()
         n_q = end - start
         if n_q == 0:
             continue
-        keys = gather_sequence(k_cache, block_table[b], seq_len).transpose(0, 1)  # [Hkv, L, D]
-        values = gather_sequence(v_cache, block_table[b], seq_len).transpose(0, 1)
         q = query[start:end].view(n_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
-        scores = torch.matmul(q.float(), keys.float().unsqueeze(1).transpose(-1, -2)) * scale  # [Hkv,G,n_q,L]
-        positions = torch.arange(seq_len)
-        allowed = positions[None, :] <= torch.arange(seq_len - n_q, seq_len)[:, None]  # [n_q, L]
-        allowed = allowed[None, None].expand(num_kv_heads, 1, n_q, seq_len)
-        if block_mask is not None:
-            allowed = allowed & block_mask[b][:, positions // block_size][:, None, None, :]
-        scores = scores.masked_fill(~allowed, -math.inf)
-        probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a row with no allowed key reads nothing
-        result = torch.matmul(probs, values.float().unsqueeze(1))  # [Hkv, G, n_q, D]
+        q_pos = torch.arange(seq_len - n_q, seq_len)[:, None]  # [n_q, 1]
+        n_blocks = math.ceil(seq_len / block_size)
+        if block_mask is None:
+            keys = gather_sequence(k_cache, block_table[b], seq_len).transpose(0, 1)  # [Hkv, L, D]
+            values = gather_sequence(v_cache, block_table[b], seq_len).transpose(0, 1)
+            allowed = torch.arange(seq_len)[None, :] <= q_pos
+            result = _attend(q, keys.unsqueeze(1), values.unsqueeze(1), allowed, scale)  # [Hkv, G, n_q, D]
+        else:
+            result = torch.zeros(num_kv_heads, group, n_q, head_dim)
+            for kv in range(num_kv_heads):
+                logical = torch.nonzero(block_mask[b, kv, :n_blocks]).flatten()
+                physical = block_table[b, logical].long()
+                keys = k_cache[physical, :, kv].reshape(-1, head_dim)  # [n_sel * BS, D]
+                values = v_cache[physical, :, kv].reshape(-1, head_dim)
+                positions = (logical[:, None] * block_size + offsets[None, :]).flatten()
+                allowed = (positions[None, :] <= q_pos) & (positions[None, :] < seq_len)
+                result[kv] = _attend(q[kv], keys, values, allowed, scale)
         out[start:end] = result.permute(2, 0, 1, 3).reshape(n_q, -1, head_dim).to(out.dtype)
     return out
 

@@ -13,7 +13,8 @@ With sparse on, per layer:
   is safe, and prefix-cached blocks keep their summaries for every request that shares them;
 - ``forward`` selects, for each decode sequence at least ``dense_below_tokens`` long, the blocks to read
   per kv head (sink + recent + top Quest bounds within the budget; the block holding the query itself
-  always), and runs the selective torch op over the batch. Prefill chunks read all their blocks.
+  always), and runs the selective torch op over the batch. Steps that carry a prefill chunk run the
+  stock kernel (dense) for the whole batch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def _vec_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # What the selective path did in this process, summed over layers and steps (blocks x kv heads): the
 # demo and tests read it; an engine process's total can also be recorded with ``report_stats``.
 STATS = {"forward_calls": 0, "blocks_in_context": 0, "blocks_read": 0}
+
+
+_REPORT_EVERY = 256  # forward calls between cumulative report events (the demo reads the last one)
 
 
 def report_stats() -> None:
@@ -80,7 +84,7 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         quest.update_summaries(self._kmin, self._kmax, key[: slot_mapping.shape[0]], slot_mapping, block_size)
 
     def _block_mask(self, query: torch.Tensor, metadata, block_size: int) -> torch.Tensor:
-        """[B, Hkv, MB] bool: all blocks for prefill chunks and short sequences, Quest's choice otherwise."""
+        """[B, Hkv, MB] bool: all blocks for short sequences, Quest's choice for the others (decode)."""
         settings = self.sparse
         table, seq_lens, starts = metadata.block_table, metadata.seq_lens.tolist(), metadata.query_start_loc.tolist()
         mask = torch.ones(len(seq_lens), self.num_kv_heads, table.shape[1], dtype=torch.bool)
@@ -100,8 +104,11 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         views = KV_VIEWS.get(getattr(layer, "isa", None))
+        # Steps with a prefill chunk keep the stock kernel for the whole batch: prefill reads every block
+        # anyway, and the torch path would materialise [n_q, L] scores for it.
         if (self.sparse is None or views is None or attn_metadata is None or output_scale is not None
-                or attn_metadata.max_seq_len < self.sparse.dense_below_tokens or self._kmin is None):
+                or attn_metadata.max_query_len > 1 or attn_metadata.max_seq_len < self.sparse.dense_below_tokens
+                or self._kmin is None):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         n = attn_metadata.num_actual_tokens
@@ -113,6 +120,8 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         STATS["forward_calls"] += 1
         STATS["blocks_in_context"] += int(in_context.sum()) * self.num_kv_heads
         STATS["blocks_read"] += int((mask & in_context[:, None, :]).sum())
+        if STATS["forward_calls"] % _REPORT_EVERY == 0:
+            report_stats()
         result = selective_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
                                      attn_metadata.query_start_loc, scale=self.scale, block_mask=mask)
         output[:n] = result.reshape(output[:n].shape)
