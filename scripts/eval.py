@@ -8,7 +8,8 @@ On 2 CPU cores the long passkey contexts dominate (8k tokens: ~40 s a doc), so e
 in all). The docs are ordered so that any first k of them spread their pass keys over all depths.
 
     python scripts/eval.py [--lengths 512 1024 ...] [--token-budget 40960] [--mc-docs N]
-                           [--afterburner '{"attention": {...}}'] [--model DIR] [--out FILE]
+                           [--afterburner '{"attention": {...}}'] [--engine-args '{"block_size": 32}']
+                           [--model DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc-docs", type=int, default=None, help="default: all")
     parser.add_argument("--afterburner", default="{}", help="afterburner config (JSON), default: defaults")
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2 (built if needed)")
+    parser.add_argument("--engine-args", default="{}", help='extra vLLM engine args (JSON), e.g. {"block_size": 32}')
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "eval_smollm2.json")
     args = parser.parse_args(argv)
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or build_smollm2()
     afterburner = json.loads(args.afterburner)
     model_args = run.model_args(model_dir, afterburner=afterburner, max_model_len=MAX_MODEL_LEN,
-                                single_process=True)
+                                single_process=True, **json.loads(args.engine_args))
     plan = [(make_tasks.MC_TASK, args.mc_docs)]
     plan += [(make_tasks.passkey_task(n), docs_for(n, args.token_budget)) for n in args.lengths]
     print(f"[eval] {model_dir.name} through vLLM + afterburner {afterburner}; plan: "
