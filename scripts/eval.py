@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                      "mc_docs": args.mc_docs},
         "tasks": rows,
         "groups": groups,
+        # What the sparse backend did in this (single) process, when it ran: proof the numbers are sparse.
+        "sparse_attention_stats": dict(sys.modules["afterburner.plugins.vllm.sparse_attention"].STATS)
+        if "afterburner.plugins.vllm.sparse_attention" in sys.modules else None,
         "engine_start_seconds": round(engine_ready, 1),
         "total_seconds": round(total, 1),
     }
