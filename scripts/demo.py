@@ -5,6 +5,9 @@ VLLM_PLUGINS=""), sends the same requests to both, prints the answers side by si
 registered and did in each engine process. Each feature issue adds its own section:
 - constrained sampling: one request constrained by a JSON schema through AWRS (``vllm_xargs``), with the
   number of constraint checks it took, next to the same request unconstrained.
+- sparse attention: a third server with ``attention.method: "sparse"`` (1/4 budget, 32-token blocks)
+  answers a ~1,750-token passkey prompt next to dense attention: the answers and the share of the
+  context's KV blocks that sparse decode steps read.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from pathlib import Path
 
 from afterburner.plugins import report
+from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
+from afterburner.plugins.lm_eval.generators import passkey_prompt
 from afterburner.plugins.models import build_smollm2, cache_root
 from afterburner.plugins.vllm.server import VllmServer
 
@@ -25,6 +30,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
     os.environ.setdefault(key, value)
 
 CONFIG = {"afterburner": {"attention": {"method": "dense"}}}
+SPARSE_CONFIG = {"afterburner": {"attention": {"method": "sparse", "sparse": {"budget_ratio": 0.25,
+                                                                             "dense_below_tokens": 512}}}}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                            "population_millions": {"type": "number"}},
           "required": ["city", "population_millions"], "additionalProperties": False}
@@ -87,16 +94,36 @@ def _constrained_section(servers: dict[str, VllmServer], report_dir: Path) -> bo
     return valid
 
 
+def _sparse_section(servers: dict[str, VllmServer], report_dir: Path) -> None:
+    doc = read_jsonl(TASKS_DIR / "afterburner_passkey" / "afterburner_passkey_2048.jsonl")[0]
+    body = {"prompt": passkey_prompt(doc["context"]), "max_tokens": 12}
+    print(f"\nSparse attention: passkey prompt of ~{len(body['prompt']) // 4} tokens, key {doc['passkey']}")
+    for name in ("afterburner", "sparse"):
+        text, seconds = _ask(servers[name], "/v1/completions", body)
+        label = "dense" if name == "afterburner" else "sparse 1/4"
+        print(f"  {label:>11} ({seconds:4.1f} s): {text!r}  {'found' if doc['passkey'] in text else 'missed'}")
+    stats = [e for e in report.read_dir(report_dir) if e["event"] == "sparse_attention"]
+    if stats:
+        last = stats[-1]
+        print(f"  sparse decode steps read {last['blocks_read']:,} of {last['blocks_in_context']:,} KV blocks "
+              f"({last['blocks_read'] / max(1, last['blocks_in_context']):.0%}) over {last['forward_calls']} "
+              "layer calls")
+
+
 def main() -> int:
     model = build_smollm2()
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))
     report_dir = work / "report"
     servers = {
         "afterburner": VllmServer(model, "--additional-config", json.dumps(CONFIG), log=work / "afterburner.log",
-                                  env={report.REPORT_DIR_ENV: str(report_dir)}),
+                                  env={report.REPORT_DIR_ENV: str(report_dir)}, max_model_len=2048),
         "stock": VllmServer(model, log=work / "stock.log", env={"VLLM_PLUGINS": ""}),
+        "sparse": VllmServer(model, "--block-size", "32", "--additional-config", json.dumps(SPARSE_CONFIG),
+                             log=work / "sparse.log", env={report.REPORT_DIR_ENV: str(work / "sparse-report")},
+                             max_model_len=2048),
     }
-    print(f"[demo] starting vllm serve twice on SmolLM2-135M (logs in {work}); ~1-2 minutes on 2 cores", flush=True)
+    print(f"[demo] starting vllm serve three times on SmolLM2-135M (logs in {work}); ~2 minutes on 2 cores",
+          flush=True)
     started = time.time()
     try:
         for server in servers.values():
@@ -116,6 +143,7 @@ def main() -> int:
         print(f"\n{same}/{len(REQUESTS)} answers identical (greedy; afterburner's attention method here is "
               f"'{CONFIG['afterburner']['attention']['method']}', so they should all be)")
         constrained_ok = _constrained_section(servers, report_dir)
+        _sparse_section(servers, work / "sparse-report")
         _print_report(report_dir)
     finally:
         codes = {name: server.stop() for name, server in servers.items()}

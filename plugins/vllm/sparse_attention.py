@@ -47,7 +47,7 @@ def _vec_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 STATS = {"forward_calls": 0, "blocks_in_context": 0, "blocks_read": 0}
 
 
-_REPORT_EVERY = 256  # forward calls between cumulative report events (the demo reads the last one)
+_REPORT_EVERY = 64  # forward calls between cumulative report events (the demo reads the last one)
 
 
 def report_stats() -> None:
