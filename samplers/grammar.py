@@ -50,6 +50,10 @@ class GrammarConstraint:
         if self._matcher.is_error():
             raise GrammarError(self._matcher.get_error())
         self._consumed: list[int] = []
+        # The prefix object last synced, held (so its identity cannot be reused) with its length and the
+        # result: a sampler asks many candidate tokens after the same prefix, and re-comparing the whole
+        # prefix per check would make each check O(length). Callers must not edit a prefix in place.
+        self._synced: tuple[Sequence[int], int, bool] | None = None
 
     @classmethod
     def of(cls, kind: str, spec: Any, tokenizer: llguidance.LLTokenizer) -> GrammarConstraint:
@@ -57,6 +61,13 @@ class GrammarConstraint:
 
     def _sync(self, prefix: Sequence[int]) -> bool:
         """Bring the matcher to ``prefix``; False if the prefix itself violates the grammar."""
+        if self._synced is not None and self._synced[0] is prefix and self._synced[1] == len(prefix):
+            return self._synced[2]
+        ok = self._sync_slow(prefix)
+        self._synced = (prefix, len(prefix), ok)
+        return ok
+
+    def _sync_slow(self, prefix: Sequence[int]) -> bool:
         common = 0
         limit = min(len(prefix), len(self._consumed))
         while common < limit and prefix[common] == self._consumed[common]:
