@@ -43,14 +43,17 @@ class SMCResult:
     checks: int  # constraint evaluations, all particles and steps
     resamples: int
 
-    def posterior(self) -> dict[tuple[int, ...], float]:
-        """The weighted particles as a distribution over sequences (weights normalised)."""
+    def weights(self) -> list[float]:
+        """Each particle's normalised weight, in particle order (all 0 when every particle died)."""
         log_weights = torch.tensor([p.log_weight for p in self.particles], dtype=torch.float64)
         if not torch.isfinite(log_weights).any():
-            return {}
-        probs = torch.softmax(log_weights, dim=0).tolist()
+            return [0.0] * len(self.particles)
+        return torch.softmax(log_weights, dim=0).tolist()
+
+    def posterior(self) -> dict[tuple[int, ...], float]:
+        """The weighted particles as a distribution over sequences (weights normalised)."""
         merged: dict[tuple[int, ...], float] = defaultdict(float)
-        for particle, prob in zip(self.particles, probs):
+        for particle, prob in zip(self.particles, self.weights()):
             if prob > 0:
                 merged[tuple(particle.tokens)] += prob
         return dict(merged)

@@ -109,10 +109,8 @@ def constrained_smc(
     )
     if progress:
         print(file=sys.stderr)
-    log_weights = torch.tensor([p.log_weight for p in result.particles], dtype=torch.float64)
-    weights = torch.softmax(log_weights, 0).tolist() if torch.isfinite(log_weights).any() else [0.0] * len(log_weights)
     samples = []
-    for particle, weight in zip(result.particles, weights):
+    for particle, weight in zip(result.particles, result.weights()):
         ids = [t for t in particle.tokens if t != tokenizer.eos_token_id]
         samples.append(Sample(tokenizer.decode(ids), ids, weight, particle.log_weight))
     return sorted(samples, key=lambda s: -s.weight), result

@@ -2,19 +2,12 @@
 worker, a bad config stops startup with one message, and where afterburner must not act vLLM's greedy
 output is token-identical to stock."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from afterburner.plugins import report
 from afterburner.plugins.config import ConfigError
 from engine_args import AFTERBURNER_SECTION, ENGINE_KWARGS, MAX_TOKENS, PROMPTS
-
-HERE = Path(__file__).parent
+from result_script import run_result_script
 
 
 def _greedy(llm):
@@ -25,13 +18,7 @@ def _greedy(llm):
 
 
 def _greedy_subprocess(model, *flags, env=None):
-    run = subprocess.run(
-        [sys.executable, str(HERE / "greedy.py"), str(model), *flags],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT ")), run.stderr
+    return run_result_script("greedy.py", model, *flags, env=env)
 
 
 def test_plugin_registered_through_vllms_loader(llm):

@@ -4,23 +4,15 @@ batch with a prefix-cache hit; a small budget really reads fewer blocks; the cac
 assume is the one vLLM's own cache-write kernel produces."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).parent
+from result_script import run_result_script
 
 
 def _run(model, config):
-    run = subprocess.run([sys.executable, str(HERE / "sparse_greedy.py"), str(model), json.dumps(config)],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return run_result_script("sparse_greedy.py", model, json.dumps(config))[0]
 
 
 SPARSE = {"budget_ratio": 1.0, "sink_blocks": 1, "recent_blocks": 1, "dense_below_tokens": 64}
