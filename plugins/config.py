@@ -66,9 +66,23 @@ class AttentionSettings(_Settings):
         return method
 
 
+class MedusaSettings(_Settings):
+    """Medusa speculative decoding (vLLM: ``--speculative-config '{"method": "medusa", ...}'``)."""
+
+    tree: Literal["paper", "chain"] | list[list[int]] = Field(
+        "paper", description='"paper": the Medusa paper\'s sparse tree, its first num_speculative_tokens '
+        'nodes by importance; "chain": the argmax chain; or explicit paths of candidate ranks')
+    acceptance: Literal["lossless", "typical"] = Field(
+        "lossless", description="lossless: exact greedy at temperature 0, rejection sampling above; "
+        "typical: the paper's typical acceptance")
+    typical_epsilon: float = Field(0.09, gt=0, le=1, description="typical acceptance: hard threshold")
+    typical_delta: float = Field(0.3, gt=0, le=1, description="typical acceptance: entropy-scaled threshold")
+
+
 class AfterburnerConfig(_Settings):
     enabled: bool = Field(True, description="false: the plugin registers nothing")
     attention: AttentionSettings = AttentionSettings()
+    medusa: MedusaSettings = MedusaSettings()
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:

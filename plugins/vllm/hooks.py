@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from afterburner.patches import vllm_medusa
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
@@ -29,4 +30,24 @@ def on_worker_device(_result: Any, worker_wrapper: Any, *_args: Any, **_kwargs: 
     report.record("config", engine="vllm", where="worker", config=config.model_dump())
 
 
-HOOKS = {ENGINE_CONFIG.name: check_engine_config, WORKER_INIT_DEVICE.name: on_worker_device}
+def _medusa(name: str):
+    """A hook from ``afterburner.plugins.vllm.medusa``, imported on first call: registration runs in every
+    vLLM process, most of which never build a model runner."""
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        from afterburner.plugins.vllm import medusa
+
+        getattr(medusa, name)(*args, **kwargs)
+
+    hook.__name__ = name
+    return hook
+
+
+HOOKS = {
+    ENGINE_CONFIG.name: check_engine_config,
+    WORKER_INIT_DEVICE.name: on_worker_device,
+    vllm_medusa.MEDUSA_PROPOSER.name: _medusa("on_runner_init"),
+    vllm_medusa.MEDUSA_POSITIONS.name: _medusa("on_prepare_inputs"),
+    vllm_medusa.MEDUSA_ACCEPTANCE.name: _medusa("on_rejection_sample"),
+    vllm_medusa.MEDUSA_BOOKKEEPING.name: _medusa("on_propose"),
+}

@@ -25,7 +25,9 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from afterburner.attention_backends.selective import selective_attention
 from afterburner.attention_backends.sparse import quest
+from afterburner.plugins.vllm import medusa
 from afterburner.plugins.vllm.hooks import config_of
+from afterburner.spec_decode.medusa.tree_attention import tree_verify_attention
 
 _DECODER = "decoder"
 
@@ -101,8 +103,24 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
             mask[b, :, n_blocks:] = False
         return mask
 
+    def _tree_forward(self, step, layer, query, kv_cache, attn_metadata, output):
+        """A Medusa verification step (``medusa.STEP``): tree rows attend their ancestors only."""
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        tree_mask = step.drafter.tree(max(size for _, size in step.rows.values())).attn_mask
+        result = tree_verify_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                                       attn_metadata.query_start_loc, scale=self.scale, tree_mask=tree_mask,
+                                       tree_sizes={row: size for row, (_, size) in step.rows.items()})
+        output[:n] = result.reshape(output[:n].shape)
+        return output
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
+        step = medusa.STEP
+        if (step is not None and step.rows and step.drafter.is_tree and attn_metadata is not None
+                and self.attn_type == _DECODER and attn_metadata.num_actual_tokens == step.num_tokens):
+            return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
         views = KV_VIEWS.get(getattr(layer, "isa", None))
         # Steps with a prefill chunk keep the stock kernel for the whole batch: prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it.

@@ -16,3 +16,24 @@ MC_SIM_7B_63 = [
 def chain(depth: int) -> list[list[int]]:
     """The argmax chain (what vLLM's built-in Medusa drafts): one candidate per head."""
     return [[0] * d for d in range(1, depth + 1)]
+
+
+def tree_paths(tree: str | list[list[int]], *, num_heads: int, num_drafts: int) -> list[list[int]]:
+    """The paths a proposer drafts ``num_drafts`` tokens for. ``"paper"``: the first ``num_drafts`` paths
+    of MC_SIM_7B_63 (listed best first, each path after its prefixes) no deeper than the heads reach;
+    ``"chain"``: the argmax chain; a list: those paths, which must number ``num_drafts``. ``ValueError``
+    names what does not fit."""
+    if tree == "chain":
+        if num_drafts > num_heads:
+            raise ValueError(f"a chain drafts at most one token per head: {num_drafts} > {num_heads} heads")
+        return chain(num_drafts)
+    if tree == "paper":
+        paths = [p for p in MC_SIM_7B_63 if len(p) <= num_heads]
+        if num_drafts > len(paths):
+            raise ValueError(f"the paper's tree has {len(paths)} nodes within {num_heads} heads; "
+                             f"num_speculative_tokens is {num_drafts}")
+        return paths[:num_drafts]
+    if len(tree) != num_drafts:
+        raise ValueError(f"the tree has {len(tree)} nodes but num_speculative_tokens is {num_drafts}: "
+                         "they must be equal (one drafted token per node)")
+    return [list(p) for p in tree]

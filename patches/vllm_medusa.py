@@ -1,0 +1,40 @@
+"""Medusa with a token tree behind vLLM's ``"method": "medusa"`` (see ``afterburner.plugins.vllm.medusa``):
+the four points of vLLM's model runner where afterburner's proposer, tree positions, acceptance and KV
+bookkeeping come in. Each hook does nothing unless the runner's drafter is afterburner's."""
+
+from afterburner.patches.base import Patch
+
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_VERIFIED = ">=0.32.0,<0.33"  # private runner internals: verified on the tested release only
+
+MEDUSA_PROPOSER = Patch(
+    name="vllm.medusa_proposer",
+    target=f"{_RUNNER}.__init__",
+    verified_on=_VERIFIED,
+    when="after",
+    expects_params=("self", "vllm_config", "device"),
+)
+MEDUSA_POSITIONS = Patch(
+    name="vllm.medusa_positions",
+    target=f"{_RUNNER}._prepare_inputs",
+    verified_on=_VERIFIED,
+    when="after",
+    expects_params=("self", "scheduler_output", "num_scheduled_tokens"),
+)
+MEDUSA_ACCEPTANCE = Patch(
+    name="vllm.medusa_acceptance",
+    target="vllm.v1.sample.rejection_sampler:RejectionSampler.forward",
+    verified_on=_VERIFIED,
+    when="after",
+    expects_params=("self", "metadata", "draft_probs", "logits", "sampling_metadata"),
+)
+MEDUSA_BOOKKEEPING = Patch(
+    name="vllm.medusa_bookkeeping",
+    target=f"{_RUNNER}.propose_draft_token_ids",
+    verified_on=_VERIFIED,
+    when="before",
+    expects_params=("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+                    "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
+                    "common_attn_metadata"),
+)
+MEDUSA_PATCHES = (MEDUSA_PROPOSER, MEDUSA_POSITIONS, MEDUSA_ACCEPTANCE, MEDUSA_BOOKKEEPING)
