@@ -1,12 +1,20 @@
 """Medusa with a token tree behind vLLM's ``"method": "medusa"`` (see ``afterburner.plugins.vllm.medusa``):
-the four points of vLLM's model runner where afterburner's proposer, tree positions, acceptance and KV
-bookkeeping come in. Each hook does nothing unless the runner's drafter is afterburner's."""
+the startup check of the heads and tree, then the four points of vLLM's model runner where afterburner's
+proposer, tree positions, acceptance and KV bookkeeping come in. Each runner hook does nothing unless the
+runner's drafter is afterburner's."""
 
 from afterburner.patches.base import Patch
 
 _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 _VERIFIED = ">=0.32.0,<0.33"  # private runner internals: verified on the tested release only
 
+MEDUSA_CONFIG = Patch(
+    name="vllm.medusa_config",
+    target="vllm.engine.arg_utils:EngineArgs.create_speculative_config",
+    verified_on=_VERIFIED,
+    when="before",  # in the user's process, before vLLM reads the heads folder
+    expects_params=("self", "target_model_config", "target_parallel_config"),
+)
 MEDUSA_PROPOSER = Patch(
     name="vllm.medusa_proposer",
     target=f"{_RUNNER}.__init__",
@@ -37,4 +45,4 @@ MEDUSA_BOOKKEEPING = Patch(
                     "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
                     "common_attn_metadata"),
 )
-MEDUSA_PATCHES = (MEDUSA_PROPOSER, MEDUSA_POSITIONS, MEDUSA_ACCEPTANCE, MEDUSA_BOOKKEEPING)
+MEDUSA_PATCHES = (MEDUSA_CONFIG, MEDUSA_PROPOSER, MEDUSA_POSITIONS, MEDUSA_ACCEPTANCE, MEDUSA_BOOKKEEPING)
