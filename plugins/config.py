@@ -42,6 +42,8 @@ class SparseSettings(_Settings):
     sink_blocks: int = Field(1, ge=0, description="first blocks always kept (attention sinks)")
     recent_blocks: int = Field(2, ge=0, description="most recent blocks always kept")
     dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
+    dense_layers: int = Field(2, ge=0, description="the first layers stay dense (Quest leaves the first "
+                              "two: their attention is not sparse)")
 
 
 class SqueezedSettings(_Settings):

@@ -8,6 +8,10 @@ registered and did in each engine process. Each feature issue adds its own secti
 - sparse attention: a third server with ``attention.method: "sparse"`` (1/4 budget, 32-token blocks)
   answers a ~1,750-token passkey prompt next to dense attention: the answers and the share of the
   context's KV blocks that sparse decode steps read.
+- Medusa: a fourth server with ``--speculative-config`` (afterburner's tree of 16 nodes over 3 heads)
+  answers a chat request next to the same server without speculation: the same text, in fewer engine
+  steps. It uses the heads ``make medusa-heads`` trains if they exist, else untrained "echo" heads built
+  in seconds (each repeats the base model's next-token guess: lossless, but few drafts are accepted).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from afterburner.plugins import report
@@ -35,6 +40,9 @@ SPARSE_CONFIG = {"afterburner": {"attention": {"method": "sparse", "sparse": {"b
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                            "population_millions": {"type": "number"}},
           "required": ["city", "population_millions"], "additionalProperties": False}
+MEDUSA_TREE_NODES = 16
+MEDUSA_REQUEST = {"messages": [{"role": "user", "content": "Explain how a rainbow forms, in a few sentences."}],
+                  "max_tokens": 80}
 CONSTRAINED_PROMPT = "Give the largest city of France and its population as JSON:"
 REQUESTS = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12}),
@@ -110,8 +118,57 @@ def _sparse_section(servers: dict[str, VllmServer], report_dir: Path) -> None:
               "layer calls")
 
 
+def medusa_heads(model: Path) -> tuple[Path, str]:
+    """The trained SmolLM2 heads if ``make medusa-heads`` ran, else echo heads (seconds to build)."""
+    trained = cache_root() / "medusa" / "smollm2-heads"
+    if (trained / "config.json").is_file():
+        return trained, "trained by make medusa-heads"
+    echo = cache_root() / "medusa" / "smollm2-echo-heads"
+    if not (echo / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        from afterburner.spec_decode.medusa.checkpoint import save_heads
+        from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
+
+        base = AutoModelForCausalLM.from_pretrained(model)
+        heads = MedusaHeads(HeadsConfig(base.config.hidden_size, base.config.vocab_size, num_heads=3,
+                                        shared_lm_head=True))
+        save_heads(heads, echo, base_model=model, lm_head_weight=base.lm_head.weight)
+    return echo, "untrained echo heads; run `make medusa-heads` for trained ones"
+
+
+def _spec_counters(server: VllmServer) -> dict[str, float]:
+    """vLLM's own spec-decode counters from the server's Prometheus endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    counters: dict[str, float] = {}
+    for line in lines:
+        if line.startswith("vllm:spec_decode_num_") and "_total" in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            counters[name] = counters.get(name, 0) + value
+    return counters
+
+
+def _medusa_section(servers: dict[str, VllmServer], heads_note: str) -> bool:
+    print(f"\nMedusa speculative decoding (tree of {MEDUSA_TREE_NODES} nodes, 3 heads: {heads_note}):")
+    before = _spec_counters(servers["medusa"])
+    answers = {name: _ask(servers[name], "/v1/chat/completions", MEDUSA_REQUEST) for name in ("afterburner", "medusa")}
+    after = _spec_counters(servers["medusa"])
+    steps = after.get("vllm:spec_decode_num_drafts_total", 0) - before.get("vllm:spec_decode_num_drafts_total", 0)
+    accepted = (after.get("vllm:spec_decode_num_accepted_tokens_total", 0)
+                - before.get("vllm:spec_decode_num_accepted_tokens_total", 0))
+    for name, (text, seconds) in answers.items():
+        print(f"  {'off' if name == 'afterburner' else 'on':>11} ({seconds:4.1f} s): {text!r}")
+    same = answers["afterburner"][0] == answers["medusa"][0]
+    if steps:
+        print(f"  same text: {same}; with speculation {int(steps)} verification steps emitted "
+              f"{int(steps + accepted)} tokens ({(steps + accepted) / steps:.2f} per step; one per step without)")
+    return same
+
+
 def main() -> int:
     model = build_smollm2()
+    heads, heads_note = medusa_heads(model)
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))
     report_dir = work / "report"
     servers = {
@@ -121,8 +178,12 @@ def main() -> int:
         "sparse": VllmServer(model, "--block-size", "32", "--additional-config", json.dumps(SPARSE_CONFIG),
                              log=work / "sparse.log", env={report.REPORT_DIR_ENV: str(work / "sparse-report")},
                              max_model_len=2048),
+        "medusa": VllmServer(model, "--speculative-config", json.dumps(
+            {"method": "medusa", "model": str(heads), "num_speculative_tokens": MEDUSA_TREE_NODES}),
+            "--additional-config", json.dumps({"afterburner": {"medusa": {"tree": "paper"}}}),
+            log=work / "medusa.log", max_model_len=2048),
     }
-    print(f"[demo] starting vllm serve three times on SmolLM2-135M (logs in {work}); ~2 minutes on 2 cores",
+    print(f"[demo] starting vllm serve four times on SmolLM2-135M (logs in {work}); ~2 minutes on 2 cores",
           flush=True)
     started = time.time()
     try:
@@ -136,7 +197,7 @@ def main() -> int:
         for path, body in REQUESTS:
             prompt = body.get("prompt") or body["messages"][-1]["content"]
             print(f"\n{path}  prompt: {prompt!r}")
-            answers = {name: _ask(server, path, body) for name, server in servers.items()}
+            answers = {name: _ask(servers[name], path, body) for name in ("afterburner", "stock", "sparse")}
             for name, (text, seconds) in answers.items():
                 print(f"  {name:>11} ({seconds:4.1f} s): {text!r}")
             same += answers["afterburner"][0] == answers["stock"][0]
@@ -144,11 +205,12 @@ def main() -> int:
               f"'{CONFIG['afterburner']['attention']['method']}', so they should all be)")
         constrained_ok = _constrained_section(servers, report_dir)
         _sparse_section(servers, work / "sparse-report")
+        medusa_ok = _medusa_section(servers, heads_note)
         _print_report(report_dir)
     finally:
         codes = {name: server.stop() for name, server in servers.items()}
         print(f"\n[demo] servers stopped by PID: exit codes {codes}")
-    return 0 if same == len(REQUESTS) and constrained_ok else 1
+    return 0 if same == len(REQUESTS) and constrained_ok and medusa_ok else 1
 
 
 if __name__ == "__main__":

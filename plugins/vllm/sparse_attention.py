@@ -5,7 +5,7 @@ afterburner registers this subclass under that name (``register_backend``). Its 
 stock C++ kernel unless ``attention.method`` is ``"sparse"``, and also for everything the selective path
 does not handle: encoder / cross attention, ALiBi, sliding windows, attention sinks, soft-capping, fp8 KV
 caches, kernel ISAs whose cache layout we have not verified (only "vec", AVX2 / AVX-512, so far), and
-batches whose longest sequence is below ``dense_below_tokens``.
+batches whose longest sequence is below ``dense_below_tokens``, and the first ``dense_layers`` layers.
 
 With sparse on, per layer:
 - ``do_kv_cache_update`` (stock write first) folds the step's keys into per-physical-block min/max
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from afterburner.attention_backends.selective import selective_attention
@@ -73,6 +74,7 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         )
         active = config.enabled and config.attention.method == "sparse" and supported
         self.sparse = config.attention.sparse if active else None
+        self._layer_index: int | None = None  # from the layer's name, at its first forward
         self._kmin: torch.Tensor | None = None  # [NB, Hkv, D] per physical block
         self._kmax: torch.Tensor | None = None
 
@@ -122,9 +124,12 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
                 and self.attn_type == _DECODER and attn_metadata.num_actual_tokens == step.num_tokens):
             return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
         views = KV_VIEWS.get(getattr(layer, "isa", None))
+        if self.sparse is not None and self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
         # Steps with a prefill chunk keep the stock kernel for the whole batch: prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it.
         if (self.sparse is None or views is None or attn_metadata is None or output_scale is not None
+                or self._layer_index < self.sparse.dense_layers
                 or attn_metadata.max_query_len > 1 or attn_metadata.max_seq_len < self.sparse.dense_below_tokens
                 or self._kmin is None):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,

@@ -11,11 +11,11 @@ import torch
 from result_script import run_result_script
 
 
-def _run(model, config):
-    return run_result_script("sparse_greedy.py", model, json.dumps(config))[0]
+def _run(model, config, *blocks):
+    return run_result_script("sparse_greedy.py", model, json.dumps(config), *blocks)[0]
 
 
-SPARSE = {"budget_ratio": 1.0, "sink_blocks": 1, "recent_blocks": 1, "dense_below_tokens": 64}
+SPARSE = {"budget_ratio": 1.0, "sink_blocks": 1, "recent_blocks": 1, "dense_below_tokens": 64, "dense_layers": 0}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,16 @@ def test_full_budget_is_token_identical_to_the_stock_kernel(tiny_model, dense):
     assert full["cached_prompt_tokens"] > 0, "the repeated prompt must hit the prefix cache"
     assert full["tokens"][3] == full["tokens"][0]
     assert dense["stats"]["forward_calls"] == 0, "method dense must keep the stock kernel"
+
+
+def test_full_budget_stays_identical_through_preemption(tiny_model):
+    """32 KV blocks for ~30 blocks of prompts that each decode 96 tokens: vLLM must preempt and recompute
+    a request, whose blocks are then rewritten (their summaries restart)."""
+    dense = _run(tiny_model, {"attention": {"method": "dense"}}, 32)
+    full = _run(tiny_model, {"attention": {"method": "sparse", "sparse": SPARSE}}, 32)
+    assert dense["preemptions"] > 0 and full["preemptions"] > 0
+    assert full["stats"]["forward_calls"] > 0
+    assert full["tokens"] == dense["tokens"]
 
 
 def test_small_budget_reads_a_fraction_of_the_blocks(tiny_model):

