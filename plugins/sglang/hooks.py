@@ -7,6 +7,7 @@ from typing import Any
 from afterburner.patches.sglang_check_server_args import CHECK_SERVER_ARGS
 from afterburner.plugins import report
 from afterburner.plugins.config import ConfigError, from_env
+from afterburner.plugins.sglang import attention
 
 
 def record_config(where: str) -> None:
@@ -20,11 +21,13 @@ def record_config(where: str) -> None:
     report.record("config", engine="sglang", where=where, config=config.model_dump())
 
 
-def check_server_args(_server_args: Any, *_args: Any, **_kwargs: Any) -> None:
+def check_server_args(server_args: Any, *_args: Any, **_kwargs: Any) -> None:
     """Before ``ServerArgs.check_server_args``: read ``AFTERBURNER_CONFIG`` again (the environment the
     scheduler and detokenizer are about to inherit) and raise ``ConfigError`` here, in the user's
-    process, before any of them starts. Uncaught, it prints as one line (``guard`` installs that)."""
+    process, before any of them starts; the same for afterburner attention backends used in a way they
+    cannot run. Uncaught, it prints as one line (``guard`` installs that)."""
     config = from_env()
+    attention.check_flags(server_args, config)
     report.record("config", engine="sglang", where="check_server_args", config=config.model_dump())
 
 

@@ -1,0 +1,99 @@
+"""The attention backends afterburner adds to SGLang (0.5.23): ``--attention-backend afterburner-<method>``.
+
+``register_backends`` (run by ``register`` in every SGLang process) adds the names to SGLang's CLI
+choices (``add_attention_backend_choices`` extends the list that the parser's ``choices`` holds) and
+their factories to its registry (``register_attention_backend``). A factory runs in the scheduler when
+the model runner builds its backend, and only then imports the backend (importing torch_native's module
+costs seconds, which the detokenizer and ``--help`` should not pay).
+
+``check_flags`` runs where SGLang checks its arguments, in the user's process, and refuses with one
+``ConfigError`` line what would otherwise fail inside the scheduler or run silently wrong:
+- a method that is planned (``config.PLANNED_ATTENTION_METHODS``, as the config itself refuses them) or
+  that has no SGLang selector yet;
+- the backend for only one of prefill and decode (its block summaries are built from prefill's writes);
+- speculative decoding (verify steps write KV in a mode the summaries do not follow).
+
+On SGLang the backend name chooses the method; ``attention.method`` is vLLM's switch. The method's
+settings (``attention.sparse``) come from ``AFTERBURNER_CONFIG``; ``enabled: false`` makes the backend
+SGLang's stock torch_native.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from afterburner.plugins.config import PLANNED_ATTENTION_METHODS, AfterburnerConfig, ConfigError, from_env
+from afterburner.plugins.log import get_logger
+
+logger = get_logger(__name__)
+
+# backend name -> attention method (its selector in ``block_selection.SELECTORS``)
+BACKENDS = {"afterburner-sparse": "sparse", "afterburner-squeezed": "squeezed"}
+
+
+def _unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run in this release (None: it can)."""
+    from afterburner.plugins.sglang.block_selection import SELECTORS
+
+    method = BACKENDS[name]
+    if method in PLANNED_ATTENTION_METHODS:
+        reason = f"'{method}' is planned but not in this release"
+    elif method not in SELECTORS:
+        reason = f"'{method}' has no SGLang backend yet"
+    else:
+        return None
+    available = sorted(n for n, m in BACKENDS.items() if m in SELECTORS and m not in PLANNED_ATTENTION_METHODS)
+    return f"--attention-backend {name}: {reason}; available now: {available}"
+
+
+def _create(runner: Any, *, name: str):
+    """SGLang's factory for ``name``: ``fn(model_runner) -> AttentionBackend``."""
+    problem = _unavailable(name)
+    if problem:
+        raise ConfigError(problem)
+    config = from_env()
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    if not config.enabled:
+        logger.warning("afterburner: enabled is false in AFTERBURNER_CONFIG; %s runs SGLang's torch_native", name)
+        return TorchNativeAttnBackend(runner)
+    from afterburner.plugins.sglang.block_selection import SELECTORS
+    from afterburner.plugins.sglang.sparse_backend import SparseAttnBackend
+
+    make_selector = functools.partial(SELECTORS[BACKENDS[name]], config)
+    return SparseAttnBackend(runner, make_selector=make_selector,
+                             dense_below_tokens=config.attention.sparse.dense_below_tokens)
+
+
+def register_backends() -> list[str]:
+    """Idempotent (SGLang loads plugins more than once per process). Returns what it registered."""
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    add_attention_backend_choices([n for n in BACKENDS if n not in ATTENTION_BACKEND_CHOICES])
+    for name in BACKENDS:
+        register_attention_backend(name)(functools.partial(_create, name=name))
+    return [f"attention backend {name}" + (" (refused at startup)" if _unavailable(name) else "") for name in BACKENDS]
+
+
+def check_flags(server_args: Any, config: AfterburnerConfig) -> None:
+    """Raise ``ConfigError`` for our backends used in a way they cannot run (see the module docstring)."""
+    default = getattr(server_args, "attention_backend", None)
+    prefill = getattr(server_args, "prefill_attention_backend", None) or default
+    decode = getattr(server_args, "decode_attention_backend", None) or default
+    ours = sorted({prefill, decode} & BACKENDS.keys())
+    for name in ours:
+        problem = _unavailable(name)
+        if problem:
+            raise ConfigError(problem)
+        if prefill != decode:
+            raise ConfigError(f"{name} must run both prefill and decode (its block summaries come from prefill's "
+                              f"KV writes): got prefill {prefill}, decode {decode}; pass --attention-backend {name} "
+                              "alone")
+        speculative = getattr(server_args, "speculative_algorithm", None)
+        if speculative:
+            raise ConfigError(f"{name} does not support speculative decoding (--speculative-algorithm {speculative})")
+    if not ours and config.enabled and config.attention.method != "dense":
+        logger.warning("afterburner: attention.method %r has no effect on SGLang; select it with "
+                       "--attention-backend afterburner-%s", config.attention.method, config.attention.method)

@@ -1,0 +1,73 @@
+"""Which KV blocks a decode query reads: the swappable policy behind afterburner's SGLang backends.
+
+The backend (``sparse_backend``) owns the mapping onto SGLang's pool (``kv_blocks``) and the attention
+op; a selector owns whatever per-block state its method keeps and answers one question per decode
+sequence. Shapes: keys [N, Hkv, D], write_slots [N] (virtual slots, ``row * block_size + offset``),
+query [1, Hq, D], rows [n_blocks] (summary rows of the sequence's blocks, in logical order).
+
+TODO(lead): ``afterburner-squeezed`` gets a ``SqueezedSelector`` here once the engine-free core in
+``attention_backends/squeezed`` lands (its centroids take the place of Quest's min/max summaries), and
+an entry in ``SELECTORS``. Until then ``attention.py`` refuses the name at startup.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from afterburner.attention_backends.sparse import quest
+from afterburner.plugins.config import SparseSettings
+
+
+class BlockSelector(Protocol):
+    def observe(self, layer_id: int, keys: torch.Tensor, write_slots: torch.Tensor) -> None:
+        """Fold the keys a step stored into the per-block state of ``layer_id``."""
+
+    def select(self, layer_id: int, query: torch.Tensor, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """[Hkv, n_blocks] bool: the blocks this decode query reads. The last block (which holds the
+        query's own key) must be among them."""
+
+
+class QuestSelector:
+    """Quest (``attention_backends.sparse.quest``): per-row key min/max, sink + recent blocks, then the
+    highest upper bounds on q.k within the budget."""
+
+    def __init__(self, settings: SparseSettings, *, block_size: int, num_rows: int, num_kv_heads: int,
+                 head_dim: int, device: torch.device | str):
+        self.settings, self.block_size = settings, block_size
+        self._shape = (num_rows, num_kv_heads, head_dim)
+        self._device = device
+        self._summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer id -> (kmin, kmax)
+
+    def _layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_id not in self._summaries:
+            kmin, kmax = quest.empty_summaries(*self._shape)
+            self._summaries[layer_id] = (kmin.to(self._device), kmax.to(self._device))
+        return self._summaries[layer_id]
+
+    def observe(self, layer_id: int, keys: torch.Tensor, write_slots: torch.Tensor) -> None:
+        kmin, kmax = self._layer(layer_id)
+        quest.update_summaries(kmin, kmax, keys, write_slots, self.block_size)
+
+    def summaries(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kmin, kmax) [num_rows, Hkv, D] of one layer (for tests and tools)."""
+        return self._layer(layer_id)
+
+    def select(self, layer_id: int, query: torch.Tensor, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+        kmin, kmax = self._layer(layer_id)
+        s = self.settings
+        scores = quest.block_scores(query, kmin, kmax, rows)
+        budget = quest.budget_blocks(seq_len, self.block_size, budget_ratio=s.budget_ratio,
+                                     token_budget=s.token_budget)
+        # At least one recent block: the last block holds the query's own key.
+        return quest.select_blocks(scores, budget=budget, sink_blocks=s.sink_blocks,
+                                   recent_blocks=max(1, s.recent_blocks))
+
+
+SelectorFactory = Callable[..., BlockSelector]
+
+# attention.method -> the selector an ``afterburner-<method>`` backend runs.
+SELECTORS: dict[str, SelectorFactory] = {
+    "sparse": lambda config, **layout: QuestSelector(config.attention.sparse, **layout),
+}
