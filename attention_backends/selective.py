@@ -8,9 +8,13 @@ Layout (the engine adapters view their caches this way):
     query_start  [B + 1] int         sequence b's queries are query[query_start[b]:query_start[b + 1]];
                                      they are its last positions (decode: 1 token, prefill chunk: several)
     block_mask   [B, Hkv, MB] bool   which logical blocks each kv head may read (None: all)
+    token_mask   [B, Hkv, L] bool    which logical token positions each kv head may read (None: all;
+                                     L >= every seq_len); a key is read where both masks allow it
 
 Query head h reads kv head h // (Hq // Hkv) (grouped-query attention). A query at position p attends the
-keys at positions <= p that lie in selected blocks; its output is softmax(scale * q.k) v over them.
+keys at positions <= p that lie in selected blocks (and, with a token mask, at selected positions); its
+output is softmax(scale * q.k) v over them. Block masks suit block-granular policies (Quest); token masks
+suit policies that pick individual keys (Squeezed Attention's clusters).
 
 ``selective_attention_reference`` states this in the fewest lines (a loop over sequences, gathering each
 one's keys); ``selective_attention`` is the batched torch path that vLLM-on-CPU runs, tested against it.
@@ -39,6 +43,7 @@ def selective_attention_reference(
     *,
     scale: float,
     block_mask: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.zeros_like(query)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -54,6 +59,8 @@ def selective_attention_reference(
                 allowed = positions <= q_pos
                 if block_mask is not None:
                     allowed &= block_mask[b, kv, positions // block_size]
+                if token_mask is not None:
+                    allowed &= token_mask[b, kv, :seq_len]
                 if not allowed.any():
                     continue
                 scores = (keys[allowed, kv] @ query[start + i, h].float()) * scale
@@ -78,10 +85,12 @@ def selective_attention(
     *,
     scale: float,
     block_mask: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched torch path, same signature and result as the reference. Without a mask, one matmul per
     sequence over its gathered blocks; with one, per sequence and kv head, only the selected blocks are
-    gathered (that is where the saving in KV reads comes from)."""
+    gathered (that is where the saving in KV reads comes from); with a token mask, a block none of whose
+    tokens is selected is not gathered either."""
     out = torch.zeros_like(query)
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = query.shape[1] // num_kv_heads
@@ -94,20 +103,29 @@ def selective_attention(
         q = query[start:end].view(n_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
         q_pos = torch.arange(seq_len - n_q, seq_len)[:, None]  # [n_q, 1]
         n_blocks = math.ceil(seq_len / block_size)
-        if block_mask is None:
+        if block_mask is None and token_mask is None:
             keys = gather_sequence(k_cache, block_table[b], seq_len).transpose(0, 1)  # [Hkv, L, D]
             values = gather_sequence(v_cache, block_table[b], seq_len).transpose(0, 1)
             allowed = torch.arange(seq_len)[None, :] <= q_pos
             result = _attend(q, keys.unsqueeze(1), values.unsqueeze(1), allowed, scale)  # [Hkv, G, n_q, D]
         else:
             result = torch.zeros(num_kv_heads, group, n_q, head_dim)
+            blocks = torch.ones(num_kv_heads, n_blocks, dtype=torch.bool)  # [Hkv, n_blocks]
+            if block_mask is not None:
+                blocks &= block_mask[b, :, :n_blocks]
+            if token_mask is not None:  # tokens padded to whole blocks: a block with none selected is skipped
+                tokens = torch.zeros(num_kv_heads, n_blocks * block_size, dtype=torch.bool)
+                tokens[:, :seq_len] = token_mask[b, :, :seq_len]
+                blocks &= tokens.view(num_kv_heads, n_blocks, block_size).any(-1)
             for kv in range(num_kv_heads):
-                logical = torch.nonzero(block_mask[b, kv, :n_blocks]).flatten()
+                logical = torch.nonzero(blocks[kv]).flatten()
                 physical = block_table[b, logical].long()
                 keys = k_cache[physical, :, kv].reshape(-1, head_dim)  # [n_sel * BS, D]
                 values = v_cache[physical, :, kv].reshape(-1, head_dim)
                 positions = (logical[:, None] * block_size + offsets[None, :]).flatten()
                 allowed = (positions[None, :] <= q_pos) & (positions[None, :] < seq_len)
+                if token_mask is not None:
+                    allowed &= tokens[kv, positions]
                 result[kv] = _attend(q[kv], keys, values, allowed, scale)
         out[start:end] = result.permute(2, 0, 1, 3).reshape(n_q, -1, head_dim).to(out.dtype)
     return out

@@ -41,7 +41,7 @@ SHAPES = [
 ]
 
 
-def _sdpa(query, k_cache, v_cache, table, seq_lens, query_start, scale, block_mask=None):
+def _sdpa(query, k_cache, v_cache, table, seq_lens, query_start, scale, block_mask=None, token_mask=None):
     """torch SDPA per sequence, with the causal + selection mask spelled out."""
     out = torch.zeros_like(query)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -55,6 +55,8 @@ def _sdpa(query, k_cache, v_cache, table, seq_lens, query_start, scale, block_ma
         allowed = (pos[None, :] <= torch.arange(n - (e - s), n)[:, None])[None].expand(query.shape[1], -1, -1)
         if block_mask is not None:
             allowed = allowed & block_mask[b].repeat_interleave(group, 0)[:, pos // block_size][:, None, :]
+        if token_mask is not None:
+            allowed = allowed & token_mask[b, :, :n].repeat_interleave(group, 0)[:, None, :]
         out[s:e] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale).transpose(0, 1)
     return out
 
@@ -107,3 +109,55 @@ def test_kv_bytes_read_counts_selected_blocks():
     mask[1, 1, 3] = True  # beyond sequence 1's single block: not read
     assert kv_bytes_read(seq_lens, mask, 8, 16, 2, 4) == (2 * 2 + 1) * 8 * 16 * 4 * 2
     assert kv_bytes_read(seq_lens, None, 8, 16, 2, 4) == 38 * 2 * 16 * 4 * 2
+
+
+def _random_token_mask(seed, batch, shape, keep=0.4):
+    """A token mask over L_max = the longest sequence (+2 unused positions), keeping each query's own
+    position so that no query reads nothing (as the squeezed policy does: its suffix is always read)."""
+    gen = torch.Generator().manual_seed(seed + 200)
+    _, _, _, _, seq_lens, _ = batch
+    mask = torch.rand(len(seq_lens), shape["num_kv_heads"], int(seq_lens.max()) + 2, generator=gen) < keep
+    for b, (n, n_q) in enumerate(zip(seq_lens.tolist(), shape["q_lens"])):
+        mask[b, :, n - n_q:n] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_token_mask_alone_and_with_a_block_mask_match_sdpa_and_the_reference(shape, seed):
+    batch = make_batch(seed, **shape)
+    scale = shape["head_dim"] ** -0.5
+    tokens = _random_token_mask(seed, batch, shape)
+    blocks = _random_mask(seed, batch, shape)
+    for masks in (dict(token_mask=tokens), dict(token_mask=tokens, block_mask=blocks)):
+        reference = selective_attention_reference(*batch, scale=scale, **masks)
+        assert torch.allclose(reference, _sdpa(*batch, scale, **masks), atol=1e-5)
+        assert torch.allclose(selective_attention(*batch, scale=scale, **masks), reference, atol=1e-5)
+
+
+def test_token_mask_all_true_is_dense_and_each_dropped_token_matters():
+    shape = SHAPES[2]
+    batch = make_batch(7, **shape)
+    dense = selective_attention(*batch, scale=0.2)
+    tokens = torch.ones(2, shape["num_kv_heads"], 64, dtype=torch.bool)
+    assert torch.allclose(selective_attention(*batch, scale=0.2, token_mask=tokens), dense, atol=1e-6)
+    tokens[1, 2, 5] = False  # one key of one kv head of sequence 1: only its query heads change
+    changed = ~torch.isclose(selective_attention(*batch, scale=0.2, token_mask=tokens), dense, atol=1e-6)
+    group = shape["num_heads"] // shape["num_kv_heads"]
+    assert changed[16:, 2 * group:3 * group].any()
+    assert not changed[:16].any() and not changed[:, :2 * group].any()
+
+
+def test_a_block_without_selected_tokens_is_not_read():
+    """The batched path skips whole blocks whose tokens are all masked: poisoning them changes nothing."""
+    shape = SHAPES[1]
+    query, k_cache, v_cache, table, seq_lens, query_start = make_batch(3, **shape)
+    tokens = torch.ones(3, shape["num_kv_heads"], 33, dtype=torch.bool)
+    tokens[0, :, 8:16] = False  # sequence 0's logical block 1
+    expected = selective_attention(query, k_cache, v_cache, table, seq_lens, query_start, scale=0.25,
+                                   token_mask=tokens)
+    k_cache[table[0, 1].long()] = float("nan")
+    v_cache[table[0, 1].long()] = float("nan")
+    got = selective_attention(query, k_cache, v_cache, table, seq_lens, query_start, scale=0.25,
+                              token_mask=tokens)
+    assert torch.equal(got, expected)

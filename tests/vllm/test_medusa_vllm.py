@@ -5,7 +5,6 @@ drafts per step than the chain, and bad settings stop startup with one line."""
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.config import ConfigError
