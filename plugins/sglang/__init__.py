@@ -14,7 +14,7 @@ import sys
 
 from afterburner.patches import SGLANG_PATCHES
 from afterburner.plugins.guard import guarded_register
-from afterburner.plugins.sglang import hooks
+from afterburner.plugins.sglang import attention, hooks
 
 _active: bool | None = None
 
@@ -22,9 +22,16 @@ _active: bool | None = None
 def register() -> None:
     global _active
     if _active is None:
-        _active = guarded_register("sglang", SGLANG_PATCHES, hooks.HOOKS)
+        _active = guarded_register("sglang", SGLANG_PATCHES, hooks.HOOKS, _register_extras)
         if _active:
             hooks.record_config(where=_loaded_from())
+
+
+def _register_extras() -> list[str]:
+    """Registrations into SGLang's own registries (not patches): attention backends, Medusa."""
+    from afterburner.plugins.sglang import medusa  # imports SGLang's speculative registry
+
+    return attention.register_backends() + medusa.register_algorithms()
 
 
 def is_active() -> bool:

@@ -63,7 +63,8 @@ def _create(runner: Any, *, name: str):
 
     make_selector = functools.partial(SELECTORS[BACKENDS[name]], config)
     return SparseAttnBackend(runner, make_selector=make_selector,
-                             dense_below_tokens=config.attention.sparse.dense_below_tokens)
+                             dense_below_tokens=config.attention.sparse.dense_below_tokens,
+                             dense_layers=config.attention.sparse.dense_layers)
 
 
 def register_backends() -> list[str]:

@@ -46,12 +46,13 @@ def _layer_supported(layer) -> bool:
 
 
 class SparseAttnBackend(TorchNativeAttnBackend):
-    def __init__(self, model_runner, *, make_selector, dense_below_tokens: int):
+    def __init__(self, model_runner, *, make_selector, dense_below_tokens: int, dense_layers: int = 0):
         super().__init__(model_runner)
         pool = self.token_to_kv_pool
         self.page_size = pool.page_size
         self.block_size = kv_blocks.block_tokens(self.page_size)
         self.dense_below_tokens = dense_below_tokens
+        self.dense_layers = dense_layers  # the first layers stay dense (Quest)
         self.pool_supported = (
             not self.use_sliding_window_kv_pool
             and getattr(pool, "kv_cache_layout", None) == "nhd"
@@ -99,7 +100,8 @@ class SparseAttnBackend(TorchNativeAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         step = self.step
-        if step is None or not _layer_supported(layer) or max(step.seq_lens) < self.dense_below_tokens:
+        if (step is None or not _layer_supported(layer) or max(step.seq_lens) < self.dense_below_tokens
+                or layer.layer_id < self.dense_layers):
             out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
             self._observe(layer, forward_batch)
             return out

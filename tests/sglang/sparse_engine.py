@@ -17,7 +17,7 @@ import sys
 # every sequence of the mixed batch (prompts of 189, 87, 5 and 66 tokens, plus 12 generated), so that
 # batch must give the dense output; the long batch (910-token prompts, ~58 blocks) reads about a quarter.
 SPARSE_CONFIG = {"attention": {"sparse": {"token_budget": 224, "sink_blocks": 1, "recent_blocks": 2,
-                                          "dense_below_tokens": 64}}}
+                                          "dense_below_tokens": 64, "dense_layers": 0}}}
 
 
 def numbered_text(lines: int, seed: int) -> str:
