@@ -23,7 +23,7 @@ ADDITIONAL_CONFIG_KEY = "afterburner"
 AttentionMethod = Literal["dense", "sparse", "squeezed", "local_linear"]
 # Methods the config already knows (so their settings validate) but whose backends have not landed.
 # Choosing one is a startup error rather than a silent fall-back to dense attention.
-PLANNED_ATTENTION_METHODS = frozenset({"squeezed", "local_linear"})
+PLANNED_ATTENTION_METHODS = frozenset({"local_linear"})
 
 
 class ConfigError(ValueError):
@@ -47,11 +47,18 @@ class SparseSettings(_Settings):
 
 
 class SqueezedSettings(_Settings):
-    """Squeezed Attention: k-means centroids over a fixed context's keys."""
+    """Squeezed Attention: k-means centroids over a fixed context's keys (the prompt's full KV blocks)."""
 
     centroid_ratio: float = Field(0.05, gt=0, le=1, description="centroids per fixed-context token")
-    threshold_quantile: float = Field(0.9, gt=0, lt=1, description="calibration quantile of the threshold")
+    threshold_quantile: float = Field(0.75, ge=0, lt=1, description="calibration quantile of the global "
+                                      "threshold: about 1 - quantile of the fixed context is read (0: all)")
+    observation_window: int = Field(32, ge=1, description="last prompt queries the threshold is calibrated on")
     hierarchical: bool = Field(False, description="two-level centroid lookup")
+    coarse_ratio: float = Field(0.1, gt=0, le=1, description="hierarchical: coarse clusters per centroid")
+    coarse_quantile: float = Field(0.5, gt=0, lt=1, description="hierarchical: coarse calibration quantile")
+    dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
+    dense_layers: int = Field(2, ge=0, description="the first layers stay dense")
+    index_memory_mb: int = Field(256, ge=1, description="bound on the centroid indexes kept per process")
 
 
 class AttentionSettings(_Settings):

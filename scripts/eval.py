@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(make_tasks.DEFAULT_LENGTHS))
     parser.add_argument("--token-budget", type=int, default=40960, help="passkey prompt tokens per length")
-    parser.add_argument("--mc-docs", type=int, default=None, help="default: all")
+    parser.add_argument("--mc-docs", type=int, default=None, help="default: all; 0 skips the task")
     parser.add_argument("--afterburner", default="{}", help="afterburner config (JSON), default: defaults")
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2 (built if needed)")
     parser.add_argument("--engine-args", default="{}", help='extra vLLM engine args (JSON), e.g. {"block_size": 32}')
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     afterburner = json.loads(args.afterburner)
     model_args = run.model_args(model_dir, afterburner=afterburner, max_model_len=MAX_MODEL_LEN,
                                 single_process=True, **json.loads(args.engine_args))
-    plan = [(make_tasks.MC_TASK, args.mc_docs)]
+    plan = [] if args.mc_docs == 0 else [(make_tasks.MC_TASK, args.mc_docs)]
     plan += [(make_tasks.passkey_task(n), docs_for(n, args.token_budget)) for n in args.lengths]
     print(f"[eval] {model_dir.name} through vLLM + afterburner {afterburner}; plan: "
           + ", ".join(f"{task} ({'all' if n is None else n} docs)" for task, n in plan), flush=True)

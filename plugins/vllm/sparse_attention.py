@@ -28,6 +28,8 @@ from afterburner.attention_backends.selective import selective_attention
 from afterburner.attention_backends.sparse import quest
 from afterburner.plugins.vllm import medusa
 from afterburner.plugins.vllm.hooks import config_of
+from afterburner.plugins.vllm.squeezed_state import STATS as SQUEEZED_STATS
+from afterburner.plugins.vllm.squeezed_state import SqueezedLayer
 from afterburner.spec_decode.medusa.tree_attention import tree_verify_attention
 
 _DECODER = "decoder"
@@ -72,17 +74,30 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
             self.attn_type == _DECODER and self.alibi_slopes is None and self.sliding_window == -1
             and self.sinks is None and not self.logits_soft_cap and not self.is_fp8_kv_cache
         )
-        active = config.enabled and config.attention.method == "sparse" and supported
-        self.sparse = config.attention.sparse if active else None
+        method = config.attention.method if config.enabled and supported else "dense"
+        self.sparse = config.attention.sparse if method == "sparse" else None
+        self.squeezed = config.attention.squeezed if method == "squeezed" else None
+        self._squeezed_layer: SqueezedLayer | None = None  # per-layer state, made at first use
         self._layer_index: int | None = None  # from the layer's name, at its first forward
         self._kmin: torch.Tensor | None = None  # [NB, Hkv, D] per physical block
         self._kmax: torch.Tensor | None = None
 
+    def _squeezed(self, layer) -> SqueezedLayer:
+        if self._squeezed_layer is None:
+            self._squeezed_layer = SqueezedLayer(self.squeezed, extract_layer_index(layer.layer_name), self.scale)
+        return self._squeezed_layer
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self.sparse is None or getattr(layer, "isa", None) not in KV_VIEWS:
+        if getattr(layer, "isa", None) not in KV_VIEWS:
             return
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        if self.squeezed is not None:  # blocks written from offset 0 again: indexes over them are stale
+            slots = slot_mapping[slot_mapping >= 0]
+            restarted = torch.div(slots[slots % block_size == 0], block_size, rounding_mode="floor")
+            self._squeezed(layer).forget_blocks(restarted.unique().tolist())
+        if self.sparse is None:
+            return
         if self._kmin is None:
             self._kmin, self._kmax = quest.empty_summaries(num_blocks, num_kv_heads, self.head_size)
         quest.update_summaries(self._kmin, self._kmax, key[: slot_mapping.shape[0]], slot_mapping, block_size)
@@ -117,6 +132,15 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         output[:n] = result.reshape(output[:n].shape)
         return output
 
+    def _count(self, mask: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> None:
+        n_blocks = -(-seq_lens // block_size)  # [B]
+        in_context = torch.arange(mask.shape[-1])[None, :] < n_blocks[:, None]
+        STATS["forward_calls"] += 1
+        STATS["blocks_in_context"] += int(in_context.sum()) * self.num_kv_heads
+        STATS["blocks_read"] += int((mask & in_context[:, None, :]).sum())
+        if STATS["forward_calls"] % _REPORT_EVERY == 0:
+            report_stats()
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         step = medusa.STEP
@@ -124,29 +148,38 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
                 and self.attn_type == _DECODER and attn_metadata.num_actual_tokens == step.num_tokens):
             return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
         views = KV_VIEWS.get(getattr(layer, "isa", None))
-        if self.sparse is not None and self._layer_index is None:
+        settings = self.sparse or self.squeezed
+        if settings is not None and self._layer_index is None:
             self._layer_index = extract_layer_index(layer.layer_name)
         # Steps with a prefill chunk keep the stock kernel for the whole batch: prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it.
-        if (self.sparse is None or views is None or attn_metadata is None or output_scale is not None
-                or self._layer_index < self.sparse.dense_layers
-                or attn_metadata.max_query_len > 1 or attn_metadata.max_seq_len < self.sparse.dense_below_tokens
-                or self._kmin is None):
+        if (settings is None or views is None or attn_metadata is None or output_scale is not None
+                or self._layer_index < settings.dense_layers):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = views(kv_cache)
         q = query[:n].view(n, self.num_heads, self.head_size)
-        mask = self._block_mask(q, attn_metadata, key_cache.shape[1])
-        n_blocks = -(-attn_metadata.seq_lens // key_cache.shape[1])  # [B]
-        in_context = torch.arange(mask.shape[-1])[None, :] < n_blocks[:, None]
-        STATS["forward_calls"] += 1
-        STATS["blocks_in_context"] += int(in_context.sum()) * self.num_kv_heads
-        STATS["blocks_read"] += int((mask & in_context[:, None, :]).sum())
-        if STATS["forward_calls"] % _REPORT_EVERY == 0:
-            report_stats()
+        if self.squeezed is not None and attn_metadata.max_query_len > 1:
+            self._squeezed(layer).observe(q, attn_metadata, kv_cache.shape[2])  # calibration windows
+        if (attn_metadata.max_query_len > 1 or attn_metadata.max_seq_len < settings.dense_below_tokens
+                or (self.sparse is not None and self._kmin is None)):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        key_cache, value_cache = views(kv_cache)
+        block_mask = token_mask = None
+        if self.sparse is not None:
+            block_mask = self._block_mask(q, attn_metadata, key_cache.shape[1])
+            self._count(block_mask, attn_metadata.seq_lens, key_cache.shape[1])
+        else:
+            token_mask = self._squeezed(layer).token_mask(q, attn_metadata, key_cache)
+            SQUEEZED_STATS["forward_calls"] += 1
+            if SQUEEZED_STATS["forward_calls"] % _REPORT_EVERY == 0:
+                from afterburner.plugins import report
+
+                report.record("squeezed_attention", **SQUEEZED_STATS)
         result = selective_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                     attn_metadata.query_start_loc, scale=self.scale, block_mask=mask)
+                                     attn_metadata.query_start_loc, scale=self.scale, block_mask=block_mask,
+                                     token_mask=token_mask)
         output[:n] = result.reshape(output[:n].shape)
         return output
 

@@ -20,7 +20,7 @@ PROMPTS = ["The module provides " * 120, "Return a new list of " * 60, "Hi", "Th
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
-    from afterburner.plugins.vllm import sparse_attention
+    from afterburner.plugins.vllm import sparse_attention, squeezed_state
 
     blocks = int(sys.argv[3]) if len(sys.argv) > 3 else None
     llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32,
@@ -33,6 +33,7 @@ if __name__ == "__main__":
     print("RESULT " + json.dumps({
         "tokens": [list(o.outputs[0].token_ids) for o in [*first, *again]],
         "stats": sparse_attention.STATS,
+        "squeezed_stats": squeezed_state.STATS,
         "cached_prompt_tokens": again[0].num_cached_tokens,
         "preemptions": sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
         if blocks else None,

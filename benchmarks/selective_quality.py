@@ -1,0 +1,104 @@
+"""Passkey retrieval of SmolLM2-135M through vLLM (the foundation's lm-eval tasks) with dense, sparse and
+squeezed attention at budgets 1/2, 1/4 and 1/8, over context lengths up to the model's limit.
+
+    python benchmarks/selective_quality.py [--lengths 1024 2048 4096 8192] [--token-budget 16384]
+                                           [--methods dense sparse squeezed]
+
+Each configuration runs ``scripts/eval.py`` (one engine, lm-eval's vllm model, 32-token blocks) on the
+same docs, so the comparison is paired. ``--token-budget`` caps the prompt tokens per length (16384: 16
+docs at 1k ... 2 at 8k), which keeps the sweep within about half an hour on 2 cores; prefill dominates
+and is dense in every configuration (both methods select KV on decode steps). Writes
+benchmarks/results/selective_quality.json and a plot, benchmarks/results/selective_quality.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+BUDGETS = (0.5, 0.25, 0.125)
+
+
+def configs(methods: list[str]) -> list[tuple[str, dict]]:
+    out = [("dense", {"attention": {"method": "dense"}})] if "dense" in methods else []
+    for method in ("sparse", "squeezed"):
+        if method not in methods:
+            continue
+        for budget in BUDGETS:
+            # squeezed keeps about (1 - quantile) of the fixed context: the calibrated threshold
+            settings = {"budget_ratio": budget} if method == "sparse" else {"threshold_quantile": 1 - budget}
+            out.append((f"{method} 1/{round(1 / budget)}", {"attention": {"method": method, method: settings}}))
+    return out
+
+
+def svg_plot(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """A dependency-free line plot: accuracy against context length (log2 axis), one line per config."""
+    width, height, left, bottom, top, right = 640, 400, 60, 50, 20, 170
+    xs = sorted({x for points in series.values() for x, _ in points})
+    def px(x):
+        return left + (xs.index(x) / max(1, len(xs) - 1)) * (width - left - right)
+    def py(y):
+        return top + (1 - y) * (height - top - bottom)
+    colors = ["#000000", "#1f77b4", "#4a9fd8", "#9ccbec", "#d62728", "#e8706f", "#f4b6b5"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for y in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{py(y)}" y2="{py(y)}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 8}" y="{py(y) + 4}" text-anchor="end">{y:.2f}</text>')
+    for x in xs:
+        parts.append(f'<text x="{px(x)}" y="{height - bottom + 18}" text-anchor="middle">{x}</text>')
+    parts.append(f'<text x="{(width - right + left) / 2}" y="{height - 10}" text-anchor="middle">context tokens</text>')
+    parts.append(f'<text x="15" y="{(height - bottom) / 2}" transform="rotate(-90 15 {(height - bottom) / 2})" '
+                 'text-anchor="middle">passkey exact match</text>')
+    for i, (name, points) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        dash = ' stroke-dasharray="6 3"' if name.startswith("squeezed") else ""
+        coords = " ".join(f"{px(x)},{py(y)}" for x, y in points)
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        parts.append(f'<text x="{width - right + 10}" y="{top + 16 * (i + 1)}" fill="{color}">{name}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+def main() -> int:
+    from afterburner.plugins.provenance import write_result
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument("--methods", nargs="+", default=["dense", "sparse", "squeezed"])
+    args = parser.parse_args()
+    work = RESULTS / "selective_quality"
+    work.mkdir(parents=True, exist_ok=True)
+    rows, started = [], time.time()
+    for name, section in configs(args.methods):
+        out = work / (name.replace(" ", "_").replace("/", "_") + ".json")
+        print(f"[quality] {name} ({time.time() - started:.0f} s so far)", flush=True)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), "--lengths", *map(str, args.lengths),
+                        "--token-budget", str(args.token_budget), "--mc-docs", "0", "--afterburner",
+                        json.dumps(section), "--engine-args", json.dumps({"block_size": 32}), "--out", str(out)],
+                       check=True)
+        result = json.loads(out.read_text())
+        accuracy = {int(task.rsplit("_", 1)[1]): row["exact_match"] for task, row in result["tasks"].items()}
+        docs = {int(task.rsplit("_", 1)[1]): row["docs"] for task, row in result["tasks"].items()}
+        rows.append({"config": name, "afterburner": section, "exact_match": accuracy, "docs": docs,
+                     "seconds": result["total_seconds"]})
+    print("\n| config | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |")
+    print("|---|" + "---|" * len(args.lengths))
+    for row in rows:
+        print(f"| {row['config']} | " + " | ".join(f"{row['exact_match'][n]:.2f}" for n in args.lengths) + " |")
+    svg_plot({row["config"]: sorted(row["exact_match"].items()) for row in rows}, RESULTS / "selective_quality.svg")
+    write_result(RESULTS / "selective_quality.json", {"lengths": args.lengths, "token_budget": args.token_budget,
+                                                      "rows": rows}, command=" ".join(["python", *sys.argv]))
+    print(f"[quality] done in {time.time() - started:.0f} s; wrote {RESULTS / 'selective_quality.json'} and .svg")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
