@@ -5,6 +5,10 @@
     afterburner check-config [JSON|PATH]            validate a config and print it with its defaults
     afterburner smc --model DIR --prompt TEXT (--regex R | --json-schema S | --lark G) [--particles N]
                                                     constrained samples with weights (SMC + AWRS on vLLM)
+    afterburner squeeze --url URL FILE [FILE ...]   register fixed contexts for squeezed attention on a
+                                                    running vllm serve (prefill + index, with progress)
+    afterburner train medusa --base DIR --data FILE... --out DIR [...]
+                                                    Medusa heads by self-distillation (see plugins/train.py)
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from afterburner.plugins import __version__, compat
+from afterburner.plugins import __version__, compat, train
 from afterburner.plugins.config import ENV_VAR, ConfigError, from_env
 
 
@@ -41,6 +46,18 @@ def _check_config(args: argparse.Namespace) -> int:
     environ = {ENV_VAR: args.config} if args.config else None
     config = from_env(environ) if environ else from_env()
     print(json.dumps(config.model_dump(), indent=2))
+    return 0
+
+
+def _squeeze(args: argparse.Namespace) -> int:
+    from afterburner.plugins.vllm.fixed_context import register_files_on_server
+
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    count = register_files_on_server(args.url, args.model, args.files)
+    print(f"registered {count} fixed context(s) on {args.url}")
     return 0
 
 
@@ -94,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     smc.add_argument("--max-model-len", type=int, default=2048)
     smc.add_argument("--json", action="store_true", help="print one JSON object")
     smc.set_defaults(run=_smc)
+    squeeze = sub.add_parser("squeeze", help="register fixed contexts for squeezed attention on a server")
+    squeeze.add_argument("files", nargs="+", type=Path, help="text files, one fixed context each")
+    squeeze.add_argument("--url", default="http://127.0.0.1:8000", help="a vllm serve started with "
+                         "attention.method squeezed and prefix caching")
+    squeeze.add_argument("--model", default=None, help="served model name (default: the server's only one)")
+    squeeze.set_defaults(run=_squeeze)
+    train.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -38,3 +38,10 @@ def test_calibrated_threshold_reads_a_fraction(tiny_model):
     stats = quarter["squeezed_stats"]
     assert 0 < stats["tokens_read"] < 0.7 * stats["tokens_in_context"]
     assert all(len(ids) == 12 for ids in quarter["tokens"])
+
+
+def test_a_registered_context_is_indexed_once_and_reused(tiny_model):
+    result = run_result_script("squeezed_register.py", tiny_model)[0]
+    assert result["registered"]["indexes_built"] == 2, "one index per layer at registration"
+    assert result["asked"]["indexes_built"] == 2, "questions that start with the context build none"
+    assert result["asked"]["index_hits"] > result["registered"]["index_hits"]
