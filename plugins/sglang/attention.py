@@ -10,12 +10,13 @@ costs seconds, which the detokenizer and ``--help`` should not pay).
 ``ConfigError`` line what would otherwise fail inside the scheduler or run silently wrong:
 - a method that is planned (``config.PLANNED_ATTENTION_METHODS``, as the config itself refuses them) or
   that has no SGLang selector yet;
-- the backend for only one of prefill and decode (its block summaries are built from prefill's writes);
+- the backend for only one of prefill and decode (its selection state is built from prefill's writes and,
+  for squeezed, queries);
 - speculative decoding (verify steps write KV in a mode the summaries do not follow).
 
 On SGLang the backend name chooses the method; ``attention.method`` is vLLM's switch. The method's
-settings (``attention.sparse``) come from ``AFTERBURNER_CONFIG``; ``enabled: false`` makes the backend
-SGLang's stock torch_native.
+settings (``attention.sparse`` / ``attention.squeezed``) come from ``AFTERBURNER_CONFIG``;
+``enabled: false`` makes the backend SGLang's stock torch_native.
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def _create(runner: Any, *, name: str):
     from afterburner.plugins.sglang.block_selection import SELECTORS
     from afterburner.plugins.sglang.sparse_backend import SparseAttnBackend
 
-    make_selector = functools.partial(SELECTORS[BACKENDS[name]], config)
+    method = BACKENDS[name]
+    settings = getattr(config.attention, method)  # SparseSettings / SqueezedSettings
+    make_selector = functools.partial(SELECTORS[method], config)
     return SparseAttnBackend(runner, make_selector=make_selector,
-                             dense_below_tokens=config.attention.sparse.dense_below_tokens,
-                             dense_layers=config.attention.sparse.dense_layers)
+                             dense_below_tokens=settings.dense_below_tokens, dense_layers=settings.dense_layers,
+                             report_event=f"{method}_attention")
 
 
 def register_backends() -> list[str]:
@@ -89,8 +92,8 @@ def check_flags(server_args: Any, config: AfterburnerConfig) -> None:
         if problem:
             raise ConfigError(problem)
         if prefill != decode:
-            raise ConfigError(f"{name} must run both prefill and decode (its block summaries come from prefill's "
-                              f"KV writes): got prefill {prefill}, decode {decode}; pass --attention-backend {name} "
+            raise ConfigError(f"{name} must run both prefill and decode (its selection state comes from "
+                              f"prefill): got prefill {prefill}, decode {decode}; pass --attention-backend {name} "
                               "alone")
         speculative = getattr(server_args, "speculative_algorithm", None)
         if speculative:

@@ -1,37 +1,51 @@
-"""Which KV blocks a decode query reads: the swappable policy behind afterburner's SGLang backends.
+"""Which KV a decode query reads: the swappable policy behind afterburner's SGLang backends.
 
 The backend (``sparse_backend``) owns the mapping onto SGLang's pool (``kv_blocks``) and the attention
-op; a selector owns whatever per-block state its method keeps and answers one question per decode
-sequence. Shapes: keys [N, Hkv, D], write_slots [N] (virtual slots, ``row * block_size + offset``),
-query [1, Hq, D], rows [n_blocks] (summary rows of the sequence's blocks, in logical order).
-
-TODO(lead): ``afterburner-squeezed`` gets a ``SqueezedSelector`` here once the engine-free core in
-``attention_backends/squeezed`` lands (its centroids take the place of Quest's min/max summaries), and
-an entry in ``SELECTORS``. Until then ``attention.py`` refuses the name at startup.
+op; a selector owns whatever state its method keeps and answers one question per decode sequence, at
+its ``granularity``: "block" selectors (Quest) pick blocks (``select``), "token" selectors (Squeezed
+Attention, ``squeezed_selection``) pick positions (``select_tokens``); the op reads per position either
+way. Shapes: keys [N, Hkv, D], write_slots [N] (virtual slots, ``row * block_size + offset``),
+query [1, Hq, D] at decode, [T, Hq, D] at prefill, rows [n_blocks] (summary rows of the sequence's
+blocks, in logical order), slots [seq_len] (pool slot of each position), key buffer [num_slots, Hkv, D].
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 
 from afterburner.attention_backends.sparse import quest
 from afterburner.plugins.config import SparseSettings
+from afterburner.plugins.sglang.squeezed_selection import SqueezedSelector
 
 
 class BlockSelector(Protocol):
+    granularity: Literal["block", "token"]
+
     def observe(self, layer_id: int, keys: torch.Tensor, write_slots: torch.Tensor) -> None:
         """Fold the keys a step stored into the per-block state of ``layer_id``."""
 
+    def observe_queries(self, layer_id: int, query: torch.Tensor, write_slots: torch.Tensor,
+                        seq_lens: list[int], extend_lens: list[int]) -> None:
+        """See an extend step's queries (in ``write_slots`` order; request b wrote its last extend_lens[b]
+        positions, up to seq_lens[b])."""
+
     def select(self, layer_id: int, query: torch.Tensor, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """[Hkv, n_blocks] bool: the blocks this decode query reads. The last block (which holds the
-        query's own key) must be among them."""
+        """Block selectors: [Hkv, n_blocks] bool, the blocks this decode query reads. The last block (which
+        holds the query's own key) must be among them."""
+
+    def select_tokens(self, layer_id: int, query: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                      keys: torch.Tensor, scale: float) -> torch.Tensor:
+        """Token selectors: [Hkv, seq_len] bool, the positions this decode query reads (``keys``: the
+        layer's key buffer). The last position (the query's own key) must be among them."""
 
 
 class QuestSelector:
     """Quest (``attention_backends.sparse.quest``): per-row key min/max, sink + recent blocks, then the
     highest upper bounds on q.k within the budget."""
+
+    granularity = "block"
 
     def __init__(self, settings: SparseSettings, *, block_size: int, num_rows: int, num_kv_heads: int,
                  head_dim: int, device: torch.device | str):
@@ -49,6 +63,9 @@ class QuestSelector:
     def observe(self, layer_id: int, keys: torch.Tensor, write_slots: torch.Tensor) -> None:
         kmin, kmax = self._layer(layer_id)
         quest.update_summaries(kmin, kmax, keys, write_slots, self.block_size)
+
+    def observe_queries(self, layer_id, query, write_slots, seq_lens, extend_lens) -> None:
+        """Quest needs no queries (its bounds come from keys alone)."""
 
     def summaries(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(kmin, kmax) [num_rows, Hkv, D] of one layer (for tests and tools)."""
@@ -70,4 +87,5 @@ SelectorFactory = Callable[..., BlockSelector]
 # attention.method -> the selector an ``afterburner-<method>`` backend runs.
 SELECTORS: dict[str, SelectorFactory] = {
     "sparse": lambda config, **layout: QuestSelector(config.attention.sparse, **layout),
+    "squeezed": lambda config, **layout: SqueezedSelector(config.attention.squeezed, **layout),
 }

@@ -22,10 +22,12 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMo
 
 from afterburner.attention_backends.selective import selective_attention_reference
 from afterburner.attention_backends.sparse import quest
+from afterburner.attention_backends.squeezed.reference import squeezed_attention_reference
 from afterburner.plugins import report
-from afterburner.plugins.config import ConfigError, SparseSettings
+from afterburner.plugins.config import AfterburnerConfig, ConfigError, SparseSettings, SqueezedSettings
 from afterburner.plugins.sglang import attention, sparse_backend
 from afterburner.plugins.sglang.block_selection import QuestSelector
+from afterburner.plugins.sglang.squeezed_selection import INDEX_STATS, SqueezedSelector
 from afterburner.plugins.sglang.kv_blocks import block_tokens
 from engine_setup import GREEDY, MAX_NEW_TOKENS
 from sparse_engine import LONG_PROMPTS, MIXED_PROMPTS, SPARSE_CONFIG
@@ -52,16 +54,14 @@ def test_real_parser_accepts_the_backend_and_the_registry_builds_it(loaded):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.server_args import prepare_server_args
 
-    argv = ["--model-path", "unused", "--device", "cpu", "--attention-backend", "afterburner-sparse"]
-    args = prepare_server_args(argv)
-    assert args.attention_backend == "afterburner-sparse"
+    for name in ("afterburner-sparse", "afterburner-squeezed"):
+        args = prepare_server_args(["--model-path", "unused", "--device", "cpu", "--attention-backend", name])
+        assert args.attention_backend == name
+        attention.check_flags(args, AfterburnerConfig())  # and our argument check lets it through
     assert {"afterburner-sparse", "afterburner-squeezed"} <= ATTENTION_BACKENDS.keys()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--attention-backend", "afterburner-squeezed"],
-     r"--attention-backend afterburner-squeezed: 'squeezed' is planned but not in this release; "
-     r"available now: \['afterburner-sparse'\]"),
     (["--decode-attention-backend", "afterburner-sparse", "--prefill-attention-backend", "torch_native"],
      r"afterburner-sparse must run both prefill and decode .* got prefill torch_native, decode afterburner-sparse"),
     (["--attention-backend", "afterburner-sparse", "--speculative-algorithm", "NGRAM"],
@@ -85,14 +85,15 @@ def _runner(page_size=1):
                                           head_dim=16, layer_num=1, device="cpu", enable_memory_saver=False))
 
 
-def test_factory_honours_enabled_false_and_refuses_planned_names(monkeypatch):
+def test_factory_honours_enabled_false_and_builds_both_methods(monkeypatch):
     monkeypatch.setenv("AFTERBURNER_CONFIG", '{"enabled": false}')
     stock = attention._create(_runner(), name="afterburner-sparse")
     assert type(stock) is TorchNativeAttnBackend
     monkeypatch.delenv("AFTERBURNER_CONFIG")
-    assert isinstance(attention._create(_runner(), name="afterburner-sparse"), sparse_backend.SparseAttnBackend)
-    with pytest.raises(ConfigError, match="'squeezed' is planned"):
-        attention._create(_runner(), name="afterburner-squeezed")
+    assert isinstance(attention._create(_runner(), name="afterburner-sparse").selector, QuestSelector)
+    squeezed = attention._create(_runner(), name="afterburner-squeezed")
+    assert isinstance(squeezed.selector, SqueezedSelector)
+    assert squeezed.dense_below_tokens == SqueezedSettings().dense_below_tokens
 
 
 # ---- the backend on real SGLang pools and batches, driven by hand ----
@@ -105,13 +106,14 @@ class World:
     """Real pools, RadixAttention and ForwardBatch objects; this class does the scheduler's part (slot
     allocation, req_to_token writes), with shuffled pages so that no two neighbours share a page."""
 
-    def __init__(self, settings: SparseSettings, page_size: int, seed: int = 0):
+    def __init__(self, settings: SparseSettings | SqueezedSettings, page_size: int, seed: int = 0):
         runner = _runner(page_size)
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.kv = runner.token_to_kv_pool
         self.page_size = page_size
+        selector = SqueezedSelector if isinstance(settings, SqueezedSettings) else QuestSelector
         self.backend = sparse_backend.SparseAttnBackend(
-            runner, make_selector=functools.partial(QuestSelector, settings),
+            runner, make_selector=functools.partial(selector, settings),
             dense_below_tokens=settings.dense_below_tokens)
         self.stock = TorchNativeAttnBackend(runner)
         self.layer = RadixAttention(H_Q, D, D**-0.5, H_KV, layer_id=0)
@@ -131,13 +133,13 @@ class World:
     def _randn(self, *shape):
         return torch.randn(*shape, generator=self.gen)
 
-    def prefill(self, row: int, length: int, *, share_from: int | None = None):
-        """Extend ``row`` to ``length`` tokens; ``share_from``: start from that row's first SHARED_PREFIX
+    def prefill(self, row: int, length: int, *, share_from: int | None = None, shared: int = SHARED_PREFIX):
+        """Extend ``row`` to ``length`` tokens; ``share_from``: start from that row's first ``shared``
         tokens (their slots, as a radix-cache hit gives them)."""
         prefix = 0
         self.pages[row] = []
         if share_from is not None:
-            prefix = SHARED_PREFIX
+            prefix = shared
             self.pages[row] = self.pages[share_from][: prefix // self.page_size]
             self.req_to_token[row, :prefix] = self.req_to_token[share_from, :prefix]
         slots = [self._place(row, p) for p in range(prefix, length)]
@@ -153,10 +155,12 @@ class World:
                                     self.layer, batch)
         self.lens[row] = length
 
-    def release(self, row: int) -> None:
-        """Free a request's pages; the next allocations reuse them first, in another order."""
+    def release(self, row: int, *, in_order: bool = False) -> None:
+        """Free a request's pages; the next allocations reuse them first, in another order (``in_order``:
+        the same order, so that a request as long puts every position in the slot it had)."""
         mine = self.pages.pop(row)
-        self.free[:0] = [mine[i] for i in torch.randperm(len(mine), generator=self.gen).tolist()]
+        order = range(len(mine)) if in_order else torch.randperm(len(mine), generator=self.gen).tolist()
+        self.free[:0] = [mine[i] for i in order]
         del self.lens[row]
 
     def decode(self, rows: list[int], *, also_stock: bool = False):
@@ -274,6 +278,85 @@ def test_small_budget_attends_exactly_to_quests_blocks():
     torch.testing.assert_close(ours.view(len(LIVE), H_Q, D), expected, rtol=1e-5, atol=1e-5)
     in_context = sparse_backend.STATS["blocks_in_context"] - before["blocks_in_context"]
     assert sparse_backend.STATS["blocks_read"] - before["blocks_read"] == int(block_mask.sum()) < in_context
+
+
+# ---- afterburner-squeezed: the same backend with Squeezed Attention's token selector ----
+
+SQUEEZED = dict(observation_window=8, dense_below_tokens=32, dense_layers=0)
+
+
+def _fixed_context(prompt_len: int) -> int:
+    """Tokens of a prompt's fixed context: its full 16-token blocks before the one of its last token."""
+    return (prompt_len - 1) // 16 * 16
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_squeezed_keeping_every_key_matches_torch_native(page_size):
+    world = _build(SqueezedSettings(threshold_quantile=0.0, **SQUEEZED), page_size)
+    stats, indexes = dict(sparse_backend.STATS), dict(INDEX_STATS)
+    for _ in range(3):
+        _, ours, stock = world.decode(LIVE, also_stock=True)
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    assert sparse_backend.STATS["forward_calls"] - stats["forward_calls"] == 3, "the selective op must have run"
+    read = sparse_backend.STATS["tokens_read"] - stats["tokens_read"]
+    assert read == sparse_backend.STATS["tokens_in_context"] - stats["tokens_in_context"] > 0
+    # A, D and E (C is short) each get an index at their first decode and find it in the store after.
+    assert INDEX_STATS["indexes_built"] - indexes["indexes_built"] == 3
+    assert INDEX_STATS["index_hits"] - indexes["index_hits"] == 2 * 3
+
+
+def test_squeezed_reads_a_calibrated_share_and_attends_exactly_to_it():
+    world = _build(SqueezedSettings(threshold_quantile=0.75, **SQUEEZED), page_size=1)
+    prompt_lens = dict(world.lens)
+    q, ours, _ = world.decode(LIVE)
+    mask = world.backend.last_token_masks[0]  # [B, Hkv, Lmax]
+    query = q.view(len(LIVE), H_Q, D)
+    kept, total = 0, 0
+    for b, row in enumerate(LIVE):
+        seq_len, n = world.lens[row], _fixed_context(prompt_lens[row])
+        if seq_len < SQUEEZED["dense_below_tokens"]:
+            assert mask[b, :, :seq_len].all()
+            continue
+        assert mask[b, :, n:seq_len].all(), "every token after the fixed context is read"
+        kept, total = kept + int(mask[b, :, :n].sum()), total + n * H_KV
+        slots = world.req_to_token[row, :seq_len].long()
+        keys, values = world.kv.get_key_buffer(0)[slots], world.kv.get_value_buffer(0)[slots]
+        expected = squeezed_attention_reference(query[b : b + 1], keys, values, mask[b, :, :n], scale=D**-0.5)
+        torch.testing.assert_close(ours.view(len(LIVE), H_Q, D)[b : b + 1], expected, rtol=1e-5, atol=1e-5)
+    # Calibrated on 8 prompt queries to keep about a quarter; one random decode query keeps about as much.
+    assert 0.05 < kept / total < 0.5, (kept, total)
+
+
+def test_squeezed_reuses_a_shared_context_and_never_a_diverged_or_rewritten_one():
+    world = World(SqueezedSettings(threshold_quantile=0.75, **SQUEEZED), page_size=4)
+    store = world.backend.selector.store
+    built = lambda: INDEX_STATS["indexes_built"]  # noqa: E731
+    start = built()
+    world.prefill(1, 300)  # A
+    world.decode([1])
+    # F holds A's first 296 tokens (A's whole fixed context): it finds A's index.
+    world.prefill(2, 310, share_from=1, shared=296)
+    hits = INDEX_STATS["index_hits"]
+    world.decode([2])
+    assert built() - start == 1 and INDEX_STATS["index_hits"] == hits + 1
+    # H's fixed context is 7 blocks; I shares H's first 100 tokens, so its first 7 blocks start at H's
+    # slots, but it diverges inside the 7th: the context's last slot tells them apart.
+    world.prefill(3, 120)  # H
+    world.decode([3])
+    world.prefill(4, 200, share_from=3, shared=100)  # I
+    assert torch.equal(world.req_to_token[4, :112:16], world.req_to_token[3, :112:16])
+    world.decode([4])
+    assert built() - start == 3
+    # E's slots go back in order to J: every block of J restarts a row of E's context, dropping its index.
+    world.prefill(5, 200)  # E
+    world.decode([5])
+    entries = len(store)
+    world.release(5, in_order=True)
+    world.prefill(6, 210)  # J
+    assert torch.equal(world.req_to_token[6, :192:16], world.req_to_token[5, :192:16])
+    assert len(store) == entries - 1
+    world.decode([6])
+    assert built() - start == 5, "J builds its own index"
 
 
 # ---- a real Engine on CPU ----
