@@ -5,9 +5,9 @@ VLLM_PLUGINS=""), sends the same requests to both, prints the answers side by si
 registered and did in each engine process. Each feature issue adds its own section:
 - constrained sampling: one request constrained by a JSON schema through AWRS (``vllm_xargs``), with the
   number of constraint checks it took, next to the same request unconstrained.
-- sparse attention: a third server with ``attention.method: "sparse"`` (1/4 budget, 32-token blocks)
-  answers a ~1,750-token passkey prompt next to dense attention: the answers and the share of the
-  context's KV blocks that sparse decode steps read.
+- selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, 32-token blocks) and
+  ``"squeezed"`` (threshold calibrated to keep ~1/4) answer a ~1,750-token passkey prompt next to dense
+  attention: the answers and the share of the context's KV that their decode steps read.
 - Medusa: a fourth server with ``--speculative-config`` (afterburner's tree of 16 nodes over 3 heads)
   answers a chat request next to the same server without speculation: the same text, in fewer engine
   steps. It uses the heads ``make medusa-heads`` trains if they exist, else untrained "echo" heads built
@@ -37,6 +37,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
 CONFIG = {"afterburner": {"attention": {"method": "dense"}}}
 SPARSE_CONFIG = {"afterburner": {"attention": {"method": "sparse", "sparse": {"budget_ratio": 0.25,
                                                                              "dense_below_tokens": 512}}}}
+SQUEEZED_CONFIG = {"afterburner": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
+                                                                                 "dense_below_tokens": 512}}}}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                            "population_millions": {"type": "number"}},
           "required": ["city", "population_millions"], "additionalProperties": False}
@@ -102,19 +104,24 @@ def _constrained_section(servers: dict[str, VllmServer], report_dir: Path) -> bo
     return valid
 
 
-def _sparse_section(servers: dict[str, VllmServer], report_dir: Path) -> None:
+def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
     doc = read_jsonl(TASKS_DIR / "afterburner_passkey" / "afterburner_passkey_2048.jsonl")[0]
     body = {"prompt": passkey_prompt(doc["context"]), "max_tokens": 12}
-    print(f"\nSparse attention: passkey prompt of ~{len(body['prompt']) // 4} tokens, key {doc['passkey']}")
-    for name in ("afterburner", "sparse"):
+    print(f"\nSelective attention: passkey prompt of ~{len(body['prompt']) // 4} tokens, key {doc['passkey']}")
+    for name, label in (("afterburner", "dense"), ("sparse", "sparse 1/4"), ("squeezed", "squeezed ~1/4")):
         text, seconds = _ask(servers[name], "/v1/completions", body)
-        label = "dense" if name == "afterburner" else "sparse 1/4"
-        print(f"  {label:>11} ({seconds:4.1f} s): {text!r}  {'found' if doc['passkey'] in text else 'missed'}")
-    stats = [e for e in report.read_dir(report_dir) if e["event"] == "sparse_attention"]
-    if stats:
-        last = stats[-1]
+        print(f"  {label:>13} ({seconds:4.1f} s): {text!r}  {'found' if doc['passkey'] in text else 'missed'}")
+    sparse = [e for e in report.read_dir(work / "sparse-report") if e["event"] == "sparse_attention"]
+    if sparse:
+        last = sparse[-1]
         print(f"  sparse decode steps read {last['blocks_read']:,} of {last['blocks_in_context']:,} KV blocks "
               f"({last['blocks_read'] / max(1, last['blocks_in_context']):.0%}) over {last['forward_calls']} "
+              "layer calls")
+    squeezed = [e for e in report.read_dir(work / "squeezed-report") if e["event"] == "squeezed_attention"]
+    if squeezed:
+        last = squeezed[-1]
+        print(f"  squeezed decode steps read {last['tokens_read'] / max(1, last['tokens_in_context']):.0%} of the "
+              f"context's keys ({last['indexes_built']} layer indexes built) over {last['forward_calls']} "
               "layer calls")
 
 
@@ -178,12 +185,15 @@ def main() -> int:
         "sparse": VllmServer(model, "--block-size", "32", "--additional-config", json.dumps(SPARSE_CONFIG),
                              log=work / "sparse.log", env={report.REPORT_DIR_ENV: str(work / "sparse-report")},
                              max_model_len=2048),
+        "squeezed": VllmServer(model, "--block-size", "32", "--additional-config", json.dumps(SQUEEZED_CONFIG),
+                               log=work / "squeezed.log", env={report.REPORT_DIR_ENV: str(work / "squeezed-report")},
+                               max_model_len=2048),
         "medusa": VllmServer(model, "--speculative-config", json.dumps(
             {"method": "medusa", "model": str(heads), "num_speculative_tokens": MEDUSA_TREE_NODES}),
             "--additional-config", json.dumps({"afterburner": {"medusa": {"tree": "paper"}}}),
             log=work / "medusa.log", max_model_len=2048),
     }
-    print(f"[demo] starting vllm serve four times on SmolLM2-135M (logs in {work}); ~2 minutes on 2 cores",
+    print(f"[demo] starting vllm serve five times on SmolLM2-135M (logs in {work}); ~3 minutes on 2 cores",
           flush=True)
     started = time.time()
     try:
@@ -204,7 +214,7 @@ def main() -> int:
         print(f"\n{same}/{len(REQUESTS)} answers identical (greedy; afterburner's attention method here is "
               f"'{CONFIG['afterburner']['attention']['method']}', so they should all be)")
         constrained_ok = _constrained_section(servers, report_dir)
-        _sparse_section(servers, work / "sparse-report")
+        _sparse_section(servers, work)
         medusa_ok = _medusa_section(servers, heads_note)
         _print_report(report_dir)
     finally:
