@@ -49,7 +49,7 @@ eval:
 # Self-distilled Medusa heads for SmolLM2: the model answers seeded prompts (vLLM), heads learn its own
 # next-token distributions. Both steps resume: the corpus is reused, training continues its checkpoint.
 MEDUSA_DIR = $(AFTERBURNER_CACHE)/medusa
-MEDUSA_CORPUS_ARGS ?= --prompts 200 --max-tokens 150
+MEDUSA_CORPUS_ARGS ?= --prompts 160 --max-tokens 128
 MEDUSA_TRAIN_ARGS ?= --heads 3 --epochs 1
 medusa-heads:
 	$(VLLM_VENV)/bin/afterburner models smollm2

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     medusa.add_argument("--seq-len", type=int, default=256, help="tokens per chunk (default 256)")
     medusa.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens of data")
     medusa.add_argument("--epochs", type=float, default=1.0, help="passes over the data (may be fractional)")
-    medusa.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW; default 1e-3)")
+    medusa.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default 3e-3)")
     medusa.add_argument("--batch-size", type=int, default=256, help="positions per step (default 256)")
     medusa.add_argument("--seed", type=int, default=0)
     medusa.add_argument("--holdout", type=float, default=0.05, help="share of data held out for agreement")

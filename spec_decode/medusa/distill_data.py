@@ -3,6 +3,7 @@
 Data files: ``.txt`` (each file is one document) or ``.jsonl`` (one document per line: a ``"text"`` field,
 or chat ``"messages"`` rendered with the tokenizer's chat template). Documents are tokenised on their own
 and cut into chunks of at most ``seq_len`` tokens, so the base model never attends across documents.
+Plain text trains on every position; chat trains on the assistant turns only (all of it is context).
 
 The base pass keeps only the final normed hidden states h [N, H] (what the lm_head reads): the training
 targets are recomputed from them through the frozen lm_head (see train.py), which is exact and stores
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BASE_PASS_TOKENS = 2048  # padded tokens per base-model batch: big enough for full matmuls, small in RAM
 
 
@@ -36,6 +37,7 @@ class BasePass:
     tokens: torch.Tensor  # [N] int64: the input tokens
     chunk_starts: torch.Tensor  # [C] int64: where each chunk begins in hidden / tokens
     chunk_lengths: torch.Tensor  # [C] int64
+    trained: torch.Tensor  # [N] bool: positions to train and evaluate on (see tokenize_document)
     key: str  # what the pass was computed from (model, data, chunking)
 
 
@@ -48,14 +50,14 @@ def progress_bar(**kwargs):
     return tqdm(mininterval=0.5 if sys.stderr.isatty() else 30, **kwargs)
 
 
-def read_documents(paths: list[str | Path], tokenizer) -> list[tuple[str, bool]]:
-    """(text, is_chat) per document; chat text already holds the template's special tokens."""
+def read_documents(paths: list[str | Path], tokenizer) -> list[str | list[dict]]:
+    """One entry per document: its text, or its chat messages (rendered by ``tokenize_document``)."""
     documents = []
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
         if path.suffix == ".txt":
-            documents.append((path.read_text(), False))
+            documents.append(path.read_text())
         elif path.suffix == ".jsonl":
             for number, line in enumerate(path.read_text().splitlines(), start=1):
                 if line.strip():
@@ -67,33 +69,55 @@ def read_documents(paths: list[str | Path], tokenizer) -> list[tuple[str, bool]]
     return documents
 
 
-def _jsonl_document(path: Path, number: int, line: str, tokenizer) -> tuple[str, bool]:
+def _jsonl_document(path: Path, number: int, line: str, tokenizer) -> str | list[dict]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{number}: not JSON ({exc})") from None
     if isinstance(record, dict) and isinstance(record.get("text"), str):
-        return record["text"], False
+        return record["text"]
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         if not tokenizer.chat_template:
             raise DataError(f"{path}:{number}: chat messages, but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(record["messages"], tokenize=False), True
+        return record["messages"]
     raise DataError(f"{path}:{number}: expected an object with a 'text' string or a 'messages' list")
 
 
-def chunk_documents(documents: list[tuple[str, bool]], tokenizer, *, seq_len: int,
-                    max_tokens: int | None = None) -> list[list[int]]:
-    """Token chunks of at most ``seq_len``, in document order, ``max_tokens`` in all (None: no limit)."""
+def tokenize_document(document: str | list[dict], tokenizer) -> tuple[list[int], list[bool]]:
+    """(token ids, trained): ``trained[t]`` marks the positions whose hidden state drafts text the model
+    writes. Plain text: every position. Chat: only positions t whose next token t+1 lies in an assistant
+    turn, as Medusa drafts only there; the system prompt and user turns (a third of a short chat, and
+    partly the same in every conversation) would otherwise fill training and flatter the agreement."""
+    if isinstance(document, str):
+        ids = tokenizer(document)["input_ids"]
+        return ids, [True] * len(ids)
+
+    def length(messages: list[dict], generation_prompt: bool) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    text = tokenizer.apply_chat_template(document, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    trained = [False] * len(ids)
+    for i, message in enumerate(document):
+        if message.get("role") == "assistant":
+            start, end = length(document[:i], True), length(document[:i + 1], False)
+            trained[max(start - 1, 0):end - 1] = [True] * max(0, end - 1 - max(start - 1, 0))
+    return ids, trained[:len(ids)]
+
+
+def chunk_documents(documents: list[str | list[dict]], tokenizer, *, seq_len: int,
+                    max_tokens: int | None = None) -> list[tuple[list[int], list[bool]]]:
+    """(ids, trained) chunks of at most ``seq_len`` tokens, in document order, ``max_tokens`` in all."""
     chunks, total = [], 0
-    for text, is_chat in documents:
-        ids = tokenizer(text, add_special_tokens=not is_chat)["input_ids"]
+    for document in documents:
+        ids, trained = tokenize_document(document, tokenizer)
         for start in range(0, len(ids), seq_len):
-            chunk = ids[start:start + seq_len]
-            if max_tokens is not None:
-                chunk = chunk[:max_tokens - total]
-            if len(chunk) >= 2:
-                chunks.append(chunk)
-                total += len(chunk)
+            end = start + seq_len if max_tokens is None else min(start + seq_len, start + max_tokens - total)
+            if len(ids[start:end]) >= 2:
+                chunks.append((ids[start:end], trained[start:end]))
+                total += len(chunks[-1][0])
             if max_tokens is not None and total >= max_tokens:
                 return chunks
     return chunks
@@ -120,23 +144,23 @@ def logit_softcap(model) -> float | None:
 
 
 @torch.inference_mode()
-def run_base_pass(model, chunks: list[list[int]], *, key: str, progress: bool = True) -> BasePass:
-    """Final normed hidden states of every chunk; batches of similar length, right-padded."""
-    hidden_size = model.config.hidden_size
-    lengths = torch.tensor([len(c) for c in chunks])
+def run_base_pass(model, chunks: list[tuple[list[int], list[bool]]], *, key: str,
+                  progress: bool = True) -> BasePass:
+    """Final normed hidden states of every (ids, trained) chunk; batches of similar length, right-padded."""
+    lengths = torch.tensor([len(ids) for ids, _ in chunks])
     starts = torch.cumsum(lengths, 0) - lengths
-    hidden = torch.empty(int(lengths.sum()), hidden_size)
-    order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]))  # similar lengths: little padding
+    hidden = torch.empty(int(lengths.sum()), model.config.hidden_size)
+    order = sorted(range(len(chunks)), key=lambda c: -len(chunks[c][0]))  # similar lengths: little padding
     bar = progress_bar(total=int(lengths.sum()), unit="tok", desc="base pass", disable=not progress)
     i = 0
     while i < len(order):
-        width = len(chunks[order[i]])
+        width = len(chunks[order[i]][0])
         batch = order[i:i + max(1, BASE_PASS_TOKENS // width)]
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, c in enumerate(batch):
-            ids[row, :len(chunks[c])] = torch.tensor(chunks[c])
-            mask[row, :len(chunks[c])] = 1
+            ids[row, :lengths[c]] = torch.tensor(chunks[c][0])
+            mask[row, :lengths[c]] = 1
         # base_model: the decoder stack without the lm_head; its last_hidden_state is after the final norm
         out = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         for row, c in enumerate(batch):
@@ -144,8 +168,9 @@ def run_base_pass(model, chunks: list[list[int]], *, key: str, progress: bool = 
         bar.update(int(mask.sum()))
         i += len(batch)
     bar.close()
-    tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long)
-    return BasePass(hidden, tokens, starts, lengths, key)
+    tokens = torch.tensor([t for ids, _ in chunks for t in ids], dtype=torch.long)
+    trained = torch.tensor([t for _, flags in chunks for t in flags], dtype=torch.bool)
+    return BasePass(hidden, tokens, starts, lengths, trained, key)
 
 
 def check_lm_head(model, chunk: list[int]) -> None:
@@ -189,7 +214,7 @@ def load_or_build(model, tokenizer, base_dir: str | Path, data_files: list[str |
                              max_tokens=max_tokens)
     if not chunks:
         raise DataError("the data files hold no chunk of 2 or more tokens")
-    check_lm_head(model, chunks[0])
+    check_lm_head(model, chunks[0][0])
     started = time.time()
     base = run_base_pass(model, chunks, key=key, progress=progress)
     if progress:

@@ -70,6 +70,18 @@ def test_base_pass_is_what_the_lm_head_reads(base):
         torch.testing.assert_close(target[k - 1], torch.log_softmax(logits[[k, 5 + k]], -1), atol=1e-4, rtol=1e-4)
 
 
+def test_chat_trains_on_the_assistant_turns_only(base, tiny_model):
+    _, tokenizer = distill_data.load_base(tiny_model)
+    chat = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "General Kenobi"},
+            {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
+    ids, trained = distill_data.tokenize_document(chat, tokenizer)
+    # position t is trained when token t+1 is written by the assistant (the tiny template ends turns "</s>\n")
+    written = [ids[t + 1] for t in range(len(ids) - 1) if trained[t]]
+    assert tokenizer.decode(written) == "General Kenobi</s>\nYes.</s>\n"
+    plain_ids, plain_trained = distill_data.tokenize_document("Hello there", tokenizer)
+    assert all(plain_trained) and len(plain_trained) == len(plain_ids)
+
+
 def test_soft_kl_gradient_matches_autograd():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11, requires_grad=True)
