@@ -14,14 +14,7 @@ from afterburner.attention_backends.squeezed.kmeans import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run many small ops; on a shared 2-core machine, OpenMP workers wait on each other behind
-    other processes (the SmolLM2 layer loop measured 94 s on 2 threads vs 6 s on 1, same results)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def blobs(seed, *, groups, clusters, per_cluster, dim, spread=0.01):

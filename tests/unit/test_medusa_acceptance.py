@@ -26,13 +26,7 @@ from afterburner.spec_decode.medusa.tree import build_tree, paths_tokens, tree_c
 SMALL = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]], num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core machine: torch's intra-op thread pool made these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def _logits(rows, temperature=1.0):

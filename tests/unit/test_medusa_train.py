@@ -27,14 +27,7 @@ TOKENS = 400
 CONFIG = TrainConfig(num_heads=3, epochs=3, lr=3e-3, batch_size=64, seed=0, holdout=0.1, save_every=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads, and on a busy 2-core machine OpenMP waits
-    made a tiny step 25x slower with 2 threads than with 1 (measured: 0.9 s vs 0.04 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,7 @@ from afterburner.attention_backends.squeezed.reference import squeezed_attention
 from afterburner.attention_backends.squeezed.store import FixedContextStore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run many small ops; on a shared 2-core machine, OpenMP workers wait on each other behind
-    other processes (the SmolLM2 layer loop measured 94 s on 2 threads vs 6 s on 1, same results)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def keys_and_queries(seed, *, n, num_kv_heads, num_heads, head_dim, n_q, directions=12):
