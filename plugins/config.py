@@ -39,8 +39,10 @@ class SparseSettings(_Settings):
 
     budget_ratio: float = Field(0.25, gt=0, le=1, description="fraction of the context's KV to read")
     token_budget: int | None = Field(None, ge=1, description="absolute budget in tokens; overrides the ratio")
-    sink_blocks: int = Field(1, ge=0, description="first blocks always kept (attention sinks)")
-    recent_blocks: int = Field(2, ge=0, description="most recent blocks always kept")
+    page_size: int = Field(16, ge=1, description="tokens per Quest page, the unit of key summaries and of "
+                           "selection (vLLM: must divide the KV block size)")
+    sink_pages: int = Field(1, ge=0, description="first pages always kept (attention sinks)")
+    recent_pages: int = Field(2, ge=0, description="most recent pages always kept")
     dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
     dense_layers: int = Field(2, ge=0, description="the first layers stay dense (Quest leaves the first "
                               "two: their attention is not sparse)")
@@ -53,6 +55,8 @@ class SqueezedSettings(_Settings):
     threshold_quantile: float = Field(0.75, ge=0, lt=1, description="calibration quantile of the global "
                                       "threshold: about 1 - quantile of the fixed context is read (0: all)")
     observation_window: int = Field(32, ge=1, description="last prompt queries the threshold is calibrated on")
+    sink_tokens: int = Field(16, ge=0, description="first tokens always read and left out of the clustering "
+                             "(attention sinks)")
     hierarchical: bool = Field(False, description="two-level centroid lookup")
     coarse_ratio: float = Field(0.1, gt=0, le=1, description="hierarchical: coarse clusters per centroid")
     coarse_quantile: float = Field(0.5, gt=0, lt=1, description="hierarchical: coarse calibration quantile")

@@ -32,6 +32,7 @@ def build_calibrated_index(settings, keys: torch.Tensor, window: torch.Tensor, *
     (``settings``: ``config.SqueezedSettings``)."""
     hierarchical = settings.hierarchical
     built = squeezed_index.build_index(keys.float(), centroid_ratio=settings.centroid_ratio,
+                                       sink_tokens=settings.sink_tokens,
                                        coarse_ratio=settings.coarse_ratio if hierarchical else None)
     return calibrate.calibrate(built, window, quantile=settings.threshold_quantile, scale=scale,
                                coarse_quantile=settings.coarse_quantile if hierarchical else None)

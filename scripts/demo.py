@@ -114,8 +114,8 @@ def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
     sparse = [e for e in report.read_dir(work / "sparse-report") if e["event"] == "sparse_attention"]
     if sparse:
         last = sparse[-1]
-        print(f"  sparse decode steps read {last['blocks_read']:,} of {last['blocks_in_context']:,} KV blocks "
-              f"({last['blocks_read'] / max(1, last['blocks_in_context']):.0%}) over {last['forward_calls']} "
+        print(f"  sparse decode steps read {last['pages_read']:,} of {last['pages_in_context']:,} KV pages "
+              f"({last['pages_read'] / max(1, last['pages_in_context']):.0%}) over {last['forward_calls']} "
               "layer calls")
     squeezed = [e for e in report.read_dir(work / "squeezed-report") if e["event"] == "squeezed_attention"]
     if squeezed:

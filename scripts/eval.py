@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_args": {k: v for k, v in model_args.items() if k != "pretrained"},
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE",
                                            "VLLM_ENABLE_V1_MULTIPROCESSING")},
+        "afterburner": afterburner,
         "afterburner_registered": registered[0]["registered"] if registered else None,
         "afterburner_config_in_worker": seen[-1] if seen else None,
         "tasks_generated_by": f"python -m afterburner.plugins.lm_eval.make_tasks --seed {make_tasks.DEFAULT_SEED}",
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         # What the sparse backend did in this (single) process, when it ran: proof the numbers are sparse.
         "sparse_attention_stats": dict(sys.modules["afterburner.plugins.vllm.sparse_attention"].STATS)
         if "afterburner.plugins.vllm.sparse_attention" in sys.modules else None,
+        "squeezed_attention_stats": dict(sys.modules["afterburner.plugins.vllm.squeezed_state"].STATS)
+        if "afterburner.plugins.vllm.squeezed_state" in sys.modules else None,
         "engine_start_seconds": round(engine_ready, 1),
         "total_seconds": round(total, 1),
     }

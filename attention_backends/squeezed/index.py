@@ -33,12 +33,13 @@ class SqueezedIndex:
     coarse_centroids: torch.Tensor | None = None  # [Hkv, Cc, D]: mean of the raw keys under each
     parents: torch.Tensor | None = None           # [Hkv, C] long: coarse cluster of each fine cluster
     coarse_sizes: torch.Tensor | None = None      # [Hkv, Cc] long: tokens under each coarse cluster
+    sink_tokens: int = 0  # the first tokens: always read, not clustered (``labels`` covers the rest)
     threshold: float = -math.inf
     coarse_threshold: float = -math.inf
 
     @property
     def num_tokens(self) -> int:
-        return self.labels.shape[1]
+        return self.sink_tokens + self.labels.shape[1]
 
     @property
     def hierarchical(self) -> bool:
@@ -64,18 +65,24 @@ def build_index(
     *,
     centroid_ratio: float = 0.05,
     coarse_ratio: float | None = None,
+    sink_tokens: int = 0,
     iters: int = 25,
     seed: int = 0,
 ) -> SqueezedIndex:
     """Cluster one layer's fixed-context keys [N, Hkv, D] (post-RoPE, as the KV cache holds them).
-    ``coarse_ratio``: coarse clusters per fine cluster for the hierarchical lookup (None: flat only)."""
+    ``coarse_ratio``: coarse clusters per fine cluster for the hierarchical lookup (None: flat only).
+    ``sink_tokens``: the first keys are left out of the clustering and always read. Attention sinks
+    (the first token draws 40-80% of the attention mass in most of SmolLM2's layers) have keys unlike
+    the rest: clustered, they either pull a centroid away from its other members or share a cluster whose
+    estimate misses them, and dropping them wrecks the output."""
     if keys.dim() != 3 or keys.shape[0] == 0:
         raise ValueError(f"keys must be [N, Hkv, D] with N > 0, got {tuple(keys.shape)}")
+    sink_tokens = min(sink_tokens, keys.shape[0] - 1)  # at least one key to cluster
     generator = torch.Generator().manual_seed(seed)
-    per_head = keys.transpose(0, 1)  # [Hkv, N, D]: one clustering per kv head
-    fine = kmeans(per_head, num_centroids(keys.shape[0], centroid_ratio), generator=generator, iters=iters)
+    per_head = keys[sink_tokens:].transpose(0, 1)  # [Hkv, N - sinks, D]: one clustering per kv head
+    fine = kmeans(per_head, num_centroids(per_head.shape[1], centroid_ratio), generator=generator, iters=iters)
     if coarse_ratio is None:
-        return SqueezedIndex(fine.centroids, fine.labels, fine.sizes)
+        return SqueezedIndex(fine.centroids, fine.labels, fine.sizes, sink_tokens=sink_tokens)
     # The coarse level clusters the fine centroids by direction; its centroids are the means of the raw
     # keys under each coarse cluster (so that they play the same role one level up).
     coarse = kmeans(fine.centroids, num_centroids(fine.sizes.shape[1], coarse_ratio), generator=generator,
@@ -83,7 +90,8 @@ def build_index(
     coarse_of_token = coarse.labels.gather(1, fine.labels)  # [Hkv, N]
     coarse_centroids, coarse_sizes = cluster_means(per_head, coarse_of_token, coarse.sizes.shape[1])
     return SqueezedIndex(fine.centroids, fine.labels, fine.sizes,
-                         coarse_centroids=coarse_centroids, parents=coarse.labels, coarse_sizes=coarse_sizes)
+                         coarse_centroids=coarse_centroids, parents=coarse.labels, coarse_sizes=coarse_sizes,
+                         sink_tokens=sink_tokens)
 
 
 def build_indexes(

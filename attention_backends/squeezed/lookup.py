@@ -92,9 +92,12 @@ def select_clusters(index: SqueezedIndex, query: torch.Tensor, *, scale: float) 
 
 
 def select_tokens(index: SqueezedIndex, query: torch.Tensor, *, scale: float) -> torch.Tensor:
-    """[..., Hkv, N] bool: the fixed-context keys each step reads, per kv head."""
+    """[..., Hkv, N] bool: the fixed-context keys each step reads, per kv head (the index's sink tokens
+    always)."""
     clusters = select_clusters(index, query, scale=scale)
-    return clusters.gather(-1, index.labels.expand(*clusters.shape[:-1], -1))
+    tokens = clusters.gather(-1, index.labels.expand(*clusters.shape[:-1], -1))
+    sinks = tokens.new_ones(*tokens.shape[:-1], index.sink_tokens)
+    return torch.cat([sinks, tokens], -1)
 
 
 def extend_to_sequence(token_mask: torch.Tensor, seq_len: int) -> torch.Tensor:

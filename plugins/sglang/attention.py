@@ -65,9 +65,10 @@ def _create(runner: Any, *, name: str):
     method = BACKENDS[name]
     settings = getattr(config.attention, method)  # SparseSettings / SqueezedSettings
     make_selector = functools.partial(SELECTORS[method], config)
+    pages = {"min_block_tokens": settings.page_size} if method == "sparse" else {}  # squeezed: the default
     return SparseAttnBackend(runner, make_selector=make_selector,
                              dense_below_tokens=settings.dense_below_tokens, dense_layers=settings.dense_layers,
-                             report_event=f"{method}_attention")
+                             report_event=f"{method}_attention", **pages)
 
 
 def register_backends() -> list[str]:

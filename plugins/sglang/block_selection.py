@@ -78,8 +78,8 @@ class QuestSelector:
         budget = quest.budget_blocks(seq_len, self.block_size, budget_ratio=s.budget_ratio,
                                      token_budget=s.token_budget)
         # At least one recent block: the last block holds the query's own key.
-        return quest.select_blocks(scores, budget=budget, sink_blocks=s.sink_blocks,
-                                   recent_blocks=max(1, s.recent_blocks))
+        return quest.select_blocks(scores, budget=budget, sink_blocks=s.sink_pages,
+                                   recent_blocks=max(1, s.recent_pages))
 
 
 SelectorFactory = Callable[..., BlockSelector]

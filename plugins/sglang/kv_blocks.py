@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import torch
 
 # Quest's page size (Tang et al. 2024, Sec. 4): large enough that a block's min/max bound stays
-# informative, small enough that a quarter budget still leaves the selection room to choose.
+# informative, small enough that a quarter budget still leaves the selection room to choose. The sparse
+# method takes its own (``attention.sparse.page_size``).
 MIN_BLOCK_TOKENS = 16
 
 
-def block_tokens(page_size: int) -> int:
-    """The smallest multiple of ``page_size`` that is at least ``MIN_BLOCK_TOKENS``."""
-    return page_size * math.ceil(MIN_BLOCK_TOKENS / page_size)
+def block_tokens(page_size: int, min_tokens: int = MIN_BLOCK_TOKENS) -> int:
+    """The smallest multiple of SGLang's ``page_size`` that is at least ``min_tokens``."""
+    return page_size * math.ceil(min_tokens / page_size)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ logger = get_logger(__name__)
 # blocks x kv heads and tokens x kv heads (a block is read if any of its tokens is). The scheduler is a
 # subprocess of ``sglang.Engine``, so after each decode step that ran the selective path the totals are
 # also recorded as a report event (``report_event``: ``sparse_attention`` / ``squeezed_attention``).
-STATS = {"forward_calls": 0, "blocks_in_context": 0, "blocks_read": 0,
+STATS = {"forward_calls": 0, "pages_in_context": 0, "pages_read": 0,
          "tokens_in_context": 0, "tokens_read": 0}
 
 
@@ -50,11 +50,11 @@ def _layer_supported(layer) -> bool:
 
 class SparseAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner, *, make_selector, dense_below_tokens: int, dense_layers: int = 0,
-                 report_event: str = "sparse_attention"):
+                 report_event: str = "sparse_attention", min_block_tokens: int = kv_blocks.MIN_BLOCK_TOKENS):
         super().__init__(model_runner)
         pool = self.token_to_kv_pool
         self.page_size = pool.page_size
-        self.block_size = kv_blocks.block_tokens(self.page_size)
+        self.block_size = kv_blocks.block_tokens(self.page_size, min_block_tokens)
         self.dense_below_tokens = dense_below_tokens
         self.dense_layers = dense_layers  # the first layers stay dense (Quest, Squeezed)
         self.report_event = report_event
@@ -172,8 +172,8 @@ class SparseAttnBackend(TorchNativeAttnBackend):
         read = torch.zeros(mask.shape[0], num_kv_heads, n_max * bs, dtype=torch.bool)
         read[:, :, : mask.shape[2]] = mask & valid[:, None]
         STATS["forward_calls"] += 1
-        STATS["blocks_in_context"] += sum(-(-n // bs) for n in seq_lens) * num_kv_heads
-        STATS["blocks_read"] += int(read.view(mask.shape[0], num_kv_heads, n_max, bs).any(-1).sum())
+        STATS["pages_in_context"] += sum(-(-n // bs) for n in seq_lens) * num_kv_heads
+        STATS["pages_read"] += int(read.view(mask.shape[0], num_kv_heads, n_max, bs).any(-1).sum())
         STATS["tokens_in_context"] += sum(seq_lens) * num_kv_heads
         STATS["tokens_read"] += int(read.sum())
         if layer.layer_id == self.last_layer_id:

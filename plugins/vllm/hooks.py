@@ -21,6 +21,11 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
     """After ``EngineArgs.create_engine_config``: a bad config raises ``ConfigError`` here, in the user's
     process, before any engine process starts."""
     config = config_of(vllm_config)
+    block_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
+    page_size = config.attention.sparse.page_size
+    if config.enabled and config.attention.method == "sparse" and block_size and block_size % page_size:
+        raise ConfigError(f"afterburner.attention.sparse.page_size: {page_size} does not divide the KV block size "
+                          f"{block_size} (--block-size); pick a divisor such as 16 or 8")
     report.record("config", engine="vllm", where="engine_config", config=config.model_dump())
 
 

@@ -8,13 +8,18 @@ caches, kernel ISAs whose cache layout we have not verified (only "vec", AVX2 / 
 batches whose longest sequence is below ``dense_below_tokens``, and the first ``dense_layers`` layers.
 
 With sparse on, per layer:
-- ``do_kv_cache_update`` (stock write first) folds the step's keys into per-physical-block min/max
-  summaries (``quest.update_summaries``): blocks restart at offset 0, so reuse after free or preemption
-  is safe, and prefix-cached blocks keep their summaries for every request that shares them;
-- ``forward`` selects, for each decode sequence at least ``dense_below_tokens`` long, the blocks to read
-  per kv head (sink + recent + top Quest bounds within the budget; the block holding the query itself
-  always), and runs the selective torch op over the batch. Steps that carry a prefill chunk run the
-  stock kernel (dense) for the whole batch.
+- ``do_kv_cache_update`` (stock write first) folds the step's keys into min/max summaries per physical
+  page (``page_size`` tokens; a KV block holds block_size / page_size of them, page id = slot //
+  page_size) with ``quest.update_summaries``: pages restart at offset 0, so reuse after free or
+  preemption is safe, and prefix-cached blocks keep their summaries for every request that shares them;
+- ``forward`` selects, for each decode sequence at least ``dense_below_tokens`` long, the pages to read
+  per kv head (sink + recent + top Quest bounds within the budget; the page holding the query itself
+  always), and runs the selective torch op over the batch with that token mask. Steps that carry a
+  prefill chunk run the stock kernel (dense) for the whole batch.
+
+Pages finer than vLLM's 32-token CPU blocks matter for quality: on SmolLM2 passkey retrieval at a 1/4
+budget, 32-token pages lose a third of the answers that 16- and 8-token pages keep
+(``benchmarks/selective_probe.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def _vec_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # What the selective path did in this process, summed over layers and steps (blocks x kv heads): the
 # demo and tests read it; an engine process's total can also be recorded with ``report_stats``.
-STATS = {"forward_calls": 0, "blocks_in_context": 0, "blocks_read": 0}
+STATS = {"forward_calls": 0, "pages_in_context": 0, "pages_read": 0}
 
 
 _REPORT_EVERY = 64  # forward calls between cumulative report events (the demo reads the last one)
@@ -79,7 +84,7 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         self.squeezed = config.attention.squeezed if method == "squeezed" else None
         self._squeezed_layer: SqueezedLayer | None = None  # per-layer state, made at first use
         self._layer_index: int | None = None  # from the layer's name, at its first forward
-        self._kmin: torch.Tensor | None = None  # [NB, Hkv, D] per physical block
+        self._kmin: torch.Tensor | None = None  # [NB * pages per block, Hkv, D] per physical page
         self._kmax: torch.Tensor | None = None
 
     def _squeezed(self, layer) -> SqueezedLayer:
@@ -98,26 +103,31 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
             self._squeezed(layer).forget_blocks(restarted.unique().tolist())
         if self.sparse is None:
             return
+        page = self.sparse.page_size  # divides block_size (hooks.check_engine_config)
         if self._kmin is None:
-            self._kmin, self._kmax = quest.empty_summaries(num_blocks, num_kv_heads, self.head_size)
-        quest.update_summaries(self._kmin, self._kmax, key[: slot_mapping.shape[0]], slot_mapping, block_size)
+            self._kmin, self._kmax = quest.empty_summaries(num_blocks * (block_size // page), num_kv_heads,
+                                                           self.head_size)
+        quest.update_summaries(self._kmin, self._kmax, key[: slot_mapping.shape[0]], slot_mapping, page)
 
-    def _block_mask(self, query: torch.Tensor, metadata, block_size: int) -> torch.Tensor:
-        """[B, Hkv, MB] bool: all blocks for short sequences, Quest's choice for the others (decode)."""
-        settings = self.sparse
+    def _page_mask(self, query: torch.Tensor, metadata, block_size: int) -> torch.Tensor:
+        """[B, Hkv, pages of the longest sequence] bool: every page of short sequences and of chunks,
+        Quest's choice for the others (decode)."""
+        settings, page = self.sparse, self.sparse.page_size
         table, seq_lens, starts = metadata.block_table, metadata.seq_lens.tolist(), metadata.query_start_loc.tolist()
-        mask = torch.ones(len(seq_lens), self.num_kv_heads, table.shape[1], dtype=torch.bool)
+        pages_per_block = block_size // page
+        mask = torch.ones(len(seq_lens), self.num_kv_heads, -(-max(seq_lens) // page), dtype=torch.bool)
         for b, seq_len in enumerate(seq_lens):
+            n_pages = -(-seq_len // page)
+            mask[b, :, n_pages:] = False
             if starts[b + 1] - starts[b] != 1 or seq_len < settings.dense_below_tokens:
                 continue
-            n_blocks = -(-seq_len // block_size)
-            scores = quest.block_scores(query[starts[b]:starts[b + 1]], self._kmin, self._kmax, table[b, :n_blocks])
-            budget = quest.budget_blocks(seq_len, block_size, budget_ratio=settings.budget_ratio,
+            blocks = table[b, : -(-n_pages // pages_per_block)].long()
+            pages = (blocks[:, None] * pages_per_block + torch.arange(pages_per_block)).flatten()[:n_pages]
+            scores = quest.block_scores(query[starts[b]:starts[b + 1]], self._kmin, self._kmax, pages)
+            budget = quest.budget_blocks(seq_len, page, budget_ratio=settings.budget_ratio,
                                          token_budget=settings.token_budget)
-            chosen = quest.select_blocks(scores, budget=budget, sink_blocks=settings.sink_blocks,
-                                         recent_blocks=max(1, settings.recent_blocks))
-            mask[b, :, :n_blocks] = chosen
-            mask[b, :, n_blocks:] = False
+            mask[b, :, :n_pages] = quest.select_blocks(scores, budget=budget, sink_blocks=settings.sink_pages,
+                                                       recent_blocks=max(1, settings.recent_pages))
         return mask
 
     def _tree_forward(self, step, layer, query, kv_cache, attn_metadata, output):
@@ -132,12 +142,11 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         output[:n] = result.reshape(output[:n].shape)
         return output
 
-    def _count(self, mask: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> None:
-        n_blocks = -(-seq_lens // block_size)  # [B]
-        in_context = torch.arange(mask.shape[-1])[None, :] < n_blocks[:, None]
+    def _count(self, mask: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """``mask`` [B, Hkv, P]: pages read (it is False beyond each sequence)."""
         STATS["forward_calls"] += 1
-        STATS["blocks_in_context"] += int(in_context.sum()) * self.num_kv_heads
-        STATS["blocks_read"] += int((mask & in_context[:, None, :]).sum())
+        STATS["pages_in_context"] += int((-(-seq_lens // self.sparse.page_size)).sum()) * self.num_kv_heads
+        STATS["pages_read"] += int(mask.sum())
         if STATS["forward_calls"] % _REPORT_EVERY == 0:
             report_stats()
 
@@ -166,10 +175,10 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         key_cache, value_cache = views(kv_cache)
-        block_mask = token_mask = None
         if self.sparse is not None:
-            block_mask = self._block_mask(q, attn_metadata, key_cache.shape[1])
-            self._count(block_mask, attn_metadata.seq_lens, key_cache.shape[1])
+            pages = self._page_mask(q, attn_metadata, key_cache.shape[1])
+            self._count(pages, attn_metadata.seq_lens)
+            token_mask = pages.repeat_interleave(self.sparse.page_size, dim=2)
         else:
             token_mask = self._squeezed(layer).token_mask(q, attn_metadata, key_cache)
             SQUEEZED_STATS["forward_calls"] += 1
@@ -178,8 +187,7 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
 
                 report.record("squeezed_attention", **SQUEEZED_STATS)
         result = selective_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                     attn_metadata.query_start_loc, scale=self.scale, block_mask=block_mask,
-                                     token_mask=token_mask)
+                                     attn_metadata.query_start_loc, scale=self.scale, token_mask=token_mask)
         output[:n] = result.reshape(output[:n].shape)
         return output
 

@@ -26,7 +26,7 @@ ENGINE_KWARGS = dict(
     enable_custom_logit_processor=True,
 )
 # Non-default values: seeing them in a process proves AFTERBURNER_CONFIG travelled there.
-AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_blocks": 3}}}
+AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_pages": 3}}}
 AFTERBURNER_CONFIG = json.dumps({"afterburner": AFTERBURNER_SECTION})
 
 

@@ -30,7 +30,7 @@ from afterburner.plugins.sglang.block_selection import QuestSelector
 from afterburner.plugins.sglang.squeezed_selection import INDEX_STATS, SqueezedSelector
 from afterburner.plugins.sglang.kv_blocks import block_tokens
 from engine_setup import GREEDY, MAX_NEW_TOKENS
-from sparse_engine import LONG_PROMPTS, MIXED_PROMPTS, SPARSE_CONFIG
+from sparse_engine import LONG_PROMPTS, MIXED_PROMPTS, SPARSE_CONFIG, SQUEEZED_CONFIGS
 
 pytestmark = pytest.mark.sglang
 
@@ -201,7 +201,7 @@ def _build(settings: SparseSettings, page_size: int) -> World:
 
 
 LIVE = [1, 3, 4, 5]
-SETTINGS = dict(sink_blocks=1, recent_blocks=1, dense_below_tokens=32)
+SETTINGS = dict(sink_pages=1, recent_pages=1, dense_below_tokens=32)
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -211,9 +211,9 @@ def test_full_budget_decode_matches_torch_native(page_size):
     for _ in range(3):
         _, ours, stock = world.decode(LIVE, also_stock=True)
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    read = sparse_backend.STATS["blocks_read"] - before["blocks_read"]
+    read = sparse_backend.STATS["pages_read"] - before["pages_read"]
     assert sparse_backend.STATS["forward_calls"] - before["forward_calls"] == 3, "the selective op must have run"
-    assert read == sparse_backend.STATS["blocks_in_context"] - before["blocks_in_context"] > 0
+    assert read == sparse_backend.STATS["pages_in_context"] - before["pages_in_context"] > 0
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -276,8 +276,8 @@ def test_small_budget_attends_exactly_to_quests_blocks():
         torch.tensor([world.lens[row] for row in LIVE]), torch.arange(len(LIVE) + 1), scale=D**-0.5,
         block_mask=block_mask)
     torch.testing.assert_close(ours.view(len(LIVE), H_Q, D), expected, rtol=1e-5, atol=1e-5)
-    in_context = sparse_backend.STATS["blocks_in_context"] - before["blocks_in_context"]
-    assert sparse_backend.STATS["blocks_read"] - before["blocks_read"] == int(block_mask.sum()) < in_context
+    in_context = sparse_backend.STATS["pages_in_context"] - before["pages_in_context"]
+    assert sparse_backend.STATS["pages_read"] - before["pages_read"] == int(block_mask.sum()) < in_context
 
 
 # ---- afterburner-squeezed: the same backend with Squeezed Attention's token selector ----
@@ -362,16 +362,19 @@ def test_squeezed_reuses_a_shared_context_and_never_a_diverged_or_rewritten_one(
 # ---- a real Engine on CPU ----
 
 
-@pytest.fixture(scope="module")
-def sparse_run(tiny_model, tmp_path_factory):
+def _engine_run(model, method: str, config: dict, report_dir) -> dict:
     """``sparse_engine.py`` in a fresh process (~1.5-2.5 min on 2 cores, mostly engine start)."""
-    report_dir = tmp_path_factory.mktemp("sparse_report")
-    env = {**os.environ, "AFTERBURNER_CONFIG": json.dumps(SPARSE_CONFIG), report.REPORT_DIR_ENV: str(report_dir)}
+    env = {**os.environ, "AFTERBURNER_CONFIG": json.dumps(config), report.REPORT_DIR_ENV: str(report_dir)}
     env.pop("AFTERBURNER_DISABLE", None)
-    run = subprocess.run([sys.executable, str(HERE / "sparse_engine.py"), str(tiny_model)],
+    run = subprocess.run([sys.executable, str(HERE / "sparse_engine.py"), str(model), method],
                          env=env, capture_output=True, text=True, timeout=480)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tiny_model, tmp_path_factory):
+    return _engine_run(tiny_model, "sparse", SPARSE_CONFIG, tmp_path_factory.mktemp("sparse_report"))
 
 
 @pytest.mark.slow
@@ -381,13 +384,31 @@ def test_engine_where_the_budget_covers_the_context_gives_the_stock_tokens(engin
     assert sparse_run["mixed"] == dense
     stats = sparse_run["after_mixed"]
     assert stats["forward_calls"] > 0, "the selective op must have run"
-    assert stats["blocks_read"] == stats["blocks_in_context"]
+    assert stats["pages_read"] == stats["pages_in_context"]
 
 
 @pytest.mark.slow
 def test_engine_with_a_quarter_budget_reads_about_a_quarter_of_the_blocks(sparse_run):
     first, last = sparse_run["after_mixed"], sparse_run["after_long"]
-    in_context = last["blocks_in_context"] - first["blocks_in_context"]
-    read = last["blocks_read"] - first["blocks_read"]
+    in_context = last["pages_in_context"] - first["pages_in_context"]
+    read = last["pages_read"] - first["pages_read"]
     assert 0.2 < read / in_context < 0.3, (read, in_context)
     assert [len(ids) for ids in sparse_run["long"]] == [MAX_NEW_TOKENS] * len(LONG_PROMPTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantile", [0.0, 0.75])
+def test_squeezed_in_a_running_engine(engine, tiny_model, tmp_path, quantile):
+    """``afterburner-squeezed`` in a real CPU Engine: keeping every key (quantile 0) gives the stock tokens
+    on the mixed batch; at 0.75 the long prompts' decode steps read well under all of their keys."""
+    run = _engine_run(tiny_model, "squeezed", SQUEEZED_CONFIGS[quantile], tmp_path)
+    first, last = run["after_mixed"], run["after_long"]
+    assert first["forward_calls"] > 0 and last["forward_calls"] > first["forward_calls"]
+    assert [len(ids) for ids in run["long"]] == [MAX_NEW_TOKENS] * len(LONG_PROMPTS)
+    in_context = last["tokens_in_context"] - first["tokens_in_context"]
+    read = last["tokens_read"] - first["tokens_read"]
+    if quantile == 0.0:
+        assert run["mixed"] == [out["output_ids"] for out in engine[0].generate(MIXED_PROMPTS, dict(GREEDY))]
+        assert read == in_context
+    else:  # ~910-token prompts: a quarter of the fixed context plus the sinks and the unfixed tail
+        assert 0.15 < read / in_context < 0.6, (read, in_context)

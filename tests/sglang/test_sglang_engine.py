@@ -90,7 +90,7 @@ def test_bad_config_stops_engine_before_any_subprocess(engine, tiny_model, monke
 def test_bad_config_stops_launch_server_with_one_line(tiny_model, tmp_path):
     """The server CLI, in a fresh process: exit 1, one line naming the field, no traceback, and no
     engine subprocess ever ran register."""
-    env = {**os.environ, "AFTERBURNER_CONFIG": '{"attention": {"sparse": {"recent_blocks": -1}}}',
+    env = {**os.environ, "AFTERBURNER_CONFIG": '{"attention": {"sparse": {"recent_pages": -1}}}',
            report.REPORT_DIR_ENV: str(tmp_path)}
     with socket.socket() as probe:  # a free port, in case the server got as far as binding one
         probe.bind(("127.0.0.1", 0))
@@ -101,7 +101,7 @@ def test_bad_config_stops_launch_server_with_one_line(tiny_model, tmp_path):
     ours = [line for line in run.stderr.splitlines() if "afterburner config" in line]
     expected = (
         "ERROR [afterburner] invalid afterburner config from AFTERBURNER_CONFIG (JSON text): "
-        "afterburner.attention.sparse.recent_blocks: Input should be greater than or equal to 0 (got -1)"
+        "afterburner.attention.sparse.recent_pages: Input should be greater than or equal to 0 (got -1)"
     )
     assert ours == [expected], run.stderr[-3000:]
     assert "Traceback" not in run.stderr

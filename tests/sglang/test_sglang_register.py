@@ -49,7 +49,7 @@ def _new_events(since):
 
 
 def test_register_applies_its_patch_once(stock, monkeypatch):
-    monkeypatch.setenv("AFTERBURNER_CONFIG", '{"attention": {"sparse": {"sink_blocks": 4}}}')
+    monkeypatch.setenv("AFTERBURNER_CONFIG", '{"attention": {"sparse": {"sink_pages": 4}}}')
     since = time.time()
     adapter.register()
     adapter.register()  # SGLang loads plugins more than once per process
@@ -60,7 +60,7 @@ def test_register_applies_its_patch_once(stock, monkeypatch):
     assert [e["event"] for e in events] == ["registered", "config"]
     assert events[0]["version"] == "0.5.23" and events[0]["status"] == "tested"
     assert events[1]["where"] == "direct call"
-    assert events[1]["config"]["attention"]["sparse"]["sink_blocks"] == 4
+    assert events[1]["config"]["attention"]["sparse"]["sink_pages"] == 4
 
 
 def test_bad_config_is_recorded_at_register_and_raised_at_the_launch_check(stock, monkeypatch):

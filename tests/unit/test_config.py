@@ -22,7 +22,7 @@ def test_defaults_when_absent():
 def test_values_reach_the_typed_config():
     config = from_additional_config({"afterburner": {"attention": {"sparse": {"budget_ratio": 0.125}}}})
     assert config.attention.sparse.budget_ratio == 0.125
-    assert config.attention.sparse.sink_blocks == 1  # untouched defaults stay
+    assert config.attention.sparse.sink_pages == 1  # untouched defaults stay
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_values_reach_the_typed_config():
         ({"atention": {}}, "afterburner.atention", "allowed keys here: attention, enabled"),
         ({"attention": {"sparse": {"budjet": 1}}}, "afterburner.attention.sparse.budjet", "budget_ratio"),
         ({"enabled": "sometimes"}, "afterburner.enabled", "valid boolean"),
-        ({"attention": {"sparse": {"sink_blocks": "two"}}}, "afterburner.attention.sparse.sink_blocks", "integer"),
+        ({"attention": {"sparse": {"sink_pages": "two"}}}, "afterburner.attention.sparse.sink_pages", "integer"),
         ({"attention": {"sparse": {"budget_ratio": 1.5}}}, "afterburner.attention.sparse.budget_ratio", "less than or equal to 1"),
         ({"attention": {"sparse": {"budget_ratio": 0}}}, "afterburner.attention.sparse.budget_ratio", "greater than 0"),
         ({"attention": {"squeezed": {"threshold_quantile": 1}}}, "afterburner.attention.squeezed.threshold_quantile", "less than 1"),
@@ -69,11 +69,11 @@ def test_env_missing_file(tmp_path):
 
 def test_env_yaml_and_json_files(tmp_path):
     yaml_file = tmp_path / "ab.yaml"
-    yaml_file.write_text("attention:\n  sparse:\n    recent_blocks: 4\n")
-    assert from_env({ENV_VAR: str(yaml_file)}).attention.sparse.recent_blocks == 4
+    yaml_file.write_text("attention:\n  sparse:\n    recent_pages: 4\n")
+    assert from_env({ENV_VAR: str(yaml_file)}).attention.sparse.recent_pages == 4
     json_file = tmp_path / "ab.json"
-    json_file.write_text(json.dumps({"afterburner": {"attention": {"sparse": {"recent_blocks": 5}}}}))
-    assert from_env({ENV_VAR: str(json_file)}).attention.sparse.recent_blocks == 5
+    json_file.write_text(json.dumps({"afterburner": {"attention": {"sparse": {"recent_pages": 5}}}}))
+    assert from_env({ENV_VAR: str(json_file)}).attention.sparse.recent_pages == 5
 
 
 def test_env_bad_yaml_and_bad_value_in_file(tmp_path):
@@ -82,8 +82,8 @@ def test_env_bad_yaml_and_bad_value_in_file(tmp_path):
     with pytest.raises(ConfigError, match="is not valid YAML"):
         from_env({ENV_VAR: str(bad_yaml)})
     bad_value = tmp_path / "bad.json"
-    bad_value.write_text('{"attention": {"sparse": {"recent_blocks": -1}}}')
-    with pytest.raises(ConfigError, match=r"file .*bad.json: afterburner.attention.sparse.recent_blocks"):
+    bad_value.write_text('{"attention": {"sparse": {"recent_pages": -1}}}')
+    with pytest.raises(ConfigError, match=r"file .*bad.json: afterburner.attention.sparse.recent_pages"):
         from_env({ENV_VAR: str(bad_value)})
 
 
@@ -94,8 +94,8 @@ def test_config_is_frozen():
 
 
 def test_vllm_falls_back_to_the_env_variable_only_without_an_afterburner_section():
-    environ = {ENV_VAR: '{"attention": {"sparse": {"sink_blocks": 7}}}'}
-    assert from_additional_config({}, environ).attention.sparse.sink_blocks == 7
-    assert from_additional_config({"afterburner": {}}, environ).attention.sparse.sink_blocks == 1
+    environ = {ENV_VAR: '{"attention": {"sparse": {"sink_pages": 7}}}'}
+    assert from_additional_config({}, environ).attention.sparse.sink_pages == 7
+    assert from_additional_config({"afterburner": {}}, environ).attention.sparse.sink_pages == 1
     with pytest.raises(ConfigError, match="AFTERBURNER_CONFIG"):
         from_additional_config(None, {ENV_VAR: '{"attention": 1}'})

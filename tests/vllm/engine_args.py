@@ -13,4 +13,4 @@ ENGINE_KWARGS = dict(
     max_logprobs=-1,  # SMC asks for full-vocabulary log-probs
 )
 # A non-default value: seeing it inside the engine proves the config travelled there.
-AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_blocks": 3}}}
+AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_pages": 3}}}

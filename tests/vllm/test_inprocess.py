@@ -38,7 +38,7 @@ def test_config_from_additional_config_reaches_the_worker(llm):
     assert set(configs) == {"engine_config", "worker"}
     for config in configs.values():
         assert config["attention"]["sparse"]["budget_ratio"] == AFTERBURNER_SECTION["attention"]["sparse"]["budget_ratio"]
-        assert config["attention"]["sparse"]["recent_blocks"] == 3
+        assert config["attention"]["sparse"]["recent_pages"] == 3
 
 
 def test_generates_deterministically(llm):
@@ -53,6 +53,8 @@ def test_generates_deterministically(llm):
         ({"attention": {"method": "quest"}}, "afterburner.attention.method"),
         ({"attention": {"sparse": {"budget_ratio": 3}}}, "afterburner.attention.sparse.budget_ratio"),
         ({"turbo": True}, "afterburner.turbo: unknown key"),
+        ({"attention": {"method": "sparse", "sparse": {"page_size": 12}}},
+         "afterburner.attention.sparse.page_size: 12 does not divide the KV block size"),
     ],
 )
 def test_bad_config_stops_engine_startup(tiny_model, section, field):

@@ -57,14 +57,14 @@ def test_plugin_ran_in_every_engine_process_and_config_reached_the_worker(served
 
 
 def test_bad_additional_config_exits_nonzero_with_one_clear_line(tiny_model):
-    bad = json.dumps({"afterburner": {"attention": {"sparse": {"recent_blocks": -2}}}})
+    bad = json.dumps({"afterburner": {"attention": {"sparse": {"recent_pages": -2}}}})
     run = subprocess.run(serve_command(tiny_model, free_port(), "--additional-config", bad),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
-    lines = [l for l in run.stderr.splitlines() if "afterburner.attention.sparse.recent_blocks" in l]
+    lines = [l for l in run.stderr.splitlines() if "afterburner.attention.sparse.recent_pages" in l]
     assert lines == [
         "ERROR [afterburner] invalid afterburner config from --additional-config: "
-        "afterburner.attention.sparse.recent_blocks: Input should be greater than or equal to 0 (got -2)"
+        "afterburner.attention.sparse.recent_pages: Input should be greater than or equal to 0 (got -2)"
     ]
     assert "Traceback" not in run.stderr
 

@@ -15,7 +15,7 @@ def _run(model, config, *blocks):
     return run_result_script("sparse_greedy.py", model, json.dumps(config), *blocks)[0]
 
 
-SPARSE = {"budget_ratio": 1.0, "sink_blocks": 1, "recent_blocks": 1, "dense_below_tokens": 64, "dense_layers": 0}
+SPARSE = {"budget_ratio": 1.0, "sink_pages": 1, "recent_pages": 1, "dense_below_tokens": 64, "dense_layers": 0}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_full_budget_is_token_identical_to_the_stock_kernel(tiny_model, dense):
     full = _run(tiny_model, {"attention": {"method": "sparse", "sparse": SPARSE}})
     assert full["tokens"] == dense["tokens"]
     assert full["stats"]["forward_calls"] > 0, "the selective path must have run"
-    assert full["stats"]["blocks_read"] == full["stats"]["blocks_in_context"]
+    assert full["stats"]["pages_read"] == full["stats"]["pages_in_context"]
     assert full["cached_prompt_tokens"] > 0, "the repeated prompt must hit the prefix cache"
     assert full["tokens"][3] == full["tokens"][0]
     assert dense["stats"]["forward_calls"] == 0, "method dense must keep the stock kernel"
@@ -46,7 +46,7 @@ def test_full_budget_stays_identical_through_preemption(tiny_model):
 def test_small_budget_reads_a_fraction_of_the_blocks(tiny_model):
     quarter = _run(tiny_model, {"attention": {"method": "sparse", "sparse": {**SPARSE, "budget_ratio": 0.25}}})
     stats = quarter["stats"]
-    assert 0 < stats["blocks_read"] < 0.75 * stats["blocks_in_context"]
+    assert 0 < stats["pages_read"] < 0.75 * stats["pages_in_context"]
     assert all(len(ids) == 12 for ids in quarter["tokens"])
 
 
