@@ -5,7 +5,7 @@ VLLM_PLUGINS=""), sends the same requests to both, prints the answers side by si
 registered and did in each engine process. Each feature issue adds its own section:
 - constrained sampling: one request constrained by a JSON schema through AWRS (``vllm_xargs``), with the
   number of constraint checks it took, next to the same request unconstrained.
-- selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, 32-token blocks) and
+- selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, 16-token pages in 32-token blocks) and
   ``"squeezed"`` (threshold calibrated to keep ~1/4) answer a ~1,750-token passkey prompt next to dense
   attention: the answers and the share of the context's KV that their decode steps read.
 - Medusa: a fourth server with ``--speculative-config`` (afterburner's tree of 16 nodes over 3 heads)
