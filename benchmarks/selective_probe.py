@@ -83,10 +83,9 @@ def sparse_policy(ratio: float, page: int):
     def choose(layer, q, keys, scale):
         length = keys.shape[1]
         kmin, kmax = block_summaries(keys, page)
-        scores = quest.block_scores(q[None], kmin, kmax, torch.arange(kmin.shape[0]))
-        budget = quest.budget_blocks(length, page, budget_ratio=ratio, token_budget=None)
-        mask = quest.select_blocks(scores, budget=budget, sink_blocks=settings.sink_pages,
-                                   recent_blocks=max(1, settings.recent_pages))
+        mask = quest.choose_pages(q[None], kmin, kmax, torch.arange(kmin.shape[0]), seq_len=length,
+                                  page_size=page, budget_ratio=ratio, token_budget=None,
+                                  sink_pages=settings.sink_pages, recent_pages=settings.recent_pages)
         return mask.repeat_interleave(page, 1)[:, :length]
     return choose
 

@@ -111,17 +111,18 @@ def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
     for name, label in (("afterburner", "dense"), ("sparse", "sparse 1/4"), ("squeezed", "squeezed ~1/4")):
         text, seconds = _ask(servers[name], "/v1/completions", body)
         print(f"  {label:>13} ({seconds:4.1f} s): {text!r}  {'found' if doc['passkey'] in text else 'missed'}")
-    sparse = [e for e in report.read_dir(work / "sparse-report") if e["event"] == "sparse_attention"]
-    if sparse:
-        last = sparse[-1]
-        print(f"  sparse decode steps read {last['pages_read']:,} of {last['pages_in_context']:,} KV pages "
-              f"({last['pages_read'] / max(1, last['pages_in_context']):.0%}) over {last['forward_calls']} "
+    # Each server's last cumulative event (its engine's totals): what the selective decode steps read.
+    last = {name: events[-1] for name in ("sparse", "squeezed")
+            if (events := [e for e in report.read_dir(work / f"{name}-report") if e["event"] == f"{name}_attention"])}
+    if "sparse" in last:
+        stats = last["sparse"]
+        print(f"  sparse decode steps read {stats['pages_read']:,} of {stats['pages_in_context']:,} KV pages "
+              f"({stats['pages_read'] / max(1, stats['pages_in_context']):.0%}) over {stats['forward_calls']} "
               "layer calls")
-    squeezed = [e for e in report.read_dir(work / "squeezed-report") if e["event"] == "squeezed_attention"]
-    if squeezed:
-        last = squeezed[-1]
-        print(f"  squeezed decode steps read {last['tokens_read'] / max(1, last['tokens_in_context']):.0%} of the "
-              f"context's keys ({last['indexes_built']} layer indexes built) over {last['forward_calls']} "
+    if "squeezed" in last:
+        stats = last["squeezed"]
+        print(f"  squeezed decode steps read {stats['tokens_read'] / max(1, stats['tokens_in_context']):.0%} of the "
+              f"context's keys ({stats['indexes_built']} layer indexes built) over {stats['forward_calls']} "
               "layer calls")
 
 

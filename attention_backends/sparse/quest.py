@@ -86,3 +86,14 @@ def select_blocks(scores: torch.Tensor, *, budget: int, sink_blocks: int, recent
         top = torch.topk(free, min(room, n - int(mask[0].sum())), dim=1).indices
         mask.scatter_(1, top, True)
     return mask
+
+
+def choose_pages(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pages: torch.Tensor, *,
+                 seq_len: int, page_size: int, budget_ratio: float, token_budget: int | None, sink_pages: int,
+                 recent_pages: int) -> torch.Tensor:
+    """The pages one decode query reads: [Hkv, len(pages)] bool from its Quest bounds over ``pages`` (the
+    sequence's physical page ids in logical order) within the budget, with at least one recent page (the
+    last page holds the query's own key). The engine adapters' sparse settings map onto the keywords."""
+    scores = block_scores(query, kmin, kmax, pages)
+    budget = budget_blocks(seq_len, page_size, budget_ratio=budget_ratio, token_budget=token_budget)
+    return select_blocks(scores, budget=budget, sink_blocks=sink_pages, recent_blocks=max(1, recent_pages))

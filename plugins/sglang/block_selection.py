@@ -74,12 +74,9 @@ class QuestSelector:
     def select(self, layer_id: int, query: torch.Tensor, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
         kmin, kmax = self._layer(layer_id)
         s = self.settings
-        scores = quest.block_scores(query, kmin, kmax, rows)
-        budget = quest.budget_blocks(seq_len, self.block_size, budget_ratio=s.budget_ratio,
-                                     token_budget=s.token_budget)
-        # At least one recent block: the last block holds the query's own key.
-        return quest.select_blocks(scores, budget=budget, sink_blocks=s.sink_pages,
-                                   recent_blocks=max(1, s.recent_pages))
+        return quest.choose_pages(query, kmin, kmax, rows, seq_len=seq_len, page_size=self.block_size,
+                                  budget_ratio=s.budget_ratio, token_budget=s.token_budget,
+                                  sink_pages=s.sink_pages, recent_pages=s.recent_pages)
 
 
 SelectorFactory = Callable[..., BlockSelector]

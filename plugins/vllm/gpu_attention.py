@@ -40,7 +40,12 @@ from afterburner.attention_backends.sparse import quest
 from afterburner.plugins.config import ConfigError
 from afterburner.plugins.vllm.hooks import config_of
 
+# Page counts stay on the device (0-dim tensors: no host sync per layer and step); read them with stats().
 STATS = {"sparse_calls": 0, "pages_in_context": 0, "pages_read": 0}
+
+
+def stats() -> dict[str, int]:
+    return {name: int(value) for name, value in STATS.items()}
 
 
 class SparseTritonMetadataBuilder(TritonAttentionMetadataBuilder):
@@ -65,6 +70,7 @@ class SparseTritonAttentionImpl(TritonAttentionImpl):
                               f"block size {block_size} on GPU (--block-size {self.sparse.page_size})")
         self._kmin: torch.Tensor | None = None  # [NB, Hkv, D] per physical block
         self._kmax: torch.Tensor | None = None
+        self._layer_index: int | None = None  # from the layer's name, at its first forward
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -79,9 +85,11 @@ class SparseTritonAttentionImpl(TritonAttentionImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         m, s = attn_metadata, self.sparse
+        if s is not None and self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
         if (s is None or m is None or self._kmin is None or output_scale is not None
                 or output_block_scale is not None or m.max_query_len != 1 or m.max_seq_len < s.dense_below_tokens
-                or extract_layer_index(layer.layer_name) < s.dense_layers):
+                or self._layer_index < s.dense_layers):
             return super().forward(layer, query, key, value, kv_cache, m, output, output_scale, output_block_scale)
         from afterburner.attention_backends.triton.quest_scores import quest_block_scores
         from afterburner.attention_backends.triton.selection import topk_block_indices
@@ -99,8 +107,9 @@ class SparseTritonAttentionImpl(TritonAttentionImpl):
         out = sparse_paged_decode(q, key_cache, value_cache, table, seq_lens, ids, scale=self.scale)
         output[:batch].copy_(out.view_as(output[:batch]))
         STATS["sparse_calls"] += 1
-        STATS["pages_in_context"] += int((-(-seq_lens // block_size)).sum()) * self.num_kv_heads
-        STATS["pages_read"] += int((ids >= 0).sum())
+        in_context = (-(-seq_lens // block_size)).sum() * self.num_kv_heads
+        STATS["pages_in_context"] = STATS["pages_in_context"] + in_context
+        STATS["pages_read"] = STATS["pages_read"] + (ids >= 0).sum()
         return output
 
 

@@ -123,11 +123,10 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
                 continue
             blocks = table[b, : -(-n_pages // pages_per_block)].long()
             pages = (blocks[:, None] * pages_per_block + torch.arange(pages_per_block)).flatten()[:n_pages]
-            scores = quest.block_scores(query[starts[b]:starts[b + 1]], self._kmin, self._kmax, pages)
-            budget = quest.budget_blocks(seq_len, page, budget_ratio=settings.budget_ratio,
-                                         token_budget=settings.token_budget)
-            mask[b, :, :n_pages] = quest.select_blocks(scores, budget=budget, sink_blocks=settings.sink_pages,
-                                                       recent_blocks=max(1, settings.recent_pages))
+            mask[b, :, :n_pages] = quest.choose_pages(
+                query[starts[b]:starts[b + 1]], self._kmin, self._kmax, pages, seq_len=seq_len, page_size=page,
+                budget_ratio=settings.budget_ratio, token_budget=settings.token_budget,
+                sink_pages=settings.sink_pages, recent_pages=settings.recent_pages)
         return mask
 
     def _tree_forward(self, step, layer, query, kv_cache, attn_metadata, output):
