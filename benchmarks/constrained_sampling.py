@@ -31,8 +31,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from afterburner.plugins import report  # noqa: E402
-from afterburner.plugins.models import build_smollm2  # noqa: E402
-from afterburner.plugins.provenance import provenance, write_result  # noqa: E402
+from afterburner.plugins.cli.models import build_smollm2  # noqa: E402
+from afterburner.plugins.devtools.provenance import (  # noqa: E402
+    add_allow_dirty_argument,
+    exit_if_refused,
+    git_info,
+    utc_now,
+    write_result,
+)
 from afterburner.samplers import toy  # noqa: E402
 from afterburner.samplers.awrs import allowed_mask, awrs_step, masked_logprobs  # noqa: E402
 from afterburner.samplers.constraints import TextPredicate, allows_next  # noqa: E402
@@ -140,7 +146,8 @@ def vllm_structured_vs_awrs(model_dir: Path, n_requests: int) -> dict:
             awrs = [e for e in report.events() if e["event"] == "awrs"][before:]
             results[name] = {"requests": n_requests, "output_tokens": tokens, "seconds": seconds,
                              "tokens_per_s": tokens / seconds, "valid_json": valid / n_requests,
-                             "checks_per_token": (sum(e["checks"] for e in awrs) / max(1, sum(e["tokens"] for e in awrs)))
+                             "checks_per_token": (sum(e["checks"] for e in awrs)
+                                                  / max(1, sum(e["tokens"] for e in awrs)))
                              if awrs else None}
     for name, row in results.items():
         checks = "-" if row["checks_per_token"] is None else f"{row['checks_per_token']:.1f}"
@@ -173,7 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3],
                         help="which parts to run; the others keep their previous results in the JSON file")
+    add_allow_dirty_argument(parser)
     args = parser.parse_args(argv)
+    exit_if_refused(parser, OUT, allow_dirty=args.allow_dirty)
     model = build_smollm2()
     results = json.loads(OUT.read_text())["results"] if OUT.exists() else {}
     parts = {
@@ -186,10 +195,11 @@ def main(argv=None) -> int:
     for number in args.parts:
         key, title, run = parts[number]
         print(title, flush=True)
-        # Each part carries its own date and load: parts can be rerun alone (--parts).
-        results[key] = {"measured_at": provenance()["date"], "load_average_1min": os.getloadavg()[0],
-                        **run()}
-    out = write_result(OUT, results, command="python benchmarks/constrained_sampling.py " + " ".join(sys.argv[1:]))
+        # Each part carries its own date, load and commit: parts can be rerun alone (--parts).
+        results[key] = {"measured_at": utc_now(), "git": git_info(exclude=[OUT]),
+                        "load_average_1min": os.getloadavg()[0], **run()}
+    out = write_result(OUT, results, command="python benchmarks/constrained_sampling.py " + " ".join(sys.argv[1:]),
+                       allow_dirty=args.allow_dirty)
     print(f"wrote {out}")
     return 0
 

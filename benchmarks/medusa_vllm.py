@@ -34,11 +34,11 @@ TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revo
 CONFIGS = [
     ("no speculation", 0, {}, 0.0),
     ("vLLM built-in Medusa (chain)", 3, {"enabled": False}, 0.0),
-    ("afterburner chain, lossless", 3, {"medusa": {"tree": "chain"}}, 0.0),
-    ("afterburner tree 8, lossless", 8, {"medusa": {"tree": "paper"}}, 0.0),
-    ("afterburner tree 16, lossless", 16, {"medusa": {"tree": "paper"}}, 0.0),
-    ("afterburner tree 16, lossless, T=0.7", 16, {"medusa": {"tree": "paper"}}, 0.7),
-    ("afterburner tree 16, typical, T=0.7", 16, {"medusa": {"tree": "paper", "acceptance": "typical"}}, 0.7),
+    ("afterburner chain, lossless", 3, {"speculative": {"tree": "chain"}}, 0.0),
+    ("afterburner tree 8, lossless", 8, {"speculative": {"tree": "paper"}}, 0.0),
+    ("afterburner tree 16, lossless", 16, {"speculative": {"tree": "paper"}}, 0.0),
+    ("afterburner tree 16, lossless, T=0.7", 16, {"speculative": {"tree": "paper"}}, 0.7),
+    ("afterburner tree 16, typical, T=0.7", 16, {"speculative": {"tree": "paper", "acceptance": "typical"}}, 0.7),
 ]
 
 
@@ -80,15 +80,17 @@ def _spec_counters(llm) -> dict[str, float]:
 
 
 def main() -> None:
-    from afterburner.plugins.models import build_smollm2, cache_root
-    from afterburner.plugins.provenance import write_result
+    from afterburner.plugins.cli.models import build_smollm2, cache_root
+    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", default=str(cache_root() / "medusa" / "smollm2-heads"))
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
+    add_allow_dirty_argument(parser)
     args = parser.parse_args()
+    exit_if_refused(parser, OUT, allow_dirty=args.allow_dirty)
     if args.quick:
         args.prompts, args.max_tokens = 3, 48
     if not Path(args.heads, "config.json").is_file():
@@ -115,9 +117,10 @@ def main() -> None:
         row["speedup_vs_no_speculation"] = row["tokens_per_s"] / base
         acc = "-" if row["accepted_per_step"] is None else f"{row['accepted_per_step']:.2f}"
         same = "-" if row["identical_to_no_speculation"] is None else str(row["identical_to_no_speculation"])
-        print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {row['speedup_vs_no_speculation']:6.2f}x {same:>9s}")
+        speedup = row["speedup_vs_no_speculation"]
+        print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {speedup:6.2f}x {same:>9s}")
     write_result(OUT, {"heads": args.heads, "prompts": args.prompts, "max_tokens": args.max_tokens,
-                       "batch": 1, "rows": rows}, command=" ".join(["python", *sys.argv]))
+                       "batch": 1, "rows": rows}, command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {OUT}")
 
 

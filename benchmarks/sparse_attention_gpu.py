@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from afterburner.plugins.provenance import write_result
+from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
 
 OUT = Path(__file__).parent / "results" / "sparse_attention_gpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="contexts 4k, 32k, 128k; 20 repeats")
+    add_allow_dirty_argument(parser)
     args = parser.parse_args(argv)
+    exit_if_refused(parser, OUT, allow_dirty=args.allow_dirty)
     if not torch.cuda.is_available():
         print("sparse_attention_gpu: no CUDA device here; this benchmark runs on a GPU only "
               "(nothing written)", file=sys.stderr)
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
              "dtype": "bfloat16", "sinks": SINKS, "recents": RECENTS, "repeats": args.repeats,
              "triton": triton.__version__}
     out = write_result(OUT, {"shape": shape, "by_config": results},
-                       command="python benchmarks/sparse_attention_gpu.py " + " ".join(sys.argv[1:]))
+                       command="python benchmarks/sparse_attention_gpu.py " + " ".join(sys.argv[1:]),
+                       allow_dirty=args.allow_dirty)
     print(f"wrote {out}")
     return 0
 

@@ -1,10 +1,10 @@
-"""Version-guarded engine patches (DESIGN.md). One file per feature; the lists below are the order in
+"""Version-guarded engine patches (README, Supported versions). One file per feature; the lists below are the order in
 which each engine's adapter applies them. Only ``afterburner.plugins`` applies patches."""
 
 from afterburner.patches.sglang_check_server_args import CHECK_SERVER_ARGS
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
-from afterburner.patches.vllm_medusa import MEDUSA_PATCHES
+from afterburner.patches.vllm_tree_speculation import TREE_SPECULATION_PATCHES
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 
-VLLM_PATCHES = (ENGINE_CONFIG, WORKER_INIT_DEVICE, *MEDUSA_PATCHES)
+VLLM_PATCHES = (ENGINE_CONFIG, WORKER_INIT_DEVICE, *TREE_SPECULATION_PATCHES)
 SGLANG_PATCHES = (CHECK_SERVER_ARGS,)

@@ -1,8 +1,8 @@
 """Which engine versions afterburner works with: the one place that says so.
 
-Two lists per engine (DESIGN.md, "Never break the stock engine"):
+Two lists per engine (README, Supported versions):
 - TESTED_VERSIONS: what CI runs against here. The install pins in requirements/*.txt must agree
-  (tests/unit/test_compat.py checks it).
+  (tests/unit/plugins/test_compat.py checks it).
 - SUPPORTED_RANGES: where the hooks we use are known to exist. Inside the range but untested: register,
   with one warning line. Outside it: log one line and register nothing; the engine runs stock.
 """

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_VAR = "AFTERBURNER_CONFIG"
 ADDITIONAL_CONFIG_KEY = "afterburner"
@@ -79,8 +79,9 @@ class AttentionSettings(_Settings):
         return method
 
 
-class MedusaSettings(_Settings):
-    """Medusa speculative decoding (vLLM: ``--speculative-config '{"method": "medusa", ...}'``)."""
+class SpeculativeSettings(_Settings):
+    """Tree speculation for every afterburner proposer (vLLM: ``--speculative-config '{"method": "medusa",
+    ...}'``; SGLang: ``--speculative-algorithm AFTERBURNER_MEDUSA``): the tree's shape and its acceptance."""
 
     tree: Literal["paper", "chain"] | list[list[int]] = Field(
         "paper", description='"paper": the Medusa paper\'s sparse tree, its first num_speculative_tokens '
@@ -92,10 +93,29 @@ class MedusaSettings(_Settings):
     typical_delta: float = Field(0.3, gt=0, le=1, description="typical acceptance: entropy-scaled threshold")
 
 
+# The section's name before proposers shared it; still read, with one warning.
+_LEGACY_SPECULATIVE_KEY = "medusa"
+
+
 class AfterburnerConfig(_Settings):
     enabled: bool = Field(True, description="false: the plugin registers nothing")
     attention: AttentionSettings = AttentionSettings()
-    medusa: MedusaSettings = MedusaSettings()
+    speculative: SpeculativeSettings = SpeculativeSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_speculative_key(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping) or _LEGACY_SPECULATIVE_KEY not in raw:
+            return raw
+        if "speculative" in raw:
+            raise ValueError(f"give 'speculative' only; '{_LEGACY_SPECULATIVE_KEY}' is its former name")
+        from afterburner.plugins.log import get_logger
+
+        get_logger(__name__).warning("afterburner config: '%s' is now 'speculative' (read as such)",
+                                     _LEGACY_SPECULATIVE_KEY)
+        raw = dict(raw)
+        raw["speculative"] = raw.pop(_LEGACY_SPECULATIVE_KEY)
+        return raw
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:

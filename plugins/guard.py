@@ -40,7 +40,8 @@ def guarded_register(
         extras = register_extras()
     except Exception as exc:  # noqa: BLE001 - any failure must leave the engine stock
         patching.revert_all()
-        message = f"afterburner: cannot hook {engine} {verdict.version}: {exc}; registering nothing, {engine} runs stock"
+        message = (f"afterburner: cannot hook {engine} {verdict.version}: {exc}; registering nothing, "
+                   f"{engine} runs stock")
         logger.warning(message)
         report.record("skipped", engine=engine, version=verdict.version, reason=message)
         return False

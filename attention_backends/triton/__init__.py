@@ -7,5 +7,5 @@
 
 The modules are imported on their own (this file imports nothing), so ``selection`` works without Triton
 and importing the package never compiles or decorates a kernel. Specs: ``selective.py`` and
-``sparse/quest.py``; tests/unit/test_triton_kernels.py runs the kernels under ``TRITON_INTERPRET=1``.
+``sparse/quest.py``; tests/unit/attention_backends/test_triton_kernels.py runs the kernels under ``TRITON_INTERPRET=1``.
 """

@@ -9,7 +9,7 @@ per (sequence, kv head, tile of BLOCK_N logical blocks): it reads BLOCK_N rows o
 folds every query head of the group into them, so summaries are read once per kv head, not per query
 head. The summaries are as many bytes as 2 / block_size of the keys (times their dtype ratio: fp32
 summaries over a bf16 cache read 1/4 of K's bytes at block size 16), which is what scoring costs.
-Tested under the Triton interpreter against the reference (tests/unit/test_triton_kernels.py).
+Tested under the Triton interpreter against the reference (tests/unit/attention_backends/test_triton_kernels.py).
 """
 
 from __future__ import annotations

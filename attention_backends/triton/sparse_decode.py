@@ -17,7 +17,7 @@ kernel writes the output directly and the merge is skipped.
 
 All query heads of a kv head's group share one program (GQA): K and V are read once per kv head; the
 group is padded to 16 rows for tl.dot, which costs tensor-core FLOPs that decode has to spare.
-Tested under the Triton interpreter against the reference (tests/unit/test_triton_kernels.py) and on
+Tested under the Triton interpreter against the reference (tests/unit/attention_backends/test_triton_kernels.py) and on
 CUDA in tests/gpu/test_triton_kernels_gpu.py. Caveats: decode only (one query token per sequence);
 head_dim and block size must be powers of two; padding entries still cost a loop step, so keep W near the
 budget.

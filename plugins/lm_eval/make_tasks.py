@@ -7,7 +7,7 @@
 - ``afterburner_passkey/``: ``afterburner_passkey_<N>`` per context length N (tokens, see
   ``generators``) and the group ``afterburner_passkey`` (exact match of the first 5-digit number).
 
-The shipped folders come from the defaults (``make tasks``); ``tests/unit/test_lm_eval_tasks.py``
+The shipped folders come from the defaults (``make tasks``); ``tests/unit/plugins/test_lm_eval_tasks.py``
 regenerates them and compares bytes. Data files are found through ``dataset.load_local`` (relative to
 the yaml, from any working directory).
 """

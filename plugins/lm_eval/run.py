@@ -23,7 +23,7 @@ from typing import Any
 from afterburner.plugins.config import ADDITIONAL_CONFIG_KEY, parse_config
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR
 
-# vLLM on a CPU (ENGINE_NOTES): float32, no torch.compile warm-up.
+# vLLM on a CPU (README, Engine notes): float32, no torch.compile warm-up.
 CPU_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True}
 
 

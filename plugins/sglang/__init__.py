@@ -28,10 +28,10 @@ def register() -> None:
 
 
 def _register_extras() -> list[str]:
-    """Registrations into SGLang's own registries (not patches): attention backends, Medusa."""
-    from afterburner.plugins.sglang import medusa  # imports SGLang's speculative registry
+    """Registrations into SGLang's own registries (not patches): attention backends, speculative algorithms."""
+    from afterburner.plugins.sglang import spec_algorithms  # imports SGLang's speculative registry
 
-    return attention.register_backends() + medusa.register_algorithms()
+    return attention.register_backends() + spec_algorithms.register_algorithms()
 
 
 def is_active() -> bool:

@@ -9,7 +9,7 @@ costs seconds, which the detokenizer and ``--help`` should not pay).
 ``check_flags`` runs where SGLang checks its arguments, in the user's process, and refuses with one
 ``ConfigError`` line what would otherwise fail inside the scheduler or run silently wrong:
 - a method that is planned (``config.PLANNED_ATTENTION_METHODS``, as the config itself refuses them) or
-  that has no SGLang selector yet;
+  that has no selector in ``attention_backends.registry`` yet;
 - the backend for only one of prefill and decode (its selection state is built from prefill's writes and,
   for squeezed, queries);
 - speculative decoding (verify steps write KV in a mode the summaries do not follow).
@@ -24,27 +24,26 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from afterburner.attention_backends.registry import METHODS
 from afterburner.plugins.config import PLANNED_ATTENTION_METHODS, AfterburnerConfig, ConfigError, from_env
 from afterburner.plugins.log import get_logger
 
 logger = get_logger(__name__)
 
-# backend name -> attention method (its selector in ``block_selection.SELECTORS``)
-BACKENDS = {"afterburner-sparse": "sparse", "afterburner-squeezed": "squeezed"}
+# backend name -> attention method: one per method of ``attention_backends.registry``.
+BACKENDS = {f"afterburner-{method.replace('_', '-')}": method for method in METHODS}
 
 
 def _unavailable(name: str) -> str | None:
     """Why backend ``name`` cannot run in this release (None: it can)."""
-    from afterburner.plugins.sglang.block_selection import SELECTORS
-
     method = BACKENDS[name]
     if method in PLANNED_ATTENTION_METHODS:
         reason = f"'{method}' is planned but not in this release"
-    elif method not in SELECTORS:
+    elif method not in METHODS:
         reason = f"'{method}' has no SGLang backend yet"
     else:
         return None
-    available = sorted(n for n, m in BACKENDS.items() if m in SELECTORS and m not in PLANNED_ATTENTION_METHODS)
+    available = sorted(n for n, m in BACKENDS.items() if m in METHODS and m not in PLANNED_ATTENTION_METHODS)
     return f"--attention-backend {name}: {reason}; available now: {available}"
 
 
@@ -59,16 +58,16 @@ def _create(runner: Any, *, name: str):
     if not config.enabled:
         logger.warning("afterburner: enabled is false in AFTERBURNER_CONFIG; %s runs SGLang's torch_native", name)
         return TorchNativeAttnBackend(runner)
-    from afterburner.plugins.sglang.block_selection import SELECTORS
-    from afterburner.plugins.sglang.sparse_backend import SparseAttnBackend
+    from afterburner.attention_backends.registry import make_selector
+    from afterburner.attention_backends.rules import DenseGate
+    from afterburner.plugins.sglang import kv_blocks
+    from afterburner.plugins.sglang.selective_backend import SelectiveAttnBackend
 
     method = BACKENDS[name]
-    settings = getattr(config.attention, method)  # SparseSettings / SqueezedSettings
-    make_selector = functools.partial(SELECTORS[method], config)
-    pages = {"min_block_tokens": settings.page_size} if method == "sparse" else {}  # squeezed: the default
-    return SparseAttnBackend(runner, make_selector=make_selector,
-                             dense_below_tokens=settings.dense_below_tokens, dense_layers=settings.dense_layers,
-                             report_event=f"{method}_attention", **pages)
+    settings = getattr(config.attention, method)
+    page = METHODS[method].page_size(settings) or kv_blocks.MIN_BLOCK_TOKENS
+    return SelectiveAttnBackend(runner, method=method, make_selector=functools.partial(make_selector, method, settings),
+                                gate=DenseGate.of(settings), min_block_tokens=page)
 
 
 def register_backends() -> list[str]:

@@ -24,9 +24,9 @@ the request's temperature, seeded by ``sampling_seed`` when given; one finite lo
 token is allowed. SGLang applies logit bias, penalties and its own grammar mask before this processor,
 so the draw sees them; top-k, top-p and min-p are not applied to the constrained draw.
 
-Overlap scheduling (on by default, on CPU too; SGLang turns it off for speculative decoding) samples a batch before the previous
-step's token reaches ``req.output_ids``; the prefix is then completed from the tokens this processor
-forced (``lagged_prefix``).
+Overlap scheduling (on by default, on CPU too; SGLang turns it off for speculative decoding) samples a
+batch before the previous step's token reaches ``req.output_ids``; the prefix is then completed from the
+tokens this processor forced (``lagged_prefix``).
 
 A malformed constraint, or an AWRS request to a server where afterburner is not active, aborts that
 request through SGLang's own mechanism (``req.to_finish = FINISH_ABORT(..., 400)``, as its grammar code

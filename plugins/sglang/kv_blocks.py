@@ -69,14 +69,15 @@ def written_positions(*, decode: bool, req_pool_indices: torch.Tensor, seq_lens:
         return req_pool_indices.long(), torch.tensor(seq_lens, dtype=torch.long, device=device) - 1
     counts = torch.tensor(extend_lens, dtype=torch.long, device=device)
     rows = torch.repeat_interleave(req_pool_indices.long(), counts)
-    positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, extend_lens)])
+    positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, extend_lens, strict=False)])
     return rows, positions.to(device)
 
 
 def plan_step(*, req_to_token: torch.Tensor, page_size: int, decode: bool, req_pool_indices: torch.Tensor,
-              seq_lens: list[int], prefix_lens: list[int] | None = None,
-              extend_lens: list[int] | None = None) -> StepBlocks:
-    bs = block_tokens(page_size)
+              seq_lens: list[int], prefix_lens: list[int] | None = None, extend_lens: list[int] | None = None,
+              block_size: int | None = None) -> StepBlocks:
+    """``block_size``: BS, a multiple of ``page_size`` (default ``block_tokens(page_size)``)."""
+    bs = block_size or block_tokens(page_size)
     rows, positions = written_positions(decode=decode, req_pool_indices=req_pool_indices, seq_lens=seq_lens,
                                         prefix_lens=prefix_lens, extend_lens=extend_lens)
     offsets = positions % bs

@@ -9,21 +9,21 @@ from afterburner.plugins.vllm import hooks
 
 _active: bool | None = None
 # Resolved lazily by vLLM's registry, so registering imports nothing heavy in every process.
-SPARSE_BACKEND = "afterburner.plugins.vllm.sparse_attention.AfterburnerCPUAttentionBackend"
-GPU_BACKEND = "afterburner.plugins.vllm.gpu_attention.SparseTritonAttentionBackend"
+CPU_BACKEND = "afterburner.plugins.vllm.cpu_attention.AfterburnerCPUAttentionBackend"
+GPU_BACKEND = "afterburner.plugins.vllm.gpu_attention.SelectiveTritonAttentionBackend"
 
 
 def _register_attention() -> list[str]:
-    """On CPU, vLLM always picks CPU_ATTN: override it with the subclass whose Impl runs the selective
-    path when ``attention.method`` asks for it and delegates to the stock kernel otherwise. On CUDA / ROCm,
-    register ``CUSTOM`` (chosen with ``--attention-backend CUSTOM``): vLLM's Triton backend with the sparse
-    decode path (``gpu_attention.py``, not yet run on a GPU)."""
+    """On CPU, vLLM always picks CPU_ATTN: override it with the subclass whose Impl runs the method that
+    ``attention.method`` names and the stock kernel otherwise (``cpu_attention.py``). On CUDA / ROCm,
+    register ``CUSTOM`` (chosen with ``--attention-backend CUSTOM``): vLLM's Triton backend with the
+    batched decode path of page selectors (``gpu_attention.py``, not yet run on a GPU)."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, SPARSE_BACKEND)
-        return ["attention backend CPU_ATTN -> " + SPARSE_BACKEND.rsplit(".", 1)[1]]
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+        return ["attention backend CPU_ATTN -> " + CPU_BACKEND.rsplit(".", 1)[1]]
     if current_platform.is_cuda_alike():
         register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)
         return ["attention backend CUSTOM -> " + GPU_BACKEND.rsplit(".", 1)[1]]

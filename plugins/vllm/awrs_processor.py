@@ -24,7 +24,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from afterburner.plugins import report
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import is_active
-from afterburner.plugins.vllm.hooks import config_of
+from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.grammar import GrammarError
 from afterburner.samplers.request import parse_request
 from afterburner.samplers.request_state import RequestState, force_token, load_tokenizer

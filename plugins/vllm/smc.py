@@ -44,7 +44,7 @@ def _vllm_next_logits(llm: Any, prompt_ids: list[int], vocab_size: int) -> Calla
         prompts = [TokensPrompt(prompt_token_ids=[*prompt_ids, *prefix]) for prefix in prefixes]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         rows = torch.full((len(prefixes), vocab_size), -math.inf, dtype=torch.float64)
-        for row, output in zip(rows, outputs):
+        for row, output in zip(rows, outputs, strict=False):
             logprobs = output.outputs[0].logprobs[0]
             row[list(logprobs)] = torch.tensor([lp.logprob for lp in logprobs.values()], dtype=torch.float64)
         return rows
@@ -73,7 +73,7 @@ def judge_log_twist(llm: Any, template: str, answer: str) -> Callable[[Sequence[
         context = tokenizer.encode(template.format(text=text))
         (output,) = llm.generate([TokensPrompt(prompt_token_ids=context + answer_ids)], params, use_tqdm=False)
         scored = output.prompt_logprobs[len(context):]
-        return sum(position[token].logprob for position, token in zip(scored, answer_ids))
+        return sum(position[token].logprob for position, token in zip(scored, answer_ids, strict=False))
 
     return log_twist
 
@@ -110,7 +110,7 @@ def constrained_smc(
     if progress:
         print(file=sys.stderr)
     samples = []
-    for particle, weight in zip(result.particles, result.weights()):
+    for particle, weight in zip(result.particles, result.weights(), strict=False):
         ids = [t for t in particle.tokens if t != tokenizer.eos_token_id]
         samples.append(Sample(tokenizer.decode(ids), ids, weight, particle.log_weight))
     return sorted(samples, key=lambda s: -s.weight), result

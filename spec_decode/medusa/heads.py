@@ -63,4 +63,4 @@ class MedusaHeads(nn.Module):
             if lm_head_weight is None:
                 raise ValueError("these Medusa heads share the base model's lm_head: pass lm_head_weight")
             return features @ lm_head_weight.to(features.dtype).T
-        return torch.stack([head(f) for head, f in zip(self.lm_heads, features)])
+        return torch.stack([head(f) for head, f in zip(self.lm_heads, features, strict=False)])

@@ -19,17 +19,17 @@ post-processes logits (e.g. Gemma-2 soft-capping).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .acceptance import Accepted, accepted_nodes, greedy_accept_nodes
-from .heads import MedusaHeads
-from .tree import MedusaTree, tree_candidates
+from afterburner.spec_decode.acceptance import Accepted, accepted_nodes, greedy_accept_nodes
+from afterburner.spec_decode.medusa.heads import MedusaHeads
+from afterburner.spec_decode.tree import TokenTree, tree_candidates
 
 # (tree, node_tokens [N+1], node_logits [N+1, V]) -> Accepted; bind temperature etc. with functools.partial
-AcceptRule = Callable[[MedusaTree, torch.Tensor, torch.Tensor], Accepted]
+AcceptRule = Callable[[TokenTree, torch.Tensor, torch.Tensor], Accepted]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def causal_forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def tree_verify(model, context: torch.Tensor, node_tokens: torch.Tensor,
-                tree: MedusaTree) -> tuple[torch.Tensor, torch.Tensor]:
+                tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over context [C] + node_tokens [N+1]: (node_logits [N+1, V], node_hidden [N+1, H]), equal
     to a causal forward of context + the path root -> ... -> i at each node i."""
     c, n = context.numel(), tree.num_nodes
@@ -78,7 +78,7 @@ def draft(heads: MedusaHeads, model, hidden: torch.Tensor, topk: int) -> torch.T
     return head_logits[:, 0].topk(topk, dim=-1).indices
 
 
-def medusa_step(model, heads: MedusaHeads, tree: MedusaTree, ids: torch.Tensor, hidden: torch.Tensor,
+def medusa_step(model, heads: MedusaHeads, tree: TokenTree, ids: torch.Tensor, hidden: torch.Tensor,
                 accept: AcceptRule = greedy_accept_nodes) -> tuple[Accepted, torch.Tensor]:
     """One step from ids [L] and hidden [H] (the state at ids[-2]): (what was accepted, the next hidden)."""
     node_tokens = tree_candidates(tree, int(ids[-1]), draft(heads, model, hidden, tree.topk))
@@ -88,7 +88,7 @@ def medusa_step(model, heads: MedusaHeads, tree: MedusaTree, ids: torch.Tensor, 
 
 
 @torch.inference_mode()
-def medusa_generate(model, heads: MedusaHeads, tree: MedusaTree, prompt_ids: torch.Tensor, *,
+def medusa_generate(model, heads: MedusaHeads, tree: TokenTree, prompt_ids: torch.Tensor, *,
                     max_new_tokens: int, accept: AcceptRule = greedy_accept_nodes,
                     eos_token_id: int | None = None) -> MedusaOutput:
     """Decode up to max_new_tokens after prompt_ids [L >= 2] (stopping after eos_token_id if given)."""

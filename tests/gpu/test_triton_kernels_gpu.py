@@ -3,15 +3,14 @@ a Llama-8B-like layer (32 query heads, 8 kv heads, head_dim 128, 16-token blocks
 to 32k tokens in shuffled physical blocks, Quest scores, top-k 1/8 selection and split-K decode.
 
 Tier 5 (gpu): skipped without CUDA. Run it in its own process (`pytest tests/gpu`): once
-tests/unit/test_triton_kernels.py has switched a process to the Triton interpreter, that process cannot
-compile kernels, and these tests skip there.
+tests/unit/attention_backends/test_triton_kernels.py has switched a process to the Triton interpreter, that
+process cannot compile kernels, and these tests skip there.
 """
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
@@ -22,11 +21,11 @@ if isinstance(triton.language.standard.max, InterpretedFunction):
     pytest.skip("this process runs Triton's interpreter (tests/unit set TRITON_INTERPRET=1); run tests/gpu "
                 "in its own pytest process", allow_module_level=True)
 
-from afterburner.attention_backends.selective import selective_attention  # noqa: E402
 from afterburner.attention_backends.sparse import quest  # noqa: E402
 from afterburner.attention_backends.triton.quest_scores import quest_block_scores  # noqa: E402
 from afterburner.attention_backends.triton.selection import indices_to_mask, topk_block_indices  # noqa: E402
 from afterburner.attention_backends.triton.sparse_decode import sparse_paged_decode  # noqa: E402
+from support.attention import make_batch, paged_sdpa  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SEQ_LENS = [32768, 4099, 17, 12000]
@@ -45,29 +44,19 @@ def assert_rows_close(out, expected, tol):
 
 def make_cache(seed, *, num_heads, num_kv_heads, head_dim, dtype):
     """Paged cache on the GPU holding SEQ_LENS in shuffled physical blocks, plus one decode query each."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    blocks = [math.ceil(n / BLOCK) for n in SEQ_LENS]
-    num_blocks = sum(blocks) + 5
-    shape = (num_blocks, BLOCK, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
-    v_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
-    perm = torch.randperm(num_blocks, generator=gen, device="cuda").int()
-    table = torch.zeros(len(blocks), max(blocks), dtype=torch.int32, device="cuda")
-    used = 0
-    for b, n in enumerate(blocks):
-        table[b, :n] = perm[used:used + n]
-        used += n
-    query = torch.randn(len(blocks), num_heads, head_dim, generator=gen, device="cuda").to(dtype)
-    return query, k_cache, v_cache, table, torch.tensor(SEQ_LENS, dtype=torch.int32, device="cuda")
+    query, k_cache, v_cache, table, seq_lens, _ = make_batch(
+        seed, seq_lens=SEQ_LENS, q_lens=[1] * len(SEQ_LENS), block_size=BLOCK, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, spare_blocks=5, dtype=dtype, device="cuda")
+    return query, k_cache, v_cache, table, seq_lens.int()
 
 
 def reference(query, k_cache, v_cache, table, seq_lens, *, scale, block_mask=None):
-    """The batched torch path (itself tested against the reference) on CPU, in fp32 from the same values."""
+    """The SDPA oracle on CPU, in fp32 from the same values."""
     cpu = [x.cpu() for x in (query, k_cache, v_cache, table, seq_lens)]
     starts = torch.arange(len(SEQ_LENS) + 1)
     mask = None if block_mask is None else block_mask.cpu()
-    return selective_attention(cpu[0].float(), cpu[1].float(), cpu[2].float(), cpu[3], cpu[4].long(), starts,
-                               scale=scale, block_mask=mask)
+    return paged_sdpa(cpu[0].float(), cpu[1].float(), cpu[2].float(), cpu[3], cpu[4].long(), starts, scale=scale,
+                      block_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -99,10 +88,6 @@ def test_every_block_selected_matches_dense_sdpa(scale):
     width = table.shape[1]
     all_blocks = torch.arange(width, device="cuda", dtype=torch.int32).expand(len(SEQ_LENS), 8, width)
     out = sparse_paged_decode(query, k_cache, v_cache, table, seq_lens, all_blocks.contiguous(), scale=scale)
-    for b, n in enumerate(SEQ_LENS):
-        n_blocks = math.ceil(n / BLOCK)
-        keys = k_cache[table[b, :n_blocks].long()].flatten(0, 1)[:n].transpose(0, 1).float()  # [Hkv, L, D]
-        values = v_cache[table[b, :n_blocks].long()].flatten(0, 1)[:n].transpose(0, 1).float()
-        q = query[b].view(8, 4, 128).float()  # a kv head's 4 query heads as 4 query rows: GQA without copies
-        dense = F.scaled_dot_product_attention(q, keys, values, scale=scale).reshape(32, 128)
-        assert_rows_close(out[b:b + 1], dense[None], TOLERANCE[torch.bfloat16])
+    starts = torch.arange(len(SEQ_LENS) + 1, device="cuda")
+    dense = paged_sdpa(query.float(), k_cache.float(), v_cache.float(), table, seq_lens, starts, scale=scale)
+    assert_rows_close(out, dense, TOLERANCE[torch.bfloat16])

@@ -1,5 +1,5 @@
 """What every SGLang-on-CPU engine in these tests shares (the in-process fixture and the subprocess
-scripts), so their greedy outputs compare token for token. ENGINE_NOTES, "SGLang": CPU needs
+scripts in ``scripts/``), so their greedy outputs compare token for token. README, Engine notes: CPU needs
 SGLANG_USE_CPU_ENGINE=1, device cpu, the torch_native attention backend, the sgl_kernel shim, and a
 small KV pool (left alone, the default memory fraction takes ~15 GB of RAM)."""
 
@@ -28,6 +28,29 @@ ENGINE_KWARGS = dict(
 # Non-default values: seeing them in a process proves AFTERBURNER_CONFIG travelled there.
 AFTERBURNER_SECTION = {"attention": {"sparse": {"budget_ratio": 0.125, "recent_pages": 3}}}
 AFTERBURNER_CONFIG = json.dumps({"afterburner": AFTERBURNER_SECTION})
+
+
+# ---- the afterburner-sparse / afterburner-squeezed engine runs (scripts/sparse_engine.py) ----
+
+# Quest blocks are 16 tokens here (page_size 1). The budget is absolute: 224 tokens, 14 blocks. It covers
+# every sequence of the mixed batch (prompts of 189, 87, 5 and 66 tokens, plus 12 generated), so that
+# batch must give the dense output; the long batch (910-token prompts, ~58 blocks) reads about a quarter.
+SPARSE_CONFIG = {"attention": {"sparse": {"token_budget": 224, "sink_pages": 1, "recent_pages": 2,
+                                          "dense_below_tokens": 64, "dense_layers": 0}}}
+# Squeezed at threshold quantile 0 reads every key (the mixed batch must give the dense output); at 0.75
+# it reads about a quarter of each long prompt's fixed context.
+SQUEEZED_CONFIGS = {quantile: {"attention": {"squeezed": {"threshold_quantile": quantile, "dense_below_tokens": 64,
+                                                          "dense_layers": 0}}} for quantile in (0.0, 0.75)}
+
+
+def numbered_text(lines: int, seed: int) -> str:
+    """Varied, deterministic text (a repeated phrase would give the random model a trivial pattern)."""
+    return " ".join(f"line {i}: x{i} is {(i * 7 + seed) % 13}." for i in range(lines))
+
+
+# One prompt under dense_below_tokens: in a batch that runs the selective op it must read every block.
+MIXED_PROMPTS = [numbered_text(18, 1), numbered_text(9, 2), "Open the file and", numbered_text(7, 3)]
+LONG_PROMPTS = [numbered_text(80, 4), numbered_text(80, 5)]
 
 
 def cpu_env() -> dict[str, str]:

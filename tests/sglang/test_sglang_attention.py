@@ -15,26 +15,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from engine_setup import GREEDY, LONG_PROMPTS, MAX_NEW_TOKENS, MIXED_PROMPTS, SPARSE_CONFIG, SQUEEZED_CONFIGS
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
+from afterburner.attention_backends.rules import DenseGate
 from afterburner.attention_backends.selective import selective_attention_reference
 from afterburner.attention_backends.sparse import quest
+from afterburner.attention_backends.sparse.selector import QuestSelector
 from afterburner.attention_backends.squeezed.reference import squeezed_attention_reference
-from afterburner.plugins import report
+from afterburner.attention_backends.squeezed.selector import SqueezedSelector
+from afterburner.plugins import report, stats
 from afterburner.plugins.config import AfterburnerConfig, ConfigError, SparseSettings, SqueezedSettings
-from afterburner.plugins.sglang import attention, sparse_backend
-from afterburner.plugins.sglang.block_selection import QuestSelector
-from afterburner.plugins.sglang.squeezed_selection import INDEX_STATS, SqueezedSelector
+from afterburner.plugins.sglang import attention, selective_backend
 from afterburner.plugins.sglang.kv_blocks import block_tokens
-from engine_setup import GREEDY, MAX_NEW_TOKENS
-from sparse_engine import LONG_PROMPTS, MIXED_PROMPTS, SPARSE_CONFIG, SQUEEZED_CONFIGS
 
 pytestmark = pytest.mark.sglang
 
-HERE = Path(__file__).parent
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 # ---- registration: the real parser and SGLang's argument check ----
@@ -93,7 +93,7 @@ def test_factory_honours_enabled_false_and_builds_both_methods(monkeypatch):
     assert isinstance(attention._create(_runner(), name="afterburner-sparse").selector, QuestSelector)
     squeezed = attention._create(_runner(), name="afterburner-squeezed")
     assert isinstance(squeezed.selector, SqueezedSelector)
-    assert squeezed.dense_below_tokens == SqueezedSettings().dense_below_tokens
+    assert squeezed.gate == DenseGate.of(SqueezedSettings())
 
 
 # ---- the backend on real SGLang pools and batches, driven by hand ----
@@ -112,9 +112,10 @@ class World:
         self.kv = runner.token_to_kv_pool
         self.page_size = page_size
         selector = SqueezedSelector if isinstance(settings, SqueezedSettings) else QuestSelector
-        self.backend = sparse_backend.SparseAttnBackend(
-            runner, make_selector=functools.partial(selector, settings),
-            dense_below_tokens=settings.dense_below_tokens)
+        self.method = "squeezed" if isinstance(settings, SqueezedSettings) else "sparse"
+        self.backend = selective_backend.SelectiveAttnBackend(  # layer 0 is the only layer: no dense layers
+            runner, method=self.method, make_selector=functools.partial(selector, settings),
+            gate=DenseGate(settings.dense_below_tokens, dense_layers=0))
         self.stock = TorchNativeAttnBackend(runner)
         self.layer = RadixAttention(H_Q, D, D**-0.5, H_KV, layer_id=0)
         self.gen = torch.Generator().manual_seed(seed)
@@ -182,6 +183,10 @@ class World:
             stock = self.stock.forward_decode(q, k, v, self.layer, batch)
         return q, ours, stock
 
+    def counts(self) -> dict[str, int]:
+        """The backend's read counters (this process's, for its method) and its selector's own."""
+        return {**stats.attention(self.method).as_dict(), **self.backend.selector.counters()}
+
     def keys(self, row: int) -> torch.Tensor:
         """[L, Hkv, D] the request's keys in position order, from the pool."""
         return self.kv.get_key_buffer(0)[self.req_to_token[row, : self.lens[row]].long()]
@@ -207,13 +212,14 @@ SETTINGS = dict(sink_pages=1, recent_pages=1, dense_below_tokens=32)
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_full_budget_decode_matches_torch_native(page_size):
     world = _build(SparseSettings(budget_ratio=1.0, **SETTINGS), page_size)
-    before = dict(sparse_backend.STATS)
+    before = world.counts()
     for _ in range(3):
         _, ours, stock = world.decode(LIVE, also_stock=True)
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    read = sparse_backend.STATS["pages_read"] - before["pages_read"]
-    assert sparse_backend.STATS["forward_calls"] - before["forward_calls"] == 3, "the selective op must have run"
-    assert read == sparse_backend.STATS["pages_in_context"] - before["pages_in_context"] > 0
+    after = world.counts()
+    read = after["pages_read"] - before["pages_read"]
+    assert after["forward_calls"] - before["forward_calls"] == 3, "the selective op must have run"
+    assert read == after["pages_in_context"] - before["pages_in_context"] > 0
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -234,13 +240,19 @@ def test_summaries_bound_every_block_after_sharing_and_reuse(page_size):
                 assert torch.equal(kmax[summary_row], chunk.amax(0)), (row, block)
 
 
+def _block_mask(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, Hkv, L] per-position mask -> [B, Hkv, ceil(L / BS)]: a block is read if any of its positions is."""
+    padded = torch.nn.functional.pad(token_mask, (0, -token_mask.shape[2] % block_size))
+    return padded.view(*token_mask.shape[:2], -1, block_size).any(-1)
+
+
 def test_small_budget_attends_exactly_to_quests_blocks():
     settings = SparseSettings(budget_ratio=0.25, **SETTINGS)
     world = _build(settings, page_size=1)
-    before = dict(sparse_backend.STATS)
+    before = world.counts()
     q, ours, _ = world.decode(LIVE)
-    block_mask = world.backend.last_block_masks[0]  # [B, Hkv, Bmax]
     bs = block_tokens(1)
+    block_mask = _block_mask(world.backend.last_token_masks[0], bs)  # [B, Hkv, Bmax]
     query = q.view(len(LIVE), H_Q, D)
     for b, row in enumerate(LIVE):
         seq_len = world.lens[row]
@@ -276,8 +288,9 @@ def test_small_budget_attends_exactly_to_quests_blocks():
         torch.tensor([world.lens[row] for row in LIVE]), torch.arange(len(LIVE) + 1), scale=D**-0.5,
         block_mask=block_mask)
     torch.testing.assert_close(ours.view(len(LIVE), H_Q, D), expected, rtol=1e-5, atol=1e-5)
-    in_context = sparse_backend.STATS["pages_in_context"] - before["pages_in_context"]
-    assert sparse_backend.STATS["pages_read"] - before["pages_read"] == int(block_mask.sum()) < in_context
+    after = world.counts()
+    in_context = after["pages_in_context"] - before["pages_in_context"]
+    assert after["pages_read"] - before["pages_read"] == int(block_mask.sum()) < in_context
 
 
 # ---- afterburner-squeezed: the same backend with Squeezed Attention's token selector ----
@@ -293,16 +306,17 @@ def _fixed_context(prompt_len: int) -> int:
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_squeezed_keeping_every_key_matches_torch_native(page_size):
     world = _build(SqueezedSettings(threshold_quantile=0.0, **SQUEEZED), page_size)
-    stats, indexes = dict(sparse_backend.STATS), dict(INDEX_STATS)
+    before = world.counts()
     for _ in range(3):
         _, ours, stock = world.decode(LIVE, also_stock=True)
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    assert sparse_backend.STATS["forward_calls"] - stats["forward_calls"] == 3, "the selective op must have run"
-    read = sparse_backend.STATS["tokens_read"] - stats["tokens_read"]
-    assert read == sparse_backend.STATS["tokens_in_context"] - stats["tokens_in_context"] > 0
+    after = world.counts()
+    assert after["forward_calls"] - before["forward_calls"] == 3, "the selective op must have run"
+    read = after["tokens_read"] - before["tokens_read"]
+    assert read == after["tokens_in_context"] - before["tokens_in_context"] > 0
     # A, D and E (C is short) each get an index at their first decode and find it in the store after.
-    assert INDEX_STATS["indexes_built"] - indexes["indexes_built"] == 3
-    assert INDEX_STATS["index_hits"] - indexes["index_hits"] == 2 * 3
+    assert after["indexes_built"] - before["indexes_built"] == 3
+    assert after["index_hits"] - before["index_hits"] == 2 * 3
 
 
 def test_squeezed_reads_a_calibrated_share_and_attends_exactly_to_it():
@@ -330,15 +344,15 @@ def test_squeezed_reads_a_calibrated_share_and_attends_exactly_to_it():
 def test_squeezed_reuses_a_shared_context_and_never_a_diverged_or_rewritten_one():
     world = World(SqueezedSettings(threshold_quantile=0.75, **SQUEEZED), page_size=4)
     store = world.backend.selector.store
-    built = lambda: INDEX_STATS["indexes_built"]  # noqa: E731
+    built = lambda: world.counts()["indexes_built"]  # noqa: E731
     start = built()
     world.prefill(1, 300)  # A
     world.decode([1])
     # F holds A's first 296 tokens (A's whole fixed context): it finds A's index.
     world.prefill(2, 310, share_from=1, shared=296)
-    hits = INDEX_STATS["index_hits"]
+    hits = world.counts()["index_hits"]
     world.decode([2])
-    assert built() - start == 1 and INDEX_STATS["index_hits"] == hits + 1
+    assert built() - start == 1 and world.counts()["index_hits"] == hits + 1
     # H's fixed context is 7 blocks; I shares H's first 100 tokens, so its first 7 blocks start at H's
     # slots, but it diverges inside the 7th: the context's last slot tells them apart.
     world.prefill(3, 120)  # H
@@ -363,10 +377,10 @@ def test_squeezed_reuses_a_shared_context_and_never_a_diverged_or_rewritten_one(
 
 
 def _engine_run(model, method: str, config: dict, report_dir) -> dict:
-    """``sparse_engine.py`` in a fresh process (~1.5-2.5 min on 2 cores, mostly engine start)."""
+    """``scripts/sparse_engine.py`` in a fresh process (~1.5-2.5 min on 2 cores, mostly engine start)."""
     env = {**os.environ, "AFTERBURNER_CONFIG": json.dumps(config), report.REPORT_DIR_ENV: str(report_dir)}
     env.pop("AFTERBURNER_DISABLE", None)
-    run = subprocess.run([sys.executable, str(HERE / "sparse_engine.py"), str(model), method],
+    run = subprocess.run([sys.executable, str(SCRIPTS / "sparse_engine.py"), str(model), method],
                          env=env, capture_output=True, text=True, timeout=480)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -12,6 +12,7 @@ import weakref
 import pytest
 import regex
 import torch
+from engine_setup import GREEDY, PROMPTS, greedy_ids
 
 from afterburner.plugins import report
 from afterburner.plugins.sglang import awrs_processor
@@ -23,7 +24,6 @@ from afterburner.plugins.sglang.awrs_processor import (
 )
 from afterburner.samplers.request import ConstraintRequest
 from afterburner.samplers.request_state import RequestState
-from engine_setup import GREEDY, PROMPTS, greedy_ids
 
 pytestmark = pytest.mark.sglang
 

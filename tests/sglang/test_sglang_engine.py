@@ -12,9 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from afterburner.plugins import report
-from afterburner.plugins.config import ConfigError
 from engine_setup import (
     AFTERBURNER_CONFIG,
     AFTERBURNER_SECTION,
@@ -24,9 +21,12 @@ from engine_setup import (
     greedy_ids,
 )
 
+from afterburner.plugins import report
+from afterburner.plugins.config import ConfigError
+
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-HERE = Path(__file__).parent
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_register_ran_in_every_engine_process_with_the_config(engine):
@@ -56,7 +56,7 @@ def test_disabled_afterburner_gives_identical_output(engine, tiny_model, tmp_pat
     report_dir = tmp_path / "report"
     env = {**os.environ, "AFTERBURNER_DISABLE": "1", "AFTERBURNER_CONFIG": AFTERBURNER_CONFIG,
            report.REPORT_DIR_ENV: str(report_dir)}
-    run = subprocess.run([sys.executable, str(HERE / "run_engine.py"), str(tiny_model)],
+    run = subprocess.run([sys.executable, str(SCRIPTS / "run_engine.py"), str(tiny_model)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     disabled = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from engine_setup import AFTERBURNER_CONFIG, AFTERBURNER_SECTION
 
 from afterburner.plugins import report
-from engine_setup import AFTERBURNER_CONFIG, AFTERBURNER_SECTION
 
 pytestmark = pytest.mark.sglang
 

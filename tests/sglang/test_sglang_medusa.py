@@ -6,23 +6,23 @@ the heads' top-k into the tree and lays it out as SGLang's ``NgramVerifyInput`` 
 derivation gives.
 
 Not here: a verify step. SGLang's tree verify on CPU needs sgl_kernel's CPU build and the intel_amx
-backend (``medusa.cpu_blocker``), which this machine lacks, so the worker is refused at startup."""
+backend (``spec_checks.cpu_blocker``), which this machine lacks, so the worker is refused at startup."""
 
 import multiprocessing
 
 import numpy as np
 import pytest
 import torch
+from engine_setup import ENGINE_KWARGS
 from safetensors.torch import load_file
 
 from afterburner.plugins.config import ConfigError, parse_config
-from afterburner.plugins.sglang import medusa
-from afterburner.plugins.sglang.medusa_draft import MedusaCarry, MedusaDrafter, tree_links
+from afterburner.plugins.sglang import medusa, spec_algorithms, spec_checks
+from afterburner.plugins.sglang.tree_verify import TreeCarry, TreeVerifier, tree_links
 from afterburner.spec_decode.medusa.checkpoint import load_heads, load_shared_lm_head, save_heads
-from afterburner.spec_decode.medusa.choices import MC_SIM_7B_63, chain
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
-from afterburner.spec_decode.medusa.tree import build_tree, tree_candidates
-from engine_setup import ENGINE_KWARGS
+from afterburner.spec_decode.tree import build_tree, tree_candidates
+from afterburner.spec_decode.tree_choices import MC_SIM_7B_63, chain
 
 pytestmark = pytest.mark.sglang
 
@@ -68,7 +68,7 @@ def test_loader_registers_both_names_with_medusas_interface(loaded):
 
     for name in ("AFTERBURNER_MEDUSA", "afterburner_medusa", "MEDUSA"):
         algo = SpeculativeAlgorithm.from_string(name)
-        assert algo.validate_server_args is medusa.validate_server_args and not algo.supports_overlap
+        assert algo.validate_server_args is spec_algorithms.validate_server_args and not algo.supports_overlap
         assert not algo.has_draft_kv() and not algo.need_topk() and not algo.carries_draft_hidden_states()
         assert not algo.is_eagle() and not algo.is_ngram() and algo.is_speculative()
 
@@ -77,10 +77,10 @@ def test_registering_again_is_a_no_op_and_a_taken_alias_is_left_alone(loaded, mo
     from sglang.srt.speculative import spec_registry
 
     both = ["speculative algorithm AFTERBURNER_MEDUSA", "speculative algorithm MEDUSA"]
-    assert medusa.register_algorithms() == both  # SGLang loads plugins more than once per process
+    assert spec_algorithms.register_algorithms() == both  # SGLang loads plugins more than once per process
     other_plugins = spec_registry.CustomSpecAlgo("MEDUSA", factory=lambda server_args: None)
     monkeypatch.setitem(spec_registry._REGISTRY, "MEDUSA", other_plugins)
-    assert medusa.register_algorithms() == both[:1]
+    assert spec_algorithms.register_algorithms() == both[:1]
     assert spec_registry.get_spec("MEDUSA") is other_plugins
 
 
@@ -95,10 +95,10 @@ def test_resolution_accepts_medusa_and_applies_its_defaults(loaded, heads_dir, t
     from sglang.srt.model_executor.cuda_graph_config import Backend
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    from afterburner.plugins.sglang.medusa_worker import MedusaWorker
+    from afterburner.plugins.sglang.tree_spec_worker import TreeSpecWorker
 
-    monkeypatch.setattr(medusa, "cpu_blocker", lambda *_: None)
-    monkeypatch.setenv("AFTERBURNER_CONFIG", f'{{"medusa": {{"tree": "{tree}"}}}}')
+    monkeypatch.setattr(spec_algorithms, "cpu_blocker", lambda *_: None)
+    monkeypatch.setenv("AFTERBURNER_CONFIG", f'{{"speculative": {{"tree": "{tree}"}}}}')
     args, view = _resolve(tiny_model, "--speculative-algorithm", "afterburner_medusa",
                           "--speculative-draft-model-path", str(heads_dir), *flags)
     assert view.speculative_algorithm == "AFTERBURNER_MEDUSA"
@@ -107,7 +107,7 @@ def test_resolution_accepts_medusa_and_applies_its_defaults(loaded, heads_dir, t
     assert view.disable_overlap_schedule and not view.enable_mixed_chunk
     assert view.cuda_graph_config.decode.backend == Backend.DISABLED
     algo = SpeculativeAlgorithm.from_string(view.speculative_algorithm)
-    assert algo.create_worker(args) is MedusaWorker  # what the scheduler builds
+    assert algo.create_worker(args) is TreeSpecWorker  # what the scheduler builds
     pool = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
     assert algo.create_future_map("cpu", pool).spec_algo is algo  # the scheduler builds one for any algorithm
 
@@ -125,14 +125,14 @@ CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attenti
                 r"Medusa heads folder \(build one with `afterburner train medusa`\)$")),
     (["--speculative-draft-model-path", "{tiny}"], None,
      r"^--speculative-draft-model-path: .*tiny-llama/config\.json is not a Medusa checkpoint"),
-    ([*HEADS, DRAFTS, "5"], '{"medusa": {"tree": "chain"}}',
-     (r"^afterburner\.medusa\.tree: a chain drafts at most one token per head: 4 > 3 heads \(on SGLang "
+    ([*HEADS, DRAFTS, "5"], '{"speculative": {"tree": "chain"}}',
+     (r"^afterburner\.speculative\.tree: a chain drafts at most one token per depth: 4 > depth 3 \(on SGLang "
       r"--speculative-num-draft-tokens 5 = the root \+ 4 drafted nodes\)$")),
-    ([*HEADS, DRAFTS, "3"], '{"medusa": {"tree": [[0], [0, 0, 0, 0]]}}',
-     r"^afterburner\.medusa\.tree: medusa tree is 4 deep but there are only 3 heads"),
+    ([*HEADS, DRAFTS, "3"], '{"speculative": {"tree": [[0], [0, 0, 0, 0]]}}',
+     r"^afterburner\.speculative\.tree: the tree is 4 deep but the drafter reaches only depth 3"),
     ([*HEADS, DRAFTS, "1"], None, r"^--speculative-num-draft-tokens: 1 leaves no tree node to draft"),
-    (HEADS, '{"medusa": {"acceptance": "typical"}}',
-     r"^afterburner\.medusa\.acceptance: 'typical' is not available on SGLang"),
+    (HEADS, '{"speculative": {"acceptance": "typical"}}',
+     r"^afterburner\.speculative\.acceptance: 'typical' is not available on SGLang"),
     (HEADS, '{"enabled": false}', r"^afterburner\.enabled: false, but --speculative-algorithm AFTERBURNER"),
     (HEADS, None, CPU_LINE),
 ])
@@ -180,7 +180,7 @@ def test_tree_links_are_what_sglang_derives_from_the_mask(paths):
     (ancestors + committed length) our depths."""
     from sglang.srt.speculative.ngram_worker import _derive_tree_links
 
-    tree = build_tree(paths, num_heads=4)
+    tree = build_tree(paths, max_depth=4)
     links = tree_links(tree)
     bs, n = 2, tree.num_nodes
     next_token, next_sibling = _derive_tree_links(np.stack([tree.attn_mask.numpy()] * bs), bs, n)
@@ -193,9 +193,10 @@ def test_draft_stage_puts_each_heads_top_k_where_the_tree_says(heads_dir):
     from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
     heads, lm_head = load_heads(heads_dir), load_shared_lm_head(heads_dir)
-    tree = medusa.make_tree(heads.config, 12, parse_config({"medusa": {"tree": "paper"}}, source="test"))
+    tree = spec_checks.make_tree(heads.config.num_heads, 12, parse_config({"speculative": {"tree": "paper"}},
+                                                                          source="test"))
     n = tree.num_nodes
-    drafter = MedusaDrafter(heads, tree, lm_head, "cpu")
+    drafter, verifier = medusa.MedusaDrafter(heads, tree, lm_head, "cpu"), TreeVerifier(tree, "cpu")
     hidden = torch.randn(3, heads.config.hidden_size, generator=torch.Generator().manual_seed(1))
 
     head_topk = drafter.propose(hidden)  # [B, D, T]
@@ -205,14 +206,14 @@ def test_draft_stage_puts_each_heads_top_k_where_the_tree_says(heads_dir):
     assert len({tuple(head_topk[b, 0].tolist()) for b in range(3)}) == 3  # the hidden state matters
 
     roots = torch.tensor([7, 8, 9], dtype=torch.int32)  # the last emitted tokens, as SGLang samples them
-    tokens = drafter.tree_tokens(roots, head_topk)  # [B, N]
+    tokens = verifier.tree_tokens(roots, head_topk)  # [B, N]
     for b in range(3):
         assert torch.equal(tokens[b], tree_candidates(tree, int(roots[b]), head_topk[b]))
         for i, path in enumerate(tree.choices, start=1):  # node (r_1..r_d): rank r_d of head d
             assert tokens[b, i] == head_topk[b, len(path) - 1, path[-1]]
 
     seq_lens = torch.tensor([5, 11, 2])
-    verify = drafter.verify_input(tokens, seq_lens, seq_lens.tolist(), prefix_in_mask=False)
+    verify = verifier.verify_input(tokens, seq_lens, seq_lens.tolist(), prefix_in_mask=False)
     assert isinstance(verify, NgramVerifyInput) and verify.is_verify_input()
     assert verify.draft_token_num == verify.num_tokens_per_req == verify.max_tree_depth == n
     assert torch.equal(verify.draft_token, tokens.flatten())
@@ -226,11 +227,12 @@ def test_cuda_mask_layout_is_context_then_tree_per_request(heads_dir):
     """The layout SGLang's CUDA backends read (its NGRAM worker builds the same): [N, L_b + N] per request,
     numel = sum(L) * N + N^2 * B as ``NgramVerifyInput.generate_attn_arg_prefill`` sizes it."""
     heads = load_heads(heads_dir)
-    tree = medusa.make_tree(heads.config, 6, parse_config({"medusa": {"tree": "paper"}}, source="test"))
-    drafter = MedusaDrafter(heads, tree, load_shared_lm_head(heads_dir), "cpu")
+    tree = spec_checks.make_tree(heads.config.num_heads, 6, parse_config({"speculative": {"tree": "paper"}},
+                                                                         source="test"))
+    verifier = TreeVerifier(tree, "cpu")
     n, lengths = tree.num_nodes, [3, 0, 7]
     tokens = torch.zeros(len(lengths), n, dtype=torch.long)
-    mask = drafter.verify_input(tokens, torch.tensor(lengths), lengths, prefix_in_mask=True).custom_mask
+    mask = verifier.verify_input(tokens, torch.tensor(lengths), lengths, prefix_in_mask=True).custom_mask
     assert mask.numel() == sum(lengths) * n + n * n * len(lengths)
     start = 0
     for length in lengths:
@@ -240,11 +242,11 @@ def test_cuda_mask_layout_is_context_then_tree_per_request(heads_dir):
 
 
 def test_carry_follows_the_scheduler_filtering_and_merging_its_batch():
-    first = MedusaCarry(torch.tensor([1, 2, 3]), torch.arange(12).view(3, 2, 2), torch.tensor([10, 20, 30]))
+    first = TreeCarry(torch.tensor([1, 2, 3]), torch.arange(12).view(3, 2, 2), torch.tensor([10, 20, 30]))
     assert not first.is_draft_input() and not first.is_verify_input()  # no forward runs on it
     first.filter_batch(torch.tensor([2, 0]), [2, 0])
     assert first.roots.tolist() == [3, 1] and first.new_seq_lens.tolist() == [30, 10]
     assert torch.equal(first.head_topk, torch.arange(12).view(3, 2, 2)[[2, 0]])
-    first.merge_batch(MedusaCarry(torch.tensor([4]), torch.full((1, 2, 2), -1), torch.tensor([40])))
+    first.merge_batch(TreeCarry(torch.tensor([4]), torch.full((1, 2, 2), -1), torch.tensor([40])))
     assert first.roots.tolist() == [3, 1, 4] and first.new_seq_lens.tolist() == [30, 10, 40]
     assert first.head_topk.shape == (3, 2, 2) and (first.head_topk[2] == -1).all()

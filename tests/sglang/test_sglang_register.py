@@ -10,7 +10,8 @@ from packaging.specifiers import SpecifierSet
 from sglang.srt.server_args import ServerArgs
 
 import afterburner.plugins.sglang as adapter
-from afterburner.patches import SGLANG_PATCHES, base as patching
+from afterburner.patches import SGLANG_PATCHES
+from afterburner.patches import base as patching
 from afterburner.plugins import compat, report
 from afterburner.plugins.config import ConfigError
 

@@ -1,5 +1,5 @@
-"""Engine settings shared by the in-process fixture and the subprocess scripts, so that their greedy
-outputs are comparable token for token."""
+"""Engine settings shared by the in-process fixture and the subprocess scripts (``scripts/``), so that
+their greedy outputs are comparable token for token."""
 
 PROMPTS = ["The module provides", "Return a new list of", "Open the file and"]
 MAX_TOKENS = 12

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import regex
+from engine_args import MAX_TOKENS, PROMPTS
 
 from afterburner.plugins import report
-from engine_args import MAX_TOKENS, PROMPTS
 
 PATTERN = r"(yes|no), [0-9]{2,3} items?"
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},

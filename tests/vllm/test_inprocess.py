@@ -3,11 +3,11 @@ worker, a bad config stops startup with one message, and where afterburner must 
 output is token-identical to stock."""
 
 import pytest
+from engine_args import AFTERBURNER_SECTION, ENGINE_KWARGS, MAX_TOKENS, PROMPTS
+from result_script import run_result_script
 
 from afterburner.plugins import report
 from afterburner.plugins.config import ConfigError
-from engine_args import AFTERBURNER_SECTION, ENGINE_KWARGS, MAX_TOKENS, PROMPTS
-from result_script import run_result_script
 
 
 def _greedy(llm):
@@ -37,7 +37,8 @@ def test_config_from_additional_config_reaches_the_worker(llm):
     configs = {e["where"]: e["config"] for e in report.events() if e["event"] == "config"}
     assert set(configs) == {"engine_config", "worker"}
     for config in configs.values():
-        assert config["attention"]["sparse"]["budget_ratio"] == AFTERBURNER_SECTION["attention"]["sparse"]["budget_ratio"]
+        expected = AFTERBURNER_SECTION["attention"]["sparse"]["budget_ratio"]
+        assert config["attention"]["sparse"]["budget_ratio"] == expected
         assert config["attention"]["sparse"]["recent_pages"] == 3
 
 

@@ -5,12 +5,12 @@ drafts per step than the chain, and bad settings stop startup with one line."""
 import json
 
 import pytest
+from result_script import run_result_script
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.config import ConfigError
 from afterburner.spec_decode.medusa.checkpoint import save_heads
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
-from result_script import run_result_script
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def plain(tiny_model, echo_heads):
 
 @pytest.fixture(scope="module")
 def chain(tiny_model, echo_heads):
-    return _run(tiny_model, echo_heads, 3, {"medusa": {"tree": "chain"}})
+    return _run(tiny_model, echo_heads, 3, {"speculative": {"tree": "chain"}})
 
 
 def test_chain_is_lossless(plain, chain):
@@ -43,7 +43,7 @@ def test_chain_is_lossless(plain, chain):
 
 
 def test_tree_is_lossless_and_accepts_more_than_the_chain(tiny_model, echo_heads, plain, chain):
-    tree = _run(tiny_model, echo_heads, 10, {"medusa": {"tree": "paper"}})
+    tree = _run(tiny_model, echo_heads, 10, {"speculative": {"tree": "paper"}})
     assert tree["tokens"] == plain["tokens"]
     per_step = {name: r["stats"]["accepted_drafts"] / r["stats"]["request_steps"] for name, r in
                 (("tree", tree), ("chain", chain))}
@@ -51,12 +51,12 @@ def test_tree_is_lossless_and_accepts_more_than_the_chain(tiny_model, echo_heads
 
 
 def test_typical_acceptance_at_temperature_zero_is_greedy(tiny_model, echo_heads, plain):
-    typical = _run(tiny_model, echo_heads, 10, {"medusa": {"tree": "paper", "acceptance": "typical"}})
+    typical = _run(tiny_model, echo_heads, 10, {"speculative": {"tree": "paper", "acceptance": "typical"}})
     assert typical["tokens"] == plain["tokens"]
 
 
 def test_sampling_runs_with_rejection_acceptance(tiny_model, echo_heads):
-    sampled = _run(tiny_model, echo_heads, 10, {"medusa": {"tree": "paper"}}, temperature=0.8)
+    sampled = _run(tiny_model, echo_heads, 10, {"speculative": {"tree": "paper"}}, temperature=0.8)
     assert all(len(ids) == 32 for ids in sampled["tokens"])
     assert sampled["stats"]["request_steps"] > 0
 
@@ -66,7 +66,7 @@ def _startup(tiny_model, heads, num_spec, medusa=None):
 
     args = EngineArgs(model=str(tiny_model), dtype="float32", enforce_eager=True, max_model_len=512,
                       speculative_config={"method": "medusa", "model": str(heads), "num_speculative_tokens": num_spec},
-                      additional_config={"afterburner": {"medusa": medusa or {}}})
+                      additional_config={"afterburner": {"speculative": medusa or {}}})
     with pytest.raises(ConfigError) as error:
         args.create_engine_config()
     return str(error.value)
@@ -78,6 +78,6 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, echo_heads, tmp_pat
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     assert "not a Medusa checkpoint" in _startup(tiny_model, tmp_path, 3)
     message = _startup(tiny_model, echo_heads, 4, {"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]})
-    assert "4 deep but there are only 3 heads" in message
-    assert "at most one token per head" in _startup(tiny_model, echo_heads, 4, {"tree": "chain"})
+    assert "4 deep but the drafter reaches only depth 3" in message
+    assert "at most one token per depth" in _startup(tiny_model, echo_heads, 4, {"tree": "chain"})
     assert "\n" not in message

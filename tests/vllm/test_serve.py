@@ -8,10 +8,10 @@ import urllib.error
 
 import pytest
 import regex
+from engine_args import AFTERBURNER_SECTION
 
 from afterburner.plugins import report
-from engine_args import AFTERBURNER_SECTION
-from afterburner.plugins.vllm.server import free_port, post, serve_command, vllm_server
+from afterburner.plugins.devtools.vllm_server import free_port, post, serve_command, vllm_server
 
 
 @pytest.fixture(scope="module")

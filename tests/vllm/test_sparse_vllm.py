@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from result_script import run_result_script
 
 
@@ -53,7 +52,7 @@ def test_small_budget_reads_a_fraction_of_the_blocks(tiny_model):
 def test_vec_cache_views_match_vllms_cache_write_kernel():
     import vllm._custom_ops as ops
 
-    from afterburner.plugins.vllm.sparse_attention import KV_VIEWS
+    from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
     num_blocks, num_kv_heads, block_size, head_dim = 3, 2, 32, 64
     kv_cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_dim)

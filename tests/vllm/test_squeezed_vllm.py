@@ -5,7 +5,6 @@ reuses the index built for the first one; a calibrated threshold reads a fractio
 import json
 
 import pytest
-
 from result_script import run_result_script
 
 SQUEEZED = {"dense_below_tokens": 64, "dense_layers": 0, "observation_window": 16}

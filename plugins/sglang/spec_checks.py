@@ -1,0 +1,44 @@
+"""Checks every afterburner speculative algorithm in SGLang (0.5.23) shares: the tree that fits the
+drafter and ``--speculative-num-draft-tokens``, and whether SGLang's tree verify can run on this device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from afterburner.plugins.config import AfterburnerConfig, ConfigError
+from afterburner.spec_decode.tree import TokenTree, build_tree
+from afterburner.spec_decode.tree_choices import tree_paths
+
+CPU_VERIFY_BACKEND = "intel_amx"
+
+
+def make_tree(max_depth: int, num_draft_tokens: int | None, config: AfterburnerConfig) -> TokenTree:
+    """The tree of ``config.speculative.tree`` with ``num_draft_tokens`` nodes, the root included (default:
+    one node per depth the drafter reaches), or one ``ConfigError`` line naming the flag or field that does
+    not fit."""
+    drafts = max_depth if num_draft_tokens is None else num_draft_tokens - 1
+    if drafts < 1:
+        raise ConfigError(f"--speculative-num-draft-tokens: {num_draft_tokens} leaves no tree node to draft; "
+                          "give at least 2 (the root and one node)")
+    try:
+        paths = tree_paths(config.speculative.tree, max_depth=max_depth, num_drafts=drafts)
+        return build_tree(paths, max_depth=max_depth)
+    except ValueError as exc:
+        raise ConfigError(f"afterburner.speculative.tree: {exc} (on SGLang --speculative-num-draft-tokens "
+                          f"{drafts + 1} = the root + {drafts} drafted nodes)") from None
+
+
+def cpu_blocker(algorithm: str, device: str, prefill_backend: str | None, decode_backend: str | None) -> str | None:
+    """Why SGLang's tree verify cannot run with these settings (None: it can)."""
+    if device != "cpu" or prefill_backend == decode_backend == CPU_VERIFY_BACKEND:
+        return None
+    used = "/".join(sorted({str(prefill_backend), str(decode_backend)}))
+    return (f"--speculative-algorithm {algorithm} on CPU needs --attention-backend {CPU_VERIFY_BACKEND} (an AMX "
+            f"CPU and sgl_kernel's CPU build): SGLang's tree verify has no path through {used} "
+            "(TARGET_VERIFY attention, verify_tree_greedy_cpu, assign_extend_cache_locs_cpu)")
+
+
+def attention_backends(server_args: Any) -> tuple[str | None, str | None]:
+    """(prefill, decode) attention backends."""
+    default = server_args.attention_backend
+    return server_args.prefill_attention_backend or default, server_args.decode_attention_backend or default

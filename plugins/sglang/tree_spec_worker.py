@@ -1,0 +1,144 @@
+"""The SGLang worker for afterburner's speculative algorithms (design: ``spec_algorithms``), generic over
+the drafter (``proposers.PROPOSERS``: ``load_drafter`` gives an object with ``propose(hidden [B, H]) ->
+[B, D, T]`` candidate tokens per depth).
+
+One call of ``forward_batch_generation`` per scheduler step, synchronously (overlap is off):
+- prefill: the target's forward as usual, capturing each request's last hidden state; the drafter's
+  top-k of it and the sampled token become the request's ``TreeCarry``;
+- decode: the carried tokens fill the tree (``TreeVerifier``), the target verifies all B x N nodes in
+  one TARGET_VERIFY pass, and SGLang's own verify does the rest: ``eagle_sample`` accepts a path (plus
+  the target's bonus token), ``move_accept_tokens_to_target_kvcache`` moves the accepted nodes' KV to
+  the front of the request's verify window. The drafter then reads the hidden state of the last accepted
+  node, which produced the bonus token: the next tree's root.
+
+Not run here: this machine's SGLang has no CPU kernels for the verify (see ``spec_checks.cpu_blocker``), and
+the GPU machine has no SGLang; the path mirrors SGLang 0.5.23's ``NGRAMWorker``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+from sglang.srt.runtime_context import get_spec
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.eagle_utils import eagle_sample
+from sglang.srt.speculative.spec_utils import (
+    GrammarTree,
+    build_grammar_vocab_mask,
+    commit_mamba_states_after_verify,
+    move_accept_tokens_to_target_kvcache,
+    prepare_mamba_track_for_verify,
+    record_stream_for_v2_verify,
+)
+
+from afterburner.plugins.config import from_env
+from afterburner.plugins.log import get_logger
+from afterburner.plugins.sglang import proposers
+from afterburner.plugins.sglang.spec_checks import attention_backends, cpu_blocker, make_tree
+from afterburner.plugins.sglang.tree_verify import TreeCarry, TreeVerifier
+
+logger = get_logger(__name__)
+
+
+class TreeSpecWorker(BaseSpecWorker):
+    def __init__(self, server_args: Any, gpu_id: int, nccl_port: int, target_worker: Any):
+        super().__init__()
+        runner = target_worker.model_runner
+        algorithm = proposers.canonical(str(server_args.speculative_algorithm))
+        problem = cpu_blocker(algorithm, str(runner.device), *attention_backends(server_args))
+        if problem:
+            raise RuntimeError(problem)
+        self._target_worker = target_worker
+        self.device = runner.device
+        module = proposers.proposer_module(algorithm)
+        tree = make_tree(module.max_depth(server_args), get_spec().speculative_num_draft_tokens, from_env())
+        self.drafter = module.load_drafter(server_args, runner, tree)
+        self.verifier = TreeVerifier(tree, self.device)
+        self.num_nodes = tree.num_nodes
+        self.full_mask = torch.device(self.device).type != "cpu"  # SGLang's NGRAM worker's mask layout
+
+    @property
+    def draft_worker(self) -> None:
+        return None  # no SGLang draft worker: the drafter runs here
+
+    def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
+        fwd_stream = torch.get_device_module(self.device).current_stream()
+        record_stream_for_v2_verify(batch, None, fwd_stream)
+        if batch.forward_mode.is_decode():
+            return self._verify(batch, on_publish)
+        return self._prefill(batch, on_publish, pp_proxy_tensors)
+
+    def _prefill(self, batch, on_publish, pp_proxy_tensors) -> GenerationBatchResult:
+        result = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
+                                                             capture_hidden_mode=CaptureHiddenMode.LAST)
+        head_topk = self.drafter.propose(result.logits_output.hidden_states)  # [B, D, T]
+        new_seq_lens = batch.seq_lens.clone()  # V2: committed length, without the sampled token
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=result.logits_output,
+            next_token_ids=result.next_token_ids,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=torch.ones(len(batch.reqs), dtype=torch.int32, device=self.device),
+            new_seq_lens=new_seq_lens,
+            next_draft_input=TreeCarry(result.next_token_ids, head_topk, new_seq_lens),
+            speculative_num_draft_tokens=self.num_nodes,
+        )
+
+    def _verify(self, batch, on_publish) -> GenerationBatchResult:
+        carry: TreeCarry = batch.spec_info
+        bs, n = len(batch.reqs), self.num_nodes
+        tokens = self.verifier.tree_tokens(carry.roots, carry.head_topk)  # [B, N]
+        lengths = (batch.seq_lens if batch.seq_lens_cpu is None else batch.seq_lens_cpu).tolist()
+        verify_input = self.verifier.verify_input(tokens, batch.seq_lens, lengths,
+                                                 prefix_in_mask=self.full_mask)
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = verify_input.draft_token
+        batch.out_cache_loc = assign_extend_cache_locs_func(  # the slots the scheduler reserved after L_b
+            req_pool_indices=batch.req_pool_indices, req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens, end_offset=batch.seq_lens + n, batch_size=bs, draft_token_num=n,
+            device=self.device)
+        prepare_mamba_track_for_verify(batch)
+        batch.spec_info = verify_input
+        result = self.target_worker.forward_batch_generation(batch, is_verify=True,
+                                                             capture_hidden_mode=CaptureHiddenMode.FULL)
+        logits_output = result.logits_output
+        grammar_mask = self._grammar_mask(batch, tokens) if batch.has_grammar else None
+        predict, accept_lens, accept_index = eagle_sample(  # accept_index [B, N]: root first, -1 after
+            verify_input, batch, logits_output, grammar_mask,
+            watermark_state=self.target_worker.model_runner.watermark_state)
+        commit_mamba_states_after_verify(self.target_worker, batch, accept_lens, accept_index, n)
+        move_accept_tokens_to_target_kvcache(batch, accept_index, accept_lens - 1,
+                                             self.token_to_kv_pool_allocator)
+        if batch.return_logprob:
+            compute_spec_logprobs(batch, logits_output, predict, accept_index=accept_index)
+        new_seq_lens = batch.seq_lens + accept_lens
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        # the last accepted node of each request, as a row of the B*N verify tokens: [B]
+        last = accept_index.gather(1, (accept_lens - 1).long()[:, None]).squeeze(1).long()
+        head_topk = self.drafter.propose(logits_output.hidden_states[last])
+        batch.forward_mode = ForwardMode.DECODE
+        return GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=predict[accept_index].flatten(),  # row b: its accept_lens[b] new tokens first
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=TreeCarry(predict[last], head_topk, new_seq_lens),
+            speculative_num_draft_tokens=n,
+        )
+
+    def _grammar_mask(self, batch, tokens: torch.Tensor):
+        """Constrained requests: SGLang's vocabulary mask over the tree (as its NGRAM worker builds it)."""
+        bs, n = tokens.shape
+        links = self.verifier.links
+        tree = GrammarTree.from_host(links.next_token.cpu().expand(bs, n).contiguous(),
+                                     links.next_sibling.cpu().expand(bs, n).contiguous(), tokens.cpu().long())
+        return build_grammar_vocab_mask(reqs=batch.reqs, tree=tree, sampling_info=batch.sampling_info,
+                                        device=self.device, barrier=None)

@@ -1,0 +1,76 @@
+"""What afterburner's methods did in this process: one typed counter set per kind of method, one name per
+counter. The engine adapters add to them; tests, benchmarks and the demo read them here or, from another
+process, in the report events (``report.py``) that ``report_attention`` / ``report_speculation`` write.
+
+Counts may be 0-dim device tensors (the GPU backend adds on the device to avoid a host sync per layer);
+``as_dict`` turns them into ints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+from afterburner.plugins import report
+from afterburner.plugins.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class SelectiveAttentionStats:
+    """Summed over layers and decode steps; pages and tokens are counted per kv head."""
+
+    forward_calls: int = 0  # layer x step runs of the selective path
+    pages_in_context: int = 0  # what dense attention would read
+    pages_read: int = 0  # pages with any position read
+    tokens_in_context: int = 0
+    tokens_read: int = 0
+
+    def add(self, counts) -> None:
+        """Add one layer-step's ``batch_selection.ReadCounts`` (or anything with the same fields)."""
+        self.forward_calls += 1
+        for name in ("pages_in_context", "pages_read", "tokens_in_context", "tokens_read"):
+            setattr(self, name, getattr(self, name) + getattr(counts, name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass
+class SpeculationStats:
+    request_steps: int = 0  # verification steps x requests that carried drafts
+    accepted_drafts: int = 0  # draft tokens accepted over those
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+_attention: dict[str, SelectiveAttentionStats] = {}
+SPECULATION = SpeculationStats()
+# (where, reason) -> how often a method could not act and the stock path ran instead
+FALLBACKS: Counter[tuple[str, str]] = Counter()
+
+
+def attention(method: str) -> SelectiveAttentionStats:
+    """The counters of one attention method (``attention.method``) in this process."""
+    return _attention.setdefault(method, SelectiveAttentionStats())
+
+
+def report_attention(method: str, selector=None) -> None:
+    """Record the method's totals (and its selector's own counters) as a ``<method>_attention`` event."""
+    extra = selector.counters() if selector is not None else {}
+    report.record(f"{method}_attention", **attention(method).as_dict(), **extra)
+
+
+def report_speculation(method: str) -> None:
+    report.record(f"{method}_speculation", **SPECULATION.as_dict())
+
+
+def fallback(where: str, reason: str) -> None:
+    """A method could not act and the stock path ran: say so once per (where, reason), count every time."""
+    key = (where, reason)
+    if key not in FALLBACKS:
+        logger.warning("%s: %s; the stock path runs there", where, reason)
+        report.record("fallback", where=where, reason=reason)
+    FALLBACKS[key] += 1

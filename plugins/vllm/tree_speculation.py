@@ -1,0 +1,182 @@
+"""Tree speculation in vLLM, generic over afterburner's proposers (``proposers.PROPOSERS``), behind vLLM's
+own ``--speculative-config '{"method": M, "model": DIR, "num_speculative_tokens": N}'``.
+
+vLLM schedules N draft tokens after each request's last token and verifies them as a chain. To verify a
+tree in that same slot, afterburner's patches (``afterburner.patches.vllm_tree_speculation``) change four
+things:
+
+1. the proposer (``GPUModelRunner.__init__``): vLLM's drafter -> afterburner's for method M, which drafts
+   the tree's N node tokens in node order (ancestors first, so vLLM cutting a draft short still leaves a
+   tree);
+2. positions (``_prepare_inputs``): node i sits at root position + its depth (RoPE), while its KV goes to
+   the i-th slot after the root as vLLM laid out; the step (``verify_step.VerifyStep``) goes to the
+   attention metadata builders, so the attention Impl applies the tree mask;
+3. acceptance (``RejectionSampler.forward``): afterburner's rule (``spec_decode.acceptance.accept_tree``)
+   picks the accepted path and rewrites the sampled tokens (accepted drafts, then the bonus token; -1 after);
+4. bookkeeping (``propose_draft_token_ids``): before the next proposal, the accepted nodes' KV entries move
+   to the slots right after the root (vLLM keeps the first ``accepted`` slots), and the hidden state that
+   vLLM hands the proposer becomes the last accepted node's.
+
+With ``speculative.tree: "chain"`` steps 2 and 4 are identities and vLLM's chain layout is used unchanged.
+A proposer is a vLLM proposer class mixed with ``TreeProposer``: it sets ``max_depth`` and ``full_tree`` in
+``load_model`` and drafts in node order.
+"""
+
+from __future__ import annotations
+
+from weakref import WeakKeyDictionary
+
+import torch
+
+from afterburner.plugins import stats
+from afterburner.plugins.vllm import kv_layout, proposers
+from afterburner.plugins.vllm.config_access import config_of
+from afterburner.plugins.vllm.verify_step import VerifyStep, hand_to_builders
+from afterburner.spec_decode import acceptance
+from afterburner.spec_decode.tree import TokenTree, build_tree
+
+PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID in sampled_token_ids
+
+
+class TreeProposer:
+    """What the runner hooks need of a proposer, and the state they keep on it (not on vLLM's runner)."""
+
+    def init_tree_state(self, vllm_config) -> None:
+        self.settings = config_of(vllm_config).speculative
+        self.full_tree: TokenTree | None = None  # set by load_model
+        self._trees: dict[int, TokenTree] = {}
+        self.step: VerifyStep | None = None  # the verification step in flight
+        self.layout_checked = False
+
+    @property
+    def is_tree(self) -> bool:
+        return self.settings.tree != "chain"
+
+    def tree(self, num_nodes: int) -> TokenTree:
+        """The tree of the first ``num_nodes`` nodes (root included): what vLLM scheduled this step."""
+        full = self.full_tree
+        if num_nodes == full.num_nodes:
+            return full
+        if num_nodes not in self._trees:
+            self._trees[num_nodes] = build_tree(full.choices[: num_nodes - 1], max_depth=full.depth, topk=full.topk)
+        return self._trees[num_nodes]
+
+    def accept(self, tree: TokenTree, node_tokens: torch.Tensor, node_logits: torch.Tensor, temperature: float,
+               generator: torch.Generator | None) -> acceptance.Accepted:
+        s = self.settings
+        return acceptance.accept_tree(tree, node_tokens, node_logits, rule=s.acceptance, temperature=temperature,
+                                      generator=generator, epsilon=s.typical_epsilon, delta=s.typical_delta)
+
+
+# RejectionSampler -> the proposer of the runner that owns it (the acceptance hook sees only the sampler)
+_proposer_of_sampler: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def _ours(runner) -> TreeProposer | None:
+    drafter = getattr(runner, "drafter", None)
+    return drafter if isinstance(drafter, TreeProposer) else None
+
+
+def on_runner_init(result, self, *args, **kwargs) -> None:
+    """After ``GPUModelRunner.__init__``: vLLM's proposer -> afterburner's, for the methods it registers."""
+    spec = self.speculative_config
+    if spec is not None and spec.method in proposers.PROPOSERS and config_of(self.vllm_config).enabled:
+        self.drafter = proposers.proposer_class(spec.method)(self.vllm_config, self.device)
+        sampler = getattr(self, "rejection_sampler", None)
+        if sampler is not None:
+            _proposer_of_sampler[sampler] = self.drafter
+
+
+def on_prepare_inputs(result, self, scheduler_output, num_scheduled_tokens) -> None:
+    """After ``_prepare_inputs``: tree positions for the rows that carry drafts; hand the step to attention."""
+    runner = self
+    drafter = _ours(runner)
+    spec_metadata = result[1]
+    if drafter is None:
+        return
+    if spec_metadata is None:
+        drafter.step = None
+        hand_to_builders(runner, None)
+        return
+    starts = runner.query_start_loc.np
+    rows = {}
+    for row, num_drafts in enumerate(spec_metadata.num_draft_tokens):
+        if num_drafts > 0:
+            rows[row] = (int(starts[row + 1]) - num_drafts - 1, num_drafts + 1)
+    if drafter.is_tree:
+        if not drafter.layout_checked:  # layers learn their kernel ISA after load_model, with the KV cache
+            check_kv_layout(runner.vllm_config)
+            drafter.layout_checked = True
+        for start, size in rows.values():
+            depth = drafter.tree(size).position_offsets
+            runner.positions[start:start + size] = runner.positions[start] + depth
+    num_reqs = runner.input_batch.num_reqs
+    largest = drafter.tree(max((size for _, size in rows.values()), default=1 + len(drafter.full_tree.choices)))
+    drafter.step = VerifyStep(int(starts[num_reqs]), num_reqs, rows, largest.attn_mask)
+    hand_to_builders(runner, drafter.step if drafter.is_tree else None)
+
+
+def on_rejection_sample(output, self, metadata, draft_probs, logits, sampling_metadata) -> None:
+    """After ``RejectionSampler.forward``: afterburner's acceptance over each row's tree, written into the
+    sampler output in place (vLLM reads accepted drafts + bonus, up to the first -1)."""
+    drafter = _proposer_of_sampler.get(self)
+    step = None if drafter is None else drafter.step
+    if step is None:
+        return
+    sampled = output.sampled_token_ids
+    ends = metadata.cu_num_sampled_tokens.tolist()
+    draft_ids = metadata.draft_token_ids
+    draft_ends = metadata.cu_num_draft_tokens.tolist()
+    temperatures = None if sampling_metadata.all_greedy else sampling_metadata.temperature.tolist()
+    generators = sampling_metadata.generators
+    for row, (_, size) in step.rows.items():
+        tree = drafter.tree(size)
+        node_logits = logits[ends[row] - size:ends[row]].float()
+        drafts = draft_ids[draft_ends[row] - (size - 1):draft_ends[row]].long()
+        node_tokens = torch.cat([torch.tensor([PLACEHOLDER]), drafts])
+        temperature = 0.0 if temperatures is None else float(temperatures[row])
+        temperature = 0.0 if temperature < 1e-5 else temperature  # vLLM's greedy threshold
+        result = drafter.accept(tree, node_tokens, node_logits, temperature, generators.get(row))
+        sampled[row].fill_(PLACEHOLDER)
+        sampled[row, : len(result.tokens)] = torch.tensor(result.tokens, dtype=sampled.dtype)
+        step.accepted[row] = acceptance.accepted_nodes(tree, result).tolist()
+        stats.SPECULATION.request_steps += 1
+        stats.SPECULATION.accepted_drafts += result.length
+
+
+def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
+               aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings=None) -> None:
+    """Before ``propose_draft_token_ids``: move accepted nodes' KV and hidden states where vLLM expects
+    the accepted chain (slot / row ``root + j`` for the j-th accepted draft)."""
+    runner = self
+    drafter = _ours(runner)
+    if drafter is None:
+        return
+    step, drafter.step = drafter.step, None
+    if step is None or not drafter.is_tree:
+        return
+    slots = common_attn_metadata.slot_mapping
+    src, dst, hidden_src, hidden_dst = [], [], [], []
+    row_offset = 0  # rows of sample_hidden_states: each drafting request has size rows, others 1
+    for row in range(step.num_reqs):
+        start, size = step.rows.get(row, (None, 1))
+        nodes = step.accepted.get(row)
+        if nodes is not None and nodes != list(range(len(nodes))):
+            src += [int(slots[start + n]) for n in nodes[1:]]
+            dst += [int(slots[start + j]) for j in range(1, len(nodes))]
+            hidden_src.append(row_offset + nodes[-1])
+            hidden_dst.append(row_offset + len(nodes) - 1)
+        row_offset += size
+    if hidden_src:
+        sample_hidden_states[hidden_dst] = sample_hidden_states[hidden_src]
+    if src:
+        kv_layout.move_kv(runner.vllm_config, torch.tensor(src), torch.tensor(dst))
+
+
+def check_kv_layout(vllm_config) -> None:
+    """Tree verification moves KV entries itself: only cache layouts afterburner has verified."""
+    unknown = kv_layout.unknown_layouts(vllm_config)
+    if unknown:
+        raise RuntimeError(f"afterburner: a token tree needs a KV layout afterburner knows "
+                           f"({sorted(kv_layout.KV_VIEWS)}), this engine uses {unknown}; set "
+                           "afterburner.speculative.tree to \"chain\"")

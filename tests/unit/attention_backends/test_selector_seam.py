@@ -1,0 +1,117 @@
+"""The attention-method seam without an engine: the shared rules, the registry, and each selector through
+the protocol, against the method's own functions (the reference) on a shuffled paged cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afterburner.attention_backends import registry
+from afterburner.attention_backends.batch_selection import count_reads, select_batch
+from afterburner.attention_backends.rules import DenseGate, LayerTraits, restarted_pages, unsupported_reason
+from afterburner.attention_backends.selector import KVLayout, PrefillChunk, SequenceKV
+from afterburner.attention_backends.sparse import quest
+from afterburner.attention_backends.squeezed import lookup
+from afterburner.attention_backends.squeezed.contexts import build_calibrated_index
+from afterburner.plugins.config import SparseSettings, SqueezedSettings
+from support.attention import gather, make_batch
+
+
+def test_layer_rule_names_every_reason_and_passes_plain_decoder_layers():
+    assert unsupported_reason(LayerTraits()) is None
+    assert unsupported_reason(LayerTraits(decoder=False, alibi=True)) == "not decoder self-attention"
+    assert unsupported_reason(LayerTraits(sliding_window=True, soft_cap=True)) == \
+        "a sliding window, logit soft-capping"
+
+
+def test_dense_gate_and_the_rewrite_rule():
+    gate = DenseGate.of(SparseSettings(dense_below_tokens=100, dense_layers=2))
+    assert [gate.layer_is_dense(i) for i in (0, 1, 2)] == [True, True, False]
+    assert gate.sequence_is_dense(99) and not gate.sequence_is_dense(100)
+    # pages of 4: slots 8 (page 2, offset 0) and 20 (page 5, offset 0) restart; padding -1 is ignored
+    slots = torch.tensor([8, 9, 20, 20, -1, 3, 12 + 1])
+    assert restarted_pages(slots, 4).tolist() == [2, 5]
+
+
+def test_every_registered_method_makes_a_selector_that_keeps_the_protocol():
+    layout = KVLayout(page_size=16, num_pages=8, num_kv_heads=2, head_dim=8)
+    for name, settings in (("sparse", SparseSettings()), ("squeezed", SqueezedSettings())):
+        selector = registry.make_selector(name, settings, layout)
+        assert selector.granularity in ("page", "token")
+        for method in ("observe_keys", "observe_prefill", "select", "counters"):
+            assert callable(getattr(selector, method)), (name, method)
+    with pytest.raises(KeyError, match="available"):
+        registry.make_selector("nonexistent", SparseSettings(), layout)
+
+
+def _sequences(table, seq_lens, k_cache, page):
+    """Pages of ``page`` tokens inside the cache's blocks, as the vLLM adapter names them."""
+    block_size, per_block = k_cache.shape[1], k_cache.shape[1] // page
+    sequences = []
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        n_pages = -(-seq_len // page)
+        blocks = table[b, : -(-n_pages // per_block)].long()
+        pages = (blocks[:, None] * per_block + torch.arange(per_block)).flatten()[:n_pages]
+        sequences.append(SequenceKV(pages, seq_len, lambda p, b=b: int(table[b, p // block_size]) * block_size
+                                    + p % block_size, lambda n, b=b: gather(k_cache, table[b], n)))
+    return sequences
+
+
+@pytest.mark.parametrize("page", [8, 16])
+def test_quest_selector_through_the_seam_is_quest(page):
+    block_size, hkv = 16, 2
+    query, k_cache, _, table, seq_lens, _ = make_batch(3, seq_lens=[200, 37, 129], q_lens=[1, 1, 1],
+                                                       block_size=block_size, num_heads=4, num_kv_heads=hkv,
+                                                       head_dim=8)
+    settings = SparseSettings(budget_ratio=0.25, page_size=page, dense_below_tokens=64)
+    layout = KVLayout(page, k_cache.shape[0] * block_size // page, hkv, 8)
+    selector = registry.make_selector("sparse", settings, layout)
+    all_slots = torch.arange(k_cache.shape[0] * block_size)
+    selector.observe_keys(5, k_cache.flatten(0, 1), all_slots)  # the whole cache written once
+    sequences = _sequences(table, seq_lens, k_cache, page)
+    mask = select_batch(selector, DenseGate.of(settings), layer=5, query=query, sequences=sequences,
+                        page_size=page, num_kv_heads=hkv, scale=8 ** -0.5)
+    kmin, kmax = quest.empty_summaries(layout.num_pages, hkv, 8)
+    quest.update_summaries(kmin, kmax, k_cache.flatten(0, 1), all_slots, page)
+    for b, seq in enumerate(sequences):
+        if seq.seq_len < 64:  # the gate keeps it dense
+            assert mask[b, :, : seq.seq_len].all() and not mask[b, :, seq.seq_len:].any()
+            continue
+        pages = quest.choose_pages(query[b : b + 1], kmin, kmax, seq.pages, seq_len=seq.seq_len, page_size=page,
+                                   budget_ratio=0.25, token_budget=None, sink_pages=1, recent_pages=2)
+        assert torch.equal(mask[b, :, : seq.seq_len], pages.repeat_interleave(page, 1)[:, : seq.seq_len])
+        assert not pages.all()
+    counts = count_reads(mask, seq_lens.tolist(), page)
+    expected_pages = sum(int(mask[b, :, : n].view(hkv, -1, page).any(-1).sum()) if n % page == 0 else
+                         int(torch.nn.functional.pad(mask[b, :, :n], (0, -n % page)).view(hkv, -1, page).any(-1).sum())
+                         for b, n in enumerate(seq_lens.tolist()))
+    assert counts.pages_read == expected_pages < counts.pages_in_context
+    assert counts.tokens_read == int(mask.sum()) and counts.tokens_in_context == int(seq_lens.sum()) * hkv
+
+
+def test_squeezed_selector_builds_calibrates_reuses_and_forgets():
+    block_size, hkv, dim = 16, 2, 8
+    seq_len, window = 160, 8
+    query, k_cache, _, table, seq_lens, _ = make_batch(5, seq_lens=[seq_len], q_lens=[window + 1],
+                                                       block_size=block_size, num_heads=4, num_kv_heads=hkv,
+                                                       head_dim=dim)
+    settings = SqueezedSettings(observation_window=window, dense_below_tokens=64, sink_tokens=4,
+                                centroid_ratio=0.1)
+    layout = KVLayout(block_size, k_cache.shape[0], hkv, dim)
+    selector = registry.make_selector("squeezed", settings, layout)
+    end = seq_len - 2  # the prompt: every position but the decoded one
+    last_page = int(table[0, end // block_size])
+    selector.observe_prefill(0, query[:window], [PrefillChunk(last_page, end, window, window)])
+    seq = _sequences(table, seq_lens, k_cache, block_size)[0]
+    decode = query[window:]
+    chosen = selector.select(0, decode, seq, scale=dim ** -0.5)
+    fixed = end // block_size * block_size  # the prompt's full pages before its last token's
+    index = build_calibrated_index(settings, gather(k_cache, table[0], fixed), query[:window], scale=dim ** -0.5)
+    expected = lookup.extend_to_sequence(lookup.select_tokens(index, decode, scale=dim ** -0.5), seq_len)
+    assert torch.equal(chosen, expected) and not chosen.all()
+    assert selector.counters() == {"indexes_built": 1, "index_hits": 0}
+    assert torch.equal(selector.select(0, decode, seq, scale=dim ** -0.5), expected)
+    assert selector.counters() == {"indexes_built": 1, "index_hits": 1}
+    # the context's first page written again from offset 0: its index is gone, the sequence reads all
+    selector.observe_keys(0, k_cache[0, :1], torch.tensor([int(table[0, 0]) * block_size]))
+    assert selector.select(0, decode, seq, scale=dim ** -0.5).all()

@@ -1,0 +1,95 @@
+"""llguidance-backed constraints, token by token, against Python's own regex engine on the decoded text;
+and AWRS driven by them produces only strings in the language."""
+
+import json
+import math
+
+import pytest
+import regex
+import torch
+
+llguidance = pytest.importorskip("llguidance")
+from llguidance.hf import from_tokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from afterburner.samplers.awrs import awrs_step  # noqa: E402
+from afterburner.samplers.constraints import allows_next  # noqa: E402
+from afterburner.samplers.grammar import GrammarConstraint, GrammarError  # noqa: E402
+
+PATTERN = r"(yes|no), [0-9]{2,3} items?"
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_model):
+    hf = AutoTokenizer.from_pretrained(tiny_model)
+    return hf, from_tokenizer(hf)
+
+
+def _decode(hf, ids):
+    return hf.decode(ids, skip_special_tokens=True)
+
+
+def _viable(text):
+    return regex.fullmatch(PATTERN, text, partial=True) is not None
+
+
+def test_allows_matches_the_regex_on_every_token(tokenizers):
+    hf, ll = tokenizers
+    constraint = GrammarConstraint.of("regex", PATTERN, ll)
+    specials = set(hf.all_special_ids) | set(hf.get_added_vocab().values())  # control tokens are not text
+    for text in ["", "ye", "yes,", "no, 4", "no, 42 it"]:
+        prefix = hf.encode(text, add_special_tokens=False)
+        for token in range(len(hf)):
+            if token in specials:
+                continue
+            expected = _viable(_decode(hf, [*prefix, token]))
+            assert constraint.allows(prefix, token) == expected, (text, token, hf.decode([token]))
+
+
+def test_completion_and_eos(tokenizers):
+    hf, ll = tokenizers
+    constraint = GrammarConstraint.of("regex", PATTERN, ll)
+    done = hf.encode("yes, 12 items", add_special_tokens=False)
+    half = hf.encode("yes, 12", add_special_tokens=False)
+    assert constraint.is_complete(done) and not constraint.is_complete(half)
+    assert allows_next(constraint, done, hf.eos_token_id, hf.eos_token_id)
+    assert not allows_next(constraint, half, hf.eos_token_id, hf.eos_token_id)
+
+
+def test_awrs_with_a_json_schema_yields_valid_json(tokenizers):
+    hf, ll = tokenizers
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    constraint = GrammarConstraint.of("json_schema", schema, ll)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = []
+        for _ in range(60):
+            logits = torch.randn(len(hf), generator=gen)
+            result = awrs_step(logits, lambda t, ids=ids: allows_next(constraint, ids, t, hf.eos_token_id),
+                               generator=gen)
+            assert result.accepted and result.log_weight > -math.inf
+            if result.token == hf.eos_token_id:
+                break
+            ids.append(result.token)
+        value = json.loads(_decode(hf, ids))
+        assert set(value) == {"n", "ok"} and isinstance(value["n"], int) and isinstance(value["ok"], bool)
+
+
+def test_lark_grammar(tokenizers):
+    hf, ll = tokenizers
+    constraint = GrammarConstraint.of("lark", 'start: "a" ("," "a")*', ll)
+    assert constraint.is_complete(hf.encode("a,a,a", add_special_tokens=False))
+    assert not constraint.allows(hf.encode("a,", add_special_tokens=False), hf.encode("b", add_special_tokens=False)[0])
+
+
+@pytest.mark.parametrize("kind, spec, message", [
+    ("regex", "(unclosed", "unclosed group"),
+    ("json_schema", "{not json", "not a valid JSON object"),
+    ("ebnf", "x", "unknown constraint kind 'ebnf'"),
+    ("regex", 42, "regex must be a string"),
+])
+def test_malformed_constraints_raise_grammar_error(tokenizers, kind, spec, message):
+    _, ll = tokenizers
+    with pytest.raises(GrammarError, match=message):
+        GrammarConstraint.of(kind, spec, ll)

@@ -1,0 +1,112 @@
+"""The GPU ``CUSTOM`` backend (plugins/vllm/gpu_attention.py) on CPU tensors, run with ``TRITON_INTERPRET=1``
+in a fresh process (Triton reads it at import). Prints ``RESULT <json>``:
+- ``custom_class``: what ``--attention-backend CUSTOM`` resolves to after afterburner's registration;
+- ``h100_rejections``: vLLM's ``validate_configuration`` reasons for an H100, bf16, head 128 (none: usable);
+- ``summaries_match``: the Impl's per-block min/max after a prefill and a decode write vs
+  ``quest.summaries_from_cache`` over the cache;
+- ``selected`` / ``expected_selected``: blocks read per (sequence, kv head), Impl vs torch Quest;
+- ``max_error``: the Impl's decode output vs ``selective_attention_reference`` over the torch selection.
+vLLM's own Triton kernels do not run on CPU, so the stock cache write is replaced by a torch write.
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.config.attention import AttentionConfig  # noqa: E402
+from vllm.platforms.interface import DeviceCapability  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend  # noqa: E402
+from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl, TritonAttentionMetadata  # noqa: E402
+from vllm.v1.attention.selector import AttentionSelectorConfig  # noqa: E402
+
+from afterburner.attention_backends.selective import selective_attention_reference  # noqa: E402
+from afterburner.attention_backends.sparse import quest  # noqa: E402
+from afterburner.plugins.vllm import GPU_BACKEND  # noqa: E402
+
+HQ, HKV, D, BS, NB = 8, 2, 32, 16, 24
+LENS = [100, 75]
+TOKEN_BUDGET = 64  # 4 blocks of 16
+
+
+def torch_cache_write(self, layer, key, value, kv_cache, slot_mapping):
+    """Stands in for vLLM's Triton reshape_and_cache_flash (same layout, no Triton CPU backend in vLLM)."""
+    k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+    n, valid = slot_mapping.shape[0], slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache[slots // BS, slots % BS] = key[:n][valid]
+    v_cache[slots // BS, slots % BS] = value[:n][valid]
+
+
+def main():
+    register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)  # what register() does on CUDA / ROCm
+    backend = AttentionConfig(backend="CUSTOM").backend.get_class()
+    selector = AttentionSelectorConfig(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
+    rejections = backend.validate_configuration(device_capability=DeviceCapability(9, 0), **selector._asdict())
+
+    TritonAttentionImpl.do_kv_cache_update = torch_cache_write
+    sparse = {"token_budget": TOKEN_BUDGET, "page_size": BS, "sink_pages": 1, "recent_pages": 1,
+              "dense_below_tokens": 64, "dense_layers": 2}
+    vllm_config = VllmConfig(additional_config={"afterburner": {"attention": {"method": "sparse", "sparse": sparse}}})
+    vllm_config.cache_config.block_size = BS
+    with set_current_vllm_config(vllm_config):
+        impl = backend.get_impl_cls()(HQ, D, D ** -0.5, HKV, None, None, "auto")
+    gen = torch.Generator().manual_seed(0)
+    kv_cache = torch.zeros(NB, BS, HKV, 2 * D).permute(0, 2, 1, 3)  # NHD storage, the layer's logical view
+    perm = torch.randperm(NB, generator=gen)
+    table = torch.zeros(2, 8, dtype=torch.int32)
+    table[0, :7], table[1, :5] = perm[:7], perm[7:12]
+
+    def slots(b, positions):
+        return torch.tensor([int(table[b, p // BS]) * BS + p % BS for p in positions])
+
+    layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
+    prompt = torch.cat([slots(0, range(LENS[0] - 1)), slots(1, range(LENS[1] - 1)), torch.full((3,), -1)])
+    keys = torch.randn(prompt.shape[0] + 5, HKV, D, generator=gen)  # padded past the slot mapping
+    impl.do_kv_cache_update(layer, keys, torch.randn(keys.shape, generator=gen), kv_cache, prompt)
+    step = torch.cat([slots(0, [LENS[0] - 1]), slots(1, [LENS[1] - 1])])
+    impl.do_kv_cache_update(layer, torch.randn(2, HKV, D, generator=gen), torch.randn(2, HKV, D, generator=gen),
+                            kv_cache, step)
+    k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
+    fill = torch.zeros(NB, dtype=torch.long)
+    for b, length in enumerate(LENS):
+        for p in range(length):
+            fill[int(table[b, p // BS])] += 1
+    kmin, kmax = quest.summaries_from_cache(k_cache, fill)
+    used = fill > 0
+    ours_min, ours_max = impl.selector.summaries(3)  # layer 3: the layer's name below
+    summaries_match = torch.equal(ours_min[used], kmin[used]) and torch.equal(ours_max[used], kmax[used])
+
+    query, out = torch.randn(2, HQ * D, generator=gen), torch.zeros(2, HQ * D)
+    z = torch.zeros(1)
+    seq_lens = torch.tensor(LENS, dtype=torch.int32)
+    metadata = TritonAttentionMetadata(
+        num_actual_tokens=2, max_query_len=1, query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+        max_seq_len=max(LENS), seq_lens=seq_lens, block_table=table, slot_mapping=step, seq_threshold_3D=0,
+        num_par_softmax_segments=16, softmax_segm_output=z, softmax_segm_max=z, softmax_segm_expsum=z, causal=True)
+    impl.forward(layer, query, None, None, kv_cache, metadata, out)
+
+    q = query.view(2, HQ, D)
+    mask = torch.zeros(2, HKV, table.shape[1], dtype=torch.bool)
+    for b, length in enumerate(LENS):
+        n = -(-length // BS)
+        scores = quest.block_scores(q[b:b + 1], kmin, kmax, table[b, :n])
+        mask[b, :, :n] = quest.select_blocks(scores, budget=TOKEN_BUDGET // BS, sink_blocks=1, recent_blocks=1)
+    expected = selective_attention_reference(q, k_cache, v_cache, table, seq_lens, torch.tensor([0, 1, 2]),
+                                             scale=D ** -0.5, block_mask=mask)
+    from afterburner.plugins import stats
+
+    print("RESULT " + json.dumps({
+        "custom_class": f"{backend.__module__}.{backend.__qualname__}", "h100_rejections": rejections,
+        "summaries_match": summaries_match, "stats": stats.attention("sparse").as_dict(),
+        "expected_selected": mask.sum(-1).tolist(),
+        "max_error": (out.view(2, HQ, D) - expected).abs().max().item(),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
