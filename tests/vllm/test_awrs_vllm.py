@@ -79,3 +79,18 @@ def test_malformed_constraint_fails_that_request_only(llm, args, message):
         llm.generate([PROMPTS[0]], _params(extra_args=args), use_tqdm=False)
     (out,) = _texts(llm, [PROMPTS[0]], _params(max_tokens=4))
     assert len(out.token_ids) == 4
+
+
+def test_a_constraint_that_fails_in_the_engine_ends_that_request_alone(llm):
+    """Admission checks a grammar without the tokenizer; one naming a special token the vocabulary lacks
+    only fails in the engine, where it must end its own request and leave the batch going."""
+    before = len([e for e in report.events() if e["event"] == "awrs"])
+    bad = _params(extra_args={"awrs_lark": "start: <|nonexistent|>"})
+    alone = _texts(llm, [PROMPTS[1]], _params(max_tokens=8))
+    failed, plain = _texts(llm, [PROMPTS[0], PROMPTS[1]], [bad, _params(max_tokens=8)])
+    assert failed.finish_reason == "stop" and len(failed.token_ids) == 1
+    assert plain.token_ids == alone[0].token_ids, "the other request must be untouched"
+    events = [e for e in report.events() if e["event"] == "awrs"][before:]
+    assert any(e.get("error") and e["kind"] == "lark" for e in events), events
+    (after,) = _texts(llm, [PROMPTS[1]], _params(max_tokens=8))
+    assert after.token_ids == alone[0].token_ids, "the engine keeps serving"

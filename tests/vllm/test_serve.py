@@ -11,7 +11,7 @@ import regex
 from engine_args import AFTERBURNER_SECTION
 
 from afterburner.plugins import report
-from afterburner.plugins.devtools.vllm_server import free_port, post, serve_command, vllm_server
+from afterburner.plugins.devtools.vllm_server import free_port, group_alive, post, serve_command, vllm_server
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def served(tiny_model, tmp_path_factory):
     ) as server:
         yield server, server.port, report_dir
     assert server.process.returncode == 0, "SIGTERM by PID must stop vllm serve cleanly"
+    assert not group_alive(server.pgid), "no engine process may outlive its server"
 
 
 def test_completions(served):

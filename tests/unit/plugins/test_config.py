@@ -111,3 +111,15 @@ def test_the_former_medusa_section_is_read_as_speculative():
     assert config.speculative.tree == "chain" and config.speculative.acceptance == "typical"
     with pytest.raises(ConfigError, match="give 'speculative' only"):
         parse_config({"medusa": {"tree": "chain"}, "speculative": {"tree": "paper"}}, source="test")
+
+
+def test_text_that_is_not_json_and_huge_values_are_one_short_line(tmp_path):
+    with pytest.raises(ConfigError, match="--additional-config must be a JSON object") as caught:
+        from_additional_config("attention.method=sparse")
+    assert "\n" not in str(caught.value)
+    huge = "x" * 5_000_000
+    with pytest.raises(ConfigError) as caught:
+        from_additional_config({"afterburner": {"attention": {"method": huge}}})
+    assert len(str(caught.value)) < 1_000 and "5000002 characters" in str(caught.value)
+    with pytest.raises(ConfigError, match="names a directory, not a file"):
+        from_env({ENV_VAR: str(tmp_path)})
