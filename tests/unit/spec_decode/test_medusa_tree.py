@@ -44,7 +44,7 @@ def test_paper_default_tree():
     for row in tree.retrieve_indices.tolist():
         nodes = [n for n in row if n >= 0]
         assert nodes[0] == 0 and [tree.position_offsets[n].item() for n in nodes] == list(range(len(nodes)))
-        for parent, child in zip(nodes[1:], nodes[2:], strict=True):
+        for parent, child in zip(nodes[1:], nodes[2:], strict=False):
             assert tree.choices[child - 1][:-1] == tree.choices[parent - 1]
     assert len(tree.retrieve_indices) == sum(
         1 for c in tree.choices if not any(len(o) > len(c) and o[: len(c)] == c for o in tree.choices))
