@@ -26,6 +26,7 @@ class SelectiveAttentionStats:
     pages_read: int = 0  # pages with any position read
     tokens_in_context: int = 0
     tokens_read: int = 0
+    mixed_decode_rows: int = 0  # layer x decode rows served selectively in steps that also carried a prefill
 
     def add(self, counts) -> None:
         """Add one layer-step's ``batch_selection.ReadCounts`` (or anything with the same fields)."""

@@ -54,10 +54,12 @@ def shared_selector(method: LayerMethod, layout: KVLayout) -> KVSelector:
     return _selectors[key]
 
 
-def count(method: LayerMethod, selector: KVSelector, counts) -> None:
-    """Add one layer-step's reads; every ``_REPORT_EVERY`` calls, a cumulative report event."""
+def count(method: LayerMethod, selector: KVSelector, counts, *, mixed_rows: int = 0) -> None:
+    """Add one layer-step's reads (``mixed_rows``: decode rows served in a step that also carried a prefill
+    chunk); every ``_REPORT_EVERY`` calls, a cumulative report event."""
     totals = stats.attention(method.name)
     totals.add(counts)
+    totals.mixed_decode_rows += mixed_rows
     if totals.forward_calls % _REPORT_EVERY == 0:
         stats.report_attention(method.name, selector)
 

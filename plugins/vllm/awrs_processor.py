@@ -94,6 +94,8 @@ class AWRSLogitsProcessor(LogitsProcessor):
                 self._states[target] = moving
             if direction == MoveDirectionality.SWAP and other is not None:
                 self._states[source] = other
+            elif other is not None:  # a one-way move overwrites a finished row that vLLM did not list as removed
+                self._finish(other)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, (state, output_ids) in list(self._states.items()):

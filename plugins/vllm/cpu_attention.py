@@ -10,9 +10,13 @@ layers and batches whose longest sequence is below ``dense_below_tokens``.
 With a method on, per layer:
 - ``do_kv_cache_update`` (stock write first) gives the step's keys and slots to the method's selector
   (pages of ``page_size`` tokens inside vLLM's blocks, page id = slot // page_size);
-- ``forward``: steps with a prefill chunk show the chunks' queries to the selector and run the stock
-  kernel for the whole batch; decode-only steps ask the selector what each long sequence reads
-  (``batch_selection.select_batch``) and run the selective torch op over that token mask.
+- ``forward``: decode-only steps ask the selector what each long sequence reads
+  (``batch_selection.select_batch``) and run the selective torch op over that token mask. Steps with a
+  prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch, and then
+  recompute their long decode rows (one query, at least ``dense_below_tokens``) with the selective op, so
+  a long sequence's decode reads what its selection picks whatever else shares the step (its greedy
+  output does not depend on other traffic; ``tests/vllm/test_sparse_vllm.py``). The stock kernel computes
+  those rows too, and their result is overwritten: a cost, not a saving, in mixed steps.
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
 
 Pages finer than vLLM's 32-token CPU blocks matter for quality: on SmolLM2 passkey retrieval at a 1/4
@@ -148,19 +152,38 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         # anyway, and the torch path would materialise [n_q, L] scores for it.
         if m.max_query_len > 1:
             selector.observe_prefill(self._index(layer), q, _prefill_chunks(m, block_size, self._page))
-        if m.max_query_len > 1 or self.method.gate.sequence_is_dense(m.max_seq_len):
+            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                     output_block_scale)
+            starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+            rows = [b for b, seq_len in enumerate(seq_lens)
+                    if starts[b + 1] - starts[b] == 1 and not self.method.gate.sequence_is_dense(seq_len)]
+            if rows:
+                self._selective(layer, q, kv_cache, m, rows, output, mixed=True)
+            return output
+        if self.method.gate.sequence_is_dense(m.max_seq_len):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
-        seq_lens = m.seq_lens.tolist()
-        sequences = [_sequence(b, seq_len, m.block_table, key_cache, self._page) for b, seq_len in enumerate(seq_lens)]
-        token_mask = select_batch(selector, self.method.gate, layer=self._index(layer), query=q, sequences=sequences,
-                                  page_size=self._page, num_kv_heads=self.num_kv_heads, scale=self.scale)
-        attention_method.count(self.method, selector, count_reads(token_mask, seq_lens, self._page))
-        result = selective_attention(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
-                                     scale=self.scale, token_mask=token_mask)
-        output[:n] = result.reshape(output[:n].shape)
+        self._selective(layer, q, kv_cache, m, list(range(m.seq_lens.shape[0])), output, mixed=False)
         return output
+
+    def _selective(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, m, rows: list[int], output, *,
+                   mixed: bool) -> None:
+        """The selective op for the decode rows ``rows`` of the step (one query each), into ``output``."""
+        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
+        index = torch.tensor(rows)
+        token_rows = m.query_start_loc[index].long()  # each row's one query
+        table, seq_lens = m.block_table[index], m.seq_lens[index]
+        lengths = seq_lens.tolist()
+        sequences = [_sequence(i, seq_len, table, key_cache, self._page) for i, seq_len in enumerate(lengths)]
+        query = q[token_rows]
+        token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=query,
+                                  sequences=sequences, page_size=self._page, num_kv_heads=self.num_kv_heads,
+                                  scale=self.scale)
+        attention_method.count(self.method, self.selector, count_reads(token_mask, lengths, self._page),
+                               mixed_rows=len(rows) if mixed else 0)
+        result = selective_attention(query, key_cache, value_cache, table, seq_lens, torch.arange(len(rows) + 1),
+                                     scale=self.scale, token_mask=token_mask)
+        output[token_rows] = result.reshape(len(rows), *output.shape[1:]).to(output.dtype)
 
 
 class AfterburnerCPUAttentionBackend(CPUAttentionBackend):
