@@ -107,6 +107,26 @@ def awrs_step(
     return AWRSResult(last, -math.inf, checks, False)
 
 
+def exact_draw(logits: torch.Tensor, mask: torch.Tensor, *, temperature: float | None,
+               generator: torch.Generator | None = None) -> tuple[int | None, float]:
+    """One token from softmax(logits / T) restricted to ``mask`` [V] bool, and log Z, the allowed mass;
+    greedy (``temperature`` None): the highest-logit allowed token. (None, -inf) when nothing is allowed.
+
+    The fallback when AWRS's check budget runs out: the tokens its walk rejected were all disallowed, and
+    given the Gumbel keys above them the order of the others is still a draw from p, so a fresh draw from
+    p restricted to the allowed set is the token AWRS would have reached. Works where p underflows to 0 on
+    every allowed token (the softmax is taken over the allowed logits themselves)."""
+    if not bool(mask.any()):
+        return None, -math.inf
+    scaled = logits.double() / (temperature or 1.0)
+    allowed = scaled.masked_fill(~mask, -math.inf)
+    log_z = (torch.logsumexp(allowed, -1) - torch.logsumexp(scaled, -1)).item()
+    if temperature is None:
+        return int(torch.argmax(allowed)), log_z
+    probs = torch.softmax(allowed, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator)), log_z
+
+
 # ---- exact references (full-vocabulary checks): the oracle for tests and the baseline for benchmarks ----
 
 

@@ -12,6 +12,7 @@ import json
 from typing import Any, Sequence
 
 import llguidance
+import torch
 
 GRAMMAR_KINDS = ("regex", "json_schema", "lark")
 
@@ -88,6 +89,18 @@ class GrammarConstraint:
 
     def is_complete(self, prefix: Sequence[int]) -> bool:
         return self._sync(prefix) and self._matcher.is_accepting()
+
+    def allowed_tokens(self, prefix: Sequence[int], vocab_size: int, eos_token_id: int) -> torch.Tensor:
+        """[vocab_size] bool: every token that may follow ``prefix`` (EOS exactly when it is complete), from
+        llguidance's full mask: one vocabulary-wide pass, for when sampled checks ran out."""
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        if not self._sync(prefix):
+            return mask
+        bias = torch.frombuffer(bytearray(self._matcher.compute_logit_bias()), dtype=torch.uint8)[:vocab_size]
+        mask[: bias.shape[0]] = bias > 0
+        if 0 <= eos_token_id < vocab_size:
+            mask[eos_token_id] = self._matcher.is_accepting()
+        return mask
 
     def can_continue(self, prefix: Sequence[int]) -> bool:
         """False once the grammar admits no further token (only EOS may follow)."""

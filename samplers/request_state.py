@@ -7,7 +7,10 @@ greedy or random after temperature / top-k / top-p, can only pick it):
 - greedy (temperature None): the highest-logit allowed token (``constrained_argmax``);
 - temperature T > 0: an exact sample of softmax(logits / T) restricted to the allowed tokens
   (``awrs_step``), drawn from the request's own generator; its log weight is added to the sequence's;
-- no allowed token (or ``max_checks`` ran out): EOS, so the request ends instead of hanging; one warning.
+- the check budget (``max_checks``) ran out, or the model puts (numerically) no mass on the allowed tokens:
+  the draw finishes exactly from the allowed set by the constraint's full mask (``exact_draw``), counted
+  in ``fallbacks``: a constrained request never ends mid-value while a valid continuation exists;
+- no allowed token at all: EOS, so the request ends instead of hanging; one warning.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import llguidance
 import torch
 
-from afterburner.samplers.awrs import awrs_step, constrained_argmax
+from afterburner.samplers.awrs import awrs_step, constrained_argmax, exact_draw
 from afterburner.samplers.constraints import allows_next
 from afterburner.samplers.grammar import GrammarConstraint
 from afterburner.samplers.request import ConstraintRequest
@@ -42,6 +45,7 @@ class RequestState:
     tokens: int = 0  # draws so far
     log_weight: float = 0.0  # sum of AWRS log weights: the sequence's importance weight
     unsatisfiable: bool = False  # a step found no allowed token and forced EOS
+    fallbacks: int = 0  # steps finished from the full mask after the sampled checks ran out
 
     @classmethod
     def start(cls, request: ConstraintRequest, tokenizer: llguidance.LLTokenizer, eos_token_id: int, *,
@@ -64,22 +68,37 @@ class RequestState:
             result = awrs_step(logits / self.temperature, accept, generator=self.generator,
                                max_checks=self.request.max_checks)
             token, checks = (result.token if result.accepted else None), result.checks
-            self.log_weight += result.log_weight
+            if result.accepted:  # otherwise the exact finish below supplies the weight
+                self.log_weight += result.log_weight
         self.checks += checks
         self.tokens += 1
+        if token is None:
+            token = self._finish_exactly(logits, prefix)
         if token is None:
             if not self.unsatisfiable:
                 logger.warning("afterburner: AWRS found no allowed token after %d generated tokens (%s "
                                "constraint unsatisfiable here); ending the request with EOS", len(prefix),
                                self.request.kind)
             self.unsatisfiable = True
+            self.log_weight = -math.inf
             token = self.eos_token_id
+        return token
+
+    def _finish_exactly(self, logits: torch.Tensor, prefix: Sequence[int]) -> int | None:
+        """The step's token from the constraint's full mask (None: nothing is allowed)."""
+        mask = self.constraint.allowed_tokens(prefix, logits.shape[-1], self.eos_token_id)
+        token, log_z = exact_draw(logits, mask, temperature=self.temperature, generator=self.generator)
+        if token is not None:
+            self.fallbacks += 1
+            self.checks += logits.shape[-1]  # the full mask checks every token
+            if self.temperature is not None:
+                self.log_weight += log_z  # the walk's -inf weight is replaced by the exact allowed mass
         return token
 
     def summary(self) -> dict[str, Any]:
         """The fields of the ``awrs`` report event each adapter records when the request ends."""
         return {"kind": self.request.kind, "tokens": self.tokens, "checks": self.checks,
-                "log_weight": self.log_weight, "unsatisfiable": self.unsatisfiable}
+                "log_weight": self.log_weight, "unsatisfiable": self.unsatisfiable, "fallbacks": self.fallbacks}
 
 
 @dataclass
@@ -99,7 +118,7 @@ class FailedState:
 
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokens": self.tokens, "checks": 0, "log_weight": -math.inf,
-                "unsatisfiable": True, "error": self.reason}
+                "unsatisfiable": True, "fallbacks": 0, "error": self.reason}
 
 
 def failed(kind: str, error: BaseException, eos_token_id: int) -> FailedState:

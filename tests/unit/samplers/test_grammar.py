@@ -93,3 +93,15 @@ def test_malformed_constraints_raise_grammar_error(tokenizers, kind, spec, messa
     _, ll = tokenizers
     with pytest.raises(GrammarError, match=message):
         GrammarConstraint.of(kind, spec, ll)
+
+
+def test_the_full_mask_agrees_with_the_per_token_check(tokenizers):
+    hf, ll = tokenizers
+    constraint = GrammarConstraint.of("regex", PATTERN, ll)
+    vocab = len(hf)
+    for text in ["", "yes", "no, 4", "yes, 123 items"]:
+        prefix = hf.encode(text, add_special_tokens=False)
+        mask = constraint.allowed_tokens(prefix, vocab, hf.eos_token_id)
+        expected = torch.tensor([allows_next(constraint, prefix, t, hf.eos_token_id) for t in range(vocab)])
+        assert torch.equal(mask, expected), text
+        assert mask.any()
