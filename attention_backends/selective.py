@@ -68,7 +68,7 @@ def selective_attention_reference(
     return out
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float):
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float):
     """q [..., n_q, D], keys / values [..., L, D], allowed [n_q, L] (broadcast) -> [..., n_q, D]."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)  # no key: read nothing
@@ -107,7 +107,7 @@ def selective_attention(
             keys = gather_sequence(k_cache, block_table[b], seq_len).transpose(0, 1)  # [Hkv, L, D]
             values = gather_sequence(v_cache, block_table[b], seq_len).transpose(0, 1)
             allowed = torch.arange(seq_len)[None, :] <= q_pos
-            result = _attend(q, keys.unsqueeze(1), values.unsqueeze(1), allowed, scale)  # [Hkv, G, n_q, D]
+            result = attend(q, keys.unsqueeze(1), values.unsqueeze(1), allowed, scale)  # [Hkv, G, n_q, D]
         else:
             result = torch.zeros(num_kv_heads, group, n_q, head_dim)
             blocks = torch.ones(num_kv_heads, n_blocks, dtype=torch.bool)  # [Hkv, n_blocks]
@@ -126,7 +126,7 @@ def selective_attention(
                 allowed = (positions[None, :] <= q_pos) & (positions[None, :] < seq_len)
                 if token_mask is not None:
                     allowed &= tokens[kv, positions]
-                result[kv] = _attend(q[kv], keys, values, allowed, scale)
+                result[kv] = attend(q[kv], keys, values, allowed, scale)
         out[start:end] = result.permute(2, 0, 1, 3).reshape(n_q, -1, head_dim).to(out.dtype)
     return out
 

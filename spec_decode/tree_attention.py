@@ -9,11 +9,9 @@ tree too: nodes are ordered so that ancestors come first). Other sequences atten
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from afterburner.attention_backends.selective import gather_sequence
+from afterburner.attention_backends.selective import attend, gather_sequence
 
 
 def tree_verify_attention(
@@ -45,8 +43,6 @@ def tree_verify_attention(
                 raise ValueError(f"sequence {b}: {n_q} query tokens but a tree of {tree_sizes[b]}")
             allowed[:, seq_len - n_q:] = tree_mask[:n_q, :n_q]
         q = query[start:end].view(n_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).float()
-        scores = torch.matmul(q, keys.unsqueeze(1).transpose(-1, -2)) * scale  # [Hkv, G, n_q, L]
-        probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1)
-        result = torch.matmul(probs, values.unsqueeze(1))  # [Hkv, G, n_q, D]
+        result = attend(q, keys.unsqueeze(1), values.unsqueeze(1), allowed, scale)  # [Hkv, G, n_q, D]
         out[start:end] = result.permute(2, 0, 1, 3).reshape(n_q, -1, head_dim).to(out.dtype)
     return out
