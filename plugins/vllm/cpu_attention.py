@@ -180,6 +180,7 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
                                   sequences=sequences, page_size=self._page, num_kv_heads=self.num_kv_heads,
                                   scale=self.scale)
         attention_method.count(self.method, self.selector, count_reads(token_mask, lengths, self._page),
+                               blocks=count_reads(token_mask, lengths, key_cache.shape[1]),
                                mixed_rows=len(rows) if mixed else 0)
         result = selective_attention(query, key_cache, value_cache, table, seq_lens, torch.arange(len(rows) + 1),
                                      scale=self.scale, token_mask=token_mask)

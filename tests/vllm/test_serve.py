@@ -5,6 +5,7 @@ only), SIGTERM by PID stops it cleanly, and a bad --additional-config exits non-
 import json
 import subprocess
 import urllib.error
+import urllib.request
 
 import pytest
 import regex
@@ -81,3 +82,39 @@ def test_awrs_over_the_openai_api_and_a_malformed_constraint_is_a_400_for_that_r
     assert err.value.code == 400 and "unclosed group" in err.value.read().decode()
     body = post(port, "/v1/completions", {"prompt": "Still serving?", "max_tokens": 3})
     assert body["usage"]["completion_tokens"] == 3
+
+
+# Bad requests over HTTP: each fails alone (400) or ends cleanly; the server stays healthy and answers a
+# good request exactly as before. (name, body, expected status: 400, or 200 with a clean finish)
+BAD_REQUESTS = [
+    ("invalid regex", {"vllm_xargs": {"awrs_regex": "(x"}}, 400),
+    ("schema that is not JSON", {"vllm_xargs": {"awrs_json_schema": "{nope"}}, 400),
+    ("huge schema", {"vllm_xargs": {"awrs_json_schema": json.dumps(
+        {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(10_000)}})}}, 400),
+    ("two constraint kinds", {"vllm_xargs": {"awrs_regex": "a", "awrs_lark": "start: \"b\""}}, 400),
+    ("unknown awrs key", {"vllm_xargs": {"awrs_regexp": "a"}}, 400),
+    ("max_checks of the wrong type", {"vllm_xargs": {"awrs_regex": "a", "awrs_max_checks": "many"}}, 400),
+    ("max_checks zero", {"vllm_xargs": {"awrs_regex": "a", "awrs_max_checks": 0}}, 400),
+    ("grammar that allows nothing", {"vllm_xargs": {"awrs_regex": "[^\\s\\S]"}}, 200),
+    ("special token the vocabulary lacks", {"vllm_xargs": {"awrs_lark": "start: <|nonexistent|>"}}, 200),
+    ("max_tokens zero", {"max_tokens": 0}, 400),
+    ("negative temperature", {"temperature": -1}, 400),
+]
+
+
+@pytest.mark.parametrize("name, extra, status", BAD_REQUESTS, ids=[name for name, _, _ in BAD_REQUESTS])
+def test_a_bad_request_fails_alone_and_the_server_keeps_serving(served, name, extra, status):
+    _, port, _ = served
+    good = {"prompt": "The module provides", "max_tokens": 6, "temperature": 0}
+    before = post(port, "/v1/completions", good)["choices"][0]["text"]
+    body = {"prompt": "Answer:", "max_tokens": 8, "temperature": 0, **extra}
+    if status == 400:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(port, "/v1/completions", body)
+        assert err.value.code == 400, (name, err.value.read()[:300])
+    else:
+        choice = post(port, "/v1/completions", body)["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["text"] == "", name
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as health:
+        assert health.status == 200
+    assert post(port, "/v1/completions", good)["choices"][0]["text"] == before

@@ -46,6 +46,9 @@ def test_small_budget_reads_a_fraction_of_the_blocks(tiny_model):
     quarter = _run(tiny_model, {"attention": {"method": "sparse", "sparse": {**SPARSE, "budget_ratio": 0.25}}})
     stats = quarter["stats"]
     assert 0 < stats["pages_read"] < 0.75 * stats["pages_in_context"]
+    # 16-token pages in 32-token blocks: the op gathers every block holding a selected page
+    assert stats["pages_read"] / 2 <= stats["blocks_gathered"] <= stats["pages_read"]
+    assert stats["blocks_gathered"] < stats["blocks_in_context"]
     assert all(len(ids) == 12 for ids in quarter["tokens"])
 
 
