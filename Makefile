@@ -8,7 +8,7 @@ SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
 venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
-.PHONY: help venvs models test test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads
+.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
@@ -24,7 +24,7 @@ venvs:
 models:
 	$(VLLM_VENV)/bin/afterburner models smollm2 tiny
 
-test: lint test-unit test-quality test-vllm test-sglang
+test: lint check-upstream test-unit test-quality test-vllm test-sglang
 
 # Triton kernels run under its interpreter on CPU (README, Engine notes); the variable must be set before triton loads.
 test-unit:
@@ -65,6 +65,14 @@ medusa-heads:
 
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks
+
+# Engine releases afterburner claims but does not run here: their wheels' source must still have every patch
+# target (with its parameters) and every name the adapters import (read with ast, nothing installed).
+UPSTREAM_VLLM ?= 0.33.0
+UPSTREAM_SGLANG ?= 0.5.23
+check-upstream:
+	$(VLLM_VENV)/bin/python -m afterburner.plugins.devtools.upstream_check vllm $(UPSTREAM_VLLM)
+	$(VLLM_VENV)/bin/python -m afterburner.plugins.devtools.upstream_check sglang $(UPSTREAM_SGLANG)
 
 # ruff with the rules in pyproject.toml: pyflakes, line length, bugbear, isort (on the whole tree).
 lint:

@@ -1,10 +1,17 @@
 """The guarded start shared by every engine adapter: off switch, version check, patches applied
-all-or-nothing. Whatever goes wrong here, the engine is left stock and one line says why."""
+all-or-nothing. Whatever goes wrong here, the engine is left stock and one line says why.
+
+A patch verified on an older range than the running release (e.g. the tree-speculation runner patches,
+0.32 only, on vLLM 0.33, which has no Medusa) is left out with one line: its feature stays stock and the
+others register. A patch whose target moved inside its verified range still leaves the whole engine stock."""
 
 from __future__ import annotations
 
 import os
 from typing import Callable, Iterable
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from afterburner.patches import base as patching
 from afterburner.plugins import compat, report
@@ -34,9 +41,17 @@ def guarded_register(
         return False
     if verdict.status == "untested":
         logger.warning(verdict.message)
+    release = Version(Version(verdict.version).public)
+    unverified = [p for p in patches if release not in SpecifierSet(p.verified_on)]
+    if unverified:
+        names = ", ".join(f"{p.name} ({p.verified_on})" for p in unverified)
+        logger.warning("afterburner: on %s %s these patches are not verified and stay off, with their features: %s",
+                       engine, verdict.version, names)
+        report.record("patches_skipped", engine=engine, version=verdict.version, patches=[p.name for p in unverified])
     try:
         for patch in patches:
-            patching.apply(patch, hooks[patch.name], engine_version=verdict.version)
+            if patch not in unverified:
+                patching.apply(patch, hooks[patch.name], engine_version=verdict.version)
         extras = register_extras()
     except Exception as exc:  # noqa: BLE001 - any failure must leave the engine stock
         patching.revert_all()

@@ -39,6 +39,17 @@ def test_supported_version_applies_every_patch(originals):
     assert report.events()[-1]["event"] == "registered"
 
 
+def test_a_release_beyond_a_features_verified_range_registers_the_rest(originals, monkeypatch):
+    """vLLM 0.33 is in the supported range but the tree-speculation patches are verified on 0.32 only (0.33
+    has no Medusa): they stay off with one line, the other patches apply."""
+    monkeypatch.setattr(compat, "installed_version", lambda engine: "0.33.0")
+    assert guarded_register("vllm", VLLM_PATCHES, hooks.HOOKS)
+    tree = [p.name for p in VLLM_PATCHES if p.verified_on == ">=0.32.0,<0.33"]
+    assert tree and patching.applied() == [p.name for p in VLLM_PATCHES if p.name not in tree]
+    skipped = [e for e in report.events() if e["event"] == "patches_skipped"][-1]
+    assert skipped["patches"] == tree and not _stock(originals)
+
+
 def test_unsupported_version_registers_nothing(originals, monkeypatch, caplog):
     monkeypatch.setitem(compat.SUPPORTED_RANGES, "vllm", compat.SpecifierSet(">=0.40"))
     assert not guarded_register("vllm", VLLM_PATCHES, hooks.HOOKS)
