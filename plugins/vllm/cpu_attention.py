@@ -148,8 +148,9 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
         n, m = attn_metadata.num_actual_tokens, attn_metadata
         q = query[:n].view(n, self.num_heads, self.head_size)
         selector, block_size = self._selector_for(kv_cache), kv_cache.shape[2]
-        # Steps with a prefill chunk keep the stock kernel for the whole batch: prefill reads every block
-        # anyway, and the torch path would materialise [n_q, L] scores for it.
+        # Steps with a prefill chunk run the stock kernel for the whole batch (prefill reads every block
+        # anyway, and the torch path would materialise [n_q, L] scores for it); their long decode rows are
+        # then recomputed selectively, so a sequence's decode does not depend on what shares its step.
         if m.max_query_len > 1:
             selector.observe_prefill(self._index(layer), q, _prefill_chunks(m, block_size, self._page))
             output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
