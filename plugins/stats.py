@@ -1,6 +1,6 @@
 """What afterburner's methods did in this process: one typed counter set per kind of method, one name per
 counter. The engine adapters add to them; tests, benchmarks and the demo read them here or, from another
-process, in the report events (``report.py``) that ``report_attention`` / ``report_speculation`` write.
+process, in the report events (``report.py``) that ``report_attention`` writes.
 
 Counts may be 0-dim device tensors (the GPU backend adds on the device to avoid a host sync per layer);
 ``as_dict`` turns them into ints.
@@ -66,10 +66,6 @@ def report_attention(method: str, selector=None) -> None:
     """Record the method's totals (and its selector's own counters) as a ``<method>_attention`` event."""
     extra = selector.counters() if selector is not None else {}
     report.record(f"{method}_attention", **attention(method).as_dict(), **extra)
-
-
-def report_speculation(method: str) -> None:
-    report.record(f"{method}_speculation", **SPECULATION.as_dict())
 
 
 def fallback(where: str, reason: str) -> None:

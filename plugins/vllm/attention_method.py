@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm.model_executor.models.utils import extract_layer_index
+
 from afterburner.attention_backends.registry import METHODS, make_selector
 from afterburner.attention_backends.rules import DenseGate, LayerTraits, unsupported_reason
 from afterburner.attention_backends.selector import KVLayout, KVSelector
@@ -41,6 +43,17 @@ def resolve(config: AfterburnerConfig, traits: LayerTraits, *, where: str) -> La
         return None
     settings = getattr(config.attention, method)
     return LayerMethod(method, settings, DenseGate.of(settings))
+
+
+class LayerIndexed:
+    """For an attention Impl: the index of the layer it serves, read from the layer's name at first use."""
+
+    _layer_index: int | None = None
+
+    def _index(self, layer) -> int:
+        if self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
+        return self._layer_index
 
 
 _selectors: dict[tuple[str, KVLayout], KVSelector] = {}

@@ -30,7 +30,6 @@ from dataclasses import dataclass, fields
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -89,7 +88,7 @@ def _prefill_chunks(metadata, block_size: int, page: int) -> list[PrefillChunk]:
     return chunks
 
 
-class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
+class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         traits = LayerTraits(decoder=self.attn_type == _DECODER, alibi=self.alibi_slopes is not None,
@@ -99,12 +98,6 @@ class SelectiveCPUAttentionImpl(CPUAttentionBackendImpl):
                                                where="vLLM CPU attention")
         self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
         self._page = 0
-        self._layer_index: int | None = None
-
-    def _index(self, layer) -> int:
-        if self._layer_index is None:
-            self._layer_index = extract_layer_index(layer.layer_name)
-        return self._layer_index
 
     def _selector_for(self, kv_cache: torch.Tensor) -> KVSelector:
         if self.selector is None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from vllm.config import get_current_vllm_config
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
@@ -52,7 +51,7 @@ class SelectiveTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
 
-class SelectiveTritonAttentionImpl(TritonAttentionImpl):
+class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentionImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config()
@@ -71,12 +70,6 @@ class SelectiveTritonAttentionImpl(TritonAttentionImpl):
                               f"{block_size} on GPU (--block-size {page})")
         self.method = method
         self.selector: BatchedPageSelector | None = None  # made at the first cache write
-        self._layer_index: int | None = None
-
-    def _index(self, layer) -> int:
-        if self._layer_index is None:
-            self._layer_index = extract_layer_index(layer.layer_name)
-        return self._layer_index
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

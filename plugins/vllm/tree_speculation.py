@@ -18,8 +18,8 @@ things:
    vLLM hands the proposer becomes the last accepted node's.
 
 With ``speculative.tree: "chain"`` steps 2 and 4 are identities and vLLM's chain layout is used unchanged.
-A proposer is a vLLM proposer class mixed with ``TreeProposer``: it sets ``max_depth`` and ``full_tree`` in
-``load_model`` and drafts in node order.
+A proposer is a vLLM proposer class mixed with ``TreeProposer``: it sets ``full_tree`` in ``load_model``
+and drafts in node order.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def on_prepare_inputs(result, self, scheduler_output, num_scheduled_tokens) -> N
             depth = drafter.tree(size).position_offsets
             runner.positions[start:start + size] = runner.positions[start] + depth
     num_reqs = runner.input_batch.num_reqs
-    largest = drafter.tree(max((size for _, size in rows.values()), default=1 + len(drafter.full_tree.choices)))
+    largest = drafter.tree(max((size for _, size in rows.values()), default=drafter.full_tree.num_nodes))
     drafter.step = VerifyStep(int(starts[num_reqs]), num_reqs, rows, largest.attn_mask)
     hand_to_builders(runner, drafter.step if drafter.is_tree else None)
 
