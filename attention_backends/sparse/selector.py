@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from afterburner.attention_backends.selector import KVLayout, PrefillChunk, SequenceKV
-from afterburner.attention_backends.sparse import quest
+from afterburner.attention_backends.sparse import block_choice, quest
 
 
 class QuestSelector:
@@ -46,6 +46,25 @@ class QuestSelector:
                                   page_size=self.layout.page_size, budget_ratio=s.budget_ratio,
                                   token_budget=s.token_budget, sink_pages=s.sink_pages,
                                   recent_pages=s.recent_pages)
+
+    def block_budgets(self, seq_lens: list[int], block_size: int) -> list[int]:
+        """Kernel blocks each sequence reads (host side, once per step)."""
+        return block_choice.settings_budgets(self.settings, seq_lens, page_size=self.layout.page_size,
+                                             block_size=block_size)
+
+    def select_blocks(self, layer: int, query: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      budgets: torch.Tensor, *, block_size: int, k: int, max_blocks: int) -> torch.Tensor:
+        """A decode batch's choice in kernel blocks (``block_choice``): [B, Hkv, k] logical blocks,
+        ascending, ``budgets[b]`` valid. ``k`` = max(budgets) and ``max_blocks`` = the longest sequence's
+        blocks come from the step's plan (no host sync here)."""
+        kmin, kmax = self.summaries(layer)
+        scores = block_choice.block_scores(query, kmin, kmax, block_table, seq_lens, block_size=block_size,
+                                           page_size=self.layout.page_size, max_blocks=max_blocks)
+        n_blocks = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
+        sink, recent = block_choice.block_units(sink_pages=self.settings.sink_pages,
+                                                recent_pages=self.settings.recent_pages,
+                                                page_size=self.layout.page_size, block_size=block_size)
+        return block_choice.choose_blocks(scores, n_blocks, budgets, k=k, sink=sink, recent=recent)
 
     def select_page_ids(self, layer: int, query: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:

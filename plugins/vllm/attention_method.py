@@ -81,6 +81,29 @@ def count(method: LayerMethod, selector: KVSelector, counts, *, blocks=None, mix
         stats.report_attention(method.name, selector)
 
 
+def count_plan(method: LayerMethod, selector: KVSelector, counts, *, mixed: bool) -> None:
+    """Add one layer-step of the kernel decode path (``compact_decode.DecodeCounts``)."""
+    totals = stats.attention(method.name)
+    totals.forward_calls += 1
+    totals.selective_rows += counts.rows
+    totals.dense_decode_rows += counts.dense_rows
+    totals.mixed_decode_rows += counts.rows if mixed else 0
+    totals.tokens_in_context += counts.tokens_in_context
+    totals.tokens_read += counts.tokens_read
+    totals.blocks_in_context += counts.blocks_in_context
+    totals.blocks_gathered += counts.blocks_read
+    totals.kv_bytes_dense += counts.kv_bytes_dense
+    totals.kv_bytes_read += counts.kv_bytes_read
+    totals.summary_bytes_read += counts.summary_bytes_read
+    if totals.forward_calls % _REPORT_EVERY == 0:
+        stats.report_attention(method.name, selector)
+
+
+def count_dense_rows(method: LayerMethod, rows: int) -> None:
+    """A layer-step whose decode rows all read everything (short, or their budget covers them)."""
+    stats.attention(method.name).dense_decode_rows += rows
+
+
 def totals(method: str) -> dict[str, int]:
     """This process's counters of ``method``: reads (``stats.attention``) and its selectors' own counts."""
     result = stats.attention(method).as_dict()

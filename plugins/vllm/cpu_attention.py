@@ -38,10 +38,11 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from afterburner.attention_backends.batch_selection import count_reads, select_batch
+from afterburner.attention_backends.registry import METHODS
 from afterburner.attention_backends.rules import LayerTraits
 from afterburner.attention_backends.selective import gather_sequence, selective_attention
 from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
-from afterburner.plugins.vllm import attention_method
+from afterburner.plugins.vllm import attention_method, compact_decode
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 from afterburner.plugins.vllm.verify_step import VerifyStep, VerifyStepReceiver
@@ -51,19 +52,52 @@ _DECODER = "decoder"
 
 
 @dataclass
-class VerifyMetadata(CPUAttentionMetadata):
-    """CPU_ATTN's metadata plus the tree verification step it belongs to (None: an ordinary step)."""
+class StepMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata plus what afterburner planned for the step: the tree verification step it
+    belongs to, or the selective decode plan (``compact_decode``) and its count of dense decode rows."""
 
     verify_step: VerifyStep | None = None
+    decode_plan: compact_decode.DecodePlan | None = None
+    dense_decode_rows: int = 0
 
 
 class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._planner = _decode_planner(self, vllm_config)
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         step = self.take_step()
-        if step is None:
+        extra = {"verify_step": step} if step is not None else self._planner(metadata) if self._planner else {}
+        if not extra:
             return metadata
-        return VerifyMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, verify_step=step)
+        return StepMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **extra)
+
+
+def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
+    """metadata -> StepMetadata fields, for a method that picks whole kernel blocks on a cache layout we
+    verified (else None: the Impl's other paths)."""
+    config = config_of(vllm_config)
+    method = config.attention.method if config.enabled else "dense"
+    kernel_budgets = METHODS[method].kernel_budgets if method in METHODS else None
+    if (kernel_budgets is None or builder.isa not in KV_VIEWS or builder.window_size != -1
+            or builder.is_cross_attention or builder.is_encoder_only_attention):
+        return None
+    settings = getattr(config.attention, method)
+    page = METHODS[method].page_size(settings) or builder.block_size
+    shape = compact_decode.KernelShape(builder.num_heads, builder.num_kv_heads, builder.head_dim, builder.block_size,
+                                       builder.dtype, builder.isa, builder.kv_cache_dtype)
+
+    def budgets_of(seq_lens: list[int]) -> list[int]:
+        return kernel_budgets(settings, seq_lens, page_size=page, block_size=builder.block_size)
+
+    def plan(metadata) -> dict:
+        decode_plan, dense_rows = compact_decode.plan_step(metadata, shape, budgets_of=budgets_of,
+                                                           dense_below=settings.dense_below_tokens, page_size=page)
+        return {"decode_plan": decode_plan, "dense_decode_rows": dense_rows}
+
+    return plan
 
 
 def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor, page: int) -> SequenceKV:
@@ -141,6 +175,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         n, m = attn_metadata.num_actual_tokens, attn_metadata
         q = query[:n].view(n, self.num_heads, self.head_size)
         selector, block_size = self._selector_for(kv_cache), kv_cache.shape[2]
+        if METHODS[self.method.name].kernel_budgets is not None:
+            return self._kernel_decode(layer, query, key, value, kv_cache, m, output)
         # Steps with a prefill chunk run the stock kernel for the whole batch (prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it); their long decode rows are
         # then recomputed selectively, so a sequence's decode does not depend on what shares its step.
@@ -158,6 +194,27 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         self._selective(layer, q, kv_cache, m, list(range(m.seq_lens.shape[0])), output, mixed=False)
+        return output
+
+    def _kernel_decode(self, layer, query, key, value, kv_cache, m, output):
+        """Methods that pick whole kernel blocks: the selective rows through vLLM's kernel over compacted
+        block tables (``compact_decode``), the other rows through the stock kernel as a sub-batch."""
+        plan: compact_decode.DecodePlan | None = getattr(m, "decode_plan", None)
+        layer_index = self._index(layer)  # these methods select from keys alone: no observe_prefill
+        if plan is None:
+            output = super().forward(layer, query, key, value, kv_cache, m, output)
+            attention_method.count_dense_rows(self.method, getattr(m, "dense_decode_rows", 0))
+            return output
+        if plan.rest_metadata is not None:
+            rest = torch.empty(plan.rest_tokens.shape[0], *output.shape[1:], dtype=output.dtype)
+            super().forward(layer, query[plan.rest_tokens], key, value, kv_cache, plan.rest_metadata, rest)
+            output[plan.rest_tokens] = rest
+        chosen = self.selector.select_blocks(layer_index, query[plan.tokens], plan.block_table, plan.seq_lens,
+                                             plan.budgets, block_size=kv_cache.shape[2], k=plan.k,
+                                             max_blocks=plan.max_blocks)
+        table = compact_decode.virtual_table(plan, chosen, self.num_kv_heads)
+        output[plan.tokens] = compact_decode.decode(plan, query, kv_cache, table, scale=self.scale).to(output.dtype)
+        attention_method.count_plan(self.method, self.selector, plan.counts, mixed=m.max_query_len > 1)
         return output
 
     def _selective(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, m, rows: list[int], output, *,

@@ -24,7 +24,7 @@ if __name__ == "__main__":
 
     blocks = int(sys.argv[3]) if len(sys.argv) > 3 else None
     # vLLM needs one request of max_model_len to fit the cache: shrink it with the cache (prompts + 96 fit)
-    max_model_len = 1024 if blocks is None else (blocks - 1) * 32
+    max_model_len = 1024 if blocks is None else min(1024, (blocks - 1) * 32)
     llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=max_model_len, block_size=32,
               seed=0, distributed_executor_backend="uni", enable_prefix_caching=True,
               num_gpu_blocks_override=blocks, disable_log_stats=blocks is None,

