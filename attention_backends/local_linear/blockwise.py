@@ -57,8 +57,8 @@ def _weighted_blocks(q, keys, m, scale, block_size) -> Iterator[tuple[int, int, 
 
 
 def softmax_statistics(q, keys, *, scale: float, block_size: int, jacobi: bool) -> SoftmaxStats:
-    """One streaming pass, the running max rescaling the sums as in FlashAttention. Every query reads at
-    least its own key, so m ends finite; the first blocks may be all future for early queries."""
+    """One streaming pass, the running max rescaling the sums as in FlashAttention. Every query reads key
+    0, so m is finite from the first block on (no -inf - -inf to guard)."""
     rows = q.shape[:3]
     m = torch.full((*rows, 1), -torch.inf, dtype=q.dtype, device=q.device)
     omega = torch.zeros_like(m)
@@ -68,8 +68,7 @@ def softmax_statistics(q, keys, *, scale: float, block_size: int, jacobi: bool) 
         end = min(start + block_size, keys.shape[1])
         s = _scores(q, keys, start, end, scale)
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        m_safe = m_new.nan_to_num(neginf=0.0)  # no key seen yet: exp(-inf - 0) = 0, not exp(nan)
-        rescale, w = torch.exp(m - m_safe), torch.exp(s - m_safe)
+        rescale, w = torch.exp(m - m_new), torch.exp(s - m_new)
         block = keys[:, None, start:end]  # [Hkv, 1, n, D]
         omega = rescale * omega + w.sum(-1, keepdim=True)
         key_sum = rescale * key_sum + w @ block
