@@ -84,13 +84,13 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
     decode = [b for b in range(num_rows) if starts[b + 1] - starts[b] == 1]
     long_rows = [b for b in decode if seq_lens[b] >= dense_below]
     budgets = budgets_of([seq_lens[b] for b in long_rows])
-    chosen = [(b, budget) for b, budget in zip(long_rows, budgets) if budget < -(-seq_lens[b] // bs)]
+    chosen = [(b, budget) for b, budget in zip(long_rows, budgets, strict=True) if budget < -(-seq_lens[b] // bs)]
     if not chosen:
         return None, len(decode)
     rows = [b for b, _ in chosen]
     budget_list = [budget for _, budget in chosen]
     lens = [seq_lens[b] for b in rows]
-    short = [(budget - 1) * bs + n - (-(-n // bs) - 1) * bs for budget, n in zip(budget_list, lens)]
+    short = [(budget - 1) * bs + n - (-(-n // bs) - 1) * bs for budget, n in zip(budget_list, lens, strict=True)]
     virtual_lens = torch.tensor(short, dtype=torch.int32).repeat_interleave(hkv)
     virtual_start = torch.arange(virtual_lens.shape[0] + 1, dtype=torch.int32)
     index = torch.tensor(rows)

@@ -27,7 +27,7 @@ def _cache(seq_lens, seed):
     order = torch.randperm(num_blocks, generator=g)
     table = torch.zeros(len(seq_lens), max(n_blocks), dtype=torch.int32)
     used = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, n_blocks)):
+    for b, (n, nb) in enumerate(zip(seq_lens, n_blocks, strict=True)):
         table[b, :nb] = order[used:used + nb].int()
         used += nb
         slots = (table[b, :nb].long()[:, None] * BS + torch.arange(BS)).flatten()[:n]
@@ -71,7 +71,7 @@ def test_compacted_tables_equal_the_reference_with_those_blocks(seed):
     n_blocks = [-(-n // BS) for n in plan.seq_lens.tolist()]
     chosen = torch.zeros(plan.counts.rows, HKV, plan.k, dtype=torch.long)
     block_mask = torch.zeros(plan.counts.rows, HKV, table.shape[1], dtype=torch.bool)
-    for r, (nb, budget) in enumerate(zip(n_blocks, plan.budgets.tolist())):
+    for r, (nb, budget) in enumerate(zip(n_blocks, plan.budgets.tolist(), strict=True)):
         for h in range(HKV):  # the last block and a random choice of the others, per kv head
             picks = sorted(torch.randperm(nb - 1, generator=g)[:budget - 1].tolist()) + [nb - 1]
             chosen[r, h, :budget] = torch.tensor(picks)
@@ -98,10 +98,10 @@ def test_every_block_chosen_equals_the_stock_kernel():
     budgets_of = lambda lens: [-(-n // BS) - 1 for n in lens]  # noqa: E731 (below the length: the plan acts)
     plan, _ = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=0, page_size=16)
     query = torch.randn(2, HKV * G, D)
+    lens = metadata.seq_lens.repeat_interleave(HKV)
     full_plan = compact_decode.DecodePlan(**{
-        **plan.__dict__, "budgets": torch.tensor([20, 32]), "k": 32, "virtual_lens": metadata.seq_lens.repeat_interleave(HKV),
-        "virtual_schedule": SHAPE.schedule(metadata.seq_lens.repeat_interleave(HKV), plan.virtual_start,
-                                           heads=G, kv_heads=1)})
+        **plan.__dict__, "budgets": torch.tensor([20, 32]), "k": 32, "virtual_lens": lens,
+        "virtual_schedule": SHAPE.schedule(lens, plan.virtual_start, heads=G, kv_heads=1)})
     chosen = torch.arange(32).expand(2, HKV, 32).clone()
     chosen[0, :, 20:] = 0
     got = compact_decode.decode(full_plan, query, kv_cache, compact_decode.virtual_table(full_plan, chosen, HKV),

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from afterburner.attention_backends.selector import KVLayout
 from afterburner.attention_backends.sparse import block_choice, quest
 from afterburner.attention_backends.sparse.selector import QuestSelector
-from afterburner.attention_backends.selector import KVLayout
 from afterburner.plugins.config import SparseSettings
 
 
