@@ -40,16 +40,23 @@ def compile_grammar(kind: str, spec: Any) -> str:
     raise GrammarError(f"unknown constraint kind {kind!r}; allowed: {', '.join(GRAMMAR_KINDS)}")
 
 
-class GrammarConstraint:
-    """A ``Constraint`` (see constraints.py) backed by one llguidance matcher."""
+def build_matcher(grammar: str, tokenizer: llguidance.LLTokenizer) -> llguidance.LLMatcher:
+    """A fresh matcher for ``grammar`` against ``tokenizer``; ``GrammarError`` if it does not compile.
+    This is the expensive part (it grows faster than the grammar: see ``request.MAX_GRAMMAR_CHARS``);
+    llguidance drops the GIL while it runs, so it can run beside an engine step (``pending``)."""
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)  # never raises: errors are a state
+    if matcher.is_error():
+        raise GrammarError(matcher.get_error())
+    return matcher
 
-    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer):
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error and not error.startswith("WARNING"):
-            raise GrammarError(error)
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        if self._matcher.is_error():
-            raise GrammarError(self._matcher.get_error())
+
+class GrammarConstraint:
+    """A ``Constraint`` (see constraints.py) backed by one llguidance matcher (built here unless given:
+    ``matcher`` must be fresh, at the start of the grammar, and owned by this constraint alone)."""
+
+    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer, *,
+                 matcher: llguidance.LLMatcher | None = None):
+        self._matcher = build_matcher(grammar, tokenizer) if matcher is None else matcher
         self._consumed: list[int] = []
         # The prefix object last synced, held (so its identity cannot be reused) with its length and the
         # result: a sampler asks many candidate tokens after the same prefix, and re-comparing the whole

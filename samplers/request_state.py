@@ -48,15 +48,18 @@ class RequestState:
     fallbacks: int = 0  # steps finished from the full mask after the sampled checks ran out
 
     @classmethod
-    def start(cls, request: ConstraintRequest, tokenizer: llguidance.LLTokenizer, eos_token_id: int, *,
-              temperature: float | None, seed: int | None) -> RequestState:
-        """``GrammarError`` if the grammar does not compile against this tokenizer."""
+    def start(cls, request: ConstraintRequest, tokenizer: llguidance.LLTokenizer | None, eos_token_id: int, *,
+              temperature: float | None, seed: int | None,
+              constraint: GrammarConstraint | None = None) -> RequestState:
+        """``GrammarError`` if the grammar does not compile against this tokenizer. ``constraint``: one
+        already compiled (off the engine step, ``pending``); then ``tokenizer`` is not used."""
         generator = torch.Generator()
         if seed is None:
             generator.seed()  # non-deterministic, and leaves torch's global generator alone
         else:
             generator.manual_seed(seed)
-        constraint = GrammarConstraint(request.grammar, tokenizer)
+        if constraint is None:
+            constraint = GrammarConstraint(request.grammar, tokenizer)
         return cls(request, constraint, eos_token_id, temperature, generator)
 
     def draw(self, logits: torch.Tensor, prefix: Sequence[int]) -> int:

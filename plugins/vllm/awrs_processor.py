@@ -15,11 +15,20 @@ A constraint that passes admission but fails in the engine (it does not compile 
 tokenizer, e.g. a Lark grammar naming a special token the vocabulary lacks, or checking it raises) ends
 that request alone the same way, with the error in its ``awrs`` event: never the engine.
 
+Compilation runs off the engine step (``afterburner.samplers.pending``): the matcher is built on a
+background thread from the moment vLLM adds the request to the batch (the tokenizer itself loads in the
+background when the engine starts), and the request's first step waits for it at most
+``COMPILE_TIMEOUT_S`` (2 s) after it joined; a constraint not ready by then ends its request as above.
+Together with admission's size bound (``MAX_GRAMMAR_CHARS``) no constrained request holds the batch for
+longer than that bound, once; repeated constraints come from a cache in milliseconds.
+
 vLLM skips this processor's rows only through the batch bookkeeping below; it is not argmax-invariant.
 vLLM refuses custom logits processors when speculative decoding is on.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -29,6 +38,7 @@ from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import is_active
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.grammar import GrammarError
+from afterburner.samplers.pending import Compiler, PendingState
 from afterburner.samplers.request import parse_request
 from afterburner.samplers.request_state import FailedState, RequestState, failed, force_token, load_tokenizer
 
@@ -36,7 +46,7 @@ logger = get_logger(__name__)  # also installs the handler for the samplers' war
 _GREEDY_EPS = 1e-5  # vLLM's own threshold for greedy sampling
 
 # A constrained row: its decoding state and vLLM's live list of the request's generated tokens.
-_Row = tuple[RequestState | FailedState, list[int]]
+_Row = tuple[PendingState | RequestState | FailedState, list[int]]
 
 
 class AWRSLogitsProcessor(LogitsProcessor):
@@ -55,8 +65,11 @@ class AWRSLogitsProcessor(LogitsProcessor):
         # Inert where the plugin did not register (unsupported vLLM, VLLM_PLUGINS without afterburner,
         # AFTERBURNER_DISABLE) or is configured off: vLLM loads entry-point processors regardless.
         self._enabled = is_active() and config_of(vllm_config).enabled
-        self._model_config = vllm_config.model_config
         self._states: dict[int, _Row] = {}
+        config = vllm_config.model_config
+        self._compiler = Compiler(functools.partial(
+            load_tokenizer, config.tokenizer, config.get_vocab_size(), revision=config.tokenizer_revision,
+            trust_remote_code=config.trust_remote_code)) if self._enabled else None
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -64,19 +77,13 @@ class AWRSLogitsProcessor(LogitsProcessor):
     def _new_state(self, params, output_ids: list[int]) -> _Row | None:
         if not self._enabled:
             return None
-        request = parse_request(params.extra_args)
+        request = parse_request(params.extra_args, check=False)  # admission checked it; the compile checks again
         if request is None:
             return None
-        config = self._model_config
-        tokenizer, eos = load_tokenizer(config.tokenizer, config.get_vocab_size(),
-                                        revision=config.tokenizer_revision,
-                                        trust_remote_code=config.trust_remote_code)
+        # vLLM's EOS for the request (set at admission); the tokenizer's only when the engine gave none
+        eos = params.eos_token_id if params.eos_token_id is not None else self._compiler.eos_token_id()
         temperature = None if params.temperature < _GREEDY_EPS else params.temperature
-        try:
-            state = RequestState.start(request, tokenizer, eos, temperature=temperature, seed=params.seed)
-        except Exception as exc:  # noqa: BLE001 - any constraint failure must end this request only
-            state = failed(request.kind, exc, eos)
-        return state, output_ids
+        return PendingState.submit(self._compiler, request, eos, temperature=temperature, seed=params.seed), output_ids
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -99,6 +106,9 @@ class AWRSLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, (state, output_ids) in list(self._states.items()):
+            if isinstance(state, PendingState):  # its first step: wait for the compile, up to its deadline
+                state = state.resolve()
+                self._states[index] = (state, output_ids)
             try:
                 token = state.draw(logits[index], list(output_ids))
             except Exception as exc:  # noqa: BLE001 - a failing check ends this request, not the engine
