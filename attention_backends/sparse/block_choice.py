@@ -5,12 +5,12 @@ Summaries stay per page (``page_size`` tokens, finer than the block: a tighter b
 the highest bound of its pages, and selection is per (sequence, kv head) in whole blocks: the first
 ``sink`` blocks, the last ``recent`` (the query's own block among them) and the highest-scoring others up to
 the sequence's budget. The bound uses sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (q+ = max(q, 0),
-q- = min(q, 0)): two matmuls over the summaries, no [.., D] broadcast.
+q- = min(q, 0)): with each page's summaries stored as one row (kmax, kmin), one matmul.
 
 No host sync and no loop over sequences: the budgets and their maximum come from the step's plan, which
 the adapter makes once per step on the host.
 
-Shapes: query [B, Hq, D]; kmin / kmax [num_pages, Hkv, D]; block_table [B, MB] physical blocks;
+Shapes: query [B, Hq, D]; bounds [num_pages, Hkv, 2D] (kmax then kmin); block_table [B, MB] physical blocks;
 budgets [B] blocks per sequence; result [B, Hkv, k] logical block indices, ascending, the first
 ``budgets[b]`` valid (the rest padding: 0).
 """
@@ -22,19 +22,24 @@ import math
 import torch
 
 
-def page_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+def page_bounds(query: torch.Tensor, bounds: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """Upper bounds on q.k per (sequence, kv head, page): [B, Hkv, P], the max over the kv head's query heads.
-    pages [B, P]: physical page ids (any valid id where a sequence has fewer pages; mask them after)."""
+    bounds [num_pages, Hkv, 2D]: kmax then kmin per page; pages [B, P]: physical page ids (any valid id
+    where a sequence has fewer pages; mask them after)."""
     batch, num_heads, head_dim = query.shape
-    num_kv_heads = kmin.shape[1]
+    num_kv_heads = bounds.shape[1]
     q = query.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    lo, hi = kmin[pages], kmax[pages]  # [B, P, Hkv, D]
-    bound = (torch.einsum("bphd,bhgd->bhgp", hi, q.clamp(min=0))
-             + torch.einsum("bphd,bhgd->bhgp", lo, q.clamp(max=0)))
-    return bound.amax(2)
+    signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, Hkv, G, 2D]: (q+, q-)
+    rows = bounds[pages].transpose(1, 2)  # [B, Hkv, P, 2D]
+    return torch.matmul(rows, signed.transpose(-1, -2)).amax(-1)  # [B, Hkv, P, G] -> [B, Hkv, P]
 
 
-def block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+def stack_bounds(kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """(kmin, kmax) [num_pages, Hkv, D] -> the bounds table [num_pages, Hkv, 2D] of ``page_bounds``."""
+    return torch.cat([kmax, kmin], dim=-1)
+
+
+def block_scores(query: torch.Tensor, bounds: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, *, block_size: int, page_size: int, max_blocks: int) -> torch.Tensor:
     """[B, Hkv, max_blocks]: each block's highest page bound; -inf past a sequence's last page."""
     per_block = block_size // page_size
@@ -43,8 +48,8 @@ def block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
     n_pages = torch.div(seq_lens.long() + page_size - 1, page_size, rounding_mode="floor")
     valid = torch.arange(pages.shape[1]) < n_pages[:, None]
     # Empty pages hold +-inf summaries (0 * inf is nan): score them -inf before taking the block max.
-    bounds = page_bounds(query, kmin, kmax, pages).nan_to_num(-math.inf).masked_fill(~valid[:, None], -math.inf)
-    return bounds.view(*bounds.shape[:2], max_blocks, per_block).amax(-1)
+    scores = page_bounds(query, bounds, pages).nan_to_num(-math.inf).masked_fill(~valid[:, None], -math.inf)
+    return scores.view(*scores.shape[:2], max_blocks, per_block).amax(-1)
 
 
 def choose_blocks(scores: torch.Tensor, n_blocks: torch.Tensor, budgets: torch.Tensor, *, k: int, sink: int,

