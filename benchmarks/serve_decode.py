@@ -30,7 +30,9 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "serve_decode.json"
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4",
-                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+                     # vLLM drops a one-process engine to 1 torch thread unless this is set (scripts/eval.py)
+                     "OMP_NUM_THREADS": str(os.cpu_count() or 1)}.items():
     os.environ.setdefault(_key, _value)
 
 _SPARSE = {"page_size": 16, "sink_pages": 1, "recent_pages": 2, "dense_below_tokens": 1024, "dense_layers": 2}
