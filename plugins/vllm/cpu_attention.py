@@ -10,18 +10,23 @@ layers and batches whose longest sequence is below ``dense_below_tokens``.
 With a method on, per layer:
 - ``do_kv_cache_update`` (stock write first) gives the step's keys and slots to the method's selector
   (pages of ``page_size`` tokens inside vLLM's blocks, page id = slot // page_size);
-- ``forward``: decode-only steps ask the selector what each long sequence reads
-  (``batch_selection.select_batch``) and run the selective torch op over that token mask. Steps with a
-  prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch, and then
-  recompute their long decode rows (one query, at least ``dense_below_tokens``) with the selective op, so
-  a long sequence's decode reads what its selection picks whatever else shares the step (its greedy
-  output does not depend on other traffic; ``tests/vllm/test_sparse_vllm.py``). The stock kernel computes
-  those rows too, and their result is overwritten: a cost, not a saving, in mixed steps.
+- ``forward``, for methods that choose whole KV blocks (``registry`` ``kernel_budgets``: sparse): the
+  metadata builder plans the step once (``compact_decode.plan_step``); the long decode rows (one query, at
+  least ``dense_below_tokens``, a budget below their length) run vLLM's own kernel over compacted
+  per-kv-head block tables, and the other rows (prefill chunks, short sequences) the stock kernel as a
+  sub-batch. So a long sequence's decode reads what its selection picks whatever shares the step (its
+  greedy output does not depend on other traffic; ``tests/vllm/test_sparse_vllm.py``), and no row is
+  computed twice;
+- ``forward``, for token selectors (squeezed): decode-only steps run the selective torch op over the
+  selector's token mask (``batch_selection.select_batch``); steps with a prefill chunk show the chunks'
+  queries to the selector, run the stock kernel for the batch and then recompute their long decode rows
+  with the selective op (those rows cost twice).
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
+A method that raises inside a step is said once (with its traceback) and counted; that layer runs the
+stock kernel from then on, so the step's requests get the stock output and the engine keeps serving.
 
-Pages finer than vLLM's 32-token CPU blocks matter for quality: on SmolLM2 passkey retrieval at a 1/4
-budget, 32-token pages lose a third of the answers that 16- and 8-token pages keep
-(``benchmarks/selective_probe.py``).
+Sparse pages (16 tokens) are finer than vLLM's 32-token CPU blocks: a block is scored by its best page
+(a tighter bound than a 32-token summary) and read whole.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from afterburner.attention_backends.registry import METHODS
 from afterburner.attention_backends.rules import LayerTraits
 from afterburner.attention_backends.selective import gather_sequence, selective_attention
 from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
+from afterburner.plugins import stats
+from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import attention_method, compact_decode
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
@@ -49,6 +56,8 @@ from afterburner.plugins.vllm.verify_step import VerifyStep, VerifyStepReceiver
 from afterburner.spec_decode.tree_attention import tree_verify_attention
 
 _DECODER = "decoder"
+_WHERE = "vLLM CPU attention"
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -129,7 +138,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                              sliding_window=self.sliding_window != -1, sinks=self.sinks is not None,
                              soft_cap=bool(self.logits_soft_cap), quantized_kv=self.is_fp8_kv_cache)
         self.method = attention_method.resolve(config_of(get_current_vllm_config()), traits,
-                                               where="vLLM CPU attention")
+                                               where=_WHERE)
         self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
         self._page = 0
 
@@ -143,14 +152,26 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         return self.selector
 
     def _active(self, layer) -> bool:
-        return (self.method is not None and getattr(layer, "isa", None) in KV_VIEWS
+        return (self.method is not None and self._failure is None and getattr(layer, "isa", None) in KV_VIEWS
                 and not self.method.gate.layer_is_dense(self._index(layer)))
+
+    _failure: str | None = None  # set when the method raised: the layer runs the stock kernel from then on
+
+    def _fail(self, layer, error: Exception) -> None:
+        """The method raised inside a step: this layer runs the stock kernel from now on (its state may be
+        incomplete), said once with the traceback and counted every step; the engine keeps serving."""
+        self._failure = f"attention.method {self.method.name!r} raised {type(error).__name__}"
+        logger.exception("afterburner: %s in layer %s; it runs vLLM's own kernel from now on", self._failure,
+                         layer.layer_name)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if self._active(layer):
-            selector = self._selector_for(kv_cache)
-            selector.observe_keys(self._index(layer), key[: slot_mapping.shape[0]], slot_mapping)
+            try:
+                selector = self._selector_for(kv_cache)
+                selector.observe_keys(self._index(layer), key[: slot_mapping.shape[0]], slot_mapping)
+            except Exception as error:  # one layer's method fails, never the engine
+                self._fail(layer, error)
 
     def _tree_forward(self, step: VerifyStep, layer, query, kv_cache, attn_metadata, output):
         """Tree rows attend their ancestors only."""
@@ -169,9 +190,18 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         if (step is not None and step.rows and self.attn_type == _DECODER
                 and attn_metadata.num_actual_tokens == step.num_tokens):
             return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
+        if self._failure is not None and attn_metadata is not None:
+            stats.fallback(_WHERE, self._failure)
         if attn_metadata is None or output_scale is not None or not self._active(layer):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
+        try:
+            return self._method_forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        except Exception as error:  # the stock kernel recomputes every row of the step
+            self._fail(layer, error)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+
+    def _method_forward(self, layer, query, key, value, kv_cache, attn_metadata, output):
         n, m = attn_metadata.num_actual_tokens, attn_metadata
         q = query[:n].view(n, self.num_heads, self.head_size)
         selector, block_size = self._selector_for(kv_cache), kv_cache.shape[2]
@@ -182,8 +212,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         # then recomputed selectively, so a sequence's decode does not depend on what shares its step.
         if m.max_query_len > 1:
             selector.observe_prefill(self._index(layer), q, _prefill_chunks(m, block_size, self._page))
-            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                     output_block_scale)
+            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
             starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
             rows = [b for b, seq_len in enumerate(seq_lens)
                     if starts[b + 1] - starts[b] == 1 and not self.method.gate.sequence_is_dense(seq_len)]
@@ -191,8 +220,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                 self._selective(layer, q, kv_cache, m, rows, output, mixed=True)
             return output
         if self.method.gate.sequence_is_dense(m.max_seq_len):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         self._selective(layer, q, kv_cache, m, list(range(m.seq_lens.shape[0])), output, mixed=False)
         return output
 

@@ -83,3 +83,14 @@ def test_a_long_requests_greedy_output_does_not_depend_on_other_traffic(tiny_mod
     result = run_result_script("mixed_batch_greedy.py", tiny_model, json.dumps(quarter))[0]
     assert result["mixed_decode_rows"] > 0, "decode rows must have been served inside mixed steps"
     assert result["beside"] == result["alone"]
+
+
+@pytest.mark.parametrize("failing", ["select_blocks", "observe_keys"])
+def test_a_method_that_raises_leaves_the_engine_serving_stock_output(tiny_model, dense, failing):
+    """A fault inside the method (injected into the selector's choice or its cache-write hook) is said once
+    per layer and counted; those layers run vLLM's own kernel from then on, so the requests finish with
+    the stock output and the engine keeps serving later ones."""
+    result, stderr = run_result_script("attention_fault.py", tiny_model, failing)
+    assert result["tokens"] == dense["tokens"]
+    assert any("'sparse' raised RuntimeError" in reason for reason in result["fallbacks"])
+    assert stderr.count("runs vLLM's own kernel from now on") == 2, "once per layer (the tiny model has 2)"
