@@ -12,9 +12,12 @@ Per layer, with an ``attention.method`` whose selector picks pages for a whole b
 - ``do_kv_cache_update``: the stock write, then the step's keys go to the selector. Pages are vLLM's KV
   blocks here: the method's ``page_size`` must equal ``--block-size`` (16 by default on GPU, as is
   ``page_size``);
-- ``forward``: on decode-only steps whose longest sequence is at least ``dense_below_tokens`` (and past
-  the first ``dense_layers``), the selector's page ids (Triton Quest scores, batched top-k) and split-K
-  sparse paged decode (``sparse_paged_decode``). Everything else runs the stock path.
+- ``forward``: on steps whose longest sequence is at least ``dense_below_tokens`` (and past the first
+  ``dense_layers``), the selector's page ids (Triton Quest scores, batched top-k) and split-K sparse paged
+  decode (``sparse_paged_decode``) for the decode rows. Decode-only steps run nothing else. Steps with a
+  prefill chunk run the stock path for the batch, then the sparse decode for every row's last query, kept
+  where the row is a decode row of at least ``dense_below_tokens`` (a device mask: no host sync), so a
+  request's decode does not depend on what shares its step; those rows cost twice in such steps.
 
 CUDA graphs: the dense / selective choice is made per step on the host, so the metadata builder declares no
 CUDA-graph support (vLLM then uses piecewise graphs with eager attention). Quest's summaries (2 x head_dim
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.triton_attn import (
@@ -85,21 +89,36 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
                 output_block_scale=None):
         m, method = attn_metadata, self.method
         if (method is None or m is None or self.selector is None or output_scale is not None
-                or output_block_scale is not None or m.max_query_len != 1
+                or output_block_scale is not None
                 or method.gate.sequence_is_dense(m.max_seq_len) or method.gate.layer_is_dense(self._index(layer))):
             return super().forward(layer, query, key, value, kv_cache, m, output, output_scale, output_block_scale)
         from afterburner.attention_backends.triton.sparse_decode import sparse_paged_decode
 
-        batch, block_size = m.num_actual_tokens, kv_cache.shape[2]  # decode only: one token per request
+        mixed = m.max_query_len != 1
+        if mixed:
+            output = super().forward(layer, query, key, value, kv_cache, m, output)
+        num_reqs, block_size = m.query_start_loc.shape[0] - 1, kv_cache.shape[2]
+        last = (m.query_start_loc[1:] - 1).long()  # each row's last query (decode rows: their only one)
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [NB, BS, Hkv, D]
-        q = query[:batch].view(batch, self.num_heads, self.head_size)
-        seq_lens, table = m.seq_lens[:batch], m.block_table[:batch]
+        q = query[last].view(num_reqs, self.num_heads, self.head_size)
+        seq_lens, table = m.seq_lens[:num_reqs], m.block_table[:num_reqs]
         ids = self.selector.select_page_ids(self._index(layer), q, table, seq_lens, m.max_seq_len)
         out = sparse_paged_decode(q, key_cache, value_cache, table, seq_lens, ids, scale=self.scale)
-        output[:batch].copy_(out.view_as(output[:batch]))
-        stats.attention(method.name).add(ReadCounts(  # 0-dim device tensors: no host sync here
+        out = out.reshape(num_reqs, *output.shape[1:]).to(output.dtype)
+        if mixed:  # keep the sparse result on long decode rows only
+            one_query = (m.query_start_loc[1:] - m.query_start_loc[:-1]) == 1
+            rows = one_query & (seq_lens >= method.gate.dense_below_tokens)
+            output[last] = torch.where(rows.view(-1, *[1] * (out.dim() - 1)), out, output[last])
+            ids = ids.masked_fill(~rows[:, None, None], -1)
+            seq_lens = seq_lens * rows
+        else:
+            output[last] = out
+        totals = stats.attention(method.name)
+        totals.add(ReadCounts(  # 0-dim device tensors: no host sync here
             pages_in_context=(-(-seq_lens // block_size)).sum() * self.num_kv_heads,
             pages_read=(ids >= 0).sum(), tokens_in_context=0, tokens_read=0))
+        if mixed:
+            totals.mixed_decode_rows += (seq_lens > 0).sum()
         return output
 
 

@@ -5,11 +5,16 @@ interpreter) reads the blocks torch Quest picks and matches the selective refere
 kernels (stock cache write, dense attention) cannot run here: gpu_attention_check.py stands in a torch
 cache write. Engine start, CUDA graphs and speed need a GPU (tests/gpu, benchmarks/sparse_attention_gpu.py)."""
 
+import pytest
 from result_script import run_result_script
 
 
-def test_custom_backend_resolves_and_its_sparse_decode_matches_the_reference():
-    result, _ = run_result_script("gpu_attention_check.py", env={"TRITON_INTERPRET": "1"})
+@pytest.fixture(scope="module")
+def result():
+    return run_result_script("gpu_attention_check.py", env={"TRITON_INTERPRET": "1"})[0]
+
+
+def test_custom_backend_resolves_and_its_sparse_decode_matches_the_reference(result):
     assert result["custom_class"] == "afterburner.plugins.vllm.gpu_attention.SelectiveTritonAttentionBackend"
     assert result["h100_rejections"] == []
     assert result["summaries_match"]
@@ -18,3 +23,12 @@ def test_custom_backend_resolves_and_its_sparse_decode_matches_the_reference():
     assert result["stats"]["pages_read"] == sum(map(sum, result["expected_selected"])) == 16
     assert result["stats"]["pages_in_context"] == (7 + 5) * 2
     assert result["max_error"] < 1e-5
+
+
+def test_custom_backend_keeps_decode_rows_sparse_beside_a_prefill_chunk(result):
+    """A step with one decode row and another request's prefill chunk: the chunk gets the stock path
+    (a torch stand-in here), the decode row the same sparse result it would get in a decode-only step."""
+    assert result["mixed_decode_error"] < 1e-5 and result["mixed_prefill_error"] < 1e-5
+    assert result["mixed_dense_differs"] > 1e-3, "the budget must make the decode row differ from dense"
+    assert result["after_mixed"]["mixed_decode_rows"] == 1
+    assert result["after_mixed"]["pages_read"] - result["stats"]["pages_read"] == 4 * 2, "decode row only"
