@@ -1,6 +1,10 @@
-"""Attention methods by name (``attention.method`` in the config): the one table every engine adapter
-dispatches through. Adding a method: a folder under ``attention_backends/`` with a ``KVSelector`` and one
-line below.
+"""Attention methods by name (``attention.method`` in the config): the tables every engine adapter
+dispatches through, one per kind of method (``selector.py``):
+
+- ``METHODS``: KV-selection methods (softmax attention over what a ``KVSelector`` picks);
+- ``OUTPUT_METHODS``: methods that change the math and compute the output themselves (``AttentionOutput``).
+
+A name lies in one table. Adding a method: a folder under ``attention_backends/`` and one line below.
 """
 
 from __future__ import annotations
@@ -8,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from afterburner.attention_backends.selector import KVLayout, KVSelector
+from afterburner.attention_backends.local_linear import method as local_linear
+from afterburner.attention_backends.selector import AttentionOutput, KVLayout, KVSelector
 from afterburner.attention_backends.sparse import block_choice
 from afterburner.attention_backends.sparse.selector import QuestSelector
 from afterburner.attention_backends.squeezed.selector import SqueezedSelector
@@ -32,6 +37,27 @@ METHODS: dict[str, AttentionMethod] = {
                               kernel_budgets=block_choice.settings_budgets),
     "squeezed": AttentionMethod(SqueezedSelector, page_size=lambda settings: None),
 }
+
+
+@dataclass(frozen=True)
+class OutputMethod:
+    """make  (settings, *, model_config) -> the process's output op for this method; ``model_config`` is
+             the served model's config object (a transformers ``PretrainedConfig``, or None), for what the
+             model itself fixes (e.g. a trained local-linear model's lambda per layer)"""
+
+    make: Callable[..., AttentionOutput]
+
+
+OUTPUT_METHODS: dict[str, OutputMethod] = {
+    "local_linear": OutputMethod(local_linear.make),
+}
+
+
+def make_output(method: str, settings, *, model_config=None) -> AttentionOutput:
+    if method not in OUTPUT_METHODS:
+        raise KeyError(f"attention method {method!r} computes no output of its own; available: "
+                       f"{sorted(OUTPUT_METHODS)}")
+    return OUTPUT_METHODS[method].make(settings, model_config=model_config)
 
 
 def make_selector(method: str, settings, layout: KVLayout) -> KVSelector:

@@ -14,7 +14,17 @@ per step the adapter calls, for every layer the dense gate (``rules.DenseGate``)
 
 ``batch_selection.select_batch`` turns the per-sequence answers into the token mask that the selective op
 (``selective.selective_attention``) reads, and counts what is read. Adding a method: a folder with a class
-that satisfies ``KVSelector`` and one line in ``registry.SELECTORS``.
+that satisfies ``KVSelector`` and one line in ``registry.METHODS``.
+
+*Output methods* change the math itself (local-linear attention: a local linear fit instead of a softmax
+mean), so they choose nothing: an ``AttentionOutput`` computes the layer's output for every query of a
+step, prefill chunks and decode tokens alike, from the same paged view the selective op reads (keys and
+values [NB, BS, Hkv, D], block table, sequence lengths, query starts). They keep no state across steps,
+get no dense gate (a model trained with one needs it on every layer and sequence) and are made once per
+process by ``registry.make_output`` from their settings and the served model's config. A layer an output
+method cannot serve runs the engine's softmax kernel, which then computes a different function: the
+adapters say so once and count it (``plugins.stats.fallback``). Adding one: a folder with a callable that
+satisfies ``AttentionOutput`` and one line in ``registry.OUTPUT_METHODS``.
 """
 
 from __future__ import annotations
@@ -96,3 +106,15 @@ class BatchedPageSelector(KVSelector, Protocol):
                         seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
         """query [B, Hq, D], block_table [B, MB] page ids -> [B, Hkv, budget] logical page indices
         (-1: none), with pages = the engine's blocks."""
+
+
+class AttentionOutput(Protocol):
+    """An output method's op for one engine process (all layers share it)."""
+
+    def __call__(self, layer: int, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, *,
+                 scale: float) -> torch.Tensor:
+        """Layer ``layer``'s output o [T, Hq, D] for the step's queries [T, Hq, D] (sequence b's are
+        ``query[query_start[b]:query_start[b + 1]]``, its last positions), over k_cache, v_cache
+        [NB, BS, Hkv, D], block_table [B, MB] and seq_lens [B] (this step's tokens included, already
+        written to the cache); causal."""

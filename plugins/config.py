@@ -23,7 +23,7 @@ ADDITIONAL_CONFIG_KEY = "afterburner"
 AttentionMethod = Literal["dense", "sparse", "squeezed", "local_linear"]
 # Methods the config already knows (so their settings validate) but whose backends have not landed.
 # Choosing one is a startup error rather than a silent fall-back to dense attention.
-PLANNED_ATTENTION_METHODS = frozenset({"local_linear"})
+PLANNED_ATTENTION_METHODS: frozenset[str] = frozenset()
 
 
 class ConfigError(ValueError):
@@ -65,10 +65,25 @@ class SqueezedSettings(_Settings):
     index_memory_mb: int = Field(256, ge=1, description="bound on the centroid indexes kept per process")
 
 
+class LocalLinearSettings(_Settings):
+    """Local Linear Attention (Zuo et al. 2025, FlashLLA): every query's output is the intercept of a
+    ridge-regularised local linear fit of values on keys (``attention_backends/local_linear``). It changes
+    the model's math: it acts on every layer and every step, prefill and decode alike. A model trained with
+    it names its own ridge strength per layer in its ``config.json`` (``afterburner_local_linear_lambda``:
+    one float, or one per layer), and that takes precedence over ``lam``."""
+
+    lam: float = Field(1.0, gt=0, allow_inf_nan=False, description="ridge strength lambda for models whose "
+                       "config names none (large: softmax attention, which is the limit lambda -> inf)")
+    cg_iters: int = Field(32, ge=1, le=1024, description="conjugate-gradient iterations at most per query "
+                          "(FlashLLA's default 32; each streams the keys once more)")
+    jacobi: bool = Field(False, description="Jacobi-precondition the conjugate gradient")
+
+
 class AttentionSettings(_Settings):
     method: AttentionMethod = "dense"
     sparse: SparseSettings = SparseSettings()
     squeezed: SqueezedSettings = SqueezedSettings()
+    local_linear: LocalLinearSettings = LocalLinearSettings()
 
     @field_validator("method")
     @classmethod

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from vllm.model_executor.models.utils import extract_layer_index
 
-from afterburner.attention_backends.registry import METHODS, make_selector
+from afterburner.attention_backends.registry import METHODS, OUTPUT_METHODS, make_selector
 from afterburner.attention_backends.rules import DenseGate, LayerTraits, unsupported_reason
 from afterburner.attention_backends.selector import KVLayout, KVSelector
 from afterburner.plugins import stats
@@ -33,9 +33,15 @@ class LayerMethod:
 
 
 def resolve(config: AfterburnerConfig, traits: LayerTraits, *, where: str) -> LayerMethod | None:
-    """None: the layer runs the stock kernel (method dense, or a layer the method cannot serve: said once)."""
+    """The KV-selection method of a layer. None: the layer runs the stock kernel (method dense, or a layer
+    the method cannot serve: said once); output methods (``registry.OUTPUT_METHODS``) resolve through
+    ``output_attention.resolve`` instead, and in an Impl without that they are said once here."""
     method = config.attention.method if config.enabled else "dense"
     if method == "dense":
+        return None
+    if method in OUTPUT_METHODS:  # served by ``output_attention`` where an Impl has a path for them
+        stats.fallback(where, f"attention.method {method!r} has no path here yet; softmax attention runs, "
+                       "which is a different function")
         return None
     reason = unsupported_reason(traits)
     if reason is not None:

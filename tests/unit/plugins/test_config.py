@@ -27,6 +27,14 @@ def test_values_reach_the_typed_config():
     assert config.attention.sparse.sink_pages == 1  # untouched defaults stay
 
 
+def test_local_linear_is_a_method_with_its_settings():
+    config = from_additional_config({"afterburner": {"attention": {
+        "method": "local_linear", "local_linear": {"lam": 1e9, "jacobi": True}}}})
+    settings = config.attention.local_linear
+    assert config.attention.method == "local_linear"
+    assert (settings.lam, settings.cg_iters, settings.jacobi) == (1e9, 32, True)
+
+
 @pytest.mark.parametrize(
     "section, field, allowed",
     [
@@ -41,7 +49,15 @@ def test_values_reach_the_typed_config():
          "less than 1"),
         ({"attention": {"method": "flash"}}, "afterburner.attention.method",
          "'dense', 'sparse', 'squeezed' or 'local_linear'"),
-        ({"attention": {"method": "local_linear"}}, "afterburner.attention.method", "planned but not in this release"),
+        ({"attention": {"local_linear": {"lam": 0}}}, "afterburner.attention.local_linear.lam", "greater than 0"),
+        ({"attention": {"local_linear": {"lam": float("inf")}}}, "afterburner.attention.local_linear.lam",
+         "finite number"),
+        ({"attention": {"local_linear": {"cg_iters": 0}}}, "afterburner.attention.local_linear.cg_iters",
+         "greater than or equal to 1"),
+        ({"attention": {"local_linear": {"jacobi": "sometimes"}}}, "afterburner.attention.local_linear.jacobi",
+         "valid boolean"),
+        ({"attention": {"local_linear": {"lambda": 2.0}}}, "afterburner.attention.local_linear.lambda",
+         "allowed keys here: cg_iters, jacobi, lam"),
     ],
 )
 def test_bad_values_name_field_and_allowed(section, field, allowed):
