@@ -68,7 +68,9 @@ class GrammarConstraint:
         return cls(compile_grammar(kind, spec), tokenizer)
 
     def _sync(self, prefix: Sequence[int]) -> bool:
-        """Bring the matcher to ``prefix``; False if the prefix itself violates the grammar."""
+        """Bring the matcher to ``prefix``; False if the prefix itself violates the grammar. ``GrammarError``
+        when llguidance's parser fails on it instead: e.g. a JSON schema of 500 or more optional properties
+        exceeds its 2,000 Earley items per row right after ``{"`` (that is not "no token allowed")."""
         if self._synced is not None and self._synced[0] is prefix and self._synced[1] == len(prefix):
             return self._synced[2]
         ok = self._sync_slow(prefix)
@@ -87,9 +89,11 @@ class GrammarConstraint:
         if rest:
             taken = self._matcher.try_consume_tokens(rest)
             self._consumed += rest[:taken]
+            if self._matcher.is_error():  # not a rejected token: the parser itself gave up (e.g. a limit)
+                raise GrammarError(f"the constraint's parser failed: {self._matcher.get_error()}")
             if taken < len(rest):
                 return False
-        return not self._matcher.is_error()
+        return True
 
     def allows(self, prefix: Sequence[int], token: int) -> bool:
         return self._sync(prefix) and self._matcher.validate_tokens([token]) == 1

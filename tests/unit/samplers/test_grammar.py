@@ -105,3 +105,15 @@ def test_the_full_mask_agrees_with_the_per_token_check(tokenizers):
         expected = torch.tensor([allows_next(constraint, prefix, t, hf.eos_token_id) for t in range(vocab)])
         assert torch.equal(mask, expected), text
         assert mask.any()
+
+
+def test_a_parser_failure_is_an_error_not_an_empty_allowed_set(tokenizers):
+    """llguidance gives up (Earley row limit) after '{"' on a schema of 1,000 optional properties: the
+    request must end with that reason, not as 'no token allowed'."""
+    hf, ll = tokenizers
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1000)}}
+    constraint = GrammarConstraint.of("json_schema", schema, ll)
+    prefix = hf.encode('{"', add_special_tokens=False)
+    assert constraint.allows([], prefix[0])
+    with pytest.raises(GrammarError, match="parser failed: .*max is 2000"):
+        constraint.allows(prefix, hf.encode("p", add_special_tokens=False)[0])
