@@ -2,9 +2,10 @@
 
 Building a constraint's llguidance matcher against the model's tokenizer (``grammar.build_matcher``) is
 the one expensive part of a constrained request, and it grows faster than the grammar (SmolLM2's 49k
-vocabulary, JSON schemas of N optional integer properties, one thread, idle machine: 1,000 -> 0.10 s,
-2,400 -> 0.5 s, 4,000 -> 1.5 s, 10,000 -> 9.4 s). A logits processor cannot leave a row out of a step,
-so the matcher must exist by the request's first sampled token. What keeps that from stalling the batch:
+vocabulary, JSON schemas of N optional integer properties, one thread, 2-core machine: 1,000 -> 0.1-0.2 s,
+2,400 -> 0.5-0.8 s, 4,000 -> 1.5-1.9 s, 10,000 -> 34-49 s). A logits processor cannot leave a row out of a
+step, so the matcher must exist by the request's first sampled token. What keeps that from stalling the
+batch:
 
 - size: admission refuses a compiled grammar longer than ``request.MAX_GRAMMAR_CHARS`` (HTTP 400), so an
   admitted compile takes about half a second at most on an idle 2-core machine;
