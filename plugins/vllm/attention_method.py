@@ -92,7 +92,7 @@ def count_plan(method: LayerMethod, selector: KVSelector, counts, *, mixed: bool
     totals = stats.attention(method.name)
     totals.forward_calls += 1
     totals.selective_rows += counts.rows
-    totals.dense_decode_rows += counts.dense_rows
+    _add_dense(totals, counts.dense_rows)
     totals.mixed_decode_rows += counts.rows if mixed else 0
     totals.tokens_in_context += counts.tokens_in_context
     totals.tokens_read += counts.tokens_read
@@ -105,9 +105,18 @@ def count_plan(method: LayerMethod, selector: KVSelector, counts, *, mixed: bool
         stats.report_attention(method.name, selector)
 
 
-def count_dense_rows(method: LayerMethod, rows: int) -> None:
-    """A layer-step whose decode rows all read everything (short, or their budget covers them)."""
-    stats.attention(method.name).dense_decode_rows += rows
+def count_dense_rows(method: LayerMethod, rows) -> None:
+    """A layer-step with no selective row (``rows``: its decode rows, ``compact_decode.DenseRows``)."""
+    totals = stats.attention(method.name)
+    totals.dense_layer_steps += 1
+    if rows is not None:
+        _add_dense(totals, rows)
+
+
+def _add_dense(totals, rows) -> None:
+    totals.dense_decode_rows += rows.total
+    totals.dense_short_rows += rows.short
+    totals.dense_full_budget_rows += rows.full_budget
 
 
 def totals(method: str) -> dict[str, int]:

@@ -45,6 +45,19 @@ class KernelShape:
 
 
 @dataclass(frozen=True)
+class DenseRows:
+    """A step's decode rows that read everything: shorter than ``dense_below_tokens``, or with a budget
+    that covers their length."""
+
+    short: int = 0
+    full_budget: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.short + self.full_budget
+
+
+@dataclass(frozen=True)
 class DecodeCounts:
     """One layer-step's reads, fixed by the plan (per kv head; bytes of K and V, or of page summaries)."""
 
@@ -56,7 +69,7 @@ class DecodeCounts:
     kv_bytes_dense: int
     kv_bytes_read: int
     summary_bytes_read: int
-    dense_rows: int  # decode rows of the step that read everything (short, or a budget covering them)
+    dense_rows: DenseRows  # the step's decode rows that read everything, by reason
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,7 @@ class DecodePlan:
 
 
 def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
-              page_size: int) -> tuple[DecodePlan | None, int]:
+              page_size: int) -> tuple[DecodePlan | None, DenseRows]:
     """(the step's plan, or None when no row decodes selectively; the step's decode rows that read
     everything). ``budgets_of(seq_lens) -> blocks``."""
     starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
@@ -85,8 +98,9 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
     long_rows = [b for b in decode if seq_lens[b] >= dense_below]
     budgets = budgets_of([seq_lens[b] for b in long_rows])
     chosen = [(b, budget) for b, budget in zip(long_rows, budgets, strict=True) if budget < -(-seq_lens[b] // bs)]
+    dense = DenseRows(short=len(decode) - len(long_rows), full_budget=len(long_rows) - len(chosen))
     if not chosen:
-        return None, len(decode)
+        return None, dense
     rows = [b for b, _ in chosen]
     budget_list = [budget for _, budget in chosen]
     lens = [seq_lens[b] for b in rows]
@@ -101,7 +115,7 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
         blocks_in_context=sum(-(-n // bs) for n in lens) * hkv, blocks_read=sum(budget_list) * hkv,
         kv_bytes_dense=sum(lens) * hkv * row_bytes, kv_bytes_read=sum(short) * hkv * row_bytes,
         summary_bytes_read=len(rows) * max_blocks * per_block * hkv * shape.head_dim * 2 * 4,
-        dense_rows=len(decode) - len(rows))
+        dense_rows=dense)
     return DecodePlan(
         tokens=metadata.query_start_loc[index].long(), seq_lens=metadata.seq_lens[index],
         block_table=metadata.block_table[index, :max_blocks], budgets=torch.tensor(budget_list),

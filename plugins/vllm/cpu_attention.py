@@ -67,7 +67,7 @@ class StepMetadata(CPUAttentionMetadata):
 
     verify_step: VerifyStep | None = None
     decode_plan: compact_decode.DecodePlan | None = None
-    dense_decode_rows: int = 0
+    dense_decode_rows: compact_decode.DenseRows = compact_decode.DenseRows()
 
 
 class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, CPUAttentionMetadataBuilder):
@@ -231,7 +231,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         layer_index = self._index(layer)  # these methods select from keys alone: no observe_prefill
         if plan is None:
             output = super().forward(layer, query, key, value, kv_cache, m, output)
-            attention_method.count_dense_rows(self.method, getattr(m, "dense_decode_rows", 0))
+            attention_method.count_dense_rows(self.method, getattr(m, "dense_decode_rows", None))
             return output
         if plan.rest_metadata is not None:
             rest = torch.empty(plan.rest_tokens.shape[0], *output.shape[1:], dtype=output.dtype)

@@ -65,7 +65,7 @@ def test_compacted_tables_equal_the_reference_with_those_blocks(seed):
     budgets_of = lambda lens: [max(2, -(-n // BS) // 4) for n in lens]  # noqa: E731
     plan, dense_rows = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=64,
                                                 page_size=16)
-    assert plan is not None and plan.counts.rows == 3 and dense_rows == 0
+    assert plan is not None and plan.counts.rows == 3 and dense_rows.total == 0
     assert plan.rest_tokens.tolist() == list(range(2, 9)), "the prefill chunk runs as the stock sub-batch"
     g = torch.Generator().manual_seed(100 + seed)
     n_blocks = [-(-n // BS) for n in plan.seq_lens.tolist()]
@@ -116,7 +116,8 @@ def test_rows_short_or_fully_budgeted_stay_stock_and_are_counted():
     budgets_of = lambda lens: [-(-n // BS) if n < 1000 else 8 for n in lens]  # noqa: E731
     plan, dense_rows = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=200,
                                                 page_size=16)
-    assert plan.tokens.tolist() == [1] and dense_rows == 2 == plan.counts.dense_rows
+    assert plan.tokens.tolist() == [1] and dense_rows == compact_decode.DenseRows(short=1, full_budget=1)
+    assert plan.counts.dense_rows == dense_rows
     assert plan.counts.blocks_read == 8 * HKV and plan.counts.tokens_read == (7 * BS + 2000 - 62 * BS) * HKV
     assert compact_decode.plan_step(_metadata([1], [100], table[:1]), SHAPE, budgets_of=budgets_of,
-                                    dense_below=200, page_size=16) == (None, 1)
+                                    dense_below=200, page_size=16) == (None, compact_decode.DenseRows(short=1))

@@ -30,6 +30,7 @@ def test_full_budget_is_token_identical_to_the_stock_kernel(tiny_model, dense):
     assert full["tokens"] == dense["tokens"]
     assert full["stats"]["forward_calls"] == 0, "nothing to select: the stock kernel runs"
     assert full["stats"]["dense_decode_rows"] > 0, "decode rows that read everything are counted"
+    assert full["stats"]["dense_full_budget_rows"] > 0 and full["stats"]["dense_short_rows"] > 0, "by reason"
     assert full["cached_prompt_tokens"] > 0, "the repeated prompt must hit the prefix cache"
     assert full["tokens"][3] == full["tokens"][0]
     assert dense["stats"]["forward_calls"] == 0, "method dense must keep the stock kernel"
