@@ -142,7 +142,7 @@ def train(shape: LlamaShape, config: TrainConfig, *, checkpoint: Path | None = N
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             state.step += 1
-            state.losses.append(float(loss))
+            state.losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(state.step, state.losses[-1])
             if checkpoint is not None and (state.step % config.save_every == 0 or state.step == config.steps):

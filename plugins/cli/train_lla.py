@@ -47,8 +47,8 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
     lla.add_argument("--lambda", dest="lam", type=float, default=1.0, help="initial lambda of every LLA layer")
     lla.add_argument("--fixed-lambda", action="store_true", help="keep lambda fixed (default: learned per layer)")
     lla.add_argument("--seed", type=int, default=0)
-    lla.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; on a busy "
-                     "2-core machine 1 thread ran 10x faster than 2)")
+    lla.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; on a "
+                     "2-core machine busy with other jobs, 1 thread per run was several times faster than 2)")
     lla.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     lla.add_argument("--resume", action="store_true", help="continue from OUT/<attention>.train/checkpoint.pt")
     lla.add_argument("--eval-only", action="store_true", help="evaluate the folders in OUT, train nothing")
