@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from afterburner.attention_backends.local_linear.model import LAMBDA_KEY as MODEL_LAMBDA_KEY  # what training writes
 from afterburner.attention_backends.local_linear.paged import local_linear_paged
-
-MODEL_LAMBDA_KEY = "afterburner_local_linear_lambda"
 
 
 def _positive(value) -> bool:

@@ -9,13 +9,15 @@ costs seconds, which the detokenizer and ``--help`` should not pay).
 ``check_flags`` runs where SGLang checks its arguments, in the user's process, and refuses with one
 ``ConfigError`` line what would otherwise fail inside the scheduler or run silently wrong:
 - a method that is planned (``config.PLANNED_ATTENTION_METHODS``, as the config itself refuses them) or
-  that has no selector in ``attention_backends.registry`` yet;
-- the backend for only one of prefill and decode (its selection state is built from prefill's writes and,
-  for squeezed, queries);
+  that is in neither table of ``attention_backends.registry`` yet;
+- the backend for only one of prefill and decode (a selector's state is built from prefill's writes and,
+  for squeezed, queries; an output method such as local-linear changes the math of both);
 - speculative decoding (verify steps write KV in a mode the summaries do not follow).
 
 On SGLang the backend name chooses the method; ``attention.method`` is vLLM's switch. The method's
-settings (``attention.sparse`` / ``attention.squeezed``) come from ``AFTERBURNER_CONFIG``;
+settings (``attention.sparse`` / ``.squeezed`` / ``.local_linear``) come from ``AFTERBURNER_CONFIG``, and a
+local-linear model's own lambda per layer from its config.json (``selective_backend`` serves KV-selection
+methods, ``output_backend`` output methods);
 ``enabled: false`` makes the backend SGLang's stock torch_native.
 """
 
@@ -24,14 +26,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from afterburner.attention_backends.registry import METHODS
+from afterburner.attention_backends.registry import METHODS, OUTPUT_METHODS
 from afterburner.plugins.config import PLANNED_ATTENTION_METHODS, AfterburnerConfig, ConfigError, from_env
 from afterburner.plugins.log import get_logger
 
 logger = get_logger(__name__)
 
-# backend name -> attention method: one per method of ``attention_backends.registry``.
-BACKENDS = {f"afterburner-{method.replace('_', '-')}": method for method in METHODS}
+# backend name -> attention method: one per method of ``attention_backends.registry``, of either kind.
+BACKENDS = {f"afterburner-{method.replace('_', '-')}": method for method in [*METHODS, *OUTPUT_METHODS]}
 
 
 def _unavailable(name: str) -> str | None:
@@ -39,11 +41,11 @@ def _unavailable(name: str) -> str | None:
     method = BACKENDS[name]
     if method in PLANNED_ATTENTION_METHODS:
         reason = f"'{method}' is planned but not in this release"
-    elif method not in METHODS:
+    elif method not in METHODS and method not in OUTPUT_METHODS:
         reason = f"'{method}' has no SGLang backend yet"
     else:
         return None
-    available = sorted(n for n, m in BACKENDS.items() if m in METHODS and m not in PLANNED_ATTENTION_METHODS)
+    available = sorted(n for n, m in BACKENDS.items() if m not in PLANNED_ATTENTION_METHODS)
     return f"--attention-backend {name}: {reason}; available now: {available}"
 
 
@@ -58,13 +60,23 @@ def _create(runner: Any, *, name: str):
     if not config.enabled:
         logger.warning("afterburner: enabled is false in AFTERBURNER_CONFIG; %s runs SGLang's torch_native", name)
         return TorchNativeAttnBackend(runner)
+    method = BACKENDS[name]
+    settings = getattr(config.attention, method)
+    if method in OUTPUT_METHODS:
+        from afterburner.attention_backends.registry import make_output
+        from afterburner.plugins.sglang.output_backend import OutputAttnBackend
+
+        model_config = getattr(getattr(runner, "model_config", None), "hf_config", None)
+        try:
+            op = make_output(method, settings, model_config=model_config)
+        except ValueError as error:  # the model's own settings (a trained local-linear model's lambda)
+            raise ConfigError(f"--attention-backend {name}: {error}") from None
+        return OutputAttnBackend(runner, method=method, op=op)
     from afterburner.attention_backends.registry import make_selector
     from afterburner.attention_backends.rules import DenseGate
     from afterburner.plugins.sglang import kv_blocks
     from afterburner.plugins.sglang.selective_backend import SelectiveAttnBackend
 
-    method = BACKENDS[name]
-    settings = getattr(config.attention, method)
     page = METHODS[method].page_size(settings) or kv_blocks.MIN_BLOCK_TOKENS
     return SelectiveAttnBackend(runner, method=method, make_selector=functools.partial(make_selector, method, settings),
                                 gate=DenseGate.of(settings), min_block_tokens=page)
@@ -92,9 +104,10 @@ def check_flags(server_args: Any, config: AfterburnerConfig) -> None:
         if problem:
             raise ConfigError(problem)
         if prefill != decode:
-            raise ConfigError(f"{name} must run both prefill and decode (its selection state comes from "
-                              f"prefill): got prefill {prefill}, decode {decode}; pass --attention-backend {name} "
-                              "alone")
+            why = ("it changes the attention math" if BACKENDS[name] in OUTPUT_METHODS
+                   else "its selection state comes from prefill")
+            raise ConfigError(f"{name} must run both prefill and decode ({why}): got prefill {prefill}, decode "
+                              f"{decode}; pass --attention-backend {name} alone")
         speculative = getattr(server_args, "speculative_algorithm", None)
         if speculative:
             raise ConfigError(f"{name} does not support speculative decoding (--speculative-algorithm {speculative})")

@@ -36,7 +36,8 @@ logger = get_logger(__name__)
 _WHERE = "SGLang afterburner attention"
 
 
-def _layer_traits(layer) -> LayerTraits:
+def layer_traits(layer) -> LayerTraits:
+    """What ``rules`` asks of a RadixAttention layer."""
     return LayerTraits(decoder=not layer.is_cross_attention and layer.attn_type == AttentionType.DECODER,
                        sliding_window=layer.sliding_window_size != -1, soft_cap=bool(layer.logit_cap),
                        mixed_head_dims=layer.qk_head_dim != layer.v_head_dim)
@@ -69,7 +70,7 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
         self.last_token_masks: dict[int, torch.Tensor] = {}  # layer id -> [B, Hkv, Lmax] of the last decode
 
     def _supported(self, layer) -> bool:
-        reason = unsupported_reason(_layer_traits(layer))
+        reason = unsupported_reason(layer_traits(layer))
         if reason is not None:
             stats.fallback(_WHERE, f"{self.method} cannot act on a layer with {reason}")
         return reason is None

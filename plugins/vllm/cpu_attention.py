@@ -21,6 +21,8 @@ With a method on, per layer:
   selector's token mask (``batch_selection.select_batch``); steps with a prefill chunk show the chunks'
   queries to the selector, run the stock kernel for the batch and then recompute their long decode rows
   with the selective op (those rows cost twice).
+- ``forward``, for output methods (``registry.OUTPUT_METHODS``: local-linear): every step's output, prefill
+  and decode, from the method's own op over the cache (``output_attention``); nothing is selected.
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
 A method that raises inside a step is said once (with its traceback) and counted; that layer runs the
 stock kernel from then on, so the step's requests get the stock output and the engine keeps serving.
@@ -49,7 +51,7 @@ from afterburner.attention_backends.selective import gather_sequence, selective_
 from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
 from afterburner.plugins import stats
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.vllm import attention_method, compact_decode
+from afterburner.plugins.vllm import attention_method, compact_decode, output_attention
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 from afterburner.plugins.vllm.verify_step import VerifyStep, VerifyStepReceiver
@@ -137,8 +139,12 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         traits = LayerTraits(decoder=self.attn_type == _DECODER, alibi=self.alibi_slopes is not None,
                              sliding_window=self.sliding_window != -1, sinks=self.sinks is not None,
                              soft_cap=bool(self.logits_soft_cap), quantized_kv=self.is_fp8_kv_cache)
-        self.method = attention_method.resolve(config_of(get_current_vllm_config()), traits,
-                                               where=_WHERE)
+        vllm_config = get_current_vllm_config()
+        config = config_of(vllm_config)
+        # Methods that change the math (local-linear) compute every step's output (``output_attention``).
+        self.output = output_attention.resolve(config, traits, vllm_config)
+        self.method = None if output_attention.chosen(config) else attention_method.resolve(config, traits,
+                                                                                              where=_WHERE)
         self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
         self._page = 0
 
@@ -190,6 +196,10 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         if (step is not None and step.rows and self.attn_type == _DECODER
                 and attn_metadata.num_actual_tokens == step.num_tokens):
             return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
+        if (self.output is not None and attn_metadata is not None and output_scale is None
+                and self.output.serves(layer, attn_metadata)):
+            return self.output.forward(self._index(layer), layer, query, kv_cache, attn_metadata, output,
+                                       num_heads=self.num_heads, head_size=self.head_size, scale=self.scale)
         if self._failure is not None and attn_metadata is not None:
             stats.fallback(_WHERE, self._failure)
         if attn_metadata is None or output_scale is not None or not self._active(layer):

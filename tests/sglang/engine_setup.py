@@ -5,9 +5,12 @@ small KV pool (left alone, the default memory fraction takes ~15 GB of RAM)."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 SHIM = Path(__file__).resolve().parent / "shim"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 PROMPTS = ["The module provides", "Return a new list of", "Open the file and"]
 MAX_NEW_TOKENS = 12
@@ -66,3 +69,16 @@ def greedy_ids(engine) -> list[list[int]]:
 def cli_flags() -> list[str]:
     """ENGINE_KWARGS as ``launch_server`` flags (a True boolean is a bare switch)."""
     return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in ENGINE_KWARGS.items()]
+
+
+def engine_run(model, method: str, config: dict, report_dir) -> dict:
+    """``scripts/sparse_engine.py`` with ``--attention-backend afterburner-<method>`` in a fresh process
+    (~1.5-2.5 min on 2 cores, mostly engine start): its RESULT."""
+    from afterburner.plugins import report
+
+    env = {**os.environ, "AFTERBURNER_CONFIG": json.dumps(config), report.REPORT_DIR_ENV: str(report_dir)}
+    env.pop("AFTERBURNER_DISABLE", None)
+    run = subprocess.run([sys.executable, str(SCRIPTS / "sparse_engine.py"), str(model), method],
+                         env=env, capture_output=True, text=True, timeout=480)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -6,16 +6,19 @@ attends exactly to Quest's blocks at a small one; and a real CPU Engine with it 
 tokens where the budget covers the context and reads about a quarter of the blocks where it does not."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_setup import GREEDY, LONG_PROMPTS, MAX_NEW_TOKENS, MIXED_PROMPTS, SPARSE_CONFIG, SQUEEZED_CONFIGS
+from engine_setup import (
+    GREEDY,
+    LONG_PROMPTS,
+    MAX_NEW_TOKENS,
+    MIXED_PROMPTS,
+    SPARSE_CONFIG,
+    SQUEEZED_CONFIGS,
+    engine_run,
+)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
@@ -27,14 +30,12 @@ from afterburner.attention_backends.sparse import quest
 from afterburner.attention_backends.sparse.selector import QuestSelector
 from afterburner.attention_backends.squeezed.reference import squeezed_attention_reference
 from afterburner.attention_backends.squeezed.selector import SqueezedSelector
-from afterburner.plugins import report, stats
+from afterburner.plugins import stats
 from afterburner.plugins.config import AfterburnerConfig, ConfigError, SparseSettings, SqueezedSettings
 from afterburner.plugins.sglang import attention, selective_backend
 from afterburner.plugins.sglang.kv_blocks import block_tokens
 
 pytestmark = pytest.mark.sglang
-
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 # ---- registration: the real parser and SGLang's argument check ----
@@ -376,19 +377,9 @@ def test_squeezed_reuses_a_shared_context_and_never_a_diverged_or_rewritten_one(
 # ---- a real Engine on CPU ----
 
 
-def _engine_run(model, method: str, config: dict, report_dir) -> dict:
-    """``scripts/sparse_engine.py`` in a fresh process (~1.5-2.5 min on 2 cores, mostly engine start)."""
-    env = {**os.environ, "AFTERBURNER_CONFIG": json.dumps(config), report.REPORT_DIR_ENV: str(report_dir)}
-    env.pop("AFTERBURNER_DISABLE", None)
-    run = subprocess.run([sys.executable, str(SCRIPTS / "sparse_engine.py"), str(model), method],
-                         env=env, capture_output=True, text=True, timeout=480)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
-
-
 @pytest.fixture(scope="module")
 def sparse_run(tiny_model, tmp_path_factory):
-    return _engine_run(tiny_model, "sparse", SPARSE_CONFIG, tmp_path_factory.mktemp("sparse_report"))
+    return engine_run(tiny_model, "sparse", SPARSE_CONFIG, tmp_path_factory.mktemp("sparse_report"))
 
 
 @pytest.mark.slow
@@ -415,7 +406,7 @@ def test_engine_with_a_quarter_budget_reads_about_a_quarter_of_the_blocks(sparse
 def test_squeezed_in_a_running_engine(engine, tiny_model, tmp_path, quantile):
     """``afterburner-squeezed`` in a real CPU Engine: keeping every key (quantile 0) gives the stock tokens
     on the mixed batch; at 0.75 the long prompts' decode steps read well under all of their keys."""
-    run = _engine_run(tiny_model, "squeezed", SQUEEZED_CONFIGS[quantile], tmp_path)
+    run = engine_run(tiny_model, "squeezed", SQUEEZED_CONFIGS[quantile], tmp_path)
     first, last = run["after_mixed"], run["after_long"]
     assert first["forward_calls"] > 0 and last["forward_calls"] > first["forward_calls"]
     assert [len(ids) for ids in run["long"]] == [MAX_NEW_TOKENS] * len(LONG_PROMPTS)

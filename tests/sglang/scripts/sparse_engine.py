@@ -1,8 +1,8 @@
-"""Start an SGLang Engine on CPU with ``--attention-backend afterburner-sparse`` (or ``afterburner-squeezed``)
-in a fresh process, generate greedily on a mixed-length batch and then on a long one, print the token ids
-and the selective path's page and token counts after each batch as JSON.
+"""Start an SGLang Engine on CPU with ``--attention-backend afterburner-sparse`` (or ``afterburner-squeezed``,
+``afterburner-local-linear``) in a fresh process, generate greedily on a mixed-length batch and then on a
+long one, print the token ids and the method's counts after each batch as JSON.
 
-    python tests/sglang/scripts/sparse_engine.py MODEL_DIR [sparse|squeezed]
+    python tests/sglang/scripts/sparse_engine.py MODEL_DIR [sparse|squeezed|local-linear]
 
 The caller sets the environment: ``engine_setup.cpu_env()``, ``AFTERBURNER_CONFIG`` (``engine_setup``'s
 ``SPARSE_CONFIG``, ``SQUEEZED_CONFIGS``) and ``AFTERBURNER_REPORT_DIR`` (where the scheduler records its
@@ -18,7 +18,7 @@ import sys
 def _last_stats(report_dir, method):
     from afterburner.plugins import report
 
-    events = [e for e in report.read_dir(report_dir) if e["event"] == f"{method}_attention"]
+    events = [e for e in report.read_dir(report_dir) if e["event"] == f"{method.replace('-', '_')}_attention"]
     keys = ("forward_calls", "pages_in_context", "pages_read", "tokens_in_context", "tokens_read")
     return {k: events[-1][k] for k in keys} if events else None
 
