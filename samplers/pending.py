@@ -19,6 +19,7 @@ batch:
 - cache: a finished matcher is kept (``CACHE_SIZE`` grammars, least recently used dropped) and reused as
   a deep copy (milliseconds), also one that finished after its request timed out: the same constraint
   sent again then starts at once.
+Each request's ``awrs`` event says how long its first step waited (``compile_wait_s``).
 At most ``COMPILE_THREADS`` compiles run at once; one still queued at its deadline is cancelled, one
 already running finishes (llguidance cannot be interrupted; the size bound caps it) and is cached.
 """
@@ -112,8 +113,15 @@ class PendingState:
                    time.monotonic() + timeout, timeout)
 
     def resolve(self) -> RequestState | FailedState:
+        """Called by the request's first step; the state says how long that step waited (``compile_wait_s``)."""
+        started = time.monotonic()
+        state = self._resolve(started)
+        state.compile_wait_s = time.monotonic() - started
+        return state
+
+    def _resolve(self, now: float) -> RequestState | FailedState:
         try:
-            constraint = self.compiling.result(timeout=max(0.0, self.deadline - time.monotonic()))
+            constraint = self.compiling.result(timeout=max(0.0, self.deadline - now))
         except FutureTimeout:
             fate = ("it was still queued behind other compiles" if self.compiling.cancel() else
                     "it goes on compiling in the background and is cached, so sending it again may succeed")
@@ -129,4 +137,4 @@ class PendingState:
         """The request left the batch before its first step (aborted): nothing was drawn."""
         self.compiling.cancel()
         return {"kind": self.request.kind, "tokens": 0, "checks": 0, "log_weight": 0.0, "unsatisfiable": False,
-                "fallbacks": 0}
+                "fallbacks": 0, "compile_wait_s": 0.0}

@@ -46,6 +46,7 @@ class RequestState:
     log_weight: float = 0.0  # sum of AWRS log weights: the sequence's importance weight
     unsatisfiable: bool = False  # a step found no allowed token and forced EOS
     fallbacks: int = 0  # steps finished from the full mask after the sampled checks ran out
+    compile_wait_s: float = 0.0  # how long the first step waited for the constraint (``pending``)
 
     @classmethod
     def start(cls, request: ConstraintRequest, tokenizer: llguidance.LLTokenizer | None, eos_token_id: int, *,
@@ -101,7 +102,8 @@ class RequestState:
     def summary(self) -> dict[str, Any]:
         """The fields of the ``awrs`` report event each adapter records when the request ends."""
         return {"kind": self.request.kind, "tokens": self.tokens, "checks": self.checks,
-                "log_weight": self.log_weight, "unsatisfiable": self.unsatisfiable, "fallbacks": self.fallbacks}
+                "log_weight": self.log_weight, "unsatisfiable": self.unsatisfiable, "fallbacks": self.fallbacks,
+                "compile_wait_s": self.compile_wait_s}
 
 
 @dataclass
@@ -114,6 +116,7 @@ class FailedState:
     reason: str
     eos_token_id: int
     tokens: int = 0
+    compile_wait_s: float = 0.0  # how long the first step waited for the constraint (``pending``)
 
     def draw(self, logits: torch.Tensor, prefix: Sequence[int]) -> int:
         self.tokens += 1
@@ -121,7 +124,7 @@ class FailedState:
 
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokens": self.tokens, "checks": 0, "log_weight": -math.inf,
-                "unsatisfiable": True, "fallbacks": 0, "error": self.reason}
+                "unsatisfiable": True, "fallbacks": 0, "compile_wait_s": self.compile_wait_s, "error": self.reason}
 
 
 def failed(kind: str, error: BaseException, eos_token_id: int) -> FailedState:

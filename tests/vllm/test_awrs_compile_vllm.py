@@ -57,7 +57,8 @@ def test_a_constraint_that_does_not_compile_in_time_ends_alone_and_does_not_stal
     assert held.finish_reason == "stop" and len(held.token_ids) == 1 and held.text == ""
     _timed(llm, [PROMPTS[2]], _params(max_tokens=2))  # the next batch update retires the held row
     events = [e for e in report.events() if e["event"] == "awrs"][before:]
-    assert any(f"did not compile within {BOUND_S:g} s" in e.get("error", "") for e in events), events
+    (event,) = [e for e in events if f"did not compile within {BOUND_S:g} s" in e.get("error", "")]
+    assert event["compile_wait_s"] <= BOUND_S + 0.5  # what the step waited; the rest of the bound ran beside it
 
 
 def test_the_found_case_a_schema_of_10000_properties_is_refused_at_admission_at_once(llm):

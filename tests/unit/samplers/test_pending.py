@@ -69,6 +69,7 @@ def test_a_compile_past_the_bound_ends_its_request_after_the_bound_and_is_cached
     failed = state.resolve()
     waited = time.monotonic() - started
     assert isinstance(failed, FailedState) and 0.2 < waited < 1.5, waited
+    assert failed.summary()["compile_wait_s"] == pytest.approx(waited, abs=0.05)
     assert "did not compile within 0.3 s" in failed.reason and "goes on compiling" in failed.reason
     assert failed.draw(None, []) == 5  # the request ends with EOS at this step
     release.set()
