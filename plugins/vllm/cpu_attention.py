@@ -10,17 +10,17 @@ layers and batches whose longest sequence is below ``dense_below_tokens``.
 With a method on, per layer:
 - ``do_kv_cache_update`` (stock write first) gives the step's keys and slots to the method's selector
   (pages of ``page_size`` tokens inside vLLM's blocks, page id = slot // page_size);
-- ``forward``, for methods that choose whole KV blocks (``registry`` ``kernel_budgets``: sparse): the
+- ``forward``, for methods that choose whole KV blocks (``registry.kernel_budgets``: sparse): the
   metadata builder plans the step once (``compact_decode.plan_step``); the long decode rows (one query, at
   least ``dense_below_tokens``, a budget below their length) run vLLM's own kernel over compacted
   per-kv-head block tables, and the other rows (prefill chunks, short sequences) the stock kernel as a
   sub-batch. So a long sequence's decode reads what its selection picks whatever shares the step (its
   greedy output does not depend on other traffic; ``tests/vllm/test_sparse_vllm.py``), and no row is
   computed twice;
-- ``forward``, for token selectors (squeezed): decode-only steps run the selective torch op over the
-  selector's token mask (``batch_selection.select_batch``); steps with a prefill chunk show the chunks'
-  queries to the selector, run the stock kernel for the batch and then recompute their long decode rows
-  with the selective op (those rows cost twice).
+- ``forward``, for token selectors (squeezed; sparse with ``read_unit: "page"``): decode-only steps run
+  the selective torch op over the selector's token mask (``batch_selection.select_batch``); steps with a
+  prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch and then
+  recompute their long decode rows with the selective op (those rows cost twice).
 - ``forward``, for output methods (``registry.OUTPUT_METHODS``: local-linear): every step's output, prefill
   and decode, from the method's own op over the cache (``output_attention``); nothing is selected.
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
@@ -44,6 +44,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from afterburner.attention_backends import registry
 from afterburner.attention_backends.batch_selection import count_reads, select_batch
 from afterburner.attention_backends.registry import METHODS
 from afterburner.attention_backends.rules import LayerTraits
@@ -91,7 +92,7 @@ def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
     verified (else None: the Impl's other paths)."""
     config = config_of(vllm_config)
     method = config.attention.method if config.enabled else "dense"
-    kernel_budgets = METHODS[method].kernel_budgets if method in METHODS else None
+    kernel_budgets = registry.kernel_budgets(method, getattr(config.attention, method, None))
     if (kernel_budgets is None or builder.isa not in KV_VIEWS or builder.window_size != -1
             or builder.is_cross_attention or builder.is_encoder_only_attention):
         return None
@@ -215,7 +216,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         n, m = attn_metadata.num_actual_tokens, attn_metadata
         q = query[:n].view(n, self.num_heads, self.head_size)
         selector, block_size = self._selector_for(kv_cache), kv_cache.shape[2]
-        if METHODS[self.method.name].kernel_budgets is not None:
+        if registry.kernel_budgets(self.method.name, self.method.settings) is not None:
             return self._kernel_decode(layer, query, key, value, kv_cache, m, output)
         # Steps with a prefill chunk run the stock kernel for the whole batch (prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it); their long decode rows are
