@@ -2,7 +2,8 @@
 afterburner's selective attention on the same, fresh documents, per-document results stored.
 
     python benchmarks/passkey_serve.py [--lengths 1024 2048 4096] [--docs 24] [--seed 2026]
-                                       [--configs dense sparse-1/4 sparse-1/8 squeezed-1/4 squeezed-1/8]
+                                       [--configs dense sparse-1/4 sparse-1/8 squeezed-1/4 squeezed-1/8
+                                                  sparse-1/4-pages]
 
 Documents come from the project's passkey generator (``plugins/lm_eval/generators.py``) with a seed the
 lm-eval tasks do not use (2026: documents the project never tuned on), token lengths counted by SmolLM2's
@@ -37,6 +38,9 @@ CONFIGS = {
     "dense": {"attention": {"method": "dense"}},
     "sparse-1/4": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25}}},
     "sparse-1/8": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.125}}},
+    # single 16-token pages through afterburner's torch op instead of whole blocks through vLLM's kernel
+    "sparse-1/4-pages": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25,
+                                                                       "read_unit": "page"}}},
     "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "threshold_quantile": 0.75}}},
     "squeezed-1/8": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "threshold_quantile": 0.875}}},
 }
@@ -124,7 +128,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--docs", type=int, default=24)
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                        default=["dense", "sparse-1/4", "sparse-1/8", "squeezed-1/4", "squeezed-1/8"])
     parser.add_argument("--out", default=str(OUT))
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
