@@ -113,8 +113,10 @@ def load_checkpoint(path: Path, model: TinyLlama, optimizer, config: TrainConfig
 
 
 def train(shape: LlamaShape, config: TrainConfig, *, checkpoint: Path | None = None, resume: bool = False,
-          on_step: Callable[[int, float], None] | None = None) -> tuple[TinyLlama, TrainState]:
-    """Train from scratch (or from ``checkpoint`` when ``resume`` and it exists) to ``config.steps``;
+          on_step: Callable[[int, float], None] | None = None,
+          stop_at: int | None = None) -> tuple[TinyLlama, TrainState]:
+    """Train from scratch (or from ``checkpoint`` when ``resume`` and it exists) to ``config.steps``, or
+    only to ``stop_at`` of that schedule (a partial run that ``resume`` can continue);
     ``on_step(step, loss)`` after each step (progress). Checkpoints every ``save_every`` steps, at the end,
     and when interrupted (then re-raises)."""
     torch.manual_seed(config.seed)
@@ -132,7 +134,8 @@ def train(shape: LlamaShape, config: TrainConfig, *, checkpoint: Path | None = N
         return time.perf_counter()
 
     try:
-        while state.step < config.steps:
+        last = config.steps if stop_at is None else min(stop_at, config.steps)
+        while state.step < last:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, state.step)
             _, batch = step_batch(config, state.step)
@@ -145,7 +148,7 @@ def train(shape: LlamaShape, config: TrainConfig, *, checkpoint: Path | None = N
             state.losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(state.step, state.losses[-1])
-            if checkpoint is not None and (state.step % config.save_every == 0 or state.step == config.steps):
+            if checkpoint is not None and (state.step % config.save_every == 0 or state.step == last):
                 started = save()
     except KeyboardInterrupt:
         if checkpoint is not None:

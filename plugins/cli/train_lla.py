@@ -4,8 +4,8 @@ held-out evaluation of both.
 
     afterburner train lla [--out DIR] [--attention softmax local_linear] [--tasks mqar regression]
         [--steps N] [--batch-size B] [--lr LR] [--hidden 128] [--layers 2] [--heads 2] [--kv-heads 2]
-        [--intermediate 256] [--lambda 1.0] [--fixed-lambda] [--seed S] [--threads T] [--resume] [--eval-only]
-        [--eval-instances N] [--results PATH]
+        [--intermediate 256] [--lambda 1.0] [--fixed-lambda] [--seed S] [--threads T] [--resume]
+        [--stop-at STEP] [--eval-only] [--eval-instances N] [--results PATH]
 
 OUT (default ``<cache>/models/lla-synthetic``) receives ``softmax/`` and ``local_linear/``: Hugging Face
 folders (LlamaForCausalLM weights, config.json, a word-level tokenizer over the task vocabulary); the LLA
@@ -51,6 +51,8 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
                      "2-core machine busy with other jobs, 1 thread per run was several times faster than 2)")
     lla.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     lla.add_argument("--resume", action="store_true", help="continue from OUT/<attention>.train/checkpoint.pt")
+    lla.add_argument("--stop-at", type=int, default=None, help="train only to this step of the --steps schedule "
+                     "(export and evaluate a partial run; --resume continues it later)")
     lla.add_argument("--eval-only", action="store_true", help="evaluate the folders in OUT, train nothing")
     lla.add_argument("--eval-instances", type=int, default=512, help="held-out instances per task and size")
     lla.add_argument("--results", type=Path, default=None, help="also write the evaluation with provenance here")
@@ -98,10 +100,11 @@ def _run(args: argparse.Namespace) -> int:
             if not args.resume and checkpoint.is_file():
                 print(f"[afterburner] starting over ({checkpoint} exists; --resume would continue it)")
             with _progress(attention, config.steps) as on_step:
-                model, state = train(shape, config, checkpoint=checkpoint, resume=args.resume, on_step=on_step)
+                model, state = train(shape, config, checkpoint=checkpoint, resume=args.resume, on_step=on_step,
+                                     stop_at=args.stop_at)
             info = _train_info(model, config, state)
             lla_export.save_folder(model, folder, training=info)
-            print(f"[afterburner] {attention}: {info['parameters']} parameters, {state.step} steps in "
+            print(f"[afterburner] {attention}: {info['parameters']} parameters, {state.step}/{config.steps} steps in "
                   f"{state.seconds:.0f} s, last-50 loss {info['final_loss']:.3f} -> {folder}", flush=True)
         report["train"][attention] = info
         started = time.perf_counter()

@@ -51,6 +51,17 @@ def test_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_stop_at_then_resume_is_the_same_run(tmp_path):
+    straight, _ = train(SHAPE, replace(CONFIG, steps=6))
+    checkpoint = tmp_path / "checkpoint.pt"
+    partial, state = train(SHAPE, replace(CONFIG, steps=6), checkpoint=checkpoint, stop_at=2)
+    assert state.step == 2
+    resumed, state = train(SHAPE, replace(CONFIG, steps=6), checkpoint=checkpoint, resume=True)
+    assert state.resumed_from == 2 and state.step == 6
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     checkpoint = tmp_path / "checkpoint.pt"
     train(SHAPE, replace(CONFIG, steps=1), checkpoint=checkpoint)
