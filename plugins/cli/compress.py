@@ -16,21 +16,17 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from afterburner.spec_decode.draft.specpc import SpecPCSettings
-
-    defaults = SpecPCSettings()
+    # defaults (None) are SpecPCSettings' (the paper code's): kept out of here so that the CLI imports no torch
     compress = sub.add_parser("compress", help="SpecPC: compress a prompt file with a draft model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     compress.add_argument("file", type=Path, help="text file: the prompt")
     compress.add_argument("--draft", required=True, type=Path, help="draft model folder")
     compress.add_argument("--capacity", required=True, type=int, help="prompt tokens to keep (C)")
-    compress.add_argument("--lookahead", type=int, default=defaults.lookahead,
-                          help=f"tokens the draft writes (default {defaults.lookahead})")
-    compress.add_argument("--start-layer", type=int, default=defaults.start_layer,
-                          help=f"first draft layer scored (default {defaults.start_layer})")
-    compress.add_argument("--window", type=int, default=defaults.window)
-    compress.add_argument("--kernel", type=int, default=defaults.kernel)
-    compress.add_argument("--neighbours", type=int, default=defaults.neighbours)
+    compress.add_argument("--lookahead", type=int, help="tokens the draft writes (default 1)")
+    compress.add_argument("--start-layer", type=int, help="first draft layer scored (default 8)")
+    compress.add_argument("--window", type=int, help="last prompt queries scored and tokens kept (default 64)")
+    compress.add_argument("--kernel", type=int, help="max-pool kernel (default 64)")
+    compress.add_argument("--neighbours", type=int, help="span kept around each top token (default 64)")
     compress.add_argument("--ids", action="store_true", help="print token ids (JSON) instead of text")
     compress.add_argument("--out", type=Path, help="write here instead of stdout")
     compress.set_defaults(run=run)
@@ -44,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no such file: {args.file}", file=sys.stderr)
         return 2
     try:
-        settings = SpecPCSettings(capacity=args.capacity, window=args.window, kernel=args.kernel,
-                                  neighbours=args.neighbours, start_layer=args.start_layer, lookahead=args.lookahead)
+        given = {name: getattr(args, name) for name in ("window", "kernel", "neighbours", "start_layer", "lookahead")}
+        settings = SpecPCSettings(capacity=args.capacity, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
