@@ -5,7 +5,7 @@ VLLM_PLUGINS=""), sends the same requests to both, prints the answers side by si
 registered and did in each engine process. Each feature issue adds its own section:
 - constrained sampling: one request constrained by a JSON schema through AWRS (``vllm_xargs``), with the
   number of constraint checks it took, next to the same request unconstrained.
-- selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, 16-token pages in 32-token blocks) and
+- selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, whole 32-token blocks) and
   ``"squeezed"`` (threshold calibrated to keep ~1/4) answer a ~1,750-token passkey prompt next to dense
   attention: the answers and the share of the context's KV that their decode steps read.
 - Medusa: a fourth server with ``--speculative-config`` (afterburner's tree of 16 nodes over 3 heads)
@@ -122,9 +122,11 @@ def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
             if (events := [e for e in report.read_dir(work / f"{name}-report") if e["event"] == f"{name}_attention"])}
     if "sparse" in last:
         stats = last["sparse"]
-        print(f"  sparse decode steps read {stats['pages_read']:,} of {stats['pages_in_context']:,} KV pages "
-              f"({stats['pages_read'] / max(1, stats['pages_in_context']):.0%}) over {stats['forward_calls']} "
-              "layer calls")
+        read, dense = stats["kv_bytes_read"] / 2**20, stats["kv_bytes_dense"] / 2**20
+        print(f"  sparse decode rows read {read:,.0f} of {dense:,.0f} "
+              f"MiB of KV ({stats['kv_bytes_read'] / max(1, stats['kv_bytes_dense']):.0%}, through vLLM's kernel) "
+              f"plus {stats['summary_bytes_read'] / 2**20:,.0f} MiB of page summaries, over "
+              f"{stats['forward_calls']} layer calls")
     if "squeezed" in last:
         stats = last["squeezed"]
         print(f"  squeezed decode steps read {stats['tokens_read'] / max(1, stats['tokens_in_context']):.0%} of the "
