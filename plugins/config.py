@@ -109,6 +109,11 @@ class SpeculativeSettings(_Settings):
         "typical: the paper's typical acceptance")
     typical_epsilon: float = Field(0.09, gt=0, le=1, description="typical acceptance: hard threshold")
     typical_delta: float = Field(0.3, gt=0, le=1, description="typical acceptance: entropy-scaled threshold")
+    drafter: str | None = Field(None, description='the micro-step drafter\'s folder; vLLM: taken from '
+                                '`--speculative-config \'{"method": "hamburger", "model": DIR}\'`')
+    stop_threshold: float | None = Field(None, ge=0, le=1, description="micro-step drafter: keep drafting while "
+                                         "the stop head's P(accepted) is at least this (0: never stop, a fixed "
+                                         "draft length); None: the drafter's own (config.json)")
 
 
 # The section's name before proposers shared it; still read, with one warning.

@@ -59,6 +59,9 @@ class SelectiveAttentionStats:
 class SpeculationStats:
     request_steps: int = 0  # verification steps x requests that carried drafts
     accepted_drafts: int = 0  # draft tokens accepted over those
+    proposals: int = 0  # micro-step drafter: requests x steps it was asked to draft for
+    drafted_tokens: int = 0  # tokens it proposed over those (vLLM's own metrics count acceptance)
+    stopped_early: int = 0  # proposals its stop head ended before the draft length
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

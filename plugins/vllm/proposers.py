@@ -15,19 +15,28 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ProposerEntry:
-    proposer: str  # "module:Class", a vLLM proposer class with tree_speculation.TreeProposer
+    proposer: str  # "module:Class": a vLLM proposer class with tree_speculation.TreeProposer (replaces vLLM's)
     check: str  # "module:function", fn(spec: dict, config, engine_args) -> None, raises ConfigError
+    # "replace": vLLM knows the method name and builds its own proposer, which the runner hook replaces;
+    # "custom_class": a name vLLM does not know; the check rewrites the spec to vLLM's custom_class route
+    route: str = "replace"
 
 
 PROPOSERS: dict[str, ProposerEntry] = {
     "medusa": ProposerEntry("afterburner.plugins.vllm.medusa_proposer:AfterburnerMedusaProposer",
                             "afterburner.plugins.vllm.medusa_proposer:check_config"),
+    "hamburger": ProposerEntry("afterburner.plugins.vllm.hamburger_proposer:HamburgerProposer",
+                               "afterburner.plugins.vllm.hamburger_proposer:check_config", route="custom_class"),
 }
 
 
 def _load(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def replaces_vllm_proposer(method: str) -> bool:
+    return method in PROPOSERS and PROPOSERS[method].route == "replace"
 
 
 def proposer_class(method: str) -> type:

@@ -20,6 +20,11 @@ things:
 With ``speculative.tree: "chain"`` steps 2 and 4 are identities and vLLM's chain layout is used unchanged.
 A proposer is a vLLM proposer class mixed with ``TreeProposer``: it sets ``full_tree`` in ``load_model``
 and drafts in node order.
+
+A hidden-state drafter on vLLM's ``custom_class`` route (``hamburger_proposer``: a chain, vLLM's own
+verification) uses two of these points: at runner init the runner is told to collect the target layers the
+drafter reads (vLLM's EAGLE-3 aux hidden states), and before each proposal the drafter gets those layers'
+states at every request's last accepted position.
 """
 
 from __future__ import annotations
@@ -80,11 +85,42 @@ def _ours(runner) -> TreeProposer | None:
 def on_runner_init(result, self, *args, **kwargs) -> None:
     """After ``GPUModelRunner.__init__``: vLLM's proposer -> afterburner's, for the methods it registers."""
     spec = self.speculative_config
-    if spec is not None and spec.method in proposers.PROPOSERS and config_of(self.vllm_config).enabled:
+    if spec is not None and proposers.replaces_vllm_proposer(spec.method) and config_of(self.vllm_config).enabled:
         self.drafter = proposers.proposer_class(spec.method)(self.vllm_config, self.device)
         sampler = getattr(self, "rejection_sampler", None)
         if sampler is not None:
             _proposer_of_sampler[sampler] = self.drafter
+    layers = _feature_layers(getattr(self, "drafter", None))
+    if spec is not None and layers:  # the runner collects these layers' hidden states (vLLM's EAGLE-3 route)
+        self.use_aux_hidden_state_outputs = True
+        self._get_eagle3_aux_layers_from_config = lambda: layers
+
+
+def _feature_layers(drafter) -> tuple[int, ...] | None:
+    """The target layers a hidden-state drafter reads (``hamburger_proposer``), None for other drafters."""
+    return tuple(drafter.feature_layers) if hasattr(drafter, "set_features") else None
+
+
+def last_accepted_rows(query_starts, sampled_token_ids: list[list[int]], num_draft_tokens) -> tuple[list[int], list[bool]]:
+    """Row of the flattened step whose output each request's last sampled token came from: the root
+    (the request's last ``drafts + 1`` rows start with it) plus the accepted drafts. A request that sampled
+    nothing (a prefill chunk short of the prompt's end) is marked False."""
+    rows, sampled = [], []
+    for i, tokens in enumerate(sampled_token_ids):
+        drafts = int(num_draft_tokens[i]) if num_draft_tokens is not None else 0
+        rows.append(int(query_starts[i + 1]) - 1 - drafts + max(len(tokens) - 1, 0))
+        sampled.append(bool(tokens))
+    return rows, sampled
+
+
+def _hand_features(runner, drafter, sampled_token_ids, aux_hidden_states, spec_decode_metadata) -> None:
+    if aux_hidden_states is None or not isinstance(sampled_token_ids, list):
+        drafter.set_features(None, [])
+        return
+    num_drafts = None if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
+    rows, sampled = last_accepted_rows(runner.query_start_loc.np, sampled_token_ids, num_drafts)
+    index = torch.tensor(rows, dtype=torch.long, device=aux_hidden_states[0].device)
+    drafter.set_features(torch.stack([h[index] for h in aux_hidden_states], dim=1), sampled)
 
 
 def on_prepare_inputs(result, self, scheduler_output, num_scheduled_tokens) -> None:
@@ -149,6 +185,9 @@ def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hid
     """Before ``propose_draft_token_ids``: move accepted nodes' KV and hidden states where vLLM expects
     the accepted chain (slot / row ``root + j`` for the j-th accepted draft)."""
     runner = self
+    if _feature_layers(getattr(runner, "drafter", None)):
+        _hand_features(runner, runner.drafter, sampled_token_ids, aux_hidden_states, spec_decode_metadata)
+        return
     drafter = _ours(runner)
     if drafter is None:
         return

