@@ -71,7 +71,7 @@ class HamburgerProposer:
         last = torch.tensor([sampled_token_ids[i][-1] for i in rows])
         proposed = self.drafter.draft(self.features[rows].float(), last, max_tokens=self.num_speculative_tokens,
                                       stop_threshold=self.stop_threshold)
-        for i, tokens in zip(rows, proposed):
+        for i, tokens in zip(rows, proposed, strict=True):
             drafts[i] = tokens
             stats.SPECULATION.proposals += 1
             stats.SPECULATION.drafted_tokens += len(tokens)

@@ -101,7 +101,8 @@ def _feature_layers(drafter) -> tuple[int, ...] | None:
     return tuple(drafter.feature_layers) if hasattr(drafter, "set_features") else None
 
 
-def last_accepted_rows(query_starts, sampled_token_ids: list[list[int]], num_draft_tokens) -> tuple[list[int], list[bool]]:
+def last_accepted_rows(query_starts, sampled_token_ids: list[list[int]],
+                       num_draft_tokens) -> tuple[list[int], list[bool]]:
     """Row of the flattened step whose output each request's last sampled token came from: the root
     (the request's last ``drafts + 1`` rows start with it) plus the accepted drafts. A request that sampled
     nothing (a prefill chunk short of the prompt's end) is marked False."""
