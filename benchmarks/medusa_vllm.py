@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,8 @@ CONFIGS = [
 def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
+    from afterburner.plugins.devtools.worker import print_result
+
     spec = {"method": "medusa", "model": args.heads, "num_speculative_tokens": args.num_spec} if args.num_spec else None
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
@@ -63,11 +64,11 @@ def _worker(args: argparse.Namespace) -> None:
     after = _spec_counters(llm)
     counts = {key: after.get(key, 0) - before.get(key, 0) for key in after}
     drafts, accepted = counts.get("num_drafts", 0), counts.get("num_accepted_tokens", 0)
-    print("RESULT " + json.dumps({
+    print_result({
         "tokens": tokens, "seconds": seconds, "tokens_per_s": sum(map(len, tokens)) / seconds,
         "verification_steps": drafts, "accepted_drafts": accepted,
         "accepted_per_step": 1 + accepted / drafts if drafts else None,
-    }), flush=True)
+    })
 
 
 def _spec_counters(llm) -> dict[str, float]:
@@ -82,6 +83,7 @@ def _spec_counters(llm) -> dict[str, float]:
 def main() -> None:
     from afterburner.plugins.cli.models import build_smollm2, cache_root
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.plugins.devtools.worker import run_worker_or_exit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", default=str(cache_root() / "medusa" / "smollm2-heads"))
@@ -99,13 +101,10 @@ def main() -> None:
     rows, reference = [], None
     for name, num_spec, section, temperature in CONFIGS:
         print(f"[medusa bench] {name} ...", file=sys.stderr, flush=True)
-        run = subprocess.run([sys.executable, __file__, "--worker", "--model", model, "--heads", args.heads,
-                              "--num-spec", str(num_spec), "--section", json.dumps(section),
-                              "--temperature", str(temperature), "--prompts", str(args.prompts),
-                              "--max-tokens", str(args.max_tokens)], capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
-        result = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+        result = run_worker_or_exit(name, __file__, "--worker", "--model", model, "--heads", args.heads,
+                                    "--num-spec", num_spec, "--section", json.dumps(section),
+                                    "--temperature", temperature, "--prompts", args.prompts,
+                                    "--max-tokens", args.max_tokens)
         tokens = result.pop("tokens")
         if num_spec == 0:
             reference = tokens

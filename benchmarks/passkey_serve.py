@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +61,7 @@ def documents(tokenizer, lengths: list[int], n_docs: int, seed: int) -> list[dic
 def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
+    from afterburner.plugins.devtools.worker import print_result
     from afterburner.plugins.vllm.attention_method import totals
 
     section = json.loads(args.section)
@@ -80,8 +80,7 @@ def _worker(args: argparse.Namespace) -> None:
         rows.append({"length": doc["length"], "id": doc["id"], "depth": doc["depth"], "passkey": doc["passkey"],
                      "prompt_tokens": len(output.prompt_token_ids), "answer": answer,
                      "correct": bool(found and found.group(0) == doc["passkey"])})
-    print("RESULT " + json.dumps({"seconds": seconds, "docs": rows,
-                                  "counters": totals(method) if method != "dense" else {}}), flush=True)
+    print_result({"seconds": seconds, "docs": rows, "counters": totals(method) if method != "dense" else {}})
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -123,6 +122,7 @@ def summarize(results: dict, lengths: list[int]) -> list[dict]:
 def main() -> None:
     from afterburner.plugins.cli.models import build_smollm2
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.plugins.devtools.worker import run_worker_or_exit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -139,13 +139,9 @@ def main() -> None:
     for name in args.configs:
         print(f"[passkey] {name} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        run = subprocess.run([sys.executable, __file__, "--worker", "--model", model, "--section",
-                              json.dumps(CONFIGS[name]), "--lengths", *map(str, args.lengths), "--docs",
-                              str(args.docs), "--seed", str(args.seed)], capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
-        results[name] = json.loads(next(line for line in run.stdout.splitlines()
-                                         if line.startswith("RESULT ")).removeprefix("RESULT "))
+        results[name] = run_worker_or_exit(name, __file__, "--worker", "--model", model,
+                                           "--section", json.dumps(CONFIGS[name]), "--lengths", *args.lengths,
+                                           "--docs", args.docs, "--seed", args.seed)
         print(f"[passkey] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     table = summarize(results, args.lengths)
     write_result(Path(args.out), {"model": "SmolLM2-135M-Instruct", "seed": args.seed, "docs_per_length": args.docs,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 import time
@@ -74,6 +73,8 @@ def _ttft(outputs) -> float | None:
 def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
+    from afterburner.plugins.devtools.worker import print_result
+
     section = json.loads(args.section)
     method = section["attention"]["method"] if section else None
     max_model_len = min(8192, max(args.contexts) + 128)  # SmolLM2's max_position_embeddings: 8192
@@ -105,7 +106,7 @@ def _worker(args: argparse.Namespace) -> None:
             })
             print(f"[serve_decode] L={length} B={batch}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
-    print("RESULT " + json.dumps(rows), flush=True)
+    print_result(rows)
 
 
 def _counters(method: str | None) -> dict[str, int]:
@@ -119,6 +120,7 @@ def _counters(method: str | None) -> dict[str, int]:
 def main() -> None:
     from afterburner.plugins.cli.models import build_smollm2
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.plugins.devtools.worker import run_worker_or_exit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1000, 4096, 8000])
@@ -133,16 +135,12 @@ def main() -> None:
     results = {}
     for name in args.configs:
         print(f"[serve_decode] {name} ...", file=sys.stderr, flush=True)
-        env = dict(os.environ, VLLM_PLUGINS="") if CONFIGS[name] is None else dict(os.environ)
+        env = {"VLLM_PLUGINS": ""} if CONFIGS[name] is None else {}
         started = time.perf_counter()
-        run = subprocess.run([sys.executable, __file__, "--worker", "--model", model,
-                              "--section", json.dumps(CONFIGS[name]), "--contexts", *map(str, args.contexts),
-                              "--batches", *map(str, args.batches), "--decode-tokens", str(args.decode_tokens)],
-                             capture_output=True, text=True, env=env)
-        if run.returncode != 0:
-            sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
-        results[name] = json.loads(next(line for line in run.stdout.splitlines()
-                                         if line.startswith("RESULT ")).removeprefix("RESULT "))
+        results[name] = run_worker_or_exit(name, __file__, "--worker", "--model", model,
+                                           "--section", json.dumps(CONFIGS[name]), "--contexts", *args.contexts,
+                                           "--batches", *args.batches, "--decode-tokens", args.decode_tokens,
+                                           env=env)
         print(f"[serve_decode] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     table = _table(results)
     write_result(Path(args.out), {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "block_size": 32,

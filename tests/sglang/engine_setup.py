@@ -5,8 +5,6 @@ small KV pool (left alone, the default memory fraction takes ~15 GB of RAM)."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 SHIM = Path(__file__).resolve().parent / "shim"
@@ -74,11 +72,11 @@ def cli_flags() -> list[str]:
 def engine_run(model, method: str, config: dict, report_dir) -> dict:
     """``scripts/sparse_engine.py`` with ``--attention-backend afterburner-<method>`` in a fresh process
     (~1.5-2.5 min on 2 cores, mostly engine start): its RESULT."""
+    # imported here: the scripts import this module outside pytest, where ``support`` is not on the path
     from afterburner.plugins import report
+    from support.worker import run_worker_or_fail
 
-    env = {**os.environ, "AFTERBURNER_CONFIG": json.dumps(config), report.REPORT_DIR_ENV: str(report_dir)}
-    env.pop("AFTERBURNER_DISABLE", None)
-    run = subprocess.run([sys.executable, str(SCRIPTS / "sparse_engine.py"), str(model), method],
-                         env=env, capture_output=True, text=True, timeout=480)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    env = {"AFTERBURNER_CONFIG": json.dumps(config), report.REPORT_DIR_ENV: str(report_dir)}
+    result, _ = run_worker_or_fail(SCRIPTS / "sparse_engine.py", model, method, env=env,
+                                   unset=["AFTERBURNER_DISABLE"], timeout=480)
+    return result

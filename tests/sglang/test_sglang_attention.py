@@ -6,7 +6,6 @@ attends exactly to Quest's blocks at a small one; and a real CPU Engine with it 
 tokens where the budget covers the context and reads about a quarter of the blocks where it does not."""
 
 import functools
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,10 +18,9 @@ from engine_setup import (
     SQUEEZED_CONFIGS,
     engine_run,
 )
+from pool_setup import H_KV, H_Q, D, PoolWorld, make_runner
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-from sglang.srt.layers.radix_attention import RadixAttention
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from afterburner.attention_backends.rules import DenseGate
 from afterburner.attention_backends.selective import selective_attention_reference
@@ -78,12 +76,7 @@ def test_misuse_stops_at_sglangs_argument_check(loaded, monkeypatch, flags, mess
 
 
 def _runner(page_size=1):
-    """What the backends read from SGLang's ModelRunner, with real pools."""
-    return SimpleNamespace(
-        device="cpu",
-        req_to_token_pool=ReqToTokenPool(size=8, max_context_len=512, device="cpu", enable_memory_saver=False),
-        token_to_kv_pool=MHATokenToKVPool(size=2048, page_size=page_size, dtype=torch.float32, head_num=2,
-                                          head_dim=16, layer_num=1, device="cpu", enable_memory_saver=False))
+    return make_runner(page_size, tokens=2048, max_context_len=512)
 
 
 def test_factory_honours_enabled_false_and_builds_both_methods(monkeypatch):
@@ -99,98 +92,40 @@ def test_factory_honours_enabled_false_and_builds_both_methods(monkeypatch):
 
 # ---- the backend on real SGLang pools and batches, driven by hand ----
 
-H_Q, H_KV, D = 4, 2, 16
 SHARED_PREFIX = 100  # ends inside a 16-token block (and on a page boundary, as SGLang's radix cache does)
 
 
-class World:
-    """Real pools, RadixAttention and ForwardBatch objects; this class does the scheduler's part (slot
-    allocation, req_to_token writes), with shuffled pages so that no two neighbours share a page."""
+class World(PoolWorld):
+    """``pool_setup``'s pools with the selective backend for ``settings`` (layer 0 is the only layer: no
+    dense layers), driven one prefill or decode at a time."""
 
     def __init__(self, settings: SparseSettings | SqueezedSettings, page_size: int, seed: int = 0):
         runner = _runner(page_size)
-        self.req_to_token = runner.req_to_token_pool.req_to_token
-        self.kv = runner.token_to_kv_pool
-        self.page_size = page_size
         selector = SqueezedSelector if isinstance(settings, SqueezedSettings) else QuestSelector
         self.method = "squeezed" if isinstance(settings, SqueezedSettings) else "sparse"
-        self.backend = selective_backend.SelectiveAttnBackend(  # layer 0 is the only layer: no dense layers
+        backend = selective_backend.SelectiveAttnBackend(
             runner, method=self.method, make_selector=functools.partial(selector, settings),
             gate=DenseGate(settings.dense_below_tokens, dense_layers=0))
-        self.stock = TorchNativeAttnBackend(runner)
-        self.layer = RadixAttention(H_Q, D, D**-0.5, H_KV, layer_id=0)
-        self.gen = torch.Generator().manual_seed(seed)
-        pages = 2048 // page_size
-        self.free = (torch.randperm(pages - 1, generator=self.gen) + 1).tolist()  # slot 0 is SGLang's padding
-        self.pages: dict[int, list[int]] = {}
-        self.lens: dict[int, int] = {}
-
-    def _place(self, row: int, position: int) -> int:
-        if position % self.page_size == 0:
-            self.pages[row].append(self.free.pop(0))
-        slot = self.pages[row][position // self.page_size] * self.page_size + position % self.page_size
-        self.req_to_token[row, position] = slot
-        return slot
-
-    def _randn(self, *shape):
-        return torch.randn(*shape, generator=self.gen)
+        super().__init__(runner, backend, page_size, seed)
 
     def prefill(self, row: int, length: int, *, share_from: int | None = None, shared: int = SHARED_PREFIX):
         """Extend ``row`` to ``length`` tokens; ``share_from``: start from that row's first ``shared``
         tokens (their slots, as a radix-cache hit gives them)."""
-        prefix = 0
-        self.pages[row] = []
         if share_from is not None:
-            prefix = shared
-            self.pages[row] = self.pages[share_from][: prefix // self.page_size]
-            self.req_to_token[row, :prefix] = self.req_to_token[share_from, :prefix]
-        slots = [self._place(row, p) for p in range(prefix, length)]
-        n = len(slots)
-        batch = ForwardBatch(
-            forward_mode=ForwardMode.EXTEND, batch_size=1, input_ids=torch.zeros(n, dtype=torch.long),
-            req_pool_indices=torch.tensor([row]), seq_lens=torch.tensor([length]),
-            out_cache_loc=torch.tensor(slots), seq_lens_sum=length, seq_lens_cpu=torch.tensor([length]),
-            extend_prefix_lens=torch.tensor([prefix]), extend_seq_lens=torch.tensor([n]),
-            extend_prefix_lens_cpu=[prefix], extend_seq_lens_cpu=[n])
-        self.backend.init_forward_metadata(batch)
-        self.backend.forward_extend(self._randn(n, H_Q * D), self._randn(n, H_KV, D), self._randn(n, H_KV, D),
-                                    self.layer, batch)
-        self.lens[row] = length
-
-    def release(self, row: int, *, in_order: bool = False) -> None:
-        """Free a request's pages; the next allocations reuse them first, in another order (``in_order``:
-        the same order, so that a request as long puts every position in the slot it had)."""
-        mine = self.pages.pop(row)
-        order = range(len(mine)) if in_order else torch.randperm(len(mine), generator=self.gen).tolist()
-        self.free[:0] = [mine[i] for i in order]
-        del self.lens[row]
+            self.share(row, share_from, shared)
+        self.step({row: length - self.lens.get(row, 0)}, ForwardMode.EXTEND)
 
     def decode(self, rows: list[int], *, also_stock: bool = False):
-        """One decode step for ``rows``: (ours, torch_native's on the same inputs, or None)."""
-        slots = [self._place(row, self.lens[row]) for row in rows]
-        for row in rows:
-            self.lens[row] += 1
-        seq_lens = torch.tensor([self.lens[row] for row in rows])
-        batch = ForwardBatch(
-            forward_mode=ForwardMode.DECODE, batch_size=len(rows), input_ids=torch.zeros(len(rows), dtype=torch.long),
-            req_pool_indices=torch.tensor(rows), seq_lens=seq_lens, out_cache_loc=torch.tensor(slots),
-            seq_lens_sum=int(seq_lens.sum()), seq_lens_cpu=seq_lens)
-        q, k, v = self._randn(len(rows), H_Q * D), self._randn(len(rows), H_KV, D), self._randn(len(rows), H_KV, D)
-        self.backend.init_forward_metadata(batch)
-        ours = self.backend.forward_decode(q, k, v, self.layer, batch)
-        stock = None
-        if also_stock:  # writes the same K / V to the same slots again
-            self.stock.init_forward_metadata(batch)
-            stock = self.stock.forward_decode(q, k, v, self.layer, batch)
-        return q, ours, stock
+        """One decode step for ``rows``: (q, ours, torch_native's on the same inputs or None), [B, H_Q, D]."""
+        return self.step(dict.fromkeys(rows, 1), ForwardMode.DECODE, also_stock=also_stock)
 
     def counts(self) -> dict[str, int]:
         """The backend's read counters (this process's, for its method) and its selector's own."""
         return {**stats.attention(self.method).as_dict(), **self.backend.selector.counters()}
 
     def keys(self, row: int) -> torch.Tensor:
-        """[L, Hkv, D] the request's keys in position order, from the pool."""
-        return self.kv.get_key_buffer(0)[self.req_to_token[row, : self.lens[row]].long()]
+        """[L, H_KV, D] the request's keys in position order, from the pool."""
+        return self.sequence(row)[0]
 
 
 def _build(settings: SparseSettings, page_size: int) -> World:
@@ -210,17 +145,21 @@ LIVE = [1, 3, 4, 5]
 SETTINGS = dict(sink_pages=1, recent_pages=1, dense_below_tokens=32)
 
 
-@pytest.mark.parametrize("page_size", [1, 4])
-def test_full_budget_decode_matches_torch_native(page_size):
-    world = _build(SparseSettings(budget_ratio=1.0, **SETTINGS), page_size)
+def _decode_as_torch_native(world: World, steps: int = 3) -> dict[str, int]:
+    """``steps`` decode steps of the LIVE requests, each equal to torch_native's on the same inputs: how
+    much each of ``world.counts()`` grew."""
     before = world.counts()
-    for _ in range(3):
+    for _ in range(steps):
         _, ours, stock = world.decode(LIVE, also_stock=True)
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    after = world.counts()
-    read = after["pages_read"] - before["pages_read"]
-    assert after["forward_calls"] - before["forward_calls"] == 3, "the selective op must have run"
-    assert read == after["pages_in_context"] - before["pages_in_context"] > 0
+    return {key: value - before.get(key, 0) for key, value in world.counts().items()}
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_full_budget_decode_matches_torch_native(page_size):
+    grew = _decode_as_torch_native(_build(SparseSettings(budget_ratio=1.0, **SETTINGS), page_size))
+    assert grew["forward_calls"] == 3, "the selective op must have run"
+    assert grew["pages_read"] == grew["pages_in_context"] > 0
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -306,18 +245,12 @@ def _fixed_context(prompt_len: int) -> int:
 
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_squeezed_keeping_every_key_matches_torch_native(page_size):
-    world = _build(SqueezedSettings(threshold_quantile=0.0, **SQUEEZED), page_size)
-    before = world.counts()
-    for _ in range(3):
-        _, ours, stock = world.decode(LIVE, also_stock=True)
-        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    after = world.counts()
-    assert after["forward_calls"] - before["forward_calls"] == 3, "the selective op must have run"
-    read = after["tokens_read"] - before["tokens_read"]
-    assert read == after["tokens_in_context"] - before["tokens_in_context"] > 0
+    grew = _decode_as_torch_native(_build(SqueezedSettings(threshold_quantile=0.0, **SQUEEZED), page_size))
+    assert grew["forward_calls"] == 3, "the selective op must have run"
+    assert grew["tokens_read"] == grew["tokens_in_context"] > 0
     # A, D and E (C is short) each get an index at their first decode and find it in the store after.
-    assert after["indexes_built"] - before["indexes_built"] == 3
-    assert after["index_hits"] - before["index_hits"] == 2 * 3
+    assert grew["indexes_built"] == 3
+    assert grew["index_hits"] == 2 * 3
 
 
 def test_squeezed_reads_a_calibrated_share_and_attends_exactly_to_it():

@@ -3,7 +3,6 @@ register runs in each engine process and sees AFTERBURNER_CONFIG there, greedy o
 and identical with afterburner disabled, and a bad config stops startup with one message naming the
 field, before any engine subprocess starts."""
 
-import json
 import multiprocessing
 import os
 import socket
@@ -23,6 +22,7 @@ from engine_setup import (
 
 from afterburner.plugins import report
 from afterburner.plugins.config import ConfigError
+from support.worker import run_worker_or_fail
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -54,12 +54,8 @@ def test_greedy_generation_is_deterministic(engine):
 def test_disabled_afterburner_gives_identical_output(engine, tiny_model, tmp_path):
     ours = greedy_ids(engine[0])
     report_dir = tmp_path / "report"
-    env = {**os.environ, "AFTERBURNER_DISABLE": "1", "AFTERBURNER_CONFIG": AFTERBURNER_CONFIG,
-           report.REPORT_DIR_ENV: str(report_dir)}
-    run = subprocess.run([sys.executable, str(SCRIPTS / "run_engine.py"), str(tiny_model)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    disabled = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    env = {"AFTERBURNER_DISABLE": "1", "AFTERBURNER_CONFIG": AFTERBURNER_CONFIG, report.REPORT_DIR_ENV: str(report_dir)}
+    disabled, _ = run_worker_or_fail(SCRIPTS / "run_engine.py", tiny_model, env=env, timeout=300)
     assert disabled == ours
     # The off switch reached every engine process (main, scheduler, detokenizer) and nothing registered.
     events = report.read_dir(report_dir)

@@ -44,6 +44,18 @@ def gather(cache, table_row, seq_len):
     return cache[table_row[:n_blocks].long()].flatten(0, 1)[:seq_len]
 
 
+def per_sequence(op, query, k_cache, v_cache, table, seq_lens, query_start, **kwargs):
+    """``op(queries [n_q, Hq, D], keys, values [L, Hkv, D], **kwargs) -> [n_q, Hq, D]`` on each sequence of
+    a paged batch laid out as ``make_batch`` returns it, over its contiguous keys: [T, Hq, D] float64 (an
+    oracle's precision). Sequences with no query this step are skipped."""
+    out = torch.zeros_like(query, dtype=torch.float64)
+    for b, n in enumerate(seq_lens.tolist()):
+        s, e = int(query_start[b]), int(query_start[b + 1])
+        if e > s:
+            out[s:e] = op(query[s:e], gather(k_cache, table[b], n), gather(v_cache, table[b], n), **kwargs)
+    return out
+
+
 def sdpa(query, keys, values, *, scale, causal=True, first_key=0, mask=None):
     """torch SDPA of queries [n_q, Hq, D] over one sequence's keys and values [L, Hkv, D]: [n_q, Hq, D].
 

@@ -6,9 +6,10 @@ For runs that need their own processes (afterburner disabled in all of them); th
 environment (``engine_setup.cpu_env()``, ``AFTERBURNER_*``).
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 if __name__ == "__main__":  # the engine spawns its scheduler and detokenizer
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/sglang: engine_setup
@@ -17,6 +18,6 @@ if __name__ == "__main__":  # the engine spawns its scheduler and detokenizer
 
     engine = sglang.Engine(model_path=sys.argv[1], **ENGINE_KWARGS)
     try:
-        print("RESULT " + json.dumps(greedy_ids(engine)), flush=True)
+        print_result(greedy_ids(engine))
     finally:
         engine.shutdown()

@@ -10,9 +10,10 @@ The caller sets the environment: ``engine_setup.cpu_env()``, ``AFTERBURNER_CONFI
 SGLang's process-wide state with the session engine.
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 
 def _last_stats(report_dir, method):
@@ -39,7 +40,6 @@ if __name__ == "__main__":  # the engine spawns its scheduler and detokenizer
         after_mixed = _last_stats(report_dir, method)
         long = [out["output_ids"] for out in engine.generate(LONG_PROMPTS, dict(GREEDY))]
         after_long = _last_stats(report_dir, method)
-        print("RESULT " + json.dumps({"mixed": mixed, "long": long, "after_mixed": after_mixed,
-                                      "after_long": after_long}), flush=True)
+        print_result({"mixed": mixed, "long": long, "after_mixed": after_mixed, "after_long": after_long})
     finally:
         engine.shutdown()

@@ -5,9 +5,10 @@ fallback counts as JSON.
     python tests/vllm/scripts/attention_fault.py MODEL_DIR METHOD
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -31,7 +32,7 @@ if __name__ == "__main__":
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     first = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     again = llm.generate(PROMPTS[3:], params, use_tqdm=False)
-    print("RESULT " + json.dumps({
+    print_result({
         "tokens": [list(o.outputs[0].token_ids) for o in [*first, *again]],
         "fallbacks": {reason: count for (_, reason), count in stats.FALLBACKS.items()},
-    }), flush=True)
+    })

@@ -12,11 +12,12 @@ vLLM's own Triton kernels do not run on CPU, so the stock cache write and the st
 by torch stand-ins.
 """
 
-import json
 import os
 from types import SimpleNamespace
 
 import torch
+
+from afterburner.plugins.devtools.worker import print_result
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
@@ -146,7 +147,7 @@ def main():
                                                torch.tensor([0, 3]), scale=D ** -0.5)
     after = stats.attention("sparse").as_dict()
 
-    print("RESULT " + json.dumps({
+    print_result({
         "custom_class": f"{backend.__module__}.{backend.__qualname__}", "h100_rejections": rejections,
         "summaries_match": summaries_match, "stats": selected, "after_mixed": after,
         "expected_selected": mask.sum(-1).tolist(),
@@ -156,7 +157,7 @@ def main():
         "mixed_dense_differs": (sparse_row - selective_attention_reference(
             q[:1], k_cache, v_cache, table[:1], mixed_seq[:1], torch.tensor([0, 1]), scale=D ** -0.5)
         ).abs().max().item(),
-    }), flush=True)
+    })
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ so the plugin must register nothing and the engine must behave exactly as stock.
 vLLM exactly as without the package.
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -36,4 +37,4 @@ if __name__ == "__main__":
 
     llm = LLM(model=sys.argv[1], additional_config={"afterburner": AFTERBURNER_SECTION}, **ENGINE_KWARGS)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+    print_result([list(o.outputs[0].token_ids) for o in outputs])

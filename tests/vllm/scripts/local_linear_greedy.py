@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from afterburner.plugins.devtools.worker import print_result
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
@@ -43,11 +45,11 @@ if __name__ == "__main__":
     continued = llm.generate(
         [TokensPrompt(prompt_token_ids=list(first[1].prompt_token_ids) + generated[:CONTINUE_AFTER])],
         SamplingParams(temperature=0, max_tokens=MAX_TOKENS - CONTINUE_AFTER, ignore_eos=True), use_tqdm=False)
-    print("RESULT " + json.dumps({
+    print_result({
         "tokens": [list(o.outputs[0].token_ids) for o in [*first, *again]],
         "continued": list(continued[0].outputs[0].token_ids),
         "expected_continuation": generated[CONTINUE_AFTER:],
         "stats": totals("local_linear"),
         "fallbacks": [f"{where}: {reason}" for where, reason in stats.FALLBACKS],
         "cached_prompt_tokens": again[0].num_cached_tokens,
-    }), flush=True)
+    })

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from afterburner.plugins.devtools.worker import print_result
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 # Mixed lengths, several requests in one batch; the last repeats the first (a prefix-cache hit).
@@ -28,5 +30,4 @@ if __name__ == "__main__":
               additional_config={"afterburner": config})
     params = SamplingParams(temperature=temperature, max_tokens=32, seed=0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs],
-                                  "stats": stats.SPECULATION.as_dict()}), flush=True)
+    print_result({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "stats": stats.SPECULATION.as_dict()})

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from afterburner.plugins.devtools.worker import print_result
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 FIRST = "The module provides " * 40  # ~200 tokens: decodes while SECOND is prefilled
@@ -29,8 +31,8 @@ if __name__ == "__main__":
     before = totals(method)
     together = llm.generate([FIRST, SECOND], params, use_tqdm=False)
     after = totals(method)
-    print("RESULT " + json.dumps({
+    print_result({
         "alone": list(alone), "beside": list(together[0].outputs[0].token_ids),
         "forward_calls": after["forward_calls"] - before["forward_calls"],
         "mixed_decode_rows": after.get("mixed_decode_rows", 0) - before.get("mixed_decode_rows", 0),
-    }), flush=True)
+    })

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from afterburner.plugins.devtools.worker import print_result
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 # Long, mixed-length prompts (32-token blocks: ~20, ~9 and 1 block), one of them twice so that the
@@ -32,11 +34,11 @@ if __name__ == "__main__":
     params = SamplingParams(temperature=0, max_tokens=96 if blocks else 12, ignore_eos=True)
     first = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     again = llm.generate(PROMPTS[3:], params, use_tqdm=False)  # prefix-cache hit on PROMPTS[0]
-    print("RESULT " + json.dumps({
+    print_result({
         "tokens": [list(o.outputs[0].token_ids) for o in [*first, *again]],
         "stats": totals("sparse"),
         "squeezed_stats": totals("squeezed"),
         "cached_prompt_tokens": again[0].num_cached_tokens,
         "preemptions": sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
         if blocks else None,
-    }), flush=True)
+    })

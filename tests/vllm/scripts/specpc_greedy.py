@@ -4,9 +4,10 @@
     python tests/vllm/scripts/specpc_greedy.py MODEL_DIR DRAFT_DIR
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -33,4 +34,4 @@ if __name__ == "__main__":
                   llm.generate([{"prompt_token_ids": r.token_ids} for r in small], params)],
         "prompt_lengths": [len(llm.get_tokenizer()(p).input_ids) for p in prompts],
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)

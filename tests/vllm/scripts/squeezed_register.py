@@ -4,9 +4,10 @@ the squeezed counters after each phase as JSON.
     python tests/vllm/scripts/squeezed_register.py MODEL_DIR
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -26,4 +27,4 @@ if __name__ == "__main__":
     register_fixed_context(llm, [CONTEXT], progress=False)
     registered = totals("squeezed")
     llm.generate([CONTEXT + q for q in QUESTIONS], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-    print("RESULT " + json.dumps({"registered": registered, "asked": totals("squeezed")}), flush=True)
+    print_result({"registered": registered, "asked": totals("squeezed")})

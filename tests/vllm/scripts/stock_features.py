@@ -7,9 +7,10 @@ Features: greedy and seeded sampling with n = 2, logprobs, stop strings, structu
 regex and JSON), a prefix-cache hit, and a prompt prefilled in chunks beside other requests.
 """
 
-import json
 import os
 import sys
+
+from afterburner.plugins.devtools.worker import print_result
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -47,4 +48,4 @@ if __name__ == "__main__":
                          [{str(t): round(lp.logprob, 5) for t, lp in step.items()} for step in c.logprobs]}
                         for c in output.outputs]
     result["prefix_hit"] = {"tokens": list(again.outputs[0].token_ids), "cached": again.num_cached_tokens}
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)

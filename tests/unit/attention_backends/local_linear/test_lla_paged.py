@@ -2,24 +2,19 @@
 chunks and decode tokens in one batch) against the reference on each sequence's contiguous keys; chunked
 prefill through the cache equals one-shot prefill. float64, CG to convergence: 1e-9."""
 
+import functools
+
 import pytest
 import torch
 
 from afterburner.attention_backends.local_linear.paged import local_linear_paged
 from afterburner.attention_backends.local_linear.reference import local_linear_reference
-from support.attention import gather, make_batch
+from support.attention import make_batch, per_sequence
 
 CONVERGED = {"cg_atol": 0.0, "cg_rtol": 0.0}
 
 
-def reference_per_sequence(query, k_cache, v_cache, table, seq_lens, starts, *, scale, lam):
-    out = torch.zeros_like(query, dtype=torch.float64)
-    for b, n in enumerate(seq_lens.tolist()):
-        s, e = int(starts[b]), int(starts[b + 1])
-        if e > s:
-            out[s:e] = local_linear_reference(query[s:e], gather(k_cache, table[b], n), gather(v_cache, table[b], n),
-                                              scale=scale, lam=lam)
-    return out
+reference_per_sequence = functools.partial(per_sequence, local_linear_reference)  # (batch, *, scale, lam)
 
 
 # (seq_lens, q_lens, cache block size, Hq, Hkv, D): decode only, prefill only, mixed with an idle sequence.

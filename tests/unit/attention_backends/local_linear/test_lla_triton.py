@@ -4,6 +4,7 @@ Jacobi on and off, fp32 / fp16 / bf16 caches) and against softmax attention at a
 computes in fp32 with FlashLLA's default stopping rule: 1e-3 against float64 (2e-4 measured at lambda
 0.3). Small shapes: the interpreter runs about a second per (token, kv head) program here."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from afterburner.attention_backends.local_linear.reference import local_linear_reference
 from support import REPO
-from support.attention import gather, make_batch, paged_sdpa
+from support.attention import make_batch, paged_sdpa, per_sequence
 
 # As tests/unit/attention_backends/test_triton_kernels.py: TRITON_INTERPRET must be set before the process
 # first imports triton; if it came in earlier without it, the file reruns itself in a fresh process.
@@ -38,14 +39,7 @@ def test_lla_kernel_in_a_fresh_process():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
-def reference_per_sequence(query, k_cache, v_cache, table, seq_lens, starts, *, scale, lam):
-    out = torch.zeros_like(query, dtype=torch.float64)
-    for b, n in enumerate(seq_lens.tolist()):
-        s, e = int(starts[b]), int(starts[b + 1])
-        if e > s:
-            out[s:e] = local_linear_reference(query[s:e], gather(k_cache, table[b], n), gather(v_cache, table[b], n),
-                                              scale=scale, lam=lam)
-    return out
+reference_per_sequence = functools.partial(per_sequence, local_linear_reference)  # (batch, *, scale, lam)
 
 
 @in_this_process
