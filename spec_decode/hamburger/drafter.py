@@ -1,0 +1,238 @@
+"""The micro-step drafter: up to ``max_micro_steps`` draft tokens per base step, and when to stop.
+
+Convention (one base step): the base model just sampled x_{t+1} from its output at position t. The drafter
+reads the base's hidden states at position t from F layers (``feature_layers``: HF ``output_hidden_states``
+indices = vLLM ``aux_hidden_state_layers`` ids; entry i is the input of decoder layer i) and the tokens
+x_{t+1}, x_{t+2}, ... one micro-step each:
+
+    micro-step j input   u_j = W_in [RMSNorm_1(f_1) ... RMSNorm_F(f_F), E(x_{t+1+j})]     [hidden_size]
+                         (the same features at every micro-step; E is the base's frozen token embedding)
+    trunk                1-2 Llama decoder layers (RMSNorm, GQA self-attention with RoPE at positions
+                         0..j, causal over the micro-steps of this step only: no KV cache across steps,
+                         at most max_micro_steps positions; SwiGLU MLP), final RMSNorm -> s_j
+    logits_j             lm_head(W_out s_j) (the base's frozen LM head; W_out = identity when the drafter
+                         is as wide as the base)                                     predicts x_{t+2+j}
+    p_continue_j         sigmoid(MLP([s_j, max log q_j, H(q_j)])), q_j = softmax(logits_j): P(the token
+                         drafted at micro-step j is what the base would emit there). The top-1 log-prob
+                         and entropy of the drafter's own distribution are given to the stop head as two
+                         extra inputs (detached): confidence is the best single predictor of acceptance
+                         and a small MLP cannot compute a softmax over the vocabulary from s_j.
+
+``draft`` runs the micro-steps greedily and keeps drafted token j iff p_continue_j >= stop_threshold; a
+row stops at its first rejection. The base embedding and LM head are attached (``attach_base``), never
+trained or saved with the drafter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DrafterConfig:
+    base_hidden_size: int
+    vocab_size: int
+    feature_layers: tuple[int, ...]  # HF hidden_states indices of the base (1 .. num_base_layers - 1)
+    hidden_size: int  # drafter width
+    num_layers: int = 1  # decoder layers (1-2)
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    max_micro_steps: int = 4
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    stop_threshold: float = 0.8  # default P(continue) a drafted token needs to be kept
+    base_model: str = ""  # informational: the base this drafter was trained for
+
+    def __post_init__(self):
+        self.feature_layers = tuple(self.feature_layers)
+        positive = ("base_hidden_size", "vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                    "intermediate_size", "max_micro_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"drafter config: {name} must be a positive integer, got {value!r}")
+        if self.num_layers not in (1, 2):
+            raise ValueError(f"drafter config: num_layers must be 1 or 2, got {self.num_layers!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"drafter config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if not self.feature_layers or any(not isinstance(i, int) or i < 1 for i in self.feature_layers):
+            raise ValueError(f"drafter config: feature_layers must be layer ids >= 1, got {list(self.feature_layers)}")
+        if len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ValueError(f"drafter config: feature_layers has duplicates: {list(self.feature_layers)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"drafter config: {name} must be a positive number, got {getattr(self, name)!r}")
+        if not isinstance(self.stop_threshold, (int, float)) or not 0 <= self.stop_threshold <= 1:
+            raise ValueError(f"drafter config: stop_threshold must be in [0, 1], got {self.stop_threshold!r}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["feature_layers"] = list(self.feature_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DrafterConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"drafter config: expected an object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"drafter config: unknown field {unknown[0]!r}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"drafter config: missing field {missing[0]!r}")
+        if not isinstance(data["feature_layers"], (list, tuple)):
+            raise ValueError(f"drafter config: feature_layers must be a list of layer ids, got "
+                             f"{data['feature_layers']!r}")
+        return cls(**data)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half layout) at positions 0..T-1; x [B, heads, T, D]."""
+    t, d = x.shape[-2], x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
+    angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, D/2]
+    cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
+    half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1)
+    return x * cos + half * sin
+
+
+class DecoderLayer(nn.Module):
+    """A Llama decoder layer with causal self-attention over the micro-steps of one step."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.c = c
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.post_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, hidden]
+        c, (b, t, _) = self.c, x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # [B, heads, T, D]
+        k = self.k_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, kv_heads, T, D]
+        v = self.v_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = rope(q, c.rope_theta), rope(k, c.rope_theta)
+        group = c.num_heads // c.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, T, D]
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class MicroStepDrafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = c = config
+        self.feature_norms = nn.ModuleList(RMSNorm(c.base_hidden_size, c.rms_norm_eps) for _ in c.feature_layers)
+        self.fc_in = nn.Linear((len(c.feature_layers) + 1) * c.base_hidden_size, c.hidden_size, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        wide = c.hidden_size == c.base_hidden_size
+        self.fc_out = nn.Identity() if wide else nn.Linear(c.hidden_size, c.base_hidden_size, bias=False)
+        stop_width = max(16, c.hidden_size // 4)
+        self.stop_head = nn.Sequential(nn.Linear(c.hidden_size + 2, stop_width), nn.SiLU(), nn.Linear(stop_width, 1))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=1 / math.sqrt(module.in_features))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # the base's frozen token embedding and LM head [V, H_base]: buffers, not parameters, not saved
+        self.register_buffer("embed_weight", None, persistent=False)
+        self.register_buffer("lm_head_weight", None, persistent=False)
+
+    def attach_base(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> MicroStepDrafter:
+        """Use the base model's token embedding and LM head (both [V, H_base]; tied models pass one twice)."""
+        c = self.config
+        for name, weight in (("embed_weight", embed_weight), ("lm_head_weight", lm_head_weight)):
+            if tuple(weight.shape) != (c.vocab_size, c.base_hidden_size):
+                raise ValueError(f"attach_base: {name} has shape {tuple(weight.shape)}, expected "
+                                 f"[vocab_size, base_hidden_size] = {[c.vocab_size, c.base_hidden_size]}")
+        dtype = self.fc_in.weight.dtype
+        self.embed_weight = embed_weight.detach().to(device=self.fc_in.weight.device, dtype=dtype)
+        self.lm_head_weight = lm_head_weight.detach().to(device=self.fc_in.weight.device, dtype=dtype)
+        return self
+
+    def step_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T, hidden] final normed micro-step states s_j; features [B, F, H_base], tokens [B, T]."""
+        if self.embed_weight is None:
+            raise RuntimeError("MicroStepDrafter: call attach_base(embed, lm_head) first")
+        c = self.config
+        if features.shape[1:] != (len(c.feature_layers), c.base_hidden_size):
+            raise ValueError(f"features have shape {tuple(features.shape)}, expected [B, "
+                             f"{len(c.feature_layers)}, {c.base_hidden_size}]")
+        features = features.to(self.fc_in.weight.dtype)
+        normed = torch.cat([norm(features[:, i]) for i, norm in enumerate(self.feature_norms)], -1)  # [B, F*H]
+        embedded = F.embedding(tokens, self.embed_weight)  # [B, T, H_base]
+        x = self.fc_in(torch.cat([normed[:, None].expand(-1, tokens.shape[1], -1), embedded], -1))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def heads(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [..., V], p_continue [...]) from micro-step states [..., hidden]."""
+        logits = self.fc_out(states) @ self.lm_head_weight.T
+        with torch.no_grad():
+            logq = torch.log_softmax(logits.float(), -1)
+            confidence = torch.stack([logq.max(-1).values, -(logq.exp() * logq).sum(-1)], -1).to(states.dtype)
+        # detached: the stop head reads the state, its loss does not reshape it (train.py)
+        p_continue = torch.sigmoid(self.stop_head(torch.cat([states.detach(), confidence], -1)).squeeze(-1))
+        return logits, p_continue
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [B, F, H_base] (base position t), tokens [B, T] (x_{t+1}, ..., x_{t+T}) ->
+        (logits [B, T, V]: logits[:, j] predicts x_{t+2+j}; p_continue [B, T])."""
+        return self.heads(self.step_states(features, tokens))
+
+    @torch.no_grad()
+    def draft(self, features: torch.Tensor, last_tokens: torch.Tensor, *, max_tokens: int,
+              stop_threshold: float | None) -> list[list[int]]:
+        """Greedy drafts per row, features [B, F, H_base], last_tokens [B] (x_{t+1}): drafted token j is
+        kept iff p_continue_j >= stop_threshold (None or 0: always, exactly max_tokens); a row ends at its
+        first rejection (0 tokens possible). Rows stop independently; the batch runs until all have."""
+        if not 0 <= max_tokens <= self.config.max_micro_steps:
+            raise ValueError(f"draft: max_tokens must be in 0..max_micro_steps={self.config.max_micro_steps}, "
+                             f"got {max_tokens}")
+        tokens = last_tokens.reshape(-1, 1).long()  # [B, 1 + drafted so far]
+        alive = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        lengths = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        for _ in range(max_tokens):
+            # no cache: recompute all micro-steps (at most max_micro_steps positions); causal, so earlier
+            # micro-steps come out as before
+            logits, p_continue = self(features, tokens)
+            drafted = logits[:, -1].argmax(-1)  # [B]
+            if stop_threshold:
+                alive &= p_continue[:, -1] >= stop_threshold
+            lengths += alive.long()
+            if not alive.any():
+                break
+            tokens = torch.cat([tokens, drafted[:, None]], 1)
+        return [row[1:1 + n].tolist() for row, n in zip(tokens, lengths.tolist(), strict=True)]
