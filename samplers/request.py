@@ -38,17 +38,20 @@ class ConstraintRequest:
     max_checks: int | None = None
 
 
+def is_constrained(extra_args: Mapping[str, Any] | None) -> bool:
+    """Whether a request asks for AWRS at all (well-formed or not)."""
+    return bool(extra_args) and (REQUEST_KEY in extra_args or any(key.startswith(_FLAT_PREFIX) for key in extra_args))
+
+
 def parse_request(extra_args: Mapping[str, Any] | None, *, check: bool = True) -> ConstraintRequest | None:
     """None when the request does not ask for AWRS; ``GrammarError`` with a clear message when it asks
     wrongly (unknown key, several or no constraint kinds, malformed grammar). ``check=False`` skips the
     grammar's tokenizer-free validation (0.2 s at the size bound), for a request admission already
     checked: the engine's compile (``pending``) validates it again, off the step."""
-    if not extra_args:
+    if not is_constrained(extra_args):
         return None
     flat = {key.removeprefix(_FLAT_PREFIX): value for key, value in extra_args.items()
             if key.startswith(_FLAT_PREFIX)}
-    if REQUEST_KEY not in extra_args and not flat:
-        return None
     args = extra_args.get(REQUEST_KEY, {})
     if not isinstance(args, Mapping):
         raise GrammarError(f"{REQUEST_KEY} must be an object like {{\"regex\": \"...\"}}, got {type(args).__name__}")

@@ -34,7 +34,7 @@ from typing import Any
 from afterburner.plugins.config import ConfigError, from_env
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.sglang import proposers
-from afterburner.plugins.sglang.spec_checks import attention_backends, cpu_blocker, make_tree
+from afterburner.plugins.sglang.spec_checks import attention_backends, attention_blocker, cpu_blocker, make_tree
 
 logger = get_logger(__name__)
 
@@ -60,7 +60,8 @@ def validate_server_args(server_args: Any) -> None:
     if server_args.speculative_use_rejection_sampling:
         raise ConfigError(f"--speculative-use-rejection-sampling: {name} drafts have no proposal "
                           "distribution; leave it off (temperature > 0 already verifies losslessly)")
-    problem = cpu_blocker(name, server_args.device, *attention_backends(server_args))
+    problem = (attention_blocker(name, *attention_backends(server_args))
+               or cpu_blocker(name, server_args.device, *attention_backends(server_args)))
     if problem:
         raise ConfigError(problem)
 

@@ -38,6 +38,17 @@ def cpu_blocker(algorithm: str, device: str, prefill_backend: str | None, decode
             "(TARGET_VERIFY attention, verify_tree_greedy_cpu, assign_extend_cache_locs_cpu)")
 
 
+def attention_blocker(algorithm: str, prefill_backend: str | None, decode_backend: str | None) -> str | None:
+    """Why an afterburner attention backend cannot serve this algorithm's verification (None: no such
+    backend): SGLang verifies a token tree, which selective attention does not cover and which local-linear
+    attention would verify with softmax (README, Composing methods)."""
+    ours = sorted({b for b in (prefill_backend, decode_backend) if b and b.startswith("afterburner-")})
+    if not ours:
+        return None
+    return (f"--attention-backend {'/'.join(ours)} with --speculative-algorithm {algorithm} is not supported yet: "
+            "tree verification steps would run outside the attention method; use one of them")
+
+
 def attention_backends(server_args: Any) -> tuple[str | None, str | None]:
     """(prefill, decode) attention backends."""
     default = server_args.attention_backend

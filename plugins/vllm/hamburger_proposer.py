@@ -24,12 +24,13 @@ import torch
 from afterburner.plugins import stats
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm import proposers
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, load_drafter
 
 logger = get_logger(__name__)
 
-CLASS_PATH = "afterburner.plugins.vllm.hamburger_proposer.HamburgerProposer"
+CLASS_PATH = proposers.custom_class_path("hamburger")
 
 
 class HamburgerProposer:

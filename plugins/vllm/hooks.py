@@ -7,10 +7,11 @@ from typing import Any
 from afterburner.attention_backends.registry import OUTPUT_METHODS, make_output
 from afterburner.patches import vllm_tree_speculation as tree_patches
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
+from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
 from afterburner.plugins.config import ConfigError
-from afterburner.plugins.vllm import proposers
+from afterburner.plugins.vllm import composition, proposers
 from afterburner.plugins.vllm.config_access import config_of
 
 
@@ -30,6 +31,7 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
             make_output(method, getattr(config.attention, method), model_config=hf_config)
         except ValueError as error:
             raise ConfigError(f"afterburner.attention.method {method!r}: {error}") from None
+    composition.check_engine(vllm_config)
     report.record("config", engine="vllm", where="engine_config", config=config.model_dump())
 
 
@@ -65,6 +67,7 @@ def _runner_hook(name: str):
 HOOKS = {
     ENGINE_CONFIG.name: check_engine_config,
     WORKER_INIT_DEVICE.name: on_worker_device,
+    REQUEST_ADMISSION.name: composition.check_request,
     tree_patches.SPEC_CONFIG.name: check_speculative_config,
     tree_patches.TREE_PROPOSER.name: _runner_hook("on_runner_init"),
     tree_patches.TREE_POSITIONS.name: _runner_hook("on_prepare_inputs"),

@@ -39,6 +39,22 @@ def replaces_vllm_proposer(method: str) -> bool:
     return method in PROPOSERS and PROPOSERS[method].route == "replace"
 
 
+def custom_class_path(method: str) -> str:
+    """What vLLM's ``custom_class`` route is given as ``model`` for one of our methods."""
+    return PROPOSERS[method].proposer.replace(":", ".")
+
+
+def method_of(spec) -> str | None:
+    """The proposer a vLLM ``SpeculativeConfig`` runs, by afterburner's name where it is ours
+    (``hamburger`` for its custom_class route), else vLLM's method name; None without speculation."""
+    if spec is None:
+        return None
+    for name, entry in PROPOSERS.items():
+        if entry.route == "custom_class" and spec.method == "custom_class" and spec.model == custom_class_path(name):
+            return name
+    return spec.method
+
+
 def proposer_class(method: str) -> type:
     return _load(PROPOSERS[method].proposer)
 

@@ -156,6 +156,16 @@ def test_intel_amx_on_a_cpu_without_amx_is_refused_too(loaded, heads_dir, tiny_m
                  str(heads_dir), backend="intel_amx")
 
 
+@pytest.mark.parametrize("backend", ["afterburner-sparse", "afterburner-local-linear"])
+def test_an_afterburner_attention_backend_with_medusa_is_refused_naming_the_pair(loaded, heads_dir, tiny_model,
+                                                                                 monkeypatch, backend):
+    monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match=f"^--attention-backend {backend} with --speculative-algorithm "
+                                          "AFTERBURNER_MEDUSA is not supported yet"):
+        _resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
+                 str(heads_dir), backend=backend)
+
+
 def test_engine_refuses_medusa_on_this_cpu_before_any_subprocess(loaded, heads_dir, tiny_model, monkeypatch):
     import sglang
 

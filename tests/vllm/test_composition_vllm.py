@@ -1,0 +1,71 @@
+"""Which methods compose in one vLLM engine (``plugins/vllm/composition.py``): pairings that do not work
+yet stop startup, or the request that asks for them, with one line naming the pair; the pairings that do
+work are served exactly (local-linear attention with a chain proposer: speculative greedy output equals
+non-speculative greedy output under the same local-linear model)."""
+
+import json
+
+import pytest
+import torch
+from result_script import run_result_script
+from transformers import AutoModelForCausalLM
+
+from afterburner.plugins.config import ConfigError
+from afterburner.spec_decode.hamburger.checkpoint import save_drafter
+from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+from afterburner.spec_decode.medusa.checkpoint import save_heads
+from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
+
+
+@pytest.fixture(scope="module")
+def proposers(tiny_model, tmp_path_factory):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).config
+    folder = tmp_path_factory.mktemp("proposers")
+    torch.manual_seed(0)
+    drafter = save_drafter(folder / "drafter", MicroStepDrafter(DrafterConfig(
+        base_hidden_size=base.hidden_size, vocab_size=base.vocab_size, feature_layers=(1,), hidden_size=128,
+        num_heads=2, num_kv_heads=2, head_dim=64, intermediate_size=256)))
+    heads = save_heads(MedusaHeads(HeadsConfig(base.hidden_size, base.vocab_size, num_heads=2)), folder / "heads")
+    return {"hamburger": str(drafter), "medusa": str(heads)}
+
+
+def _engine_config(model, spec, section):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model), speculative_config=spec, enforce_eager=True,
+                      additional_config={"afterburner": section}).create_engine_config()
+
+
+@pytest.mark.parametrize("attention", ["sparse", "squeezed"])
+@pytest.mark.parametrize("method", ["medusa", "hamburger"])
+def test_selective_attention_with_speculation_is_refused_at_startup(tiny_model, proposers, attention, method):
+    spec = {"method": method, "model": proposers[method], "num_speculative_tokens": 2}
+    with pytest.raises(ConfigError, match=f"'{attention}' with speculative decoding \\('{method}'\\) is not "
+                                          "supported yet"):
+        _engine_config(tiny_model, spec, {"attention": {"method": attention}})
+
+
+def test_local_linear_with_a_medusa_tree_is_refused_and_with_a_chain_starts(tiny_model, proposers):
+    spec = {"method": "medusa", "model": proposers["medusa"], "num_speculative_tokens": 2}
+    lla = {"method": "local_linear"}
+    with pytest.raises(ConfigError, match="with a Medusa token tree .* set speculative.tree to \"chain\""):
+        _engine_config(tiny_model, spec, {"attention": lla, "speculative": {"tree": "paper"}})
+    config = _engine_config(tiny_model, spec, {"attention": lla, "speculative": {"tree": "chain"}})
+    assert config.speculative_config.method == "medusa"
+
+
+def _hamburger(model, drafter, num_spec, section):
+    return run_result_script("hamburger_greedy.py", model, drafter, num_spec, json.dumps(section))[0]
+
+
+def test_local_linear_with_the_micro_step_drafter_is_lossless(tiny_model, proposers):
+    section = {"attention": {"method": "local_linear", "local_linear": {"lam": 1.0}},
+               "speculative": {"stop_threshold": 0.0}}
+    plain = _hamburger(tiny_model, proposers["hamburger"], 0, section)
+    speculative = _hamburger(tiny_model, proposers["hamburger"], 3, section)
+    assert speculative["metrics"]["vllm:spec_decode_num_drafts"] > 0
+    assert speculative["tokens"] == plain["tokens"]
+    # AWRS on the speculative engine: that request alone is refused, naming the pair
+    assert speculative["awrs_refusal"].startswith("afterburner: AWRS (vllm_xargs awrs_*) with speculative decoding "
+                                                  "('hamburger') is not supported yet")
+    assert plain["awrs_refusal"] is None
