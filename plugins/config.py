@@ -196,6 +196,22 @@ def from_additional_config(
     return parse_config(additional_config.get(ADDITIONAL_CONFIG_KEY), source="--additional-config")
 
 
+_MAX_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; a larger one is a mistake, not a config
+
+
+def _read_config_file(path: Path, source: str) -> str:
+    """The file's text, or one ``ConfigError`` line: too large, unreadable, or not UTF-8 text."""
+    try:
+        size = path.stat().st_size
+        if size > _MAX_FILE_BYTES:
+            raise ConfigError(f"{source} is {size:,} bytes; a config file may be at most {_MAX_FILE_BYTES:,}")
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 def _load_text(value: str) -> tuple[Any, str]:
     """``AFTERBURNER_CONFIG`` is JSON text when it starts with '{', else a path to a JSON or YAML file."""
     if value.lstrip().startswith("{"):
@@ -208,9 +224,11 @@ def _load_text(value: str) -> tuple[Any, str]:
     source = f"{ENV_VAR} file {path}"
     if path.is_dir():
         raise ConfigError(f"{ENV_VAR} names a directory, not a file: {path} (give JSON text or a file's path)")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{ENV_VAR} names a file that does not exist: {path} (give JSON text or a path)")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"{ENV_VAR} names {path}, which is not a regular file (give JSON text or a file's path)")
+    text = _read_config_file(path, source)
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 

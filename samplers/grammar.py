@@ -9,12 +9,35 @@ and ``allows`` validates a single candidate token without committing it: no voca
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Sequence
 
 import llguidance
 import torch
 
 GRAMMAR_KINDS = ("regex", "json_schema", "lark")
+
+# llguidance's parser limits (its defaults otherwise). ``max_items_in_row``: Earley items one parser row may
+# hold (default 2,000). A JSON object of N optional properties puts about 4N items in the row right after
+# ``{"`` (measured: 600 -> 2,407, 1,500 -> 6,007, 2,400 -> 9,607), and admission's size bound
+# (``request.MAX_GRAMMAR_CHARS``) admits about 2,400 of them (63,759 characters): 12,000 lets every admitted
+# schema of that kind generate instead of failing after ``{"``. The cost is paid in that row only (SmolLM2,
+# 2,400 properties: the key's first tokens 0.04-0.2 s once, later checks and full masks under 4 ms).
+# ``verbose_errors`` off: an error is its reason, without a dump of the parser's state.
+MAX_ITEMS_IN_ROW = 12_000
+_MAX_ERROR_CHARS = 300  # an error from llguidance is cut to this many characters (it may quote the grammar)
+_ECHO_LINE = re.compile(r"^\s*(\^+|\d+ \|.*)\s*$")  # llguidance's caret and source-echo lines
+
+
+def parser_limits() -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW, verbose_errors=False)
+
+
+def one_line(message: str) -> str:
+    """llguidance's multi-line error (reason, carets, the grammar's line) as one short line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not _ECHO_LINE.match(line)]
+    text = " ".join(lines)
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
 
 
 class GrammarError(ValueError):
@@ -23,6 +46,15 @@ class GrammarError(ValueError):
 
 def compile_grammar(kind: str, spec: Any) -> str:
     """llguidance's grammar text for a regex (str), a JSON schema (dict or JSON text) or Lark text."""
+    try:
+        return _compile_grammar(kind, spec)
+    except UnicodeError as exc:  # e.g. a lone surrogate, which JSON text may carry as "\\ud800"
+        raise GrammarError(f"{kind} is not valid Unicode text: {exc.reason} at position {exc.start}") from None
+    except RecursionError:
+        raise GrammarError(f"{kind} is nested too deeply") from None
+
+
+def _compile_grammar(kind: str, spec: Any) -> str:
     if kind == "regex":
         if not isinstance(spec, str):
             raise GrammarError(f"regex must be a string, got {type(spec).__name__}")
@@ -32,7 +64,7 @@ def compile_grammar(kind: str, spec: Any) -> str:
             schema = json.loads(spec) if isinstance(spec, str) else spec
             return llguidance.LLMatcher.grammar_from_json_schema(schema)
         except (ValueError, TypeError) as exc:
-            raise GrammarError(f"json_schema is not a valid JSON object: {exc}") from None
+            raise GrammarError(f"json_schema is not a valid JSON object: {one_line(str(exc))}") from None
     if kind == "lark":
         if not isinstance(spec, str):
             raise GrammarError(f"lark grammar must be a string, got {type(spec).__name__}")
@@ -44,9 +76,9 @@ def build_matcher(grammar: str, tokenizer: llguidance.LLTokenizer) -> llguidance
     """A fresh matcher for ``grammar`` against ``tokenizer``; ``GrammarError`` if it does not compile.
     This is the expensive part (it grows faster than the grammar: see ``request.MAX_GRAMMAR_CHARS``);
     llguidance drops the GIL while it runs, so it can run beside an engine step (``pending``)."""
-    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)  # never raises: errors are a state
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=parser_limits())  # errors: a state
     if matcher.is_error():
-        raise GrammarError(matcher.get_error())
+        raise GrammarError(one_line(matcher.get_error()))
     return matcher
 
 
@@ -69,8 +101,8 @@ class GrammarConstraint:
 
     def _sync(self, prefix: Sequence[int]) -> bool:
         """Bring the matcher to ``prefix``; False if the prefix itself violates the grammar. ``GrammarError``
-        when llguidance's parser fails on it instead: e.g. a JSON schema of 500 or more optional properties
-        exceeds its 2,000 Earley items per row right after ``{"`` (that is not "no token allowed")."""
+        when llguidance's parser fails on it instead: e.g. a JSON schema of more than ~3,000 optional
+        properties exceeds ``MAX_ITEMS_IN_ROW`` right after ``{"`` (that is not "no token allowed")."""
         if self._synced is not None and self._synced[0] is prefix and self._synced[1] == len(prefix):
             return self._synced[2]
         ok = self._sync_slow(prefix)
@@ -89,14 +121,22 @@ class GrammarConstraint:
         if rest:
             taken = self._matcher.try_consume_tokens(rest)
             self._consumed += rest[:taken]
-            if self._matcher.is_error():  # not a rejected token: the parser itself gave up (e.g. a limit)
-                raise GrammarError(f"the constraint's parser failed: {self._matcher.get_error()}")
+            self._raise_if_failed()
             if taken < len(rest):
                 return False
         return True
 
+    def _raise_if_failed(self) -> None:
+        if self._matcher.is_error():  # not a rejected token: the parser itself gave up (e.g. a limit)
+            raise GrammarError(f"the constraint's parser failed: {one_line(self._matcher.get_error())}")
+
     def allows(self, prefix: Sequence[int], token: int) -> bool:
-        return self._sync(prefix) and self._matcher.validate_tokens([token]) == 1
+        if not self._sync(prefix):
+            return False
+        if self._matcher.validate_tokens([token]) == 1:
+            return True
+        self._raise_if_failed()  # a failure while checking the token, not a rejection
+        return False
 
     def is_complete(self, prefix: Sequence[int]) -> bool:
         return self._sync(prefix) and self._matcher.is_accepting()

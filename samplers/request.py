@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import llguidance
 
-from afterburner.samplers.grammar import GRAMMAR_KINDS, GrammarError, compile_grammar
+from afterburner.samplers.grammar import GRAMMAR_KINDS, GrammarError, compile_grammar, one_line, parser_limits
 
 REQUEST_KEY = "awrs"
 MAX_GRAMMAR_CHARS = 65_536
@@ -69,7 +69,7 @@ def parse_request(extra_args: Mapping[str, Any] | None, *, check: bool = True) -
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"{REQUEST_KEY}.{kinds[0]} is too large: {len(grammar):,} characters compiled, at most "
                            f"{MAX_GRAMMAR_CHARS:,} (matcher construction would stall the engine)")
-    error = llguidance.LLMatcher.validate_grammar(grammar) if check else ""
+    error = llguidance.LLMatcher.validate_grammar(grammar, limits=parser_limits()) if check else ""
     if error and not error.startswith("WARNING"):
-        raise GrammarError(f"{REQUEST_KEY}.{kinds[0]} is malformed: {error.strip()}")
+        raise GrammarError(f"{REQUEST_KEY}.{kinds[0]} is malformed: {one_line(error)}")
     return ConstraintRequest(kinds[0], grammar, max_checks)

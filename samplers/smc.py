@@ -29,6 +29,32 @@ from afterburner.samplers.constraints import Constraint, allows_next
 NextLogits = Callable[[Sequence[Sequence[int]]], torch.Tensor]
 
 
+class RewardError(RuntimeError):
+    """The reward (``log_twist``) raised, or returned something that is not a log-weight (NaN, +inf)."""
+
+
+def check_arguments(*, n_particles: int, max_tokens: int, ess_threshold: float) -> None:
+    """``ValueError`` naming the first bad argument and its value (one line), before any work is done."""
+    for name, value in (("n_particles", n_particles), ("max_tokens", max_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"SMC needs {name} >= 1 (an integer), got {value!r}")
+    if not isinstance(ess_threshold, (int, float)) or not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"SMC needs 0 <= ess_threshold <= 1, got {ess_threshold!r}")
+
+
+def _reward(log_twist: Callable[[Sequence[int]], float], tokens: list[int]) -> float:
+    """R(tokens), or ``RewardError``: -inf is a valid reward (weight 0), NaN and +inf are not."""
+    try:
+        value = float(log_twist(tokens))
+    except Exception as exc:  # noqa: BLE001 - the user's reward: say where it failed, keep its traceback
+        raise RewardError(f"log_twist raised {type(exc).__name__}: {exc} (on a particle of {len(tokens)} tokens)") \
+            from exc
+    if math.isnan(value) or value == math.inf:
+        raise RewardError(f"log_twist returned {value} on a particle of {len(tokens)} tokens; a reward is a "
+                          "finite log-weight, or -inf for weight 0")
+    return value
+
+
 @dataclass
 class Particle:
     tokens: list[int] = field(default_factory=list)  # generated ids, EOS included once finished
@@ -85,9 +111,9 @@ def smc(
     generator: torch.Generator | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> SMCResult:
-    """Run SMC; ``on_step(step, live_particles, ess)`` reports progress after each step."""
-    if n_particles < 1 or max_tokens < 1 or not 0.0 <= ess_threshold <= 1.0:
-        raise ValueError("need n_particles >= 1, max_tokens >= 1 and 0 <= ess_threshold <= 1")
+    """Run SMC; ``on_step(step, live_particles, ess)`` reports progress after each step. Bad arguments are
+    a ``ValueError``, a failing reward a ``RewardError`` (both one line)."""
+    check_arguments(n_particles=n_particles, max_tokens=max_tokens, ess_threshold=ess_threshold)
     particles = [Particle() for _ in range(n_particles)]
     twist_of = {id(p): 0.0 for p in particles} if log_twist else {}
     checks = resamples = 0
@@ -107,7 +133,7 @@ def smc(
             if not particle.finished and len(particle.tokens) == max_tokens:
                 particle.finished, particle.log_weight = True, -math.inf
             if log_twist and result.accepted:
-                new_twist = log_twist(particle.tokens)
+                new_twist = _reward(log_twist, particle.tokens)
                 particle.log_weight += new_twist - twist_of.pop(id(particle), 0.0)
                 twist_of[id(particle)] = new_twist
         log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
@@ -119,7 +145,7 @@ def smc(
         if ess < ess_threshold * n_particles and any(not p.finished for p in particles):
             particles = _resample(particles, generator)
             if log_twist:
-                twist_of = {id(p): log_twist(p.tokens) for p in particles}
+                twist_of = {id(p): _reward(log_twist, p.tokens) for p in particles}
             resamples += 1
     log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
     log_normalizer = (torch.logsumexp(log_weights, 0) - math.log(n_particles)).item()

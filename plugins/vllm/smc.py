@@ -23,7 +23,7 @@ import torch
 from afterburner.samplers.constraints import Constraint
 from afterburner.samplers.grammar import GrammarConstraint
 from afterburner.samplers.request import parse_request
-from afterburner.samplers.smc import SMCResult, smc
+from afterburner.samplers.smc import SMCResult, check_arguments, smc
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,25 @@ def constrained_smc(
     """Samples of ``prompt``'s continuation under ``constraint`` (``{"regex": ...}``, ``{"json_schema": ...}``,
     ``{"lark": ...}``, or any ``Constraint`` object such as a ``TextPredicate``), properly weighted for the
     model restricted to the constraint (times exp(log_twist) when given: particle filtering with a reward,
-    e.g. ``judge_log_twist``). Returns the samples, best first."""
+    e.g. ``judge_log_twist``). Returns the samples, best first. Bad arguments are one ``ValueError`` line
+    (a constraint's: ``GrammarError``) before the engine runs anything; a failing reward is a
+    ``samplers.smc.RewardError``; the engine keeps serving after either."""
+    check_arguments(n_particles=n_particles, max_tokens=max_tokens, ess_threshold=ess_threshold)
     tokenizer = llm.get_tokenizer()
-    vocab_size = llm.llm_engine.model_config.get_vocab_size()
+    model_config = llm.llm_engine.model_config
+    vocab_size = model_config.get_vocab_size()
+    prompt_ids = tokenizer.encode(prompt)
+    # each step asks for one token after prompt + particle: the particle may grow to max_model_len - prompt - 1
+    room = model_config.max_model_len - len(prompt_ids) - 1
+    if max_tokens > room:
+        raise ValueError(f"SMC max_tokens {max_tokens} does not fit the engine: max_model_len "
+                         f"{model_config.max_model_len} leaves {max(room, 0)} tokens after this prompt's "
+                         f"{len(prompt_ids)}")
     if isinstance(constraint, dict):
         from llguidance.hf import from_tokenizer
 
         request = parse_request({"awrs": constraint})
         constraint = GrammarConstraint(request.grammar, from_tokenizer(tokenizer, n_vocab=vocab_size))
-    prompt_ids = tokenizer.encode(prompt)
     result = smc(
         _vllm_next_logits(llm, prompt_ids, vocab_size), constraint, n_particles=n_particles, max_tokens=max_tokens,
         eos_token_id=tokenizer.eos_token_id, ess_threshold=ess_threshold, log_twist=log_twist,

@@ -107,13 +107,30 @@ def test_the_full_mask_agrees_with_the_per_token_check(tokenizers):
         assert mask.any()
 
 
-def test_a_parser_failure_is_an_error_not_an_empty_allowed_set(tokenizers):
-    """llguidance gives up (Earley row limit) after '{"' on a schema of 1,000 optional properties: the
-    request must end with that reason, not as 'no token allowed'."""
+def _optional_properties(n: int) -> dict:
+    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}}
+
+
+@pytest.mark.parametrize("n", [600, 2400])
+def test_schemas_of_many_optional_properties_generate_past_the_first_key(tokenizers, n):
+    """The issue-12 case: llguidance's default row limit (2,000 Earley items) failed right after '{"' from
+    ~500 optional properties; with ``MAX_ITEMS_IN_ROW`` every such schema that admission lets through
+    (about 2,400 properties) generates."""
     hf, ll = tokenizers
-    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1000)}}
-    constraint = GrammarConstraint.of("json_schema", schema, ll)
+    constraint = GrammarConstraint.of("json_schema", _optional_properties(n), ll)
+    prefix = hf.encode('{"p1', add_special_tokens=False)
+    assert all(constraint.allows(prefix[:i], prefix[i]) for i in range(len(prefix)))
+    assert constraint.allowed_tokens(prefix, len(hf), hf.eos_token_id).any()
+
+
+def test_a_parser_failure_is_an_error_not_an_empty_allowed_set(tokenizers):
+    """Past the row limit (3,100 optional properties: ~12,400 items after '{"', a schema admission refuses
+    for its size) llguidance gives up: the request must end with that reason, in one line, not as 'no
+    token allowed'."""
+    hf, ll = tokenizers
+    constraint = GrammarConstraint.of("json_schema", _optional_properties(3100), ll)
     prefix = hf.encode('{"', add_special_tokens=False)
     assert constraint.allows([], prefix[0])
-    with pytest.raises(GrammarError, match="parser failed: .*max is 2000"):
+    with pytest.raises(GrammarError, match="parser failed: .*max is 12000") as error:
         constraint.allows(prefix, hf.encode("p", add_special_tokens=False)[0])
+    assert "\n" not in str(error.value)
