@@ -13,6 +13,9 @@
                                                     running vllm serve (prefill + index, with progress)
     afterburner train medusa --base DIR --data FILE... --out DIR [...]
                                                     Medusa heads by self-distillation (see plugins/cli/train.py)
+    afterburner train hamburger --base DIR --data FILE... --out DIR [...]
+                                                    a micro-step drafter with a learned stop, by self-distillation
+                                                    (plugins/cli/train_hamburger.py)
     afterburner train lla [--out DIR] [--steps N] [--resume] [...]
                                                     softmax and local-linear tiny Llamas on MQAR and in-context
                                                     regression, trained and evaluated (plugins/cli/train_lla.py)

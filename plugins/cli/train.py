@@ -20,8 +20,8 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train Medusa heads for a local model, or the tiny LLA/softmax "
-                           "models (CPU)")
+    train = sub.add_parser("train", help="train Medusa heads or a hamburger drafter for a local model, "
+                           "or the tiny LLA/softmax models (CPU)")
     methods = train.add_subparsers(dest="method", required=True)
     medusa = methods.add_parser("medusa", help="Medusa heads by self-distillation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,9 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     medusa.add_argument("--work-dir", type=Path, default=None, help="default: OUT.train")
     medusa.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
     medusa.set_defaults(run=run)
-    from afterburner.plugins.cli import train_lla
+    from afterburner.plugins.cli import train_hamburger, train_lla
 
     train_lla.add_parser(methods)
+    train_hamburger.add_parser(methods)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,9 @@ The base pass keeps only the final normed hidden states h [N, H] (what the lm_he
 targets are recomputed from them through the frozen lm_head (see train.py), which is exact and stores
 H floats per token instead of a vocabulary-sized distribution. The pass runs once; ``load_or_build``
 keys the cache by the model, the data files and the chunking, so later epochs and resumes reuse it.
+With ``feature_layers`` the pass also keeps the hidden states those layers receive (HF
+``output_hidden_states`` indices: entry i is the input of decoder layer i), what a drafter reading several
+layers (hamburger/train.py) trains on: F x H more floats per token.
 Needs ``transformers`` (imported inside the functions); no engine.
 """
 
@@ -39,6 +42,7 @@ class BasePass:
     chunk_lengths: torch.Tensor  # [C] int64
     trained: torch.Tensor  # [N] bool: positions to train and evaluate on (see tokenize_document)
     key: str  # what the pass was computed from (model, data, chunking)
+    features: torch.Tensor | None = None  # [N, F, H] float32: hidden_states[i] for i in feature_layers
 
 
 def progress_bar(**kwargs):
@@ -144,12 +148,15 @@ def logit_softcap(model) -> float | None:
 
 
 @torch.inference_mode()
-def run_base_pass(model, chunks: list[tuple[list[int], list[bool]]], *, key: str,
-                  progress: bool = True) -> BasePass:
-    """Final normed hidden states of every (ids, trained) chunk; batches of similar length, right-padded."""
+def run_base_pass(model, chunks: list[tuple[list[int], list[bool]]], *, key: str, progress: bool = True,
+                  feature_layers: tuple[int, ...] = ()) -> BasePass:
+    """Final normed hidden states of every (ids, trained) chunk, and with ``feature_layers`` the hidden
+    states at those HF ``output_hidden_states`` indices; batches of similar length, right-padded."""
     lengths = torch.tensor([len(ids) for ids, _ in chunks])
     starts = torch.cumsum(lengths, 0) - lengths
     hidden = torch.empty(int(lengths.sum()), model.config.hidden_size)
+    layers = list(feature_layers)
+    features = torch.empty(int(lengths.sum()), len(layers), model.config.hidden_size) if layers else None
     order = sorted(range(len(chunks)), key=lambda c: -len(chunks[c][0]))  # similar lengths: little padding
     bar = progress_bar(total=int(lengths.sum()), unit="tok", desc="base pass", disable=not progress)
     i = 0
@@ -162,15 +169,19 @@ def run_base_pass(model, chunks: list[tuple[list[int], list[bool]]], *, key: str
             ids[row, :lengths[c]] = torch.tensor(chunks[c][0])
             mask[row, :lengths[c]] = 1
         # base_model: the decoder stack without the lm_head; its last_hidden_state is after the final norm
-        out = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        result = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
+        out = result.last_hidden_state
+        picked = torch.stack([result.hidden_states[i] for i in layers], 2) if layers else None  # [B, T, F, H]
         for row, c in enumerate(batch):
             hidden[starts[c]:starts[c] + lengths[c]] = out[row, :lengths[c]].float()
+            if picked is not None:
+                features[starts[c]:starts[c] + lengths[c]] = picked[row, :lengths[c]].float()
         bar.update(int(mask.sum()))
         i += len(batch)
     bar.close()
     tokens = torch.tensor([t for ids, _ in chunks for t in ids], dtype=torch.long)
     trained = torch.tensor([t for _, flags in chunks for t in flags], dtype=torch.bool)
-    return BasePass(hidden, tokens, starts, lengths, trained, key)
+    return BasePass(hidden, tokens, starts, lengths, trained, key, features)
 
 
 def check_lm_head(model, chunk: list[int]) -> None:
@@ -187,8 +198,10 @@ def check_lm_head(model, chunk: list[int]) -> None:
                         "or bias?); Medusa self-distillation here supports plain lm_heads only")
 
 
-def cache_key(base_dir: Path, data_files: list[Path], *, seq_len: int, max_tokens: int | None) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION} seq_len={seq_len} max_tokens={max_tokens}\n".encode())
+def cache_key(base_dir: Path, data_files: list[Path], *, seq_len: int, max_tokens: int | None,
+              feature_layers: tuple[int, ...] = ()) -> str:
+    layers = f" feature_layers={list(feature_layers)}" if feature_layers else ""  # Medusa keys as before
+    digest = hashlib.sha256(f"v{CACHE_VERSION} seq_len={seq_len} max_tokens={max_tokens}{layers}\n".encode())
     for path in sorted(base_dir.iterdir()):  # weights by size and mtime: hashing them would take seconds
         if path.is_file():
             stat = path.stat()
@@ -199,13 +212,16 @@ def cache_key(base_dir: Path, data_files: list[Path], *, seq_len: int, max_token
 
 
 def load_or_build(model, tokenizer, base_dir: str | Path, data_files: list[str | Path], cache_file: Path, *,
-                  seq_len: int, max_tokens: int | None, progress: bool = True) -> tuple[BasePass, bool]:
-    """(base pass, whether it came from the cache). The cache file is replaced when its key differs."""
+                  seq_len: int, max_tokens: int | None, progress: bool = True,
+                  feature_layers: tuple[int, ...] = ()) -> tuple[BasePass, bool]:
+    """(base pass, whether it came from the cache). The cache file is replaced when its key differs.
+    ``feature_layers``: also keep those layers' hidden states (``run_base_pass``)."""
     data_files = [Path(p) for p in data_files]
     for path in data_files:
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
-    key = cache_key(Path(base_dir), data_files, seq_len=seq_len, max_tokens=max_tokens)
+    key = cache_key(Path(base_dir), data_files, seq_len=seq_len, max_tokens=max_tokens,
+                    feature_layers=tuple(feature_layers))
     if cache_file.is_file():
         cached = torch.load(cache_file, weights_only=True)
         if cached.get("key") == key:
@@ -216,7 +232,7 @@ def load_or_build(model, tokenizer, base_dir: str | Path, data_files: list[str |
         raise DataError("the data files hold no chunk of 2 or more tokens")
     check_lm_head(model, chunks[0][0])
     started = time.time()
-    base = run_base_pass(model, chunks, key=key, progress=progress)
+    base = run_base_pass(model, chunks, key=key, progress=progress, feature_layers=tuple(feature_layers))
     if progress:
         seconds = time.time() - started
         print(f"[afterburner] base pass: {len(base.tokens)} tokens in {seconds:.0f} s", flush=True)

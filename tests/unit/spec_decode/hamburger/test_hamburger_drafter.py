@@ -3,9 +3,9 @@ head (none, all, rows stopping independently, equal to a per-row loop), and one-
 
 import pytest
 import torch
-from support.hamburger import random_drafter, small_config
 
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+from support.hamburger import random_drafter, small_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 

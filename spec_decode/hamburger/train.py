@@ -1,0 +1,232 @@
+"""Training the micro-step drafter by self-distillation from a frozen base model (pure torch, no engine).
+
+Data: the Medusa corpus route (medusa/distill_data.py) with ``feature_layers``: one cached base pass gives,
+per token position t, the features f_t [F, H] and the final normed hidden state h_t. A training example is
+a trained position t whose next T = max_micro_steps tokens lie in its chunk:
+
+    drafter input    features f_t, tokens x_{t+1} .. x_{t+T} (teacher forcing on the corpus tokens)
+    target j         the base's next-token distribution at t+1+j, p = softmax(lm_head(h_{t+1+j})),
+                     recomputed every step through the frozen LM head (exact; the corpus is sampled at
+                     temperature 0.7, not the base's greedy output, so the target is the distribution)
+    loss             KL(p || q_j) averaged over micro-steps and positions (= cross-entropy minus the
+                     base's entropy: same gradient)
+                     + stop_weight * BCE(p_continue_j, label_j), label_j = the drafter's argmax equals the
+                     base's argmax at micro-steps 0..j (this one accepted and every earlier one).
+                     The BCE counts micro-step j only where the fed tokens x_{t+2} .. x_{t+1+j} are the
+                     base's own argmax: at inference the drafter is only asked after accepted drafts,
+                     which are the base's argmax; after a sampled deviation the label is undefined.
+
+Batches, the held-out split, the learning-rate schedule and the checkpoint mechanics are Medusa's
+(medusa/train.py): a step's batch depends only on (seed, step) and a resumed run ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+from afterburner.spec_decode.medusa.distill_data import BasePass, progress_bar
+from afterburner.spec_decode.medusa.train import (
+    WINDOW,
+    TrainError,
+    _save,
+    _SoftKL,
+    _StopRequest,
+    batch_positions,
+    lr_at,
+    positions,
+    split_chunks,
+    target_logprobs,
+    windows,
+)
+
+EVAL_BATCH = 128  # positions per evaluation batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    lr: float = 2e-3
+    batch_size: int = 128  # training positions per optimizer step (each with max_micro_steps micro-steps)
+    stop_weight: float = 1.0
+    seed: int = 0
+    holdout: float = 0.05
+    save_every: int = 50
+    warmup: float = 0.05
+
+
+@dataclass
+class TrainResult:
+    drafter: MicroStepDrafter
+    step: int
+    total_steps: int
+    resumed_from: int | None
+    train_positions: int
+    holdout_positions: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # per step, this run only
+    before: dict = field(default_factory=dict)  # evaluate() on the held-out positions, untrained drafter
+    after: dict = field(default_factory=dict)
+
+
+def drafter_config_for(base_config, feature_layers: tuple[int, ...], *, num_layers: int = 1,
+                       max_micro_steps: int = 4, base_model: str = "") -> DrafterConfig:
+    """A drafter as wide as the base, its decoder layers shaped like the base's (as EAGLE-3's)."""
+    heads = base_config.num_attention_heads
+    rope = getattr(base_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(base_config, "rope_theta", 10000.0))
+    bad = [i for i in feature_layers if not 1 <= i <= base_config.num_hidden_layers - 1]
+    if bad:
+        raise TrainError(f"--feature-layers {list(bad)}: the base has {base_config.num_hidden_layers} layers, "
+                         f"allowed 1..{base_config.num_hidden_layers - 1}")
+    return DrafterConfig(
+        base_hidden_size=base_config.hidden_size, vocab_size=base_config.vocab_size,
+        feature_layers=tuple(feature_layers), hidden_size=base_config.hidden_size, num_layers=num_layers,
+        num_heads=heads, num_kv_heads=getattr(base_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(base_config, "head_dim", None) or base_config.hidden_size // heads,
+        intermediate_size=base_config.intermediate_size, max_micro_steps=max_micro_steps,
+        rms_norm_eps=float(base_config.rms_norm_eps), rope_theta=float(theta), base_model=base_model)
+
+
+def micro_step_loss(drafter: MicroStepDrafter, base: BasePass, pos: torch.Tensor, lm_head: torch.Tensor,
+                    softcap: float | None = None) -> dict[str, torch.Tensor]:
+    """Losses and per-micro-step outcomes at positions ``pos`` [P]: kl [T] (mean over P), bce (scalar),
+    agree [P, T] (drafter argmax == base argmax), label [P, T], valid [P, T], p_continue [P, T]."""
+    steps = drafter.config.max_micro_steps
+    with torch.no_grad():
+        target = target_logprobs(base.hidden, pos, lm_head, steps, softcap)  # [T, P, V]: base at t+1+j
+    tokens = base.tokens[pos[:, None] + 1 + torch.arange(steps)]  # [P, T]: x_{t+1+j}
+    logits, p_continue = drafter(base.features[pos], tokens)  # [P, T, V], [P, T]
+    kl = _SoftKL.apply(logits.transpose(0, 1), target).mean(-1)  # [T]
+    base_top = target.argmax(-1).T  # [P, T]
+    agree = logits.detach().argmax(-1) == base_top
+    label = agree.long().cumprod(1).bool()
+    greedy_prefix = torch.cat([torch.ones_like(agree[:, :1]), tokens[:, 1:] == base_top[:, :-1]], 1)
+    valid = greedy_prefix.long().cumprod(1).bool()  # fed x_{t+2} .. x_{t+1+j} are the base's argmax
+    bce = (F.binary_cross_entropy(p_continue[valid].clamp(1e-6, 1 - 1e-6), label[valid].float())
+           if valid.any() else p_continue.sum() * 0)
+    return {"kl": kl, "bce": bce, "agree": agree, "label": label, "valid": valid, "p_continue": p_continue}
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U; ties by average rank); None with one class only."""
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    unique, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of each distinct score's first occurrence
+    ranks = (first + (counts + 1) / 2)[inverse]  # average 1-based rank
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@torch.no_grad()
+def evaluate(drafter: MicroStepDrafter, base: BasePass, pos: torch.Tensor, lm_head: torch.Tensor,
+             softcap: float | None = None) -> dict:
+    """Held-out numbers: per-micro-step KL and top-1 agreement with the base (teacher-forced); mean run
+    of agreeing micro-steps from the first (an accepted-length proxy); the stop head's BCE, accuracy at
+    0.5 and ROC AUC for its label, and the label's positive rate, on the micro-steps where the label is
+    defined."""
+    kls, agree, labels, scores, bces = [], [], [], [], []
+    for i in range(0, len(pos), EVAL_BATCH):
+        part = pos[i:i + EVAL_BATCH]
+        out = micro_step_loss(drafter, base, part, lm_head, softcap)
+        kls.append(out["kl"] * len(part))
+        agree.append(out["agree"])
+        labels.append(out["label"][out["valid"]])
+        scores.append(out["p_continue"][out["valid"]])
+        bces.append(out["bce"] * int(out["valid"].sum()))
+    agree_all, label_all, score_all = torch.cat(agree).float(), torch.cat(labels), torch.cat(scores)
+    return {"kl": (torch.stack(kls).sum(0) / max(len(pos), 1)).tolist(),
+            "top1": agree_all.mean(0).tolist(),
+            "accepted": float(agree_all.cumprod(1).sum(1).mean()),
+            "stop_bce": float(sum(bces) / max(len(label_all), 1)),
+            "stop_accuracy": float(((score_all >= 0.5) == label_all).float().mean()),
+            "stop_label_rate": float(label_all.float().mean()),
+            "stop_auc": roc_auc(score_all, label_all),
+            "positions": len(pos)}
+
+
+def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *, drafter_config: DrafterConfig,
+                  config: TrainConfig, work_dir: str | Path, resume: bool = False, softcap: float | None = None,
+                  progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train a drafter on ``base`` (a pass with features at drafter_config.feature_layers); checkpoints go to
+    ``work_dir/checkpoint.pt``; ``resume`` continues from it. ``stop_after``: leave after that many steps
+    without a final save (a kill, for tests)."""
+    started = time.time()
+    if base.features is None or base.features.shape[1] != len(drafter_config.feature_layers):
+        raise TrainError("the base pass has no features at the drafter's feature layers (build it with "
+                         "feature_layers)")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work_dir / "checkpoint.pt"
+    lm_head, steps_ahead = lm_head.detach().float(), drafter_config.max_micro_steps
+    train_chunks, held_chunks = split_chunks(base, num_heads=steps_ahead, holdout=config.holdout, seed=config.seed)
+    wins = windows(base, train_chunks, steps_ahead)
+    if len(wins) == 0:
+        raise TrainError(f"no training positions: no chunk is longer than max_micro_steps={steps_ahead} "
+                         "(chat data trains on assistant turns only)")
+    per_step = max(1, config.batch_size // WINDOW)
+    total = config.steps or max(1, round(config.epochs * math.ceil(len(wins) / per_step)))
+    held_pos = positions(base, held_chunks, steps_ahead)
+
+    torch.manual_seed(config.seed)
+    drafter = MicroStepDrafter(drafter_config).attach_base(embed, lm_head)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
+    identity = {"config": {**asdict(config), "save_every": None}, "drafter": drafter_config.to_dict(),
+                "key": base.key}
+    step, resumed_from, before = 0, None, None
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=False)
+        if state["identity"] != identity:
+            raise TrainError(f"{ckpt_path} was made with other settings or data; drop --resume (or delete "
+                             "it) to start over")
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = resumed_from = state["step"]
+        before = state["before"]
+    if before is None:
+        before = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) else {}
+
+    def checkpoint() -> None:
+        _save(ckpt_path, {"identity": identity, "drafter": drafter.state_dict(), "step": step, "before": before,
+                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+
+    losses, stop = [], _StopRequest()
+    bar = progress_bar(total=total, initial=step, unit="step", desc="hamburger drafter", disable=not progress)
+    drafter.train()
+    with stop:
+        while step < total and (stop_after is None or len(losses) < stop_after):
+            pos = batch_positions(wins, step, per_step=per_step, seed=config.seed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, config)
+            out = micro_step_loss(drafter, base, pos, lm_head, softcap)
+            loss = out["kl"].mean() + config.stop_weight * out["bce"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            top1 = "/".join(f"{a:.2f}" for a in out["agree"].float().mean(0).tolist())
+            bar.set_postfix(kl=f"{out['kl'].mean().item():.3f}", bce=f"{out['bce'].item():.3f}", top1=top1,
+                            refresh=False)
+            bar.update(1)
+            if step % config.save_every == 0 or step == total or stop.requested:
+                checkpoint()
+            if stop.requested:
+                bar.close()
+                raise KeyboardInterrupt(f"interrupted at step {step}/{total}; checkpoint saved, --resume continues")
+    bar.close()
+    drafter.eval()
+    after = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) and step == total else {}
+    return TrainResult(drafter, step, total, resumed_from, int(wins[:, 1].sum()), len(held_pos),
+                       time.time() - started, losses, before, after)
