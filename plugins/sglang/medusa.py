@@ -6,7 +6,7 @@
     AFTERBURNER_CONFIG='{"speculative": {"tree": "paper" | "chain" | [[0], [1], [0, 0], ...]}}'
 
 SGLang reads the draft path's config.json with transformers' ``AutoConfig`` for every algorithm, before
-any validator: ``MedusaHeadsConfig`` registers the ``medusa`` model type of afterburner's/vLLM's folders.
+any validator: ``FOLDER_CONFIG`` is the ``medusa`` model type of afterburner's/vLLM's folders.
 (A FasterDecoding folder whose config.json has no ``model_type`` fails there, in SGLang.)
 """
 
@@ -16,10 +16,11 @@ import functools
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from afterburner.plugins.config import ConfigError
 from afterburner.plugins.log import get_logger
+from afterburner.plugins.sglang.tree_verify import Drafts
 from afterburner.spec_decode.medusa.checkpoint import CheckpointError, load_heads, load_shared_lm_head
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
 from afterburner.spec_decode.tree import TokenTree
@@ -57,10 +58,13 @@ class MedusaDrafter:
         self.lm_head_weight = None if lm_head_weight is None else lm_head_weight.float().to(device)
 
     @torch.inference_mode()
-    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, D, T] token ids: the top-T of heads 1..D on hidden states [B, H]."""
+    def propose(self, hidden: torch.Tensor, roots: torch.Tensor | None = None) -> Drafts:
+        """The top-T of heads 1..D on hidden states [B, H], every request to the tree's full depth (the heads
+        read the hidden state only, not the root token)."""
         logits = self.heads(hidden.float(), self.lm_head_weight)[: self.tree.depth]  # [D, B, V]
-        return logits.topk(self.tree.topk, dim=-1).indices.permute(1, 0, 2)
+        head_topk = logits.topk(self.tree.topk, dim=-1).indices.permute(1, 0, 2)  # [B, D, T]
+        depths = torch.full((hidden.shape[0],), self.tree.depth, dtype=torch.long, device=hidden.device)
+        return Drafts(head_topk, depths)
 
 
 def load_drafter(server_args: Any, runner: Any, tree: TokenTree) -> MedusaDrafter:
@@ -85,8 +89,4 @@ class MedusaHeadsConfig(PretrainedConfig):
     model_type = "medusa"
 
 
-def register_model_type() -> None:
-    try:
-        AutoConfig.register(MedusaHeadsConfig.model_type, MedusaHeadsConfig)
-    except ValueError:  # already registered, by an earlier call or someone else: theirs reads it too
-        pass
+FOLDER_CONFIG = MedusaHeadsConfig

@@ -1,8 +1,17 @@
 """afterburner's speculative algorithms in SGLang, by ``--speculative-algorithm`` name: the one table the
 registration (``spec_algorithms``) and the worker (``tree_spec_worker``) read. Adding a proposer: its
-engine-free part under ``spec_decode/<name>/``, a module here with ``max_depth(server_args)`` (argument
-checks, in the user's process) and ``load_drafter(server_args, runner, tree)`` (in the scheduler), and one
-line below. Modules are imported at first use.
+engine-free part under ``spec_decode/<name>/``, a module here and one line below. Modules are imported at
+first use. A proposer module has:
+
+- ``max_depth(server_args) -> int``: how deep the drafter reaches (argument checks, in the user's process:
+  one ``ConfigError`` line for a draft folder or flag that does not fit);
+- ``load_drafter(server_args, runner, tree)`` (in the scheduler): an object with
+  ``propose(hidden [B, X], roots [B]) -> tree_verify.Drafts``, where ``hidden`` is what the target's forward
+  captured at each request's last accepted position and ``roots`` the tokens sampled there;
+- optionally ``handle_server_args(server_args)``: its own defaults, after the shared ones;
+- optionally ``FOLDER_CONFIG``: a transformers ``PretrainedConfig`` class for the draft folder's
+  config.json ``model_type``. SGLang reads that file with ``AutoConfig`` for every algorithm
+  (``_resolve_speculative_algorithm_alias``), before any validator; registration registers the class.
 """
 
 from __future__ import annotations
@@ -13,12 +22,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ProposerEntry:
-    module: str  # has max_depth(server_args) -> int and load_drafter(server_args, runner, tree) -> drafter
+    module: str  # the proposer module (see the module docstring)
     aliases: tuple[str, ...] = ()  # other --speculative-algorithm names, if SGLang leaves them free
+    tree: str | None = None  # the only tree the drafter fills ("chain"); None: afterburner.speculative.tree
 
 
 PROPOSERS: dict[str, ProposerEntry] = {
     "AFTERBURNER_MEDUSA": ProposerEntry("afterburner.plugins.sglang.medusa", aliases=("MEDUSA",)),
+    "AFTERBURNER_HAMBURGER": ProposerEntry("afterburner.plugins.sglang.hamburger", aliases=("HAMBURGER",),
+                                           tree="chain"),
 }
 
 

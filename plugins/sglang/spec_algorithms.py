@@ -1,5 +1,5 @@
 """afterburner's tree speculation as SGLang (0.5.23) speculative algorithms, generic over the proposers in
-``proposers.PROPOSERS`` (Medusa: ``medusa.py``).
+``proposers.PROPOSERS`` (Medusa: ``medusa.py``; the micro-step drafter: ``hamburger.py``).
 
 How SGLang's speculative framework is used (read from its 0.5.23 source):
 - ``SpeculativeAlgorithm.register(name, supports_overlap=, validate_server_args=, spec_class=)`` files a
@@ -15,8 +15,8 @@ How SGLang's speculative framework is used (read from its 0.5.23 source):
   ``move_accept_tokens_to_target_kvcache`` moves the accepted nodes' KV to the front of the verify
   window, whose slots the scheduler reserved (``eagle_prepare_for_decode``) and frees. Only the drafter
   differs (``proposers.PROPOSERS``): it reads the target's hidden state at the last accepted token
-  (``CaptureHiddenMode`` LAST at prefill, FULL at verify) and its top-k fill the tree (``tree_verify``,
-  ``tree_spec_worker``).
+  (``CaptureHiddenMode`` LAST at prefill, FULL at verify; the final layer's, or the layers a drafter asks
+  SGLang's EAGLE-3 capture for) and its top-k fill the tree (``tree_verify``, ``tree_spec_worker``).
 - CPU: SGLang's verify runs on CPU only through sgl_kernel's CPU build (``verify_tree_greedy_cpu``,
   ``assign_extend_cache_locs_cpu``, ``fill_accept_out_cache_loc_cpu``) and the ``intel_amx`` attention
   backend, the only CPU backend with a TARGET_VERIFY path (``torch_native.forward_extend`` reads
@@ -34,15 +34,14 @@ from typing import Any
 from afterburner.plugins.config import ConfigError, from_env
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.sglang import proposers
-from afterburner.plugins.sglang.spec_checks import attention_backends, attention_blocker, cpu_blocker, make_tree
+from afterburner.plugins.sglang.spec_checks import attention_backends, attention_blocker, cpu_blocker, proposer_tree
 
 logger = get_logger(__name__)
 
 
 def tree_for(server_args: Any, config=None):
-    """The tree this server verifies (``speculative.tree`` within the drafter's depth), or ``ConfigError``."""
-    module = proposers.proposer_module(server_args.speculative_algorithm)
-    return make_tree(module.max_depth(server_args), server_args.speculative_num_draft_tokens, config or from_env())
+    """The tree this server verifies (``spec_checks.proposer_tree``), or ``ConfigError``."""
+    return proposer_tree(server_args, server_args.speculative_num_draft_tokens, config or from_env())
 
 
 def validate_server_args(server_args: Any) -> None:
@@ -53,6 +52,10 @@ def validate_server_args(server_args: Any) -> None:
     if not config.enabled:  # no stock algorithm to fall back to
         raise ConfigError(f"afterburner.enabled: false, but --speculative-algorithm {name} is afterburner's; "
                           "drop the flag or enable afterburner")
+    shape = proposers.PROPOSERS[name].tree
+    if shape and "tree" in config.speculative.model_fields_set and config.speculative.tree != shape:
+        raise ConfigError(f"afterburner.speculative.tree: --speculative-algorithm {name} drafts a {shape}; leave "
+                          f"tree unset or {shape!r}")
     tree_for(server_args, config)
     if config.speculative.acceptance != "lossless":
         raise ConfigError(f"afterburner.speculative.acceptance: {config.speculative.acceptance!r} is not "
@@ -80,6 +83,9 @@ def handle_server_args(server_args: Any) -> None:
     # SGLang captures TARGET_VERIFY graphs only for its own algorithms (get_spec_info -> None for ours).
     server_args.cuda_graph_config = with_phase(server_args.cuda_graph_config, Phase.DECODE,
                                                backend=Backend.DISABLED)
+    module = proposers.proposer_module(server_args.speculative_algorithm)
+    if hasattr(module, "handle_server_args"):
+        module.handle_server_args(server_args)
 
 
 def _create_worker(_server_args: Any) -> type:
@@ -125,12 +131,16 @@ def register_algorithms() -> list[str]:
     SGLang reserves or another plugin holds is left to them, with one warning."""
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sglang.srt.speculative.spec_registry import get_spec
+    from transformers import AutoConfig
 
     registered = []
     for canonical, entry in proposers.PROPOSERS.items():
         module = proposers.proposer_module(canonical)
-        if hasattr(module, "register_model_type"):
-            module.register_model_type()
+        if hasattr(module, "FOLDER_CONFIG"):
+            try:
+                AutoConfig.register(module.FOLDER_CONFIG.model_type, module.FOLDER_CONFIG)
+            except ValueError:  # already registered, by an earlier call or someone else: theirs reads it too
+                pass
         for name in (canonical, *entry.aliases):
             existing = get_spec(name)
             if existing is None or existing.factory is not _create_worker:

@@ -6,22 +6,33 @@ from __future__ import annotations
 from typing import Any
 
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
+from afterburner.plugins.sglang import proposers
 from afterburner.spec_decode.tree import TokenTree, build_tree
 from afterburner.spec_decode.tree_choices import tree_paths
 
 CPU_VERIFY_BACKEND = "intel_amx"
 
 
-def make_tree(max_depth: int, num_draft_tokens: int | None, config: AfterburnerConfig) -> TokenTree:
-    """The tree of ``config.speculative.tree`` with ``num_draft_tokens`` nodes, the root included (default:
-    one node per depth the drafter reaches), or one ``ConfigError`` line naming the flag or field that does
-    not fit."""
+def proposer_tree(server_args: Any, num_draft_tokens: int | None, config: AfterburnerConfig) -> TokenTree:
+    """The tree a server with ``--speculative-algorithm`` one of afterburner's verifies: the proposer's own
+    shape (``ProposerEntry.tree``) or ``speculative.tree``, within the depth its drafter reaches."""
+    algorithm = server_args.speculative_algorithm
+    module = proposers.proposer_module(algorithm)
+    shape = proposers.PROPOSERS[proposers.canonical(algorithm)].tree
+    return make_tree(module.max_depth(server_args), num_draft_tokens, config, shape=shape)
+
+
+def make_tree(max_depth: int, num_draft_tokens: int | None, config: AfterburnerConfig, *,
+              shape: str | None = None) -> TokenTree:
+    """The tree ``shape`` (default: ``config.speculative.tree``) with ``num_draft_tokens`` nodes, the root
+    included (default: one node per depth the drafter reaches), or one ``ConfigError`` line naming the flag
+    or field that does not fit."""
     drafts = max_depth if num_draft_tokens is None else num_draft_tokens - 1
     if drafts < 1:
         raise ConfigError(f"--speculative-num-draft-tokens: {num_draft_tokens} leaves no tree node to draft; "
                           "give at least 2 (the root and one node)")
     try:
-        paths = tree_paths(config.speculative.tree, max_depth=max_depth, num_drafts=drafts)
+        paths = tree_paths(shape or config.speculative.tree, max_depth=max_depth, num_drafts=drafts)
         return build_tree(paths, max_depth=max_depth)
     except ValueError as exc:
         raise ConfigError(f"afterburner.speculative.tree: {exc} (on SGLang --speculative-num-draft-tokens "

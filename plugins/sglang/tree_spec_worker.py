@@ -1,10 +1,11 @@
 """The SGLang worker for afterburner's speculative algorithms (design: ``spec_algorithms``), generic over
-the drafter (``proposers.PROPOSERS``: ``load_drafter`` gives an object with ``propose(hidden [B, H]) ->
-[B, D, T]`` candidate tokens per depth).
+the drafter (``proposers.PROPOSERS``: ``load_drafter`` gives an object with ``propose(hidden [B, X], roots
+[B]) -> Drafts``: candidate tokens per depth and how deep each request's reach).
 
 One call of ``forward_batch_generation`` per scheduler step, synchronously (overlap is off):
-- prefill: the target's forward as usual, capturing each request's last hidden state; the drafter's
-  top-k of it and the sampled token become the request's ``TreeCarry``;
+- prefill: the target's forward as usual, capturing each request's last hidden state (the final layer's,
+  or the layers a drafter asked SGLang to capture); the drafter's proposal from it and the sampled token
+  become the request's ``TreeCarry``;
 - decode: the carried tokens fill the tree (``TreeVerifier``), the target verifies all B x N nodes in
   one TARGET_VERIFY pass, and SGLang's own verify does the rest: ``eagle_sample`` accepts a path (plus
   the target's bonus token), ``move_accept_tokens_to_target_kvcache`` moves the accepted nodes' KV to
@@ -39,7 +40,7 @@ from sglang.srt.speculative.spec_utils import (
 from afterburner.plugins.config import from_env
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.sglang import proposers
-from afterburner.plugins.sglang.spec_checks import attention_backends, cpu_blocker, make_tree
+from afterburner.plugins.sglang.spec_checks import attention_backends, cpu_blocker, proposer_tree
 from afterburner.plugins.sglang.tree_verify import TreeCarry, TreeVerifier
 
 logger = get_logger(__name__)
@@ -55,9 +56,8 @@ class TreeSpecWorker(BaseSpecWorker):
             raise RuntimeError(problem)
         self._target_worker = target_worker
         self.device = runner.device
-        module = proposers.proposer_module(algorithm)
-        tree = make_tree(module.max_depth(server_args), get_spec().speculative_num_draft_tokens, from_env())
-        self.drafter = module.load_drafter(server_args, runner, tree)
+        tree = proposer_tree(server_args, get_spec().speculative_num_draft_tokens, from_env())
+        self.drafter = proposers.proposer_module(algorithm).load_drafter(server_args, runner, tree)
         self.verifier = TreeVerifier(tree, self.device)
         self.num_nodes = tree.num_nodes
         self.full_mask = torch.device(self.device).type != "cpu"  # SGLang's NGRAM worker's mask layout
@@ -76,7 +76,7 @@ class TreeSpecWorker(BaseSpecWorker):
     def _prefill(self, batch, on_publish, pp_proxy_tensors) -> GenerationBatchResult:
         result = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                              capture_hidden_mode=CaptureHiddenMode.LAST)
-        head_topk = self.drafter.propose(result.logits_output.hidden_states)  # [B, D, T]
+        drafts = self.drafter.propose(result.logits_output.hidden_states, result.next_token_ids)
         new_seq_lens = batch.seq_lens.clone()  # V2: committed length, without the sampled token
         if on_publish is not None:
             on_publish(new_seq_lens)
@@ -86,16 +86,16 @@ class TreeSpecWorker(BaseSpecWorker):
             can_run_cuda_graph=result.can_run_cuda_graph,
             accept_lens=torch.ones(len(batch.reqs), dtype=torch.int32, device=self.device),
             new_seq_lens=new_seq_lens,
-            next_draft_input=TreeCarry(result.next_token_ids, head_topk, new_seq_lens),
+            next_draft_input=TreeCarry(result.next_token_ids, drafts, new_seq_lens),
             speculative_num_draft_tokens=self.num_nodes,
         )
 
     def _verify(self, batch, on_publish) -> GenerationBatchResult:
         carry: TreeCarry = batch.spec_info
         bs, n = len(batch.reqs), self.num_nodes
-        tokens = self.verifier.tree_tokens(carry.roots, carry.head_topk)  # [B, N]
+        tokens = self.verifier.tree_tokens(carry.roots, carry.drafts.head_topk)  # [B, N]
         lengths = (batch.seq_lens if batch.seq_lens_cpu is None else batch.seq_lens_cpu).tolist()
-        verify_input = self.verifier.verify_input(tokens, batch.seq_lens, lengths,
+        verify_input = self.verifier.verify_input(tokens, batch.seq_lens, lengths, depths=carry.drafts.depths,
                                                  prefix_in_mask=self.full_mask)
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = verify_input.draft_token
@@ -108,7 +108,7 @@ class TreeSpecWorker(BaseSpecWorker):
         result = self.target_worker.forward_batch_generation(batch, is_verify=True,
                                                              capture_hidden_mode=CaptureHiddenMode.FULL)
         logits_output = result.logits_output
-        grammar_mask = self._grammar_mask(batch, tokens) if batch.has_grammar else None
+        grammar_mask = self._grammar_mask(batch, verify_input) if batch.has_grammar else None
         predict, accept_lens, accept_index = eagle_sample(  # accept_index [B, N]: root first, -1 after
             verify_input, batch, logits_output, grammar_mask,
             watermark_state=self.target_worker.model_runner.watermark_state)
@@ -122,7 +122,8 @@ class TreeSpecWorker(BaseSpecWorker):
             on_publish(new_seq_lens)
         # the last accepted node of each request, as a row of the B*N verify tokens: [B]
         last = accept_index.gather(1, (accept_lens - 1).long()[:, None]).squeeze(1).long()
-        head_topk = self.drafter.propose(logits_output.hidden_states[last])
+        roots = predict[last]
+        drafts = self.drafter.propose(logits_output.hidden_states[last], roots)
         batch.forward_mode = ForwardMode.DECODE
         return GenerationBatchResult(
             logits_output=logits_output,
@@ -130,15 +131,15 @@ class TreeSpecWorker(BaseSpecWorker):
             can_run_cuda_graph=result.can_run_cuda_graph,
             accept_lens=accept_lens,
             new_seq_lens=new_seq_lens,
-            next_draft_input=TreeCarry(predict[last], head_topk, new_seq_lens),
+            next_draft_input=TreeCarry(roots, drafts, new_seq_lens),
             speculative_num_draft_tokens=n,
         )
 
-    def _grammar_mask(self, batch, tokens: torch.Tensor):
-        """Constrained requests: SGLang's vocabulary mask over the tree (as its NGRAM worker builds it)."""
-        bs, n = tokens.shape
-        links = self.verifier.links
-        tree = GrammarTree.from_host(links.next_token.cpu().expand(bs, n).contiguous(),
-                                     links.next_sibling.cpu().expand(bs, n).contiguous(), tokens.cpu().long())
+    def _grammar_mask(self, batch, verify_input):
+        """Constrained requests: SGLang's vocabulary mask over each request's (cut) tree, as its NGRAM worker
+        builds it."""
+        bs, n = len(batch.reqs), verify_input.draft_token_num
+        tree = GrammarTree.from_host(verify_input.retrieve_next_token.cpu(), verify_input.retrieve_next_sibling.cpu(),
+                                     verify_input.draft_token.view(bs, n).cpu().long())
         return build_grammar_vocab_mask(reqs=batch.reqs, tree=tree, sampling_info=batch.sampling_info,
                                         device=self.device, barrier=None)

@@ -1,6 +1,12 @@
 """A token tree in SGLang's data structures, for any afterburner drafter: the drafter's top-T candidates
-per depth -> the tree's tokens, laid out as the ``NgramVerifyInput`` that SGLang's TARGET_VERIFY pass and
-``eagle_sample`` read; and ``TreeCarry``, what a request carries from one step to the next.
+per depth (``Drafts``) -> the tree's tokens, laid out as the ``NgramVerifyInput`` that SGLang's TARGET_VERIFY
+pass and ``eagle_sample`` read; and ``TreeCarry``, what a request carries from one step to the next.
+
+A drafter may reach less deep for some requests (``Drafts.depths``: the micro-step drafter's stop head).
+SGLang's verify has one width N for every request (``draft_token_num``: the mask, the verify pass and
+``eagle_sample`` are [B, N]), so such a request's tree is cut, not shortened: its nodes deeper than its depth
+stay in the pass (their tokens are filler the target computes) but lose their links (a node at the cut
+depth gets no ``retrieve_next_token``), and SGLang's tree walk, greedy or sampling, cannot reach them.
 
 Shapes: B requests, N tree nodes with the root (``--speculative-num-draft-tokens``), D the tree's depth,
 T candidates kept per depth, L_b request b's committed length (its KV).
@@ -51,6 +57,30 @@ def tree_links(tree: TokenTree) -> TreeLinks:
     return TreeLinks(tree.attn_mask.clone(), tree.position_offsets.clone(), next_token, next_sibling)
 
 
+@dataclass(frozen=True)
+class Drafts:
+    """What a drafter proposes for B requests."""
+
+    head_topk: torch.Tensor  # [B, D, T] candidate tokens per depth, best first
+    depths: torch.Tensor  # [B] long: request b drafted depths 1..depths[b]; its deeper candidates are filler
+
+    def select(self, index: torch.Tensor) -> "Drafts":
+        return Drafts(self.head_topk[index], self.depths[index])
+
+    def cat(self, other: "Drafts") -> "Drafts":
+        return Drafts(torch.cat([self.head_topk, other.head_topk]), torch.cat([self.depths, other.depths]))
+
+
+def cut_links(links: TreeLinks, depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next_token, next_sibling), each [B, N]: ``links`` for every request, with nothing reachable below
+    request b's ``depths[b]``: nodes at that depth or deeper have no first child, nodes deeper no sibling."""
+    node_depth = links.depth[None, :]  # [1, N]
+    cut = depths.to(node_depth.device)[:, None]  # [B, 1]
+    next_token = links.next_token.masked_fill(node_depth >= cut, -1)
+    next_sibling = links.next_sibling.masked_fill(node_depth > cut, -1)
+    return next_token, next_sibling
+
+
 class TreeVerifier:
     """One tree's buffers on the target's device."""
 
@@ -65,8 +95,9 @@ class TreeVerifier:
         return flat[:, self.candidate_index]
 
     def verify_input(self, tokens: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int], *,
-                     prefix_in_mask: bool) -> NgramVerifyInput:
-        """SGLang's verify input for tokens [B, N] after committed lengths seq_lens [B].
+                     depths: torch.Tensor, prefix_in_mask: bool) -> NgramVerifyInput:
+        """SGLang's verify input for tokens [B, N] after committed lengths seq_lens [B], each request's tree
+        cut below its drafted depth (``depths`` [B], see the module docstring).
 
         ``custom_mask`` takes the layout of SGLang's NGRAM worker for the backend in use: on CUDA each
         request's [N, L_b + N] rows (all context, then the tree), flattened and concatenated
@@ -79,39 +110,39 @@ class TreeVerifier:
                                      for length in seq_lens_cpu]) if bs else mask.new_empty(0)
         else:
             custom_mask = mask.expand(bs, n, n).flatten()
+        next_token, next_sibling = cut_links(self.links, depths)
         return NgramVerifyInput(
             draft_token=tokens.flatten(),
             custom_mask=custom_mask,
             positions=(seq_lens[:, None].long() + self.links.depth).flatten(),  # [B*N]: root at L_b
             retrieve_index=torch.arange(bs * n, device=device).view(bs, n),
-            retrieve_next_token=self.links.next_token.expand(bs, n).contiguous(),
-            retrieve_next_sibling=self.links.next_sibling.expand(bs, n).contiguous(),
+            retrieve_next_token=next_token,
+            retrieve_next_sibling=next_sibling,
             draft_token_num=n,
         )
 
 
 class TreeCarry(SpecInput):
     """What each request carries between steps (``ScheduleBatch.spec_info`` between forwards): its last
-    emitted token, the next tree's root, whose KV is not written yet, and the drafter's top-k from the
+    emitted token, the next tree's root, whose KV is not written yet, and the drafter's proposal from the
     hidden state that produced it. No forward runs on it (hence SGLang's relay type, neither draft nor verify);
     the scheduler filters and merges it with its batch."""
 
-    def __init__(self, roots: torch.Tensor, head_topk: torch.Tensor,
-                 new_seq_lens: Optional[torch.Tensor] = None):
+    def __init__(self, roots: torch.Tensor, drafts: Drafts, new_seq_lens: Optional[torch.Tensor] = None):
         super().__init__(SpecInputType.PP_SPEC_RELAY)
         self.roots = roots  # [B]
-        self.head_topk = head_topk  # [B, D, T]
+        self.drafts = drafts
         self.new_seq_lens = new_seq_lens  # [B] committed lengths after this step
 
     def filter_batch(self, new_indices: torch.Tensor, new_indices_cpu: Optional[list[int]] = None) -> None:
         self.roots = self.roots[new_indices]
-        self.head_topk = self.head_topk[new_indices]
+        self.drafts = self.drafts.select(new_indices)
         if self.new_seq_lens is not None:
             self.new_seq_lens = self.new_seq_lens[new_indices]
 
     def merge_batch(self, other: "TreeCarry") -> None:
         self.roots = torch.cat([self.roots, other.roots])
-        self.head_topk = torch.cat([self.head_topk, other.head_topk])
+        self.drafts = self.drafts.cat(other.drafts)
         if self.new_seq_lens is not None and other.new_seq_lens is not None:
             self.new_seq_lens = torch.cat([self.new_seq_lens, other.new_seq_lens])
         else:

@@ -15,10 +15,11 @@ import pytest
 import torch
 from engine_setup import ENGINE_KWARGS
 from safetensors.torch import load_file
+from spec_args import assert_refused, assert_registered, resolve
 
 from afterburner.plugins.config import ConfigError, parse_config
 from afterburner.plugins.sglang import medusa, spec_algorithms, spec_checks
-from afterburner.plugins.sglang.tree_verify import TreeCarry, TreeVerifier, tree_links
+from afterburner.plugins.sglang.tree_verify import Drafts, TreeCarry, TreeVerifier, tree_links
 from afterburner.spec_decode.medusa.checkpoint import load_heads, load_shared_lm_head, save_heads
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
 from afterburner.spec_decode.tree import build_tree, tree_candidates
@@ -49,38 +50,25 @@ def heads_dir(tiny_model, tmp_path_factory):
     return save_heads(heads, tmp_path_factory.mktemp("medusa") / "heads", lm_head_weight=lm_head)
 
 
-def _resolve(tiny_model, *flags, backend="torch_native"):
-    """The real parser and SGLang's argument resolution (where validate_server_args runs); the view."""
-    from sglang.srt.arg_groups.overrides import resolved_view
-    from sglang.srt.server_args import prepare_server_args
-
-    base = ["--model-path", str(tiny_model), "--device", "cpu", "--attention-backend", backend]
-    args = prepare_server_args([*base, *flags])
-    args.resolve_once()
-    return args, resolved_view(args)
-
-
 # ---- registration and SGLang's argument resolution ----
 
 
 def test_loader_registers_both_names_with_medusas_interface(loaded):
-    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-
     for name in ("AFTERBURNER_MEDUSA", "afterburner_medusa", "MEDUSA"):
-        algo = SpeculativeAlgorithm.from_string(name)
-        assert algo.validate_server_args is spec_algorithms.validate_server_args and not algo.supports_overlap
-        assert not algo.has_draft_kv() and not algo.need_topk() and not algo.carries_draft_hidden_states()
-        assert not algo.is_eagle() and not algo.is_ngram() and algo.is_speculative()
+        assert_registered(name)
 
 
 def test_registering_again_is_a_no_op_and_a_taken_alias_is_left_alone(loaded, monkeypatch):
     from sglang.srt.speculative import spec_registry
 
+    def medusas():
+        return [line for line in spec_algorithms.register_algorithms() if "MEDUSA" in line]
+
     both = ["speculative algorithm AFTERBURNER_MEDUSA", "speculative algorithm MEDUSA"]
-    assert spec_algorithms.register_algorithms() == both  # SGLang loads plugins more than once per process
+    assert medusas() == both  # SGLang loads plugins more than once per process
     other_plugins = spec_registry.CustomSpecAlgo("MEDUSA", factory=lambda server_args: None)
     monkeypatch.setitem(spec_registry._REGISTRY, "MEDUSA", other_plugins)
-    assert spec_algorithms.register_algorithms() == both[:1]
+    assert medusas() == both[:1]
     assert spec_registry.get_spec("MEDUSA") is other_plugins
 
 
@@ -99,7 +87,7 @@ def test_resolution_accepts_medusa_and_applies_its_defaults(loaded, heads_dir, t
 
     monkeypatch.setattr(spec_algorithms, "cpu_blocker", lambda *_: None)
     monkeypatch.setenv("AFTERBURNER_CONFIG", f'{{"speculative": {{"tree": "{tree}"}}}}')
-    args, view = _resolve(tiny_model, "--speculative-algorithm", "afterburner_medusa",
+    args, view = resolve(tiny_model, "--speculative-algorithm", "afterburner_medusa",
                           "--speculative-draft-model-path", str(heads_dir), *flags)
     assert view.speculative_algorithm == "AFTERBURNER_MEDUSA"
     assert (view.speculative_num_draft_tokens, view.speculative_num_steps, view.speculative_eagle_topk) == (
@@ -138,21 +126,15 @@ CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attenti
 ])
 def test_bad_settings_stop_resolution_with_one_line(loaded, heads_dir, tiny_model, monkeypatch, flags, config,
                                                     message):
-    if config is None:
-        monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
-    else:
-        monkeypatch.setenv("AFTERBURNER_CONFIG", config)
     flags = [f.format(tiny=tiny_model, heads=heads_dir) for f in flags]
-    with pytest.raises(ConfigError, match=message) as caught:
-        _resolve(tiny_model, "--speculative-algorithm", "MEDUSA", *flags)
-    assert "\n" not in str(caught.value)
+    assert_refused(monkeypatch, tiny_model, config, message, "--speculative-algorithm", "MEDUSA", *flags)
 
 
 def test_intel_amx_on_a_cpu_without_amx_is_refused_too(loaded, heads_dir, tiny_model, monkeypatch):
     """SGLang itself swaps intel_amx for torch_native on a CPU without AMX (this one), before our check."""
     monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
     with pytest.raises(ConfigError, match=CPU_LINE):
-        _resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
+        resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
                  str(heads_dir), backend="intel_amx")
 
 
@@ -162,7 +144,7 @@ def test_an_afterburner_attention_backend_with_medusa_is_refused_naming_the_pair
     monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
     with pytest.raises(ConfigError, match=f"^--attention-backend {backend} with --speculative-algorithm "
                                           "AFTERBURNER_MEDUSA is not supported yet"):
-        _resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
+        resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
                  str(heads_dir), backend=backend)
 
 
@@ -209,7 +191,9 @@ def test_draft_stage_puts_each_heads_top_k_where_the_tree_says(heads_dir):
     drafter, verifier = medusa.MedusaDrafter(heads, tree, lm_head, "cpu"), TreeVerifier(tree, "cpu")
     hidden = torch.randn(3, heads.config.hidden_size, generator=torch.Generator().manual_seed(1))
 
-    head_topk = drafter.propose(hidden)  # [B, D, T]
+    drafts = drafter.propose(hidden)
+    head_topk = drafts.head_topk  # [B, D, T]
+    assert drafts.depths.tolist() == [tree.depth] * 3  # every request to the tree's depth
     with torch.no_grad():
         expected = heads(hidden, lm_head)[: tree.depth].topk(tree.topk, dim=-1).indices.permute(1, 0, 2)
     assert head_topk.shape == (3, tree.depth, tree.topk) and torch.equal(head_topk, expected)
@@ -223,7 +207,7 @@ def test_draft_stage_puts_each_heads_top_k_where_the_tree_says(heads_dir):
             assert tokens[b, i] == head_topk[b, len(path) - 1, path[-1]]
 
     seq_lens = torch.tensor([5, 11, 2])
-    verify = verifier.verify_input(tokens, seq_lens, seq_lens.tolist(), prefix_in_mask=False)
+    verify = verifier.verify_input(tokens, seq_lens, seq_lens.tolist(), depths=drafts.depths, prefix_in_mask=False)
     assert isinstance(verify, NgramVerifyInput) and verify.is_verify_input()
     assert verify.draft_token_num == verify.num_tokens_per_req == verify.max_tree_depth == n
     assert torch.equal(verify.draft_token, tokens.flatten())
@@ -231,6 +215,9 @@ def test_draft_stage_puts_each_heads_top_k_where_the_tree_says(heads_dir):
     assert torch.equal(verify.positions.view(3, n), seq_lens[:, None] + depths)
     assert torch.equal(verify.retrieve_index, torch.arange(3 * n).view(3, n))
     assert torch.equal(verify.custom_mask.view(3, n, n), tree.attn_mask.expand(3, n, n))  # CPU: [B, N, N]
+    links = tree_links(tree)
+    assert torch.equal(verify.retrieve_next_token, links.next_token.expand(3, n))  # nothing cut
+    assert torch.equal(verify.retrieve_next_sibling, links.next_sibling.expand(3, n))
 
 
 def test_cuda_mask_layout_is_context_then_tree_per_request(heads_dir):
@@ -242,7 +229,8 @@ def test_cuda_mask_layout_is_context_then_tree_per_request(heads_dir):
     verifier = TreeVerifier(tree, "cpu")
     n, lengths = tree.num_nodes, [3, 0, 7]
     tokens = torch.zeros(len(lengths), n, dtype=torch.long)
-    mask = verifier.verify_input(tokens, torch.tensor(lengths), lengths, prefix_in_mask=True).custom_mask
+    depths = torch.full((len(lengths),), tree.depth)
+    mask = verifier.verify_input(tokens, torch.tensor(lengths), lengths, depths=depths, prefix_in_mask=True).custom_mask
     assert mask.numel() == sum(lengths) * n + n * n * len(lengths)
     start = 0
     for length in lengths:
@@ -252,11 +240,15 @@ def test_cuda_mask_layout_is_context_then_tree_per_request(heads_dir):
 
 
 def test_carry_follows_the_scheduler_filtering_and_merging_its_batch():
-    first = TreeCarry(torch.tensor([1, 2, 3]), torch.arange(12).view(3, 2, 2), torch.tensor([10, 20, 30]))
+    drafts = Drafts(torch.arange(12).view(3, 2, 2), torch.tensor([2, 1, 0]))
+    first = TreeCarry(torch.tensor([1, 2, 3]), drafts, torch.tensor([10, 20, 30]))
     assert not first.is_draft_input() and not first.is_verify_input()  # no forward runs on it
     first.filter_batch(torch.tensor([2, 0]), [2, 0])
     assert first.roots.tolist() == [3, 1] and first.new_seq_lens.tolist() == [30, 10]
-    assert torch.equal(first.head_topk, torch.arange(12).view(3, 2, 2)[[2, 0]])
-    first.merge_batch(TreeCarry(torch.tensor([4]), torch.full((1, 2, 2), -1), torch.tensor([40])))
+    assert torch.equal(first.drafts.head_topk, torch.arange(12).view(3, 2, 2)[[2, 0]])
+    assert first.drafts.depths.tolist() == [0, 2]
+    first.merge_batch(TreeCarry(torch.tensor([4]), Drafts(torch.full((1, 2, 2), 9), torch.tensor([1])),
+                                torch.tensor([40])))
     assert first.roots.tolist() == [3, 1, 4] and first.new_seq_lens.tolist() == [30, 10, 40]
-    assert first.head_topk.shape == (3, 2, 2) and (first.head_topk[2] == -1).all()
+    assert first.drafts.head_topk.shape == (3, 2, 2) and (first.drafts.head_topk[2] == 9).all()
+    assert first.drafts.depths.tolist() == [0, 2, 1]
