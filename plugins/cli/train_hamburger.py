@@ -49,7 +49,7 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens of data")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (may be fractional)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW; default 2e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default 3e-3)")
     p.add_argument("--batch-size", type=int, default=128, help="positions per step (default 128)")
     p.add_argument("--stop-weight", type=float, default=1.0, help="weight of the stop head's loss")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +81,12 @@ def _train(args: argparse.Namespace) -> int:
 
     from afterburner.plugins import __version__
     from afterburner.spec_decode.hamburger.checkpoint import save_drafter
-    from afterburner.spec_decode.hamburger.train import TrainConfig, drafter_config_for, train_drafter
+    from afterburner.spec_decode.hamburger.train import (
+        TrainConfig,
+        base_norm_init,
+        drafter_config_for,
+        train_drafter,
+    )
     from afterburner.spec_decode.medusa import distill_data
 
     started = time.time()
@@ -105,9 +110,10 @@ def _train(args: argparse.Namespace) -> int:
     embed = model.get_input_embeddings().weight.detach().float().clone()
     lm_head = model.get_output_embeddings().weight.detach().float().clone()
     softcap = distill_data.logit_softcap(model)
+    init = base_norm_init(model, drafter_config)
     del model  # the drafter only needs the embedding and the lm_head from here on
     result = train_drafter(base, embed, lm_head, drafter_config=drafter_config, config=config, work_dir=work,
-                           resume=args.resume, softcap=softcap)
+                           resume=args.resume, softcap=softcap, init=init)
     provenance = {
         "method": "self-distillation", "afterburner": __version__, "data": [str(p) for p in args.data],
         "data_key": base.key, "tokens": len(base.tokens), "train_positions": result.train_positions,

@@ -5,8 +5,10 @@ reads the base's hidden states at position t from F layers (``feature_layers``: 
 indices = vLLM ``aux_hidden_state_layers`` ids; entry i is the input of decoder layer i) and the tokens
 x_{t+1}, x_{t+2}, ... one micro-step each:
 
-    micro-step j input   u_j = W_in [RMSNorm_1(f_1) ... RMSNorm_F(f_F), E(x_{t+1+j})]     [hidden_size]
-                         (the same features at every micro-step; E is the base's frozen token embedding)
+    micro-step j input   u_j = W_in [RMSNorm_1(f_1) ... RMSNorm_F(f_F), RMSNorm_E(E(x_{t+1+j}))]
+                         [hidden_size]: the same features at every micro-step; E is the base's frozen
+                         token embedding, normed as each feature (as EAGLE-3 does) so that the token is
+                         not a small signal beside the features (SmolLM2's embedding rows have RMS 0.13)
     trunk                1-2 Llama decoder layers (RMSNorm, GQA self-attention with RoPE at positions
                          0..j, causal over the micro-steps of this step only: no KV cache across steps,
                          at most max_micro_steps positions; SwiGLU MLP), final RMSNorm -> s_j
@@ -153,6 +155,7 @@ class MicroStepDrafter(nn.Module):
         super().__init__()
         self.config = c = config
         self.feature_norms = nn.ModuleList(RMSNorm(c.base_hidden_size, c.rms_norm_eps) for _ in c.feature_layers)
+        self.embed_norm = RMSNorm(c.base_hidden_size, c.rms_norm_eps)
         self.fc_in = nn.Linear((len(c.feature_layers) + 1) * c.base_hidden_size, c.hidden_size, bias=False)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -191,7 +194,7 @@ class MicroStepDrafter(nn.Module):
                              f"{len(c.feature_layers)}, {c.base_hidden_size}]")
         features = features.to(self.fc_in.weight.dtype)
         normed = torch.cat([norm(features[:, i]) for i, norm in enumerate(self.feature_norms)], -1)  # [B, F*H]
-        embedded = F.embedding(tokens, self.embed_weight)  # [B, T, H_base]
+        embedded = self.embed_norm(F.embedding(tokens, self.embed_weight))  # [B, T, H_base]
         x = self.fc_in(torch.cat([normed[:, None].expand(-1, tokens.shape[1], -1), embedded], -1))
         for layer in self.layers:
             x = layer(x)

@@ -54,7 +54,7 @@ EVAL_BATCH = 128  # positions per evaluation batch
 class TrainConfig:
     epochs: float = 1.0
     steps: int | None = None  # total optimizer steps; overrides epochs
-    lr: float = 2e-3
+    lr: float = 3e-3
     batch_size: int = 128  # training positions per optimizer step (each with max_micro_steps micro-steps)
     stop_weight: float = 1.0
     seed: int = 0
@@ -94,6 +94,20 @@ def drafter_config_for(base_config, feature_layers: tuple[int, ...], *, num_laye
         head_dim=getattr(base_config, "head_dim", None) or base_config.hidden_size // heads,
         intermediate_size=base_config.intermediate_size, max_micro_steps=max_micro_steps,
         rms_norm_eps=float(base_config.rms_norm_eps), rope_theta=float(theta), base_model=base_model)
+
+
+def base_norm_init(model, drafter_config: DrafterConfig) -> dict[str, torch.Tensor]:
+    """Drafter norms that start as the base's own (a Llama-like HF model): feature i is hidden_states[i],
+    the input of base layer i, so its norm starts as that layer's input_layernorm (which knows the
+    residual stream's outlier channels); the token embedding's as layer 0's; the final norm, which feeds
+    the same LM head, as the base's final norm (when the drafter is as wide as the base)."""
+    layers = model.base_model.layers
+    init = {f"feature_norms.{k}.weight": layers[i].input_layernorm.weight for k, i in
+            enumerate(drafter_config.feature_layers)}
+    init["embed_norm.weight"] = layers[0].input_layernorm.weight
+    if drafter_config.hidden_size == drafter_config.base_hidden_size:
+        init["norm.weight"] = model.base_model.norm.weight
+    return {name: weight.detach().float().clone() for name, weight in init.items()}
 
 
 def micro_step_loss(drafter: MicroStepDrafter, base: BasePass, pos: torch.Tensor, lm_head: torch.Tensor,
@@ -157,10 +171,12 @@ def evaluate(drafter: MicroStepDrafter, base: BasePass, pos: torch.Tensor, lm_he
 
 def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *, drafter_config: DrafterConfig,
                   config: TrainConfig, work_dir: str | Path, resume: bool = False, softcap: float | None = None,
-                  progress: bool = True, stop_after: int | None = None) -> TrainResult:
+                  init: dict[str, torch.Tensor] | None = None, progress: bool = True,
+                  stop_after: int | None = None) -> TrainResult:
     """Train a drafter on ``base`` (a pass with features at drafter_config.feature_layers); checkpoints go to
-    ``work_dir/checkpoint.pt``; ``resume`` continues from it. ``stop_after``: leave after that many steps
-    without a final save (a kill, for tests)."""
+    ``work_dir/checkpoint.pt``; ``resume`` continues from it. ``init``: drafter weights to start from
+    (``base_norm_init``). ``stop_after``: leave after that many steps without a final save (a
+    kill, for tests)."""
     started = time.time()
     if base.features is None or base.features.shape[1] != len(drafter_config.feature_layers):
         raise TrainError("the base pass has no features at the drafter's feature layers (build it with "
@@ -180,6 +196,8 @@ def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *,
 
     torch.manual_seed(config.seed)
     drafter = MicroStepDrafter(drafter_config).attach_base(embed, lm_head)
+    if init:
+        drafter.load_state_dict(init, strict=False)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
     identity = {"config": {**asdict(config), "save_every": None}, "drafter": drafter_config.to_dict(),
                 "key": base.key}

@@ -14,6 +14,7 @@ from afterburner.spec_decode.hamburger.checkpoint import load_drafter
 from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
 from afterburner.spec_decode.hamburger.train import (
     TrainConfig,
+    base_norm_init,
     drafter_config_for,
     evaluate,
     micro_step_loss,
@@ -88,6 +89,20 @@ def test_targets_and_stop_labels_sit_at_the_right_positions(base):
                                           base.tokens[None, start + t + 1:start + t + 5])[0][0], -1)
         kls.append((target.exp() * (target - q)).sum(-1))
     torch.testing.assert_close(out["kl"], (kls[0] + kls[1]) / 2, atol=1e-4, rtol=1e-4)
+
+
+def test_norms_start_as_the_base_ones(base, tmp_path):
+    model, base, embed, lm_head = base
+    drafter_config = drafter_config_for(model.config, LAYERS)
+    init = base_norm_init(model, drafter_config)
+    layers = model.base_model.layers
+    assert torch.equal(init["feature_norms.0.weight"], layers[1].input_layernorm.weight)  # hidden_states[1]
+    assert torch.equal(init["embed_norm.weight"], layers[0].input_layernorm.weight)
+    assert torch.equal(init["norm.weight"], model.base_model.norm.weight)
+    start = train_drafter(base, embed, lm_head, drafter_config=drafter_config, config=CONFIG, work_dir=tmp_path,
+                          init=init, progress=False, stop_after=0)
+    for name, weight in init.items():
+        assert torch.equal(start.drafter.state_dict()[name], weight), name
 
 
 def test_roc_auc():
