@@ -62,6 +62,9 @@ class SpeculationStats:
     proposals: int = 0  # micro-step drafter: requests x steps it was asked to draft for
     drafted_tokens: int = 0  # tokens it proposed over those (vLLM's own metrics count acceptance)
     stopped_early: int = 0  # proposals its stop head ended before the draft length
+    constrained_steps: int = 0  # AWRS with speculation: requests x steps verified by AWRS's own draws
+    constrained_drafts: int = 0  # drafts those steps carried
+    constrained_accepted: int = 0  # drafts AWRS's draws accepted
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

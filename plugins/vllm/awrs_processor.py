@@ -66,24 +66,14 @@ class AWRSLogitsProcessor(LogitsProcessor):
         # AFTERBURNER_DISABLE) or is configured off: vLLM loads entry-point processors regardless.
         self._enabled = is_active() and config_of(vllm_config).enabled
         self._states: dict[int, _Row] = {}
-        config = vllm_config.model_config
-        self._compiler = Compiler(functools.partial(
-            load_tokenizer, config.tokenizer, config.get_vocab_size(), revision=config.tokenizer_revision,
-            trust_remote_code=config.trust_remote_code)) if self._enabled else None
+        self._compiler = make_compiler(vllm_config) if self._enabled else None
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def _new_state(self, params, output_ids: list[int]) -> _Row | None:
-        if not self._enabled:
-            return None
-        request = parse_request(params.extra_args, check=False)  # admission checked it; the compile checks again
-        if request is None:
-            return None
-        # vLLM's EOS for the request (set at admission); the tokenizer's only when the engine gave none
-        eos = params.eos_token_id if params.eos_token_id is not None else self._compiler.eos_token_id()
-        temperature = None if params.temperature < _GREEDY_EPS else params.temperature
-        return PendingState.submit(self._compiler, request, eos, temperature=temperature, seed=params.seed), output_ids
+        state = start_state(self._compiler, params) if self._enabled else None
+        return None if state is None else (state, output_ids)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -106,18 +96,42 @@ class AWRSLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, (state, output_ids) in list(self._states.items()):
-            if isinstance(state, PendingState):  # its first step: wait for the compile, up to its deadline
-                state = state.resolve()
-                self._states[index] = (state, output_ids)
-            try:
-                token = state.draw(logits[index], list(output_ids))
-            except Exception as exc:  # noqa: BLE001 - a failing check ends this request, not the engine
-                state = failed(state.request.kind, exc, state.eos_token_id)
-                self._states[index] = (state, output_ids)
-                token = state.draw(logits[index], list(output_ids))
+            state, token = draw(state, logits[index], list(output_ids))
+            self._states[index] = (state, output_ids)
             force_token(logits[index], token)
         return logits
 
     def _finish(self, row: _Row | None) -> None:
         if row is not None:
             report.record("awrs", **row[0].summary())
+
+
+def make_compiler(vllm_config) -> Compiler:
+    """The engine's constraint compiler (its tokenizer starts loading in the background now)."""
+    config = vllm_config.model_config
+    return Compiler(functools.partial(load_tokenizer, config.tokenizer, config.get_vocab_size(),
+                                      revision=config.tokenizer_revision, trust_remote_code=config.trust_remote_code))
+
+
+def start_state(compiler: Compiler, params) -> PendingState | None:
+    """A constrained request's state, its constraint compiling off the step; None for other requests."""
+    request = parse_request(params.extra_args, check=False)  # admission checked it; the compile checks again
+    if request is None:
+        return None
+    # vLLM's EOS for the request (set at admission); the tokenizer's only when the engine gave none
+    eos = params.eos_token_id if params.eos_token_id is not None else compiler.eos_token_id()
+    temperature = None if params.temperature < _GREEDY_EPS else params.temperature
+    return PendingState.submit(compiler, request, eos, temperature=temperature, seed=params.seed)
+
+
+def draw(state: PendingState | RequestState | FailedState, logits: torch.Tensor,
+         prefix: list[int]) -> tuple[RequestState | FailedState, int]:
+    """(the state from now on, the next token after ``prefix``): the first draw waits for the compile (up
+    to its deadline); a failing check ends this request (EOS, one warning), never the engine."""
+    if isinstance(state, PendingState):
+        state = state.resolve()
+    try:
+        return state, state.draw(logits, prefix)
+    except Exception as exc:  # noqa: BLE001
+        state = failed(state.request.kind, exc, state.eos_token_id)
+        return state, state.draw(logits, prefix)

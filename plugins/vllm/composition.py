@@ -8,8 +8,10 @@ Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
   is not built);
 - local-linear attention with a token tree (Medusa, ``speculative.tree`` other than "chain"): tree
   verification runs softmax attention. Chains are verified like prefill chunks, by the method itself.
-Refused per request (``check_request``, from the admission patch): AWRS on an engine with speculative
-decoding, because vLLM does not run logits processors there (the request would come back unconstrained).
+AWRS with speculative decoding: vLLM runs no logits processors there, so afterburner verifies the
+constrained rows' drafts with AWRS's own draws (``awrs_speculative``). Refused per request
+(``check_request``, from the admission patch), where that cannot work: engines with async scheduling,
+token trees, and logprobs on such requests.
 """
 
 from __future__ import annotations
@@ -42,8 +44,27 @@ def check_engine(vllm_config: Any) -> None:
 
 def check_request(input_processor: Any, params: Any, *_args: Any, **_kwargs: Any) -> None:
     """Before vLLM validates a request's parameters: a ``ValueError`` here is that request's 400."""
-    method = proposers.method_of(getattr(input_processor, "speculative_config", None))
-    if method is not None and is_constrained(getattr(params, "extra_args", None)):
+    vllm_config = getattr(input_processor, "vllm_config", None)
+    method = proposers.method_of(getattr(vllm_config, "speculative_config", None))
+    if method is None or not is_constrained(getattr(params, "extra_args", None)):
+        return
+    reason = awrs_refusal(vllm_config, method)
+    if reason is None and getattr(params, "logprobs", None) is not None:
+        reason = "its logprobs would be the unconstrained sampler's; leave logprobs off"
+    if reason is not None:
         raise ValueError(f"afterburner: AWRS (vllm_xargs awrs_*) with speculative decoding ({method!r}) is not "
-                         "supported yet: this server would return unconstrained text; send it to a server "
-                         "without --speculative-config")
+                         f"supported here: {reason}")
+
+
+def awrs_refusal(vllm_config: Any, method: str) -> str | None:
+    """Why AWRS cannot verify this engine's drafts (None: it can, ``awrs_speculative``)."""
+    config = config_of(vllm_config)
+    if not config.enabled:
+        return "afterburner is off in this server"
+    if vllm_config.scheduler_config.async_scheduling:
+        return "the engine schedules asynchronously (AWRS needs each step's committed tokens); start it with " \
+               "--no-async-scheduling"
+    if method == "medusa" and config.speculative.tree != "chain":
+        return "a token tree is verified as a tree (AWRS verifies chains); set afterburner.speculative.tree to " \
+               "\"chain\""
+    return None

@@ -8,6 +8,7 @@ from afterburner.attention_backends.registry import OUTPUT_METHODS, make_output
 from afterburner.patches import vllm_tree_speculation as tree_patches
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
+from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
 from afterburner.plugins.config import ConfigError
@@ -64,6 +65,12 @@ def _runner_hook(name: str):
     return hook
 
 
+def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
+    from afterburner.plugins.vllm import awrs_speculative  # worker processes only
+
+    awrs_speculative.on_sample(*args, **kwargs)
+
+
 HOOKS = {
     ENGINE_CONFIG.name: check_engine_config,
     WORKER_INIT_DEVICE.name: on_worker_device,
@@ -73,4 +80,5 @@ HOOKS = {
     tree_patches.TREE_POSITIONS.name: _runner_hook("on_prepare_inputs"),
     tree_patches.TREE_ACCEPTANCE.name: _runner_hook("on_rejection_sample"),
     tree_patches.TREE_BOOKKEEPING.name: _runner_hook("on_propose"),
+    SPECULATIVE_AWRS.name: _speculative_awrs,
 }

@@ -1,0 +1,89 @@
+"""AWRS on a vLLM engine with speculative decoding (README, Composing methods).
+
+vLLM builds no logits processors when speculative decoding is on, so AWRS cannot act as one there.
+Instead, after the model runner samples (``GPUModelRunner._sample``, patched in
+``patches/vllm_speculative_awrs.py``), every constrained row's tokens are replaced by what AWRS alone
+gives: ``samplers.speculative.verify_chain`` draws AWRS's own token at the root and at each draft (from
+the target's logits there, given the committed tokens and the drafts accepted so far) and accepts a draft
+only when it equals that draw. Greedy output is token-identical to AWRS without speculation; sampled
+output has its distribution (each request's own seeded generator, as without speculation). vLLM's
+bookkeeping and spec-decode metrics then count what AWRS accepted. Steps without drafts (a batch with
+none) go through the same path with one logits row per request.
+
+Needs the committed tokens at sampling time, so engines with async scheduling are refused per request
+(``composition.check_request``); token trees too (Medusa's tree: verification here is a chain).
+Each request's state lives from its first sampled step until vLLM forgets the request (finished,
+aborted); preempted requests keep theirs.
+"""
+
+from __future__ import annotations
+
+import functools
+from weakref import WeakKeyDictionary
+
+import torch
+
+from afterburner.plugins import report, stats
+from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm.awrs_processor import draw, make_compiler, start_state
+from afterburner.plugins.vllm.config_access import config_of
+from afterburner.samplers.request import is_constrained
+from afterburner.samplers.speculative import verify_chain
+
+logger = get_logger(__name__)
+PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID in sampled_token_ids
+
+
+class SpeculativeAWRS:
+    """The constrained rows of one model runner."""
+
+    def __init__(self, vllm_config):
+        self.compiler = make_compiler(vllm_config)
+        self.states: dict[str, object] = {}  # request id -> PendingState | RequestState | FailedState
+
+    def apply(self, output, runner, logits: torch.Tensor, spec_decode_metadata) -> None:
+        for req_id in [r for r in self.states if r not in runner.requests]:  # finished or aborted
+            report.record("awrs", **self.states.pop(req_id).summary())
+        num_reqs = runner.input_batch.num_reqs
+        num_drafts = spec_decode_metadata.num_draft_tokens if spec_decode_metadata is not None else [0] * num_reqs
+        drafts = spec_decode_metadata.draft_token_ids.tolist() if spec_decode_metadata is not None else []
+        discard = runner.discard_request_mask.np
+        sampled = output.sampled_token_ids
+        first_row = first_draft = 0
+        for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+            n = int(num_drafts[row])
+            rows, row_drafts = slice(first_row, first_row + n + 1), drafts[first_draft:first_draft + n]
+            first_row, first_draft = first_row + n + 1, first_draft + n
+            request = runner.requests[req_id]
+            params = request.sampling_params
+            if params is None or discard[row] or not is_constrained(params.extra_args):
+                continue
+            if req_id not in self.states:
+                self.states[req_id] = start_state(self.compiler, params)
+            tokens = verify_chain(functools.partial(self._draw, req_id), logits[rows].float(),
+                                  list(request.output_token_ids), row_drafts)
+            sampled[row].fill_(PLACEHOLDER)
+            sampled[row, : len(tokens)] = torch.tensor(tokens, dtype=sampled.dtype)
+            stats.SPECULATION.constrained_steps += 1
+            stats.SPECULATION.constrained_drafts += n
+            stats.SPECULATION.constrained_accepted += len(tokens) - 1
+
+    def _draw(self, req_id: str, row_logits: torch.Tensor, prefix: list[int]) -> int:
+        state, token = draw(self.states[req_id], row_logits, prefix)
+        self.states[req_id] = state
+        return token
+
+
+_of_runner: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def on_sample(output, runner, logits, spec_decode_metadata, *_args, **_kwargs) -> None:
+    """After ``GPUModelRunner._sample`` on an engine with speculative decoding and afterburner on."""
+    if runner.speculative_config is None or logits is None:
+        return
+    awrs = _of_runner.get(runner)
+    if awrs is None:
+        if not config_of(runner.vllm_config).enabled:
+            return
+        awrs = _of_runner[runner] = SpeculativeAWRS(runner.vllm_config)
+    awrs.apply(output, runner, logits, spec_decode_metadata)
