@@ -25,6 +25,12 @@ GRAMMAR_KINDS = ("regex", "json_schema", "lark")
 # 2,400 properties: the key's first tokens 0.04-0.2 s once, later checks and full masks under 4 ms).
 # ``verbose_errors`` off: an error is its reason, without a dump of the parser's state.
 MAX_ITEMS_IN_ROW = 12_000
+# Items llguidance's JSON compiler puts in the row at a key position: about 4 per property name that may come
+# next, plus a few (measured: 600 optional properties -> 2,407; 2,400 -> 9,607; anyOf of two objects of 1,600
+# -> 12,814). A schema offering more names than this at one key position is refused at admission
+# (``key_position_width``); beyond the bound, generation would fail at that key.
+MAX_KEY_WIDTH = (MAX_ITEMS_IN_ROW - 8) // 4
+_UNIONS = ("anyOf", "oneOf", "allOf")
 _MAX_ERROR_CHARS = 300  # an error from llguidance is cut to this many characters (it may quote the grammar)
 _ECHO_LINE = re.compile(r"^\s*(\^+|\d+ \|.*)\s*$")  # llguidance's caret and source-echo lines
 
@@ -42,6 +48,50 @@ def one_line(message: str) -> str:
 
 class GrammarError(ValueError):
     """The grammar, regex or schema cannot be compiled; the message says why."""
+
+
+def key_position_width(schema: Any) -> int:
+    """The most property names one key position of a JSON schema may offer. Per object: the longest run of
+    optional properties in declaration order (llguidance emits properties in that order, any optional
+    one may be skipped, a required one ends the run) plus the required one after it; the branches of
+    ``anyOf`` / ``oneOf`` / ``allOf`` add up (their first keys share a position). Checked: 3,500 optional
+    properties fail generation, the same 3,500 with every other one required generate."""
+    widest, stack = 0, [schema]
+    while stack:  # every sub-schema, iteratively (a deep schema must not exhaust Python's stack)
+        node = stack.pop()
+        if isinstance(node, dict):
+            widest = max(widest, _union_width(node))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return widest
+
+
+def _object_width(node: dict) -> int:
+    properties, required = node.get("properties"), node.get("required")
+    if not isinstance(properties, dict):
+        return 0
+    required = set(required) if isinstance(required, list) and all(isinstance(r, str) for r in required) else set()
+    best = run = 0
+    for name in properties:
+        if name in required:
+            best, run = max(best, run + 1), 0
+        else:
+            run += 1
+    return max(best, run)
+
+
+def _union_width(node: dict) -> int:
+    """The node's own object width plus its union branches' (nested unions included)."""
+    width, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        width += _object_width(current)
+        for key in _UNIONS:
+            branches = current.get(key)
+            if isinstance(branches, list):
+                stack.extend(branch for branch in branches if isinstance(branch, dict))
+    return width
 
 
 def compile_grammar(kind: str, spec: Any) -> str:

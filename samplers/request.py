@@ -13,17 +13,30 @@ Exactly one of ``regex``, ``json_schema``, ``lark``. ``max_checks`` bounds the c
 builds its matcher against the tokenizer, and that time grows faster than the grammar (measured with
 SmolLM2's 49k vocabulary, JSON schemas of N optional integer properties: 1,000 -> 26k characters, 0.1-0.2 s;
 2,400 -> 64k, 0.5-0.8 s; 10,000 -> 269k, 34-49 s). The engine compiles off its step and waits a bounded
-time for it (``pending``); this bound keeps every admitted compile well inside that wait.
+time for it (``pending``); this bound keeps every admitted compile well inside that wait. A JSON schema
+may also offer at most ``grammar.MAX_KEY_WIDTH`` (2,998) property names at one key position (e.g. an
+object of that many optional properties): past that llguidance's parser gives up at that key, during
+generation, so admission refuses it (HTTP 400) instead.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import llguidance
 
-from afterburner.samplers.grammar import GRAMMAR_KINDS, GrammarError, compile_grammar, one_line, parser_limits
+from afterburner.samplers.grammar import (
+    GRAMMAR_KINDS,
+    MAX_ITEMS_IN_ROW,
+    MAX_KEY_WIDTH,
+    GrammarError,
+    compile_grammar,
+    key_position_width,
+    one_line,
+    parser_limits,
+)
 
 REQUEST_KEY = "awrs"
 MAX_GRAMMAR_CHARS = 65_536
@@ -69,7 +82,19 @@ def parse_request(extra_args: Mapping[str, Any] | None, *, check: bool = True) -
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"{REQUEST_KEY}.{kinds[0]} is too large: {len(grammar):,} characters compiled, at most "
                            f"{MAX_GRAMMAR_CHARS:,} (matcher construction would stall the engine)")
+    if kinds[0] == "json_schema":
+        _check_key_width(args["json_schema"])
     error = llguidance.LLMatcher.validate_grammar(grammar, limits=parser_limits()) if check else ""
     if error and not error.startswith("WARNING"):
         raise GrammarError(f"{REQUEST_KEY}.{kinds[0]} is malformed: {one_line(error)}")
     return ConstraintRequest(kinds[0], grammar, max_checks)
+
+
+def _check_key_width(spec: Any) -> None:
+    """Refuse a schema whose widest key position llguidance's parser would give up on at generation
+    (``grammar.MAX_KEY_WIDTH``); ``spec`` compiled already, so it is a dict or valid JSON text."""
+    width = key_position_width(json.loads(spec) if isinstance(spec, str) else spec)
+    if width > MAX_KEY_WIDTH:
+        raise GrammarError(f"{REQUEST_KEY}.json_schema offers {width:,} property names at one key position (e.g. an "
+                           f"object of that many optional properties); at most {MAX_KEY_WIDTH:,}: llguidance's "
+                           f"parser gives up past {MAX_ITEMS_IN_ROW:,} items in a row, about 4 per name")

@@ -12,6 +12,7 @@ import pytest
 from engine_args import PROMPTS
 
 from afterburner.plugins import report
+from afterburner.samplers import pending
 from afterburner.samplers.grammar import GrammarError
 from afterburner.samplers.smc import RewardError
 
@@ -46,6 +47,8 @@ REFUSED = [
     ("schema nested 100k deep", {"awrs_json_schema": "[" * 100_000}, "nested too deeply"),
     ("schema false", {"awrs": {"json_schema": False}}, "Unsatisfiable schema"),
     ("max_checks beyond int64", {"awrs_regex": "a", "awrs_max_checks": 10**30}, "extra_args integers must be"),
+    ("3,500 optional properties (llguidance would give up at the first key)", {"awrs_json_schema": json.dumps(
+        {"type": "object", "properties": {f"k{i}": {} for i in range(3500)}})}, "offers 3,500 property names"),
 ]
 
 
@@ -79,7 +82,10 @@ ADMITTED = [
 
 
 @pytest.mark.parametrize("args, finish, check", [c[1:] for c in ADMITTED], ids=[c[0] for c in ADMITTED])
-def test_an_adversarial_constraint_ends_alone_beside_a_plain_request(llm, plain, args, finish, check):
+def test_an_adversarial_constraint_ends_alone_beside_a_plain_request(llm, plain, args, finish, check, monkeypatch):
+    # What the constraint does, not the compile bound (test_awrs_compile_vllm.py): 2,400 properties compile
+    # in ~1 s, past the 2 s bound when the shared machine is busy (seen once in four runs)
+    monkeypatch.setattr(pending, "COMPILE_TIMEOUT_S", 60.0)
     before = len(report.events())
     bad, beside = _generate(llm, [PROMPTS[0], PROMPTS[1]], [_params(max_tokens=16, extra_args=args), _params()])
     assert list(beside.token_ids) == plain, "the request beside it decodes as alone"

@@ -91,6 +91,8 @@ BAD_REQUESTS = [
     ("schema that is not JSON", {"vllm_xargs": {"awrs_json_schema": "{nope"}}, 400),
     ("huge schema", {"vllm_xargs": {"awrs_json_schema": json.dumps(
         {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(10_000)}})}}, 400),
+    ("schema of 3,500 optional properties", {"vllm_xargs": {"awrs_json_schema": json.dumps(
+        {"type": "object", "properties": {f"k{i}": {} for i in range(3500)}})}}, 400),
     ("two constraint kinds", {"vllm_xargs": {"awrs_regex": "a", "awrs_lark": "start: \"b\""}}, 400),
     ("unknown awrs key", {"vllm_xargs": {"awrs_regexp": "a"}}, 400),
     ("max_checks of the wrong type", {"vllm_xargs": {"awrs_regex": "a", "awrs_max_checks": "many"}}, 400),

@@ -14,7 +14,12 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from afterburner.samplers.awrs import awrs_step  # noqa: E402
 from afterburner.samplers.constraints import allows_next  # noqa: E402
-from afterburner.samplers.grammar import GrammarConstraint, GrammarError  # noqa: E402
+from afterburner.samplers.grammar import (  # noqa: E402
+    MAX_KEY_WIDTH,
+    GrammarConstraint,
+    GrammarError,
+    key_position_width,
+)
 
 PATTERN = r"(yes|no), [0-9]{2,3} items?"
 
@@ -121,6 +126,24 @@ def test_schemas_of_many_optional_properties_generate_past_the_first_key(tokeniz
     prefix = hf.encode('{"p1', add_special_tokens=False)
     assert all(constraint.allows(prefix[:i], prefix[i]) for i in range(len(prefix)))
     assert constraint.allowed_tokens(prefix, len(hf), hf.eos_token_id).any()
+
+
+@pytest.mark.parametrize("required_every, admitted", [(0, False), (2, True)])
+def test_admission_refuses_exactly_the_key_widths_that_fail_generation(tokenizers, required_every, admitted):
+    """3,500 untyped properties: all optional fails at the first key (admission refuses it); every other one
+    required keeps each key position narrow, and it generates (admission lets it through)."""
+    hf, ll = tokenizers
+    names = [f"k{i}" for i in range(3500)]
+    schema = {"type": "object", "properties": {name: {} for name in names},
+              "required": names[::required_every] if required_every else []}
+    assert (key_position_width(schema) <= MAX_KEY_WIDTH) is admitted
+    constraint = GrammarConstraint.of("json_schema", schema, ll)
+    prefix = hf.encode('{"k', add_special_tokens=False)
+    if admitted:
+        assert all(constraint.allows(prefix[:i], prefix[i]) for i in range(len(prefix)))
+    else:
+        with pytest.raises(GrammarError, match="parser failed"):
+            all(constraint.allows(prefix[:i], prefix[i]) for i in range(len(prefix)))
 
 
 def test_a_parser_failure_is_an_error_not_an_empty_allowed_set(tokenizers):

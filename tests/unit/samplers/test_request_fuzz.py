@@ -26,6 +26,14 @@ def _dict_nested(depth: int) -> dict:
     return value
 
 
+def _properties(n: int, *, start: int = 0, required_every: int = 0) -> dict:
+    """An object of ``n`` untyped properties (short names: many fit the size bound); every
+    ``required_every``-th one required."""
+    names = [f"k{i}" for i in range(start, start + n)]
+    required = names[::required_every] if required_every else []
+    return {"type": "object", "properties": {name: {} for name in names}, "required": required}
+
+
 REFUSED = [
     ("awrs is text", {"awrs": "regex"}, "awrs must be an object"),
     ("awrs is a list", {"awrs": ["regex"]}, "awrs must be an object"),
@@ -56,6 +64,10 @@ REFUSED = [
     ("empty lark", {"awrs_lark": ""}, "Empty grammar"),
     ("lark syntax error", {"awrs_lark": "start: (("}, "Expected token"),
     ("lark undefined rule", {"awrs_lark": "start: foo"}, "unknown name"),
+    ("3,500 optional properties", {"awrs": {"json_schema": _properties(3500)}},
+     "offers 3,500 property names at one key position"),
+    ("anyOf of two objects of 1,600 optional properties", {"awrs": {"json_schema": {"anyOf": [
+        _properties(1600), _properties(1600, start=1600)]}}}, "offers 3,200 property names"),
 ]
 
 
@@ -80,6 +92,8 @@ ADMITTED = [
     ("600 optional properties", {"awrs_json_schema": json.dumps(
         {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}})}),
     ("max_checks 10**18", {"awrs_regex": "a", "awrs_max_checks": 10**18}),
+    ("3,500 properties, every other one required", {"awrs": {"json_schema": _properties(3500, required_every=2)}}),
+    ("2,998 optional properties", {"awrs": {"json_schema": _properties(2998)}}),
 ]
 
 
