@@ -20,8 +20,9 @@ GRAMMAR_KINDS = ("regex", "json_schema", "lark")
 # llguidance's parser limits (its defaults otherwise). ``max_items_in_row``: Earley items one parser row may
 # hold (default 2,000). A JSON object of N optional properties puts about 4N items in the row right after
 # ``{"`` (measured: 600 -> 2,407, 1,500 -> 6,007, 2,400 -> 9,607), and admission's size bound
-# (``request.MAX_GRAMMAR_CHARS``) admits about 2,400 of them (63,759 characters): 12,000 lets every admitted
-# schema of that kind generate instead of failing after ``{"``. The cost is paid in that row only (SmolLM2,
+# (``request.MAX_GRAMMAR_CHARS``) admits about 2,400 integer-typed ones (63,759 characters): 12,000 lets them
+# generate instead of failing after ``{"``; wider key positions (e.g. thousands of untyped properties, which
+# fit the size bound) are refused at admission (``MAX_KEY_WIDTH``). The cost is paid in that row only (SmolLM2,
 # 2,400 properties: the key's first tokens 0.04-0.2 s once, later checks and full masks under 4 ms).
 # ``verbose_errors`` off: an error is its reason, without a dump of the parser's state.
 MAX_ITEMS_IN_ROW = 12_000
