@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from afterburner.attention_backends.local_linear.model import LAMBDA_KEY
 from afterburner.attention_backends.registry import OUTPUT_METHODS, make_output
 from afterburner.patches import vllm_tree_speculation as tree_patches
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
@@ -25,9 +26,14 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
     if config.enabled and config.attention.method == "sparse" and block_size and block_size % page_size:
         raise ConfigError(f"afterburner.attention.sparse.page_size: {page_size} does not divide the KV block size "
                           f"{block_size} (--block-size); pick a divisor such as 16 or 8")
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    trained_lla = getattr(hf_config, LAMBDA_KEY, None) is not None
+    if config.enabled and trained_lla and config.attention.method != "local_linear":
+        raise ConfigError(f"this model was trained with local-linear attention (its config.json has {LAMBDA_KEY}); "
+                          "serve it with --additional-config '{\"afterburner\": {\"attention\": {\"method\": "
+                          f"\"local_linear\"}}}}}}' (afterburner.attention.method is {config.attention.method!r})")
     if config.enabled and config.attention.method in OUTPUT_METHODS:  # the model's own settings (its lambda)
         method = config.attention.method
-        hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
         try:
             make_output(method, getattr(config.attention, method), model_config=hf_config)
         except ValueError as error:
