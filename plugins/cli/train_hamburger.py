@@ -3,7 +3,7 @@ self-distillation on CPU (spec_decode/hamburger/train.py).
 
     afterburner train hamburger --base DIR --data FILE [FILE ...] --out DIR [--feature-layers 8,16,24,28]
         [--layers 1] [--micro-steps 4] [--seq-len 256] [--max-tokens N] [--epochs E | --steps N] [--lr LR]
-        [--batch-size POSITIONS] [--stop-weight W] [--seed S] [--threads T] [--resume]
+        [--batch-size POSITIONS] [--stop-weight W] [--residual-init] [--seed S] [--threads T] [--resume]
 
 Data as ``afterburner train medusa`` (.txt documents, .jsonl "text" or chat "messages"; chat trains on the
 assistant turns). --out receives config.json + model.safetensors (the drafter only; the base's embedding
@@ -52,6 +52,9 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default 3e-3)")
     p.add_argument("--batch-size", type=int, default=128, help="positions per step (default 128)")
     p.add_argument("--stop-weight", type=float, default=1.0, help="weight of the stop head's loss")
+    p.add_argument("--residual-init", action="store_true",
+                   help="start at the logit lens of the last feature layer (fc_in copies it, layers start as "
+                        "the identity), as Medusa heads start at the identity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=float, default=0.05, help="share of data held out for the numbers")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -85,6 +88,7 @@ def _train(args: argparse.Namespace) -> int:
         TrainConfig,
         base_norm_init,
         drafter_config_for,
+        residual_init,
         train_drafter,
     )
     from afterburner.spec_decode.medusa import distill_data
@@ -111,6 +115,8 @@ def _train(args: argparse.Namespace) -> int:
     lm_head = model.get_output_embeddings().weight.detach().float().clone()
     softcap = distill_data.logit_softcap(model)
     init = base_norm_init(model, drafter_config)
+    if args.residual_init:
+        init = residual_init(drafter_config, init, seed=args.seed)
     del model  # the drafter only needs the embedding and the lm_head from here on
     result = train_drafter(base, embed, lm_head, drafter_config=drafter_config, config=config, work_dir=work,
                            resume=args.resume, softcap=softcap, init=init)

@@ -110,6 +110,29 @@ def base_norm_init(model, drafter_config: DrafterConfig) -> dict[str, torch.Tens
     return {name: weight.detach().float().clone() for name, weight in init.items()}
 
 
+def residual_init(drafter_config: DrafterConfig, init: dict[str, torch.Tensor], *, seed: int = 0,
+                  scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """``init`` plus a start at the logit lens of the last feature layer (as Medusa heads start at the
+    identity on the final hidden state): fc_in copies the last feature (its norm plain, weights 1) and
+    mixes in the rest at ``scale`` x the default init, the decoder layers' output projections start at 0
+    (each layer the identity), so at step 0 the drafter's logits are the LM head on the base's residual
+    stream at that layer, position t. Needs the drafter as wide as the base."""
+    c = drafter_config
+    if c.hidden_size != c.base_hidden_size:
+        raise TrainError("residual init needs a drafter as wide as the base (hidden_size == base_hidden_size)")
+    inputs = (len(c.feature_layers) + 1) * c.base_hidden_size
+    g = torch.Generator().manual_seed(seed)
+    fc_in = torch.randn(c.hidden_size, inputs, generator=g) * (scale / inputs ** 0.5)
+    last = (len(c.feature_layers) - 1) * c.base_hidden_size
+    fc_in[:, last:last + c.base_hidden_size] += torch.eye(c.hidden_size)
+    out = {**init, "fc_in.weight": fc_in,
+           f"feature_norms.{len(c.feature_layers) - 1}.weight": torch.ones(c.hidden_size)}
+    for i in range(c.num_layers):
+        out[f"layers.{i}.o_proj.weight"] = torch.zeros(c.hidden_size, c.num_heads * c.head_dim)
+        out[f"layers.{i}.down_proj.weight"] = torch.zeros(c.hidden_size, c.intermediate_size)
+    return out
+
+
 def micro_step_loss(drafter: MicroStepDrafter, base: BasePass, pos: torch.Tensor, lm_head: torch.Tensor,
                     softcap: float | None = None) -> dict[str, torch.Tensor]:
     """Losses and per-micro-step outcomes at positions ``pos`` [P]: kl [T] (mean over P), bce (scalar),
@@ -200,7 +223,7 @@ def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *,
         drafter.load_state_dict(init, strict=False)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
     identity = {"config": {**asdict(config), "save_every": None}, "drafter": drafter_config.to_dict(),
-                "key": base.key}
+                "key": base.key, "init": sorted(init or {})}
     step, resumed_from, before = 0, None, None
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=False)

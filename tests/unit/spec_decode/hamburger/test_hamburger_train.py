@@ -11,13 +11,14 @@ import torch
 from afterburner.plugins.cli import main
 from afterburner.plugins.lm_eval.text import local_sentences
 from afterburner.spec_decode.hamburger.checkpoint import load_drafter
-from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
+from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
 from afterburner.spec_decode.hamburger.train import (
     TrainConfig,
     base_norm_init,
     drafter_config_for,
     evaluate,
     micro_step_loss,
+    residual_init,
     roc_auc,
     train_drafter,
 )
@@ -103,6 +104,20 @@ def test_norms_start_as_the_base_ones(base, tmp_path):
                           init=init, progress=False, stop_after=0)
     for name, weight in init.items():
         assert torch.equal(start.drafter.state_dict()[name], weight), name
+
+
+def test_residual_init_starts_at_the_logit_lens(base):
+    model, base, embed, lm_head = base
+    drafter_config = drafter_config_for(model.config, LAYERS)
+    init = residual_init(drafter_config, base_norm_init(model, drafter_config), scale=0.0)
+    drafter = MicroStepDrafter(drafter_config).attach_base(embed, lm_head)
+    drafter.load_state_dict(init, strict=False)
+    features, tokens = base.features[5:8], base.tokens[6:9, None].repeat(1, 3)
+    lens = model.base_model.norm(features[:, -1])[:, None] @ lm_head.T  # the final norm + head on the stream
+    with torch.no_grad():
+        torch.testing.assert_close(drafter(features, tokens)[0], lens.expand(-1, 3, -1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(TrainError, match="as wide as the base"):
+        residual_init(DrafterConfig(**{**drafter_config.to_dict(), "hidden_size": 64}), init)
 
 
 def test_roc_auc():
