@@ -18,6 +18,8 @@ import sys
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+from afterburner.plugins.devtools.worker import print_result  # noqa: E402
+
 DECODING = "The module provides " * 80  # 320 tokens: decodes beside PREFILLING's chunks, aborted then
 PREFILLING = "Return a new list of " * 130  # 780 tokens, prefilled 128 a step once DECODING decodes: aborted part-way
 NEXT = ["Open the file and read the lines " * 50, "Close the socket when done " * 60]
@@ -89,10 +91,10 @@ if __name__ == "__main__":
     at_abort = counters()
     assert llm.reset_prefix_cache(), "nothing may still hold a block"
     after, after_blocks = run(llm, NEXT, params)
-    print("RESULT " + json.dumps({
+    print_result({
         "fresh": fresh[0], "after": after[0], "fresh_logprobs": fresh[1], "after_logprobs": after[1],
         "aborted_tokens": [len(t) for t in aborted[0]],
         "reused_blocks": len(set().union(*aborted_blocks) & set().union(*after_blocks)),
         "while_aborted": {k: at_abort[k] - before_abort.get(k, 0) for k in at_abort},
         "after_counters": {k: v - at_abort.get(k, 0) for k, v in counters().items()},
-    }), flush=True)
+    })
