@@ -29,17 +29,21 @@ from afterburner.samplers.constraints import Constraint, allows_next
 NextLogits = Callable[[Sequence[Sequence[int]]], torch.Tensor]
 
 
+class SMCArgumentError(ValueError):
+    """An SMC argument out of range (its name and value in the message)."""
+
+
 class RewardError(RuntimeError):
     """The reward (``log_twist``) raised, or returned something that is not a log-weight (NaN, +inf)."""
 
 
 def check_arguments(*, n_particles: int, max_tokens: int, ess_threshold: float) -> None:
-    """``ValueError`` naming the first bad argument and its value (one line), before any work is done."""
+    """``SMCArgumentError`` naming the first bad argument and its value (one line), before any work is done."""
     for name, value in (("n_particles", n_particles), ("max_tokens", max_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"SMC needs {name} >= 1 (an integer), got {value!r}")
+            raise SMCArgumentError(f"SMC needs {name} >= 1 (an integer), got {value!r}")
     if not isinstance(ess_threshold, (int, float)) or not 0.0 <= ess_threshold <= 1.0:
-        raise ValueError(f"SMC needs 0 <= ess_threshold <= 1, got {ess_threshold!r}")
+        raise SMCArgumentError(f"SMC needs 0 <= ess_threshold <= 1, got {ess_threshold!r}")
 
 
 def _reward(log_twist: Callable[[Sequence[int]], float], tokens: list[int]) -> float:
@@ -112,7 +116,7 @@ def smc(
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> SMCResult:
     """Run SMC; ``on_step(step, live_particles, ess)`` reports progress after each step. Bad arguments are
-    a ``ValueError``, a failing reward a ``RewardError`` (both one line)."""
+    an ``SMCArgumentError`` (a ``ValueError``), a failing reward a ``RewardError`` (both one line)."""
     check_arguments(n_particles=n_particles, max_tokens=max_tokens, ess_threshold=ess_threshold)
     particles = [Particle() for _ in range(n_particles)]
     twist_of = {id(p): 0.0 for p in particles} if log_twist else {}

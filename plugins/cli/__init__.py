@@ -80,17 +80,32 @@ def _squeeze(args: argparse.Namespace) -> int:
 def _smc(args: argparse.Namespace) -> int:
     import os
 
+    from afterburner.samplers.grammar import GrammarError
+    from afterburner.samplers.request import parse_request
+    from afterburner.samplers.smc import SMCArgumentError, check_arguments
+
+    kinds = {"regex": args.regex, "json_schema": args.json_schema, "lark": args.lark}
+    constraint = {kind: value for kind, value in kinds.items() if value is not None}
+    try:  # bad arguments: one line before the engine starts (and once it knows max_model_len)
+        check_arguments(n_particles=args.particles, max_tokens=args.max_tokens, ess_threshold=args.ess_threshold)
+        parse_request({"awrs": constraint})
+    except (SMCArgumentError, GrammarError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
     from afterburner.plugins.vllm.smc import constrained_smc
 
-    kinds = {"regex": args.regex, "json_schema": args.json_schema, "lark": args.lark}
-    constraint = {kind: value for kind, value in kinds.items() if value is not None}
     llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
               enable_prefix_caching=True, max_logprobs=-1, distributed_executor_backend="uni", seed=args.seed)
-    samples, result = constrained_smc(llm, args.prompt, constraint, n_particles=args.particles,
-                                      max_tokens=args.max_tokens, ess_threshold=args.ess_threshold, seed=args.seed)
+    try:
+        samples, result = constrained_smc(llm, args.prompt, constraint, n_particles=args.particles,
+                                          max_tokens=args.max_tokens, ess_threshold=args.ess_threshold,
+                                          seed=args.seed)
+    except SMCArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"log_normalizer": result.log_normalizer, "checks": result.checks,
                           "resamples": result.resamples, "samples": [s.__dict__ for s in samples]}))

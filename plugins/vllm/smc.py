@@ -23,7 +23,7 @@ import torch
 from afterburner.samplers.constraints import Constraint
 from afterburner.samplers.grammar import GrammarConstraint
 from afterburner.samplers.request import parse_request
-from afterburner.samplers.smc import SMCResult, check_arguments, smc
+from afterburner.samplers.smc import SMCArgumentError, SMCResult, check_arguments, smc
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def constrained_smc(
     """Samples of ``prompt``'s continuation under ``constraint`` (``{"regex": ...}``, ``{"json_schema": ...}``,
     ``{"lark": ...}``, or any ``Constraint`` object such as a ``TextPredicate``), properly weighted for the
     model restricted to the constraint (times exp(log_twist) when given: particle filtering with a reward,
-    e.g. ``judge_log_twist``). Returns the samples, best first. Bad arguments are one ``ValueError`` line
-    (a constraint's: ``GrammarError``) before the engine runs anything; a failing reward is a
+    e.g. ``judge_log_twist``). Returns the samples, best first. Bad arguments are one ``SMCArgumentError``
+    line (a constraint's: ``GrammarError``; both ``ValueError``) before the engine runs anything; a failing reward is a
     ``samplers.smc.RewardError``; the engine keeps serving after either."""
     check_arguments(n_particles=n_particles, max_tokens=max_tokens, ess_threshold=ess_threshold)
     tokenizer = llm.get_tokenizer()
@@ -104,7 +104,7 @@ def constrained_smc(
     # each step asks for one token after prompt + particle: the particle may grow to max_model_len - prompt - 1
     room = model_config.max_model_len - len(prompt_ids) - 1
     if max_tokens > room:
-        raise ValueError(f"SMC max_tokens {max_tokens} does not fit the engine: max_model_len "
+        raise SMCArgumentError(f"SMC max_tokens {max_tokens} does not fit the engine: max_model_len "
                          f"{model_config.max_model_len} leaves {max(room, 0)} tokens after this prompt's "
                          f"{len(prompt_ids)}")
     if isinstance(constraint, dict):
