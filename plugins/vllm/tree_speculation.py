@@ -179,6 +179,27 @@ def on_rejection_sample(output, self, metadata, draft_probs, logits, sampling_me
         step.accepted[row] = acceptance.accepted_nodes(tree, result).tolist()
         stats.SPECULATION.request_steps += 1
         stats.SPECULATION.accepted_drafts += result.length
+        if output.logprobs_tensors is not None:
+            _path_logprobs(self, output.logprobs_tensors, logits, row, sampled.shape[1],
+                           [ends[row] - size + node for node in step.accepted[row]], result.tokens)
+
+
+def _path_logprobs(sampler, tensors, logits: torch.Tensor, row: int, width: int, positions: list[int],
+                   tokens: list[int]) -> None:
+    """vLLM computed the row's log-probs at its chain's positions for its own tokens; a tree's accepted
+    path has other nodes and tokens: token j was drawn from node ``positions[j]``'s logits (``logits``:
+    the step's raw logits, [positions, V]). Rewritten in place (rows ``row * width + j`` of vLLM's
+    flattened [num_reqs, width] layout). Processed-logprob modes keep vLLM's values."""
+    if sampler.is_processed_logprobs_mode:
+        return
+    raw = logits[positions].float()
+    values = raw if sampler.is_logits_logprobs_mode else sampler.sampler.compute_logprobs(raw)
+    gathered = sampler.sampler.gather_logprobs(values, tensors.logprob_token_ids.shape[1] - 1,
+                                               torch.tensor(tokens, dtype=torch.int64))
+    flat = row * width + torch.arange(len(tokens))
+    tensors.logprob_token_ids[flat] = gathered.logprob_token_ids.to(tensors.logprob_token_ids.dtype)
+    tensors.logprobs[flat] = gathered.logprobs.to(tensors.logprobs.dtype)
+    tensors.selected_token_ranks[flat] = gathered.selected_token_ranks.to(tensors.selected_token_ranks.dtype)
 
 
 def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,

@@ -69,6 +69,9 @@ def test_aborted_medusa_tree_state_is_not_reused(tiny_model, echo_heads):
     assert tree["while_aborted"]["accepted_drafts"] > 0, "the aborted request was verifying trees"
     assert tree["after_counters"]["accepted_drafts"] > 0
     assert tree["after"] == stock["after"] == stock["fresh"]
+    # the log-probs of the tree's accepted path are the stock ones (vLLM's own are of its chain's positions)
+    for with_tree, without in zip(tree["fresh_logprobs"], stock["fresh_logprobs"], strict=True):
+        assert with_tree == pytest.approx(without, abs=1e-4)
 
 
 # As in scripts/abort_reuse.py: NEXT recompute into the blocks the two dropped streams held

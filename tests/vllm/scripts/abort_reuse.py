@@ -75,8 +75,7 @@ if __name__ == "__main__":
               distributed_executor_backend="uni", enable_prefix_caching=True, enable_chunked_prefill=True,
               max_num_batched_tokens=128, max_num_seqs=4, num_gpu_blocks_override=40, speculative_config=spec,
               additional_config={"afterburner": config})
-    # No log-probs with a token tree: vLLM computes them at its chain's positions, not the accepted path's
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=None if spec else 0)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
     method = config.get("attention", {}).get("method", "dense")
 
     def counters() -> dict:
