@@ -66,7 +66,7 @@ medusa-heads:
 
 HAMBURGER_DIR = $(AFTERBURNER_CACHE)/hamburger
 HAMBURGER_CORPUS_ARGS ?= --prompts 160 --max-tokens 128
-HAMBURGER_TRAIN_ARGS ?= --feature-layers 8,16,24,28 --layers 1 --epochs 2 --threads 1
+HAMBURGER_TRAIN_ARGS ?= --feature-layers 8,16,24,28 --layers 1 --epochs 2 --residual-init --threads 1
 hamburger-drafter:
 	$(VLLM_VENV)/bin/afterburner models smollm2
 	$(VLLM_VENV)/bin/python scripts/medusa_corpus.py --model $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
