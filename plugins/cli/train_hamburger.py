@@ -126,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         "holdout_positions": result.holdout_positions, "steps": result.step, "seq_len": args.seq_len,
         "max_tokens": args.max_tokens, "config": config.__dict__, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "train_seconds": round(result.seconds, 1),
+        "init": "residual" if args.residual_init else "base norms", "argv": sys.argv[1:],
         "holdout": result.after, "holdout_untrained": result.before,
     }
     save_drafter(args.out, result.drafter, provenance=provenance)
