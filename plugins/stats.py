@@ -40,6 +40,7 @@ class SelectiveAttentionStats:
     kv_bytes_read: int = 0
     summary_bytes_read: int = 0
     selective_rows: int = 0
+    selective_verify_rows: int = 0  # of which speculative verification rows (drafts + 1 queries, one choice)
     dense_decode_rows: int = 0
     dense_short_rows: int = 0
     dense_full_budget_rows: int = 0

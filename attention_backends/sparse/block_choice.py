@@ -53,11 +53,13 @@ def block_scores(query: torch.Tensor, bounds: torch.Tensor, block_table: torch.T
 
 
 def choose_blocks(scores: torch.Tensor, n_blocks: torch.Tensor, budgets: torch.Tensor, *, k: int, sink: int,
-                  recent: int) -> torch.Tensor:
+                  recent: int | torch.Tensor) -> torch.Tensor:
     """scores [B, Hkv, MB] -> [B, Hkv, k] chosen logical blocks, ascending, ``budgets[b]`` of them valid.
-    Sinks and recents are always chosen (``budgets`` must cover them and not exceed ``n_blocks``)."""
+    Sinks and recents are always chosen (``budgets`` must cover them and not exceed ``n_blocks``);
+    ``recent``: one count, or one per sequence [B] (a verification row also needs its queries' blocks)."""
     index = torch.arange(scores.shape[-1])
     valid = index < n_blocks[:, None]
+    recent = recent[:, None] if isinstance(recent, torch.Tensor) else recent
     forced = valid & ((index < sink) | (index >= n_blocks[:, None] - recent))
     ranked = scores.masked_fill(~valid[:, None], -math.inf).masked_fill(forced[:, None], math.inf)
     top = ranked.topk(k, dim=-1).indices

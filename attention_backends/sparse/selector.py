@@ -59,16 +59,20 @@ class QuestSelector:
                                              block_size=block_size)
 
     def select_blocks(self, layer: int, query: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                      budgets: torch.Tensor, *, block_size: int, k: int, max_blocks: int) -> torch.Tensor:
+                      budgets: torch.Tensor, *, block_size: int, k: int, max_blocks: int,
+                      min_recent: torch.Tensor | None = None) -> torch.Tensor:
         """A decode batch's choice in kernel blocks (``block_choice``): [B, Hkv, k] logical blocks,
         ascending, ``budgets[b]`` valid. ``k`` = max(budgets) and ``max_blocks`` = the longest sequence's
-        blocks come from the step's plan (no host sync here)."""
+        blocks come from the step's plan (no host sync here). ``min_recent`` [B]: last blocks each sequence
+        must read whatever the settings say (the blocks a verification row's queries sit in)."""
         scores = block_choice.block_scores(query, self.bounds(layer), block_table, seq_lens, block_size=block_size,
                                            page_size=self.layout.page_size, max_blocks=max_blocks)
         n_blocks = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
         sink, recent = block_choice.block_units(sink_pages=self.settings.sink_pages,
                                                 recent_pages=self.settings.recent_pages,
                                                 page_size=self.layout.page_size, block_size=block_size)
+        if min_recent is not None:
+            recent = min_recent.clamp(min=recent)
         return block_choice.choose_blocks(scores, n_blocks, budgets, k=k, sink=sink, recent=recent)
 
     def select_page_ids(self, layer: int, query: torch.Tensor, block_table: torch.Tensor,

@@ -92,6 +92,7 @@ def count_plan(method: LayerMethod, selector: KVSelector, counts, *, mixed: bool
     totals = stats.attention(method.name)
     totals.forward_calls += 1
     totals.selective_rows += counts.rows
+    totals.selective_verify_rows += counts.verify_rows
     _add_dense(totals, counts.dense_rows)
     totals.mixed_decode_rows += counts.rows if mixed else 0
     totals.tokens_in_context += counts.tokens_in_context

@@ -28,22 +28,20 @@ vLLM refuses custom logits processors when speculative decoding is on.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from afterburner.plugins import report
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import is_active
+from afterburner.plugins.vllm.awrs_rows import draw, make_compiler, start_state
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.grammar import GrammarError
-from afterburner.samplers.pending import Compiler, PendingState
+from afterburner.samplers.pending import PendingState
 from afterburner.samplers.request import parse_request
-from afterburner.samplers.request_state import FailedState, RequestState, failed, force_token, load_tokenizer
+from afterburner.samplers.request_state import FailedState, RequestState, force_token
 
 logger = get_logger(__name__)  # also installs the handler for the samplers' warnings
-_GREEDY_EPS = 1e-5  # vLLM's own threshold for greedy sampling
 
 # A constrained row: its decoding state and vLLM's live list of the request's generated tokens.
 _Row = tuple[PendingState | RequestState | FailedState, list[int]]
@@ -104,34 +102,3 @@ class AWRSLogitsProcessor(LogitsProcessor):
     def _finish(self, row: _Row | None) -> None:
         if row is not None:
             report.record("awrs", **row[0].summary())
-
-
-def make_compiler(vllm_config) -> Compiler:
-    """The engine's constraint compiler (its tokenizer starts loading in the background now)."""
-    config = vllm_config.model_config
-    return Compiler(functools.partial(load_tokenizer, config.tokenizer, config.get_vocab_size(),
-                                      revision=config.tokenizer_revision, trust_remote_code=config.trust_remote_code))
-
-
-def start_state(compiler: Compiler, params) -> PendingState | None:
-    """A constrained request's state, its constraint compiling off the step; None for other requests."""
-    request = parse_request(params.extra_args, check=False)  # admission checked it; the compile checks again
-    if request is None:
-        return None
-    # vLLM's EOS for the request (set at admission); the tokenizer's only when the engine gave none
-    eos = params.eos_token_id if params.eos_token_id is not None else compiler.eos_token_id()
-    temperature = None if params.temperature < _GREEDY_EPS else params.temperature
-    return PendingState.submit(compiler, request, eos, temperature=temperature, seed=params.seed)
-
-
-def draw(state: PendingState | RequestState | FailedState, logits: torch.Tensor,
-         prefix: list[int]) -> tuple[RequestState | FailedState, int]:
-    """(the state from now on, the next token after ``prefix``): the first draw waits for the compile (up
-    to its deadline); a failing check ends this request (EOS, one warning), never the engine."""
-    if isinstance(state, PendingState):
-        state = state.resolve()
-    try:
-        return state, state.draw(logits, prefix)
-    except Exception as exc:  # noqa: BLE001
-        state = failed(state.request.kind, exc, state.eos_token_id)
-        return state, state.draw(logits, prefix)

@@ -25,7 +25,7 @@ import torch
 
 from afterburner.plugins import report, stats
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.vllm.awrs_processor import draw, make_compiler, start_state
+from afterburner.plugins.vllm.awrs_rows import draw, make_compiler, start_state
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.request import is_constrained
 from afterburner.samplers.speculative import verify_chain

@@ -62,6 +62,7 @@ class DecodeCounts:
     """One layer-step's reads, fixed by the plan (per kv head; bytes of K and V, or of page summaries)."""
 
     rows: int
+    verify_rows: int  # rows of more than one query (speculative verification)
     tokens_in_context: int
     tokens_read: int
     blocks_in_context: int
@@ -74,7 +75,11 @@ class DecodeCounts:
 
 @dataclass(frozen=True)
 class DecodePlan:
-    tokens: torch.Tensor  # [R] the selective rows' query tokens
+    tokens: torch.Tensor  # [R] the selective rows' first query tokens (what the selection scores with)
+    query_tokens: torch.Tensor  # [T] all their query tokens (a verification row has drafts + 1), row by row
+    virtual_token: torch.Tensor  # [T * Hkv] the query token of each virtual (row, kv head) query ...
+    virtual_head: torch.Tensor  # [T * Hkv] ... and its kv head
+    min_recent: torch.Tensor  # [R] last blocks each row must read: the blocks its queries sit in
     seq_lens: torch.Tensor  # [R] their lengths
     block_table: torch.Tensor  # [R, MB]
     budgets: torch.Tensor  # [R] blocks each reads
@@ -88,15 +93,20 @@ class DecodePlan:
     counts: DecodeCounts
 
 
-def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
-              page_size: int) -> tuple[DecodePlan | None, DenseRows]:
+def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, page_size: int,
+              max_query_len: int = 1) -> tuple[DecodePlan | None, DenseRows]:
     """(the step's plan, or None when no row decodes selectively; the step's decode rows that read
-    everything). ``budgets_of(seq_lens) -> blocks``."""
+    everything). ``budgets_of(seq_lens) -> blocks``. ``max_query_len``: rows of up to this many queries
+    are decode rows (1 + the drafts of a speculative engine: its verification rows, whose queries share
+    one selection, made with the first one's; the kernel keeps them causal, as their blocks come last)."""
     starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
     num_rows, bs, hkv = len(seq_lens), shape.block_size, shape.num_kv_heads
-    decode = [b for b in range(num_rows) if starts[b + 1] - starts[b] == 1]
+    queries = [starts[b + 1] - starts[b] for b in range(num_rows)]
+    decode = [b for b in range(num_rows) if 1 <= queries[b] <= max_query_len]
     long_rows = [b for b in decode if seq_lens[b] >= dense_below]
-    budgets = budgets_of([seq_lens[b] for b in long_rows])
+    span = {b: (seq_lens[b] - 1) // bs - (seq_lens[b] - queries[b]) // bs + 1 for b in long_rows}
+    budgets = [budget + span[b] - 1 for b, budget in zip(long_rows, budgets_of([seq_lens[b] for b in long_rows]),
+                                                          strict=True)]
     chosen = [(b, budget) for b, budget in zip(long_rows, budgets, strict=True) if budget < -(-seq_lens[b] // bs)]
     dense = DenseRows(short=len(decode) - len(long_rows), full_budget=len(long_rows) - len(chosen))
     if not chosen:
@@ -105,19 +115,27 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int,
     budget_list = [budget for _, budget in chosen]
     lens = [seq_lens[b] for b in rows]
     short = [(budget - 1) * bs + n - (-(-n // bs) - 1) * bs for budget, n in zip(budget_list, lens, strict=True)]
-    virtual_lens = torch.tensor(short, dtype=torch.int32).repeat_interleave(hkv)
-    virtual_start = torch.arange(virtual_lens.shape[0] + 1, dtype=torch.int32)
     index = torch.tensor(rows)
     max_blocks = max(-(-n // bs) for n in lens)
+    query_tokens = [t for b in rows for t in range(starts[b], starts[b + 1])]
+    virtual_lens = torch.tensor(short, dtype=torch.int32).repeat_interleave(hkv)
+    per_virtual = torch.tensor([queries[b] for b in rows]).repeat_interleave(hkv)  # queries of each (row, head)
+    virtual_start = torch.zeros(per_virtual.shape[0] + 1, dtype=torch.int32)
+    virtual_start[1:] = per_virtual.cumsum(0)
+    virtual_token = torch.tensor([t for b in rows for _ in range(hkv) for t in range(starts[b], starts[b + 1])])
+    virtual_head = torch.tensor([h for b in rows for h in range(hkv) for _ in range(queries[b])])
     per_block, row_bytes = bs // page_size, shape.head_dim * 2 * _itemsize(shape.dtype)
     counts = DecodeCounts(
-        rows=len(rows), tokens_in_context=sum(lens) * hkv, tokens_read=sum(short) * hkv,
+        rows=len(rows), verify_rows=sum(queries[b] > 1 for b in rows), tokens_in_context=sum(lens) * hkv,
+        tokens_read=sum(short) * hkv,
         blocks_in_context=sum(-(-n // bs) for n in lens) * hkv, blocks_read=sum(budget_list) * hkv,
         kv_bytes_dense=sum(lens) * hkv * row_bytes, kv_bytes_read=sum(short) * hkv * row_bytes,
         summary_bytes_read=len(rows) * max_blocks * per_block * hkv * shape.head_dim * 2 * 4,
         dense_rows=dense)
     return DecodePlan(
-        tokens=metadata.query_start_loc[index].long(), seq_lens=metadata.seq_lens[index],
+        tokens=metadata.query_start_loc[index].long(), query_tokens=torch.tensor(query_tokens),
+        virtual_token=virtual_token, virtual_head=virtual_head,
+        min_recent=torch.tensor([span[b] for b in rows]), seq_lens=metadata.seq_lens[index],
         block_table=metadata.block_table[index, :max_blocks], budgets=torch.tensor(budget_list),
         k=max(budget_list), max_blocks=max_blocks, virtual_start=virtual_start, virtual_lens=virtual_lens,
         virtual_schedule=shape.schedule(virtual_lens, virtual_start, heads=shape.num_heads // hkv, kv_heads=1),
@@ -163,14 +181,19 @@ def virtual_table(plan: DecodePlan, chosen: torch.Tensor, num_kv_heads: int) -> 
 
 def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, *,
            scale: float) -> torch.Tensor:
-    """The selective rows' attention [R, Hq, D] from the kernel over their compacted tables."""
-    rows, num_heads, head_dim = plan.tokens.shape[0], query.shape[1], query.shape[2]
+    """The selective rows' attention [T, Hq, D] (their queries ``plan.query_tokens``, in order) from the
+    kernel over their compacted tables: virtual sequence (row, kv head) holds the row's queries for the
+    head's group."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
-    q = query[plan.tokens].reshape(rows * num_kv_heads, num_heads // num_kv_heads, head_dim)
+    grouped = query.view(query.shape[0], num_kv_heads, num_heads // num_kv_heads, head_dim)
+    q = grouped[plan.virtual_token, plan.virtual_head]  # [T * Hkv, G, D]
     out = torch.empty_like(q)
     key_cache, value_cache = one_head_blocks(kv_cache)
     ops.cpu_attention_with_kv_cache(
         query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=plan.virtual_start,
         seq_lens=plan.virtual_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
         block_table=table, softcap=0, scheduler_metadata=plan.virtual_schedule, s_aux=None)
-    return out.view(rows, num_heads, head_dim)
+    result = torch.empty_like(grouped)
+    result[plan.virtual_token, plan.virtual_head] = out
+    return result[plan.query_tokens].view(-1, num_heads, head_dim)

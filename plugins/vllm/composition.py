@@ -2,10 +2,12 @@
 not work yet is refused with one line naming the pair, at startup or for the request that asks for it;
 it is never served silently without one of its methods.
 
+Sparse attention reading whole blocks (``read_unit: "block"``) selects inside chain verification steps
+too (``compact_decode``: one choice per sequence, made with its first query, shared by its draft rows).
 Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
-- a selective attention method (sparse, squeezed) with speculative decoding: every decode step of such an
-  engine is a verification step, whose rows read the whole KV cache (selection inside verification steps
-  is not built);
+- other selective attention (squeezed; sparse with ``read_unit: "page"``) with speculative decoding, and
+  sparse with a Medusa tree: every decode step of such an engine is a verification step, whose rows would
+  read the whole KV cache;
 - local-linear attention with a token tree (Medusa, ``speculative.tree`` other than "chain"): tree
   verification runs softmax attention. Chains are verified like prefill chunks, by the method itself.
 AWRS with speculative decoding: vLLM runs no logits processors there, so afterburner verifies the
@@ -33,13 +35,26 @@ def check_engine(vllm_config: Any) -> None:
     if not config.enabled or method is None:
         return
     attention = config.attention.method
-    if attention in SELECTIVE_METHODS:
-        raise ConfigError(f"afterburner.attention.method {attention!r} with speculative decoding ({method!r}) is "
-                          "not supported yet: its verification steps would read the whole KV cache; use one of them")
     tree = config.speculative.tree
+    reason = _selective_refusal(config, method, tree) if attention in SELECTIVE_METHODS else None
+    if reason:
+        raise ConfigError(f"afterburner.attention.method {attention!r} with speculative decoding ({method!r}) is "
+                          f"not supported yet: {reason}")
     if attention in OUTPUT_METHODS and method == "medusa" and tree != "chain":
         raise ConfigError(f"afterburner.attention.method {attention!r} with a Medusa token tree (speculative.tree "
                           f"{tree!r}): tree verification runs softmax attention; set speculative.tree to \"chain\"")
+
+
+def _selective_refusal(config, method: str, tree) -> str | None:
+    """Why selective attention cannot serve this proposer's verification steps (None: it can: sparse
+    reading whole blocks through vLLM's kernel, verification rows of a chain, ``compact_decode``)."""
+    if config.attention.method == "squeezed" or config.attention.sparse.read_unit != "block":
+        return ("its verification steps would read the whole KV cache (only sparse attention with "
+                "read_unit \"block\" selects inside verification steps); use one of them")
+    if method == "medusa" and tree != "chain":
+        return "a Medusa token tree is verified with tree attention, which reads the whole KV cache; set " \
+               "afterburner.speculative.tree to \"chain\""
+    return None
 
 
 def check_request(input_processor: Any, params: Any, *_args: Any, **_kwargs: Any) -> None:

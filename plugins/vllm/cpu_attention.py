@@ -104,9 +104,13 @@ def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
     def budgets_of(seq_lens: list[int]) -> list[int]:
         return kernel_budgets(settings, seq_lens, page_size=page, block_size=builder.block_size)
 
+    spec = vllm_config.speculative_config  # chain verification rows (drafts + 1 queries) decode selectively too
+    max_query_len = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+
     def plan(metadata) -> dict:
         decode_plan, dense_rows = compact_decode.plan_step(metadata, shape, budgets_of=budgets_of,
-                                                           dense_below=settings.dense_below_tokens, page_size=page)
+                                                           dense_below=settings.dense_below_tokens, page_size=page,
+                                                           max_query_len=max_query_len)
         return {"decode_plan": decode_plan, "dense_decode_rows": dense_rows}
 
     return plan
@@ -250,9 +254,10 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             output[plan.rest_tokens] = rest
         chosen = self.selector.select_blocks(layer_index, query[plan.tokens], plan.block_table, plan.seq_lens,
                                              plan.budgets, block_size=kv_cache.shape[2], k=plan.k,
-                                             max_blocks=plan.max_blocks)
+                                             max_blocks=plan.max_blocks, min_recent=plan.min_recent)
         table = compact_decode.virtual_table(plan, chosen, self.num_kv_heads)
-        output[plan.tokens] = compact_decode.decode(plan, query, kv_cache, table, scale=self.scale).to(output.dtype)
+        output[plan.query_tokens] = compact_decode.decode(plan, query, kv_cache, table,
+                                                          scale=self.scale).to(output.dtype)
         attention_method.count_plan(self.method, self.selector, plan.counts, mixed=m.max_query_len > 1)
         return output
 

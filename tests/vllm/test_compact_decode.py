@@ -121,3 +121,57 @@ def test_rows_short_or_fully_budgeted_stay_stock_and_are_counted():
     assert plan.counts.blocks_read == 8 * HKV and plan.counts.tokens_read == (7 * BS + 2000 - 62 * BS) * HKV
     assert compact_decode.plan_step(_metadata([1], [100], table[:1]), SHAPE, budgets_of=budgets_of,
                                     dense_below=200, page_size=16) == (None, compact_decode.DenseRows(short=1))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_verification_rows_share_one_choice_and_stay_causal(seed):
+    """Rows of 1 + drafts queries (a speculative engine's verification rows): one choice per row and kv
+    head, every query of the row over it, causal; a row whose queries straddle a block boundary has both
+    blocks forced (``min_recent``)."""
+    seq_lens, query_lens = [700, 1000, 643, 333], [4, 1, 5, 40]  # 643: queries at 638-642 straddle block 19/20
+    kv_cache, table = _cache(seq_lens, seed)
+    metadata = _metadata(query_lens, seq_lens, table)
+    budgets_of = lambda lens: [max(2, -(-n // BS) // 4) for n in lens]  # noqa: E731
+    plan, _ = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=64, page_size=16,
+                                       max_query_len=5)
+    assert plan.counts.rows == 3 and plan.rest_tokens.tolist() == list(range(10, 50)), "40 queries: a prefill"
+    assert plan.min_recent.tolist() == [1, 1, 2]
+    assert plan.query_tokens.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    g = torch.Generator().manual_seed(200 + seed)
+    n_blocks = [-(-n // BS) for n in plan.seq_lens.tolist()]
+    chosen = torch.zeros(plan.counts.rows, HKV, plan.k, dtype=torch.long)
+    block_mask = torch.zeros(plan.counts.rows, HKV, table.shape[1], dtype=torch.bool)
+    for r, (nb, budget, recent) in enumerate(zip(n_blocks, plan.budgets.tolist(), plan.min_recent.tolist(),
+                                                 strict=True)):
+        last = list(range(nb - recent, nb))
+        for h in range(HKV):
+            picks = sorted(torch.randperm(nb - recent, generator=g)[:budget - recent].tolist()) + last
+            chosen[r, h, :budget] = torch.tensor(picks)
+            block_mask[r, h, picks] = True
+    query = torch.randn(sum(query_lens), HKV * G, D, generator=g)
+    scale = D ** -0.5
+    got = compact_decode.decode(plan, query, kv_cache, compact_decode.virtual_table(plan, chosen, HKV), scale=scale)
+    keys, values = KV_VIEWS["vec"](kv_cache)
+    row_starts = torch.tensor([0, 4, 5, 10])
+    expected = selective_attention_reference(query[plan.query_tokens], keys, values, plan.block_table,
+                                             plan.seq_lens, row_starts, scale=scale, block_mask=block_mask)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_verification_rows_with_every_block_equal_the_stock_kernel():
+    seq_lens, query_lens = [640, 999], [3, 5]
+    kv_cache, table = _cache(seq_lens, 9)
+    metadata = _metadata(query_lens, seq_lens, table)
+    budgets_of = lambda lens: [-(-n // BS) - 2 for n in lens]  # noqa: E731 (below the length: the plan acts)
+    plan, _ = compact_decode.plan_step(metadata, SHAPE, budgets_of=budgets_of, dense_below=0, page_size=16,
+                                       max_query_len=5)
+    lens = metadata.seq_lens.repeat_interleave(HKV)
+    full_plan = compact_decode.DecodePlan(**{
+        **plan.__dict__, "budgets": torch.tensor([20, 32]), "k": 32, "virtual_lens": lens,
+        "virtual_schedule": SHAPE.schedule(lens, plan.virtual_start, heads=G, kv_heads=1)})
+    chosen = torch.arange(32).expand(2, HKV, 32).clone()
+    chosen[0, :, 20:] = 0
+    query = torch.randn(8, HKV * G, D)
+    got = compact_decode.decode(full_plan, query, kv_cache, compact_decode.virtual_table(full_plan, chosen, HKV),
+                                scale=0.125)
+    torch.testing.assert_close(got, _stock(query, kv_cache, metadata, 0.125), atol=1e-6, rtol=1e-5)

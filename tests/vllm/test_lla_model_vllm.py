@@ -62,6 +62,7 @@ def test_the_served_model_answers_as_the_trained_one(lla_model):
 def test_serving_it_with_softmax_attention_is_refused(lla_model):
     from vllm.engine.arg_utils import EngineArgs
 
-    with pytest.raises(ConfigError, match=r"was trained with local-linear attention .* \{\"method\": \"local_linear\"\}\}\}' "
-                                          r"\(afterburner\.attention\.method is 'dense'\)$"):
+    expected = (r"was trained with local-linear attention .* \{\"method\": \"local_linear\"\}\}\}' "
+                r"\(afterburner\.attention\.method is 'dense'\)$")
+    with pytest.raises(ConfigError, match=expected):
         EngineArgs(model=str(lla_model), enforce_eager=True).create_engine_config()

@@ -85,3 +85,11 @@ def test_a_block_scores_its_best_page_not_a_merged_summary():
     score = block_choice.block_scores(query, block_choice.stack_bounds(kmin, kmax), torch.tensor([[0]]),
                                       torch.tensor([2]), block_size=2, page_size=1, max_blocks=1)
     assert score.item() == pytest.approx(0.0)  # a merged [-1, 1] summary would give 2
+
+
+def test_a_per_sequence_recent_count_forces_that_many_last_blocks():
+    scores = torch.tensor([5.0, 4, 3, 2, 1, 0, -1, -2]).expand(2, 1, 8)  # the first blocks score best
+    chosen = block_choice.choose_blocks(scores, torch.tensor([8, 8]), torch.tensor([3, 3]), k=3, sink=0,
+                                        recent=torch.tensor([1, 2]))
+    assert chosen[0, 0].tolist() == [0, 1, 7]
+    assert chosen[1, 0].tolist() == [0, 6, 7]

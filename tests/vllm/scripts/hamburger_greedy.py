@@ -50,11 +50,12 @@ if __name__ == "__main__":
     # CPU generators refuse ("CPU Generator does not use offset"), with or without speculation
     params = SamplingParams(temperature=temperature, max_tokens=32, seed=None if temperature else 0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    try:  # AWRS cannot run beside speculative decoding yet: refused for that request, with one line
-        llm.generate(["x"], SamplingParams(max_tokens=4, extra_args={"awrs_regex": "(yes|no)"}), use_tqdm=False)
-        refusal = None
+    try:  # an AWRS request beside the drafter: its text, or the line that refused it
+        awrs = llm.generate(["x"], SamplingParams(max_tokens=4, extra_args={"awrs_regex": "(yes|no)"}),
+                            use_tqdm=False)[0].outputs[0].text
     except ValueError as error:
-        refusal = str(error)
+        awrs = f"refused: {error}"
     metrics = {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS}
     print_result({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "stats": stats.SPECULATION.as_dict(),
-                  "metrics": metrics, "proposals": proposals, "awrs_refusal": refusal})
+                  "sparse": stats.attention("sparse").as_dict(),
+                  "metrics": metrics, "proposals": proposals, "awrs": awrs})
