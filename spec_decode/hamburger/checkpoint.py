@@ -24,6 +24,9 @@ MARKER = "afterburner_drafter"
 FORMAT_VERSION = 1
 
 
+MODEL_TYPE = "afterburner_hamburger"  # what transformers' AutoConfig finds (SGLang reads every draft folder so)
+
+
 class CheckpointError(ValueError):
     """A drafter folder or base model that cannot be read or written; the message is one line."""
 
@@ -33,7 +36,8 @@ def save_drafter(folder: str | Path, drafter: MicroStepDrafter, *, provenance: d
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in drafter.state_dict().items()}
-    config = {MARKER: "hamburger", "format_version": FORMAT_VERSION, **drafter.config.to_dict()}
+    config = {MARKER: "hamburger", "model_type": MODEL_TYPE, "format_version": FORMAT_VERSION,
+              **drafter.config.to_dict()}
     if provenance is not None:
         config["training"] = provenance
     final = Path(folder)
@@ -63,6 +67,7 @@ def read_config(folder: str | Path) -> tuple[DrafterConfig, dict | None]:
         raise CheckpointError(f"{path} is not a hamburger drafter config (no \"{MARKER}\": \"hamburger\")")
     raw = dict(raw)
     raw.pop(MARKER)
+    raw.pop("model_type", None)  # for hosts that read the folder with transformers' AutoConfig (SGLang)
     version = raw.pop("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version}, this afterburner reads {FORMAT_VERSION}")
