@@ -21,8 +21,8 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "hamburger_train.json"
 SETTINGS = [  # (name, max drafts per step, stop threshold: None = never stop early)
-    ("fixed k=1", 1, None), ("fixed k=2", 2, None), ("fixed k=4", 4, None),
-    ("stop head, threshold 0.5", 4, 0.5), ("stop head, threshold 0.8", 4, 0.8),
+    ("fixed k=1", 1, None), ("fixed k=2", 2, None), ("fixed k=4", 4, None), ("stop head, threshold 0.2", 4, 0.2),
+    ("stop head, threshold 0.3", 4, 0.3), ("stop head, threshold 0.5", 4, 0.5), ("stop head, threshold 0.8", 4, 0.8),
 ]
 
 
