@@ -42,6 +42,7 @@ from afterburner.spec_decode.medusa.train import (
     batch_positions,
     lr_at,
     positions,
+    resume_from,
     split_chunks,
     target_logprobs,
     windows,
@@ -224,17 +225,8 @@ def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *,
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
     identity = {"config": {**asdict(config), "save_every": None}, "drafter": drafter_config.to_dict(),
                 "key": base.key, "init": sorted(init or {})}
-    step, resumed_from, before = 0, None, None
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["identity"] != identity:
-            raise TrainError(f"{ckpt_path} was made with other settings or data; drop --resume (or delete "
-                             "it) to start over")
-        drafter.load_state_dict(state["drafter"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = resumed_from = state["step"]
-        before = state["before"]
+    step, before = resume_from(ckpt_path, identity, drafter, optimizer, key="drafter") if resume else (0, None)
+    resumed_from = step or None
     if before is None:
         before = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) else {}
 

@@ -214,6 +214,23 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def resume_from(ckpt_path: Path, identity: dict, model: torch.nn.Module, optimizer, *,
+                key: str) -> tuple[int, dict | None]:
+    """Restore a checkpoint made with the same ``identity`` (settings and data) into ``model`` (saved under
+    ``key``), the optimizer and torch's RNG: (its step, its before-training evaluation); (0, None) when
+    there is none. Another identity is a ``TrainError``: a resumed run must end as an uninterrupted one."""
+    if not ckpt_path.is_file():
+        return 0, None
+    state = torch.load(ckpt_path, weights_only=False)
+    if state["identity"] != identity:
+        raise TrainError(f"{ckpt_path} was made with other settings or data; drop --resume (or delete "
+                         "it) to start over")
+    model.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["before"]
+
+
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".partial")
     torch.save(state, tmp)
@@ -245,17 +262,8 @@ def train_heads(base: BasePass, lm_head: torch.Tensor, *, config: TrainConfig, w
     heads = new_heads(config, lm_head)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
     identity = {"config": {**asdict(config), "save_every": None}, "key": base.key}
-    step, resumed_from, before = 0, None, None
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["identity"] != identity:
-            raise TrainError(f"{ckpt_path} was made with other settings or data; drop --resume (or delete "
-                             "it) to start over")
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = resumed_from = state["step"]
-        before = state["before"]
+    step, before = resume_from(ckpt_path, identity, heads, optimizer, key="heads") if resume else (0, None)
+    resumed_from = step or None
     if before is None:
         before = evaluate(heads, base, held_pos, lm_head, softcap) if len(held_pos) else {}
 
