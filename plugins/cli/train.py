@@ -54,12 +54,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from afterburner.spec_decode.medusa.checkpoint import CheckpointError
+
+    return run_training(_train_medusa, args, CheckpointError)
+
+
+def run_training(train, args: argparse.Namespace, *errors: type[Exception]) -> int:
+    """A self-distillation training command: its data, training and ``errors`` are one ``error:`` line
+    (exit 2); Ctrl-C says where it stopped (exit 130; ``--resume`` continues)."""
     from afterburner.spec_decode.medusa.distill_data import DataError
     from afterburner.spec_decode.medusa.train import TrainError
 
     try:
-        return _train_medusa(args)
-    except (CheckpointError, DataError, TrainError) as exc:
+        return train(args)
+    except (DataError, TrainError, *errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

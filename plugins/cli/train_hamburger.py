@@ -65,18 +65,10 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from afterburner.plugins.cli.train import run_training
     from afterburner.spec_decode.hamburger.checkpoint import CheckpointError
-    from afterburner.spec_decode.medusa.distill_data import DataError
-    from afterburner.spec_decode.medusa.train import TrainError
 
-    try:
-        return _train(args)
-    except (CheckpointError, DataError, TrainError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
-        return 130
+    return run_training(_train, args, CheckpointError)
 
 
 def _train(args: argparse.Namespace) -> int:
