@@ -49,9 +49,10 @@ CONFIGS = {
         ("no speculation", 0, {}, 0.0),
         ("fixed 2 drafts (stop head off)", 2, {"speculative": {"stop_threshold": 0.0}}, 0.0),
         ("fixed 4 drafts (stop head off)", 4, {"speculative": {"stop_threshold": 0.0}}, 0.0),
-        ("up to 4, learned stop", 4, {}, 0.0),
+        ("up to 4, learned stop at the drafter's threshold", 4, {}, 0.0),
+        ("up to 4, learned stop at 0.3", 4, {"speculative": {"stop_threshold": 0.3}}, 0.0),
         ("no speculation, T=0.7", 0, {}, 0.7),
-        ("up to 4, learned stop, T=0.7", 4, {}, 0.7),
+        ("up to 4, learned stop at 0.3, T=0.7", 4, {"speculative": {"stop_threshold": 0.3}}, 0.7),
     ],
 }
 
