@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -53,25 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from afterburner.plugins.cli.training import run_training
     from afterburner.spec_decode.medusa.checkpoint import CheckpointError
 
     return run_training(_train_medusa, args, CheckpointError)
-
-
-def run_training(train, args: argparse.Namespace, *errors: type[Exception]) -> int:
-    """A self-distillation training command: its data, training and ``errors`` are one ``error:`` line
-    (exit 2); Ctrl-C says where it stopped (exit 130; ``--resume`` continues)."""
-    from afterburner.spec_decode.medusa.distill_data import DataError
-    from afterburner.spec_decode.medusa.train import TrainError
-
-    try:
-        return train(args)
-    except (DataError, TrainError, *errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
-        return 130
 
 
 def _train_medusa(args: argparse.Namespace) -> int:

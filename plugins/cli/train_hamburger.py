@@ -65,7 +65,7 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afterburner.plugins.cli.train import run_training
+    from afterburner.plugins.cli.training import run_training
     from afterburner.spec_decode.hamburger.checkpoint import CheckpointError
 
     return run_training(_train, args, CheckpointError)
