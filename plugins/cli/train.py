@@ -100,18 +100,12 @@ def _summary(args, result, tokens: int, seconds: float) -> None:
     def per_head(values) -> str:
         return " ".join(f"{v:.3f}" for v in values) if values else "n/a"
 
+    from afterburner.plugins.cli.training import summary_head
+
     before, after, nan = result.before, result.after, float("nan")
-    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
     spec = json.dumps({"method": "medusa", "model": str(args.out.resolve()),
                        "num_speculative_tokens": args.heads})
-    lines = [f"[afterburner] Medusa heads -> {args.out}",
-             f"  data: {tokens} tokens ({result.train_positions} training positions, "
-             f"{result.holdout_positions} held out)",
-             f"  steps: {result.step}/{result.total_steps}{resumed}; total {seconds:.0f} s "
-             f"(training {result.seconds:.0f} s)"]
-    if result.losses:
-        last = result.losses[-10:]
-        lines.append(f"  train KL, mean of the last {len(last)} steps: {sum(last) / len(last):.3f}")
+    lines = summary_head(f"[afterburner] Medusa heads -> {args.out}", result, tokens, seconds, "KL")
     lines += [f"  held-out top-1 agreement with the base model, heads 1..{args.heads}: "
               f"{per_head(after.get('top1'))} (untrained: {per_head(before.get('top1'))})",
               f"  held-out KL per head: {per_head(after.get('kl'))} "

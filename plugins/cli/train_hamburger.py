@@ -130,17 +130,12 @@ def _summary(args, result, drafter_config, tokens: int, seconds: float) -> None:
     def fmt(values) -> str:
         return " ".join(f"{v:.3f}" for v in values) if values else "n/a"
 
+    from afterburner.plugins.cli.training import summary_head
+
     before, after, nan = result.before, result.after, float("nan")
-    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
-    lines = [f"[afterburner] hamburger drafter -> {args.out} (feature layers "
-             f"{','.join(map(str, drafter_config.feature_layers))})",
-             f"  data: {tokens} tokens ({result.train_positions} training positions, "
-             f"{result.holdout_positions} held out)",
-             f"  steps: {result.step}/{result.total_steps}{resumed}; total {seconds:.0f} s "
-             f"(training {result.seconds:.0f} s)"]
-    if result.losses:
-        last = result.losses[-10:]
-        lines.append(f"  train loss (KL + stop BCE), mean of the last {len(last)} steps: {sum(last) / len(last):.3f}")
+    layers = ",".join(map(str, drafter_config.feature_layers))
+    lines = summary_head(f"[afterburner] hamburger drafter -> {args.out} (feature layers {layers})", result, tokens,
+                         seconds, "loss (KL + stop BCE)")
     lines += [f"  held-out top-1 agreement with the base, micro-steps 1..{drafter_config.max_micro_steps}: "
               f"{fmt(after.get('top1'))} (untrained: {fmt(before.get('top1'))})",
               f"  mean run of agreeing micro-steps (accepted-length proxy, teacher-forced): "

@@ -34,12 +34,13 @@ def test_plugin_registered_through_vllms_loader(llm):
 
 
 def test_config_from_additional_config_reaches_the_worker(llm):
-    configs = {e["where"]: e["config"] for e in report.events() if e["event"] == "config"}
-    assert set(configs) == {"engine_config", "worker"}
-    for config in configs.values():
-        expected = AFTERBURNER_SECTION["attention"]["sparse"]["budget_ratio"]
-        assert config["attention"]["sparse"]["budget_ratio"] == expected
-        assert config["attention"]["sparse"]["recent_pages"] == 3
+    events = [e for e in report.events() if e["event"] == "config"]
+    assert {e["where"] for e in events} == {"engine_config", "worker"}
+    # Only the session engine has a worker in this process (other tests here build engine configs alone).
+    [worker] = [e["config"] for e in events if e["where"] == "worker"]
+    assert worker["attention"]["sparse"]["budget_ratio"] == AFTERBURNER_SECTION["attention"]["sparse"]["budget_ratio"]
+    assert worker["attention"]["sparse"]["recent_pages"] == 3
+    assert worker in [e["config"] for e in events if e["where"] == "engine_config"], "the user's process saw it too"
 
 
 def test_generates_deterministically(llm):
