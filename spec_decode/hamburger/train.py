@@ -32,15 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
-from afterburner.spec_decode.medusa.distill_data import BasePass, progress_bar
+from afterburner.spec_decode.medusa.distill_data import BasePass
 from afterburner.spec_decode.medusa.train import (
     WINDOW,
+    Checkpoint,
     TrainError,
-    _save,
     _SoftKL,
-    _StopRequest,
-    batch_positions,
-    lr_at,
+    optimize,
     positions,
     resume_from,
     split_chunks,
@@ -230,35 +228,16 @@ def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *,
     if before is None:
         before = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) else {}
 
-    def checkpoint() -> None:
-        _save(ckpt_path, {"identity": identity, "drafter": drafter.state_dict(), "step": step, "before": before,
-                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+    def step_loss(pos: torch.Tensor) -> tuple[torch.Tensor, dict[str, str]]:
+        out = micro_step_loss(drafter, base, pos, lm_head, softcap)
+        top1 = "/".join(f"{a:.2f}" for a in out["agree"].float().mean(0).tolist())
+        fields = {"kl": f"{out['kl'].mean().item():.3f}", "bce": f"{out['bce'].item():.3f}", "top1": top1}
+        return out["kl"].mean() + config.stop_weight * out["bce"], fields
 
-    losses, stop = [], _StopRequest()
-    bar = progress_bar(total=total, initial=step, unit="step", desc="hamburger drafter", disable=not progress)
     drafter.train()
-    with stop:
-        while step < total and (stop_after is None or len(losses) < stop_after):
-            pos = batch_positions(wins, step, per_step=per_step, seed=config.seed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, config)
-            out = micro_step_loss(drafter, base, pos, lm_head, softcap)
-            loss = out["kl"].mean() + config.stop_weight * out["bce"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            top1 = "/".join(f"{a:.2f}" for a in out["agree"].float().mean(0).tolist())
-            bar.set_postfix(kl=f"{out['kl'].mean().item():.3f}", bce=f"{out['bce'].item():.3f}", top1=top1,
-                            refresh=False)
-            bar.update(1)
-            if step % config.save_every == 0 or step == total or stop.requested:
-                checkpoint()
-            if stop.requested:
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted at step {step}/{total}; checkpoint saved, --resume continues")
-    bar.close()
+    step, losses = optimize(drafter, optimizer, step_loss, wins=wins, per_step=per_step, total=total, step=step,
+                            config=config, checkpoint=Checkpoint(ckpt_path, identity, "drafter", before),
+                            desc="hamburger drafter", progress=progress, stop_after=stop_after)
     drafter.eval()
     after = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) and step == total else {}
     return TrainResult(drafter, step, total, resumed_from, int(wins[:, 1].sum()), len(held_pos),

@@ -231,6 +231,52 @@ def resume_from(ckpt_path: Path, identity: dict, model: torch.nn.Module, optimiz
     return state["step"], state["before"]
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where and as what a training run saves itself (read back by ``resume_from``)."""
+
+    path: Path
+    identity: dict  # the settings and data: a resume must match them
+    key: str  # the model's state dict is saved under this name
+    before: dict  # the evaluation before training, kept for the final report
+
+    def save(self, model: torch.nn.Module, optimizer, step: int) -> None:
+        _save(self.path, {"identity": self.identity, self.key: model.state_dict(), "step": step,
+                          "before": self.before, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+
+
+def optimize(model: torch.nn.Module, optimizer, step_loss, *, wins: torch.Tensor, per_step: int, total: int,
+             step: int, config, checkpoint: Checkpoint, desc: str, progress: bool,
+             stop_after: int | None) -> tuple[int, list[float]]:
+    """The self-distillation loop every drafter trains with: from ``step`` to ``total`` (or ``stop_after``
+    steps), each on the batch of (seed, step) at the schedule's learning rate, ``step_loss(positions) ->
+    (loss, progress-bar fields)``; a checkpoint every ``save_every`` steps, at the end and on Ctrl-C (then
+    ``KeyboardInterrupt`` saying how to resume). Returns (the step reached, this run's losses)."""
+    losses, stop = [], _StopRequest()
+    bar = progress_bar(total=total, initial=step, unit="step", desc=desc, disable=not progress)
+    with stop:
+        while step < total and (stop_after is None or len(losses) < stop_after):
+            pos = batch_positions(wins, step, per_step=per_step, seed=config.seed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, config)
+            loss, fields = step_loss(pos)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            bar.set_postfix(**fields, refresh=False)
+            bar.update(1)
+            if step % config.save_every == 0 or step == total or stop.requested:
+                checkpoint.save(model, optimizer, step)
+            if stop.requested:
+                bar.close()
+                raise KeyboardInterrupt(f"interrupted at step {step}/{total}; checkpoint saved, "
+                                        "--resume continues")
+    bar.close()
+    return step, losses
+
+
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".partial")
     torch.save(state, tmp)
@@ -267,34 +313,14 @@ def train_heads(base: BasePass, lm_head: torch.Tensor, *, config: TrainConfig, w
     if before is None:
         before = evaluate(heads, base, held_pos, lm_head, softcap) if len(held_pos) else {}
 
-    def checkpoint() -> None:
-        _save(ckpt_path, {"identity": identity, "heads": heads.state_dict(), "step": step, "before": before,
-                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+    def step_loss(pos: torch.Tensor) -> tuple[torch.Tensor, dict[str, str]]:
+        kl, head_top, target_top = distill_kl(heads, base.hidden, pos, lm_head, softcap)
+        top1 = "/".join(f"{a:.2f}" for a in (head_top == target_top).float().mean(1).tolist())
+        return kl.mean(), {"kl": f"{kl.mean().item():.3f}", "top1": top1}
 
-    losses, stop = [], _StopRequest()
-    bar = progress_bar(total=total, initial=step, unit="step", desc="medusa heads", disable=not progress)
-    with stop:
-        while step < total and (stop_after is None or len(losses) < stop_after):
-            pos = batch_positions(wins, step, per_step=per_step, seed=config.seed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, config)
-            kl, head_top, target_top = distill_kl(heads, base.hidden, pos, lm_head, softcap)
-            loss = kl.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            top1 = "/".join(f"{a:.2f}" for a in (head_top == target_top).float().mean(1).tolist())
-            bar.set_postfix(kl=f"{loss.item():.3f}", top1=top1, refresh=False)
-            bar.update(1)
-            if step % config.save_every == 0 or step == total or stop.requested:
-                checkpoint()
-            if stop.requested:
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted at step {step}/{total}; checkpoint saved, "
-                                        "--resume continues")
-    bar.close()
+    step, losses = optimize(heads, optimizer, step_loss, wins=wins, per_step=per_step, total=total, step=step,
+                            config=config, checkpoint=Checkpoint(ckpt_path, identity, "heads", before),
+                            desc="medusa heads", progress=progress, stop_after=stop_after)
     after = evaluate(heads, base, held_pos, lm_head, softcap) if len(held_pos) and step == total else {}
     return TrainResult(heads, step, total, resumed_from, num_train, len(held_pos), time.time() - started,
                        losses, before, after)
