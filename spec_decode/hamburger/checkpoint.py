@@ -11,15 +11,13 @@ A drafter folder (``save_drafter`` / ``load_drafter``):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+from afterburner.spec_decode.medusa.checkpoint import WEIGHTS, write_folder
 
-WEIGHTS = "model.safetensors"
 MARKER = "afterburner_drafter"
 FORMAT_VERSION = 1
 
@@ -33,23 +31,12 @@ class CheckpointError(ValueError):
 
 def save_drafter(folder: str | Path, drafter: MicroStepDrafter, *, provenance: dict | None = None) -> Path:
     """Write ``drafter`` to ``folder`` (replaced whole: written beside it, then renamed)."""
-    from safetensors.torch import save_file
-
     tensors = {name: t.detach().cpu().contiguous() for name, t in drafter.state_dict().items()}
     config = {MARKER: "hamburger", "model_type": MODEL_TYPE, "format_version": FORMAT_VERSION,
               **drafter.config.to_dict()}
     if provenance is not None:
         config["training"] = provenance
-    final = Path(folder)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    return write_folder(folder, tensors, config)
 
 
 def read_config(folder: str | Path) -> tuple[DrafterConfig, dict | None]:

@@ -51,7 +51,6 @@ def save_heads(heads: MedusaHeads, folder: str | Path, *, base_model: str | Path
     if lm_head_weight is not None and tuple(lm_head_weight.shape) != (config.vocab_size, config.hidden_size):
         raise CheckpointError(f"save_heads: lm_head_weight has shape {tuple(lm_head_weight.shape)}, expected "
                               f"[vocab_size, hidden_size] = {[config.vocab_size, config.hidden_size]}")
-    from safetensors.torch import save_file
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in heads.state_dict().items()}
     if config.shared_lm_head:
@@ -74,12 +73,20 @@ def save_heads(heads: MedusaHeads, folder: str | Path, *, base_model: str | Path
             "training": provenance,
         },
     }
+    return write_folder(folder, tensors, hf_config)
+
+
+def write_folder(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """A drafter folder (``model.safetensors`` + ``config.json``) replaced whole: written beside it, then
+    renamed, so a reader finds the old folder or the new one, never half of one."""
+    from safetensors.torch import save_file
+
     final = Path(folder)
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
