@@ -46,13 +46,12 @@ class SpeculativeAWRS:
             report.record("awrs", **self.states.pop(req_id).summary())
         num_reqs = runner.input_batch.num_reqs
         num_drafts = spec_decode_metadata.num_draft_tokens if spec_decode_metadata is not None else [0] * num_reqs
-        drafts = spec_decode_metadata.draft_token_ids.tolist() if spec_decode_metadata is not None else []
         discard = runner.discard_request_mask.np
         sampled = output.sampled_token_ids
         first_row = first_draft = 0
         for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             n = int(num_drafts[row])
-            rows, row_drafts = slice(first_row, first_row + n + 1), drafts[first_draft:first_draft + n]
+            rows, draft_rows = slice(first_row, first_row + n + 1), slice(first_draft, first_draft + n)
             first_row, first_draft = first_row + n + 1, first_draft + n
             request = runner.requests[req_id]
             params = request.sampling_params
@@ -60,6 +59,7 @@ class SpeculativeAWRS:
                 continue
             if req_id not in self.states:
                 self.states[req_id] = start_state(self.compiler, params)
+            row_drafts = spec_decode_metadata.draft_token_ids[draft_rows].tolist() if n else []  # constrained rows only
             tokens = verify_chain(functools.partial(self._draw, req_id), logits[rows].float(),
                                   list(request.output_token_ids), row_drafts)
             sampled[row].fill_(PLACEHOLDER)
