@@ -65,8 +65,8 @@ def _timed(llm, prompts, params):
 
 def _ttft(outputs) -> float | None:
     stats = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None]
-    times = [s.first_token_ts - s.arrival_time for s in stats
-             if getattr(s, "first_token_ts", 0) and getattr(s, "arrival_time", 0)]
+    # first_token_latency: vLLM's own arrival -> first token (first_token_ts is on another clock)
+    times = [s.first_token_latency for s in stats if getattr(s, "first_token_latency", 0)]
     return sum(times) / len(times) if times else None
 
 

@@ -68,6 +68,13 @@ def choose_blocks(scores: torch.Tensor, n_blocks: torch.Tensor, budgets: torch.T
     return chosen.masked_fill(~kept, 0)
 
 
+def head_block_ids(block_table: torch.Tensor, chosen: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """chosen [B, Hkv, k] logical blocks -> [B * Hkv, k] int32 one-head block ids: physical * Hkv + h, the
+    slab of kv head h when a cache laid out [blocks, Hkv, ...] is viewed as blocks of one head."""
+    physical = torch.gather(block_table.long()[:, None, :].expand(-1, num_kv_heads, -1), 2, chosen)
+    return (physical * num_kv_heads + torch.arange(num_kv_heads)[None, :, None]).flatten(0, 1).int()
+
+
 def block_units(*, sink_pages: int, recent_pages: int, page_size: int, block_size: int) -> tuple[int, int]:
     """(sink, recent) in kernel blocks: the pages' rule rounded up, at least one recent block (it holds the
     query's own key)."""

@@ -2,17 +2,24 @@
 kept current from the step's writes, then sink + recent pages and the highest upper bounds on q.k within
 the budget (``quest.choose_pages``). Pages are the adapter's (``KVLayout.page_size``).
 
+On CPU, the summary updates and the batch's block choice run in C (``quest_native``); where that library
+cannot be built the torch path runs, said once in the log and counted (``torch_path_calls``).
+
 Shapes: summaries kmin / kmax [num_pages, Hkv, D] float32 per layer, on the layout's device.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from afterburner.attention_backends.selector import KVLayout, PrefillChunk, SequenceKV
-from afterburner.attention_backends.sparse import block_choice, quest
+from afterburner.attention_backends.sparse import block_choice, quest, quest_native
+
+logger = logging.getLogger(__name__)
 
 
 class QuestSelector:
@@ -23,6 +30,14 @@ class QuestSelector:
     def __init__(self, settings, layout: KVLayout):
         self.settings, self.layout = settings, layout
         self._summaries: dict[int, torch.Tensor] = {}  # layer -> bounds [num_pages, Hkv, 2D]
+        self._native = None
+        self._torch_calls = 0
+        if torch.device(layout.device).type == "cpu":
+            lib = quest_native.library()
+            if isinstance(lib, ctypes.CDLL):
+                self._native = lib
+            else:
+                logger.warning("afterburner: sparse selection runs its slower torch path on CPU: %s", lib)
 
     def summaries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(kmin, kmax) of one layer: views into its ``bounds`` table."""
@@ -39,6 +54,9 @@ class QuestSelector:
         return self._summaries[layer]
 
     def observe_keys(self, layer: int, keys: torch.Tensor, slots: torch.Tensor) -> None:
+        if self._native is not None:
+            quest_native.update_bounds(self._native, self.bounds(layer), keys, slots, self.layout.page_size)
+            return
         kmin, kmax = self.summaries(layer)
         quest.update_summaries(kmin, kmax, keys, slots, self.layout.page_size)
 
@@ -60,20 +78,30 @@ class QuestSelector:
 
     def select_blocks(self, layer: int, query: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                       budgets: torch.Tensor, *, block_size: int, k: int, max_blocks: int,
-                      min_recent: torch.Tensor | None = None) -> torch.Tensor:
+                      min_recent: torch.Tensor | None = None, head_ids: bool = False) -> torch.Tensor:
         """A decode batch's choice in kernel blocks (``block_choice``): [B, Hkv, k] logical blocks,
-        ascending, ``budgets[b]`` valid. ``k`` = max(budgets) and ``max_blocks`` = the longest sequence's
+        ascending, ``budgets[b]`` valid; with ``head_ids``, as [B * Hkv, k] one-head block ids
+        (``block_choice.head_block_ids``: what a paged kernel over one-head blocks is handed).
+        ``k`` = max(budgets) and ``max_blocks`` = the longest sequence's
         blocks come from the step's plan (no host sync here). ``min_recent`` [B]: last blocks each sequence
         must read whatever the settings say (the blocks a verification row's queries sit in)."""
-        scores = block_choice.block_scores(query, self.bounds(layer), block_table, seq_lens, block_size=block_size,
-                                           page_size=self.layout.page_size, max_blocks=max_blocks)
-        n_blocks = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
         sink, recent = block_choice.block_units(sink_pages=self.settings.sink_pages,
                                                 recent_pages=self.settings.recent_pages,
                                                 page_size=self.layout.page_size, block_size=block_size)
+        if self._native is not None:
+            return quest_native.select_blocks(self._native, self.bounds(layer), query, block_table, seq_lens, budgets,
+                                              min_recent, block_size=block_size, page_size=self.layout.page_size,
+                                              sink=sink, recent=recent, k=k, max_blocks=max_blocks,
+                                              head_ids=head_ids)
+        self._torch_calls += 1
+        bounds_heads = self.layout.num_kv_heads
+        scores = block_choice.block_scores(query, self.bounds(layer), block_table, seq_lens, block_size=block_size,
+                                           page_size=self.layout.page_size, max_blocks=max_blocks)
+        n_blocks = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
         if min_recent is not None:
             recent = min_recent.clamp(min=recent)
-        return block_choice.choose_blocks(scores, n_blocks, budgets, k=k, sink=sink, recent=recent)
+        chosen = block_choice.choose_blocks(scores, n_blocks, budgets, k=k, sink=sink, recent=recent)
+        return block_choice.head_block_ids(block_table, chosen, bounds_heads) if head_ids else chosen
 
     def select_page_ids(self, layer: int, query: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
@@ -91,4 +119,5 @@ class QuestSelector:
                                   recent_blocks=max(1, s.recent_pages))
 
     def counters(self) -> dict[str, int]:
-        return {}
+        """``torch_path_calls``: layer-steps whose block choice ran the torch path on CPU (no C library)."""
+        return {"torch_path_calls": self._torch_calls} if self._torch_calls else {}

@@ -124,13 +124,13 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, pag
     virtual_start[1:] = per_virtual.cumsum(0)
     virtual_token = torch.tensor([t for b in rows for _ in range(hkv) for t in range(starts[b], starts[b + 1])])
     virtual_head = torch.tensor([h for b in rows for h in range(hkv) for _ in range(queries[b])])
-    per_block, row_bytes = bs // page_size, shape.head_dim * 2 * _itemsize(shape.dtype)
+    row_bytes = shape.head_dim * 2 * _itemsize(shape.dtype)
     counts = DecodeCounts(
         rows=len(rows), verify_rows=sum(queries[b] > 1 for b in rows), tokens_in_context=sum(lens) * hkv,
         tokens_read=sum(short) * hkv,
         blocks_in_context=sum(-(-n // bs) for n in lens) * hkv, blocks_read=sum(budget_list) * hkv,
         kv_bytes_dense=sum(lens) * hkv * row_bytes, kv_bytes_read=sum(short) * hkv * row_bytes,
-        summary_bytes_read=len(rows) * max_blocks * per_block * hkv * shape.head_dim * 2 * 4,
+        summary_bytes_read=sum(-(-n // page_size) for n in lens) * hkv * shape.head_dim * 2 * 4,
         dense_rows=dense)
     return DecodePlan(
         tokens=metadata.query_start_loc[index].long(), query_tokens=torch.tensor(query_tokens),
@@ -173,12 +173,6 @@ def one_head_blocks(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return key_cache, value_cache
 
 
-def virtual_table(plan: DecodePlan, chosen: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """chosen [R, Hkv, k] logical blocks -> [R * Hkv, k] one-head block ids (int32)."""
-    physical = torch.gather(plan.block_table.long()[:, None, :].expand(-1, num_kv_heads, -1), 2, chosen)
-    return (physical * num_kv_heads + torch.arange(num_kv_heads)[None, :, None]).flatten(0, 1).int()
-
-
 def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, *,
            scale: float) -> torch.Tensor:
     """The selective rows' attention [T, Hq, D] (their queries ``plan.query_tokens``, in order) from the
@@ -186,14 +180,21 @@ def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table:
     head's group."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
-    grouped = query.view(query.shape[0], num_kv_heads, num_heads // num_kv_heads, head_dim)
-    q = grouped[plan.virtual_token, plan.virtual_head]  # [T * Hkv, G, D]
+    group = num_heads // num_kv_heads
+    single = plan.query_tokens.shape[0] == plan.tokens.shape[0]  # one query per row: (row, head) is a plain view
+    if single:
+        q = query[plan.tokens].view(-1, group, head_dim)
+    else:
+        grouped = query.view(query.shape[0], num_kv_heads, group, head_dim)
+        q = grouped[plan.virtual_token, plan.virtual_head]  # [T * Hkv, G, D]
     out = torch.empty_like(q)
     key_cache, value_cache = one_head_blocks(kv_cache)
     ops.cpu_attention_with_kv_cache(
         query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=plan.virtual_start,
         seq_lens=plan.virtual_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
         block_table=table, softcap=0, scheduler_metadata=plan.virtual_schedule, s_aux=None)
+    if single:
+        return out.view(-1, num_heads, head_dim)
     result = torch.empty_like(grouped)
     result[plan.virtual_token, plan.virtual_head] = out
     return result[plan.query_tokens].view(-1, num_heads, head_dim)

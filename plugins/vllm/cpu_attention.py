@@ -252,10 +252,9 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             rest = torch.empty(plan.rest_tokens.shape[0], *output.shape[1:], dtype=output.dtype)
             super().forward(layer, query[plan.rest_tokens], key, value, kv_cache, plan.rest_metadata, rest)
             output[plan.rest_tokens] = rest
-        chosen = self.selector.select_blocks(layer_index, query[plan.tokens], plan.block_table, plan.seq_lens,
-                                             plan.budgets, block_size=kv_cache.shape[2], k=plan.k,
-                                             max_blocks=plan.max_blocks, min_recent=plan.min_recent)
-        table = compact_decode.virtual_table(plan, chosen, self.num_kv_heads)
+        table = self.selector.select_blocks(layer_index, query[plan.tokens], plan.block_table, plan.seq_lens,
+                                            plan.budgets, block_size=kv_cache.shape[2], k=plan.k,
+                                            max_blocks=plan.max_blocks, min_recent=plan.min_recent, head_ids=True)
         output[plan.query_tokens] = compact_decode.decode(plan, query, kv_cache, table,
                                                           scale=self.scale).to(output.dtype)
         attention_method.count_plan(self.method, self.selector, plan.counts, mixed=m.max_query_len > 1)

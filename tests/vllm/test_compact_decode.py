@@ -10,6 +10,7 @@ ops = pytest.importorskip("vllm._custom_ops")
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata  # noqa: E402
 
 from afterburner.attention_backends.selective import selective_attention_reference  # noqa: E402
+from afterburner.attention_backends.sparse import block_choice  # noqa: E402
 from afterburner.plugins.vllm import compact_decode  # noqa: E402
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
 
@@ -78,7 +79,7 @@ def test_compacted_tables_equal_the_reference_with_those_blocks(seed):
             block_mask[r, h, picks] = True
     query = torch.randn(sum(query_lens), HKV * G, D, generator=g)
     scale = D ** -0.5
-    table_v = compact_decode.virtual_table(plan, chosen, HKV)
+    table_v = block_choice.head_block_ids(plan.block_table, chosen, HKV)
     got = compact_decode.decode(plan, query, kv_cache, table_v, scale=scale)
     keys, values = KV_VIEWS["vec"](kv_cache)
     expected = selective_attention_reference(query[plan.tokens], keys, values, plan.block_table, plan.seq_lens,
@@ -104,7 +105,8 @@ def test_every_block_chosen_equals_the_stock_kernel():
         "virtual_schedule": SHAPE.schedule(lens, plan.virtual_start, heads=G, kv_heads=1)})
     chosen = torch.arange(32).expand(2, HKV, 32).clone()
     chosen[0, :, 20:] = 0
-    got = compact_decode.decode(full_plan, query, kv_cache, compact_decode.virtual_table(full_plan, chosen, HKV),
+    table = block_choice.head_block_ids(full_plan.block_table, chosen, HKV)
+    got = compact_decode.decode(full_plan, query, kv_cache, table,
                                 scale=0.125)
     torch.testing.assert_close(got, _stock(query, kv_cache, metadata, 0.125), atol=1e-6, rtol=1e-5)
 
@@ -150,7 +152,8 @@ def test_verification_rows_share_one_choice_and_stay_causal(seed):
             block_mask[r, h, picks] = True
     query = torch.randn(sum(query_lens), HKV * G, D, generator=g)
     scale = D ** -0.5
-    got = compact_decode.decode(plan, query, kv_cache, compact_decode.virtual_table(plan, chosen, HKV), scale=scale)
+    table = block_choice.head_block_ids(plan.block_table, chosen, HKV)
+    got = compact_decode.decode(plan, query, kv_cache, table, scale=scale)
     keys, values = KV_VIEWS["vec"](kv_cache)
     row_starts = torch.tensor([0, 4, 5, 10])
     expected = selective_attention_reference(query[plan.query_tokens], keys, values, plan.block_table,
@@ -172,6 +175,7 @@ def test_verification_rows_with_every_block_equal_the_stock_kernel():
     chosen = torch.arange(32).expand(2, HKV, 32).clone()
     chosen[0, :, 20:] = 0
     query = torch.randn(8, HKV * G, D)
-    got = compact_decode.decode(full_plan, query, kv_cache, compact_decode.virtual_table(full_plan, chosen, HKV),
+    table = block_choice.head_block_ids(full_plan.block_table, chosen, HKV)
+    got = compact_decode.decode(full_plan, query, kv_cache, table,
                                 scale=0.125)
     torch.testing.assert_close(got, _stock(query, kv_cache, metadata, 0.125), atol=1e-6, rtol=1e-5)
