@@ -63,6 +63,8 @@ medusa-heads:
 		--out $(MEDUSA_DIR)/smollm2-corpus.jsonl $(MEDUSA_CORPUS_ARGS)
 	$(VLLM_VENV)/bin/afterburner train medusa --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
 		--data $(MEDUSA_DIR)/smollm2-corpus.jsonl --out $(MEDUSA_DIR)/smollm2-heads $(MEDUSA_TRAIN_ARGS) --resume
+	$(VLLM_VENV)/bin/afterburner train draft-vocab --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
+		--data $(MEDUSA_DIR)/smollm2-corpus.jsonl --out $(MEDUSA_DIR)/smollm2-heads
 
 HAMBURGER_DIR = $(AFTERBURNER_CACHE)/hamburger
 HAMBURGER_CORPUS_ARGS ?= --prompts 160 --max-tokens 128
@@ -73,6 +75,8 @@ hamburger-drafter:
 		--out $(HAMBURGER_DIR)/smollm2-corpus.jsonl $(HAMBURGER_CORPUS_ARGS)
 	$(VLLM_VENV)/bin/afterburner train hamburger --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
 		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-drafter $(HAMBURGER_TRAIN_ARGS) --resume
+	$(VLLM_VENV)/bin/afterburner train draft-vocab --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
+		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-drafter
 
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks

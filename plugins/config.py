@@ -111,6 +111,10 @@ class SpeculativeSettings(_Settings):
     typical_delta: float = Field(0.3, gt=0, le=1, description="typical acceptance: entropy-scaled threshold")
     drafter: str | None = Field(None, description='the micro-step drafter\'s folder; vLLM: taken from '
                                 '`--speculative-config \'{"method": "hamburger", "model": DIR}\'`')
+    draft_vocab: int | None = Field(None, gt=0, description="draft from the N tokens the target writes most "
+                                    "often (draft_vocab.safetensors in the heads' / drafter's folder, written by "
+                                    "`afterburner train draft-vocab`); None: the whole vocabulary. Lossless: "
+                                    "verification stays over the whole vocabulary")
     stop_threshold: float | None = Field(None, ge=0, le=1, description="micro-step drafter: keep drafting while "
                                          "the stop head's P(accepted) is at least this (0: never stop, a fixed "
                                          "draft length); None: the drafter's own (config.json)")

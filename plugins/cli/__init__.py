@@ -16,6 +16,9 @@
     afterburner train hamburger --base DIR --data FILE... --out DIR [...]
                                                     a micro-step drafter with a learned stop, by self-distillation
                                                     (plugins/cli/train_hamburger.py)
+    afterburner train draft-vocab --base DIR --data FILE... --out DIR
+                                                    rank the tokens the target writes, for drafting from the
+                                                    most frequent (plugins/cli/train_draft_vocab.py)
     afterburner train lla [--out DIR] [--steps N] [--resume] [...]
                                                     softmax and local-linear tiny Llamas on MQAR and in-context
                                                     regression, trained and evaluated (plugins/cli/train_lla.py)

@@ -26,6 +26,7 @@ from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import proposers
 from afterburner.plugins.vllm.config_access import config_of
+from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, load_drafter
 
 logger = get_logger(__name__)
@@ -47,16 +48,19 @@ class HamburgerProposer:
         self.feature_layers = tuple(self.config.feature_layers)  # the runner collects these (aux hidden states)
         self.stop_threshold = self.config.stop_threshold if settings.stop_threshold is None else settings.stop_threshold
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.draft_vocab = settings.draft_vocab
         self.features: torch.Tensor | None = None  # [num_reqs, F, H]: set by the runner hook each step
         self.has_features: list[bool] = []
 
     def load_model(self, target_model) -> None:
         vocab = self.config.vocab_size
         embed = target_model.model.embed_tokens.weight  # vLLM's Llama-family layout
-        self.drafter.attach_base(embed.detach()[:vocab].float(), target_model.lm_head.weight.detach()[:vocab].float())
+        ids = draft_vocab.load(self.folder, self.draft_vocab, vocab) if self.draft_vocab else None
+        self.drafter.attach_base(embed.detach()[:vocab].float(), target_model.lm_head.weight.detach()[:vocab].float(),
+                                 ids)
         logger.info("hamburger: micro-step drafter from %s, features of layers %s, up to %d tokens per step, stop "
-                    "below P(accepted) %.2f", self.folder, list(self.feature_layers), self.num_speculative_tokens,
-                    self.stop_threshold)
+                    "below P(accepted) %.2f, drafting from %s tokens", self.folder, list(self.feature_layers),
+                    self.num_speculative_tokens, self.stop_threshold, self.draft_vocab or "all")
 
     def set_features(self, features: torch.Tensor | None, has_features: list[bool]) -> None:
         self.features, self.has_features = features, has_features
@@ -81,6 +85,15 @@ class HamburgerProposer:
         return drafts
 
 
+def check_draft_vocab(folder: str, config: AfterburnerConfig, vocab_size: int) -> None:
+    """``speculative.draft_vocab`` fits the folder's ranking, or one ConfigError line (both proposers)."""
+    if config.speculative.draft_vocab:
+        try:
+            draft_vocab.load(folder, config.speculative.draft_vocab, vocab_size)
+        except draft_vocab.DraftVocabError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:
     """At startup, in the user's process: the drafter folder loads and fits the draft length, then the
     spec is rewritten to vLLM's ``custom_class`` route (see the module docstring)."""
@@ -92,6 +105,7 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
         drafter = load_drafter(folder).config
     except CheckpointError as exc:
         raise ConfigError(f"speculative_config.model: {exc}") from None
+    check_draft_vocab(folder, config, drafter.vocab_size)
     num = spec.get("num_speculative_tokens") or drafter.max_micro_steps
     if num > drafter.max_micro_steps:
         raise ConfigError(f"speculative_config.num_speculative_tokens: {num} is more than the drafter's "

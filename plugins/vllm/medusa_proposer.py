@@ -15,6 +15,7 @@ from vllm.v1.spec_decode.medusa import MedusaProposer
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm.tree_speculation import TreeProposer
+from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.medusa.checkpoint import CheckpointError, load_heads, load_shared_lm_head
 from afterburner.spec_decode.tree import build_tree
 from afterburner.spec_decode.tree_choices import tree_paths
@@ -28,6 +29,7 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
         self.init_tree_state(vllm_config)
         self.heads = None
         self.lm_head_weight: torch.Tensor | None = None
+        self.draft_ids: torch.Tensor | None = None  # the drafting vocabulary (speculative.draft_vocab)
 
     def load_model(self, target_model) -> None:
         folder = self.spec_config.model
@@ -36,6 +38,11 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
             stored = load_shared_lm_head(folder)
             weight = stored if stored is not None else target_model.lm_head.weight
             self.lm_head_weight = weight.detach()[: self.heads.config.vocab_size].float()
+        if self.settings.draft_vocab:  # heads score these tokens only (spec_decode.draft_vocab)
+            if self.lm_head_weight is None:
+                raise RuntimeError("afterburner: speculative.draft_vocab needs heads that share the target's LM head")
+            self.draft_ids = draft_vocab.load(folder, self.settings.draft_vocab, self.heads.config.vocab_size)
+            self.lm_head_weight = self.lm_head_weight[self.draft_ids].contiguous()
         num_heads = self.heads.config.num_heads
         paths = tree_paths(self.settings.tree, max_depth=num_heads, num_drafts=self.num_speculative_tokens)
         self.full_tree = build_tree(paths, max_depth=num_heads)
@@ -48,6 +55,8 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
         full = self.full_tree
         logits = self.heads(target_hidden_states.float(), self.lm_head_weight)  # [K, B, V]
         top = logits[: full.depth].topk(full.topk, dim=-1).indices  # [depth, B, topk]
+        if self.draft_ids is not None:
+            top = self.draft_ids[top]
         batch = target_hidden_states.shape[0]
         flat = torch.cat([torch.zeros(batch, 1, dtype=top.dtype), top.permute(1, 0, 2).reshape(batch, -1)], 1)
         return flat[:, full.candidate_index[1:]][:, :num_speculative_tokens]
@@ -66,10 +75,17 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
                           "(build one with `afterburner train medusa`)")
     try:
         heads = load_heads(folder).config
+        if config.speculative.draft_vocab:
+            if not heads.shared_lm_head:
+                raise ConfigError("afterburner.speculative.draft_vocab: these heads have their own LM heads; it "
+                                  "needs heads that share the target's")
+            draft_vocab.load(folder, config.speculative.draft_vocab, heads.vocab_size)
         drafts = spec.get("num_speculative_tokens") or getattr(engine_args, "spec_tokens", None) or heads.num_heads
         build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts),
                    max_depth=heads.num_heads)
     except CheckpointError as exc:
         raise ConfigError(f"speculative_config.model: {exc}") from None
+    except draft_vocab.DraftVocabError as exc:
+        raise ConfigError(str(exc)) from None
     except ValueError as exc:
         raise ConfigError(f"afterburner.speculative.tree: {exc}") from None

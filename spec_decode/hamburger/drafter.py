@@ -171,9 +171,13 @@ class MicroStepDrafter(nn.Module):
         # the base's frozen token embedding and LM head [V, H_base]: buffers, not parameters, not saved
         self.register_buffer("embed_weight", None, persistent=False)
         self.register_buffer("lm_head_weight", None, persistent=False)
+        self.vocab_ids: torch.Tensor | None = None  # drafting vocabulary (attach_base); None: the whole one
 
-    def attach_base(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> MicroStepDrafter:
-        """Use the base model's token embedding and LM head (both [V, H_base]; tied models pass one twice)."""
+    def attach_base(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                    vocab_ids: torch.Tensor | None = None) -> MicroStepDrafter:
+        """Use the base model's token embedding and LM head (both [V, H_base]; tied models pass one twice).
+        ``vocab_ids`` [N]: draft from these tokens only (``spec_decode.draft_vocab``): logits are over them,
+        and ``draft`` maps back to token ids; the stop head then sees confidence over them too."""
         c = self.config
         for name, weight in (("embed_weight", embed_weight), ("lm_head_weight", lm_head_weight)):
             if tuple(weight.shape) != (c.vocab_size, c.base_hidden_size):
@@ -181,7 +185,10 @@ class MicroStepDrafter(nn.Module):
                                  f"[vocab_size, base_hidden_size] = {[c.vocab_size, c.base_hidden_size]}")
         dtype = self.fc_in.weight.dtype
         self.embed_weight = embed_weight.detach().to(device=self.fc_in.weight.device, dtype=dtype)
+        if vocab_ids is not None:
+            lm_head_weight = lm_head_weight[vocab_ids]
         self.lm_head_weight = lm_head_weight.detach().to(device=self.fc_in.weight.device, dtype=dtype)
+        self.vocab_ids = vocab_ids
         return self
 
     def step_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -230,10 +237,12 @@ class MicroStepDrafter(nn.Module):
         for _ in range(max_tokens):
             # no cache: recompute all micro-steps (at most max_micro_steps positions); causal, so earlier
             # micro-steps come out as before
-            logits, p_continue = self(features, tokens)
-            drafted = logits[:, -1].argmax(-1)  # [B]
+            logits, p_continue = self.heads(self.step_states(features, tokens)[:, -1])  # the last micro-step's
+            drafted = logits.argmax(-1)  # [B]
+            if self.vocab_ids is not None:
+                drafted = self.vocab_ids[drafted]
             if stop_threshold:
-                alive &= p_continue[:, -1] >= stop_threshold
+                alive &= p_continue >= stop_threshold
             lengths += alive.long()
             if not alive.any():
                 break

@@ -77,6 +77,27 @@ def test_the_stop_head_varies_the_draft_length_and_stays_lossless(tiny_model, ra
     assert 0 < stats["drafted_tokens"] < 4 * stats["proposals"], stats
 
 
+def test_a_drafting_vocabulary_keeps_drafts_inside_it_and_stays_lossless(tiny_model, random_drafter, plain,
+                                                                          tmp_path):
+    """``speculative.draft_vocab``: the drafter scores only the first N ranked tokens (here every third id,
+    so a full-vocabulary argmax would leave it often); verification stays over the whole vocabulary."""
+    import shutil
+
+    from afterburner.spec_decode import draft_vocab
+
+    folder = tmp_path / "drafter"
+    shutil.copytree(random_drafter, folder)
+    vocab_size = AutoModelForCausalLM.from_pretrained(tiny_model).config.vocab_size
+    ranked = torch.cat([torch.arange(0, vocab_size, 3), torch.arange(1, vocab_size, 3), torch.arange(2, vocab_size, 3)])
+    draft_vocab.save(folder, ranked)
+    size = vocab_size // 3
+    limited = _run(tiny_model, folder, 3, {"speculative": {"stop_threshold": 0.0, "draft_vocab": size}})
+    assert limited["tokens"] == plain["tokens"]
+    drafted = [token for proposal in limited["proposals"] for token in proposal["draft"]]
+    assert len(drafted) >= 10 and all(token % 3 == 0 for token in drafted), drafted
+    assert limited["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
 def test_sampling_runs(tiny_model, random_drafter):
     sampled = _run(tiny_model, random_drafter, 3, {"speculative": {"stop_threshold": 0.0}}, temperature=0.8)
     assert all(len(ids) == 32 for ids in sampled["tokens"])
@@ -94,6 +115,12 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, random_drafter, tmp
         start({"method": "hamburger", "model": str(tmp_path / "missing"), "num_speculative_tokens": 2})
     with pytest.raises(ConfigError, match="more than the drafter's max_micro_steps 4"):
         start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 6})
+    with pytest.raises(ConfigError, match="has no draft_vocab.safetensors"):
+        args = EngineArgs(model=str(tiny_model), enforce_eager=True,
+                          speculative_config={"method": "hamburger", "model": str(random_drafter),
+                                              "num_speculative_tokens": 2},
+                          additional_config={"afterburner": {"speculative": {"draft_vocab": 64}}})
+        args.create_engine_config()
     with pytest.raises(ConfigError, match=r"\['draft_tensor_parallel_size'\] not supported"):
         start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 2,
                "draft_tensor_parallel_size": 1})
