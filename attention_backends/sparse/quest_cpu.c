@@ -22,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Blocks are scattered in memory: fetch their summaries this many blocks ahead of the scoring. */
+#define PREFETCH_AHEAD 2
+
 /* sum_d max(q_d hi_d, q_d lo_d) = q+ . hi + q- . lo (q+ = max(q, 0), q- = min(q, 0)), max over the group */
 static float page_bound(const float *row, const float *signed_q, int group, int dim) {
     const float *hi = row, *lo = row + dim;
@@ -87,8 +90,12 @@ int quest_select_table(const float *bounds, const float *query, const int32_t *t
         for (int j = 0; j < n_blocks; j++) {
             int forced = j < sink || j >= n_blocks - rec;
             const float *block_rows = bounds + (int64_t)blocks[j] * per_block * num_kv_heads * row;
-            if (j + 1 < n_blocks)
-                __builtin_prefetch(bounds + (int64_t)blocks[j + 1] * per_block * num_kv_heads * row);
+            if (j + PREFETCH_AHEAD < n_blocks) { /* the block PREFETCH_AHEAD on, every cache line of it */
+                const char *ahead = (const char *)(bounds + (int64_t)blocks[j + PREFETCH_AHEAD] * per_block *
+                                                                num_kv_heads * row);
+                for (int64_t at = 0; at < (int64_t)per_block * num_kv_heads * row * 4; at += 64)
+                    __builtin_prefetch(ahead + at);
+            }
             for (int h = 0; h < num_kv_heads; h++) {
                 float best = -INFINITY;
                 for (int i = 0; !forced && i < per_block && j * per_block + i < n_pages; i++) {
