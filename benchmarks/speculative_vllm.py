@@ -7,6 +7,9 @@ and tokens/s, side by side in one run, against no speculation, for one proposer 
   a fixed-k drafter gives) and with its learned stop, greedy and sampled (``--model``: default what
   ``make hamburger-drafter`` writes).
 
+Both also run with ``speculative.draft_vocab`` 4096 (drafting from the 4,096 tokens the target writes most
+often: ``draft_vocab.safetensors``, which the make targets write beside the weights).
+
     python benchmarks/speculative_vllm.py --method medusa|hamburger [--model DIR] [--prompts 8] [--quick]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
@@ -27,7 +30,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
-                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+                     # vLLM drops a one-process engine to 1 torch thread unless this is set (scripts/eval.py)
+                     "OMP_NUM_THREADS": str(os.cpu_count() or 1)}.items():
     os.environ.setdefault(_key, _value)  # inherited by the worker processes
 
 TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revolution", "compound interest",
@@ -40,7 +45,9 @@ CONFIGS = {
         ("no speculation", 0, {}, 0.0),
         ("vLLM built-in Medusa (chain)", 3, {"enabled": False}, 0.0),
         ("afterburner chain, lossless", 3, {"speculative": {"tree": "chain"}}, 0.0),
+        ("afterburner chain, draft vocab 4096", 3, {"speculative": {"tree": "chain", "draft_vocab": 4096}}, 0.0),
         ("afterburner tree 8, lossless", 8, {"speculative": {"tree": "paper"}}, 0.0),
+        ("afterburner tree 8, draft vocab 4096", 8, {"speculative": {"tree": "paper", "draft_vocab": 4096}}, 0.0),
         ("afterburner tree 16, lossless", 16, {"speculative": {"tree": "paper"}}, 0.0),
         ("afterburner tree 16, lossless, T=0.7", 16, {"speculative": {"tree": "paper"}}, 0.7),
         ("afterburner tree 16, typical, T=0.7", 16, {"speculative": {"tree": "paper", "acceptance": "typical"}}, 0.7),
@@ -49,6 +56,9 @@ CONFIGS = {
         ("no speculation", 0, {}, 0.0),
         ("fixed 2 drafts (stop head off)", 2, {"speculative": {"stop_threshold": 0.0}}, 0.0),
         ("fixed 4 drafts (stop head off)", 4, {"speculative": {"stop_threshold": 0.0}}, 0.0),
+        ("fixed 2 drafts, draft vocab 4096", 2, {"speculative": {"stop_threshold": 0.0, "draft_vocab": 4096}}, 0.0),
+        ("up to 4, stop at 0.3, draft vocab 4096", 4, {"speculative": {"stop_threshold": 0.3, "draft_vocab": 4096}},
+         0.0),
         ("up to 4, learned stop at the drafter's threshold", 4, {}, 0.0),
         ("up to 4, learned stop at 0.3", 4, {"speculative": {"stop_threshold": 0.3}}, 0.0),
         ("no speculation, T=0.7", 0, {}, 0.7),

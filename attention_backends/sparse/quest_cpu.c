@@ -55,7 +55,8 @@ static void select_top(const float *score, int32_t *idx, int n, int want) {
     }
 }
 
-/* Returns 0, or -1 when a scratch buffer could not be allocated. */
+/* Returns 0; -1 when a scratch buffer could not be allocated; -2 when a sequence has more blocks than
+   max_blocks or its table row holds (nothing is read or written for it then). */
 int quest_select_table(const float *bounds, const float *query, const int32_t *table, int64_t table_stride,
                        const int32_t *seq_lens, const int64_t *budgets, const int64_t *min_recent, int batch,
                        int num_kv_heads, int group, int dim, int block_size, int page_size, int sink, int recent,
@@ -70,10 +71,15 @@ int quest_select_table(const float *bounds, const float *query, const int32_t *t
         float *signed_q = malloc(sizeof(float) * (size_t)num_kv_heads * group * row); /* [Hkv, G, (q+, q-)] */
         if (!score || !idx || !keep || !signed_q) {
             free(score); free(idx); free(keep); free(signed_q);
-            failed = 1;
+            failed |= 1;
             continue;
         }
         int n = seq_lens[b], n_blocks = (n + block_size - 1) / block_size, n_pages = (n + page_size - 1) / page_size;
+        if (n_blocks > max_blocks || n_blocks > table_stride) {
+            free(score); free(idx); free(keep); free(signed_q);
+            failed |= 2;
+            continue;
+        }
         int rec = recent > min_recent[b] ? recent : (int)min_recent[b];
         int budget = (int)budgets[b];
         const int32_t *blocks = table + b * table_stride;
@@ -137,7 +143,7 @@ int quest_select_table(const float *bounds, const float *query, const int32_t *t
         }
         free(score); free(idx); free(keep); free(signed_q);
     }
-    return failed ? -1 : 0;
+    return failed & 2 ? -2 : failed ? -1 : 0;
 }
 
 /* Fold keys [n, Hkv, D] written at slots [n] (negative: padding) into the page bounds: pages written at

@@ -57,6 +57,8 @@ def select_blocks(lib, bounds: torch.Tensor, query: torch.Tensor, block_table: t
                                     num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, page_size, sink,
                                     recent, k, max_blocks, None if head_ids else out.data_ptr(),
                                     out.data_ptr() if head_ids else None)
+    if status == -2:
+        raise ValueError(f"a sequence has more blocks than max_blocks={max_blocks} or its block table row holds")
     if status != 0:
         raise MemoryError("quest_select_table could not allocate its scratch buffers")
     return out

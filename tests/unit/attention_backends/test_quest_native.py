@@ -74,6 +74,14 @@ def test_native_choice_breaks_with_a_wrong_score():
                            quest_native.select_blocks(lib, bounds, -query, *args, **kwargs))
 
 
+def test_a_sequence_longer_than_max_blocks_is_refused_not_overrun():
+    bounds = block_choice.stack_bounds(*quest.empty_summaries(64, 1, 8)).contiguous()
+    with pytest.raises(ValueError, match="more blocks than max_blocks=4"):
+        quest_native.select_blocks(lib, bounds, torch.randn(1, 1, 8), torch.arange(8, dtype=torch.int32)[None],
+                                   torch.tensor([8 * 32], dtype=torch.int32), torch.tensor([2]), None,
+                                   block_size=32, page_size=16, sink=1, recent=1, k=2, max_blocks=4)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_native_updates_equal_the_torch_updates(seed):
     """Prefill then decode writes, a reused page (offset 0 written again) and padding slots (-1)."""
