@@ -24,7 +24,7 @@ import torch
 from afterburner.plugins import stats
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.vllm import proposers
+from afterburner.plugins.vllm import cpu_gemm, proposers
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, load_drafter
@@ -57,7 +57,8 @@ class HamburgerProposer:
         embed = target_model.model.embed_tokens.weight  # vLLM's Llama-family layout
         ids = draft_vocab.load(self.folder, self.draft_vocab, vocab) if self.draft_vocab else None
         self.drafter.attach_base(embed.detach()[:vocab].float(), target_model.lm_head.weight.detach()[:vocab].float(),
-                                 ids)
+                                 ids, linear=cpu_gemm.linear)
+        cpu_gemm.accelerate_linears(self.drafter)  # vLLM's CPU GEMM: torch's reads small-batch weights slowly
         logger.info("hamburger: micro-step drafter from %s, features of layers %s, up to %d tokens per step, stop "
                     "below P(accepted) %.2f, drafting from %s tokens", self.folder, list(self.feature_layers),
                     self.num_speculative_tokens, self.stop_threshold, self.draft_vocab or "all")

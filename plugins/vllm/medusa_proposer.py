@@ -14,6 +14,7 @@ from vllm.v1.spec_decode.medusa import MedusaProposer
 
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm import cpu_gemm
 from afterburner.plugins.vllm.tree_speculation import TreeProposer
 from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.medusa.checkpoint import CheckpointError, load_heads, load_shared_lm_head
@@ -43,6 +44,9 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
                 raise RuntimeError("afterburner: speculative.draft_vocab needs heads that share the target's LM head")
             self.draft_ids = draft_vocab.load(folder, self.settings.draft_vocab, self.heads.config.vocab_size)
             self.lm_head_weight = self.lm_head_weight[self.draft_ids].contiguous()
+        # the heads' matmuls through vLLM's CPU GEMM (torch's reads these weights for a few rows slowly)
+        cpu_gemm.accelerate_linears(self.heads)
+        self.project = cpu_gemm.linear(self.lm_head_weight) if self.lm_head_weight is not None else None
         num_heads = self.heads.config.num_heads
         paths = tree_paths(self.settings.tree, max_depth=num_heads, num_drafts=self.num_speculative_tokens)
         self.full_tree = build_tree(paths, max_depth=num_heads)
@@ -53,7 +57,9 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
     @torch.inference_mode()
     def propose(self, num_speculative_tokens, target_hidden_states, sampling_metadata, slot_mappings=None):
         full = self.full_tree
-        logits = self.heads(target_hidden_states.float(), self.lm_head_weight)  # [K, B, V]
+        hidden = target_hidden_states.float()
+        # [K, B, V]
+        logits = self.project(self.heads.hidden(hidden)) if self.project is not None else self.heads(hidden)
         top = logits[: full.depth].topk(full.topk, dim=-1).indices  # [depth, B, topk]
         if self.draft_ids is not None:
             top = self.draft_ids[top]

@@ -172,12 +172,14 @@ class MicroStepDrafter(nn.Module):
         self.register_buffer("embed_weight", None, persistent=False)
         self.register_buffer("lm_head_weight", None, persistent=False)
         self.vocab_ids: torch.Tensor | None = None  # drafting vocabulary (attach_base); None: the whole one
+        self._project = None  # the LM head as an engine applies it (attach_base's linear); None: torch
 
     def attach_base(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
-                    vocab_ids: torch.Tensor | None = None) -> MicroStepDrafter:
+                    vocab_ids: torch.Tensor | None = None, *, linear=None) -> MicroStepDrafter:
         """Use the base model's token embedding and LM head (both [V, H_base]; tied models pass one twice).
         ``vocab_ids`` [N]: draft from these tokens only (``spec_decode.draft_vocab``): logits are over them,
-        and ``draft`` maps back to token ids; the stop head then sees confidence over them too."""
+        and ``draft`` maps back to token ids; the stop head then sees confidence over them too.
+        ``linear(weight) -> x -> x @ weight.T``: how an engine wants the LM head applied (default torch)."""
         c = self.config
         for name, weight in (("embed_weight", embed_weight), ("lm_head_weight", lm_head_weight)):
             if tuple(weight.shape) != (c.vocab_size, c.base_hidden_size):
@@ -189,6 +191,7 @@ class MicroStepDrafter(nn.Module):
             lm_head_weight = lm_head_weight[vocab_ids]
         self.lm_head_weight = lm_head_weight.detach().to(device=self.fc_in.weight.device, dtype=dtype)
         self.vocab_ids = vocab_ids
+        self._project = None if linear is None else linear(self.lm_head_weight)
         return self
 
     def step_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -209,7 +212,8 @@ class MicroStepDrafter(nn.Module):
 
     def heads(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [..., V], p_continue [...]) from micro-step states [..., hidden]."""
-        logits = self.fc_out(states) @ self.lm_head_weight.T
+        out = self.fc_out(states)
+        logits = out @ self.lm_head_weight.T if self._project is None else self._project(out)
         with torch.no_grad():
             logq = torch.log_softmax(logits.float(), -1)
             confidence = torch.stack([logq.max(-1).values, -(logq.exp() * logq).sum(-1)], -1).to(states.dtype)
