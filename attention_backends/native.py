@@ -4,11 +4,10 @@ A library is built from one C file next to its caller with the system's C compil
 ``-O3 -march=native``), into ``~/.cache/afterburner/native/<name>-<hash>.so`` (``AFTERBURNER_CACHE``
 moves the folder); the hash covers the source, the compiler's version and this CPU's flags, so a cache
 shared between machines never loads code built for another CPU. It needs no Python headers and no torch
-headers (the ops take raw pointers), so a build takes well under a second. ``afterburner build-ops``
-builds them ahead of time.
+headers (the ops take raw pointers), so a build takes well under a second.
 
 When the library cannot be had (no compiler, a failed build, ``AFTERBURNER_NATIVE=0``), ``load`` returns
-None and the caller runs its torch path: the reason is logged once by the caller's fallback.
+the ``NativeUnavailable`` that says why, and the caller runs its torch path and logs that reason once.
 """
 
 from __future__ import annotations
@@ -81,5 +80,7 @@ def load(source: Path) -> ctypes.CDLL | NativeUnavailable:
         return NativeUnavailable("AFTERBURNER_NATIVE=0")
     try:
         return ctypes.CDLL(str(build(source)))
-    except (NativeUnavailable, OSError) as error:
-        return error if isinstance(error, NativeUnavailable) else NativeUnavailable(str(error))
+    except NativeUnavailable as error:
+        return error
+    except OSError as error:  # a library that does not load
+        return NativeUnavailable(str(error))

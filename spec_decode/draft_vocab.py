@@ -9,9 +9,8 @@ same distribution) and only drafts of rarer tokens are lost.
 
 The ranking comes from the drafter's own training corpus (the target's answers, ``read_documents``): the
 tokens the target writes there (assistant turns; all of plain text), most frequent first, then the rest by
-id. It is
-stored beside the weights as ``draft_vocab.safetensors`` (``token_ids`` int64); ``speculative.draft_vocab``
-= N uses its first N.
+id. It is stored beside the weights as ``draft_vocab.safetensors`` (``token_ids`` int64);
+``speculative.draft_vocab`` = N uses its first N.
 """
 
 from __future__ import annotations

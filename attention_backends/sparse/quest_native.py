@@ -30,12 +30,6 @@ def library() -> ctypes.CDLL | native.NativeUnavailable:
     return lib
 
 
-def _ptr(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
-    """(address, the tensor it belongs to: keep it alive for the call) of ``tensor`` as contiguous ``dtype``."""
-    tensor = tensor.to(dtype).contiguous()
-    return tensor.data_ptr(), tensor
-
-
 def select_blocks(lib, bounds: torch.Tensor, query: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                   budgets: torch.Tensor, min_recent: torch.Tensor | None, *, block_size: int, page_size: int,
                   sink: int, recent: int, k: int, max_blocks: int, head_ids: bool = False) -> torch.Tensor:
@@ -50,10 +44,12 @@ def select_blocks(lib, bounds: torch.Tensor, query: torch.Tensor, block_table: t
            else torch.empty(batch, num_kv_heads, k, dtype=torch.int64))
     if min_recent is None:
         min_recent = torch.zeros(batch, dtype=torch.int64)
-    keep = [_ptr(query, torch.float32), _ptr(block_table, torch.int32), _ptr(seq_lens, torch.int32),
-            _ptr(budgets, torch.int64), _ptr(min_recent, torch.int64)]
-    (q, _), (table, table_t), (lens, _), (budget, _), (recents, _) = keep
-    status = lib.quest_select_table(bounds.data_ptr(), q, table, table_t.stride(0), lens, budget, recents, batch,
+    # contiguous copies where the dtype or layout differs; they live until the call returns
+    query, table = query.to(torch.float32).contiguous(), block_table.to(torch.int32).contiguous()
+    seq_lens, budgets = seq_lens.to(torch.int32).contiguous(), budgets.to(torch.int64).contiguous()
+    min_recent = min_recent.to(torch.int64).contiguous()
+    status = lib.quest_select_table(bounds.data_ptr(), query.data_ptr(), table.data_ptr(), table.stride(0),
+                                    seq_lens.data_ptr(), budgets.data_ptr(), min_recent.data_ptr(), batch,
                                     num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, page_size, sink,
                                     recent, k, max_blocks, None if head_ids else out.data_ptr(),
                                     out.data_ptr() if head_ids else None)

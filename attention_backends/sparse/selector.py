@@ -94,14 +94,13 @@ class QuestSelector:
                                               sink=sink, recent=recent, k=k, max_blocks=max_blocks,
                                               head_ids=head_ids)
         self._torch_calls += 1
-        bounds_heads = self.layout.num_kv_heads
         scores = block_choice.block_scores(query, self.bounds(layer), block_table, seq_lens, block_size=block_size,
                                            page_size=self.layout.page_size, max_blocks=max_blocks)
         n_blocks = torch.div(seq_lens.long() + block_size - 1, block_size, rounding_mode="floor")
         if min_recent is not None:
             recent = min_recent.clamp(min=recent)
         chosen = block_choice.choose_blocks(scores, n_blocks, budgets, k=k, sink=sink, recent=recent)
-        return block_choice.head_block_ids(block_table, chosen, bounds_heads) if head_ids else chosen
+        return block_choice.head_block_ids(block_table, chosen, self.layout.num_kv_heads) if head_ids else chosen
 
     def select_page_ids(self, layer: int, query: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:

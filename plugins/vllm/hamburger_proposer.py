@@ -86,15 +86,6 @@ class HamburgerProposer:
         return drafts
 
 
-def check_draft_vocab(folder: str, config: AfterburnerConfig, vocab_size: int) -> None:
-    """``speculative.draft_vocab`` fits the folder's ranking, or one ConfigError line (both proposers)."""
-    if config.speculative.draft_vocab:
-        try:
-            draft_vocab.load(folder, config.speculative.draft_vocab, vocab_size)
-        except draft_vocab.DraftVocabError as exc:
-            raise ConfigError(str(exc)) from None
-
-
 def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:
     """At startup, in the user's process: the drafter folder loads and fits the draft length, then the
     spec is rewritten to vLLM's ``custom_class`` route (see the module docstring)."""
@@ -106,7 +97,7 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
         drafter = load_drafter(folder).config
     except CheckpointError as exc:
         raise ConfigError(f"speculative_config.model: {exc}") from None
-    check_draft_vocab(folder, config, drafter.vocab_size)
+    proposers.check_draft_vocab(folder, config, drafter.vocab_size)
     num = spec.get("num_speculative_tokens") or drafter.max_micro_steps
     if num > drafter.max_micro_steps:
         raise ConfigError(f"speculative_config.num_speculative_tokens: {num} is more than the drafter's "

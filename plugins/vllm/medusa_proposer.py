@@ -14,7 +14,7 @@ from vllm.v1.spec_decode.medusa import MedusaProposer
 
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.vllm import cpu_gemm
+from afterburner.plugins.vllm import cpu_gemm, proposers
 from afterburner.plugins.vllm.tree_speculation import TreeProposer
 from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.medusa.checkpoint import CheckpointError, load_heads, load_shared_lm_head
@@ -81,17 +81,16 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
                           "(build one with `afterburner train medusa`)")
     try:
         heads = load_heads(folder).config
-        if config.speculative.draft_vocab:
-            if not heads.shared_lm_head:
-                raise ConfigError("afterburner.speculative.draft_vocab: these heads have their own LM heads; it "
-                                  "needs heads that share the target's")
-            draft_vocab.load(folder, config.speculative.draft_vocab, heads.vocab_size)
-        drafts = spec.get("num_speculative_tokens") or getattr(engine_args, "spec_tokens", None) or heads.num_heads
-        build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts),
-                   max_depth=heads.num_heads)
     except CheckpointError as exc:
         raise ConfigError(f"speculative_config.model: {exc}") from None
-    except draft_vocab.DraftVocabError as exc:
-        raise ConfigError(str(exc)) from None
+    # outside the tree's try below: a ConfigError is a ValueError and would be relabelled as the tree's
+    if config.speculative.draft_vocab and not heads.shared_lm_head:
+        raise ConfigError("afterburner.speculative.draft_vocab: these heads have their own LM heads; it "
+                          "needs heads that share the target's")
+    proposers.check_draft_vocab(folder, config, heads.vocab_size)
+    drafts = spec.get("num_speculative_tokens") or getattr(engine_args, "spec_tokens", None) or heads.num_heads
+    try:
+        build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts),
+                   max_depth=heads.num_heads)
     except ValueError as exc:
         raise ConfigError(f"afterburner.speculative.tree: {exc}") from None

@@ -61,3 +61,15 @@ def proposer_class(method: str) -> type:
 
 def config_check(method: str):
     return _load(PROPOSERS[method].check)
+
+
+def check_draft_vocab(folder: str, config, vocab_size: int) -> None:
+    """``speculative.draft_vocab`` fits ``folder``'s ranking, or one ConfigError line (every proposer)."""
+    from afterburner.plugins.config import ConfigError
+    from afterburner.spec_decode import draft_vocab
+
+    if config.speculative.draft_vocab:
+        try:
+            draft_vocab.load(folder, config.speculative.draft_vocab, vocab_size)
+        except draft_vocab.DraftVocabError as exc:
+            raise ConfigError(str(exc)) from None
