@@ -120,6 +120,20 @@ class SpeculativeSettings(_Settings):
                                          "draft length); None: the drafter's own (config.json)")
 
 
+class PromptCompressionSettings(_Settings):
+    """SpecPC per request (vLLM: ``vllm_xargs: {"specpc_capacity": C}``): a draft model reads each such
+    prompt and the engine gets the C tokens it keeps (``spec_decode/draft/specpc.py``; defaults: the paper
+    code's). The draft runs in the process that takes requests (``vllm serve``'s API server)."""
+
+    draft: str | None = Field(None, description="draft model folder sharing the target's tokenizer (`afterburner "
+                              "models draft`); None: requests asking for SpecPC are refused")
+    window: int = Field(64, ge=1, description="last prompt queries scored, and last prompt tokens always kept")
+    kernel: int = Field(64, ge=1, description="max-pool kernel over token scores")
+    neighbours: int = Field(64, ge=0, description="span kept around each top token (itself included)")
+    start_layer: int = Field(8, ge=0, description="draft layers below this one are not scored")
+    lookahead: int = Field(1, ge=1, description="tokens the draft writes greedily before scoring")
+
+
 # The section's name before proposers shared it; still read, with one warning.
 _LEGACY_SPECULATIVE_KEY = "medusa"
 
@@ -128,6 +142,7 @@ class AfterburnerConfig(_Settings):
     enabled: bool = Field(True, description="false: the plugin registers nothing")
     attention: AttentionSettings = AttentionSettings()
     speculative: SpeculativeSettings = SpeculativeSettings()
+    specpc: PromptCompressionSettings = PromptCompressionSettings()
 
     @model_validator(mode="before")
     @classmethod

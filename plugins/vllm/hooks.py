@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from afterburner.attention_backends.local_linear.model import LAMBDA_KEY
 from afterburner.attention_backends.registry import OUTPUT_METHODS, make_output
 from afterburner.patches import vllm_tree_speculation as tree_patches
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
+from afterburner.patches.vllm_prompt_compression import PROMPT_COMPRESSION
 from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
 from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
@@ -39,6 +41,10 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
         except ValueError as error:
             raise ConfigError(f"afterburner.attention.method {method!r}: {error}") from None
     composition.check_engine(vllm_config)
+    if config.enabled and config.specpc.draft:
+        from afterburner.plugins.vllm import specpc
+
+        specpc.check_engine(vllm_config)
     report.record("config", engine="vllm", where="engine_config", config=config.model_dump())
 
 
@@ -71,6 +77,53 @@ def _runner_hook(name: str):
     return hook
 
 
+@functools.cache
+def _request_refused() -> type:
+    from vllm.exceptions import VLLMValidationError
+
+    return type("RequestRefused", (VLLMValidationError, ValueError), {"__module__": __name__})
+
+
+def _bad_request(check):
+    """A hook whose ``ValueError`` refuses one request. vLLM 0.32 answers 400 only for its own client errors
+    (``VLLMClientError``): a plain ``ValueError`` raised while it takes a request becomes a 500 with an empty
+    message. Re-raised as an error that is both (``LLM.generate`` callers still catch ``ValueError``)."""
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            check(*args, **kwargs)
+        except ValueError as exc:
+            if isinstance(exc, VLLMClientError):
+                raise
+            raise _request_refused()(str(exc)) from None
+
+    hook.__name__ = check.__name__
+    return hook
+
+
+@_bad_request
+def admit_request(input_processor: Any, params: Any, *args: Any, **kwargs: Any) -> None:
+    """Before vLLM validates a request's parameters."""
+    composition.check_request(input_processor, params, *args, **kwargs)
+    if isinstance(getattr(params, "extra_args", None), dict) and "specpc_capacity" in params.extra_args:
+        from afterburner.plugins.vllm import specpc
+
+        specpc.check_request(input_processor, params)
+
+
+@_bad_request
+def compress_prompt(*args: Any, **kwargs: Any) -> None:
+    """After vLLM has made the request: SpecPC, for a request that asks for it."""
+    request = args[0]
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    if extra and "specpc_capacity" in extra:  # the common request imports nothing
+        from afterburner.plugins.vllm import specpc
+
+        specpc.on_process_inputs(*args, **kwargs)
+
+
 def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
     from afterburner.plugins.vllm import awrs_speculative  # worker processes only
 
@@ -80,7 +133,8 @@ def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
 HOOKS = {
     ENGINE_CONFIG.name: check_engine_config,
     WORKER_INIT_DEVICE.name: on_worker_device,
-    REQUEST_ADMISSION.name: composition.check_request,
+    REQUEST_ADMISSION.name: admit_request,
+    PROMPT_COMPRESSION.name: compress_prompt,
     tree_patches.SPEC_CONFIG.name: check_speculative_config,
     tree_patches.TREE_PROPOSER.name: _runner_hook("on_runner_init"),
     tree_patches.TREE_POSITIONS.name: _runner_hook("on_prepare_inputs"),

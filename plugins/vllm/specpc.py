@@ -1,4 +1,14 @@
-"""SpecPC for vLLM offline use: compress prompts with a draft model, then pass them to ``LLM.generate``.
+"""SpecPC in vLLM: per request on a server (``vllm_xargs``), or prompts compressed before ``LLM.generate``.
+
+Per request: start the engine with a draft (``--additional-config '{"afterburner": {"specpc": {"draft":
+DIR}}}'``) and ask for a capacity per request (``"vllm_xargs": {"specpc_capacity": 1024}`` on the OpenAI API,
+``SamplingParams(extra_args={"specpc_capacity": 1024})`` offline). After vLLM has tokenized the request
+(``InputProcessor.process_inputs``, patch ``vllm.prompt_compression``), a prompt longer than C is replaced by
+the C tokens the draft keeps; the engine, its prefix cache and the response's ``usage.prompt_tokens`` see
+the kept tokens. The draft runs in that process (the API server under ``vllm serve``), on the thread that
+processes requests: while it reads a long prompt, other requests' streams wait (seconds on CPU).
+
+Offline, before the engine:
 
     from afterburner.plugins.vllm.specpc import compress_prompts
     prompts = compress_prompts("drafts/smollm2-l25", ["...long prompt..."], capacity=1024)
@@ -7,19 +17,29 @@
 The draft runs in the caller's process, on CPU with transformers (``afterburner.spec_decode.draft``), before
 the engine sees the request; the engine gets plain ``TokensPrompt``s. Strings are tokenized with the draft's
 tokenizer the way vLLM tokenizes them (special tokens added), so a capacity >= the prompt's length gives the
-engine exactly the tokens it would have made itself. Not done: per-request ``vllm_xargs`` on ``vllm serve``.
+engine exactly the tokens it would have made itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from afterburner.plugins import report
+from afterburner.plugins.config import ConfigError, PromptCompressionSettings
+from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm.config_access import config_of
 from afterburner.spec_decode.draft.specpc import SpecPCSettings
 from afterburner.spec_decode.draft.specpc_draft import Compressed, Draft, compress_ids, load_draft
 
+logger = get_logger(__name__)
+REQUEST_KEY = "specpc_capacity"  # vllm_xargs / SamplingParams.extra_args
 _drafts: dict[Path, Draft] = {}  # loaded drafts by resolved folder: loading costs seconds
+_lock = threading.Lock()  # one draft run at a time (request threads may share a draft)
 
 
 def _draft(draft_dir: str | Path) -> Draft:
@@ -52,3 +72,79 @@ def compress_prompts(draft_dir: str | Path, prompts: Sequence[str | Sequence[int
     from vllm.inputs import TokensPrompt
 
     return [TokensPrompt(prompt_token_ids=r.token_ids) for r in compress(draft_dir, prompts, capacity, settings)]
+
+
+def check_engine(vllm_config: Any) -> None:
+    """At startup: the SpecPC draft folder exists and shares the served model's vocabulary (read from the
+    config files: nothing is loaded before a request asks for it)."""
+    config = config_of(vllm_config)
+    if not config.enabled or not config.specpc.draft:
+        return
+    folder = Path(config.specpc.draft)
+    try:
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"afterburner.specpc.draft: {folder} is not a model folder with a config.json naming "
+                          f"vocab_size ({type(exc).__name__}: {exc}); build one with `afterburner models draft`") \
+            from None
+    target = getattr(getattr(vllm_config.model_config, "hf_config", None), "vocab_size", None)
+    if target is not None and vocab != target:
+        raise ConfigError(f"afterburner.specpc.draft: the draft's vocabulary has {vocab} tokens, the served "
+                          f"model's {target}: the draft must share the model's tokenizer")
+
+
+def requested_capacity(extra_args: Mapping[str, Any] | None) -> int | None:
+    """The request's SpecPC capacity (None: it asks for none); ``ValueError`` when it is not an integer."""
+    if not extra_args or REQUEST_KEY not in extra_args:
+        return None
+    capacity = extra_args[REQUEST_KEY]
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} must be an integer (prompt tokens to keep), "
+                         f"got {capacity!r:.60}")
+    return capacity
+
+
+def rule_settings(settings: PromptCompressionSettings, capacity: int) -> SpecPCSettings:
+    fields = settings.model_dump(exclude={"draft"})
+    return SpecPCSettings(capacity=capacity, **fields)
+
+
+def check_request(input_processor: Any, params: Any) -> None:
+    """Admission: a request asking for SpecPC on a server that cannot give it, or with a bad capacity,
+    fails alone with one line (vLLM's 400)."""
+    capacity = requested_capacity(getattr(params, "extra_args", None))
+    if capacity is None:
+        return
+    config = config_of(getattr(input_processor, "vllm_config", None))
+    if not config.enabled or not config.specpc.draft:
+        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} needs a server started with a SpecPC draft "
+                         "(--additional-config '{\"afterburner\": {\"specpc\": {\"draft\": DIR}}}')")
+    try:
+        rule_settings(config.specpc, capacity)
+    except ValueError as exc:
+        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY}: {exc}") from None
+
+
+def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs: Any) -> None:
+    """After ``InputProcessor.process_inputs``: the request's prompt becomes what the draft keeps."""
+    params = request.sampling_params
+    capacity = requested_capacity(getattr(params, "extra_args", None))
+    if capacity is None:
+        return
+    if request.prompt_embeds is not None or request.mm_features or request.prompt_token_ids is None:
+        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} compresses token prompts only (this request "
+                         "carries prompt embeddings or multimodal inputs)")
+    config = config_of(input_processor.vllm_config)
+    prompt = list(request.prompt_token_ids)
+    if len(prompt) <= capacity:
+        report.record("specpc_request", prompt_tokens=len(prompt), kept_tokens=len(prompt), draft_seconds=0.0)
+        return
+    with _lock:
+        if Path(config.specpc.draft).resolve() not in _drafts:
+            logger.info("specpc: loading the draft %s (first request that asks for it)", config.specpc.draft)
+        result = compress_ids(_draft(config.specpc.draft), prompt, rule_settings(config.specpc, capacity))
+    request.prompt_token_ids = result.token_ids
+    logger.debug("specpc: request %s kept %d of %d prompt tokens (draft %.2f s)", request.request_id,
+                 len(result.kept), result.prompt_len, result.draft_seconds)
+    report.record("specpc_request", prompt_tokens=result.prompt_len, kept_tokens=len(result.kept),
+                  draft_seconds=result.draft_seconds)

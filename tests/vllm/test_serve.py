@@ -19,8 +19,10 @@ from afterburner.plugins.devtools.vllm_server import free_port, group_alive, pos
 def served(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     report_dir = folder / "report"
+    # the tiny model is its own SpecPC draft (per-request compression, vllm_xargs specpc_capacity)
+    section = {**AFTERBURNER_SECTION, "specpc": {"draft": str(tiny_model)}}
     with vllm_server(
-        tiny_model, "--additional-config", json.dumps({"afterburner": AFTERBURNER_SECTION}),
+        tiny_model, "--additional-config", json.dumps({"afterburner": section}),
         env={report.REPORT_DIR_ENV: str(report_dir)}, log=folder / "serve.log",
     ) as server:
         yield server, server.port, report_dir
@@ -84,6 +86,19 @@ def test_awrs_over_the_openai_api_and_a_malformed_constraint_is_a_400_for_that_r
     assert body["usage"]["completion_tokens"] == 3
 
 
+def test_specpc_per_request_over_the_openai_api(served):
+    _, port, _ = served
+    prompt = "Open the file and read every line; return a new list of the words it holds. " * 10
+    plain = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert plain["usage"]["prompt_tokens"] > 64
+    kept = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                          "vllm_xargs": {"specpc_capacity": 64}})
+    assert kept["usage"]["prompt_tokens"] == 64 and kept["usage"]["completion_tokens"] == 4
+    whole = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                           "vllm_xargs": {"specpc_capacity": 4096}})
+    assert whole["usage"] == plain["usage"] and whole["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
 # Bad requests over HTTP: each fails alone (400) or ends cleanly; the server stays healthy and answers a
 # good request exactly as before. (name, body, expected status: 400, or 200 with a clean finish)
 BAD_REQUESTS = [
@@ -99,6 +114,8 @@ BAD_REQUESTS = [
     ("max_checks zero", {"vllm_xargs": {"awrs_regex": "a", "awrs_max_checks": 0}}, 400),
     ("grammar that allows nothing", {"vllm_xargs": {"awrs_regex": "[^\\s\\S]"}}, 200),
     ("special token the vocabulary lacks", {"vllm_xargs": {"awrs_lark": "start: <|nonexistent|>"}}, 200),
+    ("SpecPC capacity below its window", {"vllm_xargs": {"specpc_capacity": 8}}, 400),
+    ("SpecPC capacity not an integer", {"vllm_xargs": {"specpc_capacity": "half"}}, 400),
     ("max_tokens zero", {"max_tokens": 0}, 400),
     ("negative temperature", {"temperature": -1}, 400),
 ]
