@@ -55,8 +55,8 @@ eval:
 # Self-distilled Medusa heads for SmolLM2: the model answers seeded prompts (vLLM), heads learn its own
 # next-token distributions. Both steps resume: the corpus is reused, training continues its checkpoint.
 MEDUSA_DIR = $(AFTERBURNER_CACHE)/medusa
-MEDUSA_CORPUS_ARGS ?= --prompts 160 --max-tokens 128
-MEDUSA_TRAIN_ARGS ?= --heads 3 --epochs 1
+MEDUSA_CORPUS_ARGS ?= --prompts 480 --max-tokens 160
+MEDUSA_TRAIN_ARGS ?= --heads 3 --epochs 2
 medusa-heads:
 	$(VLLM_VENV)/bin/afterburner models smollm2
 	$(VLLM_VENV)/bin/python scripts/medusa_corpus.py --model $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
