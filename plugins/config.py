@@ -120,6 +120,10 @@ class SpeculativeSettings(_Settings):
                                          "draft length); None: the drafter's own (config.json)")
 
 
+# The per-request field that asks for SpecPC (vLLM: vllm_xargs / SamplingParams.extra_args).
+SPECPC_REQUEST_KEY = "specpc_capacity"
+
+
 class PromptCompressionSettings(_Settings):
     """SpecPC per request (vLLM: ``vllm_xargs: {"specpc_capacity": C}``): a draft model reads each such
     prompt and the engine gets the C tokens it keeps (``spec_decode/draft/specpc.py``; defaults: the paper

@@ -14,7 +14,7 @@ from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
 from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
-from afterburner.plugins.config import ConfigError
+from afterburner.plugins.config import SPECPC_REQUEST_KEY, ConfigError
 from afterburner.plugins.vllm import composition, proposers
 from afterburner.plugins.vllm.config_access import config_of
 
@@ -107,7 +107,7 @@ def _bad_request(check):
 def admit_request(input_processor: Any, params: Any, *args: Any, **kwargs: Any) -> None:
     """Before vLLM validates a request's parameters."""
     composition.check_request(input_processor, params, *args, **kwargs)
-    if isinstance(getattr(params, "extra_args", None), dict) and "specpc_capacity" in params.extra_args:
+    if isinstance(getattr(params, "extra_args", None), dict) and SPECPC_REQUEST_KEY in params.extra_args:
         from afterburner.plugins.vllm import specpc
 
         specpc.check_request(input_processor, params)
@@ -118,7 +118,7 @@ def compress_prompt(*args: Any, **kwargs: Any) -> None:
     """After vLLM has made the request: SpecPC, for a request that asks for it."""
     request = args[0]
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
-    if extra and "specpc_capacity" in extra:  # the common request imports nothing
+    if extra and SPECPC_REQUEST_KEY in extra:  # the common request imports nothing
         from afterburner.plugins.vllm import specpc
 
         specpc.on_process_inputs(*args, **kwargs)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from afterburner.plugins import report
+from afterburner.plugins.config import SPECPC_REQUEST_KEY as REQUEST_KEY
 from afterburner.plugins.config import ConfigError, PromptCompressionSettings
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm.config_access import config_of
@@ -37,7 +38,6 @@ from afterburner.spec_decode.draft.specpc import SpecPCSettings
 from afterburner.spec_decode.draft.specpc_draft import Compressed, Draft, compress_ids, load_draft
 
 logger = get_logger(__name__)
-REQUEST_KEY = "specpc_capacity"  # vllm_xargs / SamplingParams.extra_args
 _drafts: dict[Path, Draft] = {}  # loaded drafts by resolved folder: loading costs seconds
 _lock = threading.Lock()  # one draft run at a time (request threads may share a draft)
 
