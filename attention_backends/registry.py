@@ -16,6 +16,7 @@ from afterburner.attention_backends.local_linear import method as local_linear
 from afterburner.attention_backends.selector import AttentionOutput, KVLayout, KVSelector
 from afterburner.attention_backends.sparse import block_choice
 from afterburner.attention_backends.sparse.selector import QuestSelector
+from afterburner.attention_backends.speckv.selector import SpecKVSelector
 from afterburner.attention_backends.squeezed.selector import SqueezedSelector
 
 
@@ -25,17 +26,21 @@ class AttentionMethod:
     page_size    settings -> the page size the method asks for (None: the engine's own block)
     kernel_budgets  (settings, seq_lens, page_size=, block_size=) -> blocks each sequence reads, for methods
                  whose selector chooses whole kernel blocks for a batch (``select_blocks``): an engine can
-                 then hand its own kernel compacted block tables; None: token masks, the selective op"""
+                 then hand its own kernel compacted block tables; None: token masks, the selective op
+    per_request  the selector chooses from what each request brings (``SequenceKV.request``); an engine
+                 adapter that cannot hand it over refuses the method"""
 
     make: Callable[..., KVSelector]
     page_size: Callable[[object], int | None]
     kernel_budgets: Callable[..., list[int]] | None = None
+    per_request: bool = False
 
 
 METHODS: dict[str, AttentionMethod] = {
     "sparse": AttentionMethod(QuestSelector, page_size=lambda settings: settings.page_size,
                               kernel_budgets=block_choice.settings_budgets),
     "squeezed": AttentionMethod(SqueezedSelector, page_size=lambda settings: None),
+    "speckv": AttentionMethod(SpecKVSelector, page_size=lambda settings: None, per_request=True),
 }
 
 

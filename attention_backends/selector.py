@@ -14,7 +14,9 @@ per step the adapter calls, for every layer the dense gate (``rules.DenseGate``)
 
 ``batch_selection.select_batch`` turns the per-sequence answers into the token mask that the selective op
 (``selective.selective_attention``) reads, and counts what is read. Adding a method: a folder with a class
-that satisfies ``KVSelector`` and one line in ``registry.METHODS``.
+that satisfies ``KVSelector`` and one line in ``registry.METHODS``. A *per-request* method (SpecKV) chooses
+from what each request brings (``SequenceKV.request``, computed before the engine sees the request):
+adapters that can hand that over select only for sequences that carry it, the stock kernel serves the rest.
 
 *Output methods* change the math itself (local-linear attention: a local linear fit instead of a softmax
 mean), so they choose nothing: an ``AttentionOutput`` computes the layer's output for every query of a
@@ -63,12 +65,15 @@ class SequenceKV:
     seq_len    tokens in the sequence, this step's included
     slot_of    position -> the cache slot that holds it (while cached, a slot names its content)
     read_keys  n -> the keys of positions [0, n): [n, Hkv, D]
+    request    what the sequence's request carries for a per-request method (``registry.AttentionMethod.
+               per_request``: SpecKV's kept prompt entries); None for the others
     """
 
     pages: torch.Tensor
     seq_len: int
     slot_of: Callable[[int], int]
     read_keys: Callable[[int], torch.Tensor]
+    request: object | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ENV_VAR = "AFTERBURNER_CONFIG"
 ADDITIONAL_CONFIG_KEY = "afterburner"
 
-AttentionMethod = Literal["dense", "sparse", "squeezed", "local_linear"]
+AttentionMethod = Literal["dense", "sparse", "squeezed", "local_linear", "speckv"]
 # Methods the config already knows (so their settings validate) but whose backends have not landed.
 # Choosing one is a startup error rather than a silent fall-back to dense attention.
 PLANNED_ATTENTION_METHODS: frozenset[str] = frozenset()
@@ -82,11 +82,47 @@ class LocalLinearSettings(_Settings):
     jacobi: bool = Field(False, description="Jacobi-precondition the conjugate gradient")
 
 
+# The per-request field that asks for SpecKV (vLLM: vllm_xargs), and the one afterburner itself fills with
+# the kept prompt entries on the way to the engine (a client may not send it).
+SPECKV_REQUEST_KEY = "speckv_capacity"
+SPECKV_KEEP_KEY = "afterburner_speckv_keep"
+
+
+class SpecKVSettings(_Settings):
+    """SpecKV per request (vLLM: ``attention.method: "speckv"`` and ``vllm_xargs: {"speckv_capacity": C}``): a
+    draft model writes a short answer after the prompt and its attention chooses the C prompt KV entries each
+    layer and kv head keeps for decoding (``spec_decode/draft/speckv.py``; defaults: the paper's configs).
+    The draft runs in the process that takes requests (``vllm serve``'s API server)."""
+
+    draft: str | None = Field(None, description="draft model folder sharing the target's tokenizer and kv heads "
+                              "(`afterburner models draft`); required with method speckv")
+    window: int = Field(32, ge=0, description="last prompt tokens always kept (with the look-ahead, their "
+                        "queries score the rest)")
+    kernel: int = Field(7, ge=1, description="max-pool kernel over key scores (odd)")
+    lookahead: int = Field(32, ge=1, description="tokens the draft writes greedily before scoring")
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd_kernel(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"must be odd (the paper pads kernel // 2 on each side), got {kernel}")
+        return kernel
+
+    @property
+    def dense_below_tokens(self) -> int:  # for the dense gate: the request's capacity decides instead
+        return 0
+
+    @property
+    def dense_layers(self) -> int:  # the paper keeps a choice in every layer
+        return 0
+
+
 class AttentionSettings(_Settings):
     method: AttentionMethod = "dense"
     sparse: SparseSettings = SparseSettings()
     squeezed: SqueezedSettings = SqueezedSettings()
     local_linear: LocalLinearSettings = LocalLinearSettings()
+    speckv: SpecKVSettings = SpecKVSettings()
 
     @field_validator("method")
     @classmethod

@@ -9,7 +9,8 @@ costs seconds, which the detokenizer and ``--help`` should not pay).
 ``check_flags`` runs where SGLang checks its arguments, in the user's process, and refuses with one
 ``ConfigError`` line what would otherwise fail inside the scheduler or run silently wrong:
 - a method that is planned (``config.PLANNED_ATTENTION_METHODS``, as the config itself refuses them) or
-  that is in neither table of ``attention_backends.registry`` yet;
+  that is in neither table of ``attention_backends.registry`` yet, or that chooses per request (SpecKV:
+  nothing hands a request's draft scores to SGLang's attention yet);
 - the backend for only one of prefill and decode (a selector's state is built from prefill's writes and,
   for squeezed, queries; an output method such as local-linear changes the math of both);
 - speculative decoding (verify steps write KV in a mode the summaries do not follow).
@@ -43,6 +44,9 @@ def _unavailable(name: str) -> str | None:
         reason = f"'{method}' is planned but not in this release"
     elif method not in METHODS and method not in OUTPUT_METHODS:
         reason = f"'{method}' has no SGLang backend yet"
+    elif method in METHODS and METHODS[method].per_request:
+        reason = f"'{method}' chooses per request from a draft's scores, which only afterburner's vLLM adapter hands " \
+                 "to attention so far"
     else:
         return None
     available = sorted(n for n, m in BACKENDS.items() if m not in PLANNED_ATTENTION_METHODS)

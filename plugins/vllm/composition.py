@@ -5,7 +5,7 @@ it is never served silently without one of its methods.
 Sparse attention reading whole blocks (``read_unit: "block"``) selects inside chain verification steps
 too (``compact_decode``: one choice per sequence, made with its first query, shared by its draft rows).
 Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
-- other selective attention (squeezed; sparse with ``read_unit: "page"``) with speculative decoding, and
+- other selective attention (squeezed, speckv; sparse with ``read_unit: "page"``) with speculative decoding, and
   sparse with a Medusa tree: every decode step of such an engine is a verification step, whose rows would
   read the whole KV cache;
 - local-linear attention with a token tree (Medusa, ``speculative.tree`` other than "chain"): tree
@@ -26,7 +26,7 @@ from afterburner.plugins.vllm import proposers
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.request import is_constrained
 
-SELECTIVE_METHODS = ("sparse", "squeezed")
+SELECTIVE_METHODS = ("sparse", "squeezed", "speckv")
 
 
 def check_engine(vllm_config: Any) -> None:
@@ -48,7 +48,7 @@ def check_engine(vllm_config: Any) -> None:
 def _selective_refusal(config, method: str, tree) -> str | None:
     """Why selective attention cannot serve this proposer's verification steps (None: it can: sparse
     reading whole blocks through vLLM's kernel, verification rows of a chain, ``compact_decode``)."""
-    if config.attention.method == "squeezed" or config.attention.sparse.read_unit != "block":
+    if config.attention.method != "sparse" or config.attention.sparse.read_unit != "block":
         return ("its verification steps would read the whole KV cache (only sparse attention with "
                 "read_unit \"block\" selects inside verification steps); use one of them")
     if method == "medusa" and tree != "chain":

@@ -21,6 +21,9 @@ With a method on, per layer:
   the selective torch op over the selector's token mask (``batch_selection.select_batch``); steps with a
   prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch and then
   recompute their long decode rows with the selective op (those rows cost twice).
+- ``forward``, for per-request methods (SpecKV): the stock kernel for the step, then the decode rows whose
+  request carries its kept prompt entries (``StepMetadata.kept_rows``, from the runner hook
+  ``speckv.on_prepare_inputs``) again through the selective op over them;
 - ``forward``, for output methods (``registry.OUTPUT_METHODS``: local-linear): every step's output, prefill
   and decode, from the method's own op over the cache (``output_attention``); nothing is selected.
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
@@ -55,6 +58,7 @@ from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import attention_method, compact_decode, output_attention
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
+from afterburner.plugins.vllm.speckv import KeptRowsReceiver
 from afterburner.plugins.vllm.verify_step import VerifyStep, VerifyStepReceiver
 from afterburner.spec_decode.tree_attention import tree_verify_attention
 
@@ -66,22 +70,26 @@ logger = get_logger(__name__)
 @dataclass
 class StepMetadata(CPUAttentionMetadata):
     """CPU_ATTN's metadata plus what afterburner planned for the step: the tree verification step it
-    belongs to, or the selective decode plan (``compact_decode``) and its count of dense decode rows."""
+    belongs to, or the selective decode plan (``compact_decode``) and its count of dense decode rows; for a
+    per-request method (SpecKV), each batch row's kept prompt entries (None: the row's request did not ask)."""
 
     verify_step: VerifyStep | None = None
     decode_plan: compact_decode.DecodePlan | None = None
     dense_decode_rows: compact_decode.DenseRows = compact_decode.DenseRows()
+    kept_rows: tuple | None = None
 
 
-class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, CPUAttentionMetadataBuilder):
+class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._planner = _decode_planner(self, vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        step = self.take_step()
+        step, kept = self.take_step(), self.take_kept()
         extra = {"verify_step": step} if step is not None else self._planner(metadata) if self._planner else {}
+        if kept is not None:
+            extra = {**extra, "kept_rows": kept}
         if not extra:
             return metadata
         return StepMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **extra)
@@ -116,7 +124,8 @@ def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
     return plan
 
 
-def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor, page: int) -> SequenceKV:
+def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor, page: int,
+              request: object | None = None) -> SequenceKV:
     """Sequence b of a vLLM batch in pages of ``page`` tokens (key_cache [NB, BS, Hkv, D])."""
     block_size = key_cache.shape[1]
     per_block, n_pages = block_size // page, -(-seq_len // page)
@@ -125,7 +134,7 @@ def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor
     return SequenceKV(
         pages=pages, seq_len=seq_len,
         slot_of=lambda p: int(table[b, p // block_size]) * block_size + p % block_size,
-        read_keys=lambda n: gather_sequence(key_cache, table[b], n))
+        read_keys=lambda n: gather_sequence(key_cache, table[b], n), request=request)
 
 
 def _prefill_chunks(metadata, block_size: int, page: int) -> list[PrefillChunk]:
@@ -222,6 +231,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         selector, block_size = self._selector_for(kv_cache), kv_cache.shape[2]
         if registry.kernel_budgets(self.method.name, self.method.settings) is not None:
             return self._kernel_decode(layer, query, key, value, kv_cache, m, output)
+        if METHODS[self.method.name].per_request:
+            return self._per_request(layer, q, query, key, value, kv_cache, m, output)
         # Steps with a prefill chunk run the stock kernel for the whole batch (prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it); their long decode rows are
         # then recomputed selectively, so a sequence's decode does not depend on what shares its step.
@@ -237,6 +248,17 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         if self.method.gate.sequence_is_dense(m.max_seq_len):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         self._selective(layer, q, kv_cache, m, list(range(m.seq_lens.shape[0])), output, mixed=False)
+        return output
+
+    def _per_request(self, layer, q, query, key, value, kv_cache, m, output):
+        """Per-request methods (SpecKV): the stock kernel for the step, then the decode rows whose request
+        carries a choice again through the selective op (those rows cost twice)."""
+        output = super().forward(layer, query, key, value, kv_cache, m, output)
+        kept = getattr(m, "kept_rows", None) or ()
+        starts = m.query_start_loc.tolist()
+        rows = [b for b, row in enumerate(kept) if row is not None and starts[b + 1] - starts[b] == 1]
+        if rows:
+            self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > 1)
         return output
 
     def _kernel_decode(self, layer, query, key, value, kv_cache, m, output):
@@ -268,7 +290,9 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         token_rows = m.query_start_loc[index].long()  # each row's one query
         table, seq_lens = m.block_table[index], m.seq_lens[index]
         lengths = seq_lens.tolist()
-        sequences = [_sequence(i, seq_len, table, key_cache, self._page) for i, seq_len in enumerate(lengths)]
+        kept = getattr(m, "kept_rows", None)
+        sequences = [_sequence(i, seq_len, table, key_cache, self._page, kept[rows[i]] if kept else None)
+                     for i, seq_len in enumerate(lengths)]
         query = q[token_rows]
         token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=query,
                                   sequences=sequences, page_size=self._page, num_kv_heads=self.num_kv_heads,

@@ -14,7 +14,7 @@ from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
 from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
-from afterburner.plugins.config import SPECPC_REQUEST_KEY, ConfigError
+from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY, SPECPC_REQUEST_KEY, ConfigError
 from afterburner.plugins.vllm import composition, proposers
 from afterburner.plugins.vllm.config_access import config_of
 
@@ -45,6 +45,10 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
         from afterburner.plugins.vllm import specpc
 
         specpc.check_engine(vllm_config)
+    if config.enabled and config.attention.method == "speckv":
+        from afterburner.plugins.vllm import speckv
+
+        speckv.check_engine(vllm_config)
     report.record("config", engine="vllm", where="engine_config", config=config.model_dump())
 
 
@@ -77,6 +81,18 @@ def _runner_hook(name: str):
     return hook
 
 
+_tree_positions = _runner_hook("on_prepare_inputs")
+
+
+def on_prepare_inputs(*args: Any, **kwargs: Any) -> None:
+    """After the runner's ``_prepare_inputs``: tree positions and the verification step, then each row's
+    SpecKV choice, for the attention metadata of the step."""
+    from afterburner.plugins.vllm import speckv
+
+    _tree_positions(*args, **kwargs)
+    speckv.on_prepare_inputs(*args, **kwargs)
+
+
 @functools.cache
 def _request_refused() -> type:
     from vllm.exceptions import VLLMValidationError
@@ -107,21 +123,30 @@ def _bad_request(check):
 def admit_request(input_processor: Any, params: Any, *args: Any, **kwargs: Any) -> None:
     """Before vLLM validates a request's parameters."""
     composition.check_request(input_processor, params, *args, **kwargs)
-    if isinstance(getattr(params, "extra_args", None), dict) and SPECPC_REQUEST_KEY in params.extra_args:
+    extra = getattr(params, "extra_args", None)
+    if isinstance(extra, dict) and SPECPC_REQUEST_KEY in extra:
         from afterburner.plugins.vllm import specpc
 
         specpc.check_request(input_processor, params)
+    if isinstance(extra, dict) and (SPECKV_REQUEST_KEY in extra or SPECKV_KEEP_KEY in extra):
+        from afterburner.plugins.vllm import speckv
+
+        speckv.check_request(input_processor, params)
 
 
 @_bad_request
 def compress_prompt(*args: Any, **kwargs: Any) -> None:
-    """After vLLM has made the request: SpecPC, for a request that asks for it."""
+    """After vLLM has made the request: SpecPC, then SpecKV (on what SpecPC kept), for a request that asks."""
     request = args[0]
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
     if extra and SPECPC_REQUEST_KEY in extra:  # the common request imports nothing
         from afterburner.plugins.vllm import specpc
 
         specpc.on_process_inputs(*args, **kwargs)
+    if extra and SPECKV_REQUEST_KEY in extra:
+        from afterburner.plugins.vllm import speckv
+
+        speckv.on_process_inputs(*args, **kwargs)
 
 
 def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
@@ -137,7 +162,7 @@ HOOKS = {
     PROMPT_COMPRESSION.name: compress_prompt,
     tree_patches.SPEC_CONFIG.name: check_speculative_config,
     tree_patches.TREE_PROPOSER.name: _runner_hook("on_runner_init"),
-    tree_patches.TREE_POSITIONS.name: _runner_hook("on_prepare_inputs"),
+    tree_patches.TREE_POSITIONS.name: on_prepare_inputs,
     tree_patches.TREE_ACCEPTANCE.name: _runner_hook("on_rejection_sample"),
     tree_patches.TREE_BOOKKEEPING.name: _runner_hook("on_propose"),
     SPECULATIVE_AWRS.name: _speculative_awrs,

@@ -39,12 +39,14 @@ from afterburner.spec_decode.draft.specpc_draft import Compressed, Draft, compre
 
 logger = get_logger(__name__)
 _drafts: dict[Path, Draft] = {}  # loaded drafts by resolved folder: loading costs seconds
-_lock = threading.Lock()  # one draft run at a time (request threads may share a draft)
+DRAFT_LOCK = threading.Lock()  # one draft run at a time (request threads share drafts; SpecKV too)
 
 
-def _draft(draft_dir: str | Path) -> Draft:
+def loaded_draft(draft_dir: str | Path) -> Draft:
+    """This process's draft from ``draft_dir`` (loaded at first use; said once)."""
     path = Path(draft_dir).resolve()
     if path not in _drafts:
+        logger.info("afterburner: loading the draft %s (first request that asks for it)", path)
         _drafts[path] = load_draft(path)
     return _drafts[path]
 
@@ -53,7 +55,7 @@ def compress(draft_dir: str | Path, prompts: Sequence[str | Sequence[int] | dict
              settings: SpecPCSettings | None = None) -> list[Compressed]:
     """SpecPC on each prompt (a string, token ids, or a ``TokensPrompt``-like dict with ``prompt_token_ids``)."""
     settings = replace(settings or SpecPCSettings(capacity=capacity), capacity=capacity)
-    draft = _draft(draft_dir)
+    draft = loaded_draft(draft_dir)
     results = []
     for prompt in prompts:
         if isinstance(prompt, str):
@@ -78,28 +80,33 @@ def check_engine(vllm_config: Any) -> None:
     """At startup: the SpecPC draft folder exists and shares the served model's vocabulary (read from the
     config files: nothing is loaded before a request asks for it)."""
     config = config_of(vllm_config)
-    if not config.enabled or not config.specpc.draft:
-        return
-    folder = Path(config.specpc.draft)
+    if config.enabled and config.specpc.draft:
+        draft_config(config.specpc.draft, vllm_config, where="afterburner.specpc.draft")
+
+
+def draft_config(folder: str | Path, vllm_config: Any, *, where: str) -> dict:
+    """A draft folder's config.json, checked against the served model's vocabulary (``ConfigError``)."""
+    folder = Path(folder)
     try:
-        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        draft = json.loads((folder / "config.json").read_text())
+        vocab = draft["vocab_size"]
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"afterburner.specpc.draft: {folder} is not a model folder with a config.json naming "
-                          f"vocab_size ({type(exc).__name__}: {exc}); build one with `afterburner models draft`") \
-            from None
+        raise ConfigError(f"{where}: {folder} is not a model folder with a config.json naming vocab_size "
+                          f"({type(exc).__name__}: {exc}); build one with `afterburner models draft`") from None
     target = getattr(getattr(vllm_config.model_config, "hf_config", None), "vocab_size", None)
     if target is not None and vocab != target:
-        raise ConfigError(f"afterburner.specpc.draft: the draft's vocabulary has {vocab} tokens, the served "
-                          f"model's {target}: the draft must share the model's tokenizer")
+        raise ConfigError(f"{where}: the draft's vocabulary has {vocab} tokens, the served model's {target}: the "
+                          "draft must share the model's tokenizer")
+    return draft
 
 
-def requested_capacity(extra_args: Mapping[str, Any] | None) -> int | None:
-    """The request's SpecPC capacity (None: it asks for none); ``ValueError`` when it is not an integer."""
-    if not extra_args or REQUEST_KEY not in extra_args:
+def requested_capacity(extra_args: Mapping[str, Any] | None, key: str = REQUEST_KEY) -> int | None:
+    """The request's capacity under ``key`` (None: it asks for none); ``ValueError`` when not an integer."""
+    if not extra_args or key not in extra_args:
         return None
-    capacity = extra_args[REQUEST_KEY]
+    capacity = extra_args[key]
     if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} must be an integer (prompt tokens to keep), "
+        raise ValueError(f"afterburner: vllm_xargs {key} must be an integer (prompt tokens to keep), "
                          f"got {capacity!r:.60}")
     return capacity
 
@@ -139,10 +146,8 @@ def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs
     if len(prompt) <= capacity:
         report.record("specpc_request", prompt_tokens=len(prompt), kept_tokens=len(prompt), draft_seconds=0.0)
         return
-    with _lock:
-        if Path(config.specpc.draft).resolve() not in _drafts:
-            logger.info("specpc: loading the draft %s (first request that asks for it)", config.specpc.draft)
-        result = compress_ids(_draft(config.specpc.draft), prompt, rule_settings(config.specpc, capacity))
+    with DRAFT_LOCK:
+        result = compress_ids(loaded_draft(config.specpc.draft), prompt, rule_settings(config.specpc, capacity))
     request.prompt_token_ids = result.token_ids
     logger.debug("specpc: request %s kept %d of %d prompt tokens (draft %.2f s)", request.request_id,
                  len(result.kept), result.prompt_len, result.draft_seconds)

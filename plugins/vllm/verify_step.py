@@ -46,9 +46,13 @@ class VerifyStepReceiver:
         return step
 
 
+def builders_of(runner, kind: type) -> list:
+    """The metadata builders of ``runner`` that are ``kind`` (afterburner's receivers)."""
+    return [builder for group in itertools.chain.from_iterable(runner.attn_groups)
+            for builder in group.metadata_builders if isinstance(builder, kind)]
+
+
 def hand_to_builders(runner, step: VerifyStep | None) -> None:
     """Give ``step`` (None: no tree this step) to each afterburner metadata builder of ``runner``."""
-    for group in itertools.chain.from_iterable(runner.attn_groups):
-        for builder in group.metadata_builders:
-            if isinstance(builder, VerifyStepReceiver):
-                builder.pending_step = step
+    for builder in builders_of(runner, VerifyStepReceiver):
+        builder.pending_step = step

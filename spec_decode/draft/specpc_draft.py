@@ -11,6 +11,7 @@ window rows are [H, min(window, L), L], which is all the rule reads. The paper's
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 from collections.abc import Sequence
@@ -40,6 +41,16 @@ def _window_attention(module, query, key, value, attention_mask, scaling, dropou
     future = torch.arange(keys)[None, :] > positions[:, None]  # [rows, K]
     weights = torch.softmax((logits * scaling).masked_fill(future, float("-inf")), dim=-1)
     return output, weights
+
+
+@contextlib.contextmanager
+def scored_rows(rows: int):
+    """Inside: each layer returns the softmax rows of its last ``rows`` queries as its attention weights."""
+    token = _WINDOW.set(rows)
+    try:
+        yield
+    finally:
+        _WINDOW.reset(token)
 
 
 def register_attention() -> None:
@@ -80,19 +91,15 @@ def draft_scores(model, prompt_ids: Sequence[int], settings: SpecPCSettings) -> 
     layers = model.config.num_hidden_layers
     start = min(settings.start_layer, layers - 1)  # a draft of <= start_layer layers: its last layer alone
     kwargs = dict(prompt_len=len(prompt_ids), start_layer=start, weighted_query=settings.weighted_query)
-    token = _WINDOW.set(settings.window)
-    try:
-        with torch.inference_mode():
-            out = model(torch.tensor([list(prompt_ids)]), use_cache=True, output_attentions=True)
-            scores = step_scores([a[0] for a in out.attentions], **kwargs)
-            generated = [int(out.logits[0, -1].argmax())]
-            for _ in range(settings.lookahead - 1):  # feed back all but the last generated token
-                out = model(torch.tensor([[generated[-1]]]), past_key_values=out.past_key_values, use_cache=True,
-                            output_attentions=True)
-                scores = torch.maximum(scores, step_scores([a[0] for a in out.attentions], **kwargs))
-                generated.append(int(out.logits[0, -1].argmax()))
-    finally:
-        _WINDOW.reset(token)
+    with scored_rows(settings.window), torch.inference_mode():
+        out = model(torch.tensor([list(prompt_ids)]), use_cache=True, output_attentions=True)
+        scores = step_scores([a[0] for a in out.attentions], **kwargs)
+        generated = [int(out.logits[0, -1].argmax())]
+        for _ in range(settings.lookahead - 1):  # feed back all but the last generated token
+            out = model(torch.tensor([[generated[-1]]]), past_key_values=out.past_key_values, use_cache=True,
+                        output_attentions=True)
+            scores = torch.maximum(scores, step_scores([a[0] for a in out.attentions], **kwargs))
+            generated.append(int(out.logits[0, -1].argmax()))
     return scores, generated
 
 

