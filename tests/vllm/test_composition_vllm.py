@@ -40,6 +40,8 @@ def _engine_config(model, spec, section):
     ("hamburger", {"attention": {"method": "squeezed"}}, "'squeezed' with speculative decoding \\('hamburger'\\) "
                                                           "is not supported yet: its verification steps would read"),
     ("medusa", {"attention": {"method": "squeezed"}, "speculative": {"tree": "chain"}}, "'squeezed' with speculative"),
+    ("hamburger", {"attention": {"method": "speckv"}}, "'speckv' with speculative decoding \\('hamburger'\\) "
+                                                        "is not supported yet: its verification steps would read"),
     ("hamburger", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}},
      "only sparse attention with read_unit \"block\" selects inside verification steps"),
     ("medusa", {"attention": {"method": "sparse"}}, "a Medusa token tree is verified with tree attention"),

@@ -9,18 +9,29 @@ import urllib.request
 
 import pytest
 import regex
+import torch
 from engine_args import AFTERBURNER_SECTION
+from transformers import AutoModelForCausalLM
 
 from afterburner.plugins import report
 from afterburner.plugins.devtools.vllm_server import free_port, group_alive, post, serve_command, vllm_server
+from afterburner.spec_decode.draft.speckv import SpecKVSettings
+from afterburner.spec_decode.draft.speckv_draft import speckv_keep
+from afterburner.spec_decode.draft.speckv_reference import ATTENTION, greedy_with_kept, register_attention
+from afterburner.spec_decode.draft.specpc_draft import load_draft
+
+SPECKV_SETTINGS = {"window": 16, "lookahead": 4}
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     report_dir = folder / "report"
-    # the tiny model is its own SpecPC draft (per-request compression, vllm_xargs specpc_capacity)
-    section = {**AFTERBURNER_SECTION, "specpc": {"draft": str(tiny_model)}}
+    # the tiny model is its own SpecPC and SpecKV draft (per request: vllm_xargs specpc_capacity,
+    # speckv_capacity; requests that ask for neither run vLLM's kernel)
+    attention = {**AFTERBURNER_SECTION["attention"], "method": "speckv",
+                 "speckv": {"draft": str(tiny_model), **SPECKV_SETTINGS}}
+    section = {**AFTERBURNER_SECTION, "attention": attention, "specpc": {"draft": str(tiny_model)}}
     with vllm_server(
         tiny_model, "--additional-config", json.dumps({"afterburner": section}),
         env={report.REPORT_DIR_ENV: str(report_dir)}, log=folder / "serve.log",
@@ -99,6 +110,25 @@ def test_specpc_per_request_over_the_openai_api(served):
     assert whole["usage"] == plain["usage"] and whole["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
+def test_speckv_per_request_over_the_openai_api(served, tiny_model):
+    """The choice crosses from the API server to the engine process inside the request; the engine decodes
+    over it exactly as the plain-torch reference does."""
+    _, port, _ = served
+    prompt = "Open the file and read every line; return a new list of the words it holds. " * 10
+    asked = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    plain = post(port, "/v1/completions", asked)
+    kept = post(port, "/v1/completions", {**asked, "vllm_xargs": {"speckv_capacity": 64}})
+    prompt_ids = kept["choices"][0]["prompt_token_ids"]
+    assert kept["usage"] == plain["usage"] and len(prompt_ids) > 2 * 64  # SpecKV shortens no prompt
+    register_attention()
+    draft = load_draft(tiny_model)  # the tiny model is its own draft: the choice the API server made
+    mask = speckv_keep(draft, prompt_ids, SpecKVSettings(capacity=64, **SPECKV_SETTINGS), target_layers=2).mask
+    target = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=ATTENTION)
+    assert kept["choices"][0]["token_ids"] == greedy_with_kept(target.eval(), prompt_ids, mask, 8)
+    assert greedy_with_kept(target, prompt_ids, None, 8) == plain["choices"][0]["token_ids"]
+    assert kept["choices"][0]["token_ids"] != plain["choices"][0]["token_ids"]  # the choice acted
+
+
 # Bad requests over HTTP: each fails alone (400) or ends cleanly; the server stays healthy and answers a
 # good request exactly as before. (name, body, expected status: 400, or 200 with a clean finish)
 BAD_REQUESTS = [
@@ -116,6 +146,8 @@ BAD_REQUESTS = [
     ("special token the vocabulary lacks", {"vllm_xargs": {"awrs_lark": "start: <|nonexistent|>"}}, 200),
     ("SpecPC capacity below its window", {"vllm_xargs": {"specpc_capacity": 8}}, 400),
     ("SpecPC capacity not an integer", {"vllm_xargs": {"specpc_capacity": "half"}}, 400),
+    ("SpecKV capacity within its window", {"vllm_xargs": {"speckv_capacity": 16}}, 400),
+    ("SpecKV choice sent by the client", {"vllm_xargs": {"afterburner_speckv_keep": {"shape": [1], "bits": ""}}}, 400),
     ("max_tokens zero", {"max_tokens": 0}, 400),
     ("negative temperature", {"temperature": -1}, 400),
 ]
