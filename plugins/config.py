@@ -99,7 +99,8 @@ class SpecKVSettings(_Settings):
     window: int = Field(32, ge=0, description="last prompt tokens always kept (with the look-ahead, their "
                         "queries score the rest)")
     kernel: int = Field(7, ge=1, description="max-pool kernel over key scores (odd)")
-    lookahead: int = Field(32, ge=1, description="tokens the draft writes greedily before scoring")
+    lookahead: int = Field(32, ge=0, description="tokens the draft writes greedily before scoring (0: none, the "
+                           "last window's queries alone, as SnapKV)")
 
     @field_validator("kernel")
     @classmethod

@@ -252,11 +252,14 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
 
     def _per_request(self, layer, q, query, key, value, kv_cache, m, output):
         """Per-request methods (SpecKV): the stock kernel for the step, then the decode rows whose request
-        carries a choice again through the selective op (those rows cost twice)."""
+        carries a choice again through the selective op (those rows cost twice). A single query at or before
+        the prompt's end (a prefix-cache hit recomputes the last prompt token) is prefill: the first token
+        always comes from the whole prompt, whatever the cache held."""
         output = super().forward(layer, query, key, value, kv_cache, m, output)
         kept = getattr(m, "kept_rows", None) or ()
-        starts = m.query_start_loc.tolist()
-        rows = [b for b, row in enumerate(kept) if row is not None and starts[b + 1] - starts[b] == 1]
+        starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+        rows = [b for b, row in enumerate(kept)
+                if row is not None and starts[b + 1] - starts[b] == 1 and seq_lens[b] > row.shape[-1]]
         if rows:
             self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > 1)
         return output

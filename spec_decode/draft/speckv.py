@@ -36,14 +36,15 @@ class SpecKVSettings:
     capacity: int = 512  # C: prompt KV entries kept per layer and kv head, besides the last prompt token
     window: int = 32  # last prompt tokens always kept (their queries, and the look-ahead's, score the rest)
     kernel: int = 7  # max-pool kernel over key scores (odd)
-    lookahead: int = 32  # tokens the draft writes greedily (the approximate answer)
+    lookahead: int = 32  # tokens the draft writes greedily (the approximate answer; 0: SnapKV, the window alone)
 
     def __post_init__(self):
-        for name in ("capacity", "kernel", "lookahead"):
+        for name in ("capacity", "kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SpecKVSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.window < 0:
-            raise ValueError(f"SpecKVSettings.window must be >= 0, got {self.window}")
+        for name in ("window", "lookahead"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SpecKVSettings.{name} must be >= 0, got {getattr(self, name)}")
         if self.kernel % 2 == 0:
             raise ValueError(f"SpecKVSettings.kernel must be odd (the paper pads kernel // 2 each side), got "
                              f"{self.kernel}")

@@ -43,7 +43,7 @@ def draft_layer_scores(model, prompt_ids: Sequence[int], settings: SpecKVSetting
                       for s, a in zip(scores, out.attentions, strict=True)]
             if i + 1 < settings.lookahead:
                 generated.append(int(out.logits[0, -1].argmax()))
-    return scores, generated
+    return scores, generated[:settings.lookahead]
 
 
 def speckv_keep(draft: Draft, prompt_ids: Sequence[int], settings: SpecKVSettings, *, target_layers: int) -> KeptKV:

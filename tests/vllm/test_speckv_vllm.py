@@ -40,7 +40,8 @@ def test_engine_decodes_over_the_drafts_choice(result, reference):
         assert mask.sum(-1).eq(CAPACITY + 1).all() and mask[:, :, -WINDOW - 1:].all()
         expected = greedy_with_kept(reference, result["prompt_ids"][row], mask, MAX_TOKENS)
         assert result["chosen"][row] == expected, row
-    assert result["chosen"][4] == result["chosen"][0]  # the prefix-cache hit chose and decoded the same
+    assert result["chosen"][4] == result["chosen"][0]  # asked twice in one batch: the same choice and tokens
+    assert result["again"] == result["chosen"][:2]  # whole prompts cached: the first token still from all of it
     assert result["chosen"][0] != result["plain"][0] or result["chosen"][1] != result["plain"][1]
 
 
@@ -62,4 +63,5 @@ def test_bad_requests_are_refused_in_one_line_and_reports_count_the_rest(result)
     assert forged and "afterburner_speckv_keep" in forged and "\n" not in forged
     asked = [len(ids) for ids, ask in zip(result["prompt_ids"], result["asks"], strict=True) if ask]
     expected = [(n, n) for n in asked] + [(n, CAPACITY + 1 if n > CAPACITY else n) for n in asked]
+    expected += [(n, CAPACITY + 1) for n in asked[:2]]  # the cached pair
     assert sorted(map(tuple, result["events"])) == sorted(expected)

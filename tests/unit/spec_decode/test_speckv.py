@@ -111,7 +111,7 @@ def _eager_scores(eager, ids, lookahead_ids, settings):
     return out, [reduce_rows(a[0][:, -rows:], kv_heads, settings.scored_keys(len(ids))) for a in out.attentions]
 
 
-@pytest.mark.parametrize("lookahead,window", [(1, 32), (6, 16), (3, 0)])
+@pytest.mark.parametrize("lookahead,window", [(1, 32), (6, 16), (3, 0), (0, 32)])
 def test_draft_scores_equal_one_eager_pass_over_prompt_and_lookahead(draft, eager, lookahead, window):
     ids = draft.tokenizer(TEXT).input_ids
     settings = SpecKVSettings(capacity=window + 40, window=window, lookahead=lookahead)

