@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passkey_serve import documents  # noqa: E402  (also sets the engine's environment)
-from specpc_quality import capacities, summarize  # noqa: E402
+import passkey_serve  # noqa: E402, F401  (sets the engine's environment)
+from specpc_quality import add_passkey_arguments, capacities, passkey_setup, summarize  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "speckv_quality.json"
 METHODS = ("speckv", "snapkv", "recent")
@@ -116,36 +116,17 @@ def _run(model: Path, requests: list, section: dict, max_len: int) -> dict:
 
 def main() -> None:
     import torch
-    from transformers import AutoTokenizer
 
-    from afterburner.plugins.cli.models import build_smollm2
-    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.plugins.devtools.provenance import exit_if_refused, write_result
     from afterburner.plugins.vllm.speckv import pack
-    from afterburner.spec_decode.draft.derive import derive_draft
     from afterburner.spec_decode.draft.speckv import SpecKVSettings, layer_masks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--docs", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.125])
-    parser.add_argument("--draft-layers", type=int, default=25)
+    add_passkey_arguments(parser, docs=12, out=OUT)
     parser.add_argument("--lookahead", type=int, default=32)
-    parser.add_argument("--out", default=str(OUT))
-    add_allow_dirty_argument(parser)
     args = parser.parse_args()
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-
-    model = build_smollm2()
-    draft = model.parent.parent / "drafts" / f"{model.name}-l{args.draft_layers}"
-    if not (draft / "config.json").is_file():
-        print(f"[speckv] deriving the draft {draft} ...", file=sys.stderr, flush=True)
-        derive_draft(model, draft, layers=args.draft_layers)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    docs = documents(tokenizer, args.lengths, args.docs, args.seed)
-    for doc in docs:
-        doc["ids"] = tokenizer(doc["prompt"]).input_ids  # what vLLM makes of the string
+    model, draft, docs = passkey_setup(args, tag="speckv")
     scored = score_documents(docs, {"speckv": (draft, args.lookahead), "snapkv": (model, 0)})
     layers = 30
 

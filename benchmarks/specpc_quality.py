@@ -75,38 +75,51 @@ def _worker(args: argparse.Namespace) -> None:
     print_result({"seconds": time.perf_counter() - started, "answers": [o.outputs[0].text for o in outputs]})
 
 
-def main() -> None:
-    import tempfile
+def add_passkey_arguments(parser: argparse.ArgumentParser, *, docs: int, out: Path) -> None:
+    """The document set, budgets, draft and output of a draft-guided passkey benchmark."""
+    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument
 
-    from transformers import AutoTokenizer
-
-    from afterburner.plugins.cli.models import build_smollm2
-    from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
-    from afterburner.plugins.devtools.worker import run_worker_or_exit
-    from afterburner.spec_decode.draft.derive import derive_draft
-    from afterburner.spec_decode.draft.specpc import SpecPCSettings, select
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--docs", type=int, default=24)
+    parser.add_argument("--docs", type=int, default=docs)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.125])
     parser.add_argument("--draft-layers", type=int, default=25)
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--out", default=str(out))
     add_allow_dirty_argument(parser)
-    args = parser.parse_args()
-    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+
+
+def passkey_setup(args: argparse.Namespace, *, tag: str) -> tuple[Path, Path, list[dict]]:
+    """SmolLM2, its draft of ``--draft-layers`` layers (derived once) and the documents with their token ids."""
+    from transformers import AutoTokenizer
+
+    from afterburner.plugins.cli.models import build_smollm2
+    from afterburner.spec_decode.draft.derive import derive_draft
 
     model = build_smollm2()
     draft = model.parent.parent / "drafts" / f"{model.name}-l{args.draft_layers}"
     if not (draft / "config.json").is_file():
-        print(f"[specpc] deriving the draft {draft} ...", file=sys.stderr, flush=True)
+        print(f"[{tag}] deriving the draft {draft} ...", file=sys.stderr, flush=True)
         derive_draft(model, draft, layers=args.draft_layers)
     tokenizer = AutoTokenizer.from_pretrained(model)
     docs = documents(tokenizer, args.lengths, args.docs, args.seed)
     for doc in docs:
         doc["ids"] = tokenizer(doc["prompt"]).input_ids  # what vLLM makes of the string
+    return model, draft, docs
+
+
+def main() -> None:
+    import tempfile
+
+    from afterburner.plugins.devtools.provenance import exit_if_refused, write_result
+    from afterburner.plugins.devtools.worker import run_worker_or_exit
+    from afterburner.spec_decode.draft.specpc import SpecPCSettings, select
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_passkey_arguments(parser, docs=24, out=OUT)
+    args = parser.parse_args()
+    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+    model, draft, docs = passkey_setup(args, tag="specpc")
     scored = score_documents(docs, {"specpc": draft, "own-attention": model})
 
     # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once

@@ -8,6 +8,10 @@ registered and did in each engine process. Each feature issue adds its own secti
 - selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, whole 32-token blocks) and
   ``"squeezed"`` (threshold calibrated to keep ~1/4) answer a ~1,750-token passkey prompt next to dense
   attention: the answers and the share of the context's KV that their decode steps read.
+- SpecPC: the dense afterburner server has a draft (SmolLM2's first 25 layers, derived once in seconds)
+  and answers the same passkey prompt whole and compressed per request to C = 512 tokens
+  (``vllm_xargs specpc_capacity``): the answers, the share of the prompt kept and the time to the first
+  token (a one-token request) with and without compression, the draft's scoring included.
 - Medusa: a fourth server with ``--speculative-config`` (afterburner's tree of 16 nodes over 3 heads)
   answers a chat request next to the same server without speculation: the same text, in fewer engine
   steps. It uses the heads ``make medusa-heads`` trains if they exist, else untrained "echo" heads built
@@ -40,6 +44,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
     os.environ.setdefault(key, value)
 
 CONFIG = {"afterburner": {"attention": {"method": "dense"}}}
+SPECPC_CAPACITY = 512
+SPECPC_DRAFT_LAYERS = 25
 SPARSE_CONFIG = {"afterburner": {"attention": {"method": "sparse", "sparse": {"budget_ratio": 0.25,
                                                                              "dense_below_tokens": 512}}}}
 SQUEEZED_CONFIG = {"afterburner": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
@@ -111,7 +117,7 @@ def _constrained_section(servers: dict[str, VllmServer], report_dir: Path) -> bo
 
 
 def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
-    doc = read_jsonl(TASKS_DIR / "afterburner_passkey" / "afterburner_passkey_2048.jsonl")[0]
+    doc = _passkey_doc()
     body = {"prompt": passkey_prompt(doc["context"]), "max_tokens": 12}
     print(f"\nSelective attention: passkey prompt of ~{len(body['prompt']) // 4} tokens, key {doc['passkey']}")
     for name, label in (("afterburner", "dense"), ("sparse", "sparse 1/4"), ("squeezed", "squeezed ~1/4")):
@@ -132,6 +138,44 @@ def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
         print(f"  squeezed decode steps read {stats['tokens_read'] / max(1, stats['tokens_in_context']):.0%} of the "
               f"context's keys ({stats['indexes_built']} layer indexes built) over {stats['forward_calls']} "
               "layer calls")
+
+
+def _passkey_doc(index: int = 0) -> dict:
+    return read_jsonl(TASKS_DIR / "afterburner_passkey" / "afterburner_passkey_2048.jsonl")[index]
+
+
+def specpc_draft(model: Path) -> Path:
+    """SmolLM2's first 25 layers as a SpecPC draft (``afterburner models draft``; seconds, once)."""
+    draft = cache_root() / "drafts" / f"{model.name}-l{SPECPC_DRAFT_LAYERS}"
+    if not (draft / "config.json").is_file():
+        from afterburner.spec_decode.draft.derive import derive_draft
+
+        print(f"[demo] deriving the SpecPC draft {draft} ...", flush=True)
+        derive_draft(model, draft, layers=SPECPC_DRAFT_LAYERS)
+    return draft
+
+
+def _specpc_section(server: VllmServer) -> None:
+    """SpecPC is lossy: the answers are printed side by side, not required to match."""
+    doc = _passkey_doc(1)  # a prompt no server has cached yet
+    body = {"prompt": passkey_prompt(doc["context"]), "temperature": 0}
+    print(f"\nSpecPC prompt compression (draft: SmolLM2's first {SPECPC_DRAFT_LAYERS} of 30 layers), a passkey "
+          f"prompt of ~{len(body['prompt']) // 4} tokens, key {doc['passkey']}:")
+    answers, first_token = {}, {}
+    for label, extra in (("whole prompt", {}), (f"C = {SPECPC_CAPACITY}",
+                                                {"vllm_xargs": {"specpc_capacity": SPECPC_CAPACITY}})):
+        started = time.perf_counter()
+        first = server.post("/v1/completions", {**body, **extra, "max_tokens": 1})
+        first_token[label] = to_first = time.perf_counter() - started
+        reply = server.post("/v1/completions", {**body, **extra, "max_tokens": 12})
+        answers[label] = text = _text(reply)
+        kept = first["usage"]["prompt_tokens"]
+        print(f"  {label:>13}: {text!r}  {'found' if doc['passkey'] in text else 'missed'}; engine read {kept} prompt "
+              f"tokens; first token after {to_first:.1f} s")
+    whole, compressed = first_token.values()
+    print(f"  same answer: {len(set(answers.values())) == 1}; SpecPC's first token {abs(compressed - whole):.1f} s "
+          f"{'later' if compressed > whole else 'sooner'} (its draft reads the whole prompt with transformers in "
+          "the API server first)")
 
 
 def medusa_heads(model: Path) -> tuple[Path, str]:
@@ -185,10 +229,11 @@ def _medusa_section(servers: dict[str, VllmServer], heads_note: str) -> bool:
 def main() -> int:
     model = build_smollm2()
     heads, heads_note = medusa_heads(model)
+    config = {"afterburner": {**CONFIG["afterburner"], "specpc": {"draft": str(specpc_draft(model))}}}
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))
     report_dir = work / "report"
     servers = {
-        "afterburner": VllmServer(model, "--additional-config", json.dumps(CONFIG), log=work / "afterburner.log",
+        "afterburner": VllmServer(model, "--additional-config", json.dumps(config), log=work / "afterburner.log",
                                   env={report.REPORT_DIR_ENV: str(report_dir)}, max_model_len=2048),
         "stock": VllmServer(model, log=work / "stock.log", env={"VLLM_PLUGINS": ""}),
         "sparse": VllmServer(model, "--block-size", "32", "--additional-config", json.dumps(SPARSE_CONFIG),
@@ -229,6 +274,7 @@ def main() -> int:
               f"'{CONFIG['afterburner']['attention']['method']}', so they should all be)")
         constrained_ok = _constrained_section(servers, report_dir)
         _sparse_section(servers, work)
+        _specpc_section(servers["afterburner"])
         medusa_ok = _medusa_section(servers, heads_note)
         _print_report(report_dir)
     finally:

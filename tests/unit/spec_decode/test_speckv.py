@@ -92,16 +92,6 @@ def test_layers_beyond_the_draft_share_its_last_layers_choice():
     assert torch.equal(masks[2], shared.expand(2, -1)) and torch.equal(masks[3], masks[2])
 
 
-@pytest.fixture(scope="module")
-def draft(tiny_model, one_torch_thread):
-    return load_draft(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_model):
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager").eval()
-
-
 def _eager_scores(eager, ids, lookahead_ids, settings):
     """The paper's target-side scoring: one eager pass over prompt + the whole look-ahead."""
     with torch.inference_mode():

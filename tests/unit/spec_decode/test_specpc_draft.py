@@ -6,24 +6,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.cli import main
 from afterburner.plugins.vllm.specpc import compress
 from afterburner.spec_decode.draft.specpc import SpecPCSettings, select, select_reference, step_scores_reference
-from afterburner.spec_decode.draft.specpc_draft import compress_ids, draft_scores, load_draft
+from afterburner.spec_decode.draft.specpc_draft import compress_ids, draft_scores
 
 TEXT = "Open the file and read every line; return a new list of the words it holds, sorted. " * 12
-
-
-@pytest.fixture(scope="module")
-def draft(tiny_model, one_torch_thread):
-    return load_draft(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_model):
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("lookahead,window,start", [(1, 64, 0), (4, 64, 1), (3, 16, 8), (1, 500, 0)])
