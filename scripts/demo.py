@@ -90,6 +90,9 @@ def _print_report(report_dir: Path) -> None:
                 print(f"    config seen at {event['where']}: {json.dumps(event['config'])}")
             elif event["event"] == "awrs":
                 print(f"    AWRS request ({event['kind']}): {event['tokens']} tokens, {event['checks']} checks")
+            elif event["event"] == "specpc_request":
+                print(f"    SpecPC request: kept {event['kept_tokens']} of {event['prompt_tokens']} prompt tokens "
+                      f"(draft {event['draft_seconds']:.1f} s)")
             else:
                 print(f"    {event['event']}: {event.get('reason', '')}")
 
