@@ -56,9 +56,7 @@ def check_engine(vllm_config: Any) -> None:
 
 
 def rule_settings(config, capacity: int) -> SpecKVSettings:
-    settings = config.attention.speckv
-    return SpecKVSettings(capacity=capacity, window=settings.window, kernel=settings.kernel,
-                          lookahead=settings.lookahead)
+    return SpecKVSettings(capacity=capacity, **config.attention.speckv.model_dump(exclude={"draft"}))
 
 
 def check_request(input_processor: Any, params: Any) -> None:
@@ -99,13 +97,10 @@ def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs
     capacity = specpc.requested_capacity(getattr(params, "extra_args", None), SPECKV_REQUEST_KEY)
     if capacity is None:
         return
-    if request.prompt_embeds is not None or request.mm_features or request.prompt_token_ids is None:
-        raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY} serves token prompts only (this request "
-                         "carries prompt embeddings or multimodal inputs)")
+    prompt = specpc.token_prompt(request, SPECKV_REQUEST_KEY)
     vllm_config = input_processor.vllm_config
     config = config_of(vllm_config)
     settings = rule_settings(config, capacity)
-    prompt = list(request.prompt_token_ids)
     if settings.keeps_all(len(prompt)):
         report.record("speckv_request", prompt_tokens=len(prompt), kept_per_head=len(prompt), draft_seconds=0.0)
         return

@@ -132,17 +132,23 @@ def check_request(input_processor: Any, params: Any) -> None:
         raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY}: {exc}") from None
 
 
+def token_prompt(request: Any, key: str) -> list[int]:
+    """The prompt's token ids of a request asking for a draft method under ``key``; ``ValueError`` (that
+    request's 400) for prompts given as embeddings or with multimodal inputs, which no draft can read."""
+    if request.prompt_embeds is not None or request.mm_features or request.prompt_token_ids is None:
+        raise ValueError(f"afterburner: vllm_xargs {key} works on token prompts only (this request carries prompt "
+                         "embeddings or multimodal inputs)")
+    return list(request.prompt_token_ids)
+
+
 def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs: Any) -> None:
     """After ``InputProcessor.process_inputs``: the request's prompt becomes what the draft keeps."""
     params = request.sampling_params
     capacity = requested_capacity(getattr(params, "extra_args", None))
     if capacity is None:
         return
-    if request.prompt_embeds is not None or request.mm_features or request.prompt_token_ids is None:
-        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} compresses token prompts only (this request "
-                         "carries prompt embeddings or multimodal inputs)")
+    prompt = token_prompt(request, REQUEST_KEY)
     config = config_of(input_processor.vllm_config)
-    prompt = list(request.prompt_token_ids)
     if len(prompt) <= capacity:
         report.record("specpc_request", prompt_tokens=len(prompt), kept_tokens=len(prompt), draft_seconds=0.0)
         return
