@@ -2,7 +2,7 @@
 side by side in one run, same prompts, same engine settings.
 
     python benchmarks/serve_decode.py [--contexts 960 4096 8000] [--batches 1 8] [--decode-tokens 32]
-                                      [--configs stock sparse-1/4 sparse-1/8 squeezed-1/4]
+                                      [--configs stock sparse-1/4 sparse-1/8 squeezed-1/4] [--repeats R]
 
 Each configuration runs in a fresh one-process engine (``LLM``, float32, 32-token blocks, prefix caching,
 chunked prefill of 8192 tokens); "stock" is vLLM with afterburner not loaded (``VLLM_PLUGINS=""``). For each
@@ -15,6 +15,9 @@ source, tokenized):
 Afterburner's counters over the decode run say what was read (KV bytes vs dense, page summaries). Prompts
 of 960 tokens stay below ``dense_below_tokens`` (1024) through all 32 decode steps: there afterburner must
 cost nothing (summaries are still kept, and each step is planned).
+With ``--repeats R`` the configurations run R times in turn (stock, 1/4, 1/8, stock, ...): each repeat's
+ratio pairs it with stock's run of the same repeat, and the table gives the median ratio and every repeat's
+(run-to-run noise on a shared VM is large; one run is not a result).
 Writes benchmarks/results/serve_decode.json. Run it on a quiet machine: nothing else may use the cores.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import sysconfig
 import time
@@ -128,51 +132,62 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration, in turn")
     parser.add_argument("--out", default=str(OUT))
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     model = str(build_smollm2())
-    results = {}
-    for name in args.configs:
-        print(f"[serve_decode] {name} ...", file=sys.stderr, flush=True)
-        env = {"VLLM_PLUGINS": ""} if CONFIGS[name] is None else {}
-        started = time.perf_counter()
-        results[name] = run_worker_or_exit(name, __file__, "--worker", "--model", model,
-                                           "--section", json.dumps(CONFIGS[name]), "--contexts", *args.contexts,
-                                           "--batches", *args.batches, "--decode-tokens", args.decode_tokens,
-                                           env=env)
-        print(f"[serve_decode] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    results: dict[str, list] = {name: [] for name in args.configs}  # name -> one row list per repeat
+    for repeat in range(args.repeats):
+        for name in args.configs:
+            print(f"[serve_decode] {name} (run {repeat + 1} of {args.repeats}) ...", file=sys.stderr, flush=True)
+            env = {"VLLM_PLUGINS": ""} if CONFIGS[name] is None else {}
+            started = time.perf_counter()
+            results[name].append(run_worker_or_exit(
+                name, __file__, "--worker", "--model", model, "--section", json.dumps(CONFIGS[name]),
+                "--contexts", *args.contexts, "--batches", *args.batches, "--decode-tokens", args.decode_tokens,
+                env=env))
+            print(f"[serve_decode] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
     table = _table(results)
     write_result(Path(args.out), {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "block_size": 32,
-                                  "decode_tokens": args.decode_tokens, "configs": CONFIGS, "table": table,
+                                  "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                                  "configs": CONFIGS, "table": table,
                                   "runs": results},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {args.out}")
 
 
-def _table(results: dict) -> list[dict]:
-    """One row per (config, context, batch): decode tokens/s, ratio to stock, prefill, KV read share,
-    and whether the greedy tokens equal stock's."""
-    stock = {(r["context"], r["batch"]): r for r in results.get("stock", [])}
+def _table(results: dict[str, list]) -> list[dict]:
+    """One row per (config, context, batch): median decode tokens/s over the repeats, the median of each
+    repeat's ratio to stock's run of the same repeat (and every ratio), prefill, KV read share, and whether
+    the greedy tokens equal stock's in every repeat."""
+    stock = [{(r["context"], r["batch"]): r for r in run} for run in results.get("stock", [])]
     table = []
-    print(f"\n{'config':14s} {'ctx':>5s} {'B':>2s} {'dec tok/s':>9s} {'vs stock':>8s} {'prefill s':>9s} "
-          f"{'KV read':>7s} {'same':>5s}")
-    for name, rows in results.items():
-        for r in rows:
-            base = stock.get((r["context"], r["batch"]))
+    print(f"\n{'config':14s} {'ctx':>5s} {'B':>2s} {'dec tok/s':>9s} {'vs stock':>8s} {'each run':>16s} "
+          f"{'prefill s':>9s} {'KV read':>7s} {'same':>5s}")
+    for name, runs in results.items():
+        for cell in zip(*runs, strict=True):  # one (context, batch) across the repeats
+            r = cell[0]
+            key = (r["context"], r["batch"])
+            bases = [run[key] for run in stock]
+            ratios = [x["decode_tokens_per_s"] / b["decode_tokens_per_s"] for x, b in zip(cell, bases, strict=True)]
             c = r["counters"]
             kv_share = c["kv_bytes_read"] / c["kv_bytes_dense"] if c.get("kv_bytes_dense") else None
             row = {"config": name, "context": r["context"], "batch": r["batch"],
-                   "decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_s": r["prefill_s"], "ttft_s": r["ttft_s"],
-                   "vs_stock": r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None,
+                   "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in cell),
+                   "prefill_s": statistics.median(x["prefill_s"] for x in cell), "ttft_s": r["ttft_s"],
+                   "vs_stock": statistics.median(ratios) if ratios else None, "vs_stock_each_run": ratios,
                    "kv_read_share": kv_share,
-                   "same_tokens_as_stock": r["tokens"] == base["tokens"] if base else None}
+                   "same_tokens_as_stock": all(x["tokens"] == b["tokens"] for x, b in zip(cell, bases, strict=True))
+                   if bases else None}
             table.append(row)
             ratio = "-" if row["vs_stock"] is None else f"{row['vs_stock']:.2f}x"
+            each = " ".join(f"{x:.2f}" for x in ratios) or "-"
             share = "-" if kv_share is None else f"{kv_share:.2f}"
             print(f"{name:14s} {r['context']:5d} {r['batch']:2d} {row['decode_tokens_per_s']:9.1f} {ratio:>8s} "
-                  f"{r['prefill_s']:9.1f} {share:>7s} {str(row['same_tokens_as_stock']):>5s}")
+                  f"{each:>16s} {row['prefill_s']:9.1f} {share:>7s} {str(row['same_tokens_as_stock']):>5s}")
     return table
 
 
