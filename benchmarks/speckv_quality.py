@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--lookahead", type=int, default=32)
     args = parser.parse_args()
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    model, draft, docs = passkey_setup(args, tag="speckv")
+    model, draft, docs = passkey_setup(args)
     scored = score_documents(docs, {"speckv": (draft, args.lookahead), "snapkv": (model, 0)})
     layers = 30
 

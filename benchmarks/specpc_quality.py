@@ -89,18 +89,15 @@ def add_passkey_arguments(parser: argparse.ArgumentParser, *, docs: int, out: Pa
     add_allow_dirty_argument(parser)
 
 
-def passkey_setup(args: argparse.Namespace, *, tag: str) -> tuple[Path, Path, list[dict]]:
+def passkey_setup(args: argparse.Namespace) -> tuple[Path, Path, list[dict]]:
     """SmolLM2, its draft of ``--draft-layers`` layers (derived once) and the documents with their token ids."""
     from transformers import AutoTokenizer
 
     from afterburner.plugins.cli.models import build_smollm2
-    from afterburner.spec_decode.draft.derive import derive_draft
+    from afterburner.spec_decode.draft.derive import cached_layer_draft
 
     model = build_smollm2()
-    draft = model.parent.parent / "drafts" / f"{model.name}-l{args.draft_layers}"
-    if not (draft / "config.json").is_file():
-        print(f"[{tag}] deriving the draft {draft} ...", file=sys.stderr, flush=True)
-        derive_draft(model, draft, layers=args.draft_layers)
+    draft = cached_layer_draft(model, args.draft_layers)
     tokenizer = AutoTokenizer.from_pretrained(model)
     docs = documents(tokenizer, args.lengths, args.docs, args.seed)
     for doc in docs:
@@ -119,7 +116,7 @@ def main() -> None:
     add_passkey_arguments(parser, docs=24, out=OUT)
     args = parser.parse_args()
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    model, draft, docs = passkey_setup(args, tag="specpc")
+    model, draft, docs = passkey_setup(args)
     scored = score_documents(docs, {"specpc": draft, "own-attention": model})
 
     # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once

@@ -5,12 +5,17 @@ and tokens/s, side by side in one run, against no speculation, for one proposer 
   lossless and typical acceptance (``--model``: heads, default what ``make medusa-heads`` writes);
 - ``--method hamburger``: the micro-step drafter at a fixed draft length (stop head off: the baseline
   a fixed-k drafter gives) and with its learned stop, greedy and sampled (``--model``: default what
-  ``make hamburger-drafter`` writes).
+  ``make hamburger-drafter`` writes);
+- ``--method draft_model``: vLLM's own draft-model chain at fixed lengths against afterburner's confidence
+  stop (``speculative.stop_threshold``: each chain cut before its first token the draft gives less than
+  that probability), with the same draft: SmolLM2's first ``--draft-layers`` layers (``afterburner models
+  draft``, derived on first use).
 
-Both also run with ``speculative.draft_vocab`` 4096 (drafting from the 4,096 tokens the target writes most
-often: ``draft_vocab.safetensors``, which the make targets write beside the weights).
+Medusa and the micro-step drafter also run with ``speculative.draft_vocab`` 4096 (drafting from the 4,096
+tokens the target writes most often: ``draft_vocab.safetensors``, which the make targets write beside the
+weights).
 
-    python benchmarks/speculative_vllm.py --method medusa|hamburger [--model DIR] [--prompts 8] [--quick]
+    python benchmarks/speculative_vllm.py --method medusa|hamburger|draft_model [--model DIR] [--prompts 8] [--quick]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
 one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
@@ -66,12 +71,24 @@ CONFIGS = {
         ("no speculation, T=0.7", 0, {}, 0.7),
         ("up to 4, learned stop at 0.3, T=0.7", 4, {"speculative": {"stop_threshold": 0.3}}, 0.7),
     ],
+    "draft_model": [
+        ("no speculation", 0, {}, 0.0),
+        ("vLLM draft_model, chain of 2", 2, {}, 0.0),
+        ("vLLM draft_model, chain of 4", 4, {}, 0.0),
+        ("afterburner, up to 4, stop below 0.5", 4, {"speculative": {"stop_threshold": 0.5}}, 0.0),
+        ("afterburner, up to 4, stop below 0.7", 4, {"speculative": {"stop_threshold": 0.7}}, 0.0),
+        ("afterburner, up to 4, stop below 0.9", 4, {"speculative": {"stop_threshold": 0.9}}, 0.0),
+        ("no speculation, T=0.7", 0, {}, 0.7),
+        ("vLLM draft_model, chain of 4, T=0.7", 4, {}, 0.7),
+        ("afterburner, up to 4, stop below 0.7, T=0.7", 4, {"speculative": {"stop_threshold": 0.7}}, 0.7),
+    ],
 }
 
 
 def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
+    from afterburner.plugins import stats
     from afterburner.plugins.devtools.worker import print_result
 
     spec = {"method": args.method, "model": args.drafter, "num_speculative_tokens": args.num_spec} if args.num_spec \
@@ -98,6 +115,7 @@ def _worker(args: argparse.Namespace) -> None:
         "tokens": tokens, "seconds": seconds, "tokens_per_s": sum(map(len, tokens)) / seconds,
         "verification_steps": drafts, "accepted_drafts": accepted,
         "accepted_per_step": 1 + accepted / drafts if drafts else None,
+        "afterburner_drafting": stats.SPECULATION.as_dict(),  # proposals, drafted tokens, stops (its proposers)
     })
 
 
@@ -118,12 +136,14 @@ def main() -> None:
     from afterburner.plugins.cli.models import build_smollm2, cache_root
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
     from afterburner.plugins.devtools.worker import run_worker_or_exit
+    from afterburner.spec_decode.draft.derive import cached_layer_draft
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--model", help="the heads or drafter folder (default: what the make target writes)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--draft-layers", type=int, default=25, help="draft_model: the draft's layers")
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
@@ -131,11 +151,14 @@ def main() -> None:
     exit_if_refused(parser, out, allow_dirty=args.allow_dirty)
     if args.quick:
         args.prompts, args.max_tokens = 3, 48
-    folder, name, target = DEFAULT_MODELS[args.method]
-    drafter = args.model or str(cache_root() / folder / name)
-    if not Path(drafter, "config.json").is_file():
-        sys.exit(f"no {args.method} folder at {drafter}: run `{target}` first (or pass --model)")
     model = str(build_smollm2())
+    if args.method == "draft_model":
+        drafter = args.model or str(cached_layer_draft(model, args.draft_layers))
+    else:
+        folder, name, target = DEFAULT_MODELS[args.method]
+        drafter = args.model or str(cache_root() / folder / name)
+        if not Path(drafter, "config.json").is_file():
+            sys.exit(f"no {args.method} folder at {drafter}: run `{target}` first (or pass --model)")
     rows, reference = [], None
     for name, num_spec, section, temperature in CONFIGS[args.method]:
         print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)

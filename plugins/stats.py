@@ -60,9 +60,10 @@ class SelectiveAttentionStats:
 class SpeculationStats:
     request_steps: int = 0  # verification steps x requests that carried drafts
     accepted_drafts: int = 0  # draft tokens accepted over those
-    proposals: int = 0  # micro-step drafter: requests x steps it was asked to draft for
+    proposals: int = 0  # micro-step drafter, draft model with a stop: requests x steps it was asked to draft for
     drafted_tokens: int = 0  # tokens it proposed over those (vLLM's own metrics count acceptance)
-    stopped_early: int = 0  # proposals its stop head ended before the draft length
+    stopped_early: int = 0  # proposals its stop (head or draft confidence) ended before the draft length
+    draft_passes_skipped: int = 0  # draft model: forward passes not run, every row's chain being cut already
     constrained_steps: int = 0  # AWRS with speculation: requests x steps verified by AWRS's own draws
     constrained_drafts: int = 0  # drafts those steps carried
     constrained_accepted: int = 0  # drafts AWRS's draws accepted

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from afterburner.spec_decode.tree import TokenTree, paths_tokens
+from afterburner.spec_decode.tree import TokenTree, build_tree, paths_tokens
+from afterburner.spec_decode.tree_choices import chain
 
 # Typical acceptance defaults of the reference implementation (FasterDecoding/Medusa,
 # medusa/model/medusa_model.py `medusa_generate`: posterior_threshold=0.09, posterior_alpha=0.3, "alpha
@@ -174,3 +175,15 @@ def accept_tree(tree: TokenTree, node_tokens: torch.Tensor, node_logits: torch.T
     if temperature == 0:
         return greedy_accept_nodes(tree, node_tokens, node_logits)
     return rejection_accept(tree, node_tokens, node_logits, temperature=temperature, generator=generator)
+
+
+def accept_chain(root: int, drafts: list[int], node_logits: torch.Tensor, *, temperature: float,
+                 generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Lossless acceptance of a drafted chain (a proposer's reference step): node_logits [1 + len(drafts), V]
+    (the root's, then each draft's). (emitted tokens, accepted drafts); no drafts: one plain decoding step."""
+    if not drafts:
+        return [_sample(base_probs(node_logits[0], temperature), generator)], 0
+    tree = build_tree(chain(len(drafts)), max_depth=len(drafts))  # paths (0,), (0, 0), ...
+    accepted = accept_tree(tree, torch.tensor([root, *drafts]), node_logits, rule="lossless",
+                           temperature=temperature, generator=generator)
+    return accepted.tokens, accepted.length

@@ -20,6 +20,9 @@ class ProposerEntry:
     # "replace": vLLM knows the method name and builds its own proposer, which the runner hook replaces;
     # "custom_class": a name vLLM does not know; the check rewrites the spec to vLLM's custom_class route
     route: str = "replace"
+    # "module:function", fn(afterburner config) -> bool: whether afterburner's proposer replaces vLLM's for
+    # this engine (None: always, when afterburner is on)
+    wanted: str | None = None
 
 
 PROPOSERS: dict[str, ProposerEntry] = {
@@ -27,6 +30,9 @@ PROPOSERS: dict[str, ProposerEntry] = {
                             "afterburner.plugins.vllm.medusa_proposer:check_config"),
     "hamburger": ProposerEntry("afterburner.plugins.vllm.hamburger_proposer:HamburgerProposer",
                                "afterburner.plugins.vllm.hamburger_proposer:check_config", route="custom_class"),
+    "draft_model": ProposerEntry("afterburner.plugins.vllm.draft_proposer:ConfidentDraftProposer",
+                                 "afterburner.plugins.vllm.draft_proposer:check_config",
+                                 wanted="afterburner.plugins.vllm.draft_proposer:wanted"),
 }
 
 
@@ -35,8 +41,12 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def replaces_vllm_proposer(method: str) -> bool:
-    return method in PROPOSERS and PROPOSERS[method].route == "replace"
+def replaces_vllm_proposer(method: str, config) -> bool:
+    """Whether afterburner's proposer replaces vLLM's for ``method`` in an engine with afterburner ``config``."""
+    entry = PROPOSERS.get(method)
+    if entry is None or entry.route != "replace" or not config.enabled:
+        return False
+    return entry.wanted is None or _load(entry.wanted)(config)
 
 
 def custom_class_path(method: str) -> str:

@@ -85,10 +85,10 @@ def _ours(runner) -> TreeProposer | None:
 def on_runner_init(result, self, *args, **kwargs) -> None:
     """After ``GPUModelRunner.__init__``: vLLM's proposer -> afterburner's, for the methods it registers."""
     spec = self.speculative_config
-    if spec is not None and proposers.replaces_vllm_proposer(spec.method) and config_of(self.vllm_config).enabled:
+    if spec is not None and proposers.replaces_vllm_proposer(spec.method, config_of(self.vllm_config)):
         self.drafter = proposers.proposer_class(spec.method)(self.vllm_config, self.device)
         sampler = getattr(self, "rejection_sampler", None)
-        if sampler is not None:
+        if sampler is not None and isinstance(self.drafter, TreeProposer):  # others keep vLLM's acceptance
             _proposer_of_sampler[sampler] = self.drafter
     layers = _feature_layers(getattr(self, "drafter", None))
     if spec is not None and layers:  # the runner collects these layers' hidden states (vLLM's EAGLE-3 route)

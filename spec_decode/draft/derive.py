@@ -79,6 +79,17 @@ def derive_draft(src: str | Path, out: str | Path, *, layers: int | None = None,
     return out
 
 
+def cached_layer_draft(model: str | Path, layers: int) -> Path:
+    """The draft of ``model``'s first ``layers`` layers in the cache folder beside the model's
+    (``<cache>/drafts/<name>-l<layers>``), derived on first use (seconds)."""
+    model = Path(model)
+    draft = model.parent.parent / "drafts" / f"{model.name}-l{layers}"
+    if not (draft / "config.json").is_file():
+        print(f"[afterburner] deriving the draft {draft} ...", flush=True)
+        derive_draft(model, draft, layers=layers)
+    return draft
+
+
 def greedy_agreement(target_dir: str | Path, draft_dir: str | Path, *, prompts: Sequence[str] = AGREEMENT_PROMPTS,
                      new_tokens: int = 32) -> float:
     """Share of the target's greedy continuation tokens that the draft predicts as its own argmax, given the

@@ -22,10 +22,8 @@ from typing import Literal
 
 import torch
 
-from afterburner.spec_decode.acceptance import _sample, accept_tree, base_probs
+from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs
 from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
-from afterburner.spec_decode.tree import build_tree
-from afterburner.spec_decode.tree_choices import chain
 
 
 def base_forward(model, ids: torch.Tensor, feature_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +50,7 @@ def speculative_step(model, drafter: MicroStepDrafter, ids: torch.Tensor, featur
     logits, all_features = base_forward(model, torch.cat([ids, torch.tensor(drafts, dtype=torch.long)]),
                                         drafter.config.feature_layers)
     node_logits = logits[ids.numel() - 1:]  # [1 + len(drafts), V]: root, then each draft
-    if drafts:
-        tree = build_tree(chain(len(drafts)), max_depth=len(drafts))  # paths (0,), (0, 0), ...
-        node_tokens = torch.tensor([int(ids[-1]), *drafts])
-        accepted = accept_tree(tree, node_tokens, node_logits, rule="lossless", temperature=temperature,
-                               generator=generator)
-        emitted, length = accepted.tokens, accepted.length
-    else:  # nothing drafted: one plain decoding step
-        emitted, length = [_sample(base_probs(node_logits[0], temperature), generator)], 0
+    emitted, length = accept_chain(int(ids[-1]), drafts, node_logits, temperature=temperature, generator=generator)
     return emitted, length, all_features[ids.numel() - 1 + length]
 
 
