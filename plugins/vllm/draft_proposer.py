@@ -81,8 +81,9 @@ class ConfidentDraftProposer(DraftModelProposer):
             confidence = self._confidence
         finally:
             self._drafting, self._confidence, self._running = False, [], None
-        if tokens.shape[1] == 0 or len(confidence) != tokens.shape[1]:
+        if tokens.shape[1] == 0 or not confidence:
             return tokens
+        # shorter than the chain when every row was cut before its end (the rest was not drafted)
         lengths = confident_lengths(torch.stack(confidence, dim=1), self.threshold).tolist()
         drafts = [row[:n] for row, n in zip(tokens.tolist(), lengths, strict=True)]
         stats.SPECULATION.proposals += len(drafts)

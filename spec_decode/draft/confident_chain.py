@@ -30,6 +30,7 @@ def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids[None], use_cache=False).logits[0, -1].float()
 
 
+@torch.inference_mode()
 def draft_chain(draft, ids: torch.Tensor, max_tokens: int, threshold: float) -> tuple[list[int], list[float]]:
     """(drafted tokens, their draft probabilities): greedy from ``draft`` after ids [L], at most
     ``max_tokens``, stopped before the first token whose probability is below ``threshold``."""
@@ -38,7 +39,7 @@ def draft_chain(draft, ids: torch.Tensor, max_tokens: int, threshold: float) -> 
     for _ in range(max_tokens):
         probability, token = _last_logits(draft, torch.cat([ids, torch.tensor(tokens, dtype=torch.long)])) \
             .softmax(-1).max(-1)
-        if float(probability) < threshold:
+        if bool(probability < threshold):  # compared in float32, as confident_lengths does
             break
         tokens.append(int(token))
         confidence.append(float(probability))

@@ -22,10 +22,11 @@ NEW, K = 20, 4
 def test_lengths_are_the_leading_run_at_or_above_the_threshold(seed, threshold):
     confidence = torch.rand(16, 6, generator=torch.Generator().manual_seed(seed))
     confidence[0, :] = threshold  # equal to the threshold: kept
+    bar = torch.tensor(threshold).item()  # torch compares float32 probabilities with the float32 threshold
     expected = []
     for row in confidence.tolist():
         kept = 0
-        while kept < len(row) and row[kept] >= threshold:
+        while kept < len(row) and row[kept] >= bar:
             kept += 1
         expected.append(kept)
     assert confident_lengths(confidence, threshold).tolist() == expected
