@@ -192,14 +192,7 @@ def _table(results: dict[str, list]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker = argparse.ArgumentParser()
-        worker.add_argument("--worker", action="store_true")
-        worker.add_argument("--model")
-        worker.add_argument("--section")
-        worker.add_argument("--contexts", type=int, nargs="+")
-        worker.add_argument("--batches", type=int, nargs="+")
-        worker.add_argument("--decode-tokens", type=int)
-        _worker(worker.parse_args())
-    else:
-        main()
+    from afterburner.plugins.devtools.worker import main_or_worker
+
+    main_or_worker(main, _worker, model=str, section=str, contexts=(int, "+"), batches=(int, "+"),
+                   decode_tokens=int)

