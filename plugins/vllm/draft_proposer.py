@@ -81,7 +81,10 @@ class ConfidentDraftProposer(DraftModelProposer):
             confidence = self._confidence
         finally:
             self._drafting, self._confidence, self._running = False, [], None
-        if tokens.shape[1] == 0 or not confidence:
+        if tokens.shape[1] == 0:
+            return tokens
+        if not confidence:  # vLLM drafted without its _greedy_sample (another vLLM version, probabilistic drafts)
+            stats.fallback("draft_model confidence stop", "vLLM drafted without reporting the draft's probabilities")
             return tokens
         # shorter than the chain when every row was cut before its end (the rest was not drafted)
         lengths = confident_lengths(torch.stack(confidence, dim=1), self.threshold).tolist()
