@@ -68,6 +68,12 @@ class SpeculationStats:
     constrained_drafts: int = 0  # drafts those steps carried
     constrained_accepted: int = 0  # drafts AWRS's draws accepted
 
+    def count_proposals(self, lengths: list[int], max_length: int) -> None:
+        """One proposal per entry of ``lengths`` (drafted tokens), stopped early when below ``max_length``."""
+        self.proposals += len(lengths)
+        self.drafted_tokens += sum(lengths)
+        self.stopped_early += sum(length < max_length for length in lengths)
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 

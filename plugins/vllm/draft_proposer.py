@@ -43,15 +43,18 @@ class ConfidentDraftProposer(DraftModelProposer):
         self.threshold = float(config_of(vllm_config).speculative.stop_threshold)
         self._drafting = False  # inside propose (vLLM's warm-up passes run as vLLM's own)
         self._confidence: list[torch.Tensor] = []  # per drafted position: [B] draft probabilities
-        self._running: torch.Tensor | None = None  # [B]: rows whose chain is not cut yet
-        self._last_tokens: torch.Tensor | None = None
+        self._running: torch.Tensor | None = None  # [B]: rows whose chain is not cut yet (None: not drafting)
+
+    @property
+    def _all_cut(self) -> bool:
+        return self._running is not None and not bool(self._running.any())
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
         forward = self.model.forward
 
         def gated(*args: Any, **kwargs: Any):  # every row cut: the chain's remaining passes are not run
-            if self._drafting and self._running is not None and not bool(self._running.any()):
+            if self._all_cut:
                 stats.SPECULATION.draft_passes_skipped += 1
                 positions = kwargs["positions"] if "positions" in kwargs else args[1]  # forward(input_ids, positions)
                 rows = positions.shape[-1]
@@ -65,13 +68,12 @@ class ConfidentDraftProposer(DraftModelProposer):
     def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self._drafting:
             return super()._greedy_sample(hidden_states)
-        if self._running is not None and not bool(self._running.any()):
-            return self._last_tokens
+        if self._all_cut:  # nothing drafted from here on is kept: any tokens of the right shape
+            return torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
         probability, tokens = self.model.compute_logits(hidden_states).float().softmax(-1).max(-1)
         self._confidence.append(probability)
         confident = probability >= self.threshold
         self._running = confident if self._running is None else self._running & confident
-        self._last_tokens = tokens
         return tokens
 
     def propose(self, num_speculative_tokens, *args: Any, **kwargs: Any):
@@ -89,9 +91,7 @@ class ConfidentDraftProposer(DraftModelProposer):
         # shorter than the chain when every row was cut before its end (the rest was not drafted)
         lengths = confident_lengths(torch.stack(confidence, dim=1), self.threshold).tolist()
         drafts = [row[:n] for row, n in zip(tokens.tolist(), lengths, strict=True)]
-        stats.SPECULATION.proposals += len(drafts)
-        stats.SPECULATION.drafted_tokens += sum(lengths)
-        stats.SPECULATION.stopped_early += sum(n < tokens.shape[1] for n in lengths)
+        stats.SPECULATION.count_proposals(lengths, tokens.shape[1])
         return drafts
 
 
@@ -112,11 +112,8 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
 
 
 def check_engine(vllm_config: Any) -> None:
-    """After vLLM settled its config (``hooks.check_engine_config``): drafts of varying length need
-    synchronous scheduling."""
-    spec = getattr(vllm_config, "speculative_config", None)
-    if spec is None or spec.method != "draft_model" or not wanted(config_of(vllm_config)):
-        return
-    if vllm_config.scheduler_config.async_scheduling:
+    """After vLLM settled its config, for a ``draft_model`` engine (``hooks.check_engine_config``): drafts
+    of varying length need synchronous scheduling."""
+    if wanted(config_of(vllm_config)) and vllm_config.scheduler_config.async_scheduling:
         raise ConfigError("afterburner.speculative.stop_threshold with method 'draft_model' gives drafts of "
                           "varying length, which vLLM's async scheduling cannot carry; use --no-async-scheduling")

@@ -79,9 +79,7 @@ class HamburgerProposer:
                                       stop_threshold=self.stop_threshold)
         for i, tokens in zip(rows, proposed, strict=True):
             drafts[i] = tokens
-            stats.SPECULATION.proposals += 1
-            stats.SPECULATION.drafted_tokens += len(tokens)
-            stats.SPECULATION.stopped_early += len(tokens) < self.num_speculative_tokens
+        stats.SPECULATION.count_proposals([len(tokens) for tokens in proposed], self.num_speculative_tokens)
         self.features = None
         return drafts
 
