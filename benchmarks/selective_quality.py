@@ -45,35 +45,6 @@ def configs(methods: list[str], dense_below: int) -> list[tuple[str, dict]]:
     return out
 
 
-def svg_plot(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """A dependency-free line plot: accuracy against context length (log2 axis), one line per config."""
-    width, height, left, bottom, top, right = 640, 400, 60, 50, 20, 170
-    xs = sorted({x for points in series.values() for x, _ in points})
-    def px(x):
-        return left + (xs.index(x) / max(1, len(xs) - 1)) * (width - left - right)
-    def py(y):
-        return top + (1 - y) * (height - top - bottom)
-    colors = ["#000000", "#1f77b4", "#4a9fd8", "#9ccbec", "#d62728", "#e8706f", "#f4b6b5", "#2ca02c"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>']
-    for y in (0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{py(y)}" y2="{py(y)}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 8}" y="{py(y) + 4}" text-anchor="end">{y:.2f}</text>')
-    for x in xs:
-        parts.append(f'<text x="{px(x)}" y="{height - bottom + 18}" text-anchor="middle">{x}</text>')
-    parts.append(f'<text x="{(width - right + left) / 2}" y="{height - 10}" text-anchor="middle">context tokens</text>')
-    parts.append(f'<text x="15" y="{(height - bottom) / 2}" transform="rotate(-90 15 {(height - bottom) / 2})" '
-                 'text-anchor="middle">passkey exact match</text>')
-    for i, (name, points) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        dash = ' stroke-dasharray="6 3"' if name.startswith("squeezed") else ""
-        coords = " ".join(f"{px(x)},{py(y)}" for x, y in points)
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
-        parts.append(f'<text x="{width - right + 10}" y="{top + 16 * (i + 1)}" fill="{color}">{name}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
-
-
 def _kv_read(result: dict) -> float | None:
     """Share of the KV that the selective decode steps read (engine in-process stats), None if dense."""
     sparse, squeezed = result.get("sparse_attention_stats") or {}, result.get("squeezed_attention_stats") or {}
@@ -95,6 +66,7 @@ def _measured(out: Path, section: dict, lengths: list[int]) -> bool:
 
 def main() -> int:
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.plugins.devtools.svg_plot import line_plot
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -133,7 +105,8 @@ def main() -> int:
     print("|---|" + "---|" * len(args.lengths))
     for row in rows:
         print(f"| {row['config']} | " + " | ".join(f"{row['exact_match'][n]:.2f}" for n in args.lengths) + " |")
-    svg_plot({row["config"]: sorted(row["exact_match"].items()) for row in rows}, RESULTS / "selective_quality.svg")
+    line_plot({row["config"]: sorted(row["exact_match"].items()) for row in rows}, RESULTS / "selective_quality.svg",
+              x_label="context tokens", y_label="passkey exact match", y_max=1.0, dashed=("squeezed",))
     write_result(RESULTS / "selective_quality.json", {"lengths": args.lengths, "token_budget": args.token_budget,
                                                       "rows": rows}, command=" ".join(["python", *sys.argv]),
                  allow_dirty=args.allow_dirty)
