@@ -18,24 +18,13 @@ benchmarks/results/local_linear_cost.json and .svg.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _inputs(queries: int, length: int, generator: torch.Generator):
@@ -54,6 +43,7 @@ def _sdpa(q, k, v, *, causal: bool):
 
 def measure(length: int, queries: int, *, lam: float, repeats: int, lla_repeats: int) -> dict:
     from afterburner.attention_backends.local_linear import blockwise
+    from afterburner.plugins.devtools.timing import median_seconds
 
     q, k, v = _inputs(queries, length, torch.Generator().manual_seed(length + queries))
     scale = HEAD_DIM ** -0.5
@@ -67,10 +57,10 @@ def measure(length: int, queries: int, *, lam: float, repeats: int, lla_repeats:
     blockwise.sigma_times = counted
     try:
         with torch.inference_mode():
-            lla = _median_seconds(lambda: blockwise.local_linear_blockwise(q, k, v, scale=scale, lam=lam),
-                                  lla_repeats)
+            lla = median_seconds(lambda: blockwise.local_linear_blockwise(q, k, v, scale=scale, lam=lam),
+                                 lla_repeats, warmup=False)
             runs = len(passes) / lla_repeats
-            softmax = _median_seconds(lambda: _sdpa(q, k, v, causal=queries > 1), repeats)
+            softmax = median_seconds(lambda: _sdpa(q, k, v, causal=queries > 1), repeats, warmup=False)
     finally:
         blockwise.sigma_times = matvec
     return {"tokens": length, "queries": queries, "local_linear_ms": lla * 1e3, "sdpa_ms": softmax * 1e3,

@@ -14,9 +14,7 @@ Writes benchmarks/results/sparse_attention_cpu.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,19 +22,10 @@ import torch
 from afterburner.attention_backends.selective import kv_bytes_read, selective_attention
 from afterburner.attention_backends.sparse import quest
 from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+from afterburner.plugins.devtools.timing import median_seconds
 
 OUT = Path(__file__).parent / "results" / "sparse_attention_cpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 32
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def run_length(length: int, repeats: int, gen: torch.Generator) -> dict:
@@ -52,7 +41,7 @@ def run_length(length: int, repeats: int, gen: torch.Generator) -> dict:
     def dense():
         return selective_attention(query, k_cache, v_cache, table, seq_lens, starts, scale=scale)
 
-    row = {"dense": {"ms": 1000 * _median_seconds(dense, repeats),
+    row = {"dense": {"ms": 1000 * median_seconds(dense, repeats),
                      "kv_bytes": kv_bytes_read(seq_lens, None, BLOCK, HEAD_DIM, KV_HEADS, 4)}}
     for ratio in (1.0, 0.5, 0.25, 0.125):
         def sparse(ratio=ratio):
@@ -64,7 +53,7 @@ def run_length(length: int, repeats: int, gen: torch.Generator) -> dict:
 
         _, mask = sparse()
         row["all blocks" if ratio == 1.0 else f"sparse 1/{round(1 / ratio)}"] = {
-            "ms": 1000 * _median_seconds(sparse, repeats),
+            "ms": 1000 * median_seconds(sparse, repeats),
             "kv_bytes": kv_bytes_read(seq_lens, mask, BLOCK, HEAD_DIM, KV_HEADS, 4),
         }
     return row
