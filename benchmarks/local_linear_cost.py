@@ -57,6 +57,7 @@ def measure(length: int, queries: int, *, lam: float, repeats: int, lla_repeats:
     blockwise.sigma_times = counted
     try:
         with torch.inference_mode():
+            # no warm-up call: every counted pass belongs to a timed run (a 4k prefill takes ~17 s)
             lla = median_seconds(lambda: blockwise.local_linear_blockwise(q, k, v, scale=scale, lam=lam),
                                  lla_repeats, warmup=False)
             runs = len(passes) / lla_repeats
