@@ -97,9 +97,9 @@ def sparse_policy(ratio: float, page: int):
 
 
 def blocks_policy(ratio: float, merge: str, page: int):
-    """What vllm-cpu's block reads run (``attention_backends/sparse/block_choice.py``): 16-token page bounds,
-    whole 32-token blocks per kv head, the config's sinks and recents; ``merge`` names how a block's page
-    bounds and its kv head's query heads are combined."""
+    """What vllm-cpu's block reads run (``attention_backends/sparse/block_choice.py``): ``page``-token page
+    bounds, whole 32-token blocks per kv head, the config's sinks and recents; ``merge`` names how a block's
+    page bounds and its kv head's query heads are combined."""
     from afterburner.attention_backends.sparse import block_choice
     from afterburner.plugins.config import SparseSettings
 
@@ -226,8 +226,7 @@ def main() -> int:
         else:
             from passkey_serve import documents
 
-            docs = [{**doc, "question": doc["prompt"][len(doc["context"]) + 1:]}
-                    for doc in documents(tokenizer, [length], args.docs, args.seed)]
+            docs = documents(tokenizer, [length], args.docs, args.seed)  # each with its "question" already
         hits = {spec: 0 for spec in args.policies}
         read = {spec: [0, 0] for spec in args.policies}
         for i, doc in enumerate(docs):

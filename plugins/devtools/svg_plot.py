@@ -46,7 +46,7 @@ def line_plot(series: dict[str, list[tuple[int, float]]], path: Path, *, x_label
                  f'text-anchor="middle">{y_label}</text>')
     for i, (name, points) in enumerate(series.items()):
         color = _COLORS[i % len(_COLORS)]
-        dash = ' stroke-dasharray="6 3"' if name.startswith(dashed) and dashed else ""
+        dash = ' stroke-dasharray="6 3"' if name.startswith(dashed) else ""  # () matches nothing
         coords = " ".join(f"{px(x)},{py(y)}" for x, y in points if y is not None and (y > 0 or not log_y))
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
         parts.append(f'<text x="{width - right + 10}" y="{top + 16 * (i + 1)}" fill="{color}">{name}</text>')
