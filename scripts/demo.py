@@ -16,6 +16,10 @@ registered and did in each engine process. Each feature issue adds its own secti
   answers a chat request next to the same server without speculation: the same text, in fewer engine
   steps. It uses the heads ``make medusa-heads`` trains if they exist, else untrained "echo" heads built
   in seconds (each repeats the base model's next-token guess: lossless, but few drafts are accepted).
+- Local-linear attention: a model trained with it (``afterburner train lla``; the demo trains the
+  local-linear one on its first run, ~4-5 minutes on 2 cores, if ``make lla-models`` has not) served with
+  ``attention.method: "local_linear"`` answers held-out recall queries (multi-query associative recall):
+  its answers, the true values, and whether each served answer is the training code's own model's.
 
 Servers start one after another (each waits for the previous one to answer /health) and each runs in its
 own process group, which is ended on every exit path: success, error, Ctrl-C, SIGTERM, and (through a
@@ -34,7 +38,7 @@ import urllib.request
 from pathlib import Path
 
 from afterburner.plugins import report
-from afterburner.plugins.cli.models import build_smollm2, cache_root
+from afterburner.plugins.cli.models import build_smollm2, cache_root, model_dir
 from afterburner.plugins.devtools.vllm_server import VllmServer
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
 from afterburner.plugins.lm_eval.generators import passkey_prompt
@@ -57,6 +61,8 @@ MEDUSA_TREE_NODES = 16
 MEDUSA_REQUEST = {"messages": [{"role": "user", "content": "Explain how a rainbow forms, in a few sentences."}],
                   "max_tokens": 80}
 CONSTRAINED_PROMPT = "Give the largest city of France and its population as JSON:"
+LLA_CONFIG = {"afterburner": {"attention": {"method": "local_linear"}}}
+LLA_QUERIES, LLA_PAIRS = 8, 4  # one query per held-out instance of 4 key-value pairs (trained on 4-16)
 REQUESTS = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12}),
     ("/v1/completions", {"prompt": "def fibonacci(n):", "max_tokens": 24}),
@@ -229,8 +235,49 @@ def _medusa_section(servers: dict[str, VllmServer], heads_note: str) -> bool:
     return same
 
 
+def lla_model() -> Path:
+    """The local-linear model ``afterburner train lla`` writes (trained here on first use)."""
+    folder = model_dir("lla-synthetic") / "local_linear"
+    if not (folder / "config.json").is_file():
+        from afterburner.plugins.cli import main as cli
+
+        print("[demo] training the local-linear model once (`afterburner train lla --attention local_linear`, "
+              "about 4-5 minutes on 2 cores)", flush=True)
+        if cli(["train", "lla", "--attention", "local_linear", "--eval-instances", "64"]) != 0:
+            raise RuntimeError("afterburner train lla failed")
+    return folder
+
+
+def _lla_section(server: VllmServer, folder: Path) -> bool:
+    import torch
+
+    from afterburner.attention_backends.local_linear.evaluate import heldout_batch
+    from afterburner.attention_backends.local_linear.tasks import VOCAB, describe
+    from afterburner.plugins.cli.lla_export import load_folder
+
+    model, record = load_folder(folder)
+    batch = heldout_batch("mqar", size=LLA_PAIRS, instances=LLA_QUERIES, seed=7)
+    query = 1 + 2 * LLA_PAIRS  # the first query key of each instance
+    with torch.no_grad():
+        trained = model(batch.tokens[:, :query + 1])[:, -1].argmax(-1)
+    print(f"\nLocal-linear attention: a model trained with it ({record['steps']} steps, learned lambdas "
+          f"{', '.join(f'{lam:.2f}' for lam in record['lambda'])}), served by vLLM with afterburner, recalls "
+          f"the value of a key among {LLA_PAIRS} pairs:")
+    right = same = 0
+    for row in range(LLA_QUERIES):
+        prompt = describe(batch.tokens[row, 1:query + 1])
+        answer, _ = _ask(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        truth, own = VOCAB[int(batch.tokens[row, query + 1])], VOCAB[int(trained[row])]
+        right, same = right + (answer == truth), same + (answer == own)
+        print(f"  {prompt:<40} -> {answer:<4} (true {truth}; {'right' if answer == truth else 'wrong'})")
+    print(f"  {right}/{LLA_QUERIES} right; {same}/{LLA_QUERIES} served answers equal the training code's model "
+          "(README: accuracy on 512 held-out queries per length through lm-eval, against softmax)")
+    return same == LLA_QUERIES
+
+
 def main() -> int:
     model = build_smollm2()
+    lla = lla_model()
     heads, heads_note = medusa_heads(model)
     config = {"afterburner": {**CONFIG["afterburner"], "specpc": {"draft": str(specpc_draft(model))}}}
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))
@@ -249,11 +296,12 @@ def main() -> int:
             {"method": "medusa", "model": str(heads), "num_speculative_tokens": MEDUSA_TREE_NODES}),
             "--additional-config", json.dumps({"afterburner": {"speculative": {"tree": "paper"}}}),
             log=work / "medusa.log", max_model_len=2048),
+        "local_linear": VllmServer(lla, "--additional-config", json.dumps(LLA_CONFIG), log=work / "local_linear.log"),
     }
     # One at a time: five cold starts at once on 2 cores outlast any sane timeout (each imports torch and
     # vLLM in three processes); one by one each takes about a minute.
-    print(f"[demo] starting vllm serve {len(servers)} times on SmolLM2-135M, one after another (logs in {work}); "
-          "about a minute each on 2 cores", flush=True)
+    print(f"[demo] starting vllm serve {len(servers)} times (SmolLM2-135M; the local-linear model), one after "
+          f"another (logs in {work}); about a minute each on 2 cores", flush=True)
     started = time.time()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on SIGTERM too
     try:
@@ -279,11 +327,12 @@ def main() -> int:
         _sparse_section(servers, work)
         _specpc_section(servers["afterburner"])
         medusa_ok = _medusa_section(servers, heads_note)
+        lla_ok = _lla_section(servers["local_linear"], lla)
         _print_report(report_dir)
     finally:
         codes = {name: server.stop() for name, server in servers.items() if server.process is not None}
         print(f"\n[demo] servers stopped with their process groups: exit codes {codes}")
-    return 0 if same == len(REQUESTS) and constrained_ok and medusa_ok else 1
+    return 0 if same == len(REQUESTS) and constrained_ok and medusa_ok and lla_ok else 1
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def smollm2() -> Path:
     return build_smollm2()
 
 
+@pytest.fixture(scope="session")
+def short_lla_model(tmp_path_factory) -> Path:
+    """The local-linear model of a 60-step ``afterburner train lla`` run (seconds; ``support.lla``)."""
+    from support.lla import train_short
+
+    return train_short(tmp_path_factory.mktemp("lla"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of many small torch ops: on the shared 2-core machine OpenMP workers wait on each other

@@ -19,6 +19,7 @@ from afterburner.attention_backends.local_linear.model import TinyLlama
 from afterburner.attention_backends.local_linear.tasks import (
     FIRST_SCORED_PAIR,
     IGNORE,
+    Batch,
     NUM0,
     NUM_BINS,
     bin_values,
@@ -30,6 +31,13 @@ EVAL_SEED0 = 2 ** 50
 
 def _generator(task: str, size: int, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(EVAL_SEED0 + 1_000_000 * seed + 1000 * size + (task == "regression"))
+
+
+def heldout_batch(task: str, *, size: int, instances: int, seed: int = 0) -> Batch:
+    """``instances`` held-out instances of one task size in one batch: the lm-eval tasks' documents. The
+    evaluations below draw theirs from the same generator in batches of 64, so for ``instances`` <= 64 they
+    score these very instances."""
+    return make_batch(task, batch=instances, size=size, generator=_generator(task, size, seed))
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@
 - ``afterburner_mc/``: ``afterburner_mc`` (sentence continuation, 4 choices, acc / acc_norm).
 - ``afterburner_passkey/``: ``afterburner_passkey_<N>`` per context length N (tokens, see
   ``generators``) and the group ``afterburner_passkey`` (exact match of the first 5-digit number).
+- ``afterburner_lla/``: held-out MQAR and regression instances for the ``afterburner train lla`` models
+  (``lla_tasks``; yamls only, documents generated when lm-eval loads them).
 
 The shipped folders come from the defaults (``make tasks``); ``tests/unit/plugins/test_lm_eval_tasks.py``
 regenerates them and compares bytes. Data files are found through ``dataset.load_local`` (relative to
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from afterburner.plugins.lm_eval import generators
+from afterburner.plugins.lm_eval import generators, lla_tasks
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR
 from afterburner.plugins.lm_eval.text import local_sentences
 
@@ -158,6 +160,7 @@ def task_files(
         docs = generators.passkey_docs(filler, length=length, n_docs=PASSKEY_DOCS, seed=seed, count=count)
         files[f"{PASSKEY_GROUP}/{task}.yaml"] = passkey_yaml(command, length)
         files[f"{PASSKEY_GROUP}/{task}.jsonl"] = jsonl(docs)
+    files.update(lla_tasks.files(_header(command), seed))
     return files
 
 

@@ -3,16 +3,20 @@ the factory builds it (the model's own lambda before the config's); run by hand 
 ForwardBatch objects (shuffled slots, a radix-shared prefix, chunked prefill, a mixed step, decode) every
 step's output is ``local_linear_paged`` on each request's keys and values in position order, it is
 local-linear attention (float64 reference), and at a huge lambda it is SGLang's own softmax output; a real
-CPU Engine with it at a huge lambda gives torch_native's greedy tokens, and at a small one other tokens."""
+CPU Engine with it at a huge lambda gives torch_native's greedy tokens, and at a small one other tokens; a
+model trained with it (``afterburner train lla``) answers in an Engine as the training code does."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_setup import GREEDY, LONG_PROMPTS, MAX_NEW_TOKENS, MIXED_PROMPTS, engine_run
+from engine_setup import GREEDY, LONG_PROMPTS, MAX_NEW_TOKENS, MIXED_PROMPTS, SCRIPTS, cpu_env, engine_run
 from pool_setup import D, PoolWorld, make_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from support.lla import LOGPROB_ATOL, mqar_prompts, reference
+from support.lla import MAX_TOKENS as LLA_MAX_TOKENS
+from support.worker import run_worker_or_fail
 
 from afterburner.attention_backends.local_linear.method import MODEL_LAMBDA_KEY
 from afterburner.attention_backends.local_linear.paged import local_linear_paged
@@ -124,3 +128,16 @@ def test_engine_with_a_huge_lambda_gives_the_stock_tokens(engine, tiny_model, tm
     assert [len(ids) for ids in huge["long"]] == [MAX_NEW_TOKENS] * len(LONG_PROMPTS)
     small = engine_run(tiny_model, "local-linear", {"attention": {"local_linear": {"lam": 0.05}}}, tmp_path / "small")
     assert small["mixed"] != dense, "a small lambda must change what the model computes"
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_it_answers_as_the_training_code(short_lla_model):
+    """SGLang serves the ``afterburner train lla`` model (a short run) with its own per-layer lambdas:
+    greedy answers to MQAR queries token-identical to the training code's model, log-probs within 2e-3."""
+    prompts = mqar_prompts()
+    served, _ = run_worker_or_fail(SCRIPTS / "lla_model_engine.py", short_lla_model, json.dumps(prompts), LLA_MAX_TOKENS,
+                                   env=cpu_env(), unset=["AFTERBURNER_DISABLE"], timeout=480)
+    expected = reference(short_lla_model, prompts)
+    assert [s["tokens"] for s in served] == [e["tokens"] for e in expected]
+    for s, e in zip(served, expected, strict=True):
+        assert s["logprobs"] == pytest.approx(e["logprobs"], abs=LOGPROB_ATOL)
