@@ -16,7 +16,6 @@ the commit) and an SVG plot beside it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,8 +53,8 @@ def torch_answers(folder: Path, task: str, size: int) -> tuple[dict, dict]:
     import torch
 
     from afterburner.attention_backends.local_linear.evaluate import heldout_batch, least_squares_predictions
-    from afterburner.plugins.cli import lla_export
     from afterburner.attention_backends.local_linear.tasks import IGNORE, VOCAB
+    from afterburner.plugins.cli import lla_export
     from afterburner.plugins.lm_eval import lla_tasks
 
     model, _ = lla_export.load_folder(folder)

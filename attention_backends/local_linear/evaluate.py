@@ -19,9 +19,9 @@ from afterburner.attention_backends.local_linear.model import TinyLlama
 from afterburner.attention_backends.local_linear.tasks import (
     FIRST_SCORED_PAIR,
     IGNORE,
-    Batch,
     NUM0,
     NUM_BINS,
+    Batch,
     bin_values,
     make_batch,
 )

@@ -14,9 +14,6 @@ import torch
 from engine_setup import GREEDY, LONG_PROMPTS, MAX_NEW_TOKENS, MIXED_PROMPTS, SCRIPTS, cpu_env, engine_run
 from pool_setup import D, PoolWorld, make_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from support.lla import LOGPROB_ATOL, mqar_prompts, reference
-from support.lla import MAX_TOKENS as LLA_MAX_TOKENS
-from support.worker import run_worker_or_fail
 
 from afterburner.attention_backends.local_linear.method import MODEL_LAMBDA_KEY
 from afterburner.attention_backends.local_linear.paged import local_linear_paged
@@ -25,6 +22,9 @@ from afterburner.plugins import stats
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.sglang import attention
 from afterburner.plugins.sglang.output_backend import OutputAttnBackend
+from support.lla import LOGPROB_ATOL, mqar_prompts, reference
+from support.lla import MAX_TOKENS as LLA_MAX_TOKENS
+from support.worker import run_worker_or_fail
 
 pytestmark = pytest.mark.sglang
 
@@ -135,8 +135,8 @@ def test_a_model_trained_with_it_answers_as_the_training_code(short_lla_model):
     """SGLang serves the ``afterburner train lla`` model (a short run) with its own per-layer lambdas:
     greedy answers to MQAR queries token-identical to the training code's model, log-probs within 2e-3."""
     prompts = mqar_prompts()
-    served, _ = run_worker_or_fail(SCRIPTS / "lla_model_engine.py", short_lla_model, json.dumps(prompts), LLA_MAX_TOKENS,
-                                   env=cpu_env(), unset=["AFTERBURNER_DISABLE"], timeout=480)
+    served, _ = run_worker_or_fail(SCRIPTS / "lla_model_engine.py", short_lla_model, json.dumps(prompts),
+                                   LLA_MAX_TOKENS, env=cpu_env(), unset=["AFTERBURNER_DISABLE"], timeout=480)
     expected = reference(short_lla_model, prompts)
     assert [s["tokens"] for s in served] == [e["tokens"] for e in expected]
     for s, e in zip(served, expected, strict=True):

@@ -7,9 +7,9 @@ import json
 
 import pytest
 from result_script import run_result_script
-from support.lla import LOGPROB_ATOL, MAX_TOKENS, mqar_prompts, reference
 
 from afterburner.plugins.config import ConfigError
+from support.lla import LOGPROB_ATOL, MAX_TOKENS, mqar_prompts, reference
 
 
 def test_the_served_model_answers_as_the_trained_one(short_lla_model):
