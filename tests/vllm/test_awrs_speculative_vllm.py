@@ -56,8 +56,9 @@ def test_with_the_micro_step_drafter_awrs_output_is_unchanged(smollm2, alone, tm
 def test_with_a_medusa_chain_awrs_output_is_unchanged(smollm2, alone, tmp_path):
     """Untrained heads on SmolLM2's own LM head (each proposes the base's guess for the current position):
     drafts that AWRS verifies, some accepted; a tree is refused per request (test_composition_vllm.py)."""
-    from support.medusa import untrained_heads
     from transformers import AutoModelForCausalLM
+
+    from support.medusa import untrained_heads
 
     base = AutoModelForCausalLM.from_pretrained(smollm2)
     heads = save_heads(untrained_heads(base, 3), tmp_path / "heads", base_model=smollm2,
