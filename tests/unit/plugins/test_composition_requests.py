@@ -34,7 +34,8 @@ def test_awrs_with_a_chain_is_admitted():
 @pytest.mark.parametrize("processor, params, reason", [
     (_processor(tree="paper"), _params(), "a token tree is verified as a tree .* set afterburner.speculative.tree "
                                           "to \"chain\""),
-    (_processor("ngram", async_scheduling=True), _params(), "the engine schedules asynchronously .* --no-async-scheduling"),
+    (_processor("ngram", async_scheduling=True), _params(),
+     "the engine schedules asynchronously .* --no-async-scheduling"),
     (_processor(), _params(logprobs=1), "its logprobs would be the unconstrained sampler's"),
 ])
 def test_where_awrs_cannot_verify_the_drafts_the_request_is_refused(processor, params, reason):
