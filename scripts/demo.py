@@ -19,14 +19,15 @@ registered and did in each engine process. Each feature issue adds its own secti
 - Micro-step drafter (HAMburger-style): when ``make hamburger-drafter`` has trained one, a server with
   ``"method": "hamburger"`` answers the same chat request: same text, fewer base-model steps, the draft
   lengths its stop head chose (vLLM's counters); else the demo says how to build it.
-- Local-linear attention: a model trained with it (``afterburner train lla``; the demo trains the
-  local-linear one on its first run, ~4-5 minutes on 2 cores, if ``make lla-models`` has not) served with
+- Local-linear attention: a model trained with it (``make lla-models``; else the demo trains a quick one
+  on its first run, ~4-5 minutes on 2 cores) served with
   ``attention.method: "local_linear"`` answers held-out recall queries (multi-query associative recall):
   its answers, the true values, and whether each served answer is the training code's own model's.
 
-Servers start one after another (each waits for the previous one to answer /health) and each runs in its
-own process group, which is ended on every exit path: success, error, Ctrl-C, SIGTERM, and (through a
-watchdog per server) this process being killed outright.
+Servers start one after another (each waits for the previous one to answer /health), in two phases (the
+stock and selective servers stop before the speculative and local-linear ones start: at most four hold
+memory at once), and each runs in its own process group, which is ended on every exit path: success,
+error, Ctrl-C, SIGTERM, and (through a watchdog per server) this process being killed outright.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ HAMBURGER_DRAFT = 4
 # The drafter's stop head is trained on ~21% positive labels: its default 0.8 drafts almost nothing, 0.3 is
 # where it accepted most per step in benchmarks/results/hamburger_vllm.json.
 HAMBURGER_CONFIG = {"afterburner": {"speculative": {"stop_threshold": 0.3}}}
+PHASE_TWO = ("medusa", "hamburger", "local_linear")
 LLA_CONFIG = {"afterburner": {"attention": {"method": "local_linear"}}}
 LLA_QUERIES, LLA_PAIRS = 8, 4  # one query per held-out instance of 4 key-value pairs (trained on 4-16)
 REQUESTS = [
@@ -241,16 +243,21 @@ def hamburger_drafter() -> Path | None:
 
 
 def lla_model() -> Path:
-    """The local-linear model ``afterburner train lla`` writes (trained here on first use)."""
-    folder = model_dir("lla-synthetic") / "local_linear"
-    if not (folder / "config.json").is_file():
+    """The local-linear model ``make lla-models`` trains (6,000 steps), else a quick 1,200-step one trained
+    here on first use (its own folder, so ``make lla-models`` can still resume its checkpoints)."""
+    trained = model_dir("lla-synthetic") / "local_linear"
+    if (trained / "config.json").is_file():
+        return trained
+    quick = model_dir("lla-synthetic-quick")
+    if not (quick / "local_linear" / "config.json").is_file():
         from afterburner.plugins.cli import main as cli
 
-        print("[demo] training the local-linear model once (`afterburner train lla --attention local_linear`, "
-              "about 4-5 minutes on 2 cores)", flush=True)
-        if cli(["train", "lla", "--attention", "local_linear", "--eval-instances", "64"]) != 0:
+        print("[demo] training a quick local-linear model once (`afterburner train lla --attention local_linear "
+              "--steps 1200`, about 4-5 minutes on 2 cores; `make lla-models` trains the better one)", flush=True)
+        if cli(["train", "lla", "--attention", "local_linear", "--steps", "1200", "--eval-instances", "64",
+                "--out", str(quick)]) != 0:
             raise RuntimeError("afterburner train lla failed")
-    return folder
+    return quick / "local_linear"
 
 
 def _lla_section(server: VllmServer, folder: Path) -> bool:
@@ -308,21 +315,32 @@ def main() -> int:
            if drafter else {}),
         "local_linear": VllmServer(lla, "--additional-config", json.dumps(LLA_CONFIG), log=work / "local_linear.log"),
     }
-    # One at a time: five cold starts at once on 2 cores outlast any sane timeout (each imports torch and
-    # vLLM in three processes); one by one each takes about a minute.
-    print(f"[demo] starting vllm serve {len(servers)} times (SmolLM2-135M; the local-linear model), one after "
-          f"another (logs in {work}); about a minute each on 2 cores", flush=True)
+    # Two phases, so at most four servers hold memory at once: the comparisons with stock and the selective
+    # methods, then speculation and local-linear (the dense afterburner server stays up: it is the "off").
+    phases = [["afterburner", "stock", "sparse", "squeezed"], [n for n in servers if n in PHASE_TWO]]
+    print(f"[demo] starting vllm serve {len(servers)} times (SmolLM2-135M; the local-linear model) in two "
+          f"phases, one after another (logs in {work}); about a minute each on 2 cores", flush=True)
     started = time.time()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on SIGTERM too
-    try:
-        for name, server in servers.items():
+
+    def start(names: list[str]) -> bool:
+        # One at a time: several cold starts at once on 2 cores outlast any sane timeout (each imports torch
+        # and vLLM in three processes); one by one each takes about a minute.
+        for name in names:
             try:
-                server.start().wait(timeout=600, progress=f"demo: {name} server")
+                servers[name].start().wait(timeout=600, progress=f"demo: {name} server")
             except (RuntimeError, TimeoutError) as exc:
-                print(f"[demo] the {name} server did not come up; its log is {server.log}\n{exc}", file=sys.stderr)
-                return 1
-            print(f"[demo] {name} server healthy on 127.0.0.1:{server.port} after {time.time() - started:.0f} s",
-                  flush=True)
+                print(f"[demo] the {name} server did not come up; its log is {servers[name].log}\n{exc}",
+                      file=sys.stderr)
+                return False
+            print(f"[demo] {name} server healthy on 127.0.0.1:{servers[name].port} after "
+                  f"{time.time() - started:.0f} s", flush=True)
+        return True
+
+    codes: dict[str, int | None] = {}
+    try:
+        if not start(phases[0]):
+            return 1
         same = 0
         for path, body in REQUESTS:
             prompt = body.get("prompt") or body["messages"][-1]["content"]
@@ -336,6 +354,9 @@ def main() -> int:
         constrained_ok = _constrained_section(servers, report_dir)
         _sparse_section(servers, work)
         _specpc_section(servers["afterburner"])
+        codes.update({name: servers[name].stop() for name in phases[0][1:]})
+        if not start(phases[1]):
+            return 1
         medusa_ok = _speculation_section(servers, "medusa", f"Medusa speculative decoding (tree of "
                                          f"{MEDUSA_TREE_NODES} nodes, 3 heads: {heads_note})")
         if "hamburger" in servers:
@@ -347,7 +368,8 @@ def main() -> int:
         lla_ok = _lla_section(servers["local_linear"], lla)
         _print_report(report_dir)
     finally:
-        codes = {name: server.stop() for name, server in servers.items() if server.process is not None}
+        codes.update({name: server.stop() for name, server in servers.items()
+                      if server.process is not None and name not in codes})
         print(f"\n[demo] servers stopped with their process groups: exit codes {codes}")
     return 0 if same == len(REQUESTS) and constrained_ok and medusa_ok and lla_ok else 1
 
