@@ -229,32 +229,31 @@ def main() -> int:
     return 0
 
 
+def _print_table(rows: dict, title: str, speed: str, base: str, columns: list[str], cells) -> None:
+    """One markdown table: the speed, its ratio to the ``base`` row, then ``cells(row)`` under ``columns``."""
+    rows = {k: v for k, v in rows.items() if k != "settings"}
+    if not rows:
+        return
+    reference = rows.get(base, {}).get(speed)
+    print(f"\n| {title} | {speed.replace('_', ' ')} | vs {base} | " + " | ".join(columns) + " |")
+    print("|---" * (3 + len(columns)) + "|")
+    for label, row in rows.items():
+        if "error" in row:
+            print(f"| {label} | refused: {row['error'][:120]} |" + " |" * (1 + len(columns)))
+            continue
+        ratio = f"{row[speed] / reference:.2f}x" if reference else ""
+        print(f"| {label} | {row[speed]} | {ratio} | " + " | ".join(map(str, cells(row))) + " |")
+
+
 def _print_tables(results: dict) -> None:
-    rows = {k: v for k, v in results["json"].items() if k != "settings"}
-    if rows:
-        base = rows.get("unconstrained", {}).get("tokens_per_second")
-        print("\n| JSON schema | tokens/s | vs unconstrained | valid | tokens / verification step | "
-              "same as AWRS alone |")
-        print("|---|---|---|---|---|---|")
-        for label, row in rows.items():
-            if "error" in row:
-                print(f"| {label} | refused: {row['error'][:120]} | | | | |")
-                continue
-            ratio = f"{row['tokens_per_second'] / base:.2f}x" if base else ""
-            print(f"| {label} | {row['tokens_per_second']} | {ratio} | {row['valid']}/{row['requests']} | "
-                  f"{row['tokens_per_verification_step'] or '-'} | {row.get('same_texts_as_awrs_alone', '')} |")
-    rows = {k: v for k, v in results["long"].items() if k != "settings"}
-    if rows:
-        base = rows.get("dense", {}).get("decode_tokens_per_second")
-        print("\n| long prompt | decode tokens/s | vs dense | TTFT (s) | found | tokens / verification step |")
-        print("|---|---|---|---|---|---|")
-        for label, row in rows.items():
-            if "error" in row:
-                print(f"| {label} | refused: {row['error'][:120]} | | | | |")
-                continue
-            ratio = f"{row['decode_tokens_per_second'] / base:.2f}x" if base else ""
-            print(f"| {label} | {row['decode_tokens_per_second']} | {ratio} | {row['ttft_seconds_mean']} | "
-                  f"{row['found']}/{row['docs']} | {row['tokens_per_verification_step'] or '-'} |")
+    _print_table(results["json"], "JSON schema", "tokens_per_second", "unconstrained",
+                 ["valid", "tokens / verification step", "same as AWRS alone"],
+                 lambda r: [f"{r['valid']}/{r['requests']}", r["tokens_per_verification_step"] or "-",
+                            r.get("same_texts_as_awrs_alone", "")])
+    _print_table(results["long"], "long prompt", "decode_tokens_per_second", "dense",
+                 ["TTFT (s)", "found", "tokens / verification step"],
+                 lambda r: [r["ttft_seconds_mean"], f"{r['found']}/{r['docs']}",
+                            r["tokens_per_verification_step"] or "-"])
 
 
 if __name__ == "__main__":
