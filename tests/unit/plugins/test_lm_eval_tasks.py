@@ -149,7 +149,7 @@ def test_mc_docs_hold_the_true_ending():
 def test_task_yamls_point_at_their_data():
     for path in sorted(TASKS_DIR.glob("*/*.yaml")):
         if path.parent.name == lla_tasks.GROUP:
-            continue  # generated documents: tests/unit/plugins/test_lla_tasks.py
+            continue  # generated documents: tests/unit/plugins/test_lm_eval_lla_tasks.py
         config = load_yaml(path)
         if "group" in config:
             assert config["task"] == [make_tasks.passkey_task(n) for n in LENGTHS]
