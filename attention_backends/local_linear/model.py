@@ -26,6 +26,10 @@ from afterburner.attention_backends.local_linear.blockwise import local_linear_b
 from afterburner.attention_backends.local_linear.implicit import local_linear_implicit
 
 LAMBDA_KEY = "afterburner_local_linear_lambda"
+# The architecture name a trained LLA model's config.json carries: the plugin registers it (vLLM's Llama
+# model under afterburner's local-linear attention); an engine without afterburner refuses it instead of
+# serving the weights with softmax attention. model_type stays "llama", so transformers still loads it.
+ARCHITECTURE = "AfterburnerLocalLinearLlamaForCausalLM"
 ATTENTIONS = ("softmax", "local_linear")
 
 
@@ -201,6 +205,7 @@ class TinyLlama(nn.Module):
                   "mlp_bias": False, "tie_word_embeddings": False, "dtype": "float32", **extra}
         if s.attention == "local_linear":
             config[LAMBDA_KEY] = self.lambdas()
+            config["architectures"] = [ARCHITECTURE]
         return config
 
     def shape_dict(self) -> dict:

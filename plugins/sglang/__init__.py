@@ -28,10 +28,21 @@ def register() -> None:
 
 
 def _register_extras() -> list[str]:
-    """Registrations into SGLang's own registries (not patches): attention backends, speculative algorithms."""
+    """Registrations into SGLang's own registries (not patches): attention backends, speculative algorithms,
+    the architecture name of models trained with local-linear attention (SGLang's Llama)."""
     from afterburner.plugins.sglang import spec_algorithms  # imports SGLang's speculative registry
 
-    return attention.register_backends() + spec_algorithms.register_algorithms()
+    return attention.register_backends() + spec_algorithms.register_algorithms() + _register_models()
+
+
+def _register_models() -> list[str]:
+    from sglang.srt.models.llama import LlamaForCausalLM
+    from sglang.srt.models.registry import ModelRegistry
+
+    from afterburner.attention_backends.local_linear.model import ARCHITECTURE
+
+    ModelRegistry.models.setdefault(ARCHITECTURE, LlamaForCausalLM)
+    return [f"model {ARCHITECTURE}"]
 
 
 def is_active() -> bool:

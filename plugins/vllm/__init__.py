@@ -30,10 +30,26 @@ def _register_attention() -> list[str]:
     return []
 
 
+def _register_extras() -> list[str]:
+    return _register_attention() + _register_models()
+
+
+def _register_models() -> list[str]:
+    """The architecture name of models trained with local-linear attention: vLLM's own Llama (by path, so
+    nothing is imported here); ``hooks.check_engine_config`` requires ``attention.method: "local_linear"``."""
+    from vllm import ModelRegistry
+
+    from afterburner.attention_backends.local_linear.model import ARCHITECTURE
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "vllm.model_executor.models.llama:LlamaForCausalLM")
+    return [f"model {ARCHITECTURE}"]
+
+
 def register() -> None:
     global _active
     if _active is None:
-        _active = guarded_register("vllm", VLLM_PATCHES, hooks.HOOKS, _register_attention)
+        _active = guarded_register("vllm", VLLM_PATCHES, hooks.HOOKS, _register_extras)
 
 
 def is_active() -> bool:

@@ -3,7 +3,7 @@
 
 import json
 
-from afterburner.attention_backends.local_linear.model import LAMBDA_KEY
+from afterburner.attention_backends.local_linear.model import ARCHITECTURE, LAMBDA_KEY
 from afterburner.plugins.cli import main
 
 TOY = ["--steps", "3", "--batch-size", "2", "--hidden", "16", "--heads", "2", "--kv-heads", "1",
@@ -17,8 +17,10 @@ def test_train_lla_writes_both_folders_and_the_evaluation(tmp_path, capsys):
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
         assert (tmp_path / f"{name}.train" / "checkpoint.pt").is_file()
     config = json.loads((tmp_path / "local_linear" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and len(config[LAMBDA_KEY]) == 2
-    assert LAMBDA_KEY not in json.loads((tmp_path / "softmax" / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURE] and len(config[LAMBDA_KEY]) == 2
+    assert config["model_type"] == "llama"  # transformers still loads it as a Llama
+    softmax_config = json.loads((tmp_path / "softmax" / "config.json").read_text())
+    assert LAMBDA_KEY not in softmax_config and softmax_config["architectures"] == ["LlamaForCausalLM"]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["train"]["local_linear"]["steps"] == 3
     assert 0 <= report["eval"]["local_linear"]["mqar"][0]["accuracy"] <= 1
