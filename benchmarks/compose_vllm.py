@@ -42,6 +42,8 @@ for _key, _value in _KEEP.items():
     if _value is None:
         os.environ.pop(_key, None)
 
+from afterburner.plugins.devtools.vllm_server import VllmServer, spec_steps  # noqa: E402
+
 OUT = Path(__file__).parent / "results" / "compose_vllm.json"
 SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string", "maxLength": 40},
@@ -78,16 +80,6 @@ def _server_args(spec: str, attention: dict | None, models: dict[str, Path]) -> 
             json.dumps({"afterburner": section})]
 
 
-def _steps(before: dict, after: dict) -> dict:
-    drafts = after.get("vllm:spec_decode_num_drafts_total", 0) - before.get("vllm:spec_decode_num_drafts_total", 0)
-    accepted = (after.get("vllm:spec_decode_num_accepted_tokens_total", 0)
-                - before.get("vllm:spec_decode_num_accepted_tokens_total", 0))
-    drafted = (after.get("vllm:spec_decode_num_draft_tokens_total", 0)
-               - before.get("vllm:spec_decode_num_draft_tokens_total", 0))
-    return {"verification_steps": int(drafts), "drafted": int(drafted), "accepted": int(accepted),
-            "tokens_per_verification_step": round((drafts + accepted) / drafts, 3) if drafts else None}
-
-
 def _timed(server, path: str, body: dict) -> tuple[dict, float]:
     started = time.perf_counter()
     reply = server.post(path, body, timeout=600)
@@ -121,7 +113,7 @@ def json_requests(server, constraint: str | None, prompts: list[str]) -> dict:
                      "valid": _valid(text), "finish": reply["choices"][0]["finish_reason"]})
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] for r in rows)
     return {"tokens_per_second": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2),
-            "valid": sum(r["valid"] for r in rows), "requests": len(rows), **_steps(before, server.spec_counters()),
+            "valid": sum(r["valid"] for r in rows), "requests": len(rows), **spec_steps(before, server.spec_counters()),
             "texts": [r["text"] for r in rows], "finish": [r["finish"] for r in rows]}
 
 
@@ -137,14 +129,12 @@ def long_requests(server, docs: list[dict], decode_tokens: int) -> dict:
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["decode_seconds"] for r in rows)
     return {"decode_tokens_per_second": round(tokens / seconds, 2), "tokens": tokens,
             "ttft_seconds_mean": round(sum(r["ttft"] for r in rows) / len(rows), 2),
-            "found": sum(r["found"] for r in rows), "docs": len(rows), **_steps(before, server.spec_counters()),
+            "found": sum(r["found"] for r in rows), "docs": len(rows), **spec_steps(before, server.spec_counters()),
             "texts": [r["text"] for r in rows]}
 
 
 def run_server(name: str, model: Path, args: list[str], work: Path, jobs: list[tuple[str, callable]]) -> dict:
     """Start one server, warm it, run ``jobs`` (label, fn(server)) in order; a failed start is recorded."""
-    from afterburner.plugins.devtools.vllm_server import VllmServer
-
     server = VllmServer(model, *args, log=work / f"{name}.log", max_model_len=4096)
     results = {}
     try:

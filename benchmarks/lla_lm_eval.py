@@ -38,26 +38,24 @@ def _worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     results = run.evaluate([lla_tasks.GROUP], model_args, log_samples=True)
     seconds = time.perf_counter() - started
-    tasks = {}
+    scores, tasks = run.scores(results), {}
     for task, samples in results["samples"].items():
-        tasks[task] = {"metrics": run.scores(results)[task],
+        tasks[task] = {"metrics": scores[task],
                        "answers": [[s["doc"]["instance"], s["doc"]["position"], s["filtered_resps"][0].strip()]
                                    for s in samples]}
     # proof of the path taken: afterburner's local-linear counters (zero for the stock-kernel softmax run)
     print_result({"seconds": seconds, "tasks": tasks, "local_linear_stats": stats.attention("local_linear").as_dict()})
 
 
-def torch_answers(folder: Path, task: str, size: int) -> tuple[dict, dict]:
-    """({(instance, position): greedy word}, references) from the training code's model on the task's
+def torch_answers(model, task: str, size: int) -> tuple[dict, dict]:
+    """({(instance, position): greedy word}, references) from the training code's ``model`` on the task's
     instances; references (regression): least-squares and predict-0 MSE on the same queries."""
     import torch
 
     from afterburner.attention_backends.local_linear.evaluate import heldout_batch, least_squares_predictions
     from afterburner.attention_backends.local_linear.tasks import IGNORE, VOCAB
-    from afterburner.plugins.cli import lla_export
     from afterburner.plugins.lm_eval import lla_tasks
 
-    model, _ = lla_export.load_folder(folder)
     batch = heldout_batch(task, size=size, instances=lla_tasks.instances_for(task, size))
     with torch.no_grad():
         greedy = model(batch.tokens).argmax(-1)
@@ -73,18 +71,20 @@ def torch_answers(folder: Path, task: str, size: int) -> tuple[dict, dict]:
 
 
 def summarize(engine: dict, folder: Path) -> dict:
+    from afterburner.plugins.cli import lla_export
     from afterburner.plugins.lm_eval import lla_tasks
 
+    model, _ = lla_export.load_folder(folder)
     rows = {}
     for task, size in lla_tasks.all_tasks():
         name = lla_tasks.task_name(task, size)
         got = engine["tasks"][name]
-        reference, baselines = torch_answers(folder, task, size)
+        reference, baselines = torch_answers(model, task, size)
         answers = {(i, p): word for i, p, word in got["answers"]}
         agree = sum(answers.get(key) == word for key, word in reference.items())
         queries = len(got["answers"])
         correct = round(got["metrics"]["exact_match"] * queries)
-        rows[name] = {"task": task, "size": size, "seq_len": 1 + (4 if task == "mqar" else 2) * size,
+        rows[name] = {"task": task, "size": size, "seq_len": lla_tasks.seq_len(task, size),
                       "instances": lla_tasks.instances_for(task, size), "queries": queries, **got["metrics"],
                       "exact_match_wilson95": [round(x, 4) for x in wilson(correct, queries)],
                       "engine_equals_torch": f"{agree}/{len(reference)}", **baselines}

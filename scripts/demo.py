@@ -42,7 +42,7 @@ from pathlib import Path
 
 from afterburner.plugins import report
 from afterburner.plugins.cli.models import build_smollm2, cache_root, model_dir
-from afterburner.plugins.devtools.vllm_server import VllmServer
+from afterburner.plugins.devtools.vllm_server import VllmServer, spec_steps
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
 from afterburner.plugins.lm_eval.generators import passkey_prompt
 
@@ -221,18 +221,15 @@ def _speculation_section(servers: dict[str, VllmServer], name: str, title: str) 
     before = servers[name].spec_counters()
     answers = {label: _ask(servers[server], "/v1/chat/completions", SPECULATION_REQUEST)
                for label, server in (("off", "afterburner"), ("on", name))}
-    after = servers[name].spec_counters()
-    delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
-    steps = delta.get("vllm:spec_decode_num_drafts_total", 0)
-    drafted = delta.get("vllm:spec_decode_num_draft_tokens_total", 0)
-    accepted = delta.get("vllm:spec_decode_num_accepted_tokens_total", 0)
+    done = spec_steps(before, servers[name].spec_counters())
+    steps, drafted, accepted = done["verification_steps"], done["drafted"], done["accepted"]
     for label, (text, seconds) in answers.items():
         print(f"  {label:>11} ({seconds:4.1f} s): {text!r}")
     same = answers["off"][0] == answers["on"][0]
     if steps:
-        print(f"  same text: {same}; with speculation {int(steps)} verification steps carried {int(drafted)} draft "
-              f"tokens ({drafted / steps:.2f} per step) and emitted {int(steps + accepted)} tokens "
-              f"({(steps + accepted) / steps:.2f} per step; one per step without)")
+        print(f"  same text: {same}; with speculation {steps} verification steps carried {drafted} draft "
+              f"tokens ({drafted / steps:.2f} per step) and emitted {steps + accepted} tokens "
+              f"({done['tokens_per_verification_step']:.2f} per step; one per step without)")
     return same
 
 

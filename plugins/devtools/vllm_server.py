@@ -177,6 +177,18 @@ class VllmServer:
         return self.log.read_text()[-3000:]
 
 
+def spec_steps(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What speculation did between two ``spec_counters`` readings: verification steps, draft tokens carried
+    and accepted, and tokens emitted per verification step (1 + accepted / steps; None without a step)."""
+    def delta(name: str) -> float:
+        key = f"vllm:spec_decode_num_{name}_total"
+        return after.get(key, 0) - before.get(key, 0)
+
+    steps, drafted, accepted = delta("drafts"), delta("draft_tokens"), delta("accepted_tokens")
+    return {"verification_steps": int(steps), "drafted": int(drafted), "accepted": int(accepted),
+            "tokens_per_verification_step": round((steps + accepted) / steps, 3) if steps else None}
+
+
 @contextmanager
 def vllm_server(model: Path, *extra: str, log: Path, env: dict | None = None, max_model_len: int = 512):
     """Yields a healthy VllmServer; ends its process group on exit."""

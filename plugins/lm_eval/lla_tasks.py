@@ -123,10 +123,11 @@ def task_yaml(header: str, task: str, size: int, seed: int) -> str:
     text += f"process_results: !function {RESULTS[task]}\nmetric_list:\n"
     for metric, higher in metrics:
         text += f"  - metric: {metric}\n    aggregation: mean\n    higher_is_better: {str(higher).lower()}\n"
-    return text + f"metadata:\n  version: 1.0\n  seq_len_of_instance: {_seq_len(task, size)}\n"
+    return text + f"metadata:\n  version: 1.0\n  seq_len_of_instance: {seq_len(task, size)}\n"
 
 
-def _seq_len(task: str, size: int) -> int:
+def seq_len(task: str, size: int) -> int:
+    """Tokens in one instance of the task size (``<s>`` included)."""
     return 1 + (4 if task == "mqar" else 2) * size
 
 
