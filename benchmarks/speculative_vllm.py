@@ -8,7 +8,8 @@ and tokens/s, side by side in one run, against no speculation, for one proposer 
   ``make hamburger-drafter`` writes);
 - ``--method draft_model``: vLLM's own draft-model chain at fixed lengths against afterburner's confidence
   stop (``speculative.stop_threshold``: each chain cut before its first token the draft gives less than
-  that probability), with the same draft: SmolLM2's first ``--draft-layers`` layers (``afterburner models
+  that probability) and afterburner's token tree from the draft's top-k (``speculative.tree``), with the
+  same draft: SmolLM2's first ``--draft-layers`` layers (``afterburner models
   draft``, derived on first use).
 
 Medusa and the micro-step drafter also run with ``speculative.draft_vocab`` 4096 (drafting from the 4,096
@@ -78,9 +79,12 @@ CONFIGS = {
         ("afterburner, up to 4, stop below 0.5", 4, {"speculative": {"stop_threshold": 0.5}}, 0.0),
         ("afterburner, up to 4, stop below 0.7", 4, {"speculative": {"stop_threshold": 0.7}}, 0.0),
         ("afterburner, up to 4, stop below 0.9", 4, {"speculative": {"stop_threshold": 0.9}}, 0.0),
+        ("afterburner tree of 4 (depth 2, top-2)", 4, {"speculative": {"tree": "paper"}}, 0.0),
+        ("afterburner tree of 8 (depth 3, top-3)", 8, {"speculative": {"tree": "paper"}}, 0.0),
         ("no speculation, T=0.7", 0, {}, 0.7),
         ("vLLM draft_model, chain of 4, T=0.7", 4, {}, 0.7),
         ("afterburner, up to 4, stop below 0.7, T=0.7", 4, {"speculative": {"stop_threshold": 0.7}}, 0.7),
+        ("afterburner tree of 8 (depth 3, top-3), T=0.7", 8, {"speculative": {"tree": "paper"}}, 0.7),
     ],
 }
 

@@ -6,9 +6,9 @@ Sparse attention reading whole blocks (``read_unit: "block"``) selects inside ch
 too (``compact_decode``: one choice per sequence, made with its first query, shared by its draft rows).
 Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
 - other selective attention (squeezed, speckv; sparse with ``read_unit: "page"``) with speculative decoding, and
-  sparse with a Medusa tree: every decode step of such an engine is a verification step, whose rows would
+  sparse with a token tree: every decode step of such an engine is a verification step, whose rows would
   read the whole KV cache;
-- local-linear attention with a token tree (Medusa, ``speculative.tree`` other than "chain"): tree
+- local-linear attention with a token tree (Medusa, or a draft model with ``speculative.tree``): tree
   verification runs softmax attention. Chains are verified like prefill chunks, by the method itself.
 AWRS with speculative decoding: vLLM runs no logits processors there, so afterburner verifies the
 constrained rows' drafts with AWRS's own draws (``awrs_speculative``). Refused per request
@@ -36,23 +36,24 @@ def check_engine(vllm_config: Any) -> None:
         return
     attention = config.attention.method
     tree = config.speculative.tree
-    reason = _selective_refusal(config, method, tree) if attention in SELECTIVE_METHODS else None
+    reason = _selective_refusal(config, method) if attention in SELECTIVE_METHODS else None
     if reason:
         raise ConfigError(f"afterburner.attention.method {attention!r} with speculative decoding ({method!r}) is "
                           f"not supported yet: {reason}")
-    if attention in OUTPUT_METHODS and method == "medusa" and tree != "chain":
-        raise ConfigError(f"afterburner.attention.method {attention!r} with a Medusa token tree (speculative.tree "
-                          f"{tree!r}): tree verification runs softmax attention; set speculative.tree to \"chain\"")
+    if attention in OUTPUT_METHODS and proposers.verifies_tree(method, config):
+        raise ConfigError(f"afterburner.attention.method {attention!r} with a token tree ({method!r}, "
+                          f"speculative.tree {tree!r}): tree verification runs softmax attention; set "
+                          "speculative.tree to \"chain\"")
 
 
-def _selective_refusal(config, method: str, tree) -> str | None:
+def _selective_refusal(config, method: str) -> str | None:
     """Why selective attention cannot serve this proposer's verification steps (None: it can: sparse
     reading whole blocks through vLLM's kernel, verification rows of a chain, ``compact_decode``)."""
     if config.attention.method != "sparse" or config.attention.sparse.read_unit != "block":
         return ("its verification steps would read the whole KV cache (only sparse attention with "
                 "read_unit \"block\" selects inside verification steps); use one of them")
-    if method == "medusa" and tree != "chain":
-        return "a Medusa token tree is verified with tree attention, which reads the whole KV cache; set " \
+    if proposers.verifies_tree(method, config):
+        return "a token tree is verified with tree attention, which reads the whole KV cache; set " \
                "afterburner.speculative.tree to \"chain\""
     return None
 
@@ -79,7 +80,7 @@ def awrs_refusal(vllm_config: Any, method: str) -> str | None:
     if vllm_config.scheduler_config.async_scheduling:
         return "the engine schedules asynchronously (AWRS needs each step's committed tokens); start it with " \
                "--no-async-scheduling"
-    if method == "medusa" and config.speculative.tree != "chain":
+    if proposers.verifies_tree(method, config):
         return "a token tree is verified as a tree (AWRS verifies chains); set afterburner.speculative.tree to " \
                "\"chain\""
     return None

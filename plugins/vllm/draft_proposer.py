@@ -12,8 +12,10 @@ whose drafts differ in length, as n-gram's do). Once every row of the batch is c
 remaining forward passes in that step are skipped (their tokens would be dropped): that is where the
 stop saves time, besides the verification of tokens that would have been rejected.
 
-Needs synchronous scheduling (vLLM's async path keeps drafts on the device at a fixed length): always the
-case on CPU; on a GPU the check asks for ``--no-async-scheduling``.
+With ``speculative.tree`` set instead, afterburner drafts a token tree from the draft's top-k
+(``draft_tree_proposer``, built by ``make_proposer``). Either needs synchronous scheduling (vLLM's async
+path keeps drafts on the device at a fixed length): always the case on CPU; on a GPU the check asks for
+``--no-async-scheduling``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,28 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from afterburner.plugins import stats
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm import proposers
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.spec_decode.draft.confident_chain import confident_lengths
+from afterburner.spec_decode.tree import build_tree
+from afterburner.spec_decode.tree_choices import tree_paths
 
 logger = get_logger(__name__)
 
 
 def wanted(config: AfterburnerConfig) -> bool:
-    """afterburner replaces vLLM's draft-model proposer only when a stop threshold is set."""
-    return config.speculative.stop_threshold is not None
+    """afterburner replaces vLLM's draft-model proposer only when a stop threshold or a tree is set."""
+    return config.speculative.stop_threshold is not None or proposers.verifies_tree("draft_model", config)
+
+
+def make_proposer(vllm_config, device):
+    """The proposer ``proposers.PROPOSERS`` builds for ``draft_model``: a tree from the draft's top-k when
+    ``speculative.tree`` is set (``draft_tree_proposer``), else the chain with the confidence stop."""
+    if proposers.verifies_tree("draft_model", config_of(vllm_config)):
+        from afterburner.plugins.vllm.draft_tree_proposer import DraftTreeProposer
+
+        return DraftTreeProposer(vllm_config, device)
+    return ConfidentDraftProposer(vllm_config, device)
 
 
 class ConfidentDraftProposer(DraftModelProposer):
@@ -95,25 +110,47 @@ class ConfidentDraftProposer(DraftModelProposer):
         return drafts
 
 
+def _setting(config: AfterburnerConfig) -> str:
+    """The afterburner setting that asks for afterburner's draft-model proposer, for error messages."""
+    return "afterburner.speculative.tree" if proposers.verifies_tree("draft_model", config) \
+        else "afterburner.speculative.stop_threshold"
+
+
 def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:
-    """At startup, in the user's process, when ``speculative.stop_threshold`` asks for afterburner's proposer:
-    what it cannot serve is one ConfigError line (vLLM checks the draft folder itself)."""
+    """At startup, in the user's process, when ``speculative.stop_threshold`` or ``speculative.tree`` asks for
+    afterburner's proposer: what it cannot serve is one ConfigError line (vLLM checks the draft folder)."""
     if not wanted(config):
         return
+    tree, setting = proposers.verifies_tree("draft_model", config), _setting(config)
+    if tree and config.speculative.stop_threshold is not None:
+        raise ConfigError("afterburner.speculative: with method 'draft_model' set either tree (a token tree from "
+                          "the draft's top-k) or stop_threshold (a chain cut where the draft's confidence falls), "
+                          "not both")
     if spec.get("draft_sample_method", "greedy") != "greedy":
-        raise ConfigError("afterburner.speculative.stop_threshold with method 'draft_model' cuts greedy drafts; "
-                          "leave speculative_config.draft_sample_method at \"greedy\"")
+        raise ConfigError(f"{setting} with method 'draft_model' drafts greedily; leave "
+                          "speculative_config.draft_sample_method at \"greedy\"")
     if spec.get("use_heterogeneous_vocab"):
-        raise ConfigError("afterburner.speculative.stop_threshold with method 'draft_model' needs a draft that "
-                          "shares the target's vocabulary (`afterburner models draft`)")
-    if config.speculative.tree not in ("paper", "chain") or config.speculative.draft_vocab:
-        raise ConfigError("afterburner.speculative: the draft-model proposer drafts a chain from the whole "
-                          "vocabulary; leave tree and draft_vocab unset")
+        raise ConfigError(f"{setting} with method 'draft_model' needs a draft that shares the target's vocabulary "
+                          "(`afterburner models draft`)")
+    if config.speculative.draft_vocab:
+        raise ConfigError("afterburner.speculative.draft_vocab: the draft-model proposer drafts from the whole "
+                          "vocabulary; leave draft_vocab unset")
+    if tree:
+        nodes = spec.get("num_speculative_tokens")
+        if not nodes:
+            raise ConfigError("afterburner.speculative.tree with method 'draft_model': set "
+                              "speculative_config.num_speculative_tokens to the tree's node count")
+        try:
+            build_tree(tree_paths(config.speculative.tree, max_depth=nodes, num_drafts=nodes), max_depth=nodes)
+        except ValueError as exc:
+            raise ConfigError(f"afterburner.speculative.tree: {exc}") from None
 
 
 def check_engine(vllm_config: Any) -> None:
     """After vLLM settled its config, for a ``draft_model`` engine (``hooks.check_engine_config``): drafts
     of varying length need synchronous scheduling."""
-    if wanted(config_of(vllm_config)) and vllm_config.scheduler_config.async_scheduling:
-        raise ConfigError("afterburner.speculative.stop_threshold with method 'draft_model' gives drafts of "
-                          "varying length, which vLLM's async scheduling cannot carry; use --no-async-scheduling")
+    config = config_of(vllm_config)
+    if wanted(config) and vllm_config.scheduler_config.async_scheduling:
+        raise ConfigError(f"{_setting(config)} with method 'draft_model' needs each step's accepted tokens before "
+                          "the next proposal, which vLLM's async scheduling does not give; use "
+                          "--no-async-scheduling")

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ProposerEntry:
-    proposer: str  # "module:Class": a vLLM proposer class with tree_speculation.TreeProposer (replaces vLLM's)
+    # "module:Class": a vLLM proposer class (with tree_speculation.TreeProposer for a tree) that replaces
+    # vLLM's, or a function of (vllm_config, device) that builds the right one
+    proposer: str
     check: str  # "module:function", fn(spec: dict, config, engine_args) -> None, raises ConfigError
     # "replace": vLLM knows the method name and builds its own proposer, which the runner hook replaces;
     # "custom_class": a name vLLM does not know; the check rewrites the spec to vLLM's custom_class route
@@ -30,7 +32,7 @@ PROPOSERS: dict[str, ProposerEntry] = {
                             "afterburner.plugins.vllm.medusa_proposer:check_config"),
     "hamburger": ProposerEntry("afterburner.plugins.vllm.hamburger_proposer:HamburgerProposer",
                                "afterburner.plugins.vllm.hamburger_proposer:check_config", route="custom_class"),
-    "draft_model": ProposerEntry("afterburner.plugins.vllm.draft_proposer:ConfidentDraftProposer",
+    "draft_model": ProposerEntry("afterburner.plugins.vllm.draft_proposer:make_proposer",
                                  "afterburner.plugins.vllm.draft_proposer:check_config",
                                  wanted="afterburner.plugins.vllm.draft_proposer:wanted"),
 }
@@ -49,6 +51,18 @@ def replaces_vllm_proposer(method: str, config) -> bool:
     return entry.wanted is None or _load(entry.wanted)(config)
 
 
+def verifies_tree(method: str | None, config) -> bool:
+    """Whether an engine running ``method`` with afterburner ``config`` verifies token trees (afterburner's
+    tree attention and acceptance) rather than chains: Medusa unless ``speculative.tree`` is "chain"; vLLM's
+    draft model only when ``speculative.tree`` is set to a tree (its default stays vLLM's chain)."""
+    tree = config.speculative.tree
+    if method == "medusa":
+        return tree != "chain"
+    if method == "draft_model":
+        return "tree" in config.speculative.model_fields_set and tree != "chain"
+    return False
+
+
 def custom_class_path(method: str) -> str:
     """What vLLM's ``custom_class`` route is given as ``model`` for one of our methods."""
     return PROPOSERS[method].proposer.replace(":", ".")
@@ -65,8 +79,9 @@ def method_of(spec) -> str | None:
     return spec.method
 
 
-def proposer_class(method: str) -> type:
-    return _load(PROPOSERS[method].proposer)
+def build_proposer(method: str, vllm_config, device):
+    """afterburner's proposer for ``method``, built as vLLM builds its own."""
+    return _load(PROPOSERS[method].proposer)(vllm_config, device)
 
 
 def config_check(method: str):

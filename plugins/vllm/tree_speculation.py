@@ -14,8 +14,9 @@ things:
 3. acceptance (``RejectionSampler.forward``): afterburner's rule (``spec_decode.acceptance.accept_tree``)
    picks the accepted path and rewrites the sampled tokens (accepted drafts, then the bonus token; -1 after);
 4. bookkeeping (``propose_draft_token_ids``): before the next proposal, the accepted nodes' KV entries move
-   to the slots right after the root (vLLM keeps the first ``accepted`` slots), and the hidden state that
-   vLLM hands the proposer becomes the last accepted node's.
+   to the slots right after the root (vLLM keeps the first ``accepted`` slots), the step's token ids and
+   positions become the accepted chain's (a draft model re-reads them), and the hidden state that vLLM
+   hands the proposer becomes the last accepted node's.
 
 With ``speculative.tree: "chain"`` steps 2 and 4 are identities and vLLM's chain layout is used unchanged.
 A proposer is a vLLM proposer class mixed with ``TreeProposer``: it sets ``full_tree`` in ``load_model``
@@ -86,7 +87,7 @@ def on_runner_init(result, self, *args, **kwargs) -> None:
     """After ``GPUModelRunner.__init__``: vLLM's proposer -> afterburner's, for the methods it registers."""
     spec = self.speculative_config
     if spec is not None and proposers.replaces_vllm_proposer(spec.method, config_of(self.vllm_config)):
-        self.drafter = proposers.proposer_class(spec.method)(self.vllm_config, self.device)
+        self.drafter = proposers.build_proposer(spec.method, self.vllm_config, self.device)
         sampler = getattr(self, "rejection_sampler", None)
         if sampler is not None and isinstance(self.drafter, TreeProposer):  # others keep vLLM's acceptance
             _proposer_of_sampler[sampler] = self.drafter
@@ -222,6 +223,8 @@ def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hid
     for row in range(step.num_reqs):
         start, size = step.rows.get(row, (None, 1))
         nodes = step.accepted.get(row)
+        if start is not None:
+            _as_chain(runner, start, size, nodes)
         if nodes is not None and nodes != list(range(len(nodes))):
             src += [int(slots[start + n]) for n in nodes[1:]]
             dst += [int(slots[start + j]) for j in range(1, len(nodes))]
@@ -232,6 +235,19 @@ def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hid
         sample_hidden_states[hidden_dst] = sample_hidden_states[hidden_src]
     if src:
         kv_layout.move_kv(runner.vllm_config, torch.tensor(src), torch.tensor(dst))
+
+
+def _as_chain(runner, start: int, size: int, nodes: list[int] | None) -> None:
+    """The step's token ids and positions of one tree row as vLLM's chain layout has them: the accepted
+    path's tokens right after the root, positions root + j. A drafter that re-reads the step's tokens (a
+    draft model catching its KV cache up) then sees the accepted chain; the rows after it are rejected
+    slots, as after a chain step."""
+    positions = runner.positions
+    positions[start:start + size] = positions[start] + torch.arange(size, dtype=positions.dtype,
+                                                                    device=positions.device)
+    if nodes:
+        ids = runner.input_ids.gpu
+        ids[start:start + len(nodes)] = ids[start + torch.tensor(nodes, device=ids.device)]
 
 
 def check_kv_layout(vllm_config) -> None:

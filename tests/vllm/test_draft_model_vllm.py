@@ -102,7 +102,7 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, draft):
         args.create_engine_config()
 
     spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}
-    with pytest.raises(ConfigError, match="drafts a chain from the whole vocabulary"):
+    with pytest.raises(ConfigError, match="drafts from the whole vocabulary"):
         start(spec, {"stop_threshold": 0.5, "tree": "chain", "draft_vocab": 64})
-    with pytest.raises(ConfigError, match="cuts greedy drafts"):
+    with pytest.raises(ConfigError, match="drafts greedily"):
         start({**spec, "draft_sample_method": "probabilistic"}, {"stop_threshold": 0.5})
