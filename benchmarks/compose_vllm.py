@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,14 +32,8 @@ import urllib.error
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# passkey_serve sets an in-process engine's environment; servers here are stock `vllm serve` processes
-_KEEP = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")}
 from passkey_serve import CONFIGS as PASSKEY_CONFIGS  # noqa: E402
 from passkey_serve import documents  # noqa: E402
-
-for _key, _value in _KEEP.items():
-    if _value is None:
-        os.environ.pop(_key, None)
 
 from afterburner.plugins.devtools.vllm_server import VllmServer, spec_steps  # noqa: E402
 
@@ -154,7 +147,7 @@ def run_server(name: str, model: Path, args: list[str], work: Path, jobs: list[t
 
 
 def main() -> int:
-    from afterburner.plugins.cli.models import build_smollm2, cache_root
+    from afterburner.plugins.cli.models import TRAINED_SPECULATORS, build_smollm2, trained_speculator
     from afterburner.plugins.devtools import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -169,12 +162,11 @@ def main() -> int:
     provenance.exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
 
     model = build_smollm2()
-    models = {"hamburger": cache_root() / "hamburger" / "smollm2-drafter",
-              "medusa": cache_root() / "medusa" / "smollm2-heads"}
-    missing = {k: v for k, v in models.items() if not (v / "config.json").is_file()}
-    for kind, folder in missing.items():
-        print(f"[compose] no {kind} weights at {folder}: its configurations are skipped "
-              f"(`make {'hamburger-drafter' if kind == 'hamburger' else 'medusa-heads'}` builds them)", flush=True)
+    models = {kind: trained_speculator(kind) for kind in TRAINED_SPECULATORS}
+    missing = {kind for kind, folder in models.items() if folder is None}
+    for kind in sorted(missing):
+        print(f"[compose] no trained {kind} weights: its configurations are skipped "
+              f"(`{TRAINED_SPECULATORS[kind][1]}` builds them)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="afterburner-compose-"))
     results: dict = {"model": model.name, "skipped_missing_weights": sorted(missing), "json": {}, "long": {}}
     if "json" in args.parts:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passkey_serve import wilson  # noqa: E402  (also sets the engine's environment: offline, 1 process)
+from passkey_serve import engine_env, wilson  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "lla_lm_eval.json"
 ATTENTIONS = ("softmax", "local_linear")
@@ -148,4 +148,5 @@ def _print_table(per_model: dict) -> None:
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
+    engine_env()  # passkey_serve's: offline, one engine process, every core
     sys.exit(main_or_worker(main, _worker, folder=str, attention=str))

@@ -27,10 +27,16 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "passkey_serve.json"
-for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "3",
-                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-                     "OMP_NUM_THREADS": str(os.cpu_count() or 1)}.items():
-    os.environ.setdefault(_key, _value)
+
+
+def engine_env() -> None:
+    """The in-process engine's environment (inherited by the workers): set when this script runs, not when
+    another script imports its documents or configurations."""
+    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "3",
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+                       "OMP_NUM_THREADS": str(os.cpu_count() or 1)}.items():
+        os.environ.setdefault(key, value)
+
 
 _GATE = {"dense_below_tokens": 512, "dense_layers": 2}
 CONFIGS = {
@@ -157,4 +163,5 @@ def main() -> None:
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
+    engine_env()
     main_or_worker(main, _worker, model=str, section=str, lengths=(int, "+"), docs=int, seed=int)

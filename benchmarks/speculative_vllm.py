@@ -132,12 +132,8 @@ def _spec_counters(llm) -> dict[str, float]:
     return counters
 
 
-DEFAULT_MODELS = {"medusa": ("medusa", "smollm2-heads", "make medusa-heads"),
-                  "hamburger": ("hamburger", "smollm2-drafter", "make hamburger-drafter")}
-
-
 def main() -> None:
-    from afterburner.plugins.cli.models import build_smollm2, cache_root
+    from afterburner.plugins.cli.models import TRAINED_SPECULATORS, build_smollm2, trained_speculator
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
     from afterburner.plugins.devtools.worker import run_worker_or_exit
     from afterburner.spec_decode.draft.derive import cached_layer_draft
@@ -159,10 +155,10 @@ def main() -> None:
     if args.method == "draft_model":
         drafter = args.model or str(cached_layer_draft(model, args.draft_layers))
     else:
-        folder, name, target = DEFAULT_MODELS[args.method]
-        drafter = args.model or str(cache_root() / folder / name)
+        drafter = args.model or str(trained_speculator(args.method) or "")
         if not Path(drafter, "config.json").is_file():
-            sys.exit(f"no {args.method} folder at {drafter}: run `{target}` first (or pass --model)")
+            sys.exit(f"no {args.method} weights at {drafter or 'the cache'}: run "
+                     f"`{TRAINED_SPECULATORS[args.method][1]}` first (or pass --model)")
     rows, reference = [], None
     for name, num_spec, section, temperature in CONFIGS[args.method]:
         print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)

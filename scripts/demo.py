@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from afterburner.plugins import report
-from afterburner.plugins.cli.models import build_smollm2, cache_root, model_dir
+from afterburner.plugins.cli.models import build_smollm2, cache_root, model_dir, trained_speculator
 from afterburner.plugins.devtools.vllm_server import VllmServer, spec_steps
 from afterburner.plugins.lm_eval.dataset import TASKS_DIR, read_jsonl
 from afterburner.plugins.lm_eval.generators import passkey_prompt
@@ -197,8 +197,8 @@ def _specpc_section(server: VllmServer) -> None:
 
 def medusa_heads(model: Path) -> tuple[Path, str]:
     """The trained SmolLM2 heads if ``make medusa-heads`` ran, else echo heads (seconds to build)."""
-    trained = cache_root() / "medusa" / "smollm2-heads"
-    if (trained / "config.json").is_file():
+    trained = trained_speculator("medusa")
+    if trained is not None:
         return trained, "trained by make medusa-heads"
     echo = cache_root() / "medusa" / "smollm2-echo-heads"
     if not (echo / "config.json").is_file():
@@ -231,12 +231,6 @@ def _speculation_section(servers: dict[str, VllmServer], name: str, title: str) 
               f"tokens ({drafted / steps:.2f} per step) and emitted {steps + accepted} tokens "
               f"({done['tokens_per_verification_step']:.2f} per step; one per step without)")
     return same
-
-
-def hamburger_drafter() -> Path | None:
-    """The micro-step drafter ``make hamburger-drafter`` trains, if it ran (it takes ~25 minutes here)."""
-    folder = cache_root() / "hamburger" / "smollm2-drafter"
-    return folder if (folder / "config.json").is_file() else None
 
 
 def lla_model() -> Path:
@@ -287,7 +281,7 @@ def _lla_section(server: VllmServer, folder: Path) -> bool:
 def main() -> int:
     model = build_smollm2()
     lla = lla_model()
-    drafter = hamburger_drafter()
+    drafter = trained_speculator("hamburger")  # `make hamburger-drafter` (~25 minutes here), if it ran
     heads, heads_note = medusa_heads(model)
     config = {"afterburner": {**CONFIG["afterburner"], "specpc": {"draft": str(specpc_draft(model))}}}
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))

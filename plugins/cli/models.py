@@ -34,6 +34,17 @@ def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
+# SmolLM2's speculative weights as the make targets write them: kind -> (folder under the cache, target)
+TRAINED_SPECULATORS = {"medusa": ("medusa/smollm2-heads", "make medusa-heads"),
+                       "hamburger": ("hamburger/smollm2-drafter", "make hamburger-drafter")}
+
+
+def trained_speculator(kind: str) -> Path | None:
+    """The folder ``make medusa-heads`` / ``make hamburger-drafter`` wrote for ``kind``, None if it has not run."""
+    folder = cache_root() / TRAINED_SPECULATORS[kind][0]
+    return folder if (folder / "config.json").is_file() else None
+
+
 def _finish(tmp: Path, final: Path, started: float) -> Path:
     (tmp / ".complete").write_text(f"{time.time() - started:.1f}\n")
     if final.exists():
