@@ -46,7 +46,7 @@ def check_arguments(*, n_particles: int, max_tokens: int, ess_threshold: float) 
         raise SMCArgumentError(f"SMC needs 0 <= ess_threshold <= 1, got {ess_threshold!r}")
 
 
-def _reward(log_twist: Callable[[Sequence[int]], float], tokens: list[int]) -> float:
+def reward(log_twist: Callable[[Sequence[int]], float], tokens: list[int]) -> float:
     """R(tokens), or ``RewardError``: -inf is a valid reward (weight 0), NaN and +inf are not."""
     try:
         value = float(log_twist(tokens))
@@ -89,6 +89,23 @@ class SMCResult:
         return dict(merged)
 
 
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    token_ids: list[int]  # EOS left out
+    weight: float  # normalised importance weight of this particle
+    log_weight: float
+
+
+def weighted_samples(result: SMCResult, decode: Callable[[list[int]], str], eos_token_id: int) -> list[Sample]:
+    """The particles as decoded samples with their normalised weights, best first."""
+    samples = []
+    for particle, weight in zip(result.particles, result.weights(), strict=False):
+        ids = [t for t in particle.tokens if t != eos_token_id]
+        samples.append(Sample(decode(ids), ids, weight, particle.log_weight))
+    return sorted(samples, key=lambda s: -s.weight)
+
+
 def effective_sample_size(log_weights: torch.Tensor) -> float:
     """(sum w)^2 / sum w^2, computed from log weights; 0 when every weight is 0."""
     if not torch.isfinite(log_weights).any():
@@ -96,11 +113,14 @@ def effective_sample_size(log_weights: torch.Tensor) -> float:
     return math.exp(2 * torch.logsumexp(log_weights, 0).item() - torch.logsumexp(2 * log_weights, 0).item())
 
 
-def _resample(particles: list[Particle], generator: torch.Generator | None) -> list[Particle]:
+def resample(particles: list[Particle], generator: torch.Generator | None) -> tuple[list[Particle], list[int]]:
+    """Multinomial resampling: (the new population, each new particle's parent index); every weight becomes
+    the mean, so the mean stays an unbiased estimate of the normalising constant."""
     log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
     log_mean = (torch.logsumexp(log_weights, 0) - math.log(len(particles))).item()
-    picks = torch.multinomial(torch.softmax(log_weights, 0), len(particles), replacement=True, generator=generator)
-    return [Particle(list(particles[i].tokens), log_mean, particles[i].finished) for i in picks.tolist()]
+    picks = torch.multinomial(torch.softmax(log_weights, 0), len(particles), replacement=True,
+                              generator=generator).tolist()
+    return [Particle(list(particles[i].tokens), log_mean, particles[i].finished) for i in picks], picks
 
 
 def smc(
@@ -137,7 +157,7 @@ def smc(
             if not particle.finished and len(particle.tokens) == max_tokens:
                 particle.finished, particle.log_weight = True, -math.inf
             if log_twist and result.accepted:
-                new_twist = _reward(log_twist, particle.tokens)
+                new_twist = reward(log_twist, particle.tokens)
                 particle.log_weight += new_twist - twist_of.pop(id(particle), 0.0)
                 twist_of[id(particle)] = new_twist
         log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
@@ -147,9 +167,9 @@ def smc(
         if ess == 0.0:
             break
         if ess < ess_threshold * n_particles and any(not p.finished for p in particles):
-            particles = _resample(particles, generator)
+            particles, _ = resample(particles, generator)
             if log_twist:
-                twist_of = {id(p): _reward(log_twist, p.tokens) for p in particles}
+                twist_of = {id(p): reward(log_twist, p.tokens) for p in particles}
             resamples += 1
     log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
     log_normalizer = (torch.logsumexp(log_weights, 0) - math.log(n_particles)).item()

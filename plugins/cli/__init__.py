@@ -8,7 +8,8 @@
     afterburner info                                versions, engine compatibility, config from the env
     afterburner check-config [JSON|PATH]            validate a config and print it with its defaults
     afterburner smc --model DIR --prompt TEXT (--regex R | --json-schema S | --lark G) [--particles N]
-                                                    constrained samples with weights (SMC + AWRS on vLLM)
+                                                    constrained samples with weights (SMC + AWRS on vLLM;
+                                                    --server URL: chunks from a running server instead)
     afterburner squeeze --url URL FILE [FILE ...]   register fixed contexts for squeezed attention on a
                                                     running vllm serve (prefill + index, with progress)
     afterburner train medusa --base DIR --data FILE... --out DIR [...]
@@ -95,6 +96,8 @@ def _smc(args: argparse.Namespace) -> int:
     except (SMCArgumentError, GrammarError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.server:
+        return _server_smc(args, constraint or None)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
@@ -109,6 +112,30 @@ def _smc(args: argparse.Namespace) -> int:
     except SMCArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return _print_smc(args, samples, result)
+
+
+def _server_smc(args: argparse.Namespace, constraint: dict | None) -> int:
+    """``afterburner smc --server URL``: the particles' tokens come from a running server (``server_smc``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from afterburner.plugins.server_smc import ServerError, server_smc
+    from afterburner.samplers.smc import SMCArgumentError
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    vocab_size = getattr(AutoConfig.from_pretrained(args.model), "vocab_size", None)
+    try:
+        samples, result = server_smc(args.server, args.prompt, constraint, tokenizer=tokenizer,
+                                     n_particles=args.particles, max_tokens=args.max_tokens,
+                                     chunk_tokens=args.chunk_tokens, ess_threshold=args.ess_threshold,
+                                     seed=args.seed, vocab_size=vocab_size)
+    except (SMCArgumentError, ServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, SMCArgumentError) else 1
+    return _print_smc(args, samples, result)
+
+
+def _print_smc(args: argparse.Namespace, samples, result) -> int:
     if args.json:
         print(json.dumps({"log_normalizer": result.log_normalizer, "checks": result.checks,
                           "resamples": result.resamples, "samples": [s.__dict__ for s in samples]}))
@@ -132,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help=f"validate a config (JSON text or path; default: ${ENV_VAR})")
     check.add_argument("config", nargs="?")
     check.set_defaults(run=_check_config)
-    smc = sub.add_parser("smc", help="constrained sampling with SMC + AWRS on a vLLM engine")
-    smc.add_argument("--model", required=True, help="local model folder")
+    smc = sub.add_parser("smc", help="constrained sampling with SMC: AWRS on an in-process vLLM engine, or "
+                         "chunks from a running server (--server)")
+    smc.add_argument("--model", required=True, help="local model folder (with --server: the served model's, for "
+                     "its tokenizer)")
+    smc.add_argument("--server", help="base URL of a running OpenAI-compatible server (e.g. http://127.0.0.1:8000): "
+                     "particles are extended by its completions, a chunk at a time (plugins/server_smc.py)")
+    smc.add_argument("--chunk-tokens", type=int, default=8, help="with --server: tokens per particle per SMC step")
     smc.add_argument("--prompt", required=True)
     kind = smc.add_mutually_exclusive_group(required=True)
     kind.add_argument("--regex")

@@ -15,23 +15,13 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from afterburner.samplers.constraints import Constraint
-from afterburner.samplers.grammar import GrammarConstraint
-from afterburner.samplers.request import parse_request
-from afterburner.samplers.smc import SMCArgumentError, SMCResult, check_arguments, smc
-
-
-@dataclass(frozen=True)
-class Sample:
-    text: str
-    token_ids: list[int]
-    weight: float  # normalised importance weight of this particle
-    log_weight: float
+from afterburner.samplers.grammar import constraint_for
+from afterburner.samplers.smc import Sample, SMCArgumentError, SMCResult, check_arguments, smc, weighted_samples
 
 
 def _vllm_next_logits(llm: Any, prompt_ids: list[int], vocab_size: int) -> Callable:
@@ -108,10 +98,7 @@ def constrained_smc(
                          f"{model_config.max_model_len} leaves {max(room, 0)} tokens after this prompt's "
                          f"{len(prompt_ids)}")
     if isinstance(constraint, dict):
-        from llguidance.hf import from_tokenizer
-
-        request = parse_request({"awrs": constraint})
-        constraint = GrammarConstraint(request.grammar, from_tokenizer(tokenizer, n_vocab=vocab_size))
+        constraint = constraint_for(constraint, tokenizer, vocab_size)
     result = smc(
         _vllm_next_logits(llm, prompt_ids, vocab_size), constraint, n_particles=n_particles, max_tokens=max_tokens,
         eos_token_id=tokenizer.eos_token_id, ess_threshold=ess_threshold, log_twist=log_twist,
@@ -119,8 +106,4 @@ def constrained_smc(
     )
     if progress:
         print(file=sys.stderr)
-    samples = []
-    for particle, weight in zip(result.particles, result.weights(), strict=False):
-        ids = [t for t in particle.tokens if t != tokenizer.eos_token_id]
-        samples.append(Sample(tokenizer.decode(ids), ids, weight, particle.log_weight))
-    return sorted(samples, key=lambda s: -s.weight), result
+    return weighted_samples(result, tokenizer.decode, tokenizer.eos_token_id), result
