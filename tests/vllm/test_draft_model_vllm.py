@@ -5,10 +5,9 @@ threshold, the stop varies the draft length per request and step, an AWRS reques
 alone's output, a chain cut everywhere skips the draft's remaining passes, and without a threshold vLLM's
 own proposer runs untouched."""
 
-import json
 
 import pytest
-from result_script import run_result_script
+from draft_model_runs import run_draft_model
 
 from afterburner.plugins.config import ConfigError
 from afterburner.spec_decode.draft.derive import derive_draft
@@ -22,21 +21,16 @@ def draft(tiny_model, tmp_path_factory):
     return derive_draft(tiny_model, tmp_path_factory.mktemp("draft") / "l1", layers=1)
 
 
-def _run(model, draft, num_spec, config=None, temperature=0.0):
-    return run_result_script("draft_model_greedy.py", model, draft, num_spec, json.dumps(config or {}),
-                             temperature)[0]
-
-
 @pytest.fixture(scope="module")
 def plain(tiny_model, draft):
-    return _run(tiny_model, draft, 0)
+    return run_draft_model(tiny_model, draft, 0)
 
 
 @pytest.fixture(scope="module")
 def fixed(tiny_model, draft):
     """Threshold 0: afterburner's proposer, never cutting (vLLM's fixed-length chain); its probabilities
     give the thresholds below."""
-    return _run(tiny_model, draft, K, {"speculative": {"stop_threshold": 0.0}})
+    return run_draft_model(tiny_model, draft, K, {"speculative": {"stop_threshold": 0.0}})
 
 
 def _median_confidence(run) -> float:
@@ -54,7 +48,7 @@ def test_threshold_zero_drafts_every_token_and_is_lossless(plain, fixed):
 
 def test_the_stop_keeps_the_confident_prefix_varies_lengths_and_stays_lossless(tiny_model, draft, plain, fixed):
     threshold = _median_confidence(fixed)
-    cut = _run(tiny_model, draft, K, {"speculative": {"stop_threshold": threshold}})
+    cut = run_draft_model(tiny_model, draft, K, {"speculative": {"stop_threshold": threshold}})
     assert cut["tokens"] == plain["tokens"]
     stats = cut["stats"]
     assert 0 < stats["stopped_early"] < stats["proposals"], stats
@@ -70,7 +64,7 @@ def test_the_stop_keeps_the_confident_prefix_varies_lengths_and_stays_lossless(t
 
 
 def test_a_threshold_above_every_probability_drafts_nothing_and_skips_the_draft(tiny_model, draft, plain):
-    none = _run(tiny_model, draft, K, {"speculative": {"stop_threshold": 1.0}})
+    none = run_draft_model(tiny_model, draft, K, {"speculative": {"stop_threshold": 1.0}})
     assert none["tokens"] == plain["tokens"]
     stats = none["stats"]
     assert stats["proposals"] > 0 and stats["drafted_tokens"] == 0 and stats["stopped_early"] == stats["proposals"]
@@ -80,14 +74,14 @@ def test_a_threshold_above_every_probability_drafts_nothing_and_skips_the_draft(
 
 
 def test_without_a_threshold_vllms_proposer_runs(tiny_model, draft, plain):
-    stock = _run(tiny_model, draft, K)
+    stock = run_draft_model(tiny_model, draft, K)
     assert stock["tokens"] == plain["tokens"]
     assert stock["stats"]["proposals"] == 0 and stock["chains"] == []  # afterburner's proposer did not run
     assert stock["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
 
 
 def test_sampling_runs(tiny_model, draft, fixed):
-    sampled = _run(tiny_model, draft, K, {"speculative": {"stop_threshold": _median_confidence(fixed)}},
+    sampled = run_draft_model(tiny_model, draft, K, {"speculative": {"stop_threshold": _median_confidence(fixed)}},
                    temperature=0.8)
     assert all(len(ids) == 32 for ids in sampled["tokens"])
     assert sampled["metrics"]["vllm:spec_decode_num_drafts"] > 0

@@ -4,13 +4,12 @@ a prefix-cache hit), the drafts accepted equal the engine-free reference's (``dr
 draft's KV cache follows each accepted path, siblings included), the tree accepts more than vLLM's own
 chain of the same depth, AWRS beside a tree is refused with one line, and bad settings stop startup."""
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from result_script import run_result_script
+from draft_model_runs import run_draft_model
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.config import ConfigError
@@ -35,19 +34,14 @@ def draft(tiny_model, tmp_path_factory):
     return derive_draft(tiny_model, tmp_path_factory.mktemp("draft") / "int4", int4=True)
 
 
-def _run(model, draft, num_spec, config=None, temperature=0.0):
-    return run_result_script("draft_model_greedy.py", model, draft, num_spec, json.dumps(config or {}),
-                             temperature)[0]
-
-
 @pytest.fixture(scope="module")
 def plain(tiny_model, draft):
-    return _run(tiny_model, draft, 0)
+    return run_draft_model(tiny_model, draft, 0)
 
 
 @pytest.fixture(scope="module")
 def tree(tiny_model, draft):
-    return _run(tiny_model, draft, NODES, TREE)
+    return run_draft_model(tiny_model, draft, NODES, TREE)
 
 
 def _reference_accepted(model, draft_folder) -> int:
@@ -69,7 +63,7 @@ def test_greedy_is_lossless_and_accepts_what_the_reference_accepts(tiny_model, d
 
 
 def test_the_tree_accepts_more_than_vllms_chain_of_its_depth(tiny_model, draft, plain, tree):
-    chain = _run(tiny_model, draft, 3)  # vLLM's own draft_model chain, the tree's depth
+    chain = run_draft_model(tiny_model, draft, 3)  # vLLM's own draft_model chain, the tree's depth
     assert chain["tokens"] == plain["tokens"] and chain["stats"]["request_steps"] == 0  # vLLM's proposer ran
     assert tree["metrics"]["vllm:spec_decode_num_accepted_tokens"] > chain["metrics"][
         "vllm:spec_decode_num_accepted_tokens"] > 0
@@ -82,7 +76,7 @@ def test_awrs_beside_a_tree_is_refused_with_one_line(tree):
 def test_sampling_runs_and_accepts(tiny_model, draft):
     # a low temperature: the random tiny model's distributions at 0.8 are nearly flat over its vocabulary,
     # where rejection sampling accepts (rightly) almost nothing
-    sampled = _run(tiny_model, draft, NODES, TREE, temperature=0.1)
+    sampled = run_draft_model(tiny_model, draft, NODES, TREE, temperature=0.1)
     assert all(len(ids) == NEW for ids in sampled["tokens"])
     assert sampled["stats"]["request_steps"] > 0 and sampled["stats"]["accepted_drafts"] > 0
 

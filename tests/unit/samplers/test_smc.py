@@ -19,18 +19,13 @@ from afterburner.samplers.toy import (
     next_logits,
     total_variation,
 )
+from support.smc import assert_unbiased, pooled
 
 
 def _smc_average(runs, n_particles, seed, **kwargs):
     gen = torch.Generator().manual_seed(seed)
-    merged, normalizers = {}, []
-    for _ in range(runs):
-        result = smc(next_logits, NoBBNeedsC(), n_particles=n_particles, max_tokens=MAX_TOKENS,
-                     eos_token_id=EOS, generator=gen, **kwargs)
-        normalizers.append(math.exp(result.log_normalizer))
-        for seq, p in result.posterior().items():
-            merged[seq] = merged.get(seq, 0.0) + p / runs
-    return merged, normalizers
+    return pooled(smc(next_logits, NoBBNeedsC(), n_particles=n_particles, max_tokens=MAX_TOKENS, eos_token_id=EOS,
+                      generator=gen, **kwargs) for _ in range(runs))
 
 
 def test_smc_converges_to_the_target_and_local_decoding_does_not():
@@ -41,10 +36,7 @@ def test_smc_converges_to_the_target_and_local_decoding_does_not():
     # from it: the sampling-noise floor over 226 sequences), tv_local 0.42. Tolerance: SMC within 0.1 and
     # at least 4x closer than local decoding.
     assert tv_smc < 0.1 and tv_smc * 4 < tv_local, (tv_smc, tv_local)
-    # The normaliser estimate is unbiased: its mean over runs is within 4 standard errors of Z.
-    mean = sum(normalizers) / len(normalizers)
-    stderr = (sum((x - mean) ** 2 for x in normalizers) / (len(normalizers) - 1)) ** 0.5 / len(normalizers) ** 0.5
-    assert abs(mean - z) < 4 * stderr, (mean, z, stderr)
+    assert_unbiased(normalizers, z)
 
 
 def test_particle_filtering_with_a_reward_targets_the_tilted_distribution():

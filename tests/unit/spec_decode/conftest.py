@@ -1,4 +1,5 @@
-"""The tiny model as a draft (SpecPC / SpecKV runners) and as eager transformers (their yardstick)."""
+"""The tiny model as a draft (SpecPC / SpecKV runners) and as eager transformers (their yardstick); the tiny
+model with its first layer as draft model (the draft-model proposers' references)."""
 
 import pytest
 import torch
@@ -15,3 +16,16 @@ def draft(tiny_model, one_torch_thread):
 @pytest.fixture(scope="module")
 def eager(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def target_and_layer_draft(tiny_model, tmp_path_factory):
+    """(target, its first layer as a draft model, two prompts' token ids): the draft-model references' models."""
+    from afterburner.spec_decode.draft.derive import derive_draft
+    from afterburner.spec_decode.medusa.distill_data import load_base
+
+    target, tokenizer = load_base(tiny_model)
+    folder = derive_draft(tiny_model, tmp_path_factory.mktemp("draft") / "l1", layers=1)
+    draft = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = [torch.tensor(tokenizer(text)["input_ids"]) for text in ("The cat sat on the", "Numbers: 1 2 3")]
+    return target, draft, prompts

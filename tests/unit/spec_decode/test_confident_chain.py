@@ -5,11 +5,8 @@ as draft is plain greedy decoding whatever the threshold, and the threshold move
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from afterburner.spec_decode.draft.confident_chain import confident_lengths, draft_chain, speculative_generate
-from afterburner.spec_decode.draft.derive import derive_draft
-from afterburner.spec_decode.medusa.distill_data import load_base
 from support.medusa import greedy_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
@@ -32,17 +29,8 @@ def test_lengths_are_the_leading_run_at_or_above_the_threshold(seed, threshold):
     assert confident_lengths(confidence, threshold).tolist() == expected
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model, tmp_path_factory):
-    target, tokenizer = load_base(tiny_model)
-    folder = derive_draft(tiny_model, tmp_path_factory.mktemp("draft") / "l1", layers=1)
-    draft = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [torch.tensor(tokenizer(text)["input_ids"]) for text in ("The cat sat on the", "Numbers: 1 2 3")]
-    return target, draft, prompts
-
-
-def test_the_chain_stops_before_its_first_unconfident_token(models):
-    _, draft, prompts = models
+def test_the_chain_stops_before_its_first_unconfident_token(target_and_layer_draft):
+    _, draft, prompts = target_and_layer_draft
     full, probabilities = draft_chain(draft, prompts[0], 6, threshold=0.0)
     assert len(full) == 6 and full == greedy_tokens(draft, prompts[0], 6)
     threshold = sorted(probabilities)[3]  # a middle value: some tokens pass, one does not
@@ -52,8 +40,8 @@ def test_the_chain_stops_before_its_first_unconfident_token(models):
     assert all(p >= threshold for p in kept)
 
 
-def test_greedy_output_is_plain_greedy_and_the_threshold_sets_the_lengths(models):
-    target, draft, prompts = models
+def test_greedy_output_is_plain_greedy_and_the_threshold_sets_the_lengths(target_and_layer_draft):
+    target, draft, prompts = target_and_layer_draft
     probabilities = [p for prompt in prompts for p in draft_chain(draft, prompt, 8, 0.0)[1]]
     middle = sorted(probabilities)[len(probabilities) // 2]
     for prompt in prompts:

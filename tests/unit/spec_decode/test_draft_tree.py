@@ -5,12 +5,9 @@ chain accepts from the same state (strictly more somewhere on these prompts)."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from afterburner.spec_decode.acceptance import greedy_accept_nodes
-from afterburner.spec_decode.draft.derive import derive_draft
 from afterburner.spec_decode.draft.draft_tree import draft_topk, draft_tree_generate, flatten_candidates
-from afterburner.spec_decode.medusa.distill_data import load_base
 from afterburner.spec_decode.medusa.reference import tree_verify
 from afterburner.spec_decode.tree import build_tree, tree_candidates
 from afterburner.spec_decode.tree_choices import chain, tree_paths
@@ -23,17 +20,8 @@ TREE = build_tree(tree_paths("paper", max_depth=DEPTH, num_drafts=12), max_depth
 CHAIN = build_tree(chain(DEPTH), max_depth=DEPTH)
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model, tmp_path_factory):
-    target, tokenizer = load_base(tiny_model)
-    folder = derive_draft(tiny_model, tmp_path_factory.mktemp("draft") / "l1", layers=1)
-    draft = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = [torch.tensor(tokenizer(text)["input_ids"]) for text in ("The cat sat on the", "Numbers: 1 2 3")]
-    return target, draft, prompts
-
-
-def test_candidates_are_the_drafts_topk_after_its_greedy_chain(models):
-    _, draft, prompts = models
+def test_candidates_are_the_drafts_topk_after_its_greedy_chain(target_and_layer_draft):
+    _, draft, prompts = target_and_layer_draft
     top = draft_topk(draft, prompts[0], DEPTH, 5)
     assert top.shape == (DEPTH, 5)
     assert top[:, 0].tolist() == greedy_tokens(draft, prompts[0], DEPTH)
@@ -53,8 +41,8 @@ def test_the_vectorised_layout_equals_the_tree_reference(seed):
         assert flat[row].tolist() == tree_candidates(TREE, 7, topk[row])[1:].tolist()
 
 
-def test_greedy_through_the_tree_is_plain_greedy(models):
-    target, draft, prompts = models
+def test_greedy_through_the_tree_is_plain_greedy(target_and_layer_draft):
+    target, draft, prompts = target_and_layer_draft
     for prompt in prompts:
         expected = greedy_tokens(target, prompt, NEW)
         for tree in (TREE, CHAIN):
@@ -63,8 +51,8 @@ def test_greedy_through_the_tree_is_plain_greedy(models):
             assert decoded.accepted and max(decoded.accepted) <= tree.depth
 
 
-def test_a_tree_holding_the_chain_accepts_at_least_the_chain(models):
-    target, draft, prompts = models
+def test_a_tree_holding_the_chain_accepts_at_least_the_chain(target_and_layer_draft):
+    target, draft, prompts = target_and_layer_draft
     gains = []
     for prompt in prompts:
         ids = torch.cat([prompt, torch.tensor(greedy_tokens(target, prompt, NEW))])
@@ -80,8 +68,8 @@ def test_a_tree_holding_the_chain_accepts_at_least_the_chain(models):
     assert sum(gains) > 0, "the tree's extra nodes never helped: the siblings are not the draft's runners-up"
 
 
-def test_sampling_runs_and_stays_within_the_budget(models):
-    target, draft, prompts = models
+def test_sampling_runs_and_stays_within_the_budget(target_and_layer_draft):
+    target, draft, prompts = target_and_layer_draft
     decoded = draft_tree_generate(target, draft, TREE, prompts[0], NEW, temperature=0.8,
                                   generator=torch.Generator().manual_seed(0))
     assert len(decoded.tokens) == NEW and all(0 <= a <= DEPTH for a in decoded.accepted)
