@@ -9,13 +9,19 @@ one at a time (greedy), side by side in one run.
   schema validity (``jsonschema``), vLLM's spec-decode counters (tokens per verification step), and for
   AWRS with speculation whether the text equals AWRS alone (it must: the drafts are verified against
   AWRS's own draws).
+- ``smc``: SMC over the server (``plugins/server_smc.py``: the particles' chunks are the server's own
+  completions) on yes/no chat questions with a regex on the answer, through a plain server, vLLM's n-gram
+  proposer, the micro-step drafter and the draft-model token tree (SmolLM2's first 25 layers as draft, tree
+  of 4): tokens the server generated for the particles per second of SMC, particles that kept weight,
+  tokens per verification step. Each configuration samples its own particles (same seeds, but speculation
+  changes which random draws a sample uses), so the texts differ between rows.
 - ``long``: passkey documents of ``--context`` tokens: dense, sparse 1/4 (whole blocks through vLLM's
   kernel), the micro-step drafter, and sparse + the drafter (selective attention inside its verification
   steps). Each document is sent twice: one token (time to first token: the prefill) and then
   ``--decode-tokens`` (its prompt now a prefix-cache hit, so that time is decoding); decode tokens/s,
   whether the key was found, tokens per verification step.
 
-    python benchmarks/compose_vllm.py [--parts json long] [--prompts 4] [--context 2000] [--docs 4]
+    python benchmarks/compose_vllm.py [--parts json long smc] [--prompts 4] [--context 2000] [--docs 4]
                                       [--out benchmarks/results/compose_vllm.json] [--allow-dirty]
 
 A configuration the engine refuses (at startup or per request) is recorded with its error, not dropped.
@@ -29,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +55,11 @@ TOPICS = ["the water cycle", "binary search", "photosynthesis", "compound intere
 JSON_TOKENS = 160
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 HAMBURGER_DRAFT, HAMBURGER_STOP = 4, 0.3  # the stop that accepted most per step in hamburger_vllm.json
+DRAFT_LAYERS, DRAFT_TREE = 25, 4  # the draft-model tree: SmolLM2's first 25 layers, the paper tree's 4 nodes
+SMC_QUESTIONS = ["Is the sky blue?", "Is water wet?", "Is fire cold?", "Do fish swim?", "Is ice hot?",
+                 "Do birds fly?", "Is the sun a star?", "Is sugar salty?"]
+SMC_ANSWER = r"(Yes|No|yes|no)[.,!]?( [A-Za-z ,.']*)?"
+SMC = {"n_particles": 8, "max_tokens": 32, "chunk_tokens": 8}
 SPARSE = PASSKEY_CONFIGS["sparse-1/4"]["attention"]
 
 
@@ -60,6 +72,9 @@ def _spec_args(kind: str, models: dict[str, Path]) -> list[str]:
     if kind == "medusa-chain":
         return ["--speculative-config", json.dumps({"method": "medusa", "model": str(models["medusa"]),
                                                     "num_speculative_tokens": 3})]
+    if kind == "draft-tree":
+        return ["--speculative-config", json.dumps({"method": "draft_model", "model": str(models["draft"]),
+                                                    "num_speculative_tokens": DRAFT_TREE})]
     return []
 
 
@@ -69,6 +84,8 @@ def _server_args(spec: str, attention: dict | None, models: dict[str, Path]) -> 
         section["speculative"] = {"stop_threshold": HAMBURGER_STOP}
     if spec == "medusa-chain":
         section["speculative"] = {"tree": "chain"}
+    if spec == "draft-tree":
+        section["speculative"] = {"tree": "paper"}
     return [*_spec_args(spec, models), "--block-size", "32", "--additional-config",
             json.dumps({"afterburner": section})]
 
@@ -126,6 +143,33 @@ def long_requests(server, docs: list[dict], decode_tokens: int) -> dict:
             "texts": [r["text"] for r in rows]}
 
 
+def _generated_tokens(server) -> float:
+    """vLLM's own count of generated tokens so far (Prometheus ``vllm:generation_tokens_total``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:generation_tokens_total"))
+
+
+def smc_requests(server, tokenizer, questions: list[str]) -> dict:
+    from afterburner.plugins.server_smc import server_smc
+
+    url = f"http://127.0.0.1:{server.port}"
+    rows, before, generated = [], server.spec_counters(), _generated_tokens(server)
+    for seed, question in enumerate(questions):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{question} Answer yes or no."}],
+                                               tokenize=False, add_generation_prompt=True)
+        started = time.perf_counter()
+        samples, result = server_smc(url, prompt, {"regex": SMC_ANSWER}, tokenizer=tokenizer, seed=seed,
+                                     progress=False, **SMC)
+        rows.append({"seconds": time.perf_counter() - started, "kept": sum(s.weight > 0 for s in samples),
+                     "best": samples[0].text, "log_normalizer": result.log_normalizer, "resamples": result.resamples})
+    tokens, seconds = _generated_tokens(server) - generated, sum(r["seconds"] for r in rows)
+    return {"tokens_per_second": round(tokens / seconds, 2), "tokens": int(tokens), "seconds": round(seconds, 2),
+            "kept_particles": sum(r["kept"] for r in rows), "particles": SMC["n_particles"] * len(rows),
+            **spec_steps(before, server.spec_counters()), "texts": [r["best"] for r in rows],
+            "log_normalizers": [r["log_normalizer"] for r in rows], "resamples": [r["resamples"] for r in rows]}
+
+
 def run_server(name: str, model: Path, args: list[str], work: Path, jobs: list[tuple[str, callable]]) -> dict:
     """Start one server, warm it, run ``jobs`` (label, fn(server)) in order; a failed start is recorded."""
     server = VllmServer(model, *args, log=work / f"{name}.log", max_model_len=4096)
@@ -151,7 +195,8 @@ def main() -> int:
     from afterburner.plugins.devtools import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["json", "long"], choices=["json", "long"])
+    parser.add_argument("--parts", nargs="+", default=["json", "long"], choices=["json", "long", "smc"])
+    parser.add_argument("--smc-questions", type=int, default=4, help="SMC runs (one question each) per configuration")
     parser.add_argument("--prompts", type=int, default=4, help="JSON requests per configuration")
     parser.add_argument("--context", type=int, default=2000, help="passkey document length (SmolLM2 tokens)")
     parser.add_argument("--docs", type=int, default=4, help="passkey documents per configuration")
@@ -168,7 +213,8 @@ def main() -> int:
         print(f"[compose] no trained {kind} weights: its configurations are skipped "
               f"(`{TRAINED_SPECULATORS[kind][1]}` builds them)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="afterburner-compose-"))
-    results: dict = {"model": model.name, "skipped_missing_weights": sorted(missing), "json": {}, "long": {}}
+    results: dict = {"model": model.name, "skipped_missing_weights": sorted(missing), "json": {}, "long": {},
+                     "smc": {}}
     if "json" in args.parts:
         prompts = [f"Describe {topic} as a JSON object with a title, a one-sentence summary and three keywords."
                    for topic in TOPICS[:args.prompts]]
@@ -204,6 +250,23 @@ def main() -> int:
                              _server_args(spec, attention, models), work,
                              [(label, lambda s: long_requests(s, docs, args.decode_tokens))])
             results["long"].update(got)
+    if "smc" in args.parts:
+        from transformers import AutoTokenizer
+
+        from afterburner.spec_decode.draft.derive import cached_layer_draft
+
+        models["draft"] = cached_layer_draft(model, DRAFT_LAYERS)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        questions = SMC_QUESTIONS[:args.smc_questions]
+        results["smc"]["settings"] = {**SMC, "regex": SMC_ANSWER, "questions": questions, "seeds": "0.."}
+        plan = [("plain server", ""), ("n-gram", "ngram"), ("micro-step drafter", "hamburger"),
+                (f"draft-model tree of {DRAFT_TREE}", "draft-tree")]
+        for label, spec in plan:
+            if spec in missing:
+                continue
+            got = run_server(f"smc-{spec or 'plain'}", model, _server_args(spec, None, models), work,
+                             [(label, lambda s: smc_requests(s, tokenizer, questions))])
+            results["smc"].update(got)
     _print_tables(results)
     command = "python benchmarks/compose_vllm.py " + " ".join(sys.argv[1:])
     provenance.write_result(args.out, results, command.strip(), allow_dirty=args.allow_dirty)
@@ -232,6 +295,10 @@ def _print_tables(results: dict) -> None:
                  ["valid", "tokens / verification step", "same as AWRS alone"],
                  lambda r: [f"{r['valid']}/{r['requests']}", r["tokens_per_verification_step"] or "-",
                             r.get("same_texts_as_awrs_alone", "")])
+    _print_table(results["smc"], "SMC over the server", "tokens_per_second", "plain server",
+                 ["SMC seconds", "particles kept", "tokens / verification step"],
+                 lambda r: [r["seconds"], f"{r['kept_particles']}/{r['particles']}",
+                            r["tokens_per_verification_step"] or "-"])
     _print_table(results["long"], "long prompt", "decode_tokens_per_second", "dense",
                  ["TTFT (s)", "found", "tokens / verification step"],
                  lambda r: [r["ttft_seconds_mean"], f"{r['found']}/{r['docs']}",
