@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from afterburner.samplers.constraints import Constraint
-from afterburner.samplers.grammar import constraint_for
+from afterburner.samplers.request import constraint_for
 from afterburner.samplers.smc import Sample, SMCResult, check_arguments, weighted_samples
 from afterburner.samplers.smc_chunks import Extend, chunked_smc
 

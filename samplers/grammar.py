@@ -208,13 +208,3 @@ class GrammarConstraint:
         """False once the grammar admits no further token (only EOS may follow)."""
         return self._sync(prefix) and not self._matcher.is_stopped()
 
-
-def constraint_for(spec: dict, tokenizer: Any, vocab_size: int) -> GrammarConstraint:
-    """``{"regex": ...}`` / ``{"json_schema": ...}`` / ``{"lark": ...}`` compiled against a Hugging Face
-    tokenizer; ``GrammarError`` (one line) for a malformed one."""
-    from llguidance.hf import from_tokenizer
-
-    from afterburner.samplers.request import parse_request
-
-    request = parse_request({"awrs": spec})
-    return GrammarConstraint(request.grammar, from_tokenizer(tokenizer, n_vocab=vocab_size))

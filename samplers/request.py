@@ -31,6 +31,7 @@ from afterburner.samplers.grammar import (
     GRAMMAR_KINDS,
     MAX_ITEMS_IN_ROW,
     MAX_KEY_WIDTH,
+    GrammarConstraint,
     GrammarError,
     compile_grammar,
     key_position_width,
@@ -98,3 +99,12 @@ def _check_key_width(spec: Any) -> None:
         raise GrammarError(f"{REQUEST_KEY}.json_schema offers {width:,} property names at one key position (e.g. an "
                            f"object of that many optional properties); at most {MAX_KEY_WIDTH:,}: llguidance's "
                            f"parser gives up past {MAX_ITEMS_IN_ROW:,} items in a row, about 4 per name")
+
+
+def constraint_for(spec: dict, tokenizer: Any, vocab_size: int) -> GrammarConstraint:
+    """``{"regex": ...}`` / ``{"json_schema": ...}`` / ``{"lark": ...}`` compiled against a Hugging Face
+    tokenizer; ``GrammarError`` (one line) for a malformed one."""
+    from llguidance.hf import from_tokenizer
+
+    request = parse_request({"awrs": spec})
+    return GrammarConstraint(request.grammar, from_tokenizer(tokenizer, n_vocab=vocab_size))

@@ -8,6 +8,7 @@ from typing import Any
 from afterburner.attention_backends.local_linear.model import LAMBDA_KEY
 from afterburner.attention_backends.registry import OUTPUT_METHODS, make_output
 from afterburner.patches import vllm_tree_speculation as tree_patches
+from afterburner.patches.vllm_cpu_sampling import CPU_EXPAND
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_prompt_compression import PROMPT_COMPRESSION
 from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
@@ -159,6 +160,12 @@ def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
     awrs_speculative.on_sample(*args, **kwargs)
 
 
+def _cpu_expand(*args: Any, **kwargs: Any) -> None:
+    from afterburner.plugins.vllm import cpu_sampling  # worker processes only
+
+    cpu_sampling.fix_expand(*args, **kwargs)
+
+
 HOOKS = {
     ENGINE_CONFIG.name: check_engine_config,
     WORKER_INIT_DEVICE.name: on_worker_device,
@@ -170,4 +177,5 @@ HOOKS = {
     tree_patches.TREE_ACCEPTANCE.name: _runner_hook("on_rejection_sample"),
     tree_patches.TREE_BOOKKEEPING.name: _runner_hook("on_propose"),
     SPECULATIVE_AWRS.name: _speculative_awrs,
+    CPU_EXPAND.name: _cpu_expand,
 }

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from afterburner.samplers.constraints import Constraint
-from afterburner.samplers.grammar import constraint_for
+from afterburner.samplers.request import constraint_for
 from afterburner.samplers.smc import Sample, SMCArgumentError, SMCResult, check_arguments, smc, weighted_samples
 
 
