@@ -140,7 +140,8 @@ class SpeculativeSettings(_Settings):
 
     tree: Literal["paper", "chain"] | list[list[int]] = Field(
         "paper", description='"paper": the Medusa paper\'s sparse tree, its first num_speculative_tokens '
-        'nodes by importance; "chain": the argmax chain; or explicit paths of candidate ranks')
+        'nodes by importance; "chain": the argmax chain; or explicit paths of candidate ranks. vLLM\'s '
+        'draft_model: only when set, a tree from the draft\'s top-k (unset: vLLM\'s chain)')
     acceptance: Literal["lossless", "typical"] = Field(
         "lossless", description="lossless: exact greedy at temperature 0, rejection sampling above; "
         "typical: the paper's typical acceptance")
