@@ -17,6 +17,7 @@ tokens the target writes most often: ``draft_vocab.safetensors``, which the make
 weights).
 
     python benchmarks/speculative_vllm.py --method medusa|hamburger|draft_model [--model DIR] [--prompts 8] [--quick]
+                                          [--sampled-only]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
 one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
@@ -145,9 +146,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--draft-layers", type=int, default=25, help="draft_model: the draft's layers")
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
+    parser.add_argument("--sampled-only", action="store_true",
+                        help="only the configurations at temperature > 0 (writes <method>_vllm_sampled.json)")
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
-    out = RESULTS / f"{args.method}_vllm.json"
+    out = RESULTS / f"{args.method}_vllm{'_sampled' if args.sampled_only else ''}.json"
     exit_if_refused(parser, out, allow_dirty=args.allow_dirty)
     if args.quick:
         args.prompts, args.max_tokens = 3, 48
@@ -161,6 +164,8 @@ def main() -> None:
                      f"`{TRAINED_SPECULATORS[args.method][1]}` first (or pass --model)")
     rows, reference = [], None
     for name, num_spec, section, temperature in CONFIGS[args.method]:
+        if args.sampled_only and temperature == 0:
+            continue
         print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)
         result = run_worker_or_exit(name, __file__, "--worker", "--method", args.method, "--model", model,
                                     "--drafter", drafter, "--num-spec", num_spec, "--section", json.dumps(section),
