@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,10 +144,8 @@ def long_requests(server, docs: list[dict], decode_tokens: int) -> dict:
 
 
 def _generated_tokens(server) -> float:
-    """vLLM's own count of generated tokens so far (Prometheus ``vllm:generation_tokens_total``)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:generation_tokens_total"))
+    """vLLM's own count of generated tokens so far."""
+    return server.counters("vllm:generation_tokens_total").get("vllm:generation_tokens_total", 0.0)
 
 
 def smc_requests(server, tokenizer, questions: list[str]) -> dict:

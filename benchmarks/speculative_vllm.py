@@ -158,10 +158,11 @@ def main() -> None:
     if args.method == "draft_model":
         drafter = args.model or str(cached_layer_draft(model, args.draft_layers))
     else:
-        drafter = args.model or str(trained_speculator(args.method) or "")
-        if not Path(drafter, "config.json").is_file():
+        drafter = args.model or trained_speculator(args.method)
+        if drafter is None or not Path(drafter, "config.json").is_file():
             sys.exit(f"no {args.method} weights at {drafter or 'the cache'}: run "
                      f"`{TRAINED_SPECULATORS[args.method][1]}` first (or pass --model)")
+        drafter = str(drafter)
     rows, reference = [], None
     for name, num_spec, section, temperature in CONFIGS[args.method]:
         if args.sampled_only and temperature == 0:

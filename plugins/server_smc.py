@@ -26,7 +26,7 @@ import torch
 
 from afterburner.samplers.constraints import Constraint
 from afterburner.samplers.request import constraint_for
-from afterburner.samplers.smc import Sample, SMCResult, check_arguments, weighted_samples
+from afterburner.samplers.smc import Sample, SMCResult, check_arguments, print_progress, weighted_samples
 from afterburner.samplers.smc_chunks import Extend, chunked_smc
 
 # the model's own distribution, whatever the server's defaults
@@ -88,11 +88,6 @@ def server_extend(base_url: str, model: str, prompt_ids: list[int], eos_token_id
     return extend
 
 
-def _progress(step: int, live: int, ess: float) -> None:
-    print(f"\r[afterburner smc] step {step + 1}: {live} live particles, ESS {ess:.1f}", end="", file=sys.stderr,
-          flush=True)
-
-
 def server_smc(
     base_url: str,
     prompt: str,
@@ -124,7 +119,7 @@ larger than the tokenizer's. Best first. Bad arguments are one
     result = chunked_smc(extend, constraint, n_particles=n_particles, max_tokens=max_tokens,
                          eos_token_id=tokenizer.eos_token_id, chunk_tokens=chunk_tokens, ess_threshold=ess_threshold,
                          log_twist=log_twist, generator=torch.Generator().manual_seed(seed),
-                         on_step=_progress if progress else None)
+                         on_step=print_progress if progress else None)
     if progress:
         print(file=sys.stderr)
     return weighted_samples(result, tokenizer.decode, tokenizer.eos_token_id), result

@@ -16,6 +16,7 @@ outside the target's support and gets weight 0.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -104,6 +105,12 @@ def weighted_samples(result: SMCResult, decode: Callable[[list[int]], str], eos_
         ids = [t for t in particle.tokens if t != eos_token_id]
         samples.append(Sample(decode(ids), ids, weight, particle.log_weight))
     return sorted(samples, key=lambda s: -s.weight)
+
+
+def print_progress(step: int, live: int, ess: float) -> None:
+    """An ``on_step`` callback: one self-overwriting progress line on stderr."""
+    print(f"\r[afterburner smc] step {step + 1}: {live} live particles, ESS {ess:.1f}", end="", file=sys.stderr,
+          flush=True)
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> float:

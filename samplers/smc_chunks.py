@@ -41,16 +41,18 @@ from afterburner.samplers.smc import (
 Extend = Callable[[Sequence[Sequence[int]], int], list[list[int]]]
 
 
-def _viable_after(constraint: Constraint | None, prefix: list[int], chunk: list[int], eos_token_id: int) -> bool:
-    """Whether every token of ``chunk`` is allowed after ``prefix`` (EOS only where the prefix is complete)."""
+def _viable_after(constraint: Constraint | None, prefix: list[int], chunk: list[int],
+                  eos_token_id: int) -> tuple[bool, int]:
+    """(whether every token of ``chunk`` is allowed after ``prefix`` (EOS only where the prefix is complete),
+    the constraint checks made: up to the first token refused)."""
     if constraint is None:
-        return True
+        return True, 0
     tokens = list(prefix)
-    for token in chunk:
+    for checked, token in enumerate(chunk, start=1):
         if not allows_next(constraint, tokens, token, eos_token_id):
-            return False
+            return False, checked
         tokens.append(token)
-    return True
+    return True, len(chunk)
 
 
 def chunked_smc(
@@ -84,8 +86,8 @@ def chunked_smc(
             ended = bool(chunk) and chunk[-1] == eos_token_id
             if not chunk or (eos_token_id in chunk[:-1]):
                 raise RuntimeError(f"extend returned {chunk!r} for a live particle: at least one token, EOS only last")
-            viable = _viable_after(constraint, particle.tokens, chunk, eos_token_id)
-            checks += len(chunk) if constraint is not None else 0
+            viable, checked = _viable_after(constraint, particle.tokens, chunk, eos_token_id)
+            checks += checked
             particle.tokens = [*particle.tokens, *chunk]
             if not viable:
                 particle.finished, particle.log_weight = True, -math.inf

@@ -161,17 +161,21 @@ class VllmServer:
     def post(self, path: str, body: dict, timeout: float = 120) -> dict:
         return post(self.port, path, body, timeout)
 
-    def spec_counters(self) -> dict[str, float]:
-        """vLLM's own spec-decode counters (``vllm:spec_decode_num_*_total``, summed over labels) from the
-        server's Prometheus endpoint."""
+    def counters(self, prefix: str) -> dict[str, float]:
+        """The server's Prometheus counters whose name starts with ``prefix`` (``..._total`` samples, summed
+        over labels), by name."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
             lines = response.read().decode().splitlines()
         counters: dict[str, float] = {}
         for line in lines:
-            if line.startswith("vllm:spec_decode_num_") and "_total" in line:
-                name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
-                counters[name] = counters.get(name, 0) + value
+            name = line.split("{")[0].split(" ")[0]
+            if line.startswith(prefix) and name.endswith("_total"):
+                counters[name] = counters.get(name, 0) + float(line.rsplit(" ", 1)[1])
         return counters
+
+    def spec_counters(self) -> dict[str, float]:
+        """vLLM's own spec-decode counters (``vllm:spec_decode_num_*_total``)."""
+        return self.counters("vllm:spec_decode_num_")
 
     def _tail(self) -> str:
         return self.log.read_text()[-3000:]

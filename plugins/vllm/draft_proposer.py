@@ -31,8 +31,7 @@ from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import proposers
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.spec_decode.draft.confident_chain import confident_lengths
-from afterburner.spec_decode.tree import build_tree
-from afterburner.spec_decode.tree_choices import tree_paths
+from afterburner.spec_decode.draft.draft_tree import draft_tree
 
 logger = get_logger(__name__)
 
@@ -141,7 +140,7 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
             raise ConfigError("afterburner.speculative.tree with method 'draft_model': set "
                               "speculative_config.num_speculative_tokens to the tree's node count")
         try:
-            build_tree(tree_paths(config.speculative.tree, max_depth=nodes, num_drafts=nodes), max_depth=nodes)
+            draft_tree(config.speculative.tree, nodes)
         except ValueError as exc:
             raise ConfigError(f"afterburner.speculative.tree: {exc}") from None
 

@@ -20,14 +20,14 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm.tree_speculation import TreeProposer
-from afterburner.spec_decode.draft.draft_tree import flatten_candidates
-from afterburner.spec_decode.tree import build_tree
-from afterburner.spec_decode.tree_choices import tree_paths
+from afterburner.spec_decode.draft.draft_tree import draft_tree, flatten_candidates
 
 logger = get_logger(__name__)
 
 
 class DraftTreeProposer(TreeProposer, DraftModelProposer):
+    reads_step_tokens = True  # vLLM's draft model re-reads the step's tokens to catch its KV cache up
+
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         self.init_tree_state(vllm_config)
@@ -35,10 +35,7 @@ class DraftTreeProposer(TreeProposer, DraftModelProposer):
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
-        nodes = self.num_speculative_tokens
-        self.full_tree = build_tree(tree_paths(self.settings.tree, max_depth=nodes, num_drafts=nodes),
-                                    max_depth=nodes)
-        full = self.full_tree
+        self.full_tree = full = draft_tree(self.settings.tree, self.num_speculative_tokens)
         logger.info("draft model: token tree of %d nodes (depth %d, top-%d) from the draft's top-k, %s acceptance",
                     full.num_nodes, full.depth, full.topk, self.settings.acceptance)
 

@@ -21,7 +21,15 @@ import torch
 
 from afterburner.samplers.constraints import Constraint
 from afterburner.samplers.request import constraint_for
-from afterburner.samplers.smc import Sample, SMCArgumentError, SMCResult, check_arguments, smc, weighted_samples
+from afterburner.samplers.smc import (
+    Sample,
+    SMCArgumentError,
+    SMCResult,
+    check_arguments,
+    print_progress,
+    smc,
+    weighted_samples,
+)
 
 
 def _vllm_next_logits(llm: Any, prompt_ids: list[int], vocab_size: int) -> Callable:
@@ -40,11 +48,6 @@ def _vllm_next_logits(llm: Any, prompt_ids: list[int], vocab_size: int) -> Calla
         return rows
 
     return next_logits
-
-
-def _progress(step: int, live: int, ess: float) -> None:
-    print(f"\r[afterburner smc] step {step + 1}: {live} live particles, ESS {ess:.1f}", end="", file=sys.stderr,
-          flush=True)
 
 
 def judge_log_twist(llm: Any, template: str, answer: str) -> Callable[[Sequence[int]], float]:
@@ -102,7 +105,7 @@ def constrained_smc(
     result = smc(
         _vllm_next_logits(llm, prompt_ids, vocab_size), constraint, n_particles=n_particles, max_tokens=max_tokens,
         eos_token_id=tokenizer.eos_token_id, ess_threshold=ess_threshold, log_twist=log_twist,
-        generator=torch.Generator().manual_seed(seed), on_step=_progress if progress else None,
+        generator=torch.Generator().manual_seed(seed), on_step=print_progress if progress else None,
     )
     if progress:
         print(file=sys.stderr)

@@ -15,8 +15,8 @@ things:
    picks the accepted path and rewrites the sampled tokens (accepted drafts, then the bonus token; -1 after);
 4. bookkeeping (``propose_draft_token_ids``): before the next proposal, the accepted nodes' KV entries move
    to the slots right after the root (vLLM keeps the first ``accepted`` slots), the step's token ids and
-   positions become the accepted chain's (a draft model re-reads them), and the hidden state that vLLM
-   hands the proposer becomes the last accepted node's.
+   positions become the accepted chain's for a proposer that re-reads them (a draft model), and the hidden
+   state that vLLM hands the proposer becomes the last accepted node's.
 
 With ``speculative.tree: "chain"`` steps 2 and 4 are identities and vLLM's chain layout is used unchanged.
 A proposer is a vLLM proposer class mixed with ``TreeProposer``: it sets ``full_tree`` in ``load_model``
@@ -46,6 +46,10 @@ PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID in sampled_token_ids
 
 class TreeProposer:
     """What the runner hooks need of a proposer, and the state they keep on it (not on vLLM's runner)."""
+
+    # whether the proposer re-reads the verification step's token ids and positions (a draft model catching
+    # its KV cache up): then the bookkeeping lays each tree row out as its accepted chain first
+    reads_step_tokens = False
 
     def init_tree_state(self, vllm_config) -> None:
         self.settings = config_of(vllm_config).speculative
@@ -223,7 +227,7 @@ def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hid
     for row in range(step.num_reqs):
         start, size = step.rows.get(row, (None, 1))
         nodes = step.accepted.get(row)
-        if start is not None:
+        if start is not None and drafter.reads_step_tokens:
             _as_chain(runner, start, size, nodes)
         if nodes is not None and nodes != list(range(len(nodes))):
             src += [int(slots[start + n]) for n in nodes[1:]]

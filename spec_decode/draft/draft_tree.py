@@ -10,6 +10,7 @@ chain accepts; the other nodes cost the target one verified row each and the dra
 token (one draft pass per depth, not per node): still lossless, because the target verifies every node
 exactly (``acceptance.accept_tree``: exact greedy, or SpecInfer's multi-draft rejection sampling).
 
+    draft_tree             the tree of a ``speculative.tree`` setting with N nodes
     draft_topk             [depth, topk] tokens: the draft's top-k at each depth of its greedy chain
     draft_tree_generate    draft -> tree verify -> accept with a target and a draft Hugging Face causal LM
 """
@@ -22,7 +23,14 @@ import torch
 
 from afterburner.spec_decode.acceptance import _sample, accept_tree, base_probs
 from afterburner.spec_decode.medusa.reference import tree_verify
-from afterburner.spec_decode.tree import TokenTree, tree_candidates
+from afterburner.spec_decode.tree import TokenTree, build_tree, tree_candidates
+from afterburner.spec_decode.tree_choices import tree_paths
+
+
+def draft_tree(setting, nodes: int) -> TokenTree:
+    """The tree a draft model fills for ``speculative.tree`` ``setting`` ("paper" or paths) with ``nodes``
+    drafted tokens (its depth is not bounded by the draft); ``ValueError`` names what does not fit."""
+    return build_tree(tree_paths(setting, max_depth=nodes, num_drafts=nodes), max_depth=nodes)
 
 
 def flatten_candidates(topk: torch.Tensor, tree: TokenTree) -> torch.Tensor:

@@ -14,10 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.config import ConfigError
 from afterburner.spec_decode.draft.derive import derive_draft
-from afterburner.spec_decode.draft.draft_tree import draft_tree_generate
+from afterburner.spec_decode.draft.draft_tree import draft_tree, draft_tree_generate
 from afterburner.spec_decode.medusa.distill_data import load_base
-from afterburner.spec_decode.tree import build_tree
-from afterburner.spec_decode.tree_choices import tree_paths
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from speculative_run import PROMPTS  # noqa: E402  (the scripts' batch, to replay it in the reference)
@@ -47,7 +45,7 @@ def tree(tiny_model, draft):
 def _reference_accepted(model, draft_folder) -> int:
     target, tokenizer = load_base(model)
     draft = AutoModelForCausalLM.from_pretrained(draft_folder, dtype=torch.float32).eval()
-    shape = build_tree(tree_paths("paper", max_depth=NODES, num_drafts=NODES), max_depth=NODES)
+    shape = draft_tree("paper", NODES)
     return sum(sum(draft_tree_generate(target, draft, shape, torch.tensor(tokenizer(p)["input_ids"]), NEW).accepted)
                for p in PROMPTS)
 

@@ -8,14 +8,13 @@ import json
 import math
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import regex
 from transformers import AutoTokenizer
 
-from afterburner.plugins.devtools.vllm_server import vllm_server
+from afterburner.plugins.devtools.vllm_server import spec_steps, vllm_server
 from afterburner.plugins.server_smc import ServerError, served_model, server_extend, server_smc
 from afterburner.spec_decode.draft.derive import cached_layer_draft
 
@@ -30,7 +29,12 @@ def served(smollm2, tmp_path_factory):
     section = {"afterburner": {"speculative": {"tree": "paper"}}}
     with vllm_server(smollm2, "--speculative-config", json.dumps(spec), "--additional-config", json.dumps(section),
                      log=tmp_path_factory.mktemp("serve") / "serve.log") as server:
-        yield f"http://127.0.0.1:{server.port}"
+        yield server
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return f"http://127.0.0.1:{served.port}"
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +42,9 @@ def tokenizer(smollm2):
     return AutoTokenizer.from_pretrained(smollm2)
 
 
-def _spec_counter(url: str, name: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"vllm:{name}"))
-
-
-def test_chunks_are_the_servers_seeded_samples(served, tokenizer):
+def test_chunks_are_the_servers_seeded_samples(url, tokenizer):
     ids = tokenizer.encode(PROMPT)
-    make = lambda seed: server_extend(served, served_model(served), ids, tokenizer.eos_token_id, seed=seed)  # noqa: E731
+    make = lambda seed: server_extend(url, served_model(url), ids, tokenizer.eos_token_id, seed=seed)  # noqa: E731
     prefixes = [[], tokenizer.encode("Yes", add_special_tokens=False)]
     first, again, other = make(5)(prefixes, 6), make(5)(prefixes, 6), make(6)(prefixes, 6)
     assert first == again, "the same seed must give the same chunks"
@@ -56,10 +54,10 @@ def test_chunks_are_the_servers_seeded_samples(served, tokenizer):
         assert tokenizer.eos_token_id not in chunk[:-1]
 
 
-def test_smc_runs_over_a_speculative_server_and_keeps_only_valid_particles(served, tokenizer):
-    drafts_before = _spec_counter(served, "spec_decode_num_drafts")
-    samples, result = server_smc(served, PROMPT, {"regex": ANSWER}, tokenizer=tokenizer, progress=False, **SMC)
-    assert _spec_counter(served, "spec_decode_num_drafts") > drafts_before, "the server verified no drafts"
+def test_smc_runs_over_a_speculative_server_and_keeps_only_valid_particles(served, url, tokenizer):
+    before = served.spec_counters()
+    samples, result = server_smc(url, PROMPT, {"regex": ANSWER}, tokenizer=tokenizer, progress=False, **SMC)
+    assert spec_steps(before, served.spec_counters())["verification_steps"] > 0, "the server verified no drafts"
     kept = [s for s in samples if s.weight > 0]
     assert kept, f"every particle died: {[s.text for s in samples]}"
     assert math.isfinite(result.log_normalizer) and abs(sum(s.weight for s in samples) - 1) < 1e-9
@@ -68,10 +66,10 @@ def test_smc_runs_over_a_speculative_server_and_keeps_only_valid_particles(serve
     assert result.checks > 0
 
 
-def test_the_cli_prints_the_same_filter(served, smollm2, tokenizer):
-    _, expected = server_smc(served, PROMPT, {"regex": ANSWER}, tokenizer=tokenizer, progress=False, **SMC)
+def test_the_cli_prints_the_same_filter(url, smollm2, tokenizer):
+    _, expected = server_smc(url, PROMPT, {"regex": ANSWER}, tokenizer=tokenizer, progress=False, **SMC)
     out = subprocess.run(
-        [str(Path(sys.executable).with_name("afterburner")), "smc", "--server", served, "--model", str(smollm2),
+        [str(Path(sys.executable).with_name("afterburner")), "smc", "--server", url, "--model", str(smollm2),
          "--prompt", PROMPT, "--regex", ANSWER, "--particles", "8", "--max-tokens", "24", "--chunk-tokens", "6",
          "--seed", "0", "--json"], capture_output=True, text=True, timeout=600, check=True)
     printed = json.loads(out.stdout)
