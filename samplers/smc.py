@@ -130,6 +130,29 @@ def resample(particles: list[Particle], generator: torch.Generator | None) -> tu
     return [Particle(list(particles[i].tokens), log_mean, particles[i].finished) for i in picks], picks
 
 
+def end_step(
+    particles: list[Particle],
+    twists: list[float],
+    step: int,
+    *,
+    ess_threshold: float,
+    generator: torch.Generator | None,
+    on_step: Callable[[int, int, float], None] | None,
+) -> tuple[list[Particle], list[float], bool] | None:
+    """The end of an SMC step: report ``on_step(step, live_particles, ess)``, then resample when the ESS is
+    below ``ess_threshold * N`` and a particle is still live; each new particle takes its parent's twist
+    (R(prefix)). (particles, twists, whether it resampled), or None when every weight is 0 (stop)."""
+    ess = effective_sample_size(torch.tensor([p.log_weight for p in particles], dtype=torch.float64))
+    if on_step:
+        on_step(step, sum(not p.finished for p in particles), ess)
+    if ess == 0.0:
+        return None
+    if ess < ess_threshold * len(particles) and any(not p.finished for p in particles):
+        particles, parents = resample(particles, generator)
+        return particles, [twists[i] for i in parents], True
+    return particles, twists, False
+
+
 def smc(
     next_logits: NextLogits,
     constraint: Constraint,
@@ -146,14 +169,15 @@ def smc(
     an ``SMCArgumentError`` (a ``ValueError``), a failing reward a ``RewardError`` (both one line)."""
     check_arguments(n_particles=n_particles, max_tokens=max_tokens, ess_threshold=ess_threshold)
     particles = [Particle() for _ in range(n_particles)]
-    twist_of = {id(p): 0.0 for p in particles} if log_twist else {}
+    twists = [0.0] * n_particles  # R(prefix) of each particle (0 without a reward)
     checks = resamples = 0
     for step in range(max_tokens):
-        live = [p for p in particles if not p.finished]
+        live = [i for i, p in enumerate(particles) if not p.finished]
         if not live:
             break
-        logits = next_logits([p.tokens for p in live])
-        for particle, row in zip(live, logits, strict=False):
+        logits = next_logits([particles[i].tokens for i in live])
+        for i, row in zip(live, logits, strict=False):
+            particle = particles[i]
             prefix = particle.tokens
             result = awrs_step(row, lambda t, prefix=prefix: allows_next(constraint, prefix, t, eos_token_id),
                                generator=generator)
@@ -165,19 +189,13 @@ def smc(
                 particle.finished, particle.log_weight = True, -math.inf
             if log_twist and result.accepted:
                 new_twist = reward(log_twist, particle.tokens)
-                particle.log_weight += new_twist - twist_of.pop(id(particle), 0.0)
-                twist_of[id(particle)] = new_twist
-        log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
-        ess = effective_sample_size(log_weights)
-        if on_step:
-            on_step(step, sum(not p.finished for p in particles), ess)
-        if ess == 0.0:
+                particle.log_weight += new_twist - twists[i]
+                twists[i] = new_twist
+        ended = end_step(particles, twists, step, ess_threshold=ess_threshold, generator=generator, on_step=on_step)
+        if ended is None:
             break
-        if ess < ess_threshold * n_particles and any(not p.finished for p in particles):
-            particles, _ = resample(particles, generator)
-            if log_twist:
-                twist_of = {id(p): reward(log_twist, p.tokens) for p in particles}
-            resamples += 1
+        particles, twists, resampled = ended
+        resamples += resampled
     log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
     log_normalizer = (torch.logsumexp(log_weights, 0) - math.log(n_particles)).item()
     return SMCResult(particles, log_normalizer, checks, resamples)

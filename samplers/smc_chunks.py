@@ -32,8 +32,7 @@ from afterburner.samplers.smc import (
     SMCArgumentError,
     SMCResult,
     check_arguments,
-    effective_sample_size,
-    resample,
+    end_step,
     reward,
 )
 
@@ -100,17 +99,12 @@ def chunked_smc(
                 new = reward(log_twist, particle.tokens)
                 particle.log_weight += new - twists[i]
                 twists[i] = new
-        log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
-        ess = effective_sample_size(log_weights)
-        if on_step:
-            on_step(step, sum(not p.finished for p in particles), ess)
+        ended = end_step(particles, twists, step, ess_threshold=ess_threshold, generator=generator, on_step=on_step)
         step += 1
-        if ess == 0.0:
+        if ended is None:
             break
-        if ess < ess_threshold * n_particles and any(not p.finished for p in particles):
-            particles, parents = resample(particles, generator)
-            twists = [twists[i] for i in parents]
-            resamples += 1
+        particles, twists, resampled = ended
+        resamples += resampled
     log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
     log_normalizer = (torch.logsumexp(log_weights, 0) - math.log(n_particles)).item()
     return SMCResult(particles, log_normalizer, checks, resamples)

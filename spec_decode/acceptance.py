@@ -187,3 +187,14 @@ def accept_chain(root: int, drafts: list[int], node_logits: torch.Tensor, *, tem
     accepted = accept_tree(tree, torch.tensor([root, *drafts]), node_logits, rule="lossless",
                            temperature=temperature, generator=generator)
     return accepted.tokens, accepted.length
+
+
+def final_tokens(new: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int] | None:
+    """A reference decoder's stop rule: None while it should decode on (fewer than ``max_new_tokens`` and no
+    ``eos_token_id``); then ``new`` cut after the first EOS (if given) and to ``max_new_tokens``, since the
+    last step may overshoot both."""
+    if len(new) < max_new_tokens and (eos_token_id is None or eos_token_id not in new):
+        return None
+    if eos_token_id is not None and eos_token_id in new:
+        new = new[: new.index(eos_token_id) + 1]
+    return new[:max_new_tokens]

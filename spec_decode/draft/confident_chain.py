@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs
+from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs, final_tokens
 
 
 def confident_lengths(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -57,7 +57,7 @@ def speculative_generate(target, draft, prompt_ids: torch.Tensor, max_new_tokens
     new: list[int] = []
     proposed: list[int] = []
     accepted: list[int] = []
-    while len(new) < max_new_tokens and (eos_token_id is None or eos_token_id not in new):
+    while (tokens := final_tokens(new, max_new_tokens, eos_token_id)) is None:
         drafts = draft_chain(draft, ids, max_drafts, threshold)[0] if new else []  # the first token: prefill
         sequence = torch.cat([ids, torch.tensor(drafts, dtype=torch.long)])
         node_logits = target(input_ids=sequence[None], use_cache=False).logits[0, ids.numel() - 1:].float()
@@ -70,6 +70,4 @@ def speculative_generate(target, draft, prompt_ids: torch.Tensor, max_new_tokens
             emitted = [_sample(base_probs(node_logits[0], temperature), generator)]
         ids = torch.cat([ids, torch.tensor(emitted)])
         new += emitted
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id) + 1]
-    return new[:max_new_tokens], proposed, accepted
+    return tokens, proposed, accepted

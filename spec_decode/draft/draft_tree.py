@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afterburner.spec_decode.acceptance import _sample, accept_tree, base_probs
+from afterburner.spec_decode.acceptance import _sample, accept_tree, base_probs, final_tokens
 from afterburner.spec_decode.medusa.reference import tree_verify
 from afterburner.spec_decode.tree import TokenTree, build_tree, tree_candidates
 from afterburner.spec_decode.tree_choices import tree_paths
@@ -77,7 +77,7 @@ def draft_tree_generate(target, draft, tree: TokenTree, prompt_ids: torch.Tensor
     new = [_sample(base_probs(first, temperature), generator)]
     ids = torch.cat([ids, torch.tensor(new)])
     accepted: list[int] = []
-    while len(new) < max_new_tokens and (eos_token_id is None or eos_token_id not in new):
+    while (tokens := final_tokens(new, max_new_tokens, eos_token_id)) is None:
         node_tokens = tree_candidates(tree, int(ids[-1]), draft_topk(draft, ids, tree.depth, tree.topk))
         node_logits, _ = tree_verify(target, ids[:-1], node_tokens, tree)
         result = accept_tree(tree, node_tokens, node_logits.float(), rule="lossless", temperature=temperature,
@@ -85,6 +85,4 @@ def draft_tree_generate(target, draft, tree: TokenTree, prompt_ids: torch.Tensor
         ids = torch.cat([ids, torch.tensor(result.tokens)])
         new += result.tokens
         accepted.append(result.length)
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id) + 1]
-    return TreeDecoding(new[:max_new_tokens], accepted)
+    return TreeDecoding(tokens, accepted)

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs
+from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs, final_tokens
 from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
 
 
@@ -70,13 +70,11 @@ def speculative_generate(base, drafter: MicroStepDrafter, prompt_ids: torch.Tens
     new = [_sample(base_probs(logits[-1], temperature), generator)]
     ids, features = torch.cat([ids, torch.tensor(new)]), features[-1]
     lengths: list[int] = []
-    while len(new) < max_new_tokens and (eos_token_id is None or eos_token_id not in new):
+    while (tokens := final_tokens(new, max_new_tokens, eos_token_id)) is None:
         emitted, length, features = speculative_step(base, drafter, ids, features, temperature=temperature,
                                                      generator=generator, max_tokens=max_tokens,
                                                      stop_threshold=threshold)
         ids = torch.cat([ids, torch.tensor(emitted)])
         new += emitted
         lengths.append(length)
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id) + 1]
-    return new[:max_new_tokens], lengths
+    return tokens, lengths

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afterburner.spec_decode.acceptance import Accepted, accepted_nodes, greedy_accept_nodes
+from afterburner.spec_decode.acceptance import Accepted, accepted_nodes, final_tokens, greedy_accept_nodes
 from afterburner.spec_decode.medusa.heads import MedusaHeads
 from afterburner.spec_decode.tree import TokenTree, tree_candidates
 
@@ -98,11 +98,9 @@ def medusa_generate(model, heads: MedusaHeads, tree: TokenTree, prompt_ids: torc
     hidden = hidden_states(model, ids[:-1], torch.arange(ids.numel() - 1), _causal(ids.numel() - 1))[-1]
     new: list[int] = []
     lengths: list[int] = []
-    while len(new) < max_new_tokens and (eos_token_id is None or eos_token_id not in new):
+    while (tokens := final_tokens(new, max_new_tokens, eos_token_id)) is None:
         accepted, hidden = medusa_step(model, heads, tree, ids, hidden, accept)
         ids = torch.cat([ids, torch.tensor(accepted.tokens)])
         new += accepted.tokens
         lengths.append(accepted.length)
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id) + 1]
-    return MedusaOutput(new[:max_new_tokens], lengths)
+    return MedusaOutput(tokens, lengths)
