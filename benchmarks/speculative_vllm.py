@@ -5,7 +5,9 @@ and tokens/s, side by side in one run, against no speculation, for one proposer 
   lossless and typical acceptance (``--model``: heads, default what ``make medusa-heads`` writes);
 - ``--method hamburger``: the micro-step drafter at a fixed draft length (stop head off: the baseline
   a fixed-k drafter gives) and with its learned stop, greedy and sampled (``--model``: default what
-  ``make hamburger-drafter`` writes);
+  ``make hamburger-drafter`` writes), against vLLM's own EAGLE-3 at k = 1..5 with a drafter trained by the
+  same recipe (``--eagle3``: default what ``make eagle3-drafter`` writes; its draft-vocab rows use the
+  micro-step drafter's token ranking);
 - ``--method draft_model``: vLLM's own draft-model chain at fixed lengths against afterburner's confidence
   stop (``speculative.stop_threshold``: each chain cut before its first token the draft gives less than
   that probability) and afterburner's token tree from the draft's top-k (``speculative.tree``), with the
@@ -46,7 +48,7 @@ TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revo
           "how vaccines work", "recursion in programming", "why the sky is blue", "plate tectonics",
           "supply and demand", "the immune system", "public key cryptography"]
 
-# per method: name, num_speculative_tokens, afterburner section, temperature
+# per method: name, num_speculative_tokens, afterburner section, temperature[, the row's own proposer]
 CONFIGS = {
     "medusa": [
         ("no speculation", 0, {}, 0.0),
@@ -70,8 +72,12 @@ CONFIGS = {
          0.0),
         ("up to 4, learned stop at the drafter's threshold", 4, {}, 0.0),
         ("up to 4, learned stop at 0.3", 4, {"speculative": {"stop_threshold": 0.3}}, 0.0),
+        *[(f"vLLM EAGLE-3, k={k}", k, {}, 0.0, "eagle3") for k in range(1, 6)],
+        ("vLLM EAGLE-3, k=2, draft vocab 4096", 2, {}, 0.0, "eagle3-vocab"),
+        ("vLLM EAGLE-3, k=3, draft vocab 4096", 3, {}, 0.0, "eagle3-vocab"),
         ("no speculation, T=0.7", 0, {}, 0.7),
         ("up to 4, learned stop at 0.3, T=0.7", 4, {"speculative": {"stop_threshold": 0.3}}, 0.7),
+        ("vLLM EAGLE-3, k=2, T=0.7", 2, {}, 0.7, "eagle3"),
     ],
     "draft_model": [
         ("no speculation", 0, {}, 0.0),
@@ -96,8 +102,8 @@ def _worker(args: argparse.Namespace) -> None:
     from afterburner.plugins import stats
     from afterburner.plugins.devtools.worker import print_result
 
-    spec = {"method": args.method, "model": args.drafter, "num_speculative_tokens": args.num_spec} if args.num_spec \
-        else None
+    spec = {"method": args.spec_method, "model": args.drafter, "num_speculative_tokens": args.num_spec} \
+        if args.num_spec else None
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
               additional_config={"afterburner": json.loads(args.section)})
@@ -145,6 +151,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--draft-layers", type=int, default=25, help="draft_model: the draft's layers")
+    parser.add_argument("--eagle3", help="hamburger: the EAGLE-3 baseline's folder (default: make eagle3-drafter's)")
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
     parser.add_argument("--sampled-only", action="store_true",
                         help="only the configurations at temperature > 0 (writes <method>_vllm_sampled.json)")
@@ -163,20 +170,25 @@ def main() -> None:
             sys.exit(f"no {args.method} weights at {drafter or 'the cache'}: run "
                      f"`{TRAINED_SPECULATORS[args.method][1]}` first (or pass --model)")
         drafter = str(drafter)
+    proposers = {args.method: (args.method, drafter)}
+    if args.method == "hamburger":
+        proposers.update(_eagle3_baselines(args.eagle3, drafter, model))
     rows, reference = [], None
-    for name, num_spec, section, temperature in CONFIGS[args.method]:
+    for name, num_spec, section, temperature, *row_proposer in CONFIGS[args.method]:
         if args.sampled_only and temperature == 0:
             continue
+        spec_method, spec_model = proposers[row_proposer[0] if row_proposer else args.method]
         print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)
-        result = run_worker_or_exit(name, __file__, "--worker", "--method", args.method, "--model", model,
-                                    "--drafter", drafter, "--num-spec", num_spec, "--section", json.dumps(section),
+        result = run_worker_or_exit(name, __file__, "--worker", "--spec-method", spec_method, "--model", model,
+                                    "--drafter", spec_model, "--num-spec", num_spec, "--section", json.dumps(section),
                                     "--temperature", temperature, "--prompts", args.prompts,
                                     "--max-tokens", args.max_tokens)
         tokens = result.pop("tokens")
         if num_spec == 0 and temperature == 0:
             reference = tokens
         result["identical_to_no_speculation"] = tokens == reference if temperature == 0 else None
-        rows.append({"config": name, "num_speculative_tokens": num_spec, "temperature": temperature, **result})
+        rows.append({"config": name, "proposer": spec_method, "proposer_model": spec_model,
+                     "num_speculative_tokens": num_spec, "temperature": temperature, **result})
     print(f"\n{'configuration':40s} {'acc/step':>8s} {'tok/s':>7s} {'vs none':>7s} {'same text':>9s}")
     for row in rows:  # against no speculation at the same temperature
         base = next(r for r in rows if r["num_speculative_tokens"] == 0 and r["temperature"] == row["temperature"])
@@ -185,13 +197,34 @@ def main() -> None:
         same = "-" if row["identical_to_no_speculation"] is None else str(row["identical_to_no_speculation"])
         speedup = row["speedup_vs_no_speculation"]
         print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {speedup:6.2f}x {same:>9s}")
-    write_result(out, {"method": args.method, "model": drafter, "prompts": args.prompts, "max_tokens": args.max_tokens,
+    write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
+                       "max_tokens": args.max_tokens,
                        "batch": 1, "rows": rows}, command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {out}")
+
+
+def _eagle3_baselines(folder: str | None, drafter: str, model: str) -> dict[str, tuple[str, str]]:
+    """The EAGLE-3 rows' proposers: vLLM's eagle3 with the trained folder, and with a copy drafting from the
+    micro-step drafter's first 4,096 ranked tokens (written beside it on first use)."""
+    from afterburner.plugins.cli.models import TRAINED_SPECULATORS, trained_speculator
+    from afterburner.spec_decode import draft_vocab
+    from afterburner.spec_decode.eagle3.folder import with_draft_vocab
+    from afterburner.spec_decode.hamburger.checkpoint import load_base_embeddings
+
+    folder = Path(folder) if folder else trained_speculator("eagle3")
+    if folder is None or not (folder / "config.json").is_file():
+        sys.exit(f"no EAGLE-3 drafter at {folder or 'the cache'}: run `{TRAINED_SPECULATORS['eagle3'][1]}` first "
+                 "(or pass --eagle3)")
+    lm_head = load_base_embeddings(model)[1].float()
+    restricted = folder.with_name(folder.name + "-vocab4096")
+    if not (restricted / "config.json").is_file() or \
+            (restricted / "config.json").stat().st_mtime < (folder / "config.json").stat().st_mtime:
+        with_draft_vocab(folder, restricted, draft_vocab.load(drafter, 4096, lm_head.shape[0]), lm_head)
+    return {"eagle3": ("eagle3", str(folder)), "eagle3-vocab": ("eagle3", str(restricted))}
 
 
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
-    main_or_worker(main, _worker, method=str, model=str, drafter=str, section=str, num_spec=int,
+    main_or_worker(main, _worker, spec_method=str, model=str, drafter=str, section=str, num_spec=int,
                    temperature=float, prompts=int, max_tokens=int)

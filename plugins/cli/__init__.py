@@ -17,6 +17,9 @@
     afterburner train hamburger --base DIR --data FILE... --out DIR [...]
                                                     a micro-step drafter with a learned stop, by self-distillation
                                                     (plugins/cli/train_hamburger.py)
+    afterburner train eagle3 --base DIR --data FILE... --out DIR [...]
+                                                    an EAGLE-3 drafter in vLLM's format, same recipe: the
+                                                    fixed-length baseline (plugins/cli/train_eagle3.py)
     afterburner train draft-vocab --base DIR --data FILE... --out DIR
                                                     rank the tokens the target writes, for drafting from the
                                                     most frequent (plugins/cli/train_draft_vocab.py)

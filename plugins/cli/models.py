@@ -36,11 +36,13 @@ def model_dir(name: str) -> Path:
 
 # SmolLM2's speculative weights as the make targets write them: kind -> (folder under the cache, target)
 TRAINED_SPECULATORS = {"medusa": ("medusa/smollm2-heads", "make medusa-heads"),
-                       "hamburger": ("hamburger/smollm2-drafter", "make hamburger-drafter")}
+                       "hamburger": ("hamburger/smollm2-drafter", "make hamburger-drafter"),
+                       "eagle3": ("hamburger/smollm2-eagle3", "make eagle3-drafter")}
 
 
 def trained_speculator(kind: str) -> Path | None:
-    """The folder ``make medusa-heads`` / ``make hamburger-drafter`` wrote for ``kind``, None if it has not run."""
+    """The folder ``make medusa-heads`` / ``hamburger-drafter`` / ``eagle3-drafter`` wrote for ``kind``, None if it
+    has not run."""
     folder = cache_root() / TRAINED_SPECULATORS[kind][0]
     return folder if (folder / "config.json").is_file() else None
 

@@ -37,6 +37,13 @@ def _layers(text: str) -> tuple[int, ...]:
 def add_parser(methods: argparse._SubParsersAction) -> None:
     p = methods.add_parser("hamburger", help="a micro-step drafter with a learned stop, by self-distillation",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_drafter_arguments(p, batch_help="positions per step (default 128)", batch_default=128)
+    p.add_argument("--stop-weight", type=float, default=1.0, help="weight of the stop head's loss")
+    p.set_defaults(run=run)
+
+
+def add_drafter_arguments(p: argparse.ArgumentParser, *, batch_help: str, batch_default: int) -> None:
+    """The arguments ``train hamburger`` and ``train eagle3`` share (same data, features and recipe)."""
     p.add_argument("--base", required=True, type=Path, help="base model folder (Hugging Face format)")
     p.add_argument("--data", required=True, nargs="+", type=Path, help=".txt or .jsonl files")
     p.add_argument("--out", required=True, type=Path, help="output drafter folder")
@@ -50,8 +57,7 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (may be fractional)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (overrides --epochs)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default 3e-3)")
-    p.add_argument("--batch-size", type=int, default=128, help="positions per step (default 128)")
-    p.add_argument("--stop-weight", type=float, default=1.0, help="weight of the stop head's loss")
+    p.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
     p.add_argument("--residual-init", action="store_true",
                    help="start at the logit lens of the last feature layer (fc_in copies it, layers start as "
                         "the identity), as Medusa heads start at the identity")
@@ -61,7 +67,6 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--work-dir", type=Path, default=None, help="default: OUT.train")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,82 @@
+"""EAGLE-3 drafter folders in the layout vLLM's ``"method": "eagle3"`` loads (``llama_eagle3.py``).
+
+    config.json         a Llama config with ``architectures: ["LlamaForCausalLMEagle3"]``, one hidden layer,
+                        ``fc_norm: true`` (one RMSNorm per feature before fc), ``eagle_config.
+                        eagle_aux_hidden_state_layer_ids`` = the feature layers (HF hidden_states indices,
+                        which vLLM's aux hidden states use too), ``draft_vocab_size``; afterburner's
+                        ``afterburner_eagle3`` entry holds the drafter config and training provenance
+    model.safetensors   fc, fc_norm.*, midlayer.*, norm; with a drafting vocabulary of N tokens also
+                        ``lm_head.weight`` [N, H] (the base's rows) and ``d2t`` [N] (target id - draft id);
+                        without one, no lm_head and no embedding: vLLM shares the target's
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from afterburner.spec_decode.eagle3.drafter import Eagle3Drafter
+from afterburner.spec_decode.hamburger.drafter import DrafterConfig
+from afterburner.spec_decode.medusa.checkpoint import WEIGHTS, write_folder
+
+MARKER = "afterburner_eagle3"
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+class Eagle3FolderError(ValueError):
+    """An EAGLE-3 folder that cannot be read; the message is one line."""
+
+
+def save_eagle3(folder: str | Path, drafter: Eagle3Drafter, *, max_position_embeddings: int,
+                vocab_ids: torch.Tensor | None = None, provenance: dict | None = None) -> Path:
+    """Write ``drafter`` (attached to its base) for vLLM; ``vocab_ids`` [N]: draft from these tokens only."""
+    c = drafter.config
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in drafter.state_dict().items()}
+    if vocab_ids is not None:
+        vocab_ids = vocab_ids.long().cpu()
+        tensors["lm_head.weight"] = drafter.lm_head_weight[vocab_ids].float().cpu().contiguous()
+        tensors["d2t"] = vocab_ids - torch.arange(len(vocab_ids))
+    config = {
+        "architectures": [ARCHITECTURE], "model_type": "llama", "hidden_size": c.hidden_size,
+        "num_hidden_layers": 1, "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "intermediate_size": c.intermediate_size, "hidden_act": "silu",
+        "vocab_size": c.vocab_size, "draft_vocab_size": c.vocab_size if vocab_ids is None else len(vocab_ids),
+        "target_hidden_size": c.base_hidden_size, "rms_norm_eps": c.rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": False, "dtype": "float32",
+        "fc_norm": True,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(c.feature_layers), "use_aux_hidden_state": True},
+        MARKER: {"drafter": c.to_dict(), "training": provenance},
+    }
+    return write_folder(folder, tensors, config)
+
+
+def load_eagle3(folder: str | Path) -> tuple[Eagle3Drafter, torch.Tensor | None]:
+    """(the drafter, not attached to a base; its drafting vocabulary [N] or None) from an afterburner
+    EAGLE-3 folder."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise Eagle3FolderError(f"{folder} has no config.json")
+    raw = json.loads(path.read_text())
+    if MARKER not in raw:
+        raise Eagle3FolderError(f"{path} is not an afterburner EAGLE-3 folder (no {MARKER!r} entry)")
+    state = load_file(str(Path(folder) / WEIGHTS))
+    d2t, lm_head = state.pop("d2t", None), state.pop("lm_head.weight", None)
+    del lm_head  # the base's rows; the reference attaches the whole LM head and restricts by ids
+    drafter = Eagle3Drafter(DrafterConfig.from_dict(raw[MARKER]["drafter"]))
+    drafter.load_state_dict(state)
+    vocab_ids = None if d2t is None else d2t + torch.arange(len(d2t))
+    return drafter.eval(), vocab_ids
+
+
+def with_draft_vocab(folder: str | Path, out: str | Path, vocab_ids: torch.Tensor, lm_head: torch.Tensor) -> Path:
+    """A copy of an EAGLE-3 folder that drafts from ``vocab_ids`` only (``lm_head`` [V, H]: the base's)."""
+    drafter, _ = load_eagle3(folder)
+    drafter.attach_base(lm_head, lm_head)  # the embedding is not saved; only the LM head's rows are
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    return save_eagle3(out, drafter, max_position_embeddings=raw["max_position_embeddings"], vocab_ids=vocab_ids,
+                       provenance={**(raw[MARKER].get("training") or {}), "draft_vocab_of": str(folder)})
