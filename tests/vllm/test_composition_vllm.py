@@ -1,7 +1,8 @@
 """Which methods compose in one vLLM engine (``plugins/vllm/composition.py``): pairings that do not work
 yet stop startup, or the request that asks for them, with one line naming the pair; the pairings that do
-work are served exactly (local-linear attention with a chain proposer: speculative greedy output equals
-non-speculative greedy output under the same local-linear model)."""
+work are served exactly (local-linear attention with a chain proposer, the micro-step drafter or vLLM's
+own EAGLE-3: speculative greedy output equals non-speculative greedy output under the same local-linear
+model; sparse selection inside their verification steps, token-identical at a full budget)."""
 
 import json
 
@@ -11,8 +12,11 @@ from result_script import run_result_script
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.config import ConfigError
+from afterburner.spec_decode.eagle3.drafter import Eagle3Drafter
+from afterburner.spec_decode.eagle3.folder import save_eagle3
 from afterburner.spec_decode.hamburger.checkpoint import save_drafter
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+from afterburner.spec_decode.hamburger.train import drafter_config_for
 from afterburner.spec_decode.medusa.checkpoint import save_heads
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
 
@@ -26,7 +30,8 @@ def proposers(tiny_model, tmp_path_factory):
         base_hidden_size=base.hidden_size, vocab_size=base.vocab_size, feature_layers=(1,), hidden_size=128,
         num_heads=2, num_kv_heads=2, head_dim=64, intermediate_size=256)))
     heads = save_heads(MedusaHeads(HeadsConfig(base.hidden_size, base.vocab_size, num_heads=2)), folder / "heads")
-    return {"hamburger": str(drafter), "medusa": str(heads)}
+    eagle3 = save_eagle3(folder / "eagle3", Eagle3Drafter(drafter_config_for(base, (1,))), max_position_embeddings=1024)
+    return {"hamburger": str(drafter), "medusa": str(heads), "eagle3": str(eagle3)}
 
 
 def _engine_config(model, spec, section):
@@ -62,15 +67,23 @@ def test_local_linear_with_a_medusa_tree_is_refused_and_with_a_chain_starts(tiny
     assert config.speculative_config.method == "medusa"
 
 
-def _hamburger(model, drafter, num_spec, section):
-    return run_result_script("hamburger_greedy.py", model, drafter, num_spec, json.dumps(section))[0]
+# the chain proposers a test runs, with their script and the afterburner settings each needs
+CHAINS = {"hamburger": ("hamburger_greedy.py", {"speculative": {"stop_threshold": 0.0}}),
+          "eagle3": ("eagle3_greedy.py", {})}
 
 
-def test_local_linear_with_the_micro_step_drafter_is_lossless(tiny_model, proposers):
-    section = {"attention": {"method": "local_linear", "local_linear": {"lam": 1.0}},
-               "speculative": {"stop_threshold": 0.0}}
-    plain = _hamburger(tiny_model, proposers["hamburger"], 0, section)
-    speculative = _hamburger(tiny_model, proposers["hamburger"], 3, section)
+def _chain(model, proposers, method, num_spec, section):
+    script, own = CHAINS[method]
+    return run_result_script(script, model, proposers[method], num_spec, json.dumps({**own, **section}))[0]
+
+
+@pytest.mark.parametrize("method", sorted(CHAINS))
+def test_local_linear_with_a_chain_proposer_is_lossless(tiny_model, proposers, method):
+    """With EAGLE-3, vLLM's drafter layer runs afterburner's local-linear attention too (drafts change, the
+    output must not)."""
+    section = {"attention": {"method": "local_linear", "local_linear": {"lam": 1.0}}}
+    plain = _chain(tiny_model, proposers, method, 0, section)
+    speculative = _chain(tiny_model, proposers, method, 3, section)
     assert speculative["metrics"]["vllm:spec_decode_num_drafts"] > 0
     assert speculative["tokens"] == plain["tokens"]
     # an AWRS request on either engine: constrained (verified by AWRS's own draws beside the drafter)
@@ -79,13 +92,12 @@ def test_local_linear_with_the_micro_step_drafter_is_lossless(tiny_model, propos
 SPARSE = {"method": "sparse", "sparse": {"budget_ratio": 0.25, "dense_below_tokens": 64, "dense_layers": 0}}
 
 
-def test_sparse_selects_inside_the_micro_step_drafters_verification_steps(tiny_model, proposers):
-    plain = _hamburger(tiny_model, proposers["hamburger"], 0, {})
-    full = {"attention": {**SPARSE, "sparse": {**SPARSE["sparse"], "token_budget": 100_000}},
-            "speculative": {"stop_threshold": 0.0}}
-    assert _hamburger(tiny_model, proposers["hamburger"], 3, full)["tokens"] == plain["tokens"]
-    sparse = _hamburger(tiny_model, proposers["hamburger"], 3,
-                        {"attention": SPARSE, "speculative": {"stop_threshold": 0.0}})
+@pytest.mark.parametrize("method", sorted(CHAINS))
+def test_sparse_selects_inside_a_chain_proposers_verification_steps(tiny_model, proposers, method):
+    plain = _chain(tiny_model, proposers, method, 0, {})
+    full = {"attention": {**SPARSE, "sparse": {**SPARSE["sparse"], "token_budget": 100_000}}}
+    assert _chain(tiny_model, proposers, method, 3, full)["tokens"] == plain["tokens"]
+    sparse = _chain(tiny_model, proposers, method, 3, {"attention": SPARSE})
     counts = sparse["sparse"]
     assert counts["selective_verify_rows"] > 0, counts
     assert counts["kv_bytes_read"] < counts["kv_bytes_dense"]

