@@ -19,7 +19,7 @@ tokens the target writes most often: ``draft_vocab.safetensors``, which the make
 weights).
 
     python benchmarks/speculative_vllm.py --method medusa|hamburger|draft_model [--model DIR] [--prompts 8] [--quick]
-                                          [--sampled-only]
+                                          [--sampled-only | --only TEXT ...]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
 one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
@@ -72,6 +72,11 @@ CONFIGS = {
          0.0),
         ("up to 4, learned stop at the drafter's threshold", 4, {}, 0.0),
         ("up to 4, learned stop at 0.3", 4, {"speculative": {"stop_threshold": 0.3}}, 0.0),
+        ("tree of 4 (depth 2, top-2)", 4, {"speculative": {"tree": "paper"}}, 0.0),
+        ("tree of 4 (depth 2, top-2), draft vocab 4096", 4, {"speculative": {"tree": "paper", "draft_vocab": 4096}},
+         0.0),
+        ("tree of 8 (depth 3, top-3), draft vocab 4096", 8, {"speculative": {"tree": "paper", "draft_vocab": 4096}},
+         0.0),
         *[(f"vLLM EAGLE-3, k={k}", k, {}, 0.0, "eagle3") for k in range(1, 6)],
         ("vLLM EAGLE-3, k=2, draft vocab 4096", 2, {}, 0.0, "eagle3-vocab"),
         ("vLLM EAGLE-3, k=3, draft vocab 4096", 3, {}, 0.0, "eagle3-vocab"),
@@ -155,9 +160,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
     parser.add_argument("--sampled-only", action="store_true",
                         help="only the configurations at temperature > 0 (writes <method>_vllm_sampled.json)")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="only the configurations whose name contains one of these, with no speculation at "
+                             "their temperatures (writes <method>_vllm_only.json)")
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
-    out = RESULTS / f"{args.method}_vllm{'_sampled' if args.sampled_only else ''}.json"
+    out = RESULTS / f"{args.method}_vllm{'_sampled' if args.sampled_only else '_only' if args.only else ''}.json"
     exit_if_refused(parser, out, allow_dirty=args.allow_dirty)
     if args.quick:
         args.prompts, args.max_tokens = 3, 48
@@ -176,6 +184,9 @@ def main() -> None:
     rows, reference = [], None
     for name, num_spec, section, temperature, *row_proposer in CONFIGS[args.method]:
         if args.sampled_only and temperature == 0:
+            continue
+        if args.only and not (num_spec and _chosen(name, args.only) or not num_spec and temperature in {
+                t for n, k, _, t, *_ in CONFIGS[args.method] if k and _chosen(n, args.only)}):
             continue
         spec_method, spec_model = proposers[row_proposer[0] if row_proposer else args.method]
         print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)
@@ -203,6 +214,10 @@ def main() -> None:
                        "training": {name: t for name, t in trained.items() if t}},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {out}")
+
+
+def _chosen(name: str, only: list[str]) -> bool:
+    return any(text in name for text in only)
 
 
 def _training_of(folder: str) -> dict | None:

@@ -1,6 +1,7 @@
 """The HAMburger-style micro-step drafter (``spec_decode/hamburger``) as a vLLM proposer.
 
-Users write ``--speculative-config '{"method": "hamburger", "model": DRAFTER_DIR, "num_speculative_tokens": 4}'``.
+Users write ``--speculative-config '{"method": "hamburger", "model": DRAFTER_DIR, "num_speculative_tokens": 4}'``
+(with ``speculative.tree`` set: a token tree from the first micro-steps, ``hamburger_tree_proposer``).
 vLLM 0.32 accepts no method names of its own, so afterburner's startup hook (``hooks.check_speculative_config``)
 rewrites that, in the user's process, to vLLM's out-of-tree route ``{"method": "custom_class", "model":
 CLASS_PATH}`` and puts the folder into afterburner's config (``speculative.drafter``), which travels to the
@@ -97,19 +98,36 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
         raise ConfigError(f"speculative_config.model: {exc}") from None
     proposers.check_draft_vocab(folder, config, drafter.vocab_size)
     num = spec.get("num_speculative_tokens") or drafter.max_micro_steps
-    if num > drafter.max_micro_steps:
+    tree = proposers.verifies_tree("hamburger", config)
+    if tree:  # num: the tree's nodes
+        _check_tree(config, num, drafter.max_micro_steps)
+    elif num > drafter.max_micro_steps:
         raise ConfigError(f"speculative_config.num_speculative_tokens: {num} is more than the drafter's "
                           f"max_micro_steps {drafter.max_micro_steps}")
-    if config.speculative.tree != "paper" and config.speculative.tree != "chain":
-        raise ConfigError("afterburner.speculative.tree: the hamburger proposer drafts a chain; leave tree unset "
-                          "or \"chain\"")
     extra = sorted(set(spec) - {"method", "model", "num_speculative_tokens"})
     if extra:
         raise ConfigError(f"speculative_config: {extra} not supported with method 'hamburger' (give method, model "
                           "and num_speculative_tokens)")
-    engine_args.speculative_config = {"method": "custom_class", "model": CLASS_PATH, "num_speculative_tokens": num}
+    engine_args.speculative_config = {"method": "custom_class", "num_speculative_tokens": num,
+                                      "model": proposers.custom_class_path("hamburger", tree=tree)}
     additional = dict(getattr(engine_args, "additional_config", None) or {})
     section = dict(additional.get("afterburner") or {})
     section["speculative"] = {**dict(section.get("speculative") or {}), "drafter": str(Path(folder).resolve())}
     additional["afterburner"] = section
     engine_args.additional_config = additional
+
+
+def _check_tree(config: AfterburnerConfig, num: int, max_micro_steps: int) -> None:
+    """A tree of ``num`` nodes that the drafter's micro-steps can fill; the stop head does not cut trees."""
+    from afterburner.spec_decode.draft.draft_tree import draft_tree
+
+    if config.speculative.stop_threshold is not None:
+        raise ConfigError("afterburner.speculative.stop_threshold: a token tree has a fixed shape (the stop head "
+                          "cuts chains); drop stop_threshold or set tree to \"chain\"")
+    try:
+        tree = draft_tree(config.speculative.tree, num)
+    except ValueError as exc:
+        raise ConfigError(f"afterburner.speculative.tree: {exc}") from None
+    if tree.depth > max_micro_steps:
+        raise ConfigError(f"afterburner.speculative.tree: depth {tree.depth} is more than the drafter's "
+                          f"max_micro_steps {max_micro_steps}")

@@ -25,13 +25,16 @@ class ProposerEntry:
     # "module:function", fn(afterburner config) -> bool: whether afterburner's proposer replaces vLLM's for
     # this engine (None: always, when afterburner is on)
     wanted: str | None = None
+    # custom_class route: the class that drafts a token tree, when ``speculative.tree`` asks for one
+    tree_proposer: str | None = None
 
 
 PROPOSERS: dict[str, ProposerEntry] = {
     "medusa": ProposerEntry("afterburner.plugins.vllm.medusa_proposer:AfterburnerMedusaProposer",
                             "afterburner.plugins.vllm.medusa_proposer:check_config"),
     "hamburger": ProposerEntry("afterburner.plugins.vllm.hamburger_proposer:HamburgerProposer",
-                               "afterburner.plugins.vllm.hamburger_proposer:check_config", route="custom_class"),
+                               "afterburner.plugins.vllm.hamburger_proposer:check_config", route="custom_class",
+                               tree_proposer="afterburner.plugins.vllm.hamburger_tree_proposer:HamburgerTreeProposer"),
     "draft_model": ProposerEntry("afterburner.plugins.vllm.draft_proposer:make_proposer",
                                  "afterburner.plugins.vllm.draft_proposer:check_config",
                                  wanted="afterburner.plugins.vllm.draft_proposer:wanted"),
@@ -54,18 +57,21 @@ def replaces_vllm_proposer(method: str, config) -> bool:
 def verifies_tree(method: str | None, config) -> bool:
     """Whether an engine running ``method`` with afterburner ``config`` verifies token trees (afterburner's
     tree attention and acceptance) rather than chains: Medusa unless ``speculative.tree`` is "chain"; vLLM's
-    draft model only when ``speculative.tree`` is set to a tree (its default stays vLLM's chain)."""
+    draft model and the micro-step drafter only when ``speculative.tree`` is set to a tree (their default is
+    a chain)."""
     tree = config.speculative.tree
     if method == "medusa":
         return tree != "chain"
-    if method == "draft_model":
+    if method in ("draft_model", "hamburger"):
         return "tree" in config.speculative.model_fields_set and tree != "chain"
     return False
 
 
-def custom_class_path(method: str) -> str:
-    """What vLLM's ``custom_class`` route is given as ``model`` for one of our methods."""
-    return PROPOSERS[method].proposer.replace(":", ".")
+def custom_class_path(method: str, tree: bool = False) -> str:
+    """What vLLM's ``custom_class`` route is given as ``model`` for one of our methods (its tree drafter's
+    class with ``tree``)."""
+    entry = PROPOSERS[method]
+    return (entry.tree_proposer if tree else entry.proposer).replace(":", ".")
 
 
 def method_of(spec) -> str | None:
@@ -74,7 +80,8 @@ def method_of(spec) -> str | None:
     if spec is None:
         return None
     for name, entry in PROPOSERS.items():
-        if entry.route == "custom_class" and spec.method == "custom_class" and spec.model == custom_class_path(name):
+        if entry.route == "custom_class" and spec.method == "custom_class" and spec.model in (
+                custom_class_path(name), entry.tree_proposer and custom_class_path(name, tree=True)):
             return name
     return spec.method
 

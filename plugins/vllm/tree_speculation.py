@@ -92,9 +92,10 @@ def on_runner_init(result, self, *args, **kwargs) -> None:
     spec = self.speculative_config
     if spec is not None and proposers.replaces_vllm_proposer(spec.method, config_of(self.vllm_config)):
         self.drafter = proposers.build_proposer(spec.method, self.vllm_config, self.device)
-        sampler = getattr(self, "rejection_sampler", None)
-        if sampler is not None and isinstance(self.drafter, TreeProposer):  # others keep vLLM's acceptance
-            _proposer_of_sampler[sampler] = self.drafter
+    sampler = getattr(self, "rejection_sampler", None)
+    # ours, replacing vLLM's or built by vLLM's custom_class route; others keep vLLM's acceptance
+    if sampler is not None and isinstance(getattr(self, "drafter", None), TreeProposer):
+        _proposer_of_sampler[sampler] = self.drafter
     layers = _feature_layers(getattr(self, "drafter", None))
     if spec is not None and layers:  # the runner collects these layers' hidden states (vLLM's EAGLE-3 route)
         self.use_aux_hidden_state_outputs = True
@@ -209,20 +210,24 @@ def _path_logprobs(sampler, tensors, logits: torch.Tensor, row: int, width: int,
 
 def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
                aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings=None) -> None:
-    """Before ``propose_draft_token_ids``: move accepted nodes' KV and hidden states where vLLM expects
-    the accepted chain (slot / row ``root + j`` for the j-th accepted draft)."""
+    """Before ``propose_draft_token_ids``: move accepted nodes' KV and hidden states (and the target
+    features a hidden-state drafter reads) where vLLM expects the accepted chain (slot / row ``root + j`` for
+    the j-th accepted draft); then hand a hidden-state drafter its features."""
     runner = self
+    drafter = _ours(runner)
+    step = None
+    if drafter is not None:
+        step, drafter.step = drafter.step, None
+    if step is not None and drafter.is_tree:
+        _as_accepted_chain(runner, drafter, step, sample_hidden_states, aux_hidden_states,
+                           common_attn_metadata.slot_mapping)
     if _feature_layers(getattr(runner, "drafter", None)):
         _hand_features(runner, runner.drafter, sampled_token_ids, aux_hidden_states, spec_decode_metadata)
-        return
-    drafter = _ours(runner)
-    if drafter is None:
-        return
-    step, drafter.step = drafter.step, None
-    if step is None or not drafter.is_tree:
-        return
-    slots = common_attn_metadata.slot_mapping
-    src, dst, hidden_src, hidden_dst = [], [], [], []
+
+
+def _as_accepted_chain(runner, drafter: TreeProposer, step: VerifyStep, sample_hidden_states, aux_hidden_states,
+                       slots) -> None:
+    src, dst, hidden_src, hidden_dst, aux_src, aux_dst = [], [], [], [], [], []
     row_offset = 0  # rows of sample_hidden_states: each drafting request has size rows, others 1
     for row in range(step.num_reqs):
         start, size = step.rows.get(row, (None, 1))
@@ -234,9 +239,13 @@ def on_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hid
             dst += [int(slots[start + j]) for j in range(1, len(nodes))]
             hidden_src.append(row_offset + nodes[-1])
             hidden_dst.append(row_offset + len(nodes) - 1)
+            aux_src.append(start + nodes[-1])  # aux hidden states: one row per scheduled token
+            aux_dst.append(start + len(nodes) - 1)
         row_offset += size
     if hidden_src:
         sample_hidden_states[hidden_dst] = sample_hidden_states[hidden_src]
+    for states in aux_hidden_states or () if aux_src else ():
+        states[aux_dst] = states[aux_src]
     if src:
         kv_layout.move_kv(runner.vllm_config, torch.tensor(src), torch.tensor(dst))
 

@@ -252,3 +252,20 @@ class MicroStepDrafter(nn.Module):
                 break
             tokens = torch.cat([tokens, drafted[:, None]], 1)
         return [row[1:1 + n].tolist() for row, n in zip(tokens, lengths.tolist(), strict=True)]
+
+    @torch.no_grad()
+    def draft_topk(self, features: torch.Tensor, last_tokens: torch.Tensor, *, depth: int, topk: int) -> torch.Tensor:
+        """[B, depth, topk] token ids: the ``topk`` best tokens at each micro-step of the greedy chain (column
+        0 is the chain; no stop head): what a token tree from the first micro-steps is filled with."""
+        if not 1 <= depth <= self.config.max_micro_steps:
+            raise ValueError(f"draft_topk: depth must be in 1..max_micro_steps={self.config.max_micro_steps}, "
+                             f"got {depth}")
+        tokens, rows = last_tokens.reshape(-1, 1).long(), []
+        for _ in range(depth):
+            logits, _ = self.heads(self.step_states(features, tokens)[:, -1])
+            best = logits.topk(topk, dim=-1).indices  # [B, topk]
+            if self.vocab_ids is not None:
+                best = self.vocab_ids[best]
+            rows.append(best)
+            tokens = torch.cat([tokens, best[:, :1]], 1)
+        return torch.stack(rows, 1)

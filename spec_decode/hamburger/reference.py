@@ -22,8 +22,18 @@ from typing import Literal
 
 import torch
 
-from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs, final_tokens
+from afterburner.spec_decode.acceptance import (
+    _sample,
+    accept_chain,
+    accept_tree,
+    accepted_nodes,
+    base_probs,
+    final_tokens,
+)
+from afterburner.spec_decode.draft.draft_tree import flatten_candidates
 from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
+from afterburner.spec_decode.medusa.reference import masked_forward, tree_inputs
+from afterburner.spec_decode.tree import TokenTree
 
 
 def base_forward(model, ids: torch.Tensor, feature_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,15 +64,34 @@ def speculative_step(model, drafter: MicroStepDrafter, ids: torch.Tensor, featur
     return emitted, length, all_features[ids.numel() - 1 + length]
 
 
+def tree_step(model, drafter: MicroStepDrafter, tree: TokenTree, ids: torch.Tensor, features: torch.Tensor, *,
+              temperature: float, generator: torch.Generator | None) -> tuple[list[int], int, torch.Tensor]:
+    """``speculative_step`` with a token tree from the first micro-steps: the greedy chain's top-k at each of
+    ``tree.depth`` micro-steps fill ``tree`` (``draft_topk``); ONE pass of the base verifies every node
+    (each sees the context and its ancestors); the lossless rule accepts a path; the features come from its
+    last node."""
+    topk = drafter.draft_topk(features[None], ids[-1:], depth=tree.depth, topk=tree.topk)
+    node_tokens = torch.cat([ids[-1:], flatten_candidates(topk, tree)[0]])
+    out = masked_forward(model, *tree_inputs(ids[:-1], node_tokens, tree), output_hidden_states=True)
+    c = ids.numel() - 1
+    node_logits = model.get_output_embeddings()(out.last_hidden_state[0, c:]).float()
+    result = accept_tree(tree, node_tokens, node_logits, rule="lossless", temperature=temperature,
+                         generator=generator)
+    last = c + int(accepted_nodes(tree, result)[-1])
+    return result.tokens, result.length, torch.stack([out.hidden_states[i][0, last]
+                                                      for i in drafter.config.feature_layers])
+
+
 @torch.inference_mode()
 def speculative_generate(base, drafter: MicroStepDrafter, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                          temperature: float = 0.0, generator: torch.Generator | None = None, max_tokens: int = 4,
                          stop_threshold: float | None | Literal["config"] = "config",
-                         eos_token_id: int | None = None) -> tuple[list[int], list[int]]:
+                         eos_token_id: int | None = None, tree: TokenTree | None = None) -> tuple[list[int], list[int]]:
     """(new tokens, drafts accepted per step) after prompt_ids [L >= 1]: at most max_new_tokens (the last
     step's surplus is dropped), stopping after ``eos_token_id`` if given. ``stop_threshold`` "config" uses
     drafter.config.stop_threshold; None never stops a draft early. ``drafter`` must be attached to the
-    base's embedding and LM head. The prompt's first token is decoded by the base alone (no features yet)."""
+    base's embedding and LM head. The prompt's first token is decoded by the base alone (no features yet).
+    ``tree``: draft a token tree each step (``tree_step``; the stop head is not used)."""
     check_feature_layers(drafter, base.config.num_hidden_layers)
     threshold = drafter.config.stop_threshold if stop_threshold == "config" else stop_threshold
     ids = prompt_ids.flatten().long()
@@ -71,9 +100,13 @@ def speculative_generate(base, drafter: MicroStepDrafter, prompt_ids: torch.Tens
     ids, features = torch.cat([ids, torch.tensor(new)]), features[-1]
     lengths: list[int] = []
     while (tokens := final_tokens(new, max_new_tokens, eos_token_id)) is None:
-        emitted, length, features = speculative_step(base, drafter, ids, features, temperature=temperature,
-                                                     generator=generator, max_tokens=max_tokens,
-                                                     stop_threshold=threshold)
+        if tree is not None:
+            emitted, length, features = tree_step(base, drafter, tree, ids, features, temperature=temperature,
+                                                  generator=generator)
+        else:
+            emitted, length, features = speculative_step(base, drafter, ids, features, temperature=temperature,
+                                                         generator=generator, max_tokens=max_tokens,
+                                                         stop_threshold=threshold)
         ids = torch.cat([ids, torch.tensor(emitted)])
         new += emitted
         lengths.append(length)

@@ -38,14 +38,18 @@ class MedusaOutput:
     accepted_lengths: list[int]  # drafts accepted at each step (the step emitted one more)
 
 
-def hidden_states(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """[T, H] last hidden states for tokens ids [T] at positions [T]; allowed [T, T] bool: query i may
-    attend key j."""
+def masked_forward(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, **kwargs):
+    """The base model's output for tokens ids [T] at positions [T]; allowed [T, T] bool: query i may attend
+    key j; ``kwargs`` go to the model (e.g. output_hidden_states)."""
     dtype = model.get_output_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    out = model.base_model(input_ids=ids[None], attention_mask=mask[None, None], position_ids=positions[None],
-                           use_cache=False)
-    return out.last_hidden_state[0]
+    return model.base_model(input_ids=ids[None], attention_mask=mask[None, None], position_ids=positions[None],
+                            use_cache=False, **kwargs)
+
+
+def hidden_states(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[T, H] last hidden states (``masked_forward``)."""
+    return masked_forward(model, ids, positions, allowed).last_hidden_state[0]
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -58,17 +62,24 @@ def causal_forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return model.get_output_embeddings()(hidden), hidden
 
 
-def tree_verify(model, context: torch.Tensor, node_tokens: torch.Tensor,
-                tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over context [C] + node_tokens [N+1]: (node_logits [N+1, V], node_hidden [N+1, H]), equal
-    to a causal forward of context + the path root -> ... -> i at each node i."""
+def tree_inputs(context: torch.Tensor, node_tokens: torch.Tensor, tree: TokenTree
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, positions, allowed) of one pass over context [C] + node_tokens [N+1] where each node sees the
+    context and its own ancestors, at position C + its depth."""
     c, n = context.numel(), tree.num_nodes
     allowed = torch.zeros(c + n, c + n, dtype=torch.bool)
     allowed[:c, :c] = _causal(c)
     allowed[c:, :c] = True  # every node sees the whole context
     allowed[c:, c:] = tree.attn_mask  # and its own ancestors in the tree
     positions = torch.cat([torch.arange(c), c + tree.position_offsets])
-    hidden = hidden_states(model, torch.cat([context, node_tokens]), positions, allowed)[c:]
+    return torch.cat([context, node_tokens]), positions, allowed
+
+
+def tree_verify(model, context: torch.Tensor, node_tokens: torch.Tensor,
+                tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over context [C] + node_tokens [N+1]: (node_logits [N+1, V], node_hidden [N+1, H]), equal
+    to a causal forward of context + the path root -> ... -> i at each node i."""
+    hidden = hidden_states(model, *tree_inputs(context, node_tokens, tree))[context.numel():]
     return model.get_output_embeddings()(hidden), hidden  # lm_head on the nodes only
 
 

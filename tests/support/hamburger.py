@@ -64,6 +64,25 @@ class OracleDrafter(MicroStepDrafter):
         return rows
 
 
+class TreeOracleDrafter(OracleDrafter):
+    """For a token tree: at the first micro-step the base's greedy token is the second best (the greedy
+    chain is wrong there), deeper ones are best. A tree with the path (1, 0) accepts 2 drafts a step, a
+    chain none; only features taken at the accepted path's last node keep it on track."""
+
+    @torch.no_grad()
+    def draft_topk(self, features, last_tokens, *, depth, topk):
+        out = []
+        for row in features:
+            t = int(((self.features - row) ** 2).flatten(1).sum(1).argmin())
+            truth = self.ids[t + 2:t + 2 + depth].tolist()
+            truth += [0] * (depth - len(truth))
+            ranks = [[(x + 1 + i) % self.config.vocab_size for i in range(topk)] for x in truth]
+            for j, x in enumerate(truth):
+                ranks[j][1 if j == 0 else 0] = x
+            out.append(ranks)
+        return torch.tensor(out)
+
+
 class FixedDrafter(MicroStepDrafter):
     """Always drafts the same tokens."""
 

@@ -1,6 +1,7 @@
 """The draft -> verify -> accept reference on the tiny model: greedy output is plain greedy decoding whatever
 the drafter (random: nothing accepted; an oracle that errs at its 3rd draft: exactly 2 accepted per step),
-and at temperature > 0 the first two emitted tokens follow the base distribution (chi-square)."""
+a token tree at the first micro-steps accepts a non-greedy branch and stays exact, and at temperature > 0
+the first two emitted tokens follow the base distribution (chi-square)."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch
 from afterburner.spec_decode.acceptance import base_probs
 from afterburner.spec_decode.hamburger.reference import base_forward, speculative_generate, speculative_step
 from afterburner.spec_decode.medusa.distill_data import load_base
-from support.hamburger import FixedDrafter, OracleDrafter, tiny_drafter
+from afterburner.spec_decode.tree import build_tree
+from support.hamburger import FixedDrafter, OracleDrafter, TreeOracleDrafter, tiny_drafter
 from support.medusa import greedy_tokens
 from support.stats import chi_square_p
 
@@ -44,6 +46,31 @@ def test_greedy_with_an_oracle_drafter_accepts_and_stays_exact(tiny):
         # a drafter that drafts nothing decodes one token per step
         none, lengths = speculative_generate(model, oracle, prompt, NEW, max_tokens=0, stop_threshold=None)
         assert none == expected[:NEW] and lengths == [0] * (NEW - 1)
+
+
+def test_a_tree_at_the_first_micro_steps_accepts_a_non_greedy_branch_and_stays_exact(tiny):
+    model, prompts = tiny
+    tree = build_tree([(0,), (1,), (1, 0)], max_depth=2)
+    for prompt in prompts:
+        expected = greedy_tokens(model, prompt, NEW + 8)
+        oracle = TreeOracleDrafter(model, torch.cat([prompt, torch.tensor(expected)]))
+        tokens, accepted = speculative_generate(model, oracle, prompt, NEW, tree=tree)
+        assert tokens == expected[:NEW]
+        assert accepted[:-1] == [2] * (len(accepted) - 1)  # path (1, 0), features from its last node
+    random = tiny_drafter(model)  # a real drafter's top-k: greedy stays exact
+    for prompt in prompts:
+        tokens, _ = speculative_generate(model, random, prompt, NEW, tree=build_tree([(0,), (1,), (0, 0), (1, 0)],
+                                                                                     max_depth=2))
+        assert tokens == greedy_tokens(model, prompt, NEW)
+
+
+def test_draft_topk_starts_with_the_greedy_chain(tiny):
+    model, prompts = tiny
+    drafter = tiny_drafter(model)
+    features = base_forward(model, prompts[0], (1,))[1][-1:]
+    top = drafter.draft_topk(features, prompts[0][-1:], depth=3, topk=2)
+    assert top.shape == (1, 3, 2)
+    assert top[0, :, 0].tolist() == drafter.draft(features, prompts[0][-1:], max_tokens=3, stop_threshold=None)[0]
 
 
 def test_sampled_tokens_follow_the_base_distribution(tiny):
