@@ -41,11 +41,11 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from afterburner.plugins import __version__
-    from afterburner.plugins.cli.train_hamburger import default_feature_layers
+    from afterburner.plugins.cli.train_hamburger import prepare
     from afterburner.plugins.cli.training import summary_head
     from afterburner.spec_decode.eagle3.folder import save_eagle3
     from afterburner.spec_decode.eagle3.train import residual_init, train_eagle3
-    from afterburner.spec_decode.hamburger.train import TrainConfig, base_norm_init, drafter_config_for
+    from afterburner.spec_decode.hamburger.train import TrainConfig, base_norm_init
     from afterburner.spec_decode.medusa import distill_data
 
     started = time.time()
@@ -54,17 +54,8 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          seed=args.seed, holdout=args.holdout, save_every=args.save_every)
     work = args.work_dir or args.out.with_name(args.out.name + ".train")
-    model, tokenizer = distill_data.load_base(args.base)
-    layers = args.feature_layers or default_feature_layers(model.config.num_hidden_layers)
-    drafter_config = drafter_config_for(model.config, layers, max_micro_steps=args.micro_steps,
-                                        base_model=str(args.base.resolve()))
-    base, cached = distill_data.load_or_build(model, tokenizer, args.base, args.data, work / "base_pass.pt",
-                                              seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                              feature_layers=layers)
-    if cached:
-        print(f"[afterburner] base pass: {len(base.tokens)} tokens from the cache in {work}")
-    embed = model.get_input_embeddings().weight.detach().float().clone()
-    lm_head = model.get_output_embeddings().weight.detach().float().clone()
+    model, drafter_config, base, embed, lm_head = prepare(args, work)
+    layers = drafter_config.feature_layers
     softcap, max_positions = distill_data.logit_softcap(model), model.config.max_position_embeddings
     init = base_norm_init(model, drafter_config)
     init = residual_init(drafter_config, init, seed=args.seed) if args.residual_init else \

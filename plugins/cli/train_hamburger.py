@@ -81,13 +81,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from afterburner.plugins import __version__
     from afterburner.spec_decode.hamburger.checkpoint import save_drafter
-    from afterburner.spec_decode.hamburger.train import (
-        TrainConfig,
-        base_norm_init,
-        drafter_config_for,
-        residual_init,
-        train_drafter,
-    )
+    from afterburner.spec_decode.hamburger.train import TrainConfig, base_norm_init, residual_init, train_drafter
     from afterburner.spec_decode.medusa import distill_data
 
     started = time.time()
@@ -99,17 +93,7 @@ def _train(args: argparse.Namespace) -> int:
     work = args.work_dir or args.out.with_name(args.out.name + ".train")
     if not args.resume and (work / "checkpoint.pt").is_file():
         print(f"[afterburner] starting over ({work}/checkpoint.pt exists; --resume would continue it)")
-    model, tokenizer = distill_data.load_base(args.base)
-    layers = args.feature_layers or default_feature_layers(model.config.num_hidden_layers)
-    drafter_config = drafter_config_for(model.config, layers, num_layers=args.layers,
-                                        max_micro_steps=args.micro_steps, base_model=str(args.base.resolve()))
-    base, cached = distill_data.load_or_build(model, tokenizer, args.base, args.data, work / "base_pass.pt",
-                                              seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                              feature_layers=layers)
-    if cached:
-        print(f"[afterburner] base pass: {len(base.tokens)} tokens from the cache in {work}")
-    embed = model.get_input_embeddings().weight.detach().float().clone()
-    lm_head = model.get_output_embeddings().weight.detach().float().clone()
+    model, drafter_config, base, embed, lm_head = prepare(args, work)
     softcap = distill_data.logit_softcap(model)
     init = base_norm_init(model, drafter_config)
     if args.residual_init:
@@ -129,6 +113,26 @@ def _train(args: argparse.Namespace) -> int:
     save_drafter(args.out, result.drafter, provenance=provenance)
     _summary(args, result, drafter_config, len(base.tokens), time.time() - started)
     return 0
+
+
+def prepare(args: argparse.Namespace, work: Path):
+    """What ``train hamburger`` and ``train eagle3`` start from: (the base model, the drafter config, the
+    cached base pass with the feature layers, the base's embedding and LM head as float32 copies)."""
+    from afterburner.spec_decode.hamburger.train import drafter_config_for
+    from afterburner.spec_decode.medusa import distill_data
+
+    model, tokenizer = distill_data.load_base(args.base)
+    layers = args.feature_layers or default_feature_layers(model.config.num_hidden_layers)
+    drafter_config = drafter_config_for(model.config, layers, num_layers=args.layers,
+                                        max_micro_steps=args.micro_steps, base_model=str(args.base.resolve()))
+    base, cached = distill_data.load_or_build(model, tokenizer, args.base, args.data, work / "base_pass.pt",
+                                              seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                              feature_layers=layers)
+    if cached:
+        print(f"[afterburner] base pass: {len(base.tokens)} tokens from the cache in {work}")
+    embed = model.get_input_embeddings().weight.detach().float().clone()
+    lm_head = model.get_output_embeddings().weight.detach().float().clone()
+    return model, drafter_config, base, embed, lm_head
 
 
 def _summary(args, result, drafter_config, tokens: int, seconds: float) -> None:

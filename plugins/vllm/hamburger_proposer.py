@@ -70,19 +70,24 @@ class HamburgerProposer:
     @torch.inference_mode()
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec=None, token_ids_cpu=None,
                 slot_mappings=None) -> list[list[int]]:
+        """Drafts for the requests that sampled a token and have the target's features; none for others."""
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         rows = [i for i, tokens in enumerate(sampled_token_ids)
                 if tokens and i < len(self.has_features) and self.has_features[i]]
         if not rows or self.features is None:
             return drafts
         last = torch.tensor([sampled_token_ids[i][-1] for i in rows])
-        proposed = self.drafter.draft(self.features[rows].float(), last, max_tokens=self.num_speculative_tokens,
-                                      stop_threshold=self.stop_threshold)
-        for i, tokens in zip(rows, proposed, strict=True):
+        for i, tokens in zip(rows, self.draft_rows(self.features[rows].float(), last), strict=True):
             drafts[i] = tokens
-        stats.SPECULATION.count_proposals([len(tokens) for tokens in proposed], self.num_speculative_tokens)
         self.features = None
         return drafts
+
+    def draft_rows(self, features: torch.Tensor, last: torch.Tensor) -> list[list[int]]:
+        """A chain per row (features [R, F, H], last tokens [R]), cut by the stop head."""
+        proposed = self.drafter.draft(features, last, max_tokens=self.num_speculative_tokens,
+                                      stop_threshold=self.stop_threshold)
+        stats.SPECULATION.count_proposals([len(tokens) for tokens in proposed], self.num_speculative_tokens)
+        return proposed
 
 
 def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:

@@ -33,19 +33,9 @@ class HamburgerTreeProposer(TreeProposer, HamburgerProposer):
         logger.info("hamburger: token tree of %d nodes (depth %d, top-%d) from the first micro-steps, %s acceptance",
                     full.num_nodes, full.depth, full.topk, self.settings.acceptance)
 
-    @torch.inference_mode()
-    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec=None, token_ids_cpu=None,
-                slot_mappings=None) -> list[list[int]]:
-        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        rows = [i for i, tokens in enumerate(sampled_token_ids)
-                if tokens and i < len(self.has_features) and self.has_features[i]]
-        if not rows or self.features is None:
-            return drafts
+    def draft_rows(self, features: torch.Tensor, last: torch.Tensor) -> list[list[int]]:
+        """The tree's N node tokens per row, in node order."""
         tree = self.full_tree
-        last = torch.tensor([sampled_token_ids[i][-1] for i in rows])
-        topk = self.drafter.draft_topk(self.features[rows].float(), last, depth=tree.depth, topk=tree.topk)
-        for i, nodes in zip(rows, flatten_candidates(topk, tree).tolist(), strict=True):
-            drafts[i] = nodes
-        stats.SPECULATION.count_proposals([tree.num_nodes - 1] * len(rows), self.num_speculative_tokens)
-        self.features = None
-        return drafts
+        topk = self.drafter.draft_topk(features, last, depth=tree.depth, topk=tree.topk)
+        stats.SPECULATION.count_proposals([tree.num_nodes - 1] * len(last), self.num_speculative_tokens)
+        return flatten_candidates(topk, tree).tolist()

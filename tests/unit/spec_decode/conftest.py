@@ -1,11 +1,20 @@
 """The tiny model as a draft (SpecPC / SpecKV runners) and as eager transformers (their yardstick); the tiny
-model with its first layer as draft model (the draft-model proposers' references)."""
+model with its first layer as draft model (the draft-model proposers' references); the trainers' corpus."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from afterburner.plugins.lm_eval.text import local_sentences
 from afterburner.spec_decode.draft.specpc_draft import load_draft
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A few hundred tokens of local text: the self-distillation trainers' corpus."""
+    path = tmp_path_factory.mktemp("data") / "docs.txt"
+    path.write_text(" ".join(local_sentences()[:60]))
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.p
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text(" ".join(local_sentences()[:60]))
-    return path
-
-
-@pytest.fixture(scope="module")
 def base(tiny_model, text_file, tmp_path_factory):
     model, tokenizer = distill_data.load_base(tiny_model)
     cache = tmp_path_factory.mktemp("work") / "base_pass.pt"

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from afterburner.plugins.cli import main
-from afterburner.plugins.lm_eval.text import local_sentences
 from afterburner.spec_decode.eagle3.drafter import Eagle3Drafter
 from afterburner.spec_decode.eagle3.folder import load_eagle3, save_eagle3
 from afterburner.spec_decode.eagle3.reference import eagle3_generate
@@ -96,13 +95,6 @@ def test_the_folder_is_vllms_layout_and_loads_back(tmp_path):
     whole = save_eagle3(tmp_path / "whole", drafter, max_position_embeddings=128)
     assert "lm_head.weight" not in load_file(str(whole / "model.safetensors"))  # vLLM shares the target's
     assert load_eagle3(whole)[1] is None
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text(" ".join(local_sentences()[:60]))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from afterburner.plugins.cli import main
-from afterburner.plugins.lm_eval.text import local_sentences
 from afterburner.spec_decode.hamburger.checkpoint import load_drafter
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
 from afterburner.spec_decode.hamburger.train import (
@@ -30,13 +29,6 @@ LAYERS = (1,)
 CONFIG = TrainConfig(steps=12, lr=3e-3, batch_size=64, seed=0, holdout=0.1, save_every=4)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text(" ".join(local_sentences()[:60]))
-    return path
 
 
 @pytest.fixture(scope="module")
