@@ -4,10 +4,11 @@ Users write ``--speculative-config '{"method": "hamburger", "model": DRAFTER_DIR
 (with ``speculative.tree`` set: a token tree from the first micro-steps, ``hamburger_tree_proposer``).
 vLLM 0.32 accepts no method names of its own, so afterburner's startup hook (``hooks.check_speculative_config``)
 rewrites that, in the user's process, to vLLM's out-of-tree route ``{"method": "custom_class", "model":
-CLASS_PATH}`` and puts the folder into afterburner's config (``speculative.drafter``), which travels to the
-workers inside ``VllmConfig``. vLLM then schedules, verifies (its rejection sampler: exact greedy, lossless
-sampling for a deterministic draft), counts (its spec-decode metrics) and trims the drafts; a proposal may
-be shorter than ``num_speculative_tokens``, down to none.
+<the proposer class's path>}`` (``proposers.custom_class_path``) and puts the folder into afterburner's
+config (``speculative.drafter``), which travels to the workers inside ``VllmConfig``. vLLM then schedules,
+verifies (its rejection sampler: exact greedy, lossless sampling for a deterministic draft), counts (its
+spec-decode metrics) and trims the drafts; a proposal may be shorter than ``num_speculative_tokens``, down
+to none.
 
 The drafter reads the target's hidden states at a few layers (vLLM's EAGLE-3 "aux hidden states", which
 the model runner collects when asked; ``tree_speculation.on_runner_init`` asks for this drafter's layers)
@@ -31,9 +32,6 @@ from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, load_drafter
 
 logger = get_logger(__name__)
-
-CLASS_PATH = proposers.custom_class_path("hamburger")
-
 
 class HamburgerProposer:
     """What vLLM's ``custom_class`` route builds (``Class(vllm_config)``, ``load_model``, ``propose``)."""

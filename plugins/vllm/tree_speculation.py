@@ -244,8 +244,9 @@ def _as_accepted_chain(runner, drafter: TreeProposer, step: VerifyStep, sample_h
         row_offset += size
     if hidden_src:
         sample_hidden_states[hidden_dst] = sample_hidden_states[hidden_src]
-    for states in aux_hidden_states or () if aux_src else ():
-        states[aux_dst] = states[aux_src]
+    if aux_src and aux_hidden_states:  # the target features a hidden-state drafter reads next
+        for states in aux_hidden_states:
+            states[aux_dst] = states[aux_src]
     if src:
         kv_layout.move_kv(runner.vllm_config, torch.tensor(src), torch.tensor(dst))
 

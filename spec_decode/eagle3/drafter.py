@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afterburner.spec_decode.hamburger.drafter import DrafterConfig, RMSNorm
+from afterburner.spec_decode.hamburger.drafter import DrafterConfig, RMSNorm, rope_at
 
 
 def check_config(c: DrafterConfig) -> None:
@@ -40,15 +40,6 @@ def check_config(c: DrafterConfig) -> None:
                          f"({c.base_hidden_size}): vLLM feeds it the base's token embedding")
     if c.num_layers != 1:
         raise ValueError(f"EAGLE-3 drafter: one decoder layer (vLLM's midlayer), got num_layers={c.num_layers}")
-
-
-def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Llama's rotate-half rotary embedding; x [B, heads, S, D], positions [S]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.to(torch.float32)[:, None] * inv_freq  # [S, D/2]
-    cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
-    return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
 
 
 class _Attention(nn.Module):

@@ -65,8 +65,8 @@ def load_eagle3(folder: str | Path) -> tuple[Eagle3Drafter, torch.Tensor | None]
     if MARKER not in raw:
         raise Eagle3FolderError(f"{path} is not an afterburner EAGLE-3 folder (no {MARKER!r} entry)")
     state = load_file(str(Path(folder) / WEIGHTS))
-    d2t, lm_head = state.pop("d2t", None), state.pop("lm_head.weight", None)
-    del lm_head  # the base's rows; the reference attaches the whole LM head and restricts by ids
+    d2t = state.pop("d2t", None)
+    state.pop("lm_head.weight", None)  # the base's rows: the reference attaches the whole LM head, drafts by ids
     drafter = Eagle3Drafter(DrafterConfig.from_dict(raw[MARKER]["drafter"]))
     drafter.load_state_dict(state)
     vocab_ids = None if d2t is None else d2t + torch.arange(len(d2t))

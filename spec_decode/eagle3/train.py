@@ -25,9 +25,12 @@ from afterburner.spec_decode.medusa.train import (
     Checkpoint,
     TrainError,
     _SoftKL,
+    chunk_positions,
     optimize,
+    positions,
     resume_from,
     split_chunks,
+    target_logprobs,
 )
 
 
@@ -79,19 +82,13 @@ def chunk_loss(drafter: Eagle3Drafter, base: BasePass, chunk: int, lm_head: torc
     """kl [steps] (mean over the chunk's slots) and agree [slots, steps] (drafter argmax == base argmax);
     None when the chunk has no slot."""
     steps = drafter.config.max_micro_steps
-    start, length = int(base.chunk_starts[chunk]), int(base.chunk_lengths[chunk])
-    t = length - steps
-    if t <= 0:
+    pos = chunk_positions(base, chunk, steps)  # trained positions whose next ``steps`` tokens lie in the chunk
+    if len(pos) == 0:
         return None
-    slots = torch.nonzero(base.trained[start:start + t]).flatten()
-    if len(slots) == 0:
-        return None
-    with torch.no_grad():  # base log-distributions at t+1 .. t+steps for every slot t
-        logits = base.hidden[start + 1:start + length] @ lm_head.T
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        logp = torch.log_softmax(logits, -1)
-        target = torch.stack([logp[m:m + t][slots] for m in range(steps)])  # [steps, S, V]
+    start = int(base.chunk_starts[chunk])
+    t, slots = int(base.chunk_lengths[chunk]) - steps, pos - start
+    with torch.no_grad():  # the base's log-distributions at t+1 .. t+steps for every slot t
+        target = target_logprobs(base.hidden, pos, lm_head, steps, softcap)  # [steps, S, V]
     out = drafter.unroll(base.features[start:start + t][None], base.tokens[start + 1:start + t + steps][None],
                          steps)[:, 0, slots]  # [steps, S, V]
     return {"kl": _SoftKL.apply(out, target).mean(-1), "agree": (out.detach().argmax(-1) == target.argmax(-1)).T}
@@ -163,8 +160,5 @@ def train_eagle3(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *, 
                             desc="EAGLE-3 drafter", progress=progress, stop_after=stop_after)
     drafter.eval()
     after = evaluate(drafter, base, held_chunks, lm_head, softcap) if step == total else {}
-    positions = sum(len(torch.nonzero(base.trained[int(base.chunk_starts[c]):int(base.chunk_starts[c])
-                                                   + max(0, int(base.chunk_lengths[c]) - steps_ahead)]))
-                    for c in train_chunks)
-    return TrainResult(drafter, step, total, resumed_from, positions, after.get("positions", 0) or
-                       before.get("positions", 0), time.time() - started, losses, before, after)
+    return TrainResult(drafter, step, total, resumed_from, len(positions(base, train_chunks, steps_ahead)),
+                       len(positions(base, held_chunks, steps_ahead)), time.time() - started, losses, before, after)

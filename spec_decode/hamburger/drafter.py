@@ -109,14 +109,19 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (Llama's rotate-half layout) at positions 0..T-1; x [B, heads, T, D]."""
-    t, d = x.shape[-2], x.shape[-1]
+def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half layout); x [B, heads, S, D], positions [S]."""
+    d = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
-    angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, D/2]
+    angles = positions.to(device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [S, D/2]
     cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
     half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1)
     return x * cos + half * sin
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """``rope_at`` positions 0..T-1; x [B, heads, T, D]."""
+    return rope_at(x, torch.arange(x.shape[-2], device=x.device), theta)
 
 
 class DecoderLayer(nn.Module):

@@ -30,10 +30,9 @@ from afterburner.spec_decode.acceptance import (
     base_probs,
     final_tokens,
 )
-from afterburner.spec_decode.draft.draft_tree import flatten_candidates
 from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
 from afterburner.spec_decode.medusa.reference import masked_forward, tree_inputs
-from afterburner.spec_decode.tree import TokenTree
+from afterburner.spec_decode.tree import TokenTree, tree_candidates
 
 
 def base_forward(model, ids: torch.Tensor, feature_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +70,7 @@ def tree_step(model, drafter: MicroStepDrafter, tree: TokenTree, ids: torch.Tens
     (each sees the context and its ancestors); the lossless rule accepts a path; the features come from its
     last node."""
     topk = drafter.draft_topk(features[None], ids[-1:], depth=tree.depth, topk=tree.topk)
-    node_tokens = torch.cat([ids[-1:], flatten_candidates(topk, tree)[0]])
+    node_tokens = tree_candidates(tree, int(ids[-1]), topk[0])
     out = masked_forward(model, *tree_inputs(ids[:-1], node_tokens, tree), output_hidden_states=True)
     c = ids.numel() - 1
     node_logits = model.get_output_embeddings()(out.last_hidden_state[0, c:]).float()
