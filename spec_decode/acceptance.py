@@ -18,11 +18,11 @@ KV entries; the last one's hidden state feeds the heads at the next step). Rules
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from afterburner.spec_decode import tree as trees
 from afterburner.spec_decode.tree import TokenTree, build_tree, paths_tokens
 from afterburner.spec_decode.tree_choices import chain
 
@@ -110,16 +110,6 @@ def typical_accept(tree: TokenTree, node_tokens: torch.Tensor, node_logits: torc
     return Accepted(best, length, tokens)
 
 
-@functools.lru_cache(maxsize=64)
-def _children(choices: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-    """Each node's children in rank order (node numbering as tree.py: 1 + position in ``choices``)."""
-    index = {path: i + 1 for i, path in enumerate(choices)}
-    kids: list[list[int]] = [[] for _ in range(len(choices) + 1)]
-    for path, i in index.items():  # choices are sorted by (depth, path): siblings arrive best rank first
-        kids[index.get(path[:-1], 0)].append(i)
-    return tuple(tuple(k) for k in kids)
-
-
 def rejection_accept(tree: TokenTree, node_tokens: torch.Tensor, node_logits: torch.Tensor, *,
                      temperature: float, generator: torch.Generator | None = None) -> Accepted:
     """Lossless speculative sampling over a tree of deterministic drafts (SpecInfer's multi-draft rule with
@@ -137,7 +127,7 @@ def rejection_accept(tree: TokenTree, node_tokens: torch.Tensor, node_logits: to
     ``generator`` must live on node_logits' device.
     """
     probs = base_probs(node_logits, temperature)  # [N+1, V]
-    kids = _children(tree.choices)
+    kids = trees.children(tree)
     nodes = [0]
     while True:
         children = kids[nodes[-1]]  # empty at a leaf

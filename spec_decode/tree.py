@@ -16,6 +16,7 @@ Nodes are numbered 0 (root) .. N in the order of ``sorted(choices, key=(depth, p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,6 +76,20 @@ def build_tree(choices: Sequence[Sequence[int]], *, max_depth: int, topk: int | 
     for row, leaf in enumerate(leaves):
         retrieve[row, : len(leaf) + 1] = torch.tensor([0] + [index[leaf[:k]] for k in range(1, len(leaf) + 1)])
     return TokenTree(tuple(paths), topk, attn_mask, positions, candidates, retrieve)
+
+
+def children(tree: TokenTree) -> tuple[tuple[int, ...], ...]:
+    """Each node's children, best rank first (the walk of a rule that accepts node by node)."""
+    return _children(tree.choices)
+
+
+@functools.lru_cache(maxsize=64)
+def _children(choices: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    index = {path: i + 1 for i, path in enumerate(choices)}
+    kids: list[list[int]] = [[] for _ in range(len(choices) + 1)]
+    for path, i in index.items():  # choices are sorted by (depth, path): siblings arrive best rank first
+        kids[index.get(path[:-1], 0)].append(i)
+    return tuple(tuple(k) for k in kids)
 
 
 def tree_candidates(tree: TokenTree, root_token: int, head_topk: torch.Tensor) -> torch.Tensor:

@@ -3,15 +3,18 @@
 vLLM builds no logits processors when speculative decoding is on, so AWRS cannot act as one there.
 Instead, after the model runner samples (``GPUModelRunner._sample``, patched in
 ``patches/vllm_speculative_awrs.py``), every constrained row's tokens are replaced by what AWRS alone
-gives: ``samplers.speculative.verify_chain`` draws AWRS's own token at the root and at each draft (from
-the target's logits there, given the committed tokens and the drafts accepted so far) and accepts a draft
-only when it equals that draw. Greedy output is token-identical to AWRS without speculation; sampled
-output has its distribution (each request's own seeded generator, as without speculation). vLLM's
-bookkeeping and spec-decode metrics then count what AWRS accepted. Steps without drafts (a batch with
-none) go through the same path with one logits row per request.
+gives: ``samplers.speculative`` draws AWRS's own token at the root and at each accepted node (from the
+target's logits there, given the committed tokens and the drafts accepted so far) and accepts a draft
+only when it equals that draw: along a chain, or down a token tree (Medusa, a draft model or the
+micro-step drafter with ``speculative.tree``). The kept nodes replace the unconstrained rule's in
+afterburner's tree bookkeeping and counters (``tree_speculation.reaccept``). Greedy output is
+token-identical to AWRS without speculation; sampled output has its distribution (each request's own
+seeded generator, as without speculation). vLLM's bookkeeping and spec-decode metrics then count what
+AWRS accepted. Steps without drafts (a batch with none) go through the same path with one logits row
+per request.
 
 Needs the committed tokens at sampling time, so engines with async scheduling are refused per request
-(``composition.check_request``); token trees too (Medusa's tree: verification here is a chain).
+(``composition.check_request``).
 Each request's state lives from its first sampled step until vLLM forgets the request (finished,
 aborted); preempted requests keep theirs.
 """
@@ -25,10 +28,11 @@ import torch
 
 from afterburner.plugins import report, stats
 from afterburner.plugins.log import get_logger
+from afterburner.plugins.vllm import tree_speculation
 from afterburner.plugins.vllm.awrs_rows import draw, make_compiler, start_state
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.samplers.request import is_constrained
-from afterburner.samplers.speculative import verify_chain
+from afterburner.samplers.speculative import verify_chain, verify_tree
 
 logger = get_logger(__name__)
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID in sampled_token_ids
@@ -60,8 +64,14 @@ class SpeculativeAWRS:
             if req_id not in self.states:
                 self.states[req_id] = start_state(self.compiler, params)
             row_drafts = spec_decode_metadata.draft_token_ids[draft_rows].tolist() if n else []  # constrained rows only
-            tokens = verify_chain(functools.partial(self._draw, req_id), logits[rows].float(),
-                                  list(request.output_token_ids), row_drafts)
+            draw, prefix = functools.partial(self._draw, req_id), list(request.output_token_ids)
+            tree = tree_speculation.row_tree(runner, row)
+            if tree is None:
+                tokens = verify_chain(draw, logits[rows].float(), prefix, row_drafts)
+                nodes = list(range(len(tokens)))
+            else:
+                tokens, nodes = verify_tree(draw, tree, [PLACEHOLDER, *row_drafts], logits[rows].float(), prefix)
+            tree_speculation.reaccept(runner, row, nodes)
             sampled[row].fill_(PLACEHOLDER)
             sampled[row, : len(tokens)] = torch.tensor(tokens, dtype=sampled.dtype)
             stats.SPECULATION.constrained_steps += 1

@@ -11,9 +11,9 @@ Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
 - local-linear attention with a token tree (Medusa, or a draft model with ``speculative.tree``): tree
   verification runs softmax attention. Chains are verified like prefill chunks, by the method itself.
 AWRS with speculative decoding: vLLM runs no logits processors there, so afterburner verifies the
-constrained rows' drafts with AWRS's own draws (``awrs_speculative``). Refused per request
-(``check_request``, from the admission patch), where that cannot work: engines with async scheduling,
-token trees, and logprobs on such requests.
+constrained rows' drafts, chains and token trees, with AWRS's own draws (``awrs_speculative``). Refused per
+request (``check_request``, from the admission patch), where that cannot work: engines with async
+scheduling, and logprobs on such requests.
 """
 
 from __future__ import annotations
@@ -80,7 +80,4 @@ def awrs_refusal(vllm_config: Any, method: str) -> str | None:
     if vllm_config.scheduler_config.async_scheduling:
         return "the engine schedules asynchronously (AWRS needs each step's committed tokens); start it with " \
                "--no-async-scheduling"
-    if proposers.verifies_tree(method, config):
-        return "a token tree is verified as a tree (AWRS verifies chains); set afterburner.speculative.tree to " \
-               "\"chain\""
     return None

@@ -190,6 +190,28 @@ def on_rejection_sample(output, self, metadata, draft_probs, logits, sampling_me
                            [ends[row] - size + node for node in step.accepted[row]], result.tokens)
 
 
+def row_tree(runner, row: int) -> TokenTree | None:
+    """The token tree row ``row`` of the step in flight verifies (None: a chain, or not afterburner's)."""
+    drafter = _ours(runner)
+    step = None if drafter is None else drafter.step
+    if step is None or not drafter.is_tree or row not in step.rows:
+        return None
+    return drafter.tree(step.rows[row][1])
+
+
+def reaccept(runner, row: int, nodes: list[int]) -> None:
+    """Another verifier (AWRS, ``awrs_speculative``) kept ``nodes`` of row ``row``'s tree or chain after
+    ``on_rejection_sample``: the bookkeeping moves these and the counters count these (no-op for rows
+    afterburner's acceptance did not verify)."""
+    drafter = _ours(runner)
+    step = None if drafter is None else drafter.step
+    if step is None or row not in step.accepted:
+        return
+    stats.SPECULATION.accepted_drafts += len(nodes) - len(step.accepted[row])
+    stats.SPECULATION.constrained_rerouted += drafter.is_tree and not set(nodes) <= set(step.accepted[row])
+    step.accepted[row] = list(nodes)
+
+
 def _path_logprobs(sampler, tensors, logits: torch.Tensor, row: int, width: int, positions: list[int],
                    tokens: list[int]) -> None:
     """vLLM computed the row's log-probs at its chain's positions for its own tokens; a tree's accepted

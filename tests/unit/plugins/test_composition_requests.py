@@ -1,6 +1,6 @@
 """Per-request admission of AWRS beside speculative decoding, engine-free (``composition.check_request``):
-a constrained request is refused with one line naming the pair where AWRS cannot verify the drafts (a
-Medusa tree, asynchronous scheduling, logprobs asked for), and admitted otherwise. The engine paths that do
+a constrained request is refused with one line naming the pair where AWRS cannot verify the drafts
+(asynchronous scheduling, logprobs asked for), and admitted otherwise (chains and token trees). The engine paths that do
 compose are ``tests/vllm/test_awrs_speculative_vllm.py``."""
 
 from types import SimpleNamespace
@@ -24,16 +24,15 @@ def _params(extra_args=AWRS, logprobs=None):
     return SimpleNamespace(extra_args=extra_args, logprobs=logprobs)
 
 
-def test_awrs_with_a_chain_is_admitted():
+def test_awrs_with_a_chain_or_a_tree_is_admitted():
     composition.check_request(_processor(), _params())
+    composition.check_request(_processor(tree="paper"), _params())
     composition.check_request(_processor("ngram"), _params())
     composition.check_request(_processor(None), _params(logprobs=1))  # no speculation: nothing to check
     composition.check_request(_processor(tree="paper"), _params(extra_args=None))  # unconstrained
 
 
 @pytest.mark.parametrize("processor, params, reason", [
-    (_processor(tree="paper"), _params(), "a token tree is verified as a tree .* set afterburner.speculative.tree "
-                                          "to \"chain\""),
     (_processor("ngram", async_scheduling=True), _params(),
      "the engine schedules asynchronously .* --no-async-scheduling"),
     (_processor(), _params(logprobs=1), "its logprobs would be the unconstrained sampler's"),

@@ -1,11 +1,15 @@
-"""AWRS as the verifier of a speculative chain (``samplers.speculative.verify_chain``) against AWRS alone,
+"""AWRS as the verifier of a speculative chain or token tree (``samplers.speculative``) against AWRS alone,
 on a toy target whose logits depend on the whole prefix: the emitted sequence is the same token for token
 (greedy, and sampled with the same seed: one draw of the generator per emitted token either way), drafts
-are accepted when they fit, and a draft the constraint forbids is never accepted."""
+are accepted when they fit, a draft the constraint forbids is never accepted, and a tree's kept nodes are
+the path its emitted drafts took."""
 
 import torch
 
-from afterburner.samplers.speculative import verify_chain
+from afterburner.samplers.speculative import verify_chain, verify_tree
+from afterburner.spec_decode.tree import build_tree
+
+TREE = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]], max_depth=3)
 
 VOCAB, EOS = 12, 11
 
@@ -42,6 +46,12 @@ def alone(temperature, seed, length=16) -> list[int]:
     return out
 
 
+def trimmed(out: list[int], length: int) -> list[int]:
+    """What AWRS alone emits within ``length`` tokens: a step may run past the length or its EOS."""
+    out = out[:length]
+    return out[: out.index(EOS) + 1] if EOS in out else out
+
+
 def speculative(temperature, seed, drafter, length=16) -> tuple[list[int], int]:
     draw, out, accepted = sampler(temperature, seed), [], 0
     while len(out) < length and (not out or out[-1] != EOS):
@@ -50,7 +60,7 @@ def speculative(temperature, seed, drafter, length=16) -> tuple[list[int], int]:
         step = verify_chain(draw, logits, out, drafts, EOS)
         accepted += len(step) - 1
         out += step
-    return out[:length] if EOS not in out else out[: out.index(EOS) + 1], accepted
+    return trimmed(out, length), accepted
 
 
 def greedy_drafter(n):
@@ -87,3 +97,52 @@ def test_a_forbidden_draft_is_never_accepted():
     logits[:, 2] = 10.0  # the target loves the forbidden token
     step = verify_chain(sampler(None, 0), logits, prefix, drafts, EOS)
     assert len(step) == 1 and step[0] != 2 and allowed(prefix, step[0])
+
+
+def tree_drafter(tree):
+    """Node tokens from the target's unconstrained top-k at each node's parent path (a drafter as good as
+    the target at ranking): deep paths often fit the constraint, some siblings do not."""
+    def drafter(prefix):
+        tokens, paths = [-1], {(): []}
+        for path in tree.choices:
+            parent = paths[path[:-1]]
+            token = int(target_logits(prefix + parent).topk(path[-1] + 1).indices[-1])
+            paths[path] = parent + [token]
+            tokens.append(token)
+        return tokens, [paths[()]] + [paths[p] for p in tree.choices]
+    return drafter
+
+
+def speculative_tree(temperature, seed, length=16) -> tuple[list[int], int]:
+    draw, out, accepted, drafter = sampler(temperature, seed), [], 0, tree_drafter(TREE)
+    while len(out) < length and (not out or out[-1] != EOS):
+        tokens, node_paths = drafter(out)
+        logits = torch.stack([target_logits(out + path) for path in node_paths])
+        step, nodes = verify_tree(draw, TREE, tokens, logits, out, EOS)
+        assert len(nodes) == len(step)  # root + one node per accepted draft
+        assert [tokens[n] for n in nodes[1:]] == step[:-1]  # the kept nodes carry the accepted drafts
+        assert all(TREE.attn_mask[b, a] for a, b in zip(nodes, nodes[1:], strict=False))  # each under the last
+        accepted += len(step) - 1
+        out += step
+    return trimmed(out, length), accepted
+
+
+def test_over_a_tree_greedy_and_seeded_sampling_equal_awrs_alone():
+    for temperature, seeds in ((None, range(5)), (1.0, range(20))):
+        total = 0
+        for seed in seeds:
+            got, accepted = speculative_tree(temperature, seed)
+            assert got == alone(temperature, seed)
+            total += accepted
+        assert total > 0
+
+
+def test_a_tree_accepts_a_sibling_when_the_best_draft_is_forbidden():
+    prefix = [2]
+    # nodes: 1 [0], 2 [1], 3 [2], 4 [0, 0], 5 [0, 1], 6 [1, 0], 7 [0, 0, 0]
+    tokens = [-1, 2, 4, 6, 8, 1, 3, 5]  # node 1 drafts the forbidden 2, its sibling node 2 drafts 4
+    logits = torch.full((TREE.num_nodes, VOCAB), -10.0)
+    logits[0, 2], logits[0, 4] = 10.0, 9.0  # the target prefers 2; AWRS draws 4
+    logits[2, 3] = 10.0  # after 4 the target picks 3, which node 6 (path [1, 0]) drafted
+    step, nodes = verify_tree(sampler(None, 0), TREE, tokens, logits, prefix, EOS)
+    assert step[:2] == [4, 3] and nodes == [0, 2, 6] and len(step) == 3  # node 6 is a leaf: then the bonus

