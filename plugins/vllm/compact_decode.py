@@ -24,6 +24,21 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 
+from afterburner.plugins.vllm.kv_layout import KV_VIEWS
+from afterburner.spec_decode.tree_attention import tree_verify_attention
+
+
+@dataclass(frozen=True)
+class TreeRows:
+    """The rows of a step that verify a token tree: the largest tree's ancestor mask and each row's size."""
+
+    mask: torch.Tensor  # [N, N] bool (a prefix of it is each smaller tree's)
+    sizes: dict[int, int]  # batch row -> tree size (root included)
+
+    def sizes_of(self, rows: tuple[int, ...]) -> dict[int, int]:
+        """Tree sizes by position in ``rows`` (a sub-batch), for its tree rows only."""
+        return {i: self.sizes[row] for i, row in enumerate(rows) if row in self.sizes}
+
 
 @dataclass(frozen=True)
 class KernelShape:
@@ -75,6 +90,7 @@ class DecodeCounts:
 
 @dataclass(frozen=True)
 class DecodePlan:
+    rows: tuple[int, ...]  # [R] the selective rows (batch rows), in order
     tokens: torch.Tensor  # [R] the selective rows' first query tokens (what the selection scores with)
     query_tokens: torch.Tensor  # [T] all their query tokens (a verification row has drafts + 1), row by row
     virtual_token: torch.Tensor  # [T * Hkv] the query token of each virtual (row, kv head) query ...
@@ -88,6 +104,7 @@ class DecodePlan:
     virtual_start: torch.Tensor  # [R * Hkv + 1]
     virtual_lens: torch.Tensor  # [R * Hkv] shortened lengths
     virtual_schedule: torch.Tensor
+    rest_rows: tuple[int, ...]  # the other rows (batch rows), in order
     rest_tokens: torch.Tensor | None  # the stock rows' query tokens (None: no stock rows)
     rest_metadata: object | None  # their CPU metadata
     counts: DecodeCounts
@@ -133,7 +150,7 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, pag
         summary_bytes_read=sum(-(-n // page_size) for n in lens) * hkv * shape.head_dim * 2 * 4,
         dense_rows=dense)
     return DecodePlan(
-        tokens=metadata.query_start_loc[index].long(), query_tokens=torch.tensor(query_tokens),
+        rows=tuple(rows), tokens=metadata.query_start_loc[index].long(), query_tokens=torch.tensor(query_tokens),
         virtual_token=virtual_token, virtual_head=virtual_head,
         min_recent=torch.tensor([span[b] for b in rows]), seq_lens=metadata.seq_lens[index],
         block_table=metadata.block_table[index, :max_blocks], budgets=torch.tensor(budget_list),
@@ -146,7 +163,7 @@ def _rest(metadata, shape: KernelShape, selective: set[int], starts: list[int]) 
     """The rows outside ``selective`` as a stock sub-batch (their tokens and CPU metadata)."""
     rest = [b for b in range(len(starts) - 1) if b not in selective]
     if not rest:
-        return {"rest_tokens": None, "rest_metadata": None}
+        return {"rest_rows": (), "rest_tokens": None, "rest_metadata": None}
     tokens = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in rest])
     lengths = torch.tensor([starts[b + 1] - starts[b] for b in rest])
     query_start = torch.zeros(len(rest) + 1, dtype=metadata.query_start_loc.dtype)
@@ -158,7 +175,7 @@ def _rest(metadata, shape: KernelShape, selective: set[int], starts: list[int]) 
                   block_table=metadata.block_table[index], slot_mapping=metadata.slot_mapping[:0],
                   scheduler_metadata=shape.schedule(seq_lens, query_start, heads=shape.num_heads,
                                                     kv_heads=shape.num_kv_heads))
-    return {"rest_tokens": tokens, "rest_metadata": sub}
+    return {"rest_rows": tuple(rest), "rest_tokens": tokens, "rest_metadata": sub}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -174,10 +191,12 @@ def one_head_blocks(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, *,
-           scale: float) -> torch.Tensor:
+           scale: float, tree: TreeRows | None = None, isa: str = "vec") -> torch.Tensor:
     """The selective rows' attention [T, Hq, D] (their queries ``plan.query_tokens``, in order) from the
     kernel over their compacted tables: virtual sequence (row, kv head) holds the row's queries for the
-    head's group."""
+    head's group. With ``tree``, rows verifying a token tree attend only their ancestors among the tree's
+    tokens: afterburner's torch tree attention reads the same compacted tables (vLLM's kernel is causal),
+    through the cache views of the layers' kernel ``isa`` (``kv_layout.KV_VIEWS``)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -187,12 +206,20 @@ def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table:
     else:
         grouped = query.view(query.shape[0], num_kv_heads, group, head_dim)
         q = grouped[plan.virtual_token, plan.virtual_head]  # [T * Hkv, G, D]
-    out = torch.empty_like(q)
-    key_cache, value_cache = one_head_blocks(kv_cache)
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=plan.virtual_start,
-        seq_lens=plan.virtual_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-        block_table=table, softcap=0, scheduler_metadata=plan.virtual_schedule, s_aux=None)
+    if tree is not None and tree.sizes_of(plan.rows):
+        sizes = {i * num_kv_heads + h: size for i, size in tree.sizes_of(plan.rows).items()
+                 for h in range(num_kv_heads)}
+        num_blocks, _, block_size, width = kv_cache.shape  # one-head blocks, in the layout's own views
+        keys, values = KV_VIEWS[isa](kv_cache.view(num_blocks * num_kv_heads, 1, block_size, width))
+        out = tree_verify_attention(q, keys, values, table, plan.virtual_lens, plan.virtual_start, scale=scale,
+                                    tree_mask=tree.mask, tree_sizes=sizes)
+    else:
+        key_cache, value_cache = one_head_blocks(kv_cache)
+        out = torch.empty_like(q)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=plan.virtual_start,
+            seq_lens=plan.virtual_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=table, softcap=0, scheduler_metadata=plan.virtual_schedule, s_aux=None)
     if single:
         return out.view(-1, num_heads, head_dim)
     result = torch.empty_like(grouped)

@@ -2,18 +2,20 @@
 not work yet is refused with one line naming the pair, at startup or for the request that asks for it;
 it is never served silently without one of its methods.
 
-Sparse attention reading whole blocks (``read_unit: "block"``) selects inside chain verification steps
-too (``compact_decode``: one choice per sequence, made with its first query, shared by its draft rows).
+Sparse attention reading whole blocks (``read_unit: "block"``) selects inside verification steps too,
+chains and token trees (``compact_decode``: one choice per sequence, made with its first query, shared by
+its draft rows; tree rows attend their ancestors over the chosen blocks).
 Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
-- other selective attention (squeezed, speckv; sparse with ``read_unit: "page"``) with speculative decoding, and
-  sparse with a token tree: every decode step of such an engine is a verification step, whose rows would
-  read the whole KV cache;
+- other selective attention (squeezed, speckv; sparse with ``read_unit: "page"``) with speculative
+  decoding: every decode step of such an engine is a verification step, whose rows would read the whole
+  KV cache;
 - local-linear attention with a token tree (Medusa, or a draft model with ``speculative.tree``): tree
   verification runs softmax attention. Chains are verified like prefill chunks, by the method itself.
 AWRS with speculative decoding: vLLM runs no logits processors there, so afterburner verifies the
 constrained rows' drafts, chains and token trees, with AWRS's own draws (``awrs_speculative``). Refused per
 request (``check_request``, from the admission patch), where that cannot work: engines with async
-scheduling, and logprobs on such requests.
+scheduling, and logprobs on such requests. vLLM's own structured outputs beside a token tree are refused
+per request too: vLLM walks its grammar over the drafts as one chain.
 """
 
 from __future__ import annotations
@@ -48,13 +50,10 @@ def check_engine(vllm_config: Any) -> None:
 
 def _selective_refusal(config, method: str) -> str | None:
     """Why selective attention cannot serve this proposer's verification steps (None: it can: sparse
-    reading whole blocks through vLLM's kernel, verification rows of a chain, ``compact_decode``)."""
+    reading whole blocks, ``compact_decode``)."""
     if config.attention.method != "sparse" or config.attention.sparse.read_unit != "block":
         return ("its verification steps would read the whole KV cache (only sparse attention with "
                 "read_unit \"block\" selects inside verification steps); use one of them")
-    if proposers.verifies_tree(method, config):
-        return "a token tree is verified with tree attention, which reads the whole KV cache; set " \
-               "afterburner.speculative.tree to \"chain\""
     return None
 
 
@@ -62,7 +61,14 @@ def check_request(input_processor: Any, params: Any, *_args: Any, **_kwargs: Any
     """Before vLLM validates a request's parameters: a ``ValueError`` here is that request's 400."""
     vllm_config = getattr(input_processor, "vllm_config", None)
     method = proposers.method_of(getattr(vllm_config, "speculative_config", None))
-    if method is None or not is_constrained(getattr(params, "extra_args", None)):
+    if method is None:
+        return
+    if getattr(params, "structured_outputs", None) is not None and _tree_engine(vllm_config, method):
+        raise ValueError(f"afterburner: vLLM's structured outputs with a token tree ({method!r}) are not "
+                         "supported: vLLM advances the grammar over the drafts as one chain, so the masks of a "
+                         "tree's siblings would be wrong; use AWRS (vllm_xargs awrs_*), which verifies trees, "
+                         "or a server with afterburner.speculative.tree \"chain\"")
+    if not is_constrained(getattr(params, "extra_args", None)):
         return
     reason = awrs_refusal(vllm_config, method)
     if reason is None and getattr(params, "logprobs", None) is not None:
@@ -70,6 +76,11 @@ def check_request(input_processor: Any, params: Any, *_args: Any, **_kwargs: Any
     if reason is not None:
         raise ValueError(f"afterburner: AWRS (vllm_xargs awrs_*) with speculative decoding ({method!r}) is not "
                          f"supported here: {reason}")
+
+
+def _tree_engine(vllm_config: Any, method: str) -> bool:
+    config = config_of(vllm_config)
+    return config.enabled and proposers.verifies_tree(method, config)
 
 
 def awrs_refusal(vllm_config: Any, method: str) -> str | None:

@@ -87,7 +87,9 @@ class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAtt
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         step, kept = self.take_step(), self.take_kept()
-        extra = {"verify_step": step} if step is not None else self._planner(metadata) if self._planner else {}
+        extra = self._planner(metadata) if self._planner else {}  # a tree step's long rows select too (sparse)
+        if step is not None:
+            extra = {**extra, "verify_step": step}
         if kept is not None:
             extra = {**extra, "kept_rows": kept}
         if not extra:
@@ -135,6 +137,10 @@ def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor
         pages=pages, seq_len=seq_len,
         slot_of=lambda p: int(table[b, p // block_size]) * block_size + p % block_size,
         read_keys=lambda n: gather_sequence(key_cache, table[b], n), request=request)
+
+
+def _tree_rows(step: VerifyStep) -> compact_decode.TreeRows:
+    return compact_decode.TreeRows(step.tree_mask, step.tree_sizes)
 
 
 def _prefill_chunks(metadata, block_size: int, page: int) -> list[PrefillChunk]:
@@ -193,23 +199,37 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             except Exception as error:  # one layer's method fails, never the engine
                 self._fail(layer, error)
 
-    def _tree_forward(self, step: VerifyStep, layer, query, kv_cache, attn_metadata, output):
-        """Tree rows attend their ancestors only."""
+    def _tree_forward(self, step: VerifyStep, layer, query, key, value, kv_cache, attn_metadata, output):
+        """Tree rows attend their ancestors only; with a method that picks whole kernel blocks (sparse),
+        the long rows read only the blocks their root's query picks (``_kernel_decode``)."""
+        if self._active(layer) and registry.kernel_budgets(self.method.name, self.method.settings) is not None:
+            if getattr(attn_metadata, "decode_plan", None) is None:  # no long row: every row reads everything
+                attention_method.count_dense_rows(self.method, getattr(attn_metadata, "dense_decode_rows", None))
+            else:
+                try:
+                    self._selector_for(kv_cache)
+                    return self._kernel_decode(layer, query, key, value, kv_cache, attn_metadata, output,
+                                               tree=_tree_rows(step))
+                except Exception as error:  # the dense tree attention recomputes every row of the step
+                    self._fail(layer, error)
         n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        result = tree_verify_attention(q, key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                       attn_metadata.query_start_loc, scale=self.scale, tree_mask=step.tree_mask,
-                                       tree_sizes=step.tree_sizes)
-        output[:n] = result.reshape(output[:n].shape)
+        output[:n] = self._tree_attention(layer, query[:n], kv_cache, attn_metadata, step.tree_mask,
+                                          step.tree_sizes).reshape(output[:n].shape)
         return output
+
+    def _tree_attention(self, layer, query, kv_cache, m, mask, sizes) -> torch.Tensor:
+        """Tree attention over every block of the rows of ``m`` (``query``: their tokens, in order)."""
+        key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
+        q = query.view(query.shape[0], self.num_heads, self.head_size)
+        return tree_verify_attention(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
+                                     scale=self.scale, tree_mask=mask, tree_sizes=sizes)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         step = getattr(attn_metadata, "verify_step", None)
         if (step is not None and step.rows and self.attn_type == _DECODER
                 and attn_metadata.num_actual_tokens == step.num_tokens):
-            return self._tree_forward(step, layer, query, kv_cache, attn_metadata, output)
+            return self._tree_forward(step, layer, query, key, value, kv_cache, attn_metadata, output)
         if (self.output is not None and attn_metadata is not None and output_scale is None
                 and self.output.serves(layer, attn_metadata)):
             return self.output.forward(self._index(layer), layer, query, kv_cache, attn_metadata, output,
@@ -264,9 +284,11 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > 1)
         return output
 
-    def _kernel_decode(self, layer, query, key, value, kv_cache, m, output):
+    def _kernel_decode(self, layer, query, key, value, kv_cache, m, output,
+                       tree: compact_decode.TreeRows | None = None):
         """Methods that pick whole kernel blocks: the selective rows through vLLM's kernel over compacted
-        block tables (``compact_decode``), the other rows through the stock kernel as a sub-batch."""
+        block tables (``compact_decode``), the other rows through the stock kernel as a sub-batch. Rows
+        verifying a token tree (``tree``) take tree attention over the same blocks instead of the kernel."""
         plan: compact_decode.DecodePlan | None = getattr(m, "decode_plan", None)
         layer_index = self._index(layer)  # these methods select from keys alone: no observe_prefill
         if plan is None:
@@ -274,14 +296,20 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             attention_method.count_dense_rows(self.method, getattr(m, "dense_decode_rows", None))
             return output
         if plan.rest_metadata is not None:
-            rest = torch.empty(plan.rest_tokens.shape[0], *output.shape[1:], dtype=output.dtype)
-            super().forward(layer, query[plan.rest_tokens], key, value, kv_cache, plan.rest_metadata, rest)
-            output[plan.rest_tokens] = rest
+            rest_query = query[plan.rest_tokens]
+            if tree is not None:
+                rest = self._tree_attention(layer, rest_query, kv_cache, plan.rest_metadata, tree.mask,
+                                            tree.sizes_of(plan.rest_rows))
+            else:
+                rest = torch.empty(plan.rest_tokens.shape[0], *output.shape[1:], dtype=output.dtype)
+                super().forward(layer, rest_query, key, value, kv_cache, plan.rest_metadata, rest)
+            output[plan.rest_tokens] = rest.reshape(-1, *output.shape[1:]).to(output.dtype)
         table = self.selector.select_blocks(layer_index, query[plan.tokens], plan.block_table, plan.seq_lens,
                                             plan.budgets, block_size=kv_cache.shape[2], k=plan.k,
                                             max_blocks=plan.max_blocks, min_recent=plan.min_recent, head_ids=True)
-        output[plan.query_tokens] = compact_decode.decode(plan, query, kv_cache, table,
-                                                          scale=self.scale).to(output.dtype)
+        result = compact_decode.decode(plan, query.view(query.shape[0], self.num_heads, self.head_size), kv_cache,
+                                       table, scale=self.scale, tree=tree, isa=layer.isa)
+        output[plan.query_tokens] = result.reshape(-1, *output.shape[1:]).to(output.dtype)
         attention_method.count_plan(self.method, self.selector, plan.counts, mixed=m.max_query_len > 1)
         return output
 

@@ -2,7 +2,8 @@
 yet stop startup, or the request that asks for them, with one line naming the pair; the pairings that do
 work are served exactly (local-linear attention with a chain proposer, the micro-step drafter or vLLM's
 own EAGLE-3: speculative greedy output equals non-speculative greedy output under the same local-linear
-model; sparse selection inside their verification steps, token-identical at a full budget)."""
+model; sparse selection inside their verification steps, chains and the micro-step drafter's token tree,
+token-identical at a full budget; tree rows over the chosen blocks: ``test_compact_decode.py``)."""
 
 import json
 
@@ -49,7 +50,7 @@ def _engine_config(model, spec, section):
                                                         "is not supported yet: its verification steps would read"),
     ("hamburger", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}},
      "only sparse attention with read_unit \"block\" selects inside verification steps"),
-    ("medusa", {"attention": {"method": "sparse"}}, "a token tree is verified with tree attention"),
+    ("medusa", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}}, "read_unit \"block\""),
 ])
 def test_pairings_that_cannot_select_inside_verification_are_refused_at_startup(tiny_model, proposers, method,
                                                                               section, message):
@@ -70,11 +71,14 @@ def test_local_linear_with_a_medusa_tree_is_refused_and_with_a_chain_starts(tiny
 # the chain proposers a test runs, with their script and the afterburner settings each needs
 CHAINS = {"hamburger": ("hamburger_greedy.py", {"speculative": {"stop_threshold": 0.0}}),
           "eagle3": ("eagle3_greedy.py", {})}
+# and a token tree (the micro-step drafter's, from its first micro-steps): verification rows in tree order
+VERIFIERS = {**CHAINS, "hamburger-tree": ("hamburger_greedy.py", {"speculative": {"tree": "paper"}})}
 
 
 def _chain(model, proposers, method, num_spec, section):
-    script, own = CHAINS[method]
-    return run_result_script(script, model, proposers[method], num_spec, json.dumps({**own, **section}))[0]
+    script, own = VERIFIERS[method]
+    folder = proposers[method.removesuffix("-tree")]
+    return run_result_script(script, model, folder, num_spec, json.dumps({**own, **section}))[0]
 
 
 @pytest.mark.parametrize("method", sorted(CHAINS))
@@ -92,8 +96,8 @@ def test_local_linear_with_a_chain_proposer_is_lossless(tiny_model, proposers, m
 SPARSE = {"method": "sparse", "sparse": {"budget_ratio": 0.25, "dense_below_tokens": 64, "dense_layers": 0}}
 
 
-@pytest.mark.parametrize("method", sorted(CHAINS))
-def test_sparse_selects_inside_a_chain_proposers_verification_steps(tiny_model, proposers, method):
+@pytest.mark.parametrize("method", sorted(VERIFIERS))
+def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, proposers, method):
     plain = _chain(tiny_model, proposers, method, 0, {})
     full = {"attention": {**SPARSE, "sparse": {**SPARSE["sparse"], "token_budget": 100_000}}}
     assert _chain(tiny_model, proposers, method, 3, full)["tokens"] == plain["tokens"]

@@ -89,5 +89,5 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, drafter):
         start(NODES, {"speculative": {"tree": "paper", "stop_threshold": 0.5}})
     with pytest.raises(ConfigError, match="depth 5 is more than the drafter's max_micro_steps 4"):
         start(5, {"speculative": {"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]}})
-    with pytest.raises(ConfigError, match="tree"):
-        start(NODES, {**TREE, "attention": {"method": "sparse"}})
+    with pytest.raises(ConfigError, match="'local_linear' with a token tree"):
+        start(NODES, {**TREE, "attention": {"method": "local_linear"}})
