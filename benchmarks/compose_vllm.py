@@ -27,7 +27,7 @@ one at a time (greedy), side by side in one run.
                                       [--allow-dirty]
 
 ``--only``: the configurations whose label holds one of the texts, beside the baselines (unconstrained,
-AWRS alone, vLLM structured outputs alone, dense, plain server); default out then
+AWRS alone, vLLM structured outputs alone, dense, sparse 1/4, plain server); default out then
 ``compose_vllm_only.json``.
 
 A configuration the engine refuses (at startup or per request) is recorded with its error, not dropped.
@@ -65,7 +65,7 @@ HAMBURGER_DRAFT, HAMBURGER_STOP = 4, 0.3  # the stop that accepted most per step
 DRAFT_LAYERS, DRAFT_TREE = 25, 4  # the draft-model tree: SmolLM2's first 25 layers, the paper tree's 4 nodes
 DRAFT_CHAIN = 2  # vLLM's own draft_model chain with the same draft: its faster length in draft_model_vllm.json
 MEDUSA_TREE = 8  # the paper tree's first 8 nodes over Medusa's 3 trained heads
-BASELINES = ("unconstrained", "AWRS", "vLLM structured outputs", "dense", "plain server")
+BASELINES = ("unconstrained", "AWRS", "vLLM structured outputs", "dense", "sparse 1/4", "plain server")
 SMC_QUESTIONS = ["Is the sky blue?", "Is water wet?", "Is fire cold?", "Do fish swim?", "Is ice hot?",
                  "Do birds fly?", "Is the sun a star?", "Is sugar salty?"]
 SMC_ANSWER = r"(Yes|No|yes|no)[.,!]?( [A-Za-z ,.']*)?"

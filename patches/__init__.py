@@ -6,10 +6,10 @@ from afterburner.patches.vllm_cpu_sampling import CPU_EXPAND
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_prompt_compression import PROMPT_COMPRESSION
 from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
-from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS
+from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS, SPECULATIVE_AWRS_DRAFTS
 from afterburner.patches.vllm_tree_speculation import TREE_SPECULATION_PATCHES
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 
 VLLM_PATCHES = (ENGINE_CONFIG, WORKER_INIT_DEVICE, REQUEST_ADMISSION, PROMPT_COMPRESSION, *TREE_SPECULATION_PATCHES,
-                SPECULATIVE_AWRS, CPU_EXPAND)
+                SPECULATIVE_AWRS, SPECULATIVE_AWRS_DRAFTS, CPU_EXPAND)
 SGLANG_PATCHES = (CHECK_SERVER_ARGS,)

@@ -68,6 +68,7 @@ class SpeculationStats:
     constrained_drafts: int = 0  # drafts those steps carried
     constrained_accepted: int = 0  # drafts AWRS's draws accepted
     constrained_rerouted: int = 0  # of those, tree rows where AWRS kept nodes the unconstrained rule rejected
+    constrained_cut: int = 0  # drafts cut before verification, the constraint forbidding them or one before
 
     def count_proposals(self, lengths: list[int], max_length: int) -> None:
         """One proposal per entry of ``lengths`` (drafted tokens), stopped early when below ``max_length``."""

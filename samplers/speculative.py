@@ -8,7 +8,8 @@ the node carrying that token is accepted (the first in rank order when siblings 
 goes on from it; when no child carries it (or at a leaf: the bonus) the draw ends the step. Every emitted
 token is thus the sampler's own draw on the target's distribution at a prefix it emitted itself, which is
 the sampler alone, step by step; how the drafts were made does not matter. A draft the constraint forbids
-can never equal a draw, so it is never accepted.
+can never equal a draw, so it is never accepted: ``allowed_drafts`` cuts a chain there before it is
+verified.
 """
 
 from __future__ import annotations
@@ -53,3 +54,15 @@ def verify_chain(draw: Draw, logits: torch.Tensor, prefix: Sequence[int], drafts
 @functools.lru_cache(maxsize=16)
 def _chain_tree(depth: int) -> TokenTree:
     return build_tree(chain(depth), max_depth=depth)
+
+
+def allowed_drafts(allows: Callable[[list[int], int], bool], prefix: Sequence[int], drafts: Sequence[int]) -> int:
+    """How many of a chain's ``drafts`` the constraint allows in a row after ``prefix``
+    (``allows(prefix, token)``): from the first forbidden draft on, none can be accepted, so verifying them
+    is wasted work."""
+    path = list(prefix)
+    for j, token in enumerate(drafts):
+        if not allows(path, token):
+            return j
+        path.append(token)
+    return len(drafts)

@@ -13,6 +13,11 @@ seeded generator, as without speculation). vLLM's bookkeeping and spec-decode me
 AWRS accepted. Steps without drafts (a batch with none) go through the same path with one logits row
 per request.
 
+Before the scheduler takes the next step's drafts (``GPUModelRunner.take_draft_token_ids``, patched too),
+each constrained request's chain is cut at its first draft the constraint forbids (``allowed_drafts``):
+those could never be accepted, so they are not verified (``constrained_cut`` counts them). Token trees
+keep their nodes: cutting a tree in node order would drop allowed siblings after a forbidden node.
+
 Needs the committed tokens at sampling time, so engines with async scheduling are refused per request
 (``composition.check_request``).
 Each request's state lives from its first sampled step until vLLM forgets the request (finished,
@@ -31,8 +36,10 @@ from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import tree_speculation
 from afterburner.plugins.vllm.awrs_rows import draw, make_compiler, start_state
 from afterburner.plugins.vllm.config_access import config_of
+from afterburner.samplers.constraints import allows_next
 from afterburner.samplers.request import is_constrained
-from afterburner.samplers.speculative import verify_chain, verify_tree
+from afterburner.samplers.request_state import RequestState
+from afterburner.samplers.speculative import allowed_drafts, verify_chain, verify_tree
 
 logger = get_logger(__name__)
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID in sampled_token_ids
@@ -78,6 +85,24 @@ class SpeculativeAWRS:
             stats.SPECULATION.constrained_drafts += n
             stats.SPECULATION.constrained_accepted += len(tokens) - 1
 
+    def cut_drafts(self, runner, draft_ids) -> None:
+        """Each constrained request's chain of drafts for the next step (``draft_ids``: vLLM's
+        ``DraftTokenIds``), cut in place at its first forbidden draft. Requests whose constraint is still
+        compiling keep theirs (AWRS verifies them all the same)."""
+        if tree_speculation.drafts_tree(runner):
+            return
+        for i, (req_id, drafts) in enumerate(zip(draft_ids.req_ids, draft_ids.draft_token_ids, strict=False)):
+            state, request = self.states.get(req_id), runner.requests.get(req_id)
+            if not isinstance(state, RequestState) or request is None or not drafts:
+                continue
+            kept = allowed_drafts(lambda prefix, token, s=state: allows_next(s.constraint, prefix, token,
+                                                                             s.eos_token_id),
+                                  request.output_token_ids, drafts)
+            state.checks += min(kept + 1, len(drafts))
+            if kept < len(drafts):
+                draft_ids.draft_token_ids[i] = list(drafts[:kept])
+                stats.SPECULATION.constrained_cut += len(drafts) - kept
+
     def _draw(self, req_id: str, row_logits: torch.Tensor, prefix: list[int]) -> int:
         state, token = draw(self.states[req_id], row_logits, prefix)
         self.states[req_id] = state
@@ -97,3 +122,10 @@ def on_sample(output, runner, logits, spec_decode_metadata, *_args, **_kwargs) -
             return
         awrs = _of_runner[runner] = SpeculativeAWRS(runner.vllm_config)
     awrs.apply(output, runner, logits, spec_decode_metadata)
+
+
+def on_take_drafts(draft_ids, runner, *_args, **_kwargs) -> None:
+    """After ``GPUModelRunner.take_draft_token_ids``: constrained chains cut before they are verified."""
+    awrs = _of_runner.get(runner)
+    if awrs is not None and draft_ids is not None:
+        awrs.cut_drafts(runner, draft_ids)

@@ -12,7 +12,7 @@ from afterburner.patches.vllm_cpu_sampling import CPU_EXPAND
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_prompt_compression import PROMPT_COMPRESSION
 from afterburner.patches.vllm_request_admission import REQUEST_ADMISSION
-from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS
+from afterburner.patches.vllm_speculative_awrs import SPECULATIVE_AWRS, SPECULATIVE_AWRS_DRAFTS
 from afterburner.patches.vllm_worker_init_device import WORKER_INIT_DEVICE
 from afterburner.plugins import report
 from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY, SPECPC_REQUEST_KEY, ConfigError
@@ -160,6 +160,12 @@ def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
     awrs_speculative.on_sample(*args, **kwargs)
 
 
+def _cut_drafts(*args: Any, **kwargs: Any) -> None:
+    from afterburner.plugins.vllm import awrs_speculative  # worker processes only
+
+    awrs_speculative.on_take_drafts(*args, **kwargs)
+
+
 def _cpu_expand(*args: Any, **kwargs: Any) -> None:
     from afterburner.plugins.vllm import cpu_sampling  # worker processes only
 
@@ -177,5 +183,6 @@ HOOKS = {
     tree_patches.TREE_ACCEPTANCE.name: _runner_hook("on_rejection_sample"),
     tree_patches.TREE_BOOKKEEPING.name: _runner_hook("on_propose"),
     SPECULATIVE_AWRS.name: _speculative_awrs,
+    SPECULATIVE_AWRS_DRAFTS.name: _cut_drafts,
     CPU_EXPAND.name: _cpu_expand,
 }

@@ -190,6 +190,12 @@ def on_rejection_sample(output, self, metadata, draft_probs, logits, sampling_me
                            [ends[row] - size + node for node in step.accepted[row]], result.tokens)
 
 
+def drafts_tree(runner) -> bool:
+    """Whether the runner's drafter is afterburner's, drafting token trees."""
+    drafter = _ours(runner)
+    return drafter is not None and drafter.is_tree
+
+
 def row_tree(runner, row: int) -> TokenTree | None:
     """The token tree row ``row`` of the step in flight verifies (None: a chain, or not afterburner's)."""
     drafter = _ours(runner)

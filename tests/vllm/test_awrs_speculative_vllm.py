@@ -2,7 +2,8 @@
 vLLM's own n-gram proposer, afterburner's micro-step drafter, a Medusa chain and token trees (Medusa's, the
 micro-step drafter's), constrained requests give exactly what AWRS alone gives (greedy token for token;
 seeded sampling too, since each emitted token is one draw of the request's own generator either way), AWRS
-accepts drafts that fit the constraint, and the unconstrained request beside them is plain greedy. Over a
+accepts drafts that fit the constraint, chains are cut at their first forbidden draft before verification
+(``constrained_cut``), and the unconstrained request beside them is plain greedy. Over a
 tree, AWRS's accepted path (not the unconstrained rule's) is what the bookkeeping keeps: were it the other,
 the KV cache would hold the wrong path and the text would drift from AWRS alone; the draft-model tree makes
 AWRS leave the unconstrained rule's path (``constrained_rerouted``)."""
@@ -42,6 +43,8 @@ def test_with_ngram_drafts_awrs_output_is_unchanged_and_drafts_are_accepted(smol
     assert set(value) == {"n", "ok"}
     stats = result["stats"]
     assert stats["constrained_steps"] > 0 and 0 < stats["constrained_accepted"] <= stats["constrained_drafts"]
+    # prompt lookup drafts the records, whose "e"s the lipogram forbids: cut before they are verified
+    assert stats["constrained_cut"] > 0
     # vLLM's metrics count what AWRS accepted (the unconstrained row adds its own)
     assert result["metrics"]["vllm:spec_decode_num_accepted_tokens"] >= stats["constrained_accepted"]
 

@@ -6,7 +6,7 @@ the path its emitted drafts took."""
 
 import torch
 
-from afterburner.samplers.speculative import verify_chain, verify_tree
+from afterburner.samplers.speculative import allowed_drafts, verify_chain, verify_tree
 from afterburner.spec_decode.tree import build_tree
 
 TREE = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]], max_depth=3)
@@ -52,10 +52,12 @@ def trimmed(out: list[int], length: int) -> list[int]:
     return out[: out.index(EOS) + 1] if EOS in out else out
 
 
-def speculative(temperature, seed, drafter, length=16) -> tuple[list[int], int]:
+def speculative(temperature, seed, drafter, length=16, cut=False) -> tuple[list[int], int]:
     draw, out, accepted = sampler(temperature, seed), [], 0
     while len(out) < length and (not out or out[-1] != EOS):
         drafts = drafter(out)
+        if cut:  # what the engine does before verification
+            drafts = drafts[:allowed_drafts(allowed, out, drafts)]
         logits = torch.stack([target_logits(out + drafts[:j]) for j in range(len(drafts) + 1)])
         step = verify_chain(draw, logits, out, drafts, EOS)
         accepted += len(step) - 1
@@ -146,3 +148,13 @@ def test_a_tree_accepts_a_sibling_when_the_best_draft_is_forbidden():
     logits[2, 3] = 10.0  # after 4 the target picks 3, which node 6 (path [1, 0]) drafted
     step, nodes = verify_tree(sampler(None, 0), TREE, tokens, logits, prefix, EOS)
     assert step[:2] == [4, 3] and nodes == [0, 2, 6] and len(step) == 3  # node 6 is a leaf: then the bonus
+
+
+def test_chains_cut_at_their_first_forbidden_draft_give_the_same_output():
+    assert allowed_drafts(allowed, [2], [4, 6, 6, 8]) == 2  # 6 after 6 is forbidden
+    assert allowed_drafts(allowed, [2], [2, 4]) == 0 and allowed_drafts(allowed, [], []) == 0
+    for temperature, seeds in ((None, range(5)), (1.0, range(10))):
+        for seed in seeds:
+            cut, accepted_cut = speculative(temperature, seed, greedy_drafter(3), cut=True)
+            full, accepted_full = speculative(temperature, seed, greedy_drafter(3))
+            assert cut == full == alone(temperature, seed) and accepted_cut == accepted_full
