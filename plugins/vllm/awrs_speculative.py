@@ -95,9 +95,8 @@ class SpeculativeAWRS:
             state, request = self.states.get(req_id), runner.requests.get(req_id)
             if not isinstance(state, RequestState) or request is None or not drafts:
                 continue
-            kept = allowed_drafts(lambda prefix, token, s=state: allows_next(s.constraint, prefix, token,
-                                                                             s.eos_token_id),
-                                  request.output_token_ids, drafts)
+            allows = functools.partial(allows_next, state.constraint, eos_token_id=state.eos_token_id)
+            kept = allowed_drafts(allows, request.output_token_ids, drafts)
             state.checks += min(kept + 1, len(drafts))
             if kept < len(drafts):
                 draft_ids.draft_token_ids[i] = list(drafts[:kept])

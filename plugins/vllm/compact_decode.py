@@ -206,9 +206,9 @@ def decode(plan: DecodePlan, query: torch.Tensor, kv_cache: torch.Tensor, table:
     else:
         grouped = query.view(query.shape[0], num_kv_heads, group, head_dim)
         q = grouped[plan.virtual_token, plan.virtual_head]  # [T * Hkv, G, D]
-    if tree is not None and tree.sizes_of(plan.rows):
-        sizes = {i * num_kv_heads + h: size for i, size in tree.sizes_of(plan.rows).items()
-                 for h in range(num_kv_heads)}
+    row_sizes = tree.sizes_of(plan.rows) if tree is not None else {}
+    if row_sizes:
+        sizes = {i * num_kv_heads + h: size for i, size in row_sizes.items() for h in range(num_kv_heads)}
         num_blocks, _, block_size, width = kv_cache.shape  # one-head blocks, in the layout's own views
         keys, values = KV_VIEWS[isa](kv_cache.view(num_blocks * num_kv_heads, 1, block_size, width))
         out = tree_verify_attention(q, keys, values, table, plan.virtual_lens, plan.virtual_start, scale=scale,

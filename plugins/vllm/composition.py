@@ -38,7 +38,7 @@ def check_engine(vllm_config: Any) -> None:
         return
     attention = config.attention.method
     tree = config.speculative.tree
-    reason = _selective_refusal(config, method) if attention in SELECTIVE_METHODS else None
+    reason = _selective_refusal(config) if attention in SELECTIVE_METHODS else None
     if reason:
         raise ConfigError(f"afterburner.attention.method {attention!r} with speculative decoding ({method!r}) is "
                           f"not supported yet: {reason}")
@@ -48,7 +48,7 @@ def check_engine(vllm_config: Any) -> None:
                           "speculative.tree to \"chain\"")
 
 
-def _selective_refusal(config, method: str) -> str | None:
+def _selective_refusal(config) -> str | None:
     """Why selective attention cannot serve this proposer's verification steps (None: it can: sparse
     reading whole blocks, ``compact_decode``)."""
     if config.attention.method != "sparse" or config.attention.sparse.read_unit != "block":
