@@ -1,9 +1,10 @@
 """Which methods compose in one vLLM engine (``plugins/vllm/composition.py``): pairings that do not work
 yet stop startup, or the request that asks for them, with one line naming the pair; the pairings that do
-work are served exactly (local-linear attention with a chain proposer, the micro-step drafter or vLLM's
-own EAGLE-3: speculative greedy output equals non-speculative greedy output under the same local-linear
-model; sparse selection inside their verification steps, chains and the micro-step drafter's token tree,
-token-identical at a full budget; tree rows over the chosen blocks: ``test_compact_decode.py``)."""
+work are served exactly (local-linear attention with a chain proposer, the micro-step drafter, Medusa's
+chain, vLLM's draft model or its EAGLE-3: speculative greedy output equals non-speculative greedy output
+under the same local-linear model; sparse selection inside their verification steps, chains and token trees
+of the micro-step drafter, Medusa and the draft model, token-identical at a full budget; tree rows over the
+chosen blocks: ``test_compact_decode.py``)."""
 
 import json
 
@@ -13,6 +14,7 @@ from result_script import run_result_script
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.config import ConfigError
+from afterburner.spec_decode.draft.derive import derive_draft
 from afterburner.spec_decode.eagle3.drafter import Eagle3Drafter
 from afterburner.spec_decode.eagle3.folder import save_eagle3
 from afterburner.spec_decode.hamburger.checkpoint import save_drafter
@@ -30,9 +32,10 @@ def proposers(tiny_model, tmp_path_factory):
     drafter = save_drafter(folder / "drafter", MicroStepDrafter(DrafterConfig(
         base_hidden_size=base.hidden_size, vocab_size=base.vocab_size, feature_layers=(1,), hidden_size=128,
         num_heads=2, num_kv_heads=2, head_dim=64, intermediate_size=256)))
-    heads = save_heads(MedusaHeads(HeadsConfig(base.hidden_size, base.vocab_size, num_heads=2)), folder / "heads")
+    heads = save_heads(MedusaHeads(HeadsConfig(base.hidden_size, base.vocab_size, num_heads=3)), folder / "heads")
     eagle3 = save_eagle3(folder / "eagle3", Eagle3Drafter(drafter_config_for(base, (1,))), max_position_embeddings=1024)
-    return {"hamburger": str(drafter), "medusa": str(heads), "eagle3": str(eagle3)}
+    draft = derive_draft(tiny_model, folder / "int4", int4=True)
+    return {"hamburger": str(drafter), "medusa": str(heads), "eagle3": str(eagle3), "draft-model": str(draft)}
 
 
 def _engine_config(model, spec, section):
@@ -68,17 +71,24 @@ def test_local_linear_with_a_medusa_tree_is_refused_and_with_a_chain_starts(tiny
     assert config.speculative_config.method == "medusa"
 
 
-# the chain proposers a test runs, with their script and the afterburner settings each needs
-CHAINS = {"hamburger": ("hamburger_greedy.py", {"speculative": {"stop_threshold": 0.0}}),
-          "eagle3": ("eagle3_greedy.py", {})}
-# and a token tree (the micro-step drafter's, from its first micro-steps): verification rows in tree order
-VERIFIERS = {**CHAINS, "hamburger-tree": ("hamburger_greedy.py", {"speculative": {"tree": "paper"}})}
+# the chain proposers a test runs: their script, drafts per step and the afterburner settings each needs
+CHAINS = {"hamburger": ("hamburger_greedy.py", 3, {"speculative": {"stop_threshold": 0.0}}),
+          "eagle3": ("eagle3_greedy.py", 3, {}),
+          "medusa": ("medusa_greedy.py", 3, {"speculative": {"tree": "chain"}}),
+          "draft-model": ("draft_model_greedy.py", 3, {})}
+# and token trees (the micro-step drafter's from its first micro-steps, Medusa's heads' top-k, the draft model's
+# top-k): verification rows in tree order
+TREE = {"speculative": {"tree": "paper"}}
+VERIFIERS = {**CHAINS, "hamburger-tree": ("hamburger_greedy.py", 3, TREE), "medusa-tree": ("medusa_greedy.py", 6, TREE),
+             "draft-model-tree": ("draft_model_greedy.py", 4, TREE)}
 
 
-def _chain(model, proposers, method, num_spec, section):
-    script, own = VERIFIERS[method]
+def _run(model, proposers, method, section, speculative=True):
+    """The method's script on the shared batch; without ``speculative``, the same engine with no proposer."""
+    script, num_spec, own = VERIFIERS[method]
     folder = proposers[method.removesuffix("-tree")]
-    return run_result_script(script, model, folder, num_spec, json.dumps({**own, **section}))[0]
+    return run_result_script(script, model, folder, num_spec if speculative else 0,
+                             json.dumps({**own, **section}))[0]
 
 
 @pytest.mark.parametrize("method", sorted(CHAINS))
@@ -86,24 +96,29 @@ def test_local_linear_with_a_chain_proposer_is_lossless(tiny_model, proposers, m
     """With EAGLE-3, vLLM's drafter layer runs afterburner's local-linear attention too (drafts change, the
     output must not)."""
     section = {"attention": {"method": "local_linear", "local_linear": {"lam": 1.0}}}
-    plain = _chain(tiny_model, proposers, method, 0, section)
-    speculative = _chain(tiny_model, proposers, method, 3, section)
+    plain = _run(tiny_model, proposers, method, section, speculative=False)
+    speculative = _run(tiny_model, proposers, method, section)
     assert speculative["metrics"]["vllm:spec_decode_num_drafts"] > 0
     assert speculative["tokens"] == plain["tokens"]
     # an AWRS request on either engine: constrained (verified by AWRS's own draws beside the drafter)
     assert speculative["awrs"] in ("yes", "no") and plain["awrs"] in ("yes", "no")
 
+
+@pytest.fixture(scope="module")
+def dense(tiny_model, proposers):
+    """The batch without speculation or afterburner attention: every proposer script runs the same engine."""
+    return _run(tiny_model, proposers, "hamburger", {}, speculative=False)
+
 SPARSE = {"method": "sparse", "sparse": {"budget_ratio": 0.25, "dense_below_tokens": 64, "dense_layers": 0}}
 
 
 @pytest.mark.parametrize("method", sorted(VERIFIERS))
-def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, proposers, method):
-    plain = _chain(tiny_model, proposers, method, 0, {})
+def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, proposers, dense, method):
     full = {"attention": {**SPARSE, "sparse": {**SPARSE["sparse"], "token_budget": 100_000}}}
-    assert _chain(tiny_model, proposers, method, 3, full)["tokens"] == plain["tokens"]
-    sparse = _chain(tiny_model, proposers, method, 3, {"attention": SPARSE})
+    assert _run(tiny_model, proposers, method, full)["tokens"] == dense["tokens"]
+    sparse = _run(tiny_model, proposers, method, {"attention": SPARSE})
     counts = sparse["sparse"]
     assert counts["selective_verify_rows"] > 0, counts
     assert counts["kv_bytes_read"] < counts["kv_bytes_dense"]
     assert sparse["metrics"]["vllm:spec_decode_num_drafts"] > 0
-    assert [len(t) for t in sparse["tokens"]] == [len(t) for t in plain["tokens"]]
+    assert [len(t) for t in sparse["tokens"]] == [len(t) for t in dense["tokens"]]

