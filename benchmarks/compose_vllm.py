@@ -5,8 +5,8 @@ one at a time (greedy), side by side in one run.
 - ``json``: JSON-schema generation (chat requests, one schema). AWRS alone (``vllm_xargs``), AWRS with
   speculation (vLLM's n-gram proposer and draft-model chain; the draft-model token tree; afterburner's
   micro-step drafter and Medusa chain and tree when ``make hamburger-drafter`` / ``make medusa-heads``
-  have built them), and vLLM's own structured outputs with and without vLLM's n-gram and draft-model
-  proposers (refused beside a token tree); unconstrained as the reference speed. Per configuration: output tokens/s,
+  have built them), and vLLM's own structured outputs with and without the same proposers (refused
+  beside a token tree); unconstrained as the reference speed. Per configuration: output tokens/s,
   schema validity (``jsonschema``), vLLM's spec-decode counters (tokens per verification step), and for
   AWRS with speculation whether the text equals AWRS alone (it must: the drafts are verified against
   AWRS's own draws).
@@ -17,8 +17,8 @@ one at a time (greedy), side by side in one run.
   tokens per verification step. Each configuration samples its own particles (same seeds, but speculation
   changes which random draws a sample uses), so the texts differ between rows.
 - ``long``: passkey documents of ``--context`` tokens: dense, sparse 1/4 (whole blocks through vLLM's
-  kernel), the micro-step drafter and the draft-model tree, and sparse + each (selective attention inside
-  their verification steps, chain and tree). Each document is sent twice: one token (time to first
+  kernel), the micro-step drafter, the draft-model tree and the Medusa tree, and sparse + each (selective
+  attention inside their verification steps, chain and tree). Each document is sent twice: one token (time to first
   token: the prefill) and then ``--decode-tokens`` (its prompt now a prefix-cache hit, so that time is
   decoding); decode tokens/s, whether the key was found, tokens per verification step.
 
@@ -250,8 +250,9 @@ def main() -> int:
                                 (f"vLLM structured outputs + draft-model tree of {DRAFT_TREE}", "vllm")]),
                 ("hamburger", [("AWRS + micro-step drafter", "awrs"),
                                ("vLLM structured outputs + micro-step drafter", "vllm")]),
-                ("medusa-chain", [("AWRS + Medusa chain", "awrs")]),
-                ("medusa-tree", [(f"AWRS + Medusa tree of {MEDUSA_TREE}", "awrs")])]
+                ("medusa-chain", [("AWRS + Medusa chain", "awrs"), ("vLLM structured outputs + Medusa chain", "vllm")]),
+                ("medusa-tree", [(f"AWRS + Medusa tree of {MEDUSA_TREE}", "awrs"),
+                                 (f"vLLM structured outputs + Medusa tree of {MEDUSA_TREE}", "vllm")])]
         for spec, jobs in plan:
             jobs = [(label, constraint) for label, constraint in jobs if _wanted(label, args.only)]
             if not jobs or spec.split("-")[0] in missing:
@@ -270,12 +271,13 @@ def main() -> int:
         docs = documents(AutoTokenizer.from_pretrained(model), [args.context], args.docs, seed=2026)
         results["long"]["settings"] = {"context_tokens": args.context, "docs": args.docs, "seed": 2026,
                                        "decode_tokens": args.decode_tokens, "sparse": SPARSE}
-        tree = f"draft-model tree of {DRAFT_TREE}"
+        tree, medusa = f"draft-model tree of {DRAFT_TREE}", f"Medusa tree of {MEDUSA_TREE}"
         plan = [("dense", "", None), ("sparse 1/4", "", SPARSE), ("micro-step drafter", "hamburger", None),
                 ("sparse 1/4 + micro-step drafter", "hamburger", SPARSE), (tree, "draft-tree", None),
-                (f"sparse 1/4 + {tree}", "draft-tree", SPARSE)]
+                (f"sparse 1/4 + {tree}", "draft-tree", SPARSE), (medusa, "medusa-tree", None),
+                (f"sparse 1/4 + {medusa}", "medusa-tree", SPARSE)]
         for label, spec, attention in plan:
-            if spec in missing or not _wanted(label, args.only):
+            if spec.split("-")[0] in missing or not _wanted(label, args.only):
                 continue
             got = run_server(f"long-{label.replace(' ', '_').replace('/', '-')}", model,
                              _server_args(spec, attention, models), work,

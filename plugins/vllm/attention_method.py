@@ -73,13 +73,15 @@ def shared_selector(method: LayerMethod, layout: KVLayout) -> KVSelector:
     return _selectors[key]
 
 
-def count(method: LayerMethod, selector: KVSelector, counts, *, blocks=None, mixed_rows: int = 0) -> None:
+def count(method: LayerMethod, selector: KVSelector, counts, *, blocks=None, mixed_rows: int = 0,
+          verify_rows: int = 0) -> None:
     """Add one layer-step's reads (``blocks``: the same counted in whole KV blocks, what the op gathers;
-    ``mixed_rows``: decode rows served in a step that also carried a prefill chunk); every
-    ``_REPORT_EVERY`` calls, a cumulative report event."""
+    ``mixed_rows``: decode rows served in a step that also carried a prefill chunk; ``verify_rows``: rows
+    verifying drafts); every ``_REPORT_EVERY`` calls, a cumulative report event."""
     totals = stats.attention(method.name)
     totals.add(counts)
     totals.mixed_decode_rows += mixed_rows
+    totals.selective_verify_rows += verify_rows
     if blocks is not None:
         totals.blocks_in_context += blocks.pages_in_context
         totals.blocks_gathered += blocks.pages_read

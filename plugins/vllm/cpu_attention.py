@@ -20,7 +20,9 @@ With a method on, per layer:
 - ``forward``, for token selectors (squeezed; sparse with ``read_unit: "page"``): decode-only steps run
   the selective torch op over the selector's token mask (``batch_selection.select_batch``); steps with a
   prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch and then
-  recompute their long decode rows with the selective op (those rows cost twice).
+  recompute their long decode rows with the selective op (those rows cost twice). A decode row is one
+  query, or a chain's drafts + 1 in a speculative engine: one selection per row, made with its first
+  query (a last prefill chunk that short is served as one too).
 - ``forward``, for per-request methods (SpecKV): the stock kernel for the step, then the decode rows whose
   request carries its kept prompt entries (``StepMetadata.kept_rows``, from the runner hook
   ``speckv.on_prepare_inputs``) again through the selective op over them;
@@ -167,6 +169,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                                                                                               where=_WHERE)
         self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
         self._page = 0
+        spec = vllm_config.speculative_config  # rows of up to this many queries decode (chain verification)
+        self._decode_queries = 1 + (spec.num_speculative_tokens if spec is not None else 0)
 
     def _selector_for(self, kv_cache: torch.Tensor) -> KVSelector:
         if self.selector is None:
@@ -256,12 +260,16 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         # Steps with a prefill chunk run the stock kernel for the whole batch (prefill reads every block
         # anyway, and the torch path would materialise [n_q, L] scores for it); their long decode rows are
         # then recomputed selectively, so a sequence's decode does not depend on what shares its step.
-        if m.max_query_len > 1:
-            selector.observe_prefill(self._index(layer), q, _prefill_chunks(m, block_size, self._page))
-            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        # Decode rows are rows of up to ``_decode_queries`` queries (a chain's drafts + 1): they are never
+        # shown to the selector as prefill (Squeezed would calibrate on generated text).
+        if m.max_query_len > self._decode_queries:
             starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+            sizes = [starts[b + 1] - starts[b] for b in range(len(seq_lens))]
+            chunks = _prefill_chunks(m, block_size, self._page)
+            selector.observe_prefill(self._index(layer), q, [c for c in chunks if c.num_queries > self._decode_queries])
+            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
             rows = [b for b, seq_len in enumerate(seq_lens)
-                    if starts[b + 1] - starts[b] == 1 and not self.method.gate.sequence_is_dense(seq_len)]
+                    if sizes[b] <= self._decode_queries and not self.method.gate.sequence_is_dense(seq_len)]
             if rows:
                 self._selective(layer, q, kv_cache, m, rows, output, mixed=True)
             return output
@@ -278,10 +286,11 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         output = super().forward(layer, query, key, value, kv_cache, m, output)
         kept = getattr(m, "kept_rows", None) or ()
         starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
-        rows = [b for b, row in enumerate(kept)
-                if row is not None and starts[b + 1] - starts[b] == 1 and seq_lens[b] > row.shape[-1]]
+        sizes = [starts[b + 1] - starts[b] for b in range(len(seq_lens))]
+        rows = [b for b, row in enumerate(kept) if row is not None and sizes[b] <= self._decode_queries
+                and seq_lens[b] - sizes[b] >= row.shape[-1]]  # every query past the prompt
         if rows:
-            self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > 1)
+            self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > self._decode_queries)
         return output
 
     def _kernel_decode(self, layer, query, key, value, kv_cache, m, output,
@@ -315,25 +324,35 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
 
     def _selective(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, m, rows: list[int], output, *,
                    mixed: bool) -> None:
-        """The selective op for the decode rows ``rows`` of the step (one query each), into ``output``."""
+        """The selective op for the decode rows ``rows`` of the step into ``output``: one query each, or a
+        chain's drafts + 1 (one selection per row, made with its first query; every query of the row also
+        reads the row's own new keys, causally)."""
         key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
         index = torch.tensor(rows)
-        token_rows = m.query_start_loc[index].long()  # each row's one query
+        first = m.query_start_loc[index].long()  # each row's first query
+        sizes = (m.query_start_loc[index + 1] - m.query_start_loc[index]).long()
         table, seq_lens = m.block_table[index], m.seq_lens[index]
-        lengths = seq_lens.tolist()
+        lengths, verifying = seq_lens.tolist(), int((sizes > 1).sum())
         kept = getattr(m, "kept_rows", None)
         sequences = [_sequence(i, seq_len, table, key_cache, self._page, kept[rows[i]] if kept else None)
                      for i, seq_len in enumerate(lengths)]
-        query = q[token_rows]
-        token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=query,
+        token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=q[first],
                                   sequences=sequences, page_size=self._page, num_kv_heads=self.num_kv_heads,
                                   scale=self.scale)
+        if verifying:
+            for i, (seq_len, size) in enumerate(zip(lengths, sizes.tolist(), strict=True)):
+                token_mask[i, :, seq_len - size: seq_len] = True
+            rows_tokens = zip(first.tolist(), sizes.tolist(), strict=True)
+            tokens = torch.cat([torch.arange(start, start + size) for start, size in rows_tokens])
+        else:
+            tokens = first
         attention_method.count(self.method, self.selector, count_reads(token_mask, lengths, self._page),
                                blocks=count_reads(token_mask, lengths, key_cache.shape[1]),
-                               mixed_rows=len(rows) if mixed else 0)
-        result = selective_attention(query, key_cache, value_cache, table, seq_lens, torch.arange(len(rows) + 1),
+                               mixed_rows=len(rows) if mixed else 0, verify_rows=verifying)
+        query_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        result = selective_attention(q[tokens], key_cache, value_cache, table, seq_lens, query_start,
                                      scale=self.scale, token_mask=token_mask)
-        output[token_rows] = result.reshape(len(rows), *output.shape[1:]).to(output.dtype)
+        output[tokens] = result.reshape(tokens.shape[0], *output.shape[1:]).to(output.dtype)
 
 
 class AfterburnerCPUAttentionBackend(CPUAttentionBackend):

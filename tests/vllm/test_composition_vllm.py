@@ -45,18 +45,17 @@ def _engine_config(model, spec, section):
                       additional_config={"afterburner": section}).create_engine_config()
 
 
+TREE = {"speculative": {"tree": "paper"}}
+
+
 @pytest.mark.parametrize("method, section, message", [
-    ("hamburger", {"attention": {"method": "squeezed"}}, "'squeezed' with speculative decoding \\('hamburger'\\) "
-                                                          "is not supported yet: its verification steps would read"),
-    ("medusa", {"attention": {"method": "squeezed"}, "speculative": {"tree": "chain"}}, "'squeezed' with speculative"),
-    ("hamburger", {"attention": {"method": "speckv"}}, "'speckv' with speculative decoding \\('hamburger'\\) "
-                                                        "is not supported yet: its verification steps would read"),
-    ("hamburger", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}},
-     "only sparse attention with read_unit \"block\" selects inside verification steps"),
-    ("medusa", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}}, "read_unit \"block\""),
+    ("medusa", {"attention": {"method": "squeezed"}, **TREE}, "'squeezed' with speculative decoding \\('medusa'\\) "
+                                                              "is not supported yet: the token tree's verification"),
+    ("hamburger", {"attention": {"method": "speckv"}, **TREE}, "'speckv' with speculative decoding"),
+    ("medusa", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}},
+     "only sparse attention with read_unit \"block\" selects inside tree verification"),
 ])
-def test_pairings_that_cannot_select_inside_verification_are_refused_at_startup(tiny_model, proposers, method,
-                                                                              section, message):
+def test_token_selectors_with_a_token_tree_are_refused_at_startup(tiny_model, proposers, method, section, message):
     spec = {"method": method, "model": proposers[method], "num_speculative_tokens": 2}
     with pytest.raises(ConfigError, match=message):
         _engine_config(tiny_model, spec, section)
@@ -78,7 +77,6 @@ CHAINS = {"hamburger": ("hamburger_greedy.py", 3, {"speculative": {"stop_thresho
           "draft-model": ("draft_model_greedy.py", 3, {})}
 # and token trees (the micro-step drafter's from its first micro-steps, Medusa's heads' top-k, the draft model's
 # top-k): verification rows in tree order
-TREE = {"speculative": {"tree": "paper"}}
 VERIFIERS = {**CHAINS, "hamburger-tree": ("hamburger_greedy.py", 3, TREE), "medusa-tree": ("medusa_greedy.py", 6, TREE),
              "draft-model-tree": ("draft_model_greedy.py", 4, TREE)}
 
@@ -117,8 +115,39 @@ def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, propos
     full = {"attention": {**SPARSE, "sparse": {**SPARSE["sparse"], "token_budget": 100_000}}}
     assert _run(tiny_model, proposers, method, full)["tokens"] == dense["tokens"]
     sparse = _run(tiny_model, proposers, method, {"attention": SPARSE})
-    counts = sparse["sparse"]
+    counts = sparse["attention"]
     assert counts["selective_verify_rows"] > 0, counts
     assert counts["kv_bytes_read"] < counts["kv_bytes_dense"]
     assert sparse["metrics"]["vllm:spec_decode_num_drafts"] > 0
     assert [len(t) for t in sparse["tokens"]] == [len(t) for t in dense["tokens"]]
+
+
+# token selectors: one choice per chain, made with its first query ("keep all": the setting that reads every key)
+SELECTORS = {
+    "squeezed": ({"method": "squeezed", "squeezed": {"dense_below_tokens": 64, "dense_layers": 0,
+                                                     "observation_window": 16}}, {"threshold_quantile": 0.0},
+                 {"threshold_quantile": 0.75}),
+    "sparse-pages": ({"method": "sparse", "sparse": {**SPARSE["sparse"], "read_unit": "page"}},
+                     {"token_budget": 100_000}, {}),
+}
+
+
+@pytest.mark.parametrize("selector, method", [("squeezed", "hamburger"), ("squeezed", "draft-model"),
+                                              ("sparse-pages", "medusa")])
+def test_token_selectors_select_inside_a_chains_verification_steps(tiny_model, proposers, dense, selector, method):
+    base, keep_all, fraction = SELECTORS[selector]
+    name = base["method"]
+
+    def attention(extra):
+        return {"attention": {**base, name: {**base[name], **extra}}}
+
+    full = _run(tiny_model, proposers, method, attention(keep_all))
+    assert full["tokens"] == dense["tokens"]
+    assert full["attention"]["selective_verify_rows"] > 0, full["attention"]
+    assert full["attention"]["tokens_read"] == full["attention"]["tokens_in_context"]
+    chosen = _run(tiny_model, proposers, method, attention(fraction))
+    counts = chosen["attention"]
+    assert counts["selective_verify_rows"] > 0, counts
+    assert 0 < counts["tokens_read"] < 0.8 * counts["tokens_in_context"], counts
+    assert chosen["metrics"]["vllm:spec_decode_num_drafts"] > 0
+    assert [len(t) for t in chosen["tokens"]] == [len(t) for t in dense["tokens"]]

@@ -36,5 +36,4 @@ if __name__ == "__main__":
     temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     spec = {"method": "hamburger", "model": drafter, "num_speculative_tokens": num_spec} if num_spec else None
     result = generate(model, spec, config, temperature)
-    print_result({**result, "stats": stats.SPECULATION.as_dict(), "sparse": stats.attention("sparse").as_dict(),
-                  "proposals": proposals})
+    print_result({**result, "stats": stats.SPECULATION.as_dict(), "proposals": proposals})

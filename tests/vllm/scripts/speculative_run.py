@@ -15,7 +15,8 @@ RECORDED = 24  # proposals a script keeps for its test
 
 def generate(model: str, spec: dict | None, config: dict, temperature: float) -> dict:
     """PROMPTS through an engine with speculative config ``spec`` and afterburner section ``config``, 32 tokens
-    each: their token ids, vLLM's spec-decode metrics and the AWRS request's text (or the line refusing it)."""
+    each: their token ids, vLLM's spec-decode metrics, the AWRS request's text (or the line refusing it) and
+    the attention method's counters (``attention_method.totals``)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
@@ -30,5 +31,9 @@ def generate(model: str, spec: dict | None, config: dict, temperature: float) ->
                             use_tqdm=False)[0].outputs[0].text
     except ValueError as error:
         awrs = f"refused: {error}"
+    from afterburner.plugins.vllm.attention_method import totals
+
+    method = config.get("attention", {}).get("method")
     return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "awrs": awrs,
-            "metrics": {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS}}
+            "metrics": {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS},
+            "attention": totals(method) if method else {}}
