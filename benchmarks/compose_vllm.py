@@ -12,8 +12,8 @@ one at a time (greedy), side by side in one run.
   AWRS's own draws).
 - ``smc``: SMC over the server (``plugins/server_smc.py``: the particles' chunks are the server's own
   completions) on yes/no chat questions with a regex on the answer, through a plain server, vLLM's n-gram
-  proposer, the micro-step drafter and the draft-model token tree (SmolLM2's first 25 layers as draft, tree
-  of 4): tokens the server generated for the particles per second of SMC, particles that kept weight,
+  proposer, the micro-step drafter, the draft-model token tree (SmolLM2's first 25 layers as draft, tree
+  of 4) and the Medusa tree: tokens the server generated for the particles per second of SMC, particles that kept weight,
   tokens per verification step. Each configuration samples its own particles (same seeds, but speculation
   changes which random draws a sample uses), so the texts differ between rows.
 - ``long``: passkey documents of ``--context`` tokens: dense, sparse 1/4 (whole blocks through vLLM's
@@ -290,9 +290,9 @@ def main() -> int:
         questions = SMC_QUESTIONS[:args.smc_questions]
         results["smc"]["settings"] = {**SMC, "regex": SMC_ANSWER, "questions": questions, "seeds": "0.."}
         plan = [("plain server", ""), ("n-gram", "ngram"), ("micro-step drafter", "hamburger"),
-                (f"draft-model tree of {DRAFT_TREE}", "draft-tree")]
+                (f"draft-model tree of {DRAFT_TREE}", "draft-tree"), (f"Medusa tree of {MEDUSA_TREE}", "medusa-tree")]
         for label, spec in plan:
-            if spec in missing or not _wanted(label, args.only):
+            if spec.split("-")[0] in missing or not _wanted(label, args.only):
                 continue
             got = run_server(f"smc-{spec or 'plain'}", model, _server_args(spec, None, models), work,
                              [(label, lambda s: smc_requests(s, tokenizer, questions))])
