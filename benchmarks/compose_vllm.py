@@ -14,8 +14,8 @@ one at a time (greedy), side by side in one run.
   completions) on yes/no chat questions with a regex on the answer, through a plain server, vLLM's n-gram
   proposer, the micro-step drafter, the draft-model token tree (SmolLM2's first 25 layers as draft, tree
   of 4) and the Medusa tree: tokens the server generated for the particles per second of SMC, particles
-  that kept weight, tokens per verification step. Each configuration samples its own particles (same seeds, but speculation
-  changes which random draws a sample uses), so the texts differ between rows.
+  that kept weight, tokens per verification step. Each configuration samples its own particles (same
+  seeds, but speculation changes which random draws a sample uses), so the texts differ between rows.
 - ``long``: passkey documents of ``--context`` tokens: dense, sparse 1/4 (whole blocks through vLLM's
   kernel), the micro-step drafter, the draft-model tree and the Medusa tree, and sparse + each (selective
   attention inside their verification steps, chain and tree). Each document is sent twice: one token (time to first
