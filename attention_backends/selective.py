@@ -11,10 +11,15 @@ Layout (the engine adapters view their caches this way):
     token_mask   [B, Hkv, L] bool    which logical token positions each kv head may read (None: all;
                                      L >= every seq_len); a key is read where both masks allow it
 
+    tree_mask    [N, N] bool         with tree_sizes {b: M}: sequence b's M queries verify a token tree
+                                     (root first, nodes in order, ancestors first); query i of them reads
+                                     the context before the root and the tree rows tree_mask[i, :M] marks
+                                     (its ancestors and itself) instead of the causal rows
+
 Query head h reads kv head h // (Hq // Hkv) (grouped-query attention). A query at position p attends the
-keys at positions <= p that lie in selected blocks (and, with a token mask, at selected positions); its
-output is softmax(scale * q.k) v over them. Block masks suit block-granular policies (Quest); token masks
-suit policies that pick individual keys (Squeezed Attention's clusters).
+keys at positions <= p (a tree row: as above) that lie in selected blocks (and, with a token mask, at
+selected positions); its output is softmax(scale * q.k) v over them. Block masks suit block-granular
+policies (Quest); token masks suit policies that pick individual keys (Squeezed Attention's clusters).
 
 ``selective_attention_reference`` states this in the fewest lines (a loop over sequences, gathering each
 one's keys); ``selective_attention`` is the batched torch path that vLLM-on-CPU runs, tested against it.
@@ -33,6 +38,22 @@ def gather_sequence(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len:
     return cache[block_table_row[:n_blocks].long()].flatten(0, 1)[:seq_len]
 
 
+def visible(positions: torch.Tensor, seq_len: int, n_q: int, tree_mask: torch.Tensor | None = None,
+            tree_size: int | None = None) -> torch.Tensor:
+    """[n_q, P] bool: which of ``positions`` [P] each of a sequence's last ``n_q`` queries may read: causally,
+    or as the rows of a token tree of ``tree_size`` nodes (the context before the root, then its ancestors
+    and itself by ``tree_mask``)."""
+    first = seq_len - n_q
+    allowed = (positions[None, :] <= torch.arange(first, seq_len)[:, None]) & (positions[None, :] < seq_len)
+    if tree_size is None:
+        return allowed
+    if tree_size != n_q:
+        raise ValueError(f"{n_q} query tokens but a tree of {tree_size}")
+    inside = (positions >= first) & (positions < seq_len)
+    ancestors = tree_mask[:n_q, (positions - first).clamp(0, n_q - 1)]
+    return torch.where(inside[None, :], ancestors, allowed)
+
+
 def selective_attention_reference(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -44,6 +65,8 @@ def selective_attention_reference(
     scale: float,
     block_mask: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_sizes: dict[int, int] | None = None,
 ) -> torch.Tensor:
     out = torch.zeros_like(query)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -53,10 +76,11 @@ def selective_attention_reference(
         keys = gather_sequence(k_cache, block_table[b], seq_len).float()  # [L, Hkv, D]
         values = gather_sequence(v_cache, block_table[b], seq_len).float()
         positions = torch.arange(seq_len)
-        for i, q_pos in enumerate(range(seq_len - (end - start), seq_len)):
+        rows = visible(positions, seq_len, end - start, tree_mask, (tree_sizes or {}).get(b))
+        for i in range(end - start):
             for h in range(query.shape[1]):
                 kv = h // group
-                allowed = positions <= q_pos
+                allowed = rows[i].clone()
                 if block_mask is not None:
                     allowed &= block_mask[b, kv, positions // block_size]
                 if token_mask is not None:
@@ -86,6 +110,8 @@ def selective_attention(
     scale: float,
     block_mask: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_sizes: dict[int, int] | None = None,
 ) -> torch.Tensor:
     """Batched torch path, same signature and result as the reference. Without a mask, one matmul per
     sequence over its gathered blocks; with one, per sequence and kv head, only the selected blocks are
@@ -101,12 +127,12 @@ def selective_attention(
         if n_q == 0:
             continue
         q = query[start:end].view(n_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
-        q_pos = torch.arange(seq_len - n_q, seq_len)[:, None]  # [n_q, 1]
+        tree_size = (tree_sizes or {}).get(b)
         n_blocks = math.ceil(seq_len / block_size)
         if block_mask is None and token_mask is None:
             keys = gather_sequence(k_cache, block_table[b], seq_len).transpose(0, 1)  # [Hkv, L, D]
             values = gather_sequence(v_cache, block_table[b], seq_len).transpose(0, 1)
-            allowed = torch.arange(seq_len)[None, :] <= q_pos
+            allowed = visible(torch.arange(seq_len), seq_len, n_q, tree_mask, tree_size)
             result = attend(q, keys.unsqueeze(1), values.unsqueeze(1), allowed, scale)  # [Hkv, G, n_q, D]
         else:
             result = torch.zeros(num_kv_heads, group, n_q, head_dim)
@@ -123,7 +149,7 @@ def selective_attention(
                 keys = k_cache[physical, :, kv].reshape(-1, head_dim)  # [n_sel * BS, D]
                 values = v_cache[physical, :, kv].reshape(-1, head_dim)
                 positions = (logical[:, None] * block_size + offsets[None, :]).flatten()
-                allowed = (positions[None, :] <= q_pos) & (positions[None, :] < seq_len)
+                allowed = visible(positions, seq_len, n_q, tree_mask, tree_size)
                 if token_mask is not None:
                     allowed &= tokens[kv, positions]
                 result[kv] = attend(q[kv], keys, values, allowed, scale)

