@@ -69,12 +69,13 @@ VERIFIERS = {**CHAINS, "hamburger-tree": ("hamburger_greedy.py", 3, TREE), "medu
              "draft-model-tree": ("draft_model_greedy.py", 4, TREE)}
 
 
-def _run(model, proposers, method, section, speculative=True):
-    """The method's script on the shared batch; without ``speculative``, the same engine with no proposer."""
+def _run(model, proposers, method, section, speculative=True, request_args=None):
+    """The method's script on the shared batch (each request with ``request_args``); without
+    ``speculative``, the same engine with no proposer."""
     script, num_spec, own = VERIFIERS[method]
     folder = proposers[method.removesuffix("-tree")]
-    return run_result_script(script, model, folder, num_spec if speculative else 0,
-                             json.dumps({**own, **section}))[0]
+    return run_result_script(script, model, folder, num_spec if speculative else 0, json.dumps({**own, **section}),
+                             0.0, json.dumps(request_args))[0]
 
 
 @pytest.mark.parametrize("method", sorted(CHAINS))
@@ -139,5 +140,20 @@ def test_token_selectors_select_inside_verification_steps(tiny_model, proposers,
     counts = chosen["attention"]
     assert counts["selective_verify_rows"] > 0, counts
     assert 0 < counts["tokens_read"] < 0.8 * counts["tokens_in_context"], counts
+    assert chosen["metrics"]["vllm:spec_decode_num_drafts"] > 0
+    assert [len(t) for t in chosen["tokens"]] == [len(t) for t in dense["tokens"]]
+
+
+def test_speckv_selects_inside_a_chains_verification_steps(tiny_model, proposers, dense, tmp_path):
+    """SpecKV's per-request choice (the draft's, per layer and kv head) read by every query of the long
+    request's verification rows; a capacity above every prompt is plain."""
+    draft = derive_draft(tiny_model, tmp_path / "draft-l1", layers=1)
+    section = {"attention": {"method": "speckv", "speckv": {"draft": str(draft), "window": 16, "lookahead": 4}}}
+    full = _run(tiny_model, proposers, "draft-model", section, request_args={"speckv_capacity": 4096})
+    assert full["tokens"] == dense["tokens"]
+    chosen = _run(tiny_model, proposers, "draft-model", section, request_args={"speckv_capacity": 48})
+    counts = chosen["attention"]
+    assert counts["selective_verify_rows"] > 0, counts
+    assert 0 < counts["tokens_read"] < counts["tokens_in_context"], counts
     assert chosen["metrics"]["vllm:spec_decode_num_drafts"] > 0
     assert [len(t) for t in chosen["tokens"]] == [len(t) for t in dense["tokens"]]

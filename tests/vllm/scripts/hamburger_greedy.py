@@ -3,15 +3,10 @@ afterburner's proposal counters, vLLM's own spec-decode metrics and the first pr
 the request's tokens so far and the target features the drafter was handed, to check against transformers),
 and a greedy AWRS request's text (``speculative_run.py``).
 
-    python tests/vllm/scripts/hamburger_greedy.py MODEL_DIR DRAFTER_DIR NUM_SPECULATIVE_TOKENS CONFIG_JSON [TEMPERATURE]
-
-NUM_SPECULATIVE_TOKENS 0 runs without speculation (the reference output).
+    python tests/vllm/scripts/hamburger_greedy.py (the command line of ``speculative_run.py``)
 """
 
-import json
-import sys
-
-from speculative_run import RECORDED, generate
+from speculative_run import RECORDED, command_line, generate
 
 if __name__ == "__main__":
     from afterburner.plugins import stats
@@ -32,8 +27,6 @@ if __name__ == "__main__":
 
     HamburgerProposer.propose = recording_propose
 
-    model, drafter, num_spec, config = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-    temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-    spec = {"method": "hamburger", "model": drafter, "num_speculative_tokens": num_spec} if num_spec else None
-    result = generate(model, spec, config, temperature)
+    run = command_line("hamburger")
+    result = generate(run)
     print_result({**result, "stats": stats.SPECULATION.as_dict(), "proposals": proposals})

