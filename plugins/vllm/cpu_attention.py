@@ -267,7 +267,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         tree, chosen = _tree_rows(step), self._selective_rows(m)
         if chosen:
             self._selective(layer, q, kv_cache, m, chosen, output, mixed=bool(chunks), tree=tree)
-        rest = [b for b in range(m.seq_lens.shape[0]) if b not in set(chosen)]
+        rest = sorted(set(range(m.seq_lens.shape[0])) - set(chosen))
         if rest:
             rows = _rows(m, rest)
             sub = SubBatch(m.block_table[rows.index], m.seq_lens[rows.index], rows.query_start)
