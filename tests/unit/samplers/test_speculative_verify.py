@@ -1,6 +1,7 @@
 """AWRS as the verifier of a speculative chain or token tree (``samplers.speculative``) against AWRS alone,
 on a toy target whose logits depend on the whole prefix: the emitted sequence is the same token for token
-(greedy, and sampled with the same seed: one draw of the generator per emitted token either way), drafts
+(greedy, and sampled with the same seed: one draw of the generator per emitted token either way), the
+sampled tokens at drafted positions follow the constrained softmax (chi-square), drafts
 are accepted when they fit, a draft the constraint forbids is never accepted, and a tree's kept nodes are
 the path its emitted drafts took."""
 
@@ -8,6 +9,7 @@ import torch
 
 from afterburner.samplers.speculative import allowed_drafts, verify_chain, verify_tree
 from afterburner.spec_decode.tree import build_tree
+from support.stats import chi_square_p
 
 TREE = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]], max_depth=3)
 
@@ -90,6 +92,29 @@ def test_seeded_sampling_equals_awrs_alone_token_for_token():
         assert got == alone(1.0, seed)
         total += accepted
     assert total > 0
+
+
+def masked_probs(prefix: list[int]) -> torch.Tensor:
+    mask = torch.tensor([allowed(prefix, t) for t in range(VOCAB)])
+    return torch.softmax(target_logits(prefix).masked_fill(~mask, float("-inf")), -1)
+
+
+def test_sampled_tokens_at_drafted_positions_follow_the_constrained_softmax():
+    """Chi-square over 3,000 seeds (p > 1e-3): the second emitted token, whose position carries a draft, is
+    distributed as the constrained softmax given the first, averaged over the first; far from the
+    unconstrained one (p < 1e-6)."""
+    counts, accepted = torch.zeros(VOCAB), 0
+    for seed in range(3000):
+        got, step_accepted = speculative(1.0, 10_000 + seed, greedy_drafter(3), length=2)
+        counts[got[1]] += 1
+        accepted += step_accepted
+    first = masked_probs([])
+    expected = sum(first[t] * masked_probs([t]) for t in range(VOCAB))
+    assert chi_square_p(counts, expected) > 1e-3
+    unconstrained = torch.softmax(target_logits([]), -1)
+    assert chi_square_p(counts, sum(unconstrained[t] * torch.softmax(target_logits([t]), -1)
+                                    for t in range(VOCAB))) < 1e-6
+    assert accepted > 0
 
 
 def test_a_forbidden_draft_is_never_accepted():
