@@ -104,6 +104,7 @@ def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, propos
     full = {"attention": {**SPARSE, "sparse": {**SPARSE["sparse"], "token_budget": 100_000}}}
     assert _run(tiny_model, proposers, method, full)["tokens"] == dense["tokens"]
     sparse = _run(tiny_model, proposers, method, {"attention": SPARSE})
+    assert sparse["awrs"] == dense["awrs"] and dense["awrs"] in ("yes", "no")  # all three methods in one engine
     counts = sparse["attention"]
     assert counts["selective_verify_rows"] > 0, counts
     assert counts["kv_bytes_read"] < counts["kv_bytes_dense"]
@@ -137,6 +138,7 @@ def test_token_selectors_select_inside_verification_steps(tiny_model, proposers,
     assert full["attention"]["selective_verify_rows"] > 0, full["attention"]
     assert full["attention"]["tokens_read"] == full["attention"]["tokens_in_context"]
     chosen = _run(tiny_model, proposers, method, attention(fraction))
+    assert chosen["awrs"] == dense["awrs"] and dense["awrs"] in ("yes", "no")  # all three methods in one engine
     counts = chosen["attention"]
     assert counts["selective_verify_rows"] > 0, counts
     assert 0 < counts["tokens_read"] < 0.8 * counts["tokens_in_context"], counts
