@@ -1,10 +1,10 @@
 """Which methods compose in one vLLM engine (``plugins/vllm/composition.py``): pairings that do not work
 yet stop startup with one line naming the pair (engine-free: ``test_composition_startup.py``); the
 pairings that do work are served exactly (local-linear attention with a chain proposer, the micro-step
-drafter, Medusa's chain, vLLM's draft model or its EAGLE-3: speculative greedy output equals
+drafter, Medusa's chain, vLLM's draft model, n-gram proposer or EAGLE-3: speculative greedy output equals
 non-speculative greedy output under the same local-linear model; sparse selection inside their
-verification steps, chains and token trees of the micro-step drafter, Medusa and the draft model,
-token-identical at a full budget, tree rows over the chosen blocks: ``test_compact_decode.py``; the token
+verification steps, chains of every proposer above and token trees of the micro-step drafter, Medusa and
+the draft model, token-identical at a full budget, tree rows over the chosen blocks: ``test_compact_decode.py``; the token
 selectors, squeezed and sparse pages, inside chains and trees, token-identical when they keep every key)."""
 
 import json
@@ -36,7 +36,8 @@ def proposers(tiny_model, tmp_path_factory):
     heads = save_heads(MedusaHeads(HeadsConfig(base.hidden_size, base.vocab_size, num_heads=3)), folder / "heads")
     eagle3 = save_eagle3(folder / "eagle3", Eagle3Drafter(drafter_config_for(base, (1,))), max_position_embeddings=1024)
     draft = derive_draft(tiny_model, folder / "int4", int4=True)
-    return {"hamburger": str(drafter), "medusa": str(heads), "eagle3": str(eagle3), "draft-model": str(draft)}
+    return {"hamburger": str(drafter), "medusa": str(heads), "eagle3": str(eagle3), "draft-model": str(draft),
+            "ngram": "-"}
 
 
 def _engine_config(model, spec, section):
@@ -62,7 +63,8 @@ def test_local_linear_with_a_medusa_tree_is_refused_and_with_a_chain_starts(tiny
 CHAINS = {"hamburger": ("hamburger_greedy.py", 3, {"speculative": {"stop_threshold": 0.0}}),
           "eagle3": ("eagle3_greedy.py", 3, {}),
           "medusa": ("medusa_greedy.py", 3, {"speculative": {"tree": "chain"}}),
-          "draft-model": ("draft_model_greedy.py", 3, {})}
+          "draft-model": ("draft_model_greedy.py", 3, {}),
+          "ngram": ("ngram_greedy.py", 3, {})}
 # and token trees (the micro-step drafter's from its first micro-steps, Medusa's heads' top-k, the draft model's
 # top-k): verification rows in tree order
 VERIFIERS = {**CHAINS, "hamburger-tree": ("hamburger_greedy.py", 3, TREE), "medusa-tree": ("medusa_greedy.py", 6, TREE),
@@ -124,8 +126,10 @@ SELECTORS = {
 
 
 @pytest.mark.parametrize("selector, method", [("squeezed", "hamburger"), ("squeezed", "draft-model"),
-                                              ("squeezed", "hamburger-tree"), ("sparse-pages", "medusa"),
-                                              ("sparse-pages", "medusa-tree")])
+                                              ("squeezed", "hamburger-tree"), ("squeezed", "medusa-tree"),
+                                              ("squeezed", "eagle3"), ("squeezed", "ngram"),
+                                              ("sparse-pages", "medusa"), ("sparse-pages", "medusa-tree"),
+                                              ("sparse-pages", "draft-model-tree")])
 def test_token_selectors_select_inside_verification_steps(tiny_model, proposers, dense, selector, method):
     base, keep_all, fraction = SELECTORS[selector]
     name = base["method"]
