@@ -4,8 +4,9 @@ pairings that do work are served exactly (local-linear attention with a chain pr
 drafter, Medusa's chain, vLLM's draft model, n-gram proposer or EAGLE-3: speculative greedy output equals
 non-speculative greedy output under the same local-linear model; sparse selection inside their
 verification steps, chains of every proposer above and token trees of the micro-step drafter, Medusa and
-the draft model, token-identical at a full budget, tree rows over the chosen blocks: ``test_compact_decode.py``; the token
-selectors, squeezed and sparse pages, inside chains and trees, token-identical when they keep every key)."""
+the draft model, token-identical at a full budget, tree rows over the chosen blocks:
+``test_compact_decode.py``; the token selectors, squeezed and sparse pages, inside chains and trees,
+token-identical when they keep every key)."""
 
 import json
 
