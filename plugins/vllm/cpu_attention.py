@@ -174,10 +174,14 @@ def _tree_rows(step: VerifyStep) -> compact_decode.TreeRows:
     return compact_decode.TreeRows(step.tree_mask, step.tree_sizes)
 
 
-def _prefill_chunks(metadata, block_size: int, page: int) -> list[PrefillChunk]:
+def _prefill_chunks(metadata, block_size: int, page: int, *, longer_than: int) -> list[PrefillChunk]:
+    """The step's rows of more than ``longer_than`` queries (longer than a decode or verification row), as
+    the selector sees prefill chunks."""
     starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
     chunks = []
     for b, seq_len in enumerate(seq_lens):
+        if starts[b + 1] - starts[b] <= longer_than:
+            continue
         end = seq_len - 1
         last_page = int(metadata.block_table[b, end // block_size]) * (block_size // page) + end % block_size // page
         chunks.append(PrefillChunk(last_page, end, starts[b + 1], starts[b + 1] - starts[b]))
@@ -262,7 +266,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         the others (prefill chunks, short rows) take tree attention over every key, as a sub-batch."""
         n, selector = m.num_actual_tokens, self._selector_for(kv_cache)
         q = query[:n].view(n, self.num_heads, self.head_size)
-        chunks = [c for c in _prefill_chunks(m, kv_cache.shape[2], self._page) if c.num_queries > self._decode_queries]
+        chunks = _prefill_chunks(m, kv_cache.shape[2], self._page, longer_than=self._decode_queries)
         selector.observe_prefill(self._index(layer), q, chunks)
         tree, chosen = _tree_rows(step), self._selective_rows(m)
         if chosen:
@@ -318,8 +322,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         # Decode rows are rows of up to ``_decode_queries`` queries (a chain's drafts + 1): they are never
         # shown to the selector as prefill (Squeezed would calibrate on generated text).
         if m.max_query_len > self._decode_queries:
-            chunks = _prefill_chunks(m, block_size, self._page)
-            selector.observe_prefill(self._index(layer), q, [c for c in chunks if c.num_queries > self._decode_queries])
+            chunks = _prefill_chunks(m, block_size, self._page, longer_than=self._decode_queries)
+            selector.observe_prefill(self._index(layer), q, chunks)
             output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
             rows = self._selective_rows(m)
             if rows:
