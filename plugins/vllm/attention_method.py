@@ -74,12 +74,15 @@ def shared_selector(method: LayerMethod, layout: KVLayout) -> KVSelector:
 
 
 def count(method: LayerMethod, selector: KVSelector, counts, *, blocks=None, mixed_rows: int = 0,
-          verify_rows: int = 0) -> None:
+          verify_rows: int = 0, native_rows: int = 0, torch_rows: int = 0) -> None:
     """Add one layer-step's reads (``blocks``: the same counted in whole KV blocks, what the op gathers;
     ``mixed_rows``: decode rows served in a step that also carried a prefill chunk; ``verify_rows``: rows
-    verifying drafts); every ``_REPORT_EVERY`` calls, a cumulative report event."""
+    verifying drafts; ``native_rows`` / ``torch_rows``: rows served by the C op / the torch op); every
+    ``_REPORT_EVERY`` calls, a cumulative report event."""
     totals = stats.attention(method.name)
     totals.add(counts)
+    totals.native_op_rows += native_rows
+    totals.torch_op_rows += torch_rows
     totals.mixed_decode_rows += mixed_rows
     totals.selective_verify_rows += verify_rows
     if blocks is not None:

@@ -18,7 +18,8 @@ With a method on, per layer:
   greedy output does not depend on other traffic; ``tests/vllm/test_sparse_vllm.py``), and no row is
   computed twice;
 - ``forward``, for token selectors (squeezed; sparse with ``read_unit: "page"``): decode-only steps run
-  the selective torch op over the selector's token mask (``batch_selection.select_batch``); steps with a
+  the selective op over the selector's token mask (``batch_selection.select_batch``): the C op
+  (``selective_native``) where it serves the cache, else the torch op (token trees; said once); steps with a
   prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch and then
   recompute their long decode rows with the selective op (those rows cost twice). A decode row is one
   query, or a chain's drafts + 1 in a speculative engine: one selection per row, made with its first
@@ -49,7 +50,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from afterburner.attention_backends import registry
+from afterburner.attention_backends import registry, selective_native
 from afterburner.attention_backends.batch_selection import count_reads, select_batch
 from afterburner.attention_backends.registry import METHODS
 from afterburner.attention_backends.rules import LayerTraits
@@ -410,12 +411,21 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                                   scale=self.scale)
         for i, (seq_len, size) in enumerate(zip(lengths, sizes, strict=True)):
             token_mask[i, :, seq_len - size: seq_len] = True
+        query = q[chosen.tokens]
+        slow = selective_native.unsupported(query, key_cache, value_cache, tree=tree is not None)
         attention_method.count(self.method, self.selector, count_reads(token_mask, lengths, self._page),
                                blocks=count_reads(token_mask, lengths, key_cache.shape[1]),
-                               mixed_rows=len(rows) if mixed else 0, verify_rows=sum(size > 1 for size in sizes))
-        trees = {} if tree is None else dict(tree_mask=tree.mask, tree_sizes=tree.sizes_of(tuple(rows)))
-        result = selective_attention(q[chosen.tokens], key_cache, value_cache, table, seq_lens, chosen.query_start,
-                                     scale=self.scale, token_mask=token_mask, **trees)
+                               mixed_rows=len(rows) if mixed else 0, verify_rows=sum(size > 1 for size in sizes),
+                               native_rows=0 if slow else len(rows), torch_rows=len(rows) if slow else 0)
+        if slow is None:
+            result = selective_native.decode(query, key_cache, value_cache, table, seq_lens, chosen.query_start,
+                                             scale=self.scale, token_mask=token_mask)
+        else:
+            stats.fallback(_WHERE, f"the token-selective C op cannot serve {slow}",
+                           instead="afterburner's torch op")
+            trees = {} if tree is None else dict(tree_mask=tree.mask, tree_sizes=tree.sizes_of(tuple(rows)))
+            result = selective_attention(query, key_cache, value_cache, table, seq_lens, chosen.query_start,
+                                         scale=self.scale, token_mask=token_mask, **trees)
         output[chosen.tokens] = result.reshape(chosen.tokens.shape[0], *output.shape[1:]).to(output.dtype)
 
 

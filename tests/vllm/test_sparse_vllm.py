@@ -97,12 +97,13 @@ def test_a_method_that_raises_leaves_the_engine_serving_stock_output(tiny_model,
     assert stderr.count("runs vLLM's own kernel from now on") == 2, "once per layer (the tiny model has 2)"
 
 
-def test_page_read_unit_reads_single_pages_through_the_torch_op(tiny_model):
-    """``read_unit: "page"``: decode reads single 16-token pages (afterburner's torch op, not the kernel)."""
+def test_page_read_unit_reads_single_pages_through_the_token_op(tiny_model):
+    """``read_unit: "page"``: decode reads single 16-token pages (afterburner's C op, not vLLM's kernel)."""
     pages = _run(tiny_model, {"attention": {"method": "sparse",
                                             "sparse": {**SPARSE, "budget_ratio": 0.25, "read_unit": "page"}}})
     stats = pages["stats"]
-    assert stats["forward_calls"] > 0 and stats["selective_rows"] == 0, "the torch op ran, not the kernel path"
+    assert stats["forward_calls"] > 0 and stats["selective_rows"] == 0, "the token op ran, not the kernel path"
+    assert stats["native_op_rows"] > 0 and stats["torch_op_rows"] == 0
     assert 0 < stats["pages_read"] < 0.5 * stats["pages_in_context"]
     assert stats["pages_read"] / 2 <= stats["blocks_gathered"] <= stats["pages_read"]
     assert all(len(ids) == 12 for ids in pages["tokens"])

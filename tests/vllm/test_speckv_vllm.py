@@ -55,6 +55,7 @@ def test_counters_say_what_was_read(result):
     context = sum(lengths[r] + step for r in selective for step in range(1, decode_steps + 1)) * 2 * 2
     assert counts["tokens_read"] == read and counts["tokens_in_context"] == context
     assert counts["speckv_selections"] == len(selective) * decode_steps * 2
+    assert counts["native_op_rows"] == counts["speckv_selections"] and counts["torch_op_rows"] == 0
 
 
 def test_bad_requests_are_refused_in_one_line_and_reports_count_the_rest(result):

@@ -26,6 +26,7 @@ def test_keeping_every_key_is_token_identical_and_reuses_the_prefix_index(tiny_m
     assert full["tokens"] == dense["tokens"]
     assert stats["forward_calls"] > 0, "the squeezed path must have run"
     assert stats["tokens_read"] == stats["tokens_in_context"]
+    assert stats["native_op_rows"] > 0 and stats["torch_op_rows"] == 0, "decode rows through the C op"
     # two long prompts get an index per layer; the repeated prompt finds the first one's in the store
     assert stats["indexes_built"] == 2 * 2
     assert stats["index_hits"] > stats["indexes_built"]
