@@ -261,8 +261,9 @@ def test_the_paged_op_with_the_selection_as_token_mask_equals_the_reference(seed
                               torch.tensor([0, 3]), scale=scale, token_mask=token_mask)
     expected = squeezed_attention_reference(queries, all_keys, values, mask, scale=scale)
     assert torch.allclose(got, expected, atol=1e-5)
-    # the pruned keys hold little mass here (the selection works), yet the output is not the dense one
-    assert (expected - sdpa(queries, all_keys, values, scale=scale)).abs().max() > 1e-4
+    # the pruned keys hold little mass here (the selection works), yet the output is not the dense one (by
+    # more than float32 rounding, ~1e-7 here)
+    assert (expected - sdpa(queries, all_keys, values, scale=scale)).abs().max() > 1e-5
 
 
 def test_weighted_quantile():
