@@ -156,11 +156,13 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, pag
         block_table=metadata.block_table[index, :max_blocks], budgets=torch.tensor(budget_list),
         k=max(budget_list), max_blocks=max_blocks, virtual_start=virtual_start, virtual_lens=virtual_lens,
         virtual_schedule=shape.schedule(virtual_lens, virtual_start, heads=shape.num_heads // hkv, kv_heads=1),
-        counts=counts, **_rest(metadata, shape, set(rows), starts)), counts.dense_rows
+        counts=counts, **rest_batch(metadata, shape, set(rows))), counts.dense_rows
 
 
-def _rest(metadata, shape: KernelShape, selective: set[int], starts: list[int]) -> dict:
-    """The rows outside ``selective`` as a stock sub-batch (their tokens and CPU metadata)."""
+def rest_batch(metadata, shape: KernelShape, selective: set[int]) -> dict:
+    """The rows outside ``selective`` as a stock sub-batch: ``rest_rows``, their query tokens
+    ``rest_tokens`` and CPU metadata ``rest_metadata`` (None, None when every row is selective)."""
+    starts = metadata.query_start_loc.tolist()
     rest = [b for b in range(len(starts) - 1) if b not in selective]
     if not rest:
         return {"rest_rows": (), "rest_tokens": None, "rest_metadata": None}

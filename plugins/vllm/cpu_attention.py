@@ -20,13 +20,13 @@ With a method on, per layer:
 - ``forward``, for token selectors (squeezed; sparse with ``read_unit: "page"``): decode-only steps run
   the selective op over the selector's token mask (``batch_selection.select_batch``): the C op
   (``selective_native``) where it serves the cache, else the torch op (token trees; said once); steps with a
-  prefill chunk show the chunks' queries to the selector, run the stock kernel for the batch and then
-  recompute their long decode rows with the selective op (those rows cost twice). A decode row is one
-  query, or a chain's drafts + 1 in a speculative engine: one selection per row, made with its first
-  query (a last prefill chunk that short is served as one too).
-- ``forward``, for per-request methods (SpecKV): the stock kernel for the step, then the decode rows whose
-  request carries its kept prompt entries (``StepMetadata.kept_rows``, from the runner hook
-  ``speckv.on_prepare_inputs``) again through the selective op over them;
+  prefill chunk show the chunks' queries to the selector, run the long decode rows through the selective
+  op and the other rows through the stock kernel as a sub-batch (``compact_decode.rest_batch``, built once
+  per step). A decode row is one query, or a chain's drafts + 1 in a speculative engine: one selection
+  per row, made with its first query (a last prefill chunk that short is served as one too).
+- ``forward``, for per-request methods (SpecKV): the decode rows whose request carries its kept prompt
+  entries (``StepMetadata.kept_rows``, from the runner hook ``speckv.on_prepare_inputs``) through the
+  selective op over them, the other rows through the stock kernel as a sub-batch;
 - ``forward``, for output methods (``registry.OUTPUT_METHODS``: local-linear): every step's output, prefill
   and decode, from the method's own op over the cache (``output_attention``); nothing is selected.
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
@@ -98,6 +98,17 @@ class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAtt
         if not extra:
             return metadata
         return StepMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **extra)
+
+
+_step_rest: list = [None, None, None]  # (metadata, selective rows, rest_batch) of the step being run
+
+
+def _rest_of_step(m, shape: compact_decode.KernelShape, rows: tuple[int, ...]) -> dict:
+    """``compact_decode.rest_batch`` for the step's metadata ``m``, built by its first layer and shared by the
+    others (the step's metadata object is the same for every layer; it is held until the next step)."""
+    if _step_rest[0] is not m or _step_rest[1] != rows:
+        _step_rest[:] = [m, rows, compact_decode.rest_batch(m, shape, set(rows))]
+    return _step_rest[2]
 
 
 def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
@@ -317,33 +328,43 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             return self._kernel_decode(layer, query, key, value, kv_cache, m, output)
         if METHODS[self.method.name].per_request:
             return self._per_request(layer, q, query, key, value, kv_cache, m, output)
-        # Steps with a prefill chunk run the stock kernel for the whole batch (prefill reads every block
-        # anyway, and the torch path would materialise [n_q, L] scores for it); their long decode rows are
-        # then recomputed selectively, so a sequence's decode does not depend on what shares its step.
-        # Decode rows are rows of up to ``_decode_queries`` queries (a chain's drafts + 1): they are never
+        # Steps with a prefill chunk run the stock kernel for the prefill chunks and short rows (prefill reads
+        # every block anyway) and the selective op for the long decode rows, so a sequence's decode does not
+        # depend on what shares its step. Decode rows are rows of up to ``_decode_queries`` queries (a chain's drafts + 1): they are never
         # shown to the selector as prefill (Squeezed would calibrate on generated text).
         if m.max_query_len > self._decode_queries:
             chunks = _prefill_chunks(m, block_size, self._page, longer_than=self._decode_queries)
             selector.observe_prefill(self._index(layer), q, chunks)
-            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-            rows = self._selective_rows(m)
-            if rows:
-                self._selective(layer, q, kv_cache, m, rows, output, mixed=True)
-            return output
+            return self._stock_and_selective(layer, q, query, key, value, kv_cache, m, output, mixed=True)
         if self.method.gate.sequence_is_dense(m.max_seq_len):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         self._selective(layer, q, kv_cache, m, list(range(m.seq_lens.shape[0])), output, mixed=False)
         return output
 
     def _per_request(self, layer, q, query, key, value, kv_cache, m, output):
-        """Per-request methods (SpecKV): the stock kernel for the step, then the decode rows whose request
-        carries a choice again through the selective op (those rows cost twice). A single query at or before
-        the prompt's end (a prefix-cache hit recomputes the last prompt token) is prefill: the first token
-        always comes from the whole prompt, whatever the cache held."""
-        output = super().forward(layer, query, key, value, kv_cache, m, output)
+        """Per-request methods (SpecKV): the decode rows whose request carries a choice through the selective
+        op, the others through the stock kernel. A single query at or before the prompt's end (a prefix-cache
+        hit recomputes the last prompt token) is prefill: the first token always comes from the whole
+        prompt, whatever the cache held."""
+        return self._stock_and_selective(layer, q, query, key, value, kv_cache, m, output,
+                                         mixed=m.max_query_len > self._decode_queries)
+
+    def _stock_and_selective(self, layer, q, query, key, value, kv_cache, m, output, *, mixed: bool):
+        """The step's selective rows (``_selective_rows``) through the selective op, the others (prefill
+        chunks, short rows, requests that did not ask) through the stock kernel as a sub-batch, planned once
+        per step for all layers; no row is computed twice."""
         rows = self._selective_rows(m)
-        if rows:
-            self._selective(layer, q, kv_cache, m, rows, output, mixed=m.max_query_len > self._decode_queries)
+        if not rows:
+            return super().forward(layer, query, key, value, kv_cache, m, output)
+        rest = _rest_of_step(m, compact_decode.KernelShape(self.num_heads, self.num_kv_heads, self.head_size,
+                                                           kv_cache.shape[2], query.dtype, layer.isa,
+                                                           self.kv_cache_dtype), tuple(rows))
+        if rest["rest_metadata"] is not None:
+            tokens = rest["rest_tokens"]
+            stock = torch.empty(tokens.shape[0], *output.shape[1:], dtype=output.dtype)
+            super().forward(layer, query[tokens], key, value, kv_cache, rest["rest_metadata"], stock)
+            output[tokens] = stock
+        self._selective(layer, q, kv_cache, m, rows, output, mixed=mixed)
         return output
 
     def _kernel_decode(self, layer, query, key, value, kv_cache, m, output,
