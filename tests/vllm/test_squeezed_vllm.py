@@ -33,6 +33,16 @@ def test_keeping_every_key_is_token_identical_and_reuses_the_prefix_index(tiny_m
     assert full["cached_prompt_tokens"] > 0
 
 
+def test_decode_rows_beside_prefill_chunks_are_selective_and_exact(tiny_model, dense):
+    """Prefill chunks of 256 tokens: the longest prompt decodes while the next is still prefilling; its rows
+    go through the selective op, the chunks through the stock kernel as a sub-batch of the same steps."""
+    config = {"attention": {"method": "squeezed", "squeezed": {**SQUEEZED, "threshold_quantile": 0.0}}}
+    full = run_result_script("sparse_greedy.py", tiny_model, json.dumps(config), "0", "256")[0]
+    assert full["tokens"] == dense["tokens"]
+    stats = full["squeezed_stats"]
+    assert stats["mixed_decode_rows"] > 0 and stats["native_op_rows"] > 0, stats
+
+
 def test_calibrated_threshold_reads_a_fraction(tiny_model):
     quarter = _run(tiny_model, {"threshold_quantile": 0.75})
     stats = quarter["squeezed_stats"]
