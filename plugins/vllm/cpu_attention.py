@@ -330,8 +330,9 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             return self._per_request(layer, q, query, key, value, kv_cache, m, output)
         # Steps with a prefill chunk run the stock kernel for the prefill chunks and short rows (prefill reads
         # every block anyway) and the selective op for the long decode rows, so a sequence's decode does not
-        # depend on what shares its step. Decode rows are rows of up to ``_decode_queries`` queries (a chain's drafts + 1): they are never
-        # shown to the selector as prefill (Squeezed would calibrate on generated text).
+        # depend on what shares its step. Decode rows are rows of up to ``_decode_queries`` queries (a chain's
+        # drafts + 1): they are never shown to the selector as prefill (Squeezed would calibrate on generated
+        # text).
         if m.max_query_len > self._decode_queries:
             chunks = _prefill_chunks(m, block_size, self._page, longer_than=self._decode_queries)
             selector.observe_prefill(self._index(layer), q, chunks)
