@@ -14,8 +14,12 @@
      table   [B, table_stride]     physical block of each logical block
      starts  [B + 1]               row b's queries are query[starts[b] .. starts[b + 1]): its last positions
      mask    [B, Hkv, mask_stride] 1 where a kv head may read a position
+     tree    [N, tree_stride]      with tree_rows [B] (both may be NULL): row b verifies a token tree when
+                                   tree_rows[b]; its query i reads, among the row's own positions, those
+                                   tree[i, j] marks (its ancestors and itself), root first
      out     [T, Hkv * G, D]
-   Query i of a row of n_q reads the selected positions p <= seq_len - n_q + i (a chain's causal rule).
+   Query i of a row of n_q reads the selected positions before the row, and of the row's own positions those
+   up to its own (a chain's causal rule) or those its tree row marks.
 
    Bytes touched: a key channel's 16 tokens share a 64-byte line, so keys are read in 16-token runs that
    hold a selected position; values one selected token at a time. */
@@ -48,14 +52,16 @@ static inline float exp_nonpositive(float x) {
 /* Returns 0; -1 when a scratch buffer could not be allocated (that pair's rows are left unwritten). */
 int selective_decode(const float *query, const float *keys, const float *values, int64_t block_stride,
                      int64_t head_stride, const int32_t *table, int64_t table_stride, const int32_t *seq_lens,
-                     const int32_t *starts, const uint8_t *mask, int64_t mask_stride, int batch, int num_kv_heads,
-                     int group, int dim, int block_size, float scale, float *out) {
+                     const int32_t *starts, const uint8_t *mask, int64_t mask_stride, const uint8_t *tree,
+                     int64_t tree_stride, const uint8_t *tree_rows, int batch, int num_kv_heads, int group, int dim,
+                     int block_size, float scale, float *out) {
     int failed = 0, num_heads = num_kv_heads * group;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
     for (int pair = 0; pair < batch * num_kv_heads; pair++) {
         int b = pair / num_kv_heads, h = pair % num_kv_heads;
         int n_q = starts[b + 1] - starts[b], n = seq_lens[b];
         if (n_q <= 0) continue;
+        int in_tree = tree_rows != NULL && tree_rows[b];
         int rows = n_q * group, padded = (rows + QUAD - 1) / QUAD * QUAD;
         float *q = calloc((size_t)padded * dim, sizeof(float)), *acc = calloc((size_t)rows * dim, sizeof(float));
         float *top = malloc(sizeof(float) * (size_t)rows), *sum = calloc((size_t)rows, sizeof(float));
@@ -102,9 +108,11 @@ int selective_decode(const float *query, const float *keys, const float *values,
                 }
             for (int r = 0; r < rows; r++) {
                 float *s = score + (int64_t)r * block_size, best = -INFINITY;
-                int limit = n - n_q + r / group - first; /* last readable offset in this block */
+                int i = r / group, row_start = n - n_q - first; /* the row's first query, as a block offset */
+                const uint8_t *path = in_tree ? tree + (int64_t)i * tree_stride : NULL;
                 for (int t = 0; t < count; t++) { /* unread positions score -inf: weight 0 below */
-                    s[t] = any_run[t / RUN] && t <= limit && selected[first + t] ? s[t] : -INFINITY;
+                    int seen = t < row_start ? 1 : path ? path[t - row_start] : t - row_start <= i;
+                    s[t] = any_run[t / RUN] && seen && selected[first + t] ? s[t] : -INFINITY;
                     best = s[t] > best ? s[t] : best;
                 }
                 if (best == -INFINITY) continue;

@@ -1,11 +1,11 @@
 """The token-selective decode op in C (``selective_cpu.c``, built by ``attention_backends.native``): what
-``selective.selective_attention`` computes for decode rows (one query, or a chain's drafts + 1 with the causal
-rule), over a token mask, reading the cache in place with one call per layer.
+``selective.selective_attention`` computes for decode rows (one query, a chain's drafts + 1 with the causal
+rule, or a token tree's nodes), over a token mask, reading the cache in place with one call per layer.
 
 It serves float32 caches on CPU whose keys are channel-major per block and kv head (vLLM-CPU's "vec"
-layout: ``k_cache`` [NB, BS, Hkv, D] is a view of a [NB, Hkv, D, BS] buffer). ``unsupported`` says why a
-call cannot be served (a token tree, another dtype or layout, no library); the caller then runs the torch
-op and says so once.
+layout: ``k_cache`` [NB, BS, Hkv, D] is a view of a [NB, Hkv, D, BS] buffer). Rows verifying a token tree read
+their own positions along their tree path. ``unsupported`` says why a call cannot be served (another dtype or
+layout, no library); the caller then runs the torch op and says so once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ _RUN = 16  # the C op reads keys in 16-token runs
 def library() -> ctypes.CDLL | native.NativeUnavailable:
     lib = native.load(_SOURCE)
     if isinstance(lib, ctypes.CDLL) and not hasattr(lib, "_afterburner_typed"):
-        lib.selective_decode.argtypes = [_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _P, _I64, *[_I] * 5, _F, _P]
+        lib.selective_decode.argtypes = [_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _P, _I64, _P,
+                                         *[_I] * 5, _F, _P]
         lib.selective_decode.restype = _I
         lib._afterburner_typed = True
     return lib
@@ -42,11 +43,8 @@ def _layouts(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor
     return keys, values
 
 
-def unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-                tree: bool = False) -> str | None:
+def unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     """Why ``decode`` cannot serve this call (None: it can)."""
-    if tree:
-        return "token-tree rows"
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (query, k_cache, v_cache)):
         return f"a {k_cache.dtype} cache or query (the C op reads float32 on CPU)"
     if k_cache.shape[1] % _RUN or _layouts(k_cache, v_cache) is None:
@@ -56,10 +54,11 @@ def unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-           seq_lens: torch.Tensor, query_start: torch.Tensor, *, scale: float,
-           token_mask: torch.Tensor) -> torch.Tensor:
-    """``selective_attention(query, ..., token_mask=token_mask)`` for causal rows (see ``selective.py`` for
-    the shapes); call only where ``unsupported`` returned None."""
+           seq_lens: torch.Tensor, query_start: torch.Tensor, *, scale: float, token_mask: torch.Tensor,
+           tree_mask: torch.Tensor | None = None, tree_sizes: dict[int, int] | None = None) -> torch.Tensor:
+    """``selective_attention(query, ..., token_mask=token_mask, tree_mask=..., tree_sizes=...)`` (see
+    ``selective.py`` for the shapes): chain rows causal, tree rows by ``tree_mask``; call only where
+    ``unsupported`` returned None."""
     keys, values = _layouts(k_cache, v_cache)
     num_tokens, num_heads, head_dim = query.shape
     batch, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
@@ -70,9 +69,20 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
     query, table = query.contiguous(), block_table.to(torch.int32).contiguous()
     lengths, starts = seq_lens.to(torch.int32).contiguous(), query_start.to(torch.int32).contiguous()
     mask = token_mask.to(torch.uint8).contiguous()
+    tree, rows = None, None
+    if tree_sizes:
+        sizes = (query_start[1:] - query_start[:-1]).tolist()
+        for b, size in tree_sizes.items():
+            if sizes[b] != size:
+                raise ValueError(f"row {b} has {sizes[b]} query tokens but a tree of {size}")
+        tree = tree_mask.to(torch.uint8).contiguous()
+        rows = torch.zeros(batch, dtype=torch.uint8)
+        rows[list(tree_sizes)] = 1
     status = library().selective_decode(
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), table.data_ptr(),
-        table.stride(0), lengths.data_ptr(), starts.data_ptr(), mask.data_ptr(), mask.stride(1), batch,
+        table.stride(0), lengths.data_ptr(), starts.data_ptr(), mask.data_ptr(), mask.stride(1),
+        None if tree is None else tree.data_ptr(), 0 if tree is None else tree.stride(0),
+        None if rows is None else rows.data_ptr(), batch,
         num_kv_heads, num_heads // num_kv_heads, head_dim, k_cache.shape[1], scale, out.data_ptr())
     if status != 0:
         raise MemoryError("selective_decode could not allocate its scratch buffers")

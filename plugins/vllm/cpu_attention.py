@@ -19,7 +19,7 @@ With a method on, per layer:
   computed twice;
 - ``forward``, for token selectors (squeezed; sparse with ``read_unit: "page"``): decode-only steps run
   the selective op over the selector's token mask (``batch_selection.select_batch``): the C op
-  (``selective_native``) where it serves the cache, else the torch op (token trees; said once); steps with a
+  (``selective_native``) where it serves the cache, else the torch op (said once); steps with a
   prefill chunk show the chunks' queries to the selector, run the long decode rows through the selective
   op and the other rows through the stock kernel as a sub-batch (``compact_decode.rest_batch``, built once
   per step). A decode row is one query, or a chain's drafts + 1 in a speculative engine: one selection
@@ -434,18 +434,18 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         for i, (seq_len, size) in enumerate(zip(lengths, sizes, strict=True)):
             token_mask[i, :, seq_len - size: seq_len] = True
         query = q[chosen.tokens]
-        slow = selective_native.unsupported(query, key_cache, value_cache, tree=tree is not None)
+        slow = selective_native.unsupported(query, key_cache, value_cache)
+        trees = {} if tree is None else dict(tree_mask=tree.mask, tree_sizes=tree.sizes_of(tuple(rows)))
         attention_method.count(self.method, self.selector, count_reads(token_mask, lengths, self._page),
                                blocks=count_reads(token_mask, lengths, key_cache.shape[1]),
                                mixed_rows=len(rows) if mixed else 0, verify_rows=sum(size > 1 for size in sizes),
                                native_rows=0 if slow else len(rows), torch_rows=len(rows) if slow else 0)
         if slow is None:
             result = selective_native.decode(query, key_cache, value_cache, table, seq_lens, chosen.query_start,
-                                             scale=self.scale, token_mask=token_mask)
+                                             scale=self.scale, token_mask=token_mask, **trees)
         else:
             stats.fallback(_WHERE, f"the token-selective C op cannot serve {slow}",
                            instead="afterburner's torch op")
-            trees = {} if tree is None else dict(tree_mask=tree.mask, tree_sizes=tree.sizes_of(tuple(rows)))
             result = selective_attention(query, key_cache, value_cache, table, seq_lens, chosen.query_start,
                                          scale=self.scale, token_mask=token_mask, **trees)
         output[chosen.tokens] = result.reshape(chosen.tokens.shape[0], *output.shape[1:]).to(output.dtype)

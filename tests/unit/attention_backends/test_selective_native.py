@@ -9,6 +9,8 @@ import torch
 
 from afterburner.attention_backends import selective_native
 from afterburner.attention_backends.selective import selective_attention_reference
+from afterburner.spec_decode.tree import build_tree
+from afterburner.spec_decode.tree_choices import MC_SIM_7B_63
 
 lib = selective_native.library()
 pytestmark = pytest.mark.skipif(not isinstance(lib, ctypes.CDLL), reason=f"no native library: {lib}")
@@ -67,6 +69,29 @@ def test_native_decode_equals_the_reference(case, seed, density):
     assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("density", [0.1, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_rows_read_the_chosen_context_and_their_path_as_the_reference(seed, density):
+    """Rows verifying a token tree (root first): each node reads the chosen context and its own ancestors;
+    chain and single-query rows of the same call stay causal."""
+    tree = build_tree(MC_SIM_7B_63[:8], max_depth=3)
+    size = tree.num_nodes
+    query, k_cache, v_cache, table, lengths, starts, mask = _batch(
+        seed, [700, 90, 333], [size, 3, size], block_size=32, num_kv_heads=3, group=3, head_dim=64,
+        density=density)
+    trees = dict(tree_mask=tree.attn_mask, tree_sizes={0: size, 2: size})
+    got = selective_native.decode(query, k_cache, v_cache, table, lengths, starts, scale=0.125, token_mask=mask,
+                                  **trees)
+    expected = selective_attention_reference(query, k_cache, v_cache, table, lengths, starts, scale=0.125,
+                                             token_mask=mask, **trees)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4), (got - expected).abs().max()
+    causal = selective_native.decode(query, k_cache, v_cache, table, lengths, starts, scale=0.125, token_mask=mask)
+    assert not torch.allclose(causal[:size], got[:size], atol=1e-4), "the tree mask must change tree rows"
+    with pytest.raises(ValueError, match="tree of"):
+        selective_native.decode(query, k_cache, v_cache, table, lengths, starts, scale=0.125, token_mask=mask,
+                                tree_mask=tree.attn_mask, tree_sizes={1: size})
+
+
 def test_the_mask_decides_what_is_read():
     """Dropping one selected key changes exactly the outputs of the heads that read it."""
     query, k_cache, v_cache, table, lengths, starts, mask = _batch(
@@ -90,7 +115,6 @@ def test_a_head_with_nothing_selected_gives_zeros_as_the_torch_op():
 def test_unsupported_calls_say_why():
     query, k_cache, v_cache, *_ = _batch(5, [64], [1], block_size=32, num_kv_heads=1, group=1, head_dim=16,
                                          density=1.0)
-    assert "tree" in selective_native.unsupported(query, k_cache, v_cache, tree=True)
     assert "float32" in selective_native.unsupported(query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16())
     token_major = k_cache.contiguous()  # [NB, BS, Hkv, D]: not the channel-major layout
     assert "layout" in selective_native.unsupported(query, token_major, v_cache)
