@@ -103,6 +103,9 @@ class KVSelector(Protocol):
     def counters(self) -> dict[str, int]:
         """The method's own counts in this process (e.g. indexes built), for the engine's report."""
 
+    # Optional: ``begin_step(self) -> None``, called by adapters that know engine steps once per step before
+    # any layer selects; selectors with per-step budgets (squeezed's index builds) reset them there.
+
 
 class BatchedPageSelector(KVSelector, Protocol):
     """A page selector that also picks pages for a whole decode batch on the device (the GPU backend)."""

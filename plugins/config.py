@@ -66,6 +66,10 @@ class SqueezedSettings(_Settings):
     dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
     dense_layers: int = Field(2, ge=0, description="the first layers stay dense")
     index_memory_mb: int = Field(256, ge=1, description="bound on the centroid indexes kept per process")
+    index_builds_per_step: int = Field(4, ge=0, description="k-means index builds per engine step at most, so "
+                                       "that a new long context does not stall the step for all requests "
+                                       "(0: no bound); a sequence whose layer index waits reads every key "
+                                       "there meanwhile (vllm-cpu)")
 
 
 class LocalLinearSettings(_Settings):

@@ -63,11 +63,13 @@ class ContextIndexes:
             self.windows.popitem(last=False)
 
     def index(self, blocks: Sequence[Hashable], *, seq_len: int, block_size: int, scale: float,
-              context_key: Callable[[int], ContextKey], context_keys: Callable[[int], torch.Tensor]):
+              context_key: Callable[[int], ContextKey], context_keys: Callable[[int], torch.Tensor],
+              may_build: Callable[[], bool] = lambda: True):
         """(index, n) for a decoding sequence of ``seq_len`` tokens whose blocks are ``blocks``: n its fixed
         context's blocks, or (None, 0) when it has no index (it reads everything). ``context_key(n)``
         names the first n blocks in the store; ``context_keys(n)`` reads their keys
-        [n * block_size, Hkv, D]."""
+        [n * block_size, Hkv, D]; ``may_build()`` False: an index that would be built now waits (its
+        window is kept for a later step)."""
         # A context is full blocks of a cached prompt: never the block of the token decoded now.
         most = (seq_len - 1) // block_size
         hint = self.context_blocks.get(blocks[0])
@@ -78,11 +80,14 @@ class ContextIndexes:
                 return found, n
         for block in reversed(blocks[-_LOOKBACK_BLOCKS:]):
             if block in self.windows:
-                end, window = self.windows.pop(block)
                 break
         else:
             return None, 0
+        end, window = self.windows[block]
         n = end // block_size
+        if n > 0 and not may_build():
+            return None, 0
+        del self.windows[block]
         if n == 0:
             return None, 0
         built = build_calibrated_index(self.settings, context_keys(n), window, scale=scale)

@@ -9,6 +9,12 @@ its pages, so one that starts with a stored context finds its index. The last sl
 sequences that share a page's first slot but diverge inside it (SGLang names a block by its first slot's
 page): slots are shared only along a common prefix, so a shared last slot means a shared context.
 A page written again from offset 0 drops its windows and every index over it.
+
+Building an index (k-means over the context's keys, ~1 s per layer for 8k tokens on a 2-core CPU) runs
+inside the engine step. Adapters that call ``begin_step`` bound the builds per step
+(``index_builds_per_step``): a sequence whose layer index must wait reads every key in that layer until a
+later step builds it (counted: ``index_builds_deferred``), so a new long context slows steps instead of
+stalling one for everyone.
 """
 
 from __future__ import annotations
@@ -32,8 +38,22 @@ class SqueezedSelector:
     def __init__(self, settings, layout: KVLayout):
         self.settings, self.layout = settings, layout
         self.store = FixedContextStore(settings.index_memory_mb * 2**20)
-        self._counts = {"indexes_built": 0, "index_hits": 0}
+        self._counts = {"indexes_built": 0, "index_hits": 0, "index_builds_deferred": 0}
         self._layers: dict[int, ContextIndexes] = {}
+        self._builds_left: int | None = None  # this step's index builds (None: no bound, no step seen)
+
+    def begin_step(self) -> None:
+        """A new engine step: ``index_builds_per_step`` builds may run in it (0: no bound)."""
+        self._builds_left = self.settings.index_builds_per_step or None
+
+    def _may_build(self) -> bool:
+        if self._builds_left is None:
+            return True
+        if self._builds_left == 0:
+            self._counts["index_builds_deferred"] += 1
+            return False
+        self._builds_left -= 1
+        return True
 
     def contexts(self, layer: int) -> ContextIndexes:
         if layer not in self._layers:
@@ -56,7 +76,7 @@ class SqueezedSelector:
         index, _ = self.contexts(layer).index(
             pages, seq_len=seq_len, block_size=page, scale=scale,
             context_key=lambda n: (*pages[:n], ("last slot", sequence.slot_of(n * page - 1))),
-            context_keys=lambda n: sequence.read_keys(n * page))
+            context_keys=lambda n: sequence.read_keys(n * page), may_build=self._may_build)
         if index is None:
             return torch.ones(self.layout.num_kv_heads, seq_len, dtype=torch.bool)
         return lookup.extend_to_sequence(lookup.select_tokens(index, query, scale=scale), seq_len)

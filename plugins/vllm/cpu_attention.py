@@ -100,6 +100,17 @@ class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAtt
         return StepMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **extra)
 
 
+_step_seen: list = [None]  # the metadata of the last step whose selection began
+
+
+def _begin_step(selector, m) -> None:
+    """Tell the selector (``begin_step``, optional) that a new engine step starts: once per step's metadata."""
+    if _step_seen[0] is not m:
+        _step_seen[0] = m
+        if (begin := getattr(selector, "begin_step", None)) is not None:
+            begin()
+
+
 _step_rest: list = [None, None, None]  # (metadata, selective rows, rest_batch) of the step being run
 
 
@@ -426,6 +437,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         table, seq_lens = m.block_table[chosen.index], m.seq_lens[chosen.index]
         lengths, sizes = seq_lens.tolist(), chosen.sizes.tolist()
         kept = getattr(m, "kept_rows", None)
+        _begin_step(self.selector, m)
         sequences = [_sequence(i, seq_len, table, key_cache, self._page, kept[rows[i]] if kept else None)
                      for i, seq_len in enumerate(lengths)]
         token_mask = select_batch(self.selector, self.method.gate, layer=self._index(layer), query=q[chosen.first],

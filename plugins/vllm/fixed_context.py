@@ -2,8 +2,8 @@
 
 Squeezed Attention clusters a context's keys once and reuses the centroids for every request that starts
 with it. In vLLM the index is built inside the engine at the first decode step after the context's
-prefill, and found again through the prefix cache, so registering a context is: prefill it and decode one
-token. Later requests that start with the same text (same tokens, prefix caching on) reuse its index.
+prefill (a few layers per step: ``index_builds_per_step``), and found again through the prefix cache, so
+registering a context is: prefill it and decode enough tokens for every layer's build. Later requests that start with the same text (same tokens, prefix caching on) reuse its index.
 
     register_fixed_context(llm, [text, ...])                         # an in-process ``vllm.LLM``
     afterburner squeeze --url http://127.0.0.1:8000 FILE [FILE ...]   # a running ``vllm serve``
@@ -15,7 +15,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-_MAX_TOKENS = 2  # the prefill samples token 1; the index is built at the decode step of token 2
+# The prefill samples token 1; the indexes are built at the decode steps after it, ``index_builds_per_step``
+# layers a step (default 4): 32 decode steps cover 128 layers, whatever the model writes (EOS ignored).
+_MAX_TOKENS = 33
 
 
 def _progress(items: list, desc: str):
@@ -33,7 +35,7 @@ def register_fixed_context(llm, contexts: Iterable[str], *, progress: bool = Tru
     from vllm import SamplingParams
 
     contexts = list(contexts)
-    params = SamplingParams(temperature=0, max_tokens=_MAX_TOKENS)
+    params = SamplingParams(temperature=0, max_tokens=_MAX_TOKENS, ignore_eos=True)
     for text in _progress(contexts, "squeezed index") if progress else contexts:
         llm.generate([text], params, use_tqdm=False)
     return len(contexts)
@@ -45,7 +47,7 @@ def register_files_on_server(url: str, model: str | None, files: list[Path]) -> 
     import urllib.request
 
     for path in _progress(files, "squeezed index"):
-        body = {"prompt": path.read_text(), "max_tokens": _MAX_TOKENS, "temperature": 0}
+        body = {"prompt": path.read_text(), "max_tokens": _MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         if model:
             body["model"] = model
         request = urllib.request.Request(f"{url.rstrip('/')}/v1/completions", data=json.dumps(body).encode(),

@@ -43,6 +43,15 @@ def test_decode_rows_beside_prefill_chunks_are_selective_and_exact(tiny_model, d
     assert stats["mixed_decode_rows"] > 0 and stats["native_op_rows"] > 0, stats
 
 
+def test_index_builds_beyond_the_step_budget_wait_for_later_steps(tiny_model, dense):
+    """One build per step: the first decode step builds one of the four (2 prompts x 2 layers) indexes and
+    the others wait (reading every key); later steps build them."""
+    full = _run(tiny_model, {"threshold_quantile": 0.0, "index_builds_per_step": 1})
+    stats = full["squeezed_stats"]
+    assert full["tokens"] == dense["tokens"]
+    assert stats["index_builds_deferred"] >= 3 and stats["indexes_built"] == 2 * 2, stats
+
+
 def test_calibrated_threshold_reads_a_fraction(tiny_model):
     quarter = _run(tiny_model, {"threshold_quantile": 0.75})
     stats = quarter["squeezed_stats"]

@@ -109,9 +109,41 @@ def test_squeezed_selector_builds_calibrates_reuses_and_forgets():
     index = build_calibrated_index(settings, gather(k_cache, table[0], fixed), query[:window], scale=dim ** -0.5)
     expected = lookup.extend_to_sequence(lookup.select_tokens(index, decode, scale=dim ** -0.5), seq_len)
     assert torch.equal(chosen, expected) and not chosen.all()
-    assert selector.counters() == {"indexes_built": 1, "index_hits": 0}
+    assert selector.counters() == {"indexes_built": 1, "index_hits": 0, "index_builds_deferred": 0}
     assert torch.equal(selector.select(0, decode, seq, scale=dim ** -0.5), expected)
-    assert selector.counters() == {"indexes_built": 1, "index_hits": 1}
+    assert selector.counters() == {"indexes_built": 1, "index_hits": 1, "index_builds_deferred": 0}
     # the context's first page written again from offset 0: its index is gone, the sequence reads all
     selector.observe_keys(0, k_cache[0, :1], torch.tensor([int(table[0, 0]) * block_size]))
     assert selector.select(0, decode, seq, scale=dim ** -0.5).all()
+
+
+def test_squeezed_builds_at_most_its_budget_per_step_and_the_rest_wait():
+    """``index_builds_per_step``: once a step's builds are spent, a layer whose index is missing reads every
+    key and keeps its window; the next step builds it. Without ``begin_step`` (adapters that do not know
+    steps) nothing is bounded."""
+    block_size, hkv, dim, seq_len, window = 16, 2, 8, 160, 8
+    query, k_cache, _, table, seq_lens, _ = make_batch(6, seq_lens=[seq_len], q_lens=[window + 1],
+                                                       block_size=block_size, num_heads=4, num_kv_heads=hkv,
+                                                       head_dim=dim)
+    settings = SqueezedSettings(observation_window=window, dense_below_tokens=64, sink_tokens=4,
+                                centroid_ratio=0.1, index_builds_per_step=2)
+    selector = registry.make_selector("squeezed", settings, KVLayout(block_size, k_cache.shape[0], hkv, dim))
+    end, layers = seq_len - 2, range(3)
+    last_page = int(table[0, end // block_size])
+    for layer in layers:
+        selector.observe_prefill(layer, query[:window], [PrefillChunk(last_page, end, window, window)])
+    seq = _sequences(table, seq_lens, k_cache, block_size)[0]
+    decode, scale = query[window:], dim ** -0.5
+    selector.begin_step()
+    first = [selector.select(layer, decode, seq, scale=scale) for layer in layers]
+    assert [bool(mask.all()) for mask in first] == [False, False, True], "the third layer waits"
+    assert selector.counters()["indexes_built"] == 2 and selector.counters()["index_builds_deferred"] == 1
+    selector.begin_step()
+    second = [selector.select(layer, decode, seq, scale=scale) for layer in layers]
+    assert not second[2].all() and torch.equal(second[0], first[0])
+    assert selector.counters() == {"indexes_built": 3, "index_hits": 2, "index_builds_deferred": 1}
+    unbounded = registry.make_selector("squeezed", settings, KVLayout(block_size, k_cache.shape[0], hkv, dim))
+    for layer in layers:
+        unbounded.observe_prefill(layer, query[:window], [PrefillChunk(last_page, end, window, window)])
+        assert not unbounded.select(layer, decode, seq, scale=scale).all()
+    assert unbounded.counters()["indexes_built"] == 3
