@@ -1,9 +1,10 @@
 """Register a fixed context ahead of time for Squeezed Attention (``attention.method: "squeezed"``).
 
 Squeezed Attention clusters a context's keys once and reuses the centroids for every request that starts
-with it. In vLLM the index is built inside the engine at the first decode step after the context's
+with it. In vLLM the index is built inside the engine at the first decode steps after the context's
 prefill (a few layers per step: ``index_builds_per_step``), and found again through the prefix cache, so
-registering a context is: prefill it and decode enough tokens for every layer's build. Later requests that start with the same text (same tokens, prefix caching on) reuse its index.
+registering a context is: prefill it and decode enough tokens for every layer's build. Later requests that
+start with the same text (same tokens, prefix caching on) reuse its index.
 
     register_fixed_context(llm, [text, ...])                         # an in-process ``vllm.LLM``
     afterburner squeeze --url http://127.0.0.1:8000 FILE [FILE ...]   # a running ``vllm serve``
