@@ -25,6 +25,7 @@ import torch
 from afterburner.attention_backends import selective_native
 from afterburner.attention_backends.selective import selective_attention
 from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
 OUT = Path(__file__).parent / "results" / "token_selective_cpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, RUN = 9, 3, 64, 32, 16
@@ -35,10 +36,8 @@ def _cache(batch: int, length: int, gen: torch.Generator):
     views, a shuffled block table, lengths, query starts and queries."""
     per_seq = -(-length // BLOCK)
     raw = torch.randn(batch * per_seq, KV_HEADS, BLOCK, 2 * HEAD_DIM, generator=gen)
-    kernel_k, kernel_v = raw.view(raw.shape[0], KV_HEADS, 2 * BLOCK, HEAD_DIM).chunk(2, dim=2)
-    slab = raw.view(raw.shape[0], KV_HEADS, 2, BLOCK * HEAD_DIM)
-    keys = slab[:, :, 0].view(-1, KV_HEADS, HEAD_DIM, BLOCK).permute(0, 3, 1, 2)
-    values = slab[:, :, 1].view(-1, KV_HEADS, BLOCK, HEAD_DIM).transpose(1, 2)
+    kernel_k, kernel_v = raw.view(raw.shape[0], KV_HEADS, 2 * BLOCK, HEAD_DIM).chunk(2, dim=2)  # as vLLM splits it
+    keys, values = KV_VIEWS["vec"](raw)
     table = torch.randperm(raw.shape[0], generator=gen).int().view(batch, per_seq)
     lengths = torch.full((batch,), length, dtype=torch.int32)
     starts = torch.arange(batch + 1, dtype=torch.int32)

@@ -372,12 +372,16 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                                                            kv_cache.shape[2], query.dtype, layer.isa,
                                                            self.kv_cache_dtype), tuple(rows))
         if rest["rest_metadata"] is not None:
-            tokens = rest["rest_tokens"]
-            stock = torch.empty(tokens.shape[0], *output.shape[1:], dtype=output.dtype)
-            super().forward(layer, query[tokens], key, value, kv_cache, rest["rest_metadata"], stock)
-            output[tokens] = stock
+            self._stock_rows(layer, query, key, value, kv_cache, rest["rest_tokens"], rest["rest_metadata"], output)
         self._selective(layer, q, kv_cache, m, rows, output, mixed=mixed)
         return output
+
+    def _stock_rows(self, layer, query, key, value, kv_cache, tokens, sub_metadata, output) -> None:
+        """The step's query ``tokens`` through the stock kernel as the sub-batch ``sub_metadata``, into
+        ``output``."""
+        stock = torch.empty(tokens.shape[0], *output.shape[1:], dtype=output.dtype)
+        super().forward(layer, query[tokens], key, value, kv_cache, sub_metadata, stock)
+        output[tokens] = stock
 
     def _kernel_decode(self, layer, query, key, value, kv_cache, m, output,
                        tree: compact_decode.TreeRows | None = None):
@@ -390,15 +394,12 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             output = super().forward(layer, query, key, value, kv_cache, m, output)
             attention_method.count_dense_rows(self.method, getattr(m, "dense_decode_rows", None))
             return output
-        if plan.rest_metadata is not None:
-            rest_query = query[plan.rest_tokens]
-            if tree is not None:
-                rest = self._tree_attention(layer, rest_query, kv_cache, plan.rest_metadata, tree.mask,
-                                            tree.sizes_of(plan.rest_rows))
-            else:
-                rest = torch.empty(plan.rest_tokens.shape[0], *output.shape[1:], dtype=output.dtype)
-                super().forward(layer, rest_query, key, value, kv_cache, plan.rest_metadata, rest)
+        if plan.rest_metadata is not None and tree is not None:
+            rest = self._tree_attention(layer, query[plan.rest_tokens], kv_cache, plan.rest_metadata, tree.mask,
+                                        tree.sizes_of(plan.rest_rows))
             output[plan.rest_tokens] = rest.reshape(-1, *output.shape[1:]).to(output.dtype)
+        elif plan.rest_metadata is not None:
+            self._stock_rows(layer, query, key, value, kv_cache, plan.rest_tokens, plan.rest_metadata, output)
         table = self.selector.select_blocks(layer_index, query[plan.tokens], plan.block_table, plan.seq_lens,
                                             plan.budgets, block_size=kv_cache.shape[2], k=plan.k,
                                             max_blocks=plan.max_blocks, min_recent=plan.min_recent, head_ids=True)
