@@ -203,3 +203,39 @@ def test_scores_flatten_lm_eval_results():
     results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,f": 1}}}
     assert run.scores(results) == {"t": {"acc": 0.5, "exact_match": 1.0}}
     assert json.dumps(run.scores(results))
+
+
+def colour_docs(length: int, n_docs: int = 16, seed: int = 2026) -> list[dict]:
+    filler = generators.colour_filler(local_sentences())
+    return generators.colour_docs(filler, length=length, n_docs=n_docs, seed=seed)
+
+
+@pytest.mark.parametrize("length", [512, 2048])
+def test_colour_docs_ask_one_of_four_facts_the_context_holds(length):
+    docs = colour_docs(length)
+    assert colour_docs(length) == docs, "seeded"
+    assert [doc["label"] for doc in docs] != [docs[0]["label"]] * len(docs), "the answer's place varies"
+    for doc in docs:
+        context, choices = doc["context"], doc["choices"]
+        assert generators.colour_prompt(doc).endswith(doc["question"] + doc["answer_start"])
+        assert generators.chars_per_token_counter(generators.colour_prompt(doc)) <= length
+        assert generators.chars_per_token_counter(generators.colour_prompt(doc)) > 0.9 * length
+        assert len(set(choices)) == 4 and all(c[1:] in generators.COLOURS for c in choices)
+        asked = re.fullmatch(r"What is the favourite colour of (\w+)\? Answer:", doc["question"]).group(1)
+        assert doc["answer_start"] == f" The favourite colour of {asked} is"
+        facts = re.findall(r"The favourite colour of (\w+) is (\w+)\.", context)
+        assert len(facts) == 4 and len({name for name, _ in facts}) == 4
+        assert (asked, choices[doc["label"]][1:]) in facts, "the label is the asked person's colour"
+        assert sorted(colour for _, colour in facts) == sorted(c[1:] for c in choices), "distractors are in it"
+
+
+def test_colour_filler_drops_sentences_naming_a_person_or_colour():
+    kept = generators.colour_filler(["A red fox runs away.", "Ask Hugo about it.", "Plain text stays here.",
+                                     "Blue notes are fine?", "It has 3 parts."])
+    assert kept == ["Plain text stays here."]
+
+
+def test_colour_depths_of_the_asked_fact_cover_the_context():
+    docs = colour_docs(1024, n_docs=12)
+    edges = [0.0, *sorted(doc["depth"] for doc in docs), 1.0]
+    assert max(b - a for a, b in itertools.pairwise(edges)) < 2.5 / len(docs)
