@@ -14,12 +14,17 @@ and tokens/s, side by side in one run, against no speculation, for one proposer 
   same draft: SmolLM2's first ``--draft-layers`` layers (``afterburner models
   draft``, derived on first use).
 
+For Medusa, chains of 1..3, the paper's trees and trees of the paths the heads' held-out data accepted
+most often (``speculative.tree: "measured"``); ``tree_plan`` in the results is the shape
+``spec_decode/tree_plan.py`` picks from the heads' held-out acceptance and each shape's measured step time,
+with each row's held-out expected accepted per step beside the engine's.
+
 Medusa and the micro-step drafter also run with ``speculative.draft_vocab`` 4096 (drafting from the 4,096
 tokens the target writes most often: ``draft_vocab.safetensors``, which the make targets write beside the
 weights).
 
     python benchmarks/speculative_vllm.py --method medusa|hamburger|draft_model [--model DIR] [--prompts 8] [--quick]
-                                          [--sampled-only | --only TEXT ...]
+                                          [--sampled-only | --only TEXT ...] [--out FILE]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
 one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
@@ -55,7 +60,15 @@ CONFIGS = {
         ("vLLM built-in Medusa (chain)", 3, {"enabled": False}, 0.0),
         ("afterburner chain, lossless", 3, {"speculative": {"tree": "chain"}}, 0.0),
         ("afterburner chain, draft vocab 4096", 3, {"speculative": {"tree": "chain", "draft_vocab": 4096}}, 0.0),
+        ("afterburner chain of 1, draft vocab 4096", 1, {"speculative": {"tree": "chain", "draft_vocab": 4096}},
+         0.0),
+        ("afterburner chain of 2, draft vocab 4096", 2, {"speculative": {"tree": "chain", "draft_vocab": 4096}},
+         0.0),
         ("afterburner tree 4, draft vocab 4096", 4, {"speculative": {"tree": "paper", "draft_vocab": 4096}}, 0.0),
+        ("afterburner measured tree 4, draft vocab 4096", 4,
+         {"speculative": {"tree": "measured", "draft_vocab": 4096}}, 0.0),
+        ("afterburner measured tree 8, draft vocab 4096", 8,
+         {"speculative": {"tree": "measured", "draft_vocab": 4096}}, 0.0),
         ("afterburner tree 8, draft vocab 4096", 8, {"speculative": {"tree": "paper", "draft_vocab": 4096}}, 0.0),
         ("afterburner tree 16, draft vocab 4096", 16, {"speculative": {"tree": "paper", "draft_vocab": 4096}}, 0.0),
         ("no speculation, T=0.7", 0, {}, 0.7),
@@ -163,9 +176,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="TEXT",
                         help="only the configurations whose name contains one of these, with no speculation at "
                              "their temperatures (writes <method>_vllm_only.json)")
+    parser.add_argument("--out", type=Path, help="the results file (default: benchmarks/results/<method>_vllm*.json)")
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
-    out = RESULTS / f"{args.method}_vllm{'_sampled' if args.sampled_only else '_only' if args.only else ''}.json"
+    suffix = "_sampled" if args.sampled_only else "_only" if args.only else ""
+    out = args.out or RESULTS / f"{args.method}_vllm{suffix}.json"
     exit_if_refused(parser, out, allow_dirty=args.allow_dirty)
     if args.quick:
         args.prompts, args.max_tokens = 3, 48
@@ -199,7 +214,8 @@ def main() -> None:
             reference = tokens
         result["identical_to_no_speculation"] = tokens == reference if temperature == 0 else None
         rows.append({"config": name, "proposer": spec_method, "proposer_model": spec_model,
-                     "num_speculative_tokens": num_spec, "temperature": temperature, **result})
+                     "num_speculative_tokens": num_spec, "temperature": temperature, "afterburner": section,
+                     **result})
     print(f"\n{'configuration':40s} {'acc/step':>8s} {'tok/s':>7s} {'vs none':>7s} {'same text':>9s}")
     for row in rows:  # against no speculation at the same temperature
         base = next(r for r in rows if r["num_speculative_tokens"] == 0 and r["temperature"] == row["temperature"])
@@ -209,11 +225,41 @@ def main() -> None:
         speedup = row["speedup_vs_no_speculation"]
         print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {speedup:6.2f}x {same:>9s}")
     trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
+    plan = _tree_plan(rows, drafter) if args.method == "medusa" else None
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
                        "max_tokens": args.max_tokens, "batch": 1, "rows": rows,
-                       "training": {name: t for name, t in trained.items() if t}},
+                       "training": {name: t for name, t in trained.items() if t}, "tree_plan": plan},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
+    if plan:
+        print(f"tree_plan ({plan['heldout_positions']} held-out positions): {plan['chosen']}")
     print(f"wrote {out}")
+
+
+def _tree_plan(rows: list[dict], heads: str) -> dict | None:
+    """The greedy shape ``tree_plan`` picks from the heads' held-out acceptance and each shape's measured
+    step time (ms per verification step here); beside it, each row's held-out expected accepted per step
+    against the engine's. None for heads with no stored acceptance."""
+    from afterburner.spec_decode.medusa.checkpoint import load_heads, measured_acceptance
+    from afterburner.spec_decode.tree_choices import tree_paths
+    from afterburner.spec_decode.tree_plan import best_shape
+
+    acceptance = measured_acceptance(heads)
+    if acceptance is None:
+        return None
+    depth = load_heads(heads).config.num_heads
+    tokens, step_ms = {}, {}
+    for row in rows:
+        if row["temperature"] != 0:
+            continue
+        setting = row["afterburner"].get("speculative", {}).get("tree", "chain" if "enabled" in row["afterburner"]
+                                                                 else "paper")
+        step_ms[row["config"]] = 1000.0 * (row["accepted_per_step"] or 1.0) / row["tokens_per_s"]
+        tokens[row["config"]] = 1.0 if not row["num_speculative_tokens"] else acceptance.accepted_per_step(
+            tree_paths(setting, max_depth=depth, num_drafts=row["num_speculative_tokens"], measured=acceptance))
+        row["heldout_accepted_per_step"] = tokens[row["config"]]
+    chosen, rate = best_shape(tokens, step_ms)
+    return {"chosen": chosen, "expected_tokens_per_s": rate, "step_ms": step_ms,
+            "heldout_positions": acceptance.positions}
 
 
 def _chosen(name: str, only: list[str]) -> bool:

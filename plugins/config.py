@@ -142,10 +142,12 @@ class SpeculativeSettings(_Settings):
     """Tree speculation for every afterburner proposer (vLLM: ``--speculative-config '{"method": "medusa",
     ...}'``; SGLang: ``--speculative-algorithm AFTERBURNER_MEDUSA``): the tree's shape and its acceptance."""
 
-    tree: Literal["paper", "chain"] | list[list[int]] = Field(
+    tree: Literal["paper", "chain", "measured"] | list[list[int]] = Field(
         "paper", description='"paper": the Medusa paper\'s sparse tree, its first num_speculative_tokens '
-        'nodes by importance; "chain": the argmax chain; or explicit paths of candidate ranks. vLLM\'s '
-        'draft_model: only when set, a tree from the draft\'s top-k (unset: vLLM\'s chain)')
+        'nodes by importance; "chain": the argmax chain; "measured" (Medusa on vLLM): the paths the heads\' '
+        'own held-out data accepted most often (stored by `afterburner train medusa`); or explicit paths '
+        'of candidate ranks. vLLM\'s draft_model: only when set, a tree from the draft\'s top-k (unset: '
+        'vLLM\'s chain)')
     acceptance: Literal["lossless", "typical"] = Field(
         "lossless", description="lossless: exact greedy at temperature 0, rejection sampling above; "
         "typical: the paper's typical acceptance")

@@ -2,6 +2,10 @@
 reached by taking the r_1-th candidate at depth 1, then the r_2-th at depth 2, ... (ranks from 0, best
 first). For Medusa, depth d is head d."""
 
+from __future__ import annotations
+
+from afterburner.spec_decode.tree_plan import Acceptance
+
 # The sparse tree of the Medusa paper and its reference implementation ("mc_sim_7b_63": 63 nodes, depth 4,
 # up to 10 candidates per head), chosen there by simulating acceptance on Vicuna-7B.
 MC_SIM_7B_63 = [
@@ -19,11 +23,23 @@ def chain(depth: int) -> list[list[int]]:
     return [[0] * d for d in range(1, depth + 1)]
 
 
-def tree_paths(tree: str | list[list[int]], *, max_depth: int, num_drafts: int) -> list[list[int]]:
+def tree_paths(tree: str | list[list[int]], *, max_depth: int, num_drafts: int,
+               measured: Acceptance | None = None) -> list[list[int]]:
     """The paths a proposer drafts ``num_drafts`` tokens for. ``"paper"``: the first ``num_drafts`` paths
     of MC_SIM_7B_63 (listed best first, each path after its prefixes) no deeper than ``max_depth``;
-    ``"chain"``: the argmax chain; a list: those paths, which must number ``num_drafts``. ``ValueError``
-    names what does not fit."""
+    ``"chain"``: the argmax chain; ``"measured"``: the ``num_drafts`` paths accepted most often on the
+    drafter's held-out data (``measured``, ``tree_plan``); a list: those paths, which must number
+    ``num_drafts``. ``ValueError`` names what does not fit."""
+    if tree == "measured":
+        if measured is None:
+            raise ValueError('"measured" needs Medusa heads trained by `afterburner train medusa` (their '
+                             "config.json carries the held-out acceptance); on vLLM only")
+        paths = measured.tree(num_drafts, max_depth=max_depth)
+        if num_drafts > len(paths):
+            raise ValueError(f"only {len(paths)} paths within depth {max_depth} were ever accepted on the heads' "
+                             f"held-out data ({measured.positions} positions); num_speculative_tokens is "
+                             f"{num_drafts}")
+        return paths
     if tree == "chain":
         if num_drafts > max_depth:
             raise ValueError(f"a chain drafts at most one token per depth: {num_drafts} > depth {max_depth}")

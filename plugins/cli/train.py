@@ -91,6 +91,7 @@ def _train_medusa(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens, "config": config.__dict__, "torch": torch.__version__,
         "holdout_top1": result.after.get("top1"), "holdout_top1_untrained": result.before.get("top1"),
         "holdout_accepted": result.after.get("accepted"),
+        "holdout_tree": result.after.get("tree"),  # rank prefixes and counts: speculative.tree "measured"
     }
     save_heads(result.heads, args.out, base_model=args.base.resolve(), lm_head_weight=lm_head,
                provenance=provenance)

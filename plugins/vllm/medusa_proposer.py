@@ -17,7 +17,12 @@ from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import cpu_gemm, proposers
 from afterburner.plugins.vllm.tree_speculation import TreeProposer
 from afterburner.spec_decode import draft_vocab
-from afterburner.spec_decode.medusa.checkpoint import CheckpointError, load_heads, load_shared_lm_head
+from afterburner.spec_decode.medusa.checkpoint import (
+    CheckpointError,
+    load_heads,
+    load_shared_lm_head,
+    measured_acceptance,
+)
 from afterburner.spec_decode.tree import build_tree
 from afterburner.spec_decode.tree_choices import tree_paths
 
@@ -48,7 +53,8 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
         cpu_gemm.accelerate_linears(self.heads)
         self.project = cpu_gemm.linear(self.lm_head_weight) if self.lm_head_weight is not None else None
         num_heads = self.heads.config.num_heads
-        paths = tree_paths(self.settings.tree, max_depth=num_heads, num_drafts=self.num_speculative_tokens)
+        paths = tree_paths(self.settings.tree, max_depth=num_heads, num_drafts=self.num_speculative_tokens,
+                           measured=measured_acceptance(folder))
         self.full_tree = build_tree(paths, max_depth=num_heads)
         full = self.full_tree
         logger.info("medusa: %d heads from %s, tree of %d nodes (depth %d, top-%d), %s acceptance",
@@ -90,7 +96,7 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
     proposers.check_draft_vocab(folder, config, heads.vocab_size)
     drafts = spec.get("num_speculative_tokens") or getattr(engine_args, "spec_tokens", None) or heads.num_heads
     try:
-        build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts),
-                   max_depth=heads.num_heads)
+        build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts,
+                              measured=measured_acceptance(folder)), max_depth=heads.num_heads)
     except ValueError as exc:
         raise ConfigError(f"afterburner.speculative.tree: {exc}") from None

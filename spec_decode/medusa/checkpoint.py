@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
+from afterburner.spec_decode.tree_plan import Acceptance
 
 WEIGHTS = "model.safetensors"
 FD_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -124,6 +125,14 @@ def load_shared_lm_head(folder: str | Path, *, dtype: torch.dtype = torch.float3
     if weight is None:
         raise CheckpointError(f"{folder}/{WEIGHTS} lacks lm_heads.0.weight although original_lm_head is true")
     return weight.to(dtype)
+
+
+def measured_acceptance(folder: str | Path) -> Acceptance | None:
+    """The held-out acceptance ``afterburner train medusa`` stored in the folder's config.json (what
+    ``speculative.tree: "measured"`` drafts from); None for heads trained elsewhere or before it was stored."""
+    _, config = _read_config(folder)
+    stored = ((config.get("afterburner") or {}).get("training") or {}).get("holdout_tree")
+    return Acceptance.from_dict(stored) if stored else None
 
 
 def _dtype_of(heads: MedusaHeads) -> torch.dtype:

@@ -29,6 +29,7 @@ import torch
 
 from afterburner.spec_decode.medusa.distill_data import BasePass, progress_bar
 from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
+from afterburner.spec_decode.tree_plan import Acceptance, candidate_ranks
 
 WINDOW = 32  # consecutive start positions per batch window: neighbours share their target positions
 EVAL_BATCH = 256  # positions per evaluation batch: the memory of a training step
@@ -147,30 +148,34 @@ class _SoftKL(torch.autograd.Function):
 
 def distill_kl(heads: MedusaHeads, hidden: torch.Tensor, pos: torch.Tensor, lm_head: torch.Tensor,
                softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(KL per head [K], head top-1 [K, P], target top-1 [K, P]) for positions ``pos``."""
+    """(KL per head [K], head logits [K, P, V] detached, target top-1 [K, P]) for positions ``pos``."""
     with torch.no_grad():
         target = target_logprobs(hidden, pos, lm_head, heads.config.num_heads, softcap)
     head_logits = heads(hidden[pos], lm_head)  # [K, P, V]
     kl = _SoftKL.apply(head_logits, target).mean(-1)
-    return kl, head_logits.detach().argmax(-1), target.argmax(-1)
+    return kl, head_logits.detach(), target.argmax(-1)
 
 
 @torch.no_grad()
 def evaluate(heads: MedusaHeads, base: BasePass, pos: torch.Tensor, lm_head: torch.Tensor,
              softcap: float | None = None) -> dict:
     """Per-head KL and top-1 agreement with the base model (head k's argmax at t vs the base argmax at
-    t+k), and the mean run of consecutive agreeing heads from head 1: a proxy for accepted drafts."""
-    kls, agree = [], []
+    t+k), the mean run of consecutive agreeing heads from head 1 (a proxy for accepted drafts), and where
+    the base's token ranks among each head's candidates: the acceptance a tree is chosen from
+    (``tree_plan.Acceptance``)."""
+    kls, ranks = [], []
     for i in range(0, len(pos), EVAL_BATCH):
         part = pos[i:i + EVAL_BATCH]
-        kl, head_top, target_top = distill_kl(heads, base.hidden, part, lm_head, softcap)
+        kl, head_logits, target_top = distill_kl(heads, base.hidden, part, lm_head, softcap)
         kls.append(kl * len(part))
-        agree.append(head_top == target_top)
-    agree_all = torch.cat(agree, dim=1).float()  # [K, P]
+        ranks.append(candidate_ranks(head_logits, target_top))
+    all_ranks = torch.cat(ranks)  # [P, K]
+    agree_all = (all_ranks == 0).T.float()  # [K, P]
     return {"kl": (torch.stack(kls).sum(0) / max(len(pos), 1)).tolist(),
             "top1": agree_all.mean(1).tolist(),
             "accepted": float(agree_all.cumprod(0).sum(0).mean()),
-            "positions": len(pos)}
+            "positions": len(pos),
+            "tree": Acceptance.from_ranks(all_ranks).to_dict()}
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -314,8 +319,8 @@ def train_heads(base: BasePass, lm_head: torch.Tensor, *, config: TrainConfig, w
         before = evaluate(heads, base, held_pos, lm_head, softcap) if len(held_pos) else {}
 
     def step_loss(pos: torch.Tensor) -> tuple[torch.Tensor, dict[str, str]]:
-        kl, head_top, target_top = distill_kl(heads, base.hidden, pos, lm_head, softcap)
-        top1 = "/".join(f"{a:.2f}" for a in (head_top == target_top).float().mean(1).tolist())
+        kl, head_logits, target_top = distill_kl(heads, base.hidden, pos, lm_head, softcap)
+        top1 = "/".join(f"{a:.2f}" for a in (head_logits.argmax(-1) == target_top).float().mean(1).tolist())
         return kl.mean(), {"kl": f"{kl.mean().item():.3f}", "top1": top1}
 
     step, losses = optimize(heads, optimizer, step_loss, wins=wins, per_step=per_step, total=total, step=step,

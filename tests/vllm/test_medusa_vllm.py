@@ -50,6 +50,32 @@ def test_tree_is_lossless_and_accepts_more_than_the_chain(tiny_model, echo_heads
     assert per_step["tree"] > per_step["chain"], per_step
 
 
+@pytest.fixture(scope="module")
+def measured_heads(tiny_model, tmp_path_factory):
+    """The echo heads with a stored held-out acceptance in which the argmax chain is accepted most often, so
+    that ``tree: "measured"`` of 3 nodes is the chain (the paper's first 3 nodes are [0], [0, 0], [1])."""
+    import torch
+
+    from afterburner.spec_decode.tree_plan import Acceptance
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    heads = MedusaHeads(HeadsConfig(base.config.hidden_size, base.config.vocab_size, num_heads=3,
+                                    shared_lm_head=True))
+    ranks = torch.tensor([[0, 0, 0]] * 6 + [[1, 0, 2]] * 2)
+    return save_heads(heads, tmp_path_factory.mktemp("heads") / "measured", lm_head_weight=base.lm_head.weight,
+                      provenance={"holdout_tree": Acceptance.from_ranks(ranks).to_dict()})
+
+
+def test_measured_tree_drafts_the_stored_paths(tiny_model, measured_heads, plain, chain):
+    measured = _run(tiny_model, measured_heads, 3, {"speculative": {"tree": "measured"}})
+    assert measured["tokens"] == plain["tokens"]
+    # the same drafts as the chain of 3 (a chain-shaped tree accepts what the chain accepts); the paper's
+    # first 3 nodes reach depth 2 only and would accept fewer
+    assert measured["stats"]["accepted_drafts"] == chain["stats"]["accepted_drafts"] > 0
+    paper = _run(tiny_model, measured_heads, 3, {"speculative": {"tree": "paper"}})
+    assert paper["stats"]["accepted_drafts"] != measured["stats"]["accepted_drafts"]
+
+
 def test_typical_acceptance_at_temperature_zero_is_greedy(tiny_model, echo_heads, plain):
     typical = _run(tiny_model, echo_heads, 10, {"speculative": {"tree": "paper", "acceptance": "typical"}})
     assert typical["tokens"] == plain["tokens"]
@@ -80,4 +106,5 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, echo_heads, tmp_pat
     message = _startup(tiny_model, echo_heads, 4, {"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]})
     assert "4 deep but the drafter reaches only depth 3" in message
     assert "at most one token per depth" in _startup(tiny_model, echo_heads, 4, {"tree": "chain"})
+    assert "afterburner train medusa" in _startup(tiny_model, echo_heads, 3, {"tree": "measured"})
     assert "\n" not in message
