@@ -73,6 +73,8 @@ class SpeculationStats:
     constrained_accepted: int = 0  # drafts AWRS's draws accepted
     constrained_rerouted: int = 0  # of those, tree rows where AWRS kept nodes the unconstrained rule rejected
     constrained_cut: int = 0  # drafts cut before verification, the constraint forbidding them or one before
+    tree_attention_native: int = 0  # dense tree verification: layer calls the token-selective C op served
+    tree_attention_torch: int = 0  # layer calls the torch tree attention served (a fallback, said once)
 
     def count_proposals(self, lengths: list[int], max_length: int) -> None:
         """One proposal per entry of ``lengths`` (drafted tokens), stopped early when below ``max_length``."""

@@ -12,10 +12,11 @@ registered and did in each engine process. Each feature issue adds its own secti
   and answers three passkey prompts whole and compressed per request to C = 512 tokens
   (``vllm_xargs specpc_capacity``): the answers, how many found the key, the prompt tokens read and the
   time to the first token (a one-token request) with and without compression, the draft's scoring included.
-- Medusa: a fourth server with ``--speculative-config`` (afterburner's tree of 16 nodes over 3 heads)
-  answers a chat request next to the same server without speculation: the same text, in fewer engine
-  steps. It uses the heads ``make medusa-heads`` trains if they exist, else untrained "echo" heads built
-  in seconds (each repeats the base model's next-token guess: lossless, but few drafts are accepted).
+- Medusa: a fourth server with ``--speculative-config`` answers a chat request next to the same server
+  without speculation: the same text, in fewer engine steps. It uses the heads ``make medusa-heads`` trains
+  if they exist, drafting a chain of 2 (the shape that paid most on this CPU), else untrained "echo" heads
+  built in seconds with afterburner's tree of 16 nodes (each head repeats the base model's next-token
+  guess: lossless, but few drafts are accepted).
 - Micro-step drafter (HAMburger-style): when ``make hamburger-drafter`` has trained one, a server with
   ``"method": "hamburger"`` answers the same chat request: same text, fewer base-model steps, the draft
   lengths its stop head chose (vLLM's counters); else the demo says how to build it.
@@ -198,11 +199,15 @@ def _specpc_section(server: VllmServer, docs: tuple[int, ...] = (1, 2, 3)) -> No
           "in the API server. A handful of documents: README (SpecPC) has 12 per length.")
 
 
-def medusa_heads(model: Path) -> tuple[Path, str]:
-    """The trained SmolLM2 heads if ``make medusa-heads`` ran, else echo heads (seconds to build)."""
+def medusa_heads(model: Path) -> tuple[Path, str, int, dict]:
+    """(folder, what they are, drafted tokens, afterburner's speculative settings): the trained SmolLM2 heads
+    if ``make medusa-heads`` ran, drafting the shape that paid most on this 2-core CPU (a chain of 2 from the
+    4,096 most written tokens: ``tree_plan`` in benchmarks/results/medusa_vllm_greedy_heads.json), else echo
+    heads (seconds to build) with the paper's tree of 16 nodes."""
     trained = trained_speculator("medusa")
     if trained is not None:
-        return trained, "trained by make medusa-heads"
+        return (trained, "trained by make medusa-heads; a chain of 2 drafts from 4,096 tokens", 2,
+                {"tree": "chain", "draft_vocab": 4096})
     echo = cache_root() / "medusa" / "smollm2-echo-heads"
     if not (echo / "config.json").is_file():
         from transformers import AutoModelForCausalLM
@@ -214,7 +219,8 @@ def medusa_heads(model: Path) -> tuple[Path, str]:
         heads = MedusaHeads(HeadsConfig(base.config.hidden_size, base.config.vocab_size, num_heads=3,
                                         shared_lm_head=True))
         save_heads(heads, echo, base_model=model, lm_head_weight=base.lm_head.weight)
-    return echo, "untrained echo heads; run `make medusa-heads` for trained ones"
+    return (echo, f"untrained echo heads, a tree of {MEDUSA_TREE_NODES} nodes; run `make medusa-heads` for trained "
+            "ones", MEDUSA_TREE_NODES, {"tree": "paper"})
 
 
 def _speculation_section(servers: dict[str, VllmServer], name: str, title: str) -> bool:
@@ -285,7 +291,7 @@ def main() -> int:
     model = build_smollm2()
     lla = lla_model()
     drafter = trained_speculator("hamburger")  # `make hamburger-drafter` (~25 minutes here), if it ran
-    heads, heads_note = medusa_heads(model)
+    heads, heads_note, heads_drafts, heads_settings = medusa_heads(model)
     config = {"afterburner": {**CONFIG["afterburner"], "specpc": {"draft": str(specpc_draft(model))}}}
     work = Path(tempfile.mkdtemp(prefix="afterburner-demo-"))
     report_dir = work / "report"
@@ -300,8 +306,8 @@ def main() -> int:
                                log=work / "squeezed.log", env={report.REPORT_DIR_ENV: str(work / "squeezed-report")},
                                max_model_len=2048),
         "medusa": VllmServer(model, "--speculative-config", json.dumps(
-            {"method": "medusa", "model": str(heads), "num_speculative_tokens": MEDUSA_TREE_NODES}),
-            "--additional-config", json.dumps({"afterburner": {"speculative": {"tree": "paper"}}}),
+            {"method": "medusa", "model": str(heads), "num_speculative_tokens": heads_drafts}),
+            "--additional-config", json.dumps({"afterburner": {"speculative": heads_settings}}),
             log=work / "medusa.log", max_model_len=2048),
         **({"hamburger": VllmServer(model, "--speculative-config", json.dumps(
             {"method": "hamburger", "model": str(drafter), "num_speculative_tokens": HAMBURGER_DRAFT}),
@@ -351,8 +357,7 @@ def main() -> int:
         codes.update({name: servers[name].stop() for name in phases[0][1:]})
         if not start(phases[1]):
             return 1
-        medusa_ok = _speculation_section(servers, "medusa", f"Medusa speculative decoding (tree of "
-                                         f"{MEDUSA_TREE_NODES} nodes, 3 heads: {heads_note})")
+        medusa_ok = _speculation_section(servers, "medusa", f"Medusa speculative decoding (3 heads, {heads_note})")
         if "hamburger" in servers:
             medusa_ok &= _speculation_section(servers, "hamburger", "Micro-step drafter (HAMburger-style, up to "
                                               f"{HAMBURGER_DRAFT} tokens a step, its stop head choosing how many)")

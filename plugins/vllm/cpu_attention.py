@@ -304,9 +304,24 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         return output
 
     def _tree_attention(self, layer, query, kv_cache, m, mask, sizes) -> torch.Tensor:
-        """Tree attention over every block of the rows of ``m`` (``query``: their tokens, in order)."""
+        """Tree attention over every block of the rows of ``m`` (``query``: their tokens, in order): the
+        token-selective C op with every position selected where it serves the cache and no row is longer
+        than a tree (a prefill chunk beside the tree keeps the torch op for the whole call), else the torch
+        op, said once; ``SPECULATION.tree_attention_native`` / ``_torch`` count the layer calls."""
         key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
         q = query.view(query.shape[0], self.num_heads, self.head_size)
+        lengths = m.query_start_loc[1:] - m.query_start_loc[:-1]
+        slow = selective_native.unsupported(q, key_cache, value_cache)
+        if slow is None and int(lengths.max()) > max(sizes.values(), default=1):
+            slow = "rows longer than a tree (a prefill chunk in the verification step)"
+        if slow is None:
+            stats.SPECULATION.tree_attention_native += 1
+            every = torch.ones(len(lengths), self.num_kv_heads, int(m.seq_lens.max()), dtype=torch.bool)
+            return selective_native.decode(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
+                                           scale=self.scale, token_mask=every, tree_mask=mask, tree_sizes=sizes)
+        stats.fallback(_WHERE, f"tree attention: the token-selective C op cannot serve {slow}",
+                       instead="afterburner's torch tree attention")
+        stats.SPECULATION.tree_attention_torch += 1
         return tree_verify_attention(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
                                      scale=self.scale, tree_mask=mask, tree_sizes=sizes)
 
