@@ -24,7 +24,7 @@ tokens the target writes most often: ``draft_vocab.safetensors``, which the make
 weights).
 
     python benchmarks/speculative_vllm.py --method medusa|hamburger|draft_model [--model DIR] [--prompts 8] [--quick]
-                                          [--sampled-only | --only TEXT ...] [--out FILE]
+                                          [--sampled-only | --only TEXT ...] [--repeats R] [--out FILE]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
 one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -176,6 +177,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="TEXT",
                         help="only the configurations whose name contains one of these, with no speculation at "
                              "their temperatures (writes <method>_vllm_only.json)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the configurations R times in turn; ratios pair each with its round's no speculation")
     parser.add_argument("--out", type=Path, help="the results file (default: benchmarks/results/<method>_vllm*.json)")
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
@@ -196,43 +199,69 @@ def main() -> None:
     proposers = {args.method: (args.method, drafter)}
     if args.method == "hamburger":
         proposers.update(_eagle3_baselines(args.eagle3, drafter, model))
-    rows, reference = [], None
-    for name, num_spec, section, temperature, *row_proposer in CONFIGS[args.method]:
-        if args.sampled_only and temperature == 0:
-            continue
-        if args.only and not (num_spec and _chosen(name, args.only) or not num_spec and temperature in {
-                t for n, k, _, t, *_ in CONFIGS[args.method] if k and _chosen(n, args.only)}):
-            continue
-        spec_method, spec_model = proposers[row_proposer[0] if row_proposer else args.method]
-        print(f"[{args.method} bench] {name} ...", file=sys.stderr, flush=True)
-        result = run_worker_or_exit(name, __file__, "--worker", "--spec-method", spec_method, "--model", model,
-                                    "--drafter", spec_model, "--num-spec", num_spec, "--section", json.dumps(section),
-                                    "--temperature", temperature, "--prompts", args.prompts,
-                                    "--max-tokens", args.max_tokens)
-        tokens = result.pop("tokens")
-        if num_spec == 0 and temperature == 0:
-            reference = tokens
-        result["identical_to_no_speculation"] = tokens == reference if temperature == 0 else None
-        rows.append({"config": name, "proposer": spec_method, "proposer_model": spec_model,
-                     "num_speculative_tokens": num_spec, "temperature": temperature, "afterburner": section,
-                     **result})
-    print(f"\n{'configuration':40s} {'acc/step':>8s} {'tok/s':>7s} {'vs none':>7s} {'same text':>9s}")
-    for row in rows:  # against no speculation at the same temperature
-        base = next(r for r in rows if r["num_speculative_tokens"] == 0 and r["temperature"] == row["temperature"])
-        row["speedup_vs_no_speculation"] = row["tokens_per_s"] / base["tokens_per_s"]
+    runs, reference = [], None
+    for round_ in range(args.repeats):  # configurations in turn, each round against its own no-speculation run
+        for name, num_spec, section, temperature, *row_proposer in CONFIGS[args.method]:
+            if args.sampled_only and temperature == 0:
+                continue
+            if args.only and not (num_spec and _chosen(name, args.only) or not num_spec and temperature in {
+                    t for n, k, _, t, *_ in CONFIGS[args.method] if k and _chosen(n, args.only)}):
+                continue
+            spec_method, spec_model = proposers[row_proposer[0] if row_proposer else args.method]
+            print(f"[{args.method} bench] {name} (round {round_ + 1} of {args.repeats}) ...", file=sys.stderr,
+                  flush=True)
+            result = run_worker_or_exit(name, __file__, "--worker", "--spec-method", spec_method, "--model", model,
+                                        "--drafter", spec_model, "--num-spec", num_spec, "--section",
+                                        json.dumps(section), "--temperature", temperature, "--prompts", args.prompts,
+                                        "--max-tokens", args.max_tokens)
+            tokens = result.pop("tokens")
+            if num_spec == 0 and temperature == 0 and reference is None:
+                reference = tokens
+            result["identical_to_no_speculation"] = tokens == reference if temperature == 0 else None
+            runs.append({"config": name, "round": round_, "proposer": spec_method, "proposer_model": spec_model,
+                         "num_speculative_tokens": num_spec, "temperature": temperature, "afterburner": section,
+                         **result})
+    rows = _summarise(runs)
+    print(f"\n{'configuration':40s} {'acc/step':>8s} {'tok/s':>7s} {'vs none':>7s} {'each round':>16s} {'same':>5s}")
+    for row in rows:
         acc = "-" if row["accepted_per_step"] is None else f"{row['accepted_per_step']:.2f}"
         same = "-" if row["identical_to_no_speculation"] is None else str(row["identical_to_no_speculation"])
-        speedup = row["speedup_vs_no_speculation"]
-        print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {speedup:6.2f}x {same:>9s}")
+        each = " ".join(f"{r:.2f}" for r in row["speedup_each_round"])
+        print(f"{row['config']:40s} {acc:>8s} {row['tokens_per_s']:7.1f} {row['speedup_vs_no_speculation']:6.2f}x "
+              f"{each:>16s} {same:>5s}")
     trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
     plan = _tree_plan(rows, drafter) if args.method == "medusa" else None
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
-                       "max_tokens": args.max_tokens, "batch": 1, "rows": rows,
+                       "max_tokens": args.max_tokens, "batch": 1, "repeats": args.repeats, "rows": rows, "runs": runs,
                        "training": {name: t for name, t in trained.items() if t}, "tree_plan": plan},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     if plan:
         print(f"tree_plan ({plan['heldout_positions']} held-out positions): {plan['chosen']}")
     print(f"wrote {out}")
+
+
+def _summarise(runs: list[dict]) -> list[dict]:
+    """One row per configuration: median tokens/s, the median of its per-round ratios to no speculation at
+    the same temperature (and each round's), accepted per step over all rounds, same text in every round."""
+    rows = []
+    for name in dict.fromkeys(run["config"] for run in runs):
+        mine = [run for run in runs if run["config"] == name]
+        ratios = [run["tokens_per_s"] / _baseline(runs, run)["tokens_per_s"] for run in mine]
+        steps, accepted = (sum(run[key] for run in mine) for key in ("verification_steps", "accepted_drafts"))
+        same = [run["identical_to_no_speculation"] for run in mine]
+        rows.append({**{k: v for k, v in mine[0].items() if k not in ("round", "seconds", "tokens_per_s")},
+                     "tokens_per_s": statistics.median(run["tokens_per_s"] for run in mine),
+                     "verification_steps": steps, "accepted_drafts": accepted,
+                     "accepted_per_step": 1 + accepted / steps if steps else None,
+                     "speedup_vs_no_speculation": statistics.median(ratios), "speedup_each_round": ratios,
+                     "identical_to_no_speculation": None if same[0] is None else all(same)})
+    return rows
+
+
+def _baseline(runs: list[dict], run: dict) -> dict:
+    """No speculation at ``run``'s temperature, in ``run``'s round."""
+    return next(r for r in runs if r["round"] == run["round"] and r["num_speculative_tokens"] == 0
+                and r["temperature"] == run["temperature"])
 
 
 def _tree_plan(rows: list[dict], heads: str) -> dict | None:
