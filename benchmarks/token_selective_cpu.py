@@ -56,13 +56,13 @@ def _masks(batch: int, length: int, gen: torch.Generator) -> dict[str, torch.Ten
     return masks
 
 
-def run_batch(batch: int, length: int, repeats: int, gen: torch.Generator) -> dict:
+def vllm_kernel(query, kernel_k, kernel_v, table, lengths, starts, scale: float):
+    """vLLM's CPU attention over the cache, causal (each sequence's queries are its last positions), as a
+    call to time: its schedule is made once, as vLLM's metadata builder does per step."""
     from vllm import _custom_ops as ops
 
-    kernel_k, kernel_v, keys, values, table, lengths, starts, query = _cache(batch, length, gen)
-    scale = HEAD_DIM ** -0.5
     schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=batch, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=lengths,
+        num_reqs=lengths.shape[0], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=lengths,
         dtype=torch.float32, query_start_loc=starts, causal=True, sliding_window_size=-1, isa="vec",
         enable_kv_split=False, kv_cache_dtype="auto")
     out = torch.empty_like(query)
@@ -74,6 +74,13 @@ def run_batch(batch: int, length: int, repeats: int, gen: torch.Generator) -> di
             softcap=0, scheduler_metadata=schedule, s_aux=None)
         return out
 
+    return kernel
+
+
+def run_batch(batch: int, length: int, repeats: int, gen: torch.Generator) -> dict:
+    kernel_k, kernel_v, keys, values, table, lengths, starts, query = _cache(batch, length, gen)
+    scale = HEAD_DIM ** -0.5
+    kernel = vllm_kernel(query, kernel_k, kernel_v, table, lengths, starts, scale)
     masks = _masks(batch, length, gen)
     calls = {"vLLM kernel, all keys": kernel}
     for name, mask in masks.items():
@@ -106,16 +113,23 @@ def run_batch(batch: int, length: int, repeats: int, gen: torch.Generator) -> di
     return {"batch": batch, "length": length, "max_abs_diff_all_keys_vs_kernel": dense_error, "rows": rows}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--length", type=int, default=8000)
+def layer_bench_args(parser: argparse.ArgumentParser, out: Path) -> argparse.Namespace:
+    """The one-layer benchmarks' shared options (--repeats, --out, --allow-dirty), parsed; a committed result
+    is not overwritten from a dirty tree; torch on every core."""
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--out", default=str(out))
     add_allow_dirty_argument(parser)
     args = parser.parse_args()
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     torch.set_num_threads(os.cpu_count() or 1)
+    return args
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--length", type=int, default=8000)
+    args = layer_bench_args(parser, OUT)
     gen = torch.Generator().manual_seed(0)
     results = [run_batch(batch, args.length, args.repeats, gen) for batch in args.batches]
     write_result(Path(args.out), {"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,

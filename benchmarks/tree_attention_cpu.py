@@ -14,17 +14,16 @@ Writes benchmarks/results/tree_attention_cpu.json. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from token_selective_cpu import HEAD_DIM, HEADS, KV_HEADS, _cache
+from token_selective_cpu import HEAD_DIM, HEADS, KV_HEADS, _cache, layer_bench_args, vllm_kernel
 
 from afterburner.attention_backends import selective_native
-from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+from afterburner.plugins.devtools.provenance import write_result
 from afterburner.spec_decode.tree import build_tree
 from afterburner.spec_decode.tree_attention import tree_verify_attention
 from afterburner.spec_decode.tree_choices import tree_paths
@@ -33,8 +32,6 @@ OUT = Path(__file__).parent / "results" / "tree_attention_cpu.json"
 
 
 def run_case(length: int, nodes: int, repeats: int, gen: torch.Generator) -> dict:
-    from vllm import _custom_ops as ops
-
     kernel_k, kernel_v, keys, values, table, lengths, _, _ = _cache(1, length, gen)
     tree = build_tree(tree_paths("paper", max_depth=4, num_drafts=nodes), max_depth=4)
     rows = nodes + 1
@@ -42,18 +39,7 @@ def run_case(length: int, nodes: int, repeats: int, gen: torch.Generator) -> dic
     starts = torch.tensor([0, rows], dtype=torch.int32)
     scale = HEAD_DIM ** -0.5
     every = torch.ones(1, KV_HEADS, length, dtype=torch.bool)
-    schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=lengths,
-        dtype=torch.float32, query_start_loc=starts, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=False, kv_cache_dtype="auto")
-    out = torch.empty_like(query)
-
-    def chain_kernel():
-        ops.cpu_attention_with_kv_cache(
-            query=query, key_cache=kernel_k, value_cache=kernel_v, output=out, query_start_loc=starts,
-            seq_lens=lengths, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
-            softcap=0, scheduler_metadata=schedule, s_aux=None)
-        return out
+    chain_kernel = vllm_kernel(query, kernel_k, kernel_v, table, lengths, starts, scale)
 
     calls = {
         "torch tree attention": lambda: tree_verify_attention(query, keys, values, table, lengths, starts, scale=scale,
@@ -84,12 +70,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 2048, 8000])
     parser.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default=str(OUT))
-    add_allow_dirty_argument(parser)
-    args = parser.parse_args()
-    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    torch.set_num_threads(os.cpu_count() or 1)
+    args = layer_bench_args(parser, OUT)
     gen = torch.Generator().manual_seed(0)
     results = [run_case(length, nodes, args.repeats, gen) for length in args.lengths for nodes in args.nodes]
     write_result(Path(args.out), {"threads": torch.get_num_threads(), "batch": 1, "results": results},
