@@ -14,7 +14,7 @@ registered and did in each engine process. Each feature issue adds its own secti
   time to the first token (a one-token request) with and without compression, the draft's scoring included.
 - Medusa: a fourth server with ``--speculative-config`` answers a chat request next to the same server
   without speculation: the same text, in fewer engine steps. It uses the heads ``make medusa-heads`` trains
-  if they exist, drafting a chain of 2 (the shape that paid most on this CPU), else untrained "echo" heads
+  if they exist, drafting a chain of 3 (the shape that paid most on this CPU), else untrained "echo" heads
   built in seconds with afterburner's tree of 16 nodes (each head repeats the base model's next-token
   guess: lossless, but few drafts are accepted).
 - Micro-step drafter (HAMburger-style): when ``make hamburger-drafter`` has trained one, a server with
@@ -201,12 +201,12 @@ def _specpc_section(server: VllmServer, docs: tuple[int, ...] = (1, 2, 3)) -> No
 
 def medusa_heads(model: Path) -> tuple[Path, str, int, dict]:
     """(folder, what they are, drafted tokens, afterburner's speculative settings): the trained SmolLM2 heads
-    if ``make medusa-heads`` ran, drafting the shape that paid most on this 2-core CPU (a chain of 2 from the
-    4,096 most written tokens: ``tree_plan`` in benchmarks/results/medusa_vllm_greedy_heads.json), else echo
-    heads (seconds to build) with the paper's tree of 16 nodes."""
+    if ``make medusa-heads`` ran, drafting the shape that paid most on this 2-core CPU (a chain of 3 from the
+    4,096 most written tokens: ``tree_plan`` in benchmarks/results/medusa_vllm_rounds.json, 1.13x there), else
+    echo heads (seconds to build) with the paper's tree of 16 nodes."""
     trained = trained_speculator("medusa")
     if trained is not None:
-        return (trained, "trained by make medusa-heads; a chain of 2 drafts from 4,096 tokens", 2,
+        return (trained, "trained by make medusa-heads; a chain of 3 drafts from 4,096 tokens", 3,
                 {"tree": "chain", "draft_vocab": 4096})
     echo = cache_root() / "medusa" / "smollm2-echo-heads"
     if not (echo / "config.json").is_file():
