@@ -119,6 +119,8 @@ CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attenti
     ([*HEADS, DRAFTS, "3"], '{"speculative": {"tree": [[0], [0, 0, 0, 0]]}}',
      r"^afterburner\.speculative\.tree: the tree is 4 deep but the drafter reaches only depth 3"),
     ([*HEADS, DRAFTS, "1"], None, r"^--speculative-num-draft-tokens: 1 leaves no tree node to draft"),
+    ([*HEADS, DRAFTS, "3"], '{"speculative": {"tree": "measured"}}',
+     r'^afterburner\.speculative\.tree: "measured" needs Medusa heads .*; on vLLM only'),
     (HEADS, '{"speculative": {"acceptance": "typical"}}',
      r"^afterburner\.speculative\.acceptance: 'typical' is not available on SGLang"),
     (HEADS, '{"enabled": false}', r"^afterburner\.enabled: false, but --speculative-algorithm AFTERBURNER"),
