@@ -242,7 +242,8 @@ def main() -> None:
 
 def _summarise(runs: list[dict]) -> list[dict]:
     """One row per configuration: median tokens/s, the median of its per-round ratios to no speculation at
-    the same temperature (and each round's), accepted per step over all rounds, same text in every round."""
+    the same temperature (and each round's), accepted per step and afterburner's counters over all rounds,
+    same text in every round."""
     rows = []
     for name in dict.fromkeys(run["config"] for run in runs):
         mine = [run for run in runs if run["config"] == name]
@@ -252,6 +253,8 @@ def _summarise(runs: list[dict]) -> list[dict]:
         rows.append({**{k: v for k, v in mine[0].items() if k not in ("round", "seconds", "tokens_per_s")},
                      "tokens_per_s": statistics.median(run["tokens_per_s"] for run in mine),
                      "verification_steps": steps, "accepted_drafts": accepted,
+                     "afterburner_drafting": {key: sum(run["afterburner_drafting"][key] for run in mine)
+                                              for key in mine[0]["afterburner_drafting"]},
                      "accepted_per_step": 1 + accepted / steps if steps else None,
                      "speedup_vs_no_speculation": statistics.median(ratios), "speedup_each_round": ratios,
                      "identical_to_no_speculation": None if same[0] is None else all(same)})
