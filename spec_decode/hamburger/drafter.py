@@ -28,6 +28,7 @@ trained or saved with the drafter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -119,9 +120,26 @@ def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
     return x * cos + half * sin
 
 
+@functools.lru_cache(maxsize=32)
+def _rope_table(length: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device):
+    """(cos, sin) [length, dim] for positions 0..length-1: built once, not at every micro-step (as ordinary
+    tensors even under inference mode, so that training may reuse them)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _rope_angles(length, dim, theta, dtype, device)
+
+
+def _rope_angles(length: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device):
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """``rope_at`` positions 0..T-1; x [B, heads, T, D]."""
-    return rope_at(x, torch.arange(x.shape[-2], device=x.device), theta)
+    d = x.shape[-1]
+    cos, sin = _rope_table(x.shape[-2], d, float(theta), x.dtype, x.device)
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1) * sin
 
 
 class DecoderLayer(nn.Module):
@@ -147,9 +165,8 @@ class DecoderLayer(nn.Module):
         k = self.k_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, kv_heads, T, D]
         v = self.v_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = rope(q, c.rope_theta), rope(k, c.rope_theta)
-        group = c.num_heads // c.num_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, T, D]
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              enable_gqa=c.num_heads != c.num_kv_heads)  # [B, heads, T, D]
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -178,6 +195,7 @@ class MicroStepDrafter(nn.Module):
         self.register_buffer("lm_head_weight", None, persistent=False)
         self.vocab_ids: torch.Tensor | None = None  # drafting vocabulary (attach_base); None: the whole one
         self._project = None  # the LM head as an engine applies it (attach_base's linear); None: torch
+        self._input_parts = None  # fc_in's feature and token halves as an engine applies them (attach_base)
 
     def attach_base(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
                     vocab_ids: torch.Tensor | None = None, *, linear=None) -> MicroStepDrafter:
@@ -197,28 +215,54 @@ class MicroStepDrafter(nn.Module):
         self.lm_head_weight = lm_head_weight.detach().to(device=self.fc_in.weight.device, dtype=dtype)
         self.vocab_ids = vocab_ids
         self._project = None if linear is None else linear(self.lm_head_weight)
+        # an engine's weights are final once attached: its linear may prepack fc_in's halves (_input)
+        split = len(c.feature_layers) * c.base_hidden_size
+        self._input_parts = None if linear is None else (linear(self.fc_in.weight[:, :split]),
+                                                         linear(self.fc_in.weight[:, split:]))
         return self
+
+    def _input(self, part: int, x: torch.Tensor) -> torch.Tensor:
+        """fc_in on its feature half (part 0) or token half (1): u_j = W_f f + W_e e_j, and W_f f is the same
+        at every micro-step of a step (``draft`` computes it once)."""
+        if self._input_parts is not None:
+            return self._input_parts[part](x)
+        split = len(self.config.feature_layers) * self.config.base_hidden_size
+        weight = self.fc_in.weight[:, :split] if part == 0 else self.fc_in.weight[:, split:]
+        return F.linear(x, weight)
 
     def step_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T, hidden] final normed micro-step states s_j; features [B, F, H_base], tokens [B, T]."""
+        return self._states(self._feature_input(self._checked(features)), tokens)
+
+    def _checked(self, features: torch.Tensor) -> torch.Tensor:
         if self.embed_weight is None:
             raise RuntimeError("MicroStepDrafter: call attach_base(embed, lm_head) first")
         c = self.config
         if features.shape[1:] != (len(c.feature_layers), c.base_hidden_size):
             raise ValueError(f"features have shape {tuple(features.shape)}, expected [B, "
                              f"{len(c.feature_layers)}, {c.base_hidden_size}]")
+        return features
+
+    def _feature_input(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, hidden]: W_f [RMSNorm_1(f_1) ... RMSNorm_F(f_F)], the features' share of every micro-step's input."""
         features = features.to(self.fc_in.weight.dtype)
         normed = torch.cat([norm(features[:, i]) for i, norm in enumerate(self.feature_norms)], -1)  # [B, F*H]
+        return self._input(0, normed)
+
+    def _states(self, feature_input: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         embedded = self.embed_norm(F.embedding(tokens, self.embed_weight))  # [B, T, H_base]
-        x = self.fc_in(torch.cat([normed[:, None].expand(-1, tokens.shape[1], -1), embedded], -1))
+        x = feature_input[:, None] + self._input(1, embedded)
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
 
-    def heads(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [..., V], p_continue [...]) from micro-step states [..., hidden]."""
+    def heads(self, states: torch.Tensor, stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [..., V], p_continue [...]) from micro-step states [..., hidden]; ``stop=False``: the
+        stop head is not run (p_continue None), for drafts of a fixed length."""
         out = self.fc_out(states)
         logits = out @ self.lm_head_weight.T if self._project is None else self._project(out)
+        if not stop:
+            return logits, None
         with torch.no_grad():
             logq = torch.log_softmax(logits.float(), -1)
             confidence = torch.stack([logq.max(-1).values, -(logq.exp() * logq).sum(-1)], -1).to(states.dtype)
@@ -243,10 +287,11 @@ class MicroStepDrafter(nn.Module):
         tokens = last_tokens.reshape(-1, 1).long()  # [B, 1 + drafted so far]
         alive = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         lengths = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        feature_input = self._feature_input(self._checked(features))
         for _ in range(max_tokens):
             # no cache: recompute all micro-steps (at most max_micro_steps positions); causal, so earlier
             # micro-steps come out as before
-            logits, p_continue = self.heads(self.step_states(features, tokens)[:, -1])  # the last micro-step's
+            logits, p_continue = self.heads(self._states(feature_input, tokens)[:, -1], stop=bool(stop_threshold))
             drafted = logits.argmax(-1)  # [B]
             if self.vocab_ids is not None:
                 drafted = self.vocab_ids[drafted]
@@ -266,8 +311,9 @@ class MicroStepDrafter(nn.Module):
             raise ValueError(f"draft_topk: depth must be in 1..max_micro_steps={self.config.max_micro_steps}, "
                              f"got {depth}")
         tokens, rows = last_tokens.reshape(-1, 1).long(), []
+        feature_input = self._feature_input(self._checked(features))
         for _ in range(depth):
-            logits, _ = self.heads(self.step_states(features, tokens)[:, -1])
+            logits, _ = self.heads(self._states(feature_input, tokens)[:, -1], stop=False)
             best = logits.topk(topk, dim=-1).indices  # [B, topk]
             if self.vocab_ids is not None:
                 best = self.vocab_ids[best]
