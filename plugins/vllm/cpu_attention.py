@@ -211,6 +211,19 @@ def _prefill_chunks(metadata, block_size: int, page: int, *, longer_than: int) -
     return chunks
 
 
+_ALL_TRUE = torch.ones(0, dtype=torch.bool)
+
+
+def _all_selected(rows: int, heads: int, length: int) -> torch.Tensor:
+    """A contiguous all-True token mask [rows, heads, length], a view of one buffer that grows as needed
+    (not a new tensor at every layer of every tree step)."""
+    global _ALL_TRUE
+    size = rows * heads * length
+    if _ALL_TRUE.numel() < size:
+        _ALL_TRUE = torch.ones(max(size, 2 * _ALL_TRUE.numel()), dtype=torch.bool)
+    return _ALL_TRUE[:size].view(rows, heads, length)
+
+
 class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -316,7 +329,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             slow = "rows longer than a tree (a prefill chunk in the verification step)"
         if slow is None:
             stats.SPECULATION.tree_attention_native += 1
-            every = torch.ones(len(lengths), self.num_kv_heads, int(m.seq_lens.max()), dtype=torch.bool)
+            every = _all_selected(len(lengths), self.num_kv_heads, int(m.seq_lens.max()))
             return selective_native.decode(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
                                            scale=self.scale, token_mask=every, tree_mask=mask, tree_sizes=sizes)
         stats.fallback(_WHERE, f"tree attention: the token-selective C op cannot serve {slow}",

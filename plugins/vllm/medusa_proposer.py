@@ -54,7 +54,7 @@ class AfterburnerMedusaProposer(TreeProposer, MedusaProposer):
         self.project = cpu_gemm.linear(self.lm_head_weight) if self.lm_head_weight is not None else None
         num_heads = self.heads.config.num_heads
         paths = tree_paths(self.settings.tree, max_depth=num_heads, num_drafts=self.num_speculative_tokens,
-                           measured=measured_acceptance(folder))
+                           measured=_measured(self.settings.tree, folder))
         self.full_tree = build_tree(paths, max_depth=num_heads)
         full = self.full_tree
         logger.info("medusa: %d heads from %s, tree of %d nodes (depth %d, top-%d), %s acceptance",
@@ -97,6 +97,11 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
     drafts = spec.get("num_speculative_tokens") or getattr(engine_args, "spec_tokens", None) or heads.num_heads
     try:
         build_tree(tree_paths(config.speculative.tree, max_depth=heads.num_heads, num_drafts=drafts,
-                              measured=measured_acceptance(folder)), max_depth=heads.num_heads)
+                              measured=_measured(config.speculative.tree, folder)), max_depth=heads.num_heads)
     except ValueError as exc:
         raise ConfigError(f"afterburner.speculative.tree: {exc}") from None
+
+
+def _measured(tree, folder: str):
+    """The heads' held-out acceptance, read only for ``tree: "measured"``."""
+    return measured_acceptance(folder) if tree == "measured" else None
