@@ -142,7 +142,8 @@ def train_eagle3(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *, 
     identity = {"config": {**asdict(config), "save_every": None}, "drafter": drafter_config.to_dict(),
                 "key": base.key, "init": sorted(init or {}), "format": "eagle3"}
     ckpt_path = work_dir / "eagle3_checkpoint.pt"
-    step, before = resume_from(ckpt_path, identity, drafter, optimizer, key="drafter") if resume else (0, None)
+    step, before, earlier = (resume_from(ckpt_path, identity, drafter, optimizer, key="drafter")
+                              if resume else (0, None, 0.0))
     resumed_from = step or None
     if before is None:
         before = evaluate(drafter, base, held_chunks, lm_head, softcap)
@@ -155,10 +156,11 @@ def train_eagle3(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *, 
         return kl.mean(), {"kl": f"{kl.mean().item():.3f}", "top1": "/".join(f"{a:.2f}" for a in top1)}
 
     drafter.train()
+    checkpoint = Checkpoint(ckpt_path, identity, "drafter", before, earlier, started)
     step, losses = optimize(drafter, optimizer, step_loss, wins=wins, per_step=per_step, total=total, step=step,
-                            config=config, checkpoint=Checkpoint(ckpt_path, identity, "drafter", before),
+                            config=config, checkpoint=checkpoint,
                             desc="EAGLE-3 drafter", progress=progress, stop_after=stop_after)
     drafter.eval()
     after = evaluate(drafter, base, held_chunks, lm_head, softcap) if step == total else {}
     return TrainResult(drafter, step, total, resumed_from, len(positions(base, train_chunks, steps_ahead)),
-                       len(positions(base, held_chunks, steps_ahead)), time.time() - started, losses, before, after)
+                       len(positions(base, held_chunks, steps_ahead)), checkpoint.seconds, losses, before, after)

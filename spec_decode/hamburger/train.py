@@ -223,7 +223,8 @@ def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *,
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
     identity = {"config": {**asdict(config), "save_every": None}, "drafter": drafter_config.to_dict(),
                 "key": base.key, "init": sorted(init or {})}
-    step, before = resume_from(ckpt_path, identity, drafter, optimizer, key="drafter") if resume else (0, None)
+    step, before, earlier = (resume_from(ckpt_path, identity, drafter, optimizer, key="drafter")
+                              if resume else (0, None, 0.0))
     resumed_from = step or None
     if before is None:
         before = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) else {}
@@ -235,10 +236,11 @@ def train_drafter(base: BasePass, embed: torch.Tensor, lm_head: torch.Tensor, *,
         return out["kl"].mean() + config.stop_weight * out["bce"], fields
 
     drafter.train()
+    checkpoint = Checkpoint(ckpt_path, identity, "drafter", before, earlier, started)
     step, losses = optimize(drafter, optimizer, step_loss, wins=wins, per_step=per_step, total=total, step=step,
-                            config=config, checkpoint=Checkpoint(ckpt_path, identity, "drafter", before),
+                            config=config, checkpoint=checkpoint,
                             desc="hamburger drafter", progress=progress, stop_after=stop_after)
     drafter.eval()
     after = evaluate(drafter, base, held_pos, lm_head, softcap) if len(held_pos) and step == total else {}
     return TrainResult(drafter, step, total, resumed_from, int(wins[:, 1].sum()), len(held_pos),
-                       time.time() - started, losses, before, after)
+                       checkpoint.seconds, losses, before, after)

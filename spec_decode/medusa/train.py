@@ -220,12 +220,13 @@ class _StopRequest:
 
 
 def resume_from(ckpt_path: Path, identity: dict, model: torch.nn.Module, optimizer, *,
-                key: str) -> tuple[int, dict | None]:
+                key: str) -> tuple[int, dict | None, float]:
     """Restore a checkpoint made with the same ``identity`` (settings and data) into ``model`` (saved under
-    ``key``), the optimizer and torch's RNG: (its step, its before-training evaluation); (0, None) when
-    there is none. Another identity is a ``TrainError``: a resumed run must end as an uninterrupted one."""
+    ``key``), the optimizer and torch's RNG: (its step, its before-training evaluation, the seconds its
+    runs trained so far); (0, None, 0.0) when there is none. Another identity is a ``TrainError``: a
+    resumed run must end as an uninterrupted one."""
     if not ckpt_path.is_file():
-        return 0, None
+        return 0, None, 0.0
     state = torch.load(ckpt_path, weights_only=False)
     if state["identity"] != identity:
         raise TrainError(f"{ckpt_path} was made with other settings or data; drop --resume (or delete "
@@ -233,7 +234,7 @@ def resume_from(ckpt_path: Path, identity: dict, model: torch.nn.Module, optimiz
     model.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return state["step"], state["before"]
+    return state["step"], state["before"], float(state.get("seconds", 0.0))
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,18 @@ class Checkpoint:
     identity: dict  # the settings and data: a resume must match them
     key: str  # the model's state dict is saved under this name
     before: dict  # the evaluation before training, kept for the final report
+    earlier: float = 0.0  # seconds earlier runs of this training took (resume_from)
+    started: float = field(default_factory=time.time)  # when this run started
+
+    @property
+    def seconds(self) -> float:
+        """Seconds this training has taken over all its runs (a resume of a finished run adds only its own)."""
+        return self.earlier + time.time() - self.started
 
     def save(self, model: torch.nn.Module, optimizer, step: int) -> None:
         _save(self.path, {"identity": self.identity, self.key: model.state_dict(), "step": step,
-                          "before": self.before, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+                          "before": self.before, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                          "seconds": self.seconds})
 
 
 def optimize(model: torch.nn.Module, optimizer, step_loss, *, wins: torch.Tensor, per_step: int, total: int,
@@ -313,7 +322,8 @@ def train_heads(base: BasePass, lm_head: torch.Tensor, *, config: TrainConfig, w
     heads = new_heads(config, lm_head)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
     identity = {"config": {**asdict(config), "save_every": None}, "key": base.key}
-    step, before = resume_from(ckpt_path, identity, heads, optimizer, key="heads") if resume else (0, None)
+    step, before, earlier = (resume_from(ckpt_path, identity, heads, optimizer, key="heads")
+                              if resume else (0, None, 0.0))
     resumed_from = step or None
     if before is None:
         before = evaluate(heads, base, held_pos, lm_head, softcap) if len(held_pos) else {}
@@ -323,9 +333,10 @@ def train_heads(base: BasePass, lm_head: torch.Tensor, *, config: TrainConfig, w
         top1 = "/".join(f"{a:.2f}" for a in (head_logits.argmax(-1) == target_top).float().mean(1).tolist())
         return kl.mean(), {"kl": f"{kl.mean().item():.3f}", "top1": top1}
 
+    checkpoint = Checkpoint(ckpt_path, identity, "heads", before, earlier, started)
     step, losses = optimize(heads, optimizer, step_loss, wins=wins, per_step=per_step, total=total, step=step,
-                            config=config, checkpoint=Checkpoint(ckpt_path, identity, "heads", before),
+                            config=config, checkpoint=checkpoint,
                             desc="medusa heads", progress=progress, stop_after=stop_after)
     after = evaluate(heads, base, held_pos, lm_head, softcap) if len(held_pos) and step == total else {}
-    return TrainResult(heads, step, total, resumed_from, num_train, len(held_pos), time.time() - started,
+    return TrainResult(heads, step, total, resumed_from, num_train, len(held_pos), checkpoint.seconds,
                        losses, before, after)

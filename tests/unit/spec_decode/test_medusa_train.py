@@ -105,8 +105,14 @@ def test_resume_gives_the_same_weights_as_one_run(base, tmp_path):
     # killed after 6 steps: the last checkpoint is step 4 (save_every=4), so the resumed run redoes 4..5
     cut = train_heads(base, lm_head, config=CONFIG, work_dir=tmp_path / "cut", progress=False, stop_after=6)
     assert cut.step == 6 and torch.load(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
+    cut_seconds = torch.load(tmp_path / "cut" / "checkpoint.pt")["seconds"]
     resumed = train_heads(base, lm_head, config=CONFIG, work_dir=tmp_path / "cut", resume=True, progress=False)
     assert resumed.resumed_from == 4 and resumed.step == whole.step
+    # training time adds up over runs: re-resuming the finished run (as `make` does) does not reset it
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt")["seconds"]
+    assert 0 < cut_seconds < saved <= resumed.seconds
+    finished = train_heads(base, lm_head, config=CONFIG, work_dir=tmp_path / "cut", resume=True, progress=False)
+    assert finished.resumed_from == whole.step and finished.seconds >= saved
     for (name, a), b in zip(whole.heads.state_dict().items(), resumed.heads.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed.before == whole.before
