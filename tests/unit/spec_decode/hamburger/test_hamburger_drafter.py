@@ -87,6 +87,33 @@ def test_draft_lengths_follow_the_stop_head():
         assert drafts[row] == greedy_loop(drafter, features[row], last[row], 4, threshold)
 
 
+def test_an_engines_linear_drafts_what_torch_drafts():
+    """attach_base(linear=...) as the engines call it: the LM head and fc_in's feature / token halves go
+    through the given linear (counted), fixed once at attach time; drafts equal the torch path's."""
+    config = small_config()
+    drafter = random_drafter(config, stop_std=2.0)
+    features, tokens = inputs(config, 6, 1)
+    last = tokens[:, 0]
+    expected = drafter.draft(features, last, max_tokens=4, stop_threshold=None)
+    stopped = drafter.draft(features, last, max_tokens=4, stop_threshold=0.5)
+    top = drafter.draft_topk(features, last, depth=3, topk=2)
+    shapes = []
+
+    def linear(weight):
+        weight = weight.detach().clone()
+        shapes.append(tuple(weight.shape))
+        return lambda x: x @ weight.T
+
+    drafter.attach_base(drafter.embed_weight, drafter.lm_head_weight, linear=linear)
+    split = len(config.feature_layers) * config.base_hidden_size
+    assert shapes == [(config.vocab_size, config.base_hidden_size), (config.hidden_size, split),
+                      (config.hidden_size, config.base_hidden_size)]
+    assert drafter.draft(features, last, max_tokens=4, stop_threshold=None) == expected
+    assert drafter.draft(features, last, max_tokens=4, stop_threshold=0.5) == stopped
+    assert torch.equal(drafter.draft_topk(features, last, depth=3, topk=2), top)
+    assert any(len(d) < 4 for d in stopped)  # the stop head acted in the compared run
+
+
 def test_draft_and_attach_errors():
     config = small_config()
     drafter = random_drafter(config)
