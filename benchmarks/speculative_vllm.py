@@ -70,6 +70,8 @@ CONFIGS = {
          {"speculative": {"tree": "measured", "draft_vocab": 4096}}, 0.0),
         ("afterburner measured tree 8, draft vocab 4096", 8,
          {"speculative": {"tree": "measured", "draft_vocab": 4096}}, 0.0),
+        ("afterburner measured tree 16, draft vocab 4096", 16,
+         {"speculative": {"tree": "measured", "draft_vocab": 4096}}, 0.0),
         ("afterburner tree 8, draft vocab 4096", 8, {"speculative": {"tree": "paper", "draft_vocab": 4096}}, 0.0),
         ("afterburner tree 16, draft vocab 4096", 16, {"speculative": {"tree": "paper", "draft_vocab": 4096}}, 0.0),
         ("no speculation, T=0.7", 0, {}, 0.7),
