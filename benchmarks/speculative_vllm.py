@@ -88,6 +88,9 @@ CONFIGS = {
         ("fixed 3 drafts, draft vocab 4096", 3, {"speculative": {"stop_threshold": 0.0, "draft_vocab": 4096}}, 0.0),
         ("up to 4, stop at 0.3, draft vocab 4096", 4, {"speculative": {"stop_threshold": 0.3, "draft_vocab": 4096}},
          0.0),
+        # the stop head never lets a draft through: what a step pays for the features and the first micro-step
+        ("up to 4, stop at 1.0 (drafts nothing), draft vocab 4096", 4,
+         {"speculative": {"stop_threshold": 1.0, "draft_vocab": 4096}}, 0.0),
         ("up to 4, stop at 0.15, draft vocab 4096", 4, {"speculative": {"stop_threshold": 0.15, "draft_vocab": 4096}},
          0.0),
         ("up to 4, stop at 0.1, draft vocab 4096", 4, {"speculative": {"stop_threshold": 0.1, "draft_vocab": 4096}},
