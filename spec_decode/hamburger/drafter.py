@@ -110,36 +110,35 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (Llama's rotate-half layout); x [B, heads, S, D], positions [S]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
-    angles = positions.to(device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [S, D/2]
-    cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
-    half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1)
-    return x * cos + half * sin
-
-
-@functools.lru_cache(maxsize=32)
-def _rope_table(length: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device):
-    """(cos, sin) [length, dim] for positions 0..length-1: built once, not at every micro-step (as ordinary
-    tensors even under inference mode, so that training may reuse them)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _rope_angles(length, dim, theta, dtype, device)
-
-
-def _rope_angles(length: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device):
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+def _cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """(cos, sin) [S, dim] of Llama's rotary angles at ``positions`` [S]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # [S, D/2]
     angles = torch.cat([angles, angles], -1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1) * sin
+
+
+def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half layout); x [B, heads, S, D], positions [S]."""
+    return _rotate(x, *_cos_sin(positions.to(x.device), x.shape[-1], theta, x.dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(length: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device):
+    """``_cos_sin`` at positions 0..length-1, built once, not at every micro-step (as ordinary tensors even
+    under inference mode, so that training may reuse them)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _cos_sin(torch.arange(length, device=device), dim, theta, dtype)
+
+
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """``rope_at`` positions 0..T-1; x [B, heads, T, D]."""
-    d = x.shape[-1]
-    cos, sin = _rope_table(x.shape[-2], d, float(theta), x.dtype, x.device)
-    return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1) * sin
+    return _rotate(x, *_rope_table(x.shape[-2], x.shape[-1], float(theta), x.dtype, x.device))
 
 
 class DecoderLayer(nn.Module):
@@ -216,9 +215,7 @@ class MicroStepDrafter(nn.Module):
         self.vocab_ids = vocab_ids
         self._project = None if linear is None else linear(self.lm_head_weight)
         # an engine's weights are final once attached: its linear may prepack fc_in's halves (_input)
-        split = len(c.feature_layers) * c.base_hidden_size
-        self._input_parts = None if linear is None else (linear(self.fc_in.weight[:, :split]),
-                                                         linear(self.fc_in.weight[:, split:]))
+        self._input_parts = None if linear is None else tuple(linear(w) for w in self._input_halves())
         return self
 
     def _input(self, part: int, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +223,12 @@ class MicroStepDrafter(nn.Module):
         at every micro-step of a step (``draft`` computes it once)."""
         if self._input_parts is not None:
             return self._input_parts[part](x)
+        return F.linear(x, self._input_halves()[part])
+
+    def _input_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc_in's weight split into its feature columns [hidden, F*H_base] and token columns [hidden, H_base]."""
         split = len(self.config.feature_layers) * self.config.base_hidden_size
-        weight = self.fc_in.weight[:, :split] if part == 0 else self.fc_in.weight[:, split:]
-        return F.linear(x, weight)
+        return self.fc_in.weight[:, :split], self.fc_in.weight[:, split:]
 
     def step_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T, hidden] final normed micro-step states s_j; features [B, F, H_base], tokens [B, T]."""
