@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,26 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+from afterburner.plugins.devtools.timing import gpu_milliseconds
 
 OUT = Path(__file__).parent / "results" / "sparse_attention_gpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
 GROUP = HEADS // KV_HEADS
 SINKS, RECENTS = 1, 2
-
-
-def gpu_milliseconds(fn, repeats: int, flush: torch.Tensor) -> float:
-    for _ in range(3):  # warm-up: compilation, autotuning caches, allocator
-        fn()
-    times = []
-    for _ in range(repeats):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def make_context(batch: int, length: int, gen: torch.Generator):
@@ -154,9 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="contexts 4k, 32k, 128k; 20 repeats")
+    parser.add_argument("--out", type=Path, default=OUT)
     add_allow_dirty_argument(parser)
     args = parser.parse_args(argv)
-    exit_if_refused(parser, OUT, allow_dirty=args.allow_dirty)
+    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     if not torch.cuda.is_available():
         print("sparse_attention_gpu: no CUDA device here; this benchmark runs on a GPU only "
               "(nothing written)", file=sys.stderr)
@@ -191,7 +177,7 @@ def main(argv=None) -> int:
     shape = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK,
              "dtype": "bfloat16", "sinks": SINKS, "recents": RECENTS, "repeats": args.repeats,
              "triton": triton.__version__}
-    out = write_result(OUT, {"shape": shape, "by_config": results},
+    out = write_result(args.out, {"shape": shape, "by_config": results},
                        command="python benchmarks/sparse_attention_gpu.py " + " ".join(sys.argv[1:]),
                        allow_dirty=args.allow_dirty)
     print(f"wrote {out}")

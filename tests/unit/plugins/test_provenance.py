@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from afterburner.plugins.devtools.provenance import ALLOW_DIRTY_ENV, DirtyTreeError, git_info, write_result
+from afterburner.plugins.devtools.provenance import ALLOW_DIRTY_ENV, COMMIT_ENV, DirtyTreeError, git_info, write_result
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 
@@ -97,6 +97,7 @@ def test_new_result_can_be_written_from_a_dirty_tree(repo):
 
 def test_outside_a_repository_git_is_null(tmp_path, monkeypatch):
     monkeypatch.delenv(ALLOW_DIRTY_ENV, raising=False)
+    monkeypatch.delenv(COMMIT_ENV, raising=False)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # even if tmp_path lies inside a repository
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -110,3 +111,18 @@ def test_without_git_the_block_says_so(repo, monkeypatch):
     monkeypatch.setenv("PATH", str(repo / "no-such-bin"))
     info = git_info(repo)
     assert info["commit"] is None and info["dirty"] is None and "git is not installed" in info["error"]
+
+
+def test_a_copy_without_git_records_the_commit_it_is_given(tmp_path, monkeypatch):
+    """The GPU machine gets the tree without .git: the run names its commit, and the block says so."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setenv(COMMIT_ENV, "abc123")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    info = git_info(plain)
+    assert info["commit"] == "abc123" and info["dirty"] is None and COMMIT_ENV in info["given_by"]
+
+
+def test_git_wins_over_a_given_commit(repo, monkeypatch):
+    monkeypatch.setenv(COMMIT_ENV, "abc123")
+    assert git_info(repo)["commit"] != "abc123"

@@ -1,0 +1,128 @@
+"""Local Linear Attention on one CUDA GPU: afterburner's Triton kernel against softmax attention, the op alone.
+
+    python benchmarks/local_linear_gpu.py [--decode 1024 ... 32768] [--prefill 1024 4096] [--batches 1 8]
+        [--lam 1.0] [--repeats 30] [--out FILE]
+
+One layer of SmolLM2-135M's attention (9 query heads over 3 kv heads, head_dim 64; the trained LLA models
+have this shape), bf16 paged cache in shuffled 16-token blocks. **Decode**: one query per sequence over L
+keys; **prefill**: L causal queries over L keys (one sequence). Modes, side by side in one process:
+    sdpa        torch SDPA over contiguous K/V (softmax at its best; no paging)
+    triton lla  ``local_linear_paged_triton`` at ridge --lam (the trained models learned 0.9-1.2): online
+                softmax statistics, matrix-free conjugate gradient (FlashLLA's defaults, up to 32
+                iterations, each a pass over the keys), the weighted pass; fp32 arithmetic
+Before timing, the kernel's output is checked against the float64 reference (``local_linear_reference``) on
+the first sequence (prefill: its last 16 queries); a mismatch stops the run and nothing is written. Timing:
+CUDA events, median of --repeats after warm-up, a 256 MiB buffer written before each call so K/V come from
+device memory. Without CUDA it says so and exits with status 2. Writes benchmarks/results/local_linear_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+from afterburner.plugins.devtools.timing import device_milliseconds
+
+OUT = Path(__file__).resolve().parent / "results" / "local_linear_gpu.json"
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 9, 3, 64, 16, torch.bfloat16
+CHECKED_QUERIES = 16
+DEVICE = "cuda"  # --device cpu: a smoke run under TRITON_INTERPRET=1 (numbers not meaningful)
+
+
+def paged(batch: int, length: int, queries: int, gen: torch.Generator):
+    """(query [T, Hq, D], k_cache, v_cache, table, seq_lens, query_start, contiguous k, v [B, Hkv, L, D])."""
+    n_blocks = length // BLOCK
+    shape = (batch * n_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device=DEVICE, generator=gen).to(DTYPE)
+    v_cache = torch.randn(shape, device=DEVICE, generator=gen).to(DTYPE)
+    table = torch.randperm(batch * n_blocks, device=DEVICE, generator=gen).int().view(batch, n_blocks)
+    query = torch.randn(batch * queries, HEADS, HEAD_DIM, device=DEVICE, generator=gen).to(DTYPE)
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+    query_start = torch.arange(batch + 1, device=DEVICE, dtype=torch.int32) * queries
+    keys = k_cache[table.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    values = v_cache[table.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    return query, k_cache, v_cache, table, seq_lens, query_start, keys, values
+
+
+def sdpa(query, keys, values, batch: int, scale: float):
+    """query [B * T, Hq, D] over [B, Hkv, L, D]; T > 1 is causal over the last T keys (here T = L)."""
+    q = query.view(batch, -1, HEADS, HEAD_DIM).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, is_causal=q.shape[2] > 1,
+                                                           scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(query.shape)
+
+
+def measure(kind: str, batch: int, length: int, *, lam: float, repeats: int, gen, flush) -> dict:
+    from afterburner.attention_backends.local_linear.reference import local_linear_reference
+    from afterburner.attention_backends.triton.local_linear import local_linear_paged_triton
+
+    queries = 1 if kind == "decode" else length
+    query, k_cache, v_cache, table, seq_lens, query_start, keys, values = paged(batch, length, queries, gen)
+    scale = HEAD_DIM ** -0.5
+
+    def lla():
+        return local_linear_paged_triton(query, k_cache, v_cache, table, seq_lens, query_start, scale=scale,
+                                         lam=lam)
+
+    out = lla()
+    checked = min(queries, CHECKED_QUERIES)
+    expected = local_linear_reference(query[queries - checked:queries], keys[0].transpose(0, 1),
+                                      values[0].transpose(0, 1), scale=scale, lam=lam)
+    error = ((out[queries - checked:queries].double() - expected).norm(dim=-1)
+             / expected.norm(dim=-1).clamp_min(1e-12)).max().item()
+    if not error < 2e-2:  # bf16 output rounding is a few 1e-3
+        raise SystemExit(f"{kind} {length} x {batch}: relative error {error:.3g} against the float64 "
+                         "reference; nothing written")
+    lla_ms = device_milliseconds(lla, repeats, DEVICE, flush)
+    sdpa_ms = device_milliseconds(lambda: sdpa(query, keys, values, batch, scale), repeats, DEVICE, flush)
+    return {"kind": kind, "batch": batch, "tokens": length, "local_linear_ms": lla_ms, "sdpa_ms": sdpa_ms,
+            "ratio": lla_ms / sdpa_ms, "checked_relative_error": error}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decode", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    add_allow_dirty_argument(parser)
+    args = parser.parse_args(argv)
+    exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("local_linear_gpu: no CUDA device here; this benchmark runs on a GPU only (nothing written)",
+              file=sys.stderr)
+        return 2
+    if any(n % BLOCK for n in args.decode + args.prefill):
+        parser.error(f"lengths must be multiples of the block size {BLOCK}")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE) if DEVICE == "cuda" else None
+    print(f"{torch.cuda.get_device_name(0) if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(f"{'kind':>8} {'batch':>5} {'tokens':>7} {'lla ms':>9} {'sdpa ms':>9} {'ratio':>7}")
+    plan = [("decode", b, n) for b in args.batches for n in args.decode] + [("prefill", 1, n) for n in args.prefill]
+    rows = []
+    for kind, batch, length in plan:
+        row = measure(kind, batch, length, lam=args.lam, repeats=args.repeats, gen=gen, flush=flush)
+        rows.append(row)
+        print(f"{kind:>8} {batch:>5} {length:>7} {row['local_linear_ms']:9.3f} {row['sdpa_ms']:9.3f} "
+              f"{row['ratio']:6.1f}x", flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    shape = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16"}
+    out = write_result(args.out, {"shape": shape, "lam": args.lam, "repeats": args.repeats, "rows": rows},
+                       command="python benchmarks/local_linear_gpu.py " + " ".join(sys.argv[1:]),
+                       allow_dirty=args.allow_dirty)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
