@@ -1,6 +1,6 @@
 """Local Linear Attention on one CUDA GPU: afterburner's Triton kernel against softmax attention, the op alone.
 
-    python benchmarks/local_linear_gpu.py [--decode 1024 ... 32768] [--prefill 1024 4096] [--batches 1 8]
+    python benchmarks/local_linear_gpu.py [--decode 1024 ... 32768] [--prefill 1024 4096] [--batches 1 8 64]
         [--lam 1.0] [--repeats 30] [--out FILE]
 
 One layer of SmolLM2-135M's attention (9 query heads over 3 kv heads, head_dim 64; the trained LLA models
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decode", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=OUT)

@@ -11,6 +11,7 @@ side in one process:
     triton 1/4     the sparse kernel reading a quarter, then an eighth, of the blocks (attention only;
     triton 1/8     the blocks come from top-k over random scores with 1 sink and 2 recent blocks)
     quest 1/8      the whole selective step: Quest scoring kernel + batched top-k + the sparse kernel
+    quest 1/8 graph  the same step captured as one CUDA graph (no launch gaps; how vLLM runs decode)
 Timing: CUDA events around each call, median of --repeats after warm-up, a 256 MiB buffer written before
 each call so K/V come from HBM (as in a real model, whose layers do not share L2). Events time the GPU,
 so a mode of several launches also pays the gaps between them.
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
-from afterburner.plugins.devtools.timing import gpu_milliseconds
+from afterburner.plugins.devtools.timing import cuda_graph, gpu_milliseconds
 
 OUT = Path(__file__).parent / "results" / "sparse_attention_gpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
@@ -103,11 +104,12 @@ def run_context(batch: int, length: int, repeats: int, gen: torch.Generator, flu
         modes[name] = (lambda ids=ids: sparse_paged_decode(query, k_cache, v_cache, table, seq_lens, ids,
                                                            scale=scale), ids)
     modes["quest 1/8"] = (quest_step, None)
+    modes["quest 1/8 graph"] = (cuda_graph(quest_step), None)  # no launch gaps, as under vLLM's CUDA graphs
 
     # Correctness first, on this GPU: dense against SDPA, sparse against SDPA masked to the selection.
     dense = sdpa_decode(query, keys, values, scale)
     for name, (fn, ids) in modes.items():
-        if name in ("sdpa dense", "quest 1/8"):
+        if ids is None:
             continue
         tokens = indices_to_mask(ids, n_blocks).repeat_interleave(BLOCK, -1)[:, :, None, :]  # [B, Hkv, 1, L]
         expected = dense if name == "triton all" else sdpa_decode(query, keys, values, scale, tokens)
@@ -122,7 +124,7 @@ def run_context(batch: int, length: int, repeats: int, gen: torch.Generator, flu
     block_bytes = BLOCK * HEAD_DIM * 2 * DTYPE.itemsize  # K and V of one block for one kv head
     for name, (fn, ids) in modes.items():
         selected = n_blocks * batch * KV_HEADS if ids is None else int((ids >= 0).sum())  # (b, kv, block)
-        if name == "quest 1/8":
+        if name.startswith("quest"):
             selected = math.ceil(n_blocks / 8) * batch * KV_HEADS
         kv_bytes = selected * block_bytes
         ms = gpu_milliseconds(fn, repeats, flush)

@@ -11,9 +11,9 @@ Llama of the named shape with **random bf16 weights** (time does not depend on t
 travels to the GPU machine): RMSNorm, fused QKV, RoPE, a static KV cache written at the new positions,
 SDPA over the cache with a causal mask for the new rows (a tree mask costs the same), SiLU MLP, LM head
 over every new position. Each (model, batch, q) is timed **eagerly and as a CUDA graph replay** (what
-vLLM's decode runs), CUDA events, median of --repeats after warm-up. ``draft`` rows: the micro-step
-drafter (``spec_decode/hamburger``, SmolLM2's trained drafter's shape, random weights, its own eager
-``draft`` loop with its host syncs) drafting 1 / 2 / 3 tokens, the cost the engine adds to each step.
+vLLM's decode runs), CUDA events, median of --repeats after warm-up. ``draft`` rows, timed the same two
+ways: the micro-step drafter (``spec_decode/hamburger``, SmolLM2's trained drafter's shape) drafting 1 / 2 /
+3 tokens and three Medusa heads (``spec_decode/medusa``), the cost a proposer adds to each step.
 ``--device cpu`` runs a tiny smoke version (no graphs; numbers not meaningful). Writes
 benchmarks/results/verify_cost_gpu.json.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
-from afterburner.plugins.devtools.timing import device_milliseconds
+from afterburner.plugins.devtools.timing import cuda_graph, device_milliseconds
 
 OUT = Path(__file__).resolve().parent / "results" / "verify_cost_gpu.json"
 
@@ -98,6 +98,15 @@ class RandomLlama:
         return F.rms_norm(x, (s.hidden,)) @ self.lm_head.T
 
 
+def eager_and_graph(fn, repeats: int, device: str) -> tuple[float, float | None]:
+    """(eager ms, CUDA graph replay ms; None off CUDA) of ``fn``, which must not sync with the host."""
+    with torch.inference_mode():
+        eager = device_milliseconds(fn, repeats, device)
+        if device != "cuda":
+            return eager, None
+        return eager, device_milliseconds(cuda_graph(fn), repeats, device)
+
+
 def verify_rows(name: str, batch: int, args, gen) -> list[dict]:
     shape = SHAPES[name]
     model = RandomLlama(shape, batch, args.context + max(args.tokens), args.device, args.dtype, gen)
@@ -107,23 +116,8 @@ def verify_rows(name: str, batch: int, args, gen) -> list[dict]:
         keys = torch.arange(args.context + q, device=args.device)
         mask = keys[None, :] <= keys[args.context:, None]  # [q, context + q]: causal for the new rows
 
-        def step(tokens=tokens, mask=mask):
-            return model.forward(tokens, args.context, mask)
-
-        with torch.inference_mode():
-            eager = device_milliseconds(step, args.repeats, args.device)
-            graph = None
-            if args.device == "cuda":
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    step()  # warm-up on a side stream before capture, as torch's docs ask
-                torch.cuda.current_stream().wait_stream(side)
-                captured = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(captured):
-                    step()
-                graph = device_milliseconds(captured.replay, args.repeats, args.device)
-                del captured
+        eager, graph = eager_and_graph(lambda tokens=tokens, mask=mask: model.forward(tokens, args.context, mask),
+                                       args.repeats, args.device)
         rows.append({"model": name, "batch": batch, "tokens": q, "context": args.context, "eager_ms": eager,
                      "graph_ms": graph})
     base = {"eager_ms": rows[0]["eager_ms"], "graph_ms": rows[0]["graph_ms"]}
@@ -134,7 +128,11 @@ def verify_rows(name: str, batch: int, args, gen) -> list[dict]:
 
 
 def draft_rows(batch: int, args, gen) -> list[dict]:
+    """The drafters' own cost per step, SmolLM2 shapes, random weights: the micro-step drafter's greedy chain
+    of 1-3 tokens (``draft_topk`` column 0: the same micro-steps as ``draft`` at a fixed length, without its
+    final host copy, so it can be captured) and three Medusa heads with their top-1 (shared LM head)."""
     from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
+    from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
 
     s = SHAPES["smollm2-135m"] if args.device == "cuda" else SHAPES["tiny"]
     config = DrafterConfig(base_hidden_size=s.hidden, vocab_size=s.vocab, feature_layers=(8, 16, 24, 28),
@@ -145,13 +143,19 @@ def draft_rows(batch: int, args, gen) -> list[dict]:
     drafter.attach_base(embed, embed)
     features = torch.randn(batch, 4, s.hidden, device=args.device, generator=gen).to(args.dtype)
     last = torch.randint(s.vocab, (batch,), device=args.device, generator=gen)
+    cases = {f"micro-step drafter, {n} drafts": lambda n=n: drafter.draft_topk(features, last, depth=n, topk=1)
+             for n in (1, 2, 3)}
+    medusa = MedusaHeads(HeadsConfig(hidden_size=s.hidden, vocab_size=s.vocab, num_heads=3, shared_lm_head=True))
+    for block in medusa.blocks:  # trained heads are not the identity they start as
+        for layer in block.layers:
+            torch.nn.init.normal_(layer.weight, std=s.hidden ** -0.5)
+    medusa = medusa.to(device=args.device, dtype=args.dtype)
+    hidden = torch.randn(batch, s.hidden, device=args.device, generator=gen).to(args.dtype)
+    cases["medusa, 3 heads"] = lambda: medusa(hidden, embed).argmax(-1)
     rows = []
-    with torch.inference_mode():
-        for n in (1, 2, 3):
-            ms = device_milliseconds(lambda n=n: drafter.draft(features, last, max_tokens=n, stop_threshold=None),
-                                     args.repeats, args.device)
-            rows.append({"drafter": "micro-step (SmolLM2 drafter shape)", "batch": batch, "drafts": n,
-                         "eager_ms": ms})
+    for name, fn in cases.items():
+        eager, graph = eager_and_graph(fn, args.repeats, args.device)
+        rows.append({"drafter": name, "batch": batch, "eager_ms": eager, "graph_ms": graph})
     return rows
 
 
@@ -190,7 +194,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     drafts = [row for batch in args.batches for row in draft_rows(batch, args, gen)]
     for r in drafts:
-        print(f"micro-step drafter, batch {r['batch']}, {r['drafts']} drafts: {r['eager_ms']:.3f} ms eager")
+        graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
+        print(f"{r['drafter']}, batch {r['batch']}: {r['eager_ms']:.3f} ms eager, {graph} ms graph")
     out = write_result(args.out, {"context": args.context, "repeats": args.repeats, "dtype": str(args.dtype),
                                   "weights": "random (timing only)", "verify": verify, "draft": drafts},
                        command="python benchmarks/verify_cost_gpu.py " + " ".join(sys.argv[1:]),

@@ -48,3 +48,19 @@ def device_milliseconds(fn: Callable[[], object], repeats: int, device: str, flu
     for _ in range(3):
         fn()
     return median_seconds(fn, repeats, warmup=False) * 1e3
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured as a CUDA graph (after one warm-up call on a side stream, as torch asks); returns its
+    replay. ``fn`` must not sync with the host; its outputs live in the graph's pool, overwritten per replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
