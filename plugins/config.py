@@ -84,6 +84,10 @@ class LocalLinearSettings(_Settings):
     cg_iters: int = Field(32, ge=1, le=1024, description="conjugate-gradient iterations at most per query "
                           "(FlashLLA's default 32; each streams the keys once more)")
     jacobi: bool = Field(False, description="Jacobi-precondition the conjugate gradient")
+    direct_max_queries: int = Field(16, ge=0, le=256, description="a sequence with at most this many queries "
+                                    "in a step (decode, verification, short chunks) solves its D x D systems "
+                                    "directly (Cholesky: exact, and 4-7x faster than CG for decode on CPU); "
+                                    "0: conjugate gradient always")
 
 
 # The per-request field that asks for SpecKV (vLLM: vllm_xargs), and the one afterburner itself fills with

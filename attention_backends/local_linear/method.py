@@ -48,12 +48,14 @@ class LocalLinearOutput:
     lam          ridge strength of every layer whose model names none (the config's)
     layer_lams   the model's own: one float for all layers, one per layer, or None
     cg_iters     conjugate-gradient iterations at most; jacobi: precondition them
+    direct_max_queries  sequences with at most this many queries in a step solve directly (``direct.py``)
     """
 
     lam: float
     layer_lams: float | tuple[float, ...] | None
     cg_iters: int
     jacobi: bool
+    direct_max_queries: int = 16
 
     def lam_of(self, layer: int) -> float:
         if self.layer_lams is None:
@@ -65,10 +67,12 @@ class LocalLinearOutput:
                  scale: float) -> torch.Tensor:
         """o [T, Hq, D] for layer ``layer`` (shapes: ``paged.py``)."""
         return local_linear_paged(query, k_cache, v_cache, block_table, seq_lens, query_start, scale=scale,
-                                  lam=self.lam_of(layer), cg_max_iters=self.cg_iters, jacobi=self.jacobi)
+                                  lam=self.lam_of(layer), cg_max_iters=self.cg_iters, jacobi=self.jacobi,
+                                  direct_max_queries=self.direct_max_queries)
 
 
 def make(settings, *, model_config=None) -> LocalLinearOutput:
-    """From ``LocalLinearSettings`` (any object with ``lam``, ``cg_iters``, ``jacobi``) and the model's
-    config (or None)."""
-    return LocalLinearOutput(float(settings.lam), model_lambdas(model_config), settings.cg_iters, settings.jacobi)
+    """From ``LocalLinearSettings`` (any object with ``lam``, ``cg_iters``, ``jacobi``, ``direct_max_queries``)
+    and the model's config (or None)."""
+    return LocalLinearOutput(float(settings.lam), model_lambdas(model_config), settings.cg_iters, settings.jacobi,
+                             settings.direct_max_queries)

@@ -28,7 +28,9 @@ def lambda_per_head(lam: float | torch.Tensor, num_heads: int, *, dtype: torch.d
     not for a tensor (that would be a device-to-host sync on every call)."""
     if not isinstance(lam, torch.Tensor) and not 0 <= lam < float("inf"):
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
-    lam = torch.as_tensor(lam, dtype=dtype, device=device)
+    if not isinstance(lam, torch.Tensor):  # filled on the device: no host copy (CUDA graphs can capture it)
+        return torch.full((num_heads,), float(lam), dtype=dtype, device=device)
+    lam = lam.to(dtype=dtype, device=device)
     if lam.dim() == 0:
         lam = lam.expand(num_heads)
     if lam.shape != (num_heads,):

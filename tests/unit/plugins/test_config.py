@@ -57,7 +57,7 @@ def test_local_linear_is_a_method_with_its_settings():
         ({"attention": {"local_linear": {"jacobi": "sometimes"}}}, "afterburner.attention.local_linear.jacobi",
          "valid boolean"),
         ({"attention": {"local_linear": {"lambda": 2.0}}}, "afterburner.attention.local_linear.lambda",
-         "allowed keys here: cg_iters, jacobi, lam"),
+         "allowed keys here: cg_iters, direct_max_queries, jacobi, lam"),
     ],
 )
 def test_bad_values_name_field_and_allowed(section, field, allowed):
