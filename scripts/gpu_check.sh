@@ -38,7 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${AFTERBURNER_GIT_COMMIT:-unknown}"; } > "$OUT/machine.log" 2>&1
 cat "$OUT/machine.log"
-step pytest 150 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/gpu  # no engines: skip tests/conftest.py
+step pytest 170 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/gpu  # no engines: skip tests/conftest.py
 step sparse 120 "$PY" benchmarks/sparse_attention_gpu.py --quick --out "$OUT/sparse_attention_gpu.json"
 step lla 100 "$PY" benchmarks/local_linear_gpu.py --out "$OUT/local_linear_gpu.json"
 step verify 120 "$PY" benchmarks/verify_cost_gpu.py --out "$OUT/verify_cost_gpu.json"

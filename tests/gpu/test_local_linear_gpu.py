@@ -2,7 +2,8 @@
 SmolLM2's attention shape (9 query heads over 3 kv heads, head_dim 64) and a Llama-8B-like one (32 over 8,
 head_dim 128), decode rows of up to 8k keys and a prefill chunk in shuffled 16-token blocks, fp32 and bf16
 caches, lambda = 1 (the trained models learned 0.9-1.2), and a huge lambda against softmax attention; and the
-direct solve (``local_linear/direct.py``) on a padded decode batch. Lambda 0.3 with Jacobi was tried on an
+direct solve on a padded decode batch (``local_linear/direct.py``) and as the one-pass Triton kernel
+(``triton/local_linear_direct.py``). Lambda 0.3 with Jacobi was tried on an
 H200: errors up to 0.12 on the 33-key sequence at head_dim 128, as the torch CG path gives on CPU (0.26):
 FlashLLA's stopping rule, not the kernel (tests/unit/.../test_lla_direct.py keeps that case).
 
@@ -26,6 +27,7 @@ if isinstance(triton.language.standard.max, InterpretedFunction):
 from afterburner.attention_backends.local_linear.direct import local_linear_direct_batched  # noqa: E402
 from afterburner.attention_backends.local_linear.reference import local_linear_reference  # noqa: E402
 from afterburner.attention_backends.triton.local_linear import local_linear_paged_triton  # noqa: E402
+from afterburner.attention_backends.triton.local_linear_direct import local_linear_direct_triton  # noqa: E402
 from support.attention import gather, make_batch, paged_sdpa, per_sequence  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -73,3 +75,17 @@ def test_direct_solve_on_a_padded_decode_batch(lam):
     starts = torch.arange(len(SEQ_LENS) + 1, device="cuda")
     expected = reference(query, k_cache, v_cache, table, seq_lens, starts, scale=128 ** -0.5, lam=lam)
     torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (32, 8, 128)])
+@pytest.mark.parametrize("lam", [1.0, 0.3])
+def test_one_pass_direct_kernel_matches_float64_reference(num_heads, num_kv_heads, head_dim, dtype, lam):
+    batch = batch_on_gpu(3, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+    out = local_linear_direct_triton(*batch, scale=scale, lam=lam)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = 1e-3 if dtype == torch.float32 else 1e-2  # fp32 sums and solve; bf16 adds output rounding
+    torch.testing.assert_close(out.double(), reference(*batch, scale=scale, lam=lam), atol=tol, rtol=tol)
+    tf32 = local_linear_direct_triton(*batch, scale=scale, lam=lam, dot_precision="tf32")
+    torch.testing.assert_close(tf32.double(), reference(*batch, scale=scale, lam=lam), atol=3e-2, rtol=3e-2)

@@ -28,7 +28,7 @@ in_this_process = pytest.mark.skipif(not INTERPRETING, reason="triton was import
                                      "in this process; test_lla_kernel_in_a_fresh_process runs these")
 
 if INTERPRETING:  # imported here so that @triton.jit runs under the interpreter
-    from afterburner.attention_backends.triton import local_linear
+    from afterburner.attention_backends.triton import local_linear, local_linear_direct
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this process interprets Triton: the tests run here")
@@ -95,3 +95,29 @@ def test_launcher_rejects_what_the_kernel_cannot_read():
         run(batch[0][..., :8], batch[1][..., :8], batch[2][..., :8], *batch[3:], scale=1.0, lam=1.0)
     with pytest.raises(ValueError, match="multiple"):
         run(batch[0][:, :3], *batch[1:], scale=1.0, lam=1.0)
+
+
+# The one-pass direct kernel: decode rows and a 2-query row, GQA, splits that leave some empty, dtypes.
+DIRECT_CASES = [([9, 37, 4], [1, 2, 1], 4, 6, 2, 1.0, 1, torch.float32),
+                ([45, 5], [1, 1], 8, 2, 2, 0.3, 3, torch.float32),
+                ([40], [1], 16, 4, 1, 3.0, 4, torch.float16),
+                ([3, 19], [1, 1], 4, 4, 2, 10.0, 2, torch.bfloat16)]
+
+
+@in_this_process
+@pytest.mark.parametrize("seq_lens, q_lens, cache_block, num_heads, num_kv_heads, lam, splits, dtype", DIRECT_CASES)
+def test_direct_kernel_matches_reference(seq_lens, q_lens, cache_block, num_heads, num_kv_heads, lam, splits, dtype):
+    batch = make_batch(2, seq_lens=seq_lens, q_lens=q_lens, block_size=cache_block, num_heads=num_heads,
+                       num_kv_heads=num_kv_heads, head_dim=16, dtype=dtype)
+    out = local_linear_direct.local_linear_direct_triton(*batch, scale=0.25, lam=lam, num_splits=splits, tile_n=16)
+    assert out.dtype == dtype
+    expected = reference_per_sequence(*batch, scale=0.25, lam=lam)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4 + 2 * torch.finfo(dtype).eps,
+                               rtol=1e-4 + 2 * torch.finfo(dtype).eps)
+
+
+@in_this_process
+def test_direct_kernel_at_a_huge_lambda_is_softmax_attention():
+    batch = make_batch(6, seq_lens=[20, 33], q_lens=[1, 1], block_size=4, num_heads=4, num_kv_heads=2, head_dim=16)
+    out = local_linear_direct.local_linear_direct_triton(*batch, scale=0.25, lam=1e9, num_splits=2, tile_n=16)
+    torch.testing.assert_close(out, paged_sdpa(*batch, scale=0.25), atol=1e-5, rtol=1e-5)
