@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything afterburner checks on a lent GPU machine, in one call (the machine has torch, Triton and nvcc
 # but no vLLM, SGLang or network, and is lent minutes at a time): the Triton kernels against the torch
-# specs at realistic sizes (pytest tests/gpu), then three benchmarks, each under its own time limit so that
-# one hang does not cost the others. Outputs (logs and results JSON) go to $OUT (default /tmp/gpu_check).
+# specs at realistic sizes (pytest tests/gpu, last) and three benchmarks, each under its own time limit so
+# that one hang does not cost the others. Outputs (logs and results JSON) go to $OUT (default /tmp/gpu_check).
 #
 #   AFTERBURNER_GIT_COMMIT=$(git rev-parse HEAD) [STEPS="pytest lla"] bash scripts/gpu_check.sh
 #
@@ -38,8 +38,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${AFTERBURNER_GIT_COMMIT:-unknown}"; } > "$OUT/machine.log" 2>&1
 cat "$OUT/machine.log"
-step pytest 170 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/gpu  # no engines: skip tests/conftest.py
 step sparse 120 "$PY" benchmarks/sparse_attention_gpu.py --quick --out "$OUT/sparse_attention_gpu.json"
 step lla 100 "$PY" benchmarks/local_linear_gpu.py --out "$OUT/local_linear_gpu.json"
 step verify 120 "$PY" benchmarks/verify_cost_gpu.py --out "$OUT/verify_cost_gpu.json"
+# no engines there: tests/conftest.py (which imports the engines' config) is skipped; PYTEST_ARGS narrows
+step pytest 170 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/gpu ${PYTEST_ARGS:-}
 ls -l "$OUT"

@@ -66,14 +66,22 @@ def local_linear_direct_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     mu = s1 - omega[..., None] * rows
     sigma = _weighted_scatter(w, keys, rows, max_chunk_elements)  # [B, Hkv, G, T, D, D]
     sigma = sigma + torch.diag_embed((lam * omega)[..., None].expand_as(rows))
-    factor, _ = torch.linalg.cholesky_ex(sigma)  # _ex: no error check, so no host sync
-    rho = torch.cholesky_solve(mu[..., None], factor)[..., 0]
+    rho = spd_solve(sigma, mu[..., None])[..., 0]
     delta = omega - (mu * rho).sum(-1)
     delta = delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)
     along = (rho.reshape(batch, num_kv_heads, group * num_q, head_dim) @ keys.mT).view_as(w)  # rho.k'_j
     weights = w * ((1 + (rho * rows).sum(-1))[..., None] - along) / delta[..., None]
     out = weights.view(batch, num_kv_heads, group * num_q, num_keys) @ values  # [B, Hkv, G*T, D]
     return out.view(batch, num_kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
+
+
+def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """matrix^-1 rhs for batched symmetric positive definite matrices, by Cholesky and two triangular solves:
+    no host sync and no cuSOLVER solve (``cholesky_solve`` is refused inside a CUDA graph capture, seen on
+    an H200), so a decode step that calls it can be captured."""
+    factor, _ = torch.linalg.cholesky_ex(matrix)  # _ex: no error check, so no host sync
+    half = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
 def _weighted_scatter(w: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, max_chunk_elements: int):

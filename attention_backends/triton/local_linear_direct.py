@@ -9,12 +9,13 @@ so one pass over K and V (the cost of one softmax pass) gives everything, with n
 conjugate gradient or the weighted pass. One program per (query token, query head, split of the keys)
 keeps two D x D accumulators (Sigma and sum w v u^T; 2 x 16 KiB at D = 64) and online-softmax rescaling;
 splits are merged in torch (rescaled by their maxima, as flash-decoding merges), then rho = Sigma^-1 mu by
-``cholesky_ex`` (no host sync: the whole call can be captured in a CUDA graph).
+``direct.spd_solve`` (no host sync, so the whole call can be captured in a CUDA graph).
 
 Where it fits: decode and other rows with few queries, where forming Sigma per query is cheap and the
 CG kernel (one program per token and kv head, 7-34 serial passes) leaves a GPU idle. Prefill keeps the CG
-kernel. fp32 accumulation; ``dot_precision`` "ieee" (default) or "tf32" (tensor cores, ~1e-3 relative).
-head_dim must be a power of two >= 16. Tested under the Triton interpreter against the float64 reference
+kernel. fp32 accumulation and fp32 ("ieee") dots: tf32 dots were tried on an H200 and were off the float64
+reference by up to 0.68 (Sigma's rounding, amplified by the solve), so they are not offered. head_dim
+must be a power of two >= 16. Tested under the Triton interpreter against the float64 reference
 (tests/unit/attention_backends/local_linear/test_lla_triton.py) and on an H200 (tests/gpu).
 """
 
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from afterburner.attention_backends.local_linear.direct import spd_solve
 from afterburner.attention_backends.local_linear.params import DELTA_EPS, lambda_per_head
 from afterburner.attention_backends.triton.local_linear import _check, _key_rows, _load_tile, token_positions
 
@@ -102,8 +104,7 @@ def pick_splits(num_rows: int, max_keys: int, tile_n: int, device: torch.device)
 def local_linear_direct_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, *,
                                scale: float, lam: float | torch.Tensor, delta_eps: float = DELTA_EPS,
-                               tile_n: int = 32, num_splits: int | None = None,
-                               dot_precision: str = "ieee") -> torch.Tensor:
+                               tile_n: int = 32, num_splits: int | None = None) -> torch.Tensor:
     """o [T, Hq, D] in the query's dtype (shapes: ``local_linear.py``); lambda > 0. ``num_splits`` key
     splits per (token, head) (None: ``pick_splits``). No host syncs."""
     _check(query, k_cache, v_cache, block_table, seq_lens, query_start)
@@ -129,7 +130,7 @@ def local_linear_direct_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cac
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_n,
-        DOT_PRECISION=dot_precision, num_warps=4 if head_dim <= 64 else 8,
+        DOT_PRECISION="ieee", num_warps=4 if head_dim <= 64 else 8,
     )
     # Merge the splits (flash-decoding's rescaling; an empty split has m = -inf and weight 0).
     weight = torch.exp2(m - m.amax(-1, keepdim=True))  # [T, Hq, S]
@@ -140,8 +141,7 @@ def local_linear_direct_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     wvu = (weight[..., None, None] * wvu).sum(2)
     lam = lambda_per_head(lam, num_heads, dtype=torch.float32, device=query.device)
     sigma = sigma + torch.diag_embed((lam * omega)[..., None].expand_as(mu))
-    factor, _ = torch.linalg.cholesky_ex(sigma)  # _ex: no error check, no host sync
-    rho = torch.cholesky_solve(mu[..., None], factor)  # [T, Hq, D, 1]
+    rho = spd_solve(sigma, mu[..., None])  # [T, Hq, D, 1]
     delta = omega - (mu * rho[..., 0]).sum(-1)
     delta = delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)
     out.copy_((wv - (wvu @ rho)[..., 0]) / delta[..., None])
