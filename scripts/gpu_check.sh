@@ -6,7 +6,8 @@
 #
 #   AFTERBURNER_GIT_COMMIT=$(git rev-parse HEAD) [STEPS="pytest lla"] bash scripts/gpu_check.sh
 #
-# STEPS: which of pytest, sparse, lla, verify to run (default all, in that order).
+# STEPS: which of sparse, lla, verify, pytest to run (default all, in that order); PYTEST_ARGS: extra pytest
+# arguments (e.g. -k one_pass).
 # The repository is not installed there: `afterburner` is a namespace package whose folders are the
 # repository's top-level ones (pyproject.toml), so a folder of links to them on PYTHONPATH imports it.
 # The tree may travel without .git: AFTERBURNER_GIT_COMMIT names the commit the results JSON record.
