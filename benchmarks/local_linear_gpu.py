@@ -117,7 +117,7 @@ def measure(kind: str, batch: int, length: int, *, lam: float, repeats: int, gen
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decode", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=30)
