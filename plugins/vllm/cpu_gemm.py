@@ -35,11 +35,12 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[
     return apply
 
 
-def accelerate_linears(module: nn.Module) -> int:
-    """Route every ``nn.Linear`` of ``module`` through ``linear`` (inference only); returns how many."""
+def accelerate_linears(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
+    """Route every ``nn.Linear`` of ``module`` but those in ``skip`` through ``linear`` (inference only; each
+    prepacks a copy of its weight); returns how many."""
     count = 0
     for layer in module.modules():
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, nn.Linear) and not any(layer is other for other in skip):
             layer.forward = linear(layer.weight, layer.bias)
             count += 1
     return count

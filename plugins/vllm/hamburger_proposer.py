@@ -57,7 +57,9 @@ class HamburgerProposer:
         ids = draft_vocab.load(self.folder, self.draft_vocab, vocab) if self.draft_vocab else None
         self.drafter.attach_base(embed.detach()[:vocab].float(), target_model.lm_head.weight.detach()[:vocab].float(),
                                  ids, linear=cpu_gemm.linear)
-        cpu_gemm.accelerate_linears(self.drafter)  # vLLM's CPU GEMM: torch's reads small-batch weights slowly
+        # vLLM's CPU GEMM (torch's reads small-batch weights slowly); fc_in is applied as the two halves
+        # attach_base prepacked, so packing it whole as well would only hold a dead copy
+        cpu_gemm.accelerate_linears(self.drafter, skip=(self.drafter.fc_in,))
         logger.info("hamburger: micro-step drafter from %s, features of layers %s, up to %d tokens per step, stop "
                     "below P(accepted) %.2f, drafting from %s tokens", self.folder, list(self.feature_layers),
                     self.num_speculative_tokens, self.stop_threshold, self.draft_vocab or "all")

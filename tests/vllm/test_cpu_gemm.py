@@ -30,3 +30,9 @@ def test_accelerated_modules_compute_what_they_did():
     module[0].forward = nn.Linear(8, 16).forward  # the check above can fail: another weight changes the output
     with torch.no_grad():
         assert not torch.allclose(module(x), expected)
+
+
+def test_skipped_linears_keep_their_own_forward():
+    module = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).eval()
+    assert cpu_gemm.accelerate_linears(module, skip=(module[0],)) == 1
+    assert "forward" not in vars(module[0]) and "forward" in vars(module[1])
