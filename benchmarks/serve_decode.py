@@ -2,7 +2,7 @@
 side by side in one run, same prompts, same engine settings.
 
     python benchmarks/serve_decode.py [--contexts 960 4096 8000] [--batches 1 8] [--decode-tokens 32]
-                                      [--configs stock sparse-1/4 sparse-1/8 sparse-1/4-p8 squeezed-1/4] [--repeats R]
+                                      [--configs stock sparse-1/4 sparse-1/8 sparse-1/4-p8 sparse-1/8-p8 squeezed-1/4] [--repeats R]
 
 Each configuration runs in a fresh one-process engine (``LLM``, float32, 32-token blocks, prefix caching,
 chunked prefill of 8192 tokens); "stock" is vLLM with afterburner not loaded (``VLLM_PLUGINS=""``). For each
@@ -49,6 +49,8 @@ CONFIGS = {
     "sparse-1/8": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.125}}},
     # 8-token page bounds: twice the summaries to read, the passkey quality goal met (passkey_serve_p8.json)
     "sparse-1/4-p8": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.25,
+                                                                    "page_size": 8}}},
+    "sparse-1/8-p8": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.125,
                                                                     "page_size": 8}}},
     # every index built in the first decode step (no per-step bound), so that the timed steps run with all
     "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
