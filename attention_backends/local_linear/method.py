@@ -65,10 +65,26 @@ class LocalLinearOutput:
     def __call__(self, layer: int, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, *,
                  scale: float) -> torch.Tensor:
-        """o [T, Hq, D] for layer ``layer`` (shapes: ``paged.py``)."""
+        """o [T, Hq, D] for layer ``layer`` (shapes: ``paged.py``), by the torch paths (CPU engines)."""
         return local_linear_paged(query, k_cache, v_cache, block_table, seq_lens, query_start, scale=scale,
                                   lam=self.lam_of(layer), cg_max_iters=self.cg_iters, jacobi=self.jacobi,
                                   direct_max_queries=self.direct_max_queries)
+
+    def triton(self, layer: int, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, *,
+               scale: float) -> torch.Tensor:
+        """The same by the Triton kernels (GPU engines): a step of one query per sequence (decode, told by
+        the shapes: no host sync) by the one-pass direct kernel unless ``direct_max_queries`` is 0, any
+        other step by the CG kernel."""
+        from afterburner.attention_backends.triton.local_linear import local_linear_paged_triton
+        from afterburner.attention_backends.triton.local_linear_direct import local_linear_direct_triton
+
+        lam = self.lam_of(layer)
+        if query.shape[0] == block_table.shape[0] and self.direct_max_queries >= 1:
+            return local_linear_direct_triton(query, k_cache, v_cache, block_table, seq_lens, query_start,
+                                              scale=scale, lam=lam)
+        return local_linear_paged_triton(query, k_cache, v_cache, block_table, seq_lens, query_start, scale=scale,
+                                         lam=lam, cg_max_iters=self.cg_iters, jacobi=self.jacobi)
 
 
 def make(settings, *, model_config=None) -> LocalLinearOutput:

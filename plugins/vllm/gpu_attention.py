@@ -2,10 +2,17 @@
 CUSTOM``), built on vLLM's Triton backend (any CUDA generation, ROCm; the same write / attention split as
 CPU_ATTN).
 
-UNTESTED ON A GPU: no session has been lent one. What runs here (tests/vllm/test_gpu_attention.py, under
-``TRITON_INTERPRET=1`` on CPU tensors): registration and resolution of CUSTOM, the selector's summaries
-against ``quest.summaries_from_cache``, and the decode output against the selective reference. vLLM's own
-Triton kernels (stock cache write, dense and prefill attention) cannot run on CPU and are stood in for there.
+NEVER STARTED IN AN ENGINE ON A GPU: the one GPU a session was lent (an H200, session 21) had no vLLM.
+afterburner's Triton kernels passed their tests and were timed there (tests/gpu, README "On a GPU"). What
+runs here (tests/vllm/test_gpu_attention.py, under ``TRITON_INTERPRET=1`` on CPU tensors): registration and
+resolution of CUSTOM, the selector's summaries against ``quest.summaries_from_cache``, the sparse decode
+output against the selective reference, and local-linear steps against the torch op. vLLM's own Triton
+kernels (stock cache write, dense and prefill attention) cannot run on CPU and are stood in for there.
+
+Output methods (``registry.OUTPUT_METHODS``: local-linear) compute every step's output themselves through
+their op's ``triton`` entry (``local_linear.method``: the one-pass kernel for decode-only steps, the CG
+kernel for any step with a prefill chunk); a method without one is refused at startup (softmax attention
+would be a different model), a layer it cannot serve is said once and runs softmax.
 
 Per layer, with an ``attention.method`` whose selector picks pages for a whole batch on the device
 (``selector.BatchedPageSelector``: sparse; squeezed has no GPU path yet and is said so once):
@@ -45,7 +52,7 @@ from afterburner.attention_backends.rules import LayerTraits
 from afterburner.attention_backends.selector import BatchedPageSelector, KVLayout
 from afterburner.plugins import stats
 from afterburner.plugins.config import ConfigError
-from afterburner.plugins.vllm import attention_method
+from afterburner.plugins.vllm import attention_method, output_attention
 from afterburner.plugins.vllm.config_access import config_of
 
 _WHERE = "vLLM GPU attention"
@@ -63,7 +70,12 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
                              sliding_window=self.sliding_window != (-1, -1), sinks=self.sinks is not None,
                              soft_cap=bool(self.logits_soft_cap), quantized_kv=self.kv_cache_dtype != "auto",
                              shared_kv=self.kv_sharing_target_layer_name is not None)
-        method = attention_method.resolve(config_of(vllm_config), traits, where=_WHERE)
+        config = config_of(vllm_config)
+        self.output = output_attention.resolve(config, traits, vllm_config, where=_WHERE)
+        if self.output is not None and not hasattr(self.output.op, "triton"):
+            raise ConfigError(f"afterburner.attention.method {self.output.name!r} has no GPU path: it changes what "
+                              "the model computes, so vLLM's softmax kernel cannot stand in (serve it on CPU)")
+        method = None if output_attention.chosen(config) else attention_method.resolve(config, traits, where=_WHERE)
         if method is not None and not hasattr(METHODS[method.name].make, "select_page_ids"):
             stats.fallback(_WHERE, f"attention.method {method.name!r} has no GPU path yet")
             method = None
@@ -87,6 +99,11 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
+        if self.output is not None and attn_metadata is not None and output_scale is None:
+            if getattr(attn_metadata, "causal", True):
+                return self._output_forward(layer, query, kv_cache, attn_metadata, output)
+            stats.fallback(_WHERE, f"attention.method {self.output.name!r} cannot act on a non-causal step; "
+                           "softmax attention runs")
         m, method = attn_metadata, self.method
         if (method is None or m is None or self.selector is None or output_scale is not None
                 or output_block_scale is not None
@@ -119,6 +136,18 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
             pages_read=(ids >= 0).sum(), tokens_in_context=0, tokens_read=0))
         if mixed:
             totals.mixed_decode_rows += (seq_lens > 0).sum()
+        return output
+
+
+    def _output_forward(self, layer, query, kv_cache, m, output):
+        """Every query row of the step by the output method's Triton op (rows [0, num_actual_tokens))."""
+        n, num_reqs = m.num_actual_tokens, m.query_start_loc.shape[0] - 1
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [NB, BS, Hkv, D]
+        result = self.output.op.triton(self._index(layer), query[:n].view(n, self.num_heads, self.head_size),
+                                       key_cache, value_cache, m.block_table[:num_reqs], m.seq_lens[:num_reqs],
+                                       m.query_start_loc, scale=self.scale)
+        output[:n] = result.reshape(output[:n].shape).to(output.dtype)
+        stats.attention(self.output.name).forward_calls += 1
         return output
 
 

@@ -74,14 +74,14 @@ class OutputLayer:
         return output
 
 
-def resolve(config: AfterburnerConfig, traits: LayerTraits, vllm_config) -> OutputLayer | None:
+def resolve(config: AfterburnerConfig, traits: LayerTraits, vllm_config, *, where: str = WHERE) -> OutputLayer | None:
     """The output method of one layer, or None: none chosen, or a layer it cannot serve (said once)."""
     name = chosen(config)
     if name is None:
         return None
     reason = unsupported_reason(traits)
     if reason is not None:
-        stats.fallback(WHERE, f"attention.method {name!r} cannot act on a layer with {reason}; softmax "
+        stats.fallback(where, f"attention.method {name!r} cannot act on a layer with {reason}; softmax "
                        "attention runs there")
         return None
     model_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)

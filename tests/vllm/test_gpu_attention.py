@@ -3,7 +3,8 @@
 H100 setup; the Impl's block summaries match the cache; its decode (afterburner's Triton kernels under the
 interpreter) reads the blocks torch Quest picks and matches the selective reference. vLLM's own Triton
 kernels (stock cache write, dense attention) cannot run here: gpu_attention_check.py stands in a torch
-cache write. Engine start, CUDA graphs and speed need a GPU (tests/gpu, benchmarks/sparse_attention_gpu.py)."""
+cache write. Local-linear steps (gpu_local_linear_check.py) run afterburner's CG and one-pass kernels and
+match the float64 reference. Engine start, CUDA graphs and speed need a GPU (tests/gpu, the GPU benchmarks)."""
 
 import pytest
 from result_script import run_result_script
@@ -32,3 +33,20 @@ def test_custom_backend_keeps_decode_rows_sparse_beside_a_prefill_chunk(result):
     assert result["mixed_dense_differs"] > 1e-3, "the budget must make the decode row differ from dense"
     assert result["after_mixed"]["mixed_decode_rows"] == 1
     assert result["after_mixed"]["pages_read"] - result["stats"]["pages_read"] == 4 * 2, "decode row only"
+
+
+@pytest.fixture(scope="module")
+def local_linear():
+    return run_result_script("gpu_local_linear_check.py", env={"TRITON_INTERPRET": "1"})[0]
+
+
+def test_custom_backend_computes_local_linear_steps_with_its_kernels(local_linear):
+    """A prefill chunk (CG kernel), a decode-only step (one-pass kernel) and a mixed step (CG kernel) all
+    match the float64 reference; padded rows stay untouched."""
+    assert local_linear["forward_calls"] == 3
+    for step in ("prefill", "decode", "mixed"):
+        assert local_linear[f"{step}_error"] < 1e-3, step
+
+
+def test_an_output_method_without_a_gpu_path_is_refused(local_linear):
+    assert "has no GPU path" in local_linear["refused"] and "'local_linear'" in local_linear["refused"]
