@@ -2,7 +2,7 @@
 side by side in one run, same prompts, same engine settings.
 
     python benchmarks/serve_decode.py [--contexts 960 4096 8000] [--batches 1 8] [--decode-tokens 32]
-                                      [--configs stock sparse-1/4 sparse-1/8 sparse-1/4-p8 sparse-1/8-p8 squeezed-1/4] [--repeats R]
+        [--configs stock sparse-1/4 sparse-1/8 sparse-1/4-p8 sparse-1/8-p8 squeezed-1/4] [--repeats R]
 
 Each configuration runs in a fresh one-process engine (``LLM``, float32, 32-token blocks, prefix caching,
 chunked prefill of 8192 tokens); "stock" is vLLM with afterburner not loaded (``VLLM_PLUGINS=""``). For each

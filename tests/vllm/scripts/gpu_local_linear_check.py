@@ -85,7 +85,7 @@ def main():
         impl.forward(layer, torch.cat([query, torch.zeros(2, HQ * D)]), None, None, kv_cache, metadata, out)
         q = query.view(n, HQ, D)
         error = out[n:].abs().max().item()
-        for b, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        for b, e in enumerate(ends):
             rows = slice(int(query_start[b]), int(query_start[b + 1]))
             expected = local_linear_reference(q[rows], gather_sequence(k_cache, table[b], e),
                                               gather_sequence(v_cache, table[b], e), scale=D ** -0.5, lam=LAM)
