@@ -21,29 +21,17 @@ from afterburner.plugins.devtools.worker import print_result
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
-from vllm.config.attention import AttentionConfig  # noqa: E402
+from custom_backend_setup import custom_impl, paged_cache  # noqa: E402
 from vllm.platforms.interface import DeviceCapability  # noqa: E402
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend  # noqa: E402
 from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl, TritonAttentionMetadata  # noqa: E402
 from vllm.v1.attention.selector import AttentionSelectorConfig  # noqa: E402
 
 from afterburner.attention_backends.selective import selective_attention_reference  # noqa: E402
 from afterburner.attention_backends.sparse import quest  # noqa: E402
-from afterburner.plugins.vllm import GPU_BACKEND  # noqa: E402
 
 HQ, HKV, D, BS, NB = 8, 2, 32, 16, 24
 LENS = [100, 75]
 TOKEN_BUDGET = 64  # 4 blocks of 16
-
-
-def torch_cache_write(self, layer, key, value, kv_cache, slot_mapping):
-    """Stands in for vLLM's Triton reshape_and_cache_flash (same layout, no Triton CPU backend in vLLM)."""
-    k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-    n, valid = slot_mapping.shape[0], slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    k_cache[slots // BS, slots % BS] = key[:n][valid]
-    v_cache[slots // BS, slots % BS] = value[:n][valid]
 
 
 def torch_stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args):
@@ -67,27 +55,15 @@ def quest_mask(q, kmin, kmax, table, lens):
 
 
 def main():
-    register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)  # what register() does on CUDA / ROCm
-    backend = AttentionConfig(backend="CUSTOM").backend.get_class()
-    selector = AttentionSelectorConfig(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
-    rejections = backend.validate_configuration(device_capability=DeviceCapability(9, 0), **selector._asdict())
-
-    TritonAttentionImpl.do_kv_cache_update = torch_cache_write
     TritonAttentionImpl.forward = torch_stock_forward
     sparse = {"token_budget": TOKEN_BUDGET, "page_size": BS, "sink_pages": 1, "recent_pages": 1,
               "dense_below_tokens": 64, "dense_layers": 2}
-    vllm_config = VllmConfig(additional_config={"afterburner": {"attention": {"method": "sparse", "sparse": sparse}}})
-    vllm_config.cache_config.block_size = BS
-    with set_current_vllm_config(vllm_config):
-        impl = backend.get_impl_cls()(HQ, D, D ** -0.5, HKV, None, None, "auto")
+    backend, _, impl = custom_impl({"attention": {"method": "sparse", "sparse": sparse}}, heads=HQ, head_size=D,
+                                   kv_heads=HKV, block_size=BS)
+    selector = AttentionSelectorConfig(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
+    rejections = backend.validate_configuration(device_capability=DeviceCapability(9, 0), **selector._asdict())
     gen = torch.Generator().manual_seed(0)
-    kv_cache = torch.zeros(NB, BS, HKV, 2 * D).permute(0, 2, 1, 3)  # NHD storage, the layer's logical view
-    perm = torch.randperm(NB, generator=gen)
-    table = torch.zeros(2, 8, dtype=torch.int32)
-    table[0, :7], table[1, :5] = perm[:7], perm[7:12]
-
-    def slots(b, positions):
-        return torch.tensor([int(table[b, p // BS]) * BS + p % BS for p in positions])
+    kv_cache, table, slots = paged_cache(NB, BS, HKV, D, [7, 5], gen)
 
     layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
     prompt = torch.cat([slots(0, range(LENS[0] - 1)), slots(1, range(LENS[1] - 1)), torch.full((3,), -1)])

@@ -2,8 +2,8 @@
 with ``TRITON_INTERPRET=1`` in a fresh process. Prints ``RESULT <json>``: the largest error against the
 float64 reference (``local_linear_reference`` over each sequence's keys) of a prefill step, a decode-only
 step and a mixed step (a decode row beside a 3-token chunk), the Impl's forward count, and the message of a
-config whose output method has no Triton op. vLLM's Triton cache write is stood in for by torch (as in
-gpu_attention_check.py); the attention itself is afterburner's Triton kernels, interpreted.
+config whose output method has no Triton op. vLLM's Triton cache write is stood in for by torch
+(custom_backend_setup.py); the attention itself is afterburner's Triton kernels, interpreted.
 """
 
 import os
@@ -15,49 +15,26 @@ from afterburner.plugins.devtools.worker import print_result
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
-from vllm.config.attention import AttentionConfig  # noqa: E402
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend  # noqa: E402
-from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl, TritonAttentionMetadata  # noqa: E402
+from custom_backend_setup import custom_impl, paged_cache  # noqa: E402
+from vllm.config import set_current_vllm_config  # noqa: E402
+from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata  # noqa: E402
 
 from afterburner.attention_backends.local_linear.reference import local_linear_reference  # noqa: E402
 from afterburner.attention_backends.selective import gather_sequence  # noqa: E402
 from afterburner.plugins import stats  # noqa: E402
-from afterburner.plugins.vllm import GPU_BACKEND  # noqa: E402
 
 HQ, HKV, D, BS, NB = 4, 2, 16, 16, 12
 LENS = [40, 21]
 LAM = 0.5
 
 
-def torch_cache_write(self, layer, key, value, kv_cache, slot_mapping):
-    """Stands in for vLLM's Triton reshape_and_cache_flash (same layout, no Triton CPU backend in vLLM)."""
-    k_cache, v_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-    n, valid = slot_mapping.shape[0], slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    k_cache[slots // BS, slots % BS] = key[:n][valid]
-    v_cache[slots // BS, slots % BS] = value[:n][valid]
-
-
 def main():
-    register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)  # what register() does on CUDA / ROCm
-    backend = AttentionConfig(backend="CUSTOM").backend.get_class()
-    TritonAttentionImpl.do_kv_cache_update = torch_cache_write
-    vllm_config = VllmConfig(additional_config={"afterburner": {"attention": {
-        "method": "local_linear", "local_linear": {"lam": LAM}}}})
-    vllm_config.cache_config.block_size = BS
-    with set_current_vllm_config(vllm_config):
-        impl = backend.get_impl_cls()(HQ, D, D ** -0.5, HKV, None, None, "auto")
+    backend, vllm_config, impl = custom_impl({"attention": {"method": "local_linear", "local_linear": {"lam": LAM}}},
+                                             heads=HQ, head_size=D, kv_heads=HKV, block_size=BS)
     gen = torch.Generator().manual_seed(0)
-    kv_cache = torch.zeros(NB, BS, HKV, 2 * D).permute(0, 2, 1, 3)  # NHD storage, the layer's logical view
-    perm = torch.randperm(NB, generator=gen)
-    table = torch.zeros(2, 4, dtype=torch.int32)
-    table[0, :3], table[1, :2] = perm[:3], perm[3:5]
+    kv_cache, table, slots = paged_cache(NB, BS, HKV, D, [3, 2], gen)
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
-
-    def slots(b, positions):
-        return torch.tensor([int(table[b, p // BS]) * BS + p % BS for p in positions])
 
     def write(starts: list[int], ends: list[int]) -> torch.Tensor:
         """The keys and values of positions [start, end) of each sequence into the cache; their slots."""
