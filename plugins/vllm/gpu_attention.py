@@ -99,7 +99,8 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if self.output is not None and attn_metadata is not None and output_scale is None:
+        if (self.output is not None and attn_metadata is not None and output_scale is None
+                and output_block_scale is None):
             if getattr(attn_metadata, "causal", True):
                 return self._output_forward(layer, query, kv_cache, attn_metadata, output)
             stats.fallback(_WHERE, f"attention.method {self.output.name!r} cannot act on a non-causal step; "
@@ -137,7 +138,6 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
         if mixed:
             totals.mixed_decode_rows += (seq_lens > 0).sum()
         return output
-
 
     def _output_forward(self, layer, query, kv_cache, m, output):
         """Every query row of the step by the output method's Triton op (rows [0, num_actual_tokens))."""
