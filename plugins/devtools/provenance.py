@@ -169,11 +169,12 @@ def check_overwrite(*paths: str | os.PathLike, allow_dirty: bool = False,
     ``allow_dirty`` or AFTERBURNER_ALLOW_DIRTY=1. Benchmarks call it before they start (so an hour's run
     is not refused at its end); ``write_result`` calls it again. Returns the git info it checked."""
     info = git_info(repo, exclude=paths)
-    if not info.get("dirty") or allow_dirty or _allowed_by_env():
+    seen = info.get("git_here", info)  # a given commit (COMMIT_ENV) does not lift the guard
+    if not seen.get("dirty") or allow_dirty or _allowed_by_env():
         return info
     tracked = [str(p) for p in paths if is_tracked(p, repo)]
     if tracked:
-        shown = "; ".join(info.get("changes", [])[:5])
+        shown = "; ".join(seen.get("changes", [])[:5])
         raise DirtyTreeError(
             f"refusing to overwrite {', '.join(tracked)}: git tracks it (a committed result) and the tree "
             f"has uncommitted changes ({shown}), so no commit would reproduce the new numbers. Commit (or stash) "

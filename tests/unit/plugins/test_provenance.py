@@ -129,3 +129,11 @@ def test_a_given_commit_wins_over_a_stale_git_copy(repo, monkeypatch):
     monkeypatch.setenv(COMMIT_ENV, "abc123")
     info = git_info(repo)
     assert info["commit"] == "abc123" and info["git_here"]["commit"] == seen
+
+
+def test_a_given_commit_does_not_lift_the_dirty_guard(repo, monkeypatch):
+    monkeypatch.delenv(ALLOW_DIRTY_ENV, raising=False)
+    monkeypatch.setenv(COMMIT_ENV, "abc123")
+    (repo / "code.py").write_text("changed = True\n")
+    with pytest.raises(DirtyTreeError):
+        write_result(repo / RESULT, {"ms": 1.0}, command="c", repo=repo)
