@@ -36,19 +36,19 @@ from afterburner.plugins.devtools.timing import cuda_graph, device_milliseconds
 OUT = Path(__file__).resolve().parent / "results" / "local_linear_gpu.json"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 9, 3, 64, 16, torch.bfloat16
 CHECKED_QUERIES = 16
-DEVICE = "cuda"  # --device cpu: a smoke run under TRITON_INTERPRET=1 (numbers not meaningful)
 
 
 def paged(batch: int, length: int, queries: int, gen: torch.Generator):
+    device = gen.device  # cuda; cpu for a smoke run under TRITON_INTERPRET=1
     """(query [T, Hq, D], k_cache, v_cache, table, seq_lens, query_start, contiguous k, v [B, Hkv, L, D])."""
     n_blocks = length // BLOCK
     shape = (batch * n_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device=DEVICE, generator=gen).to(DTYPE)
-    v_cache = torch.randn(shape, device=DEVICE, generator=gen).to(DTYPE)
-    table = torch.randperm(batch * n_blocks, device=DEVICE, generator=gen).int().view(batch, n_blocks)
-    query = torch.randn(batch * queries, HEADS, HEAD_DIM, device=DEVICE, generator=gen).to(DTYPE)
-    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
-    query_start = torch.arange(batch + 1, device=DEVICE, dtype=torch.int32) * queries
+    k_cache = torch.randn(shape, device=device, generator=gen).to(DTYPE)
+    v_cache = torch.randn(shape, device=device, generator=gen).to(DTYPE)
+    table = torch.randperm(batch * n_blocks, device=device, generator=gen).int().view(batch, n_blocks)
+    query = torch.randn(batch * queries, HEADS, HEAD_DIM, device=device, generator=gen).to(DTYPE)
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    query_start = torch.arange(batch + 1, device=device, dtype=torch.int32) * queries
     keys = k_cache[table.long()].flatten(1, 2).transpose(1, 2).contiguous()
     values = v_cache[table.long()].flatten(1, 2).transpose(1, 2).contiguous()
     return query, k_cache, v_cache, table, seq_lens, query_start, keys, values
@@ -63,6 +63,7 @@ def sdpa(query, keys, values, batch: int, scale: float):
 
 
 def measure(kind: str, batch: int, length: int, *, lam: float, repeats: int, gen, flush) -> dict:
+    device = gen.device.type
     from afterburner.attention_backends.local_linear.direct import local_linear_direct_batched
     from afterburner.attention_backends.local_linear.reference import local_linear_reference
     from afterburner.attention_backends.triton.local_linear import local_linear_paged_triton
@@ -98,16 +99,16 @@ def measure(kind: str, batch: int, length: int, *, lam: float, repeats: int, gen
             raise SystemExit(f"{name}, {kind} {length} x {batch}: relative error {errors[name]:.3g} against "
                              "the float64 reference; nothing written")
     row = {"kind": kind, "batch": batch, "tokens": length, "checked_relative_error": errors}
-    row["sdpa_ms"] = device_milliseconds(lambda: sdpa(query, keys, values, batch, scale), repeats, DEVICE, flush)
-    row["local_linear_ms"] = device_milliseconds(lla, repeats, DEVICE, flush)
+    row["sdpa_ms"] = device_milliseconds(lambda: sdpa(query, keys, values, batch, scale), repeats, device, flush)
+    row["local_linear_ms"] = device_milliseconds(lla, repeats, device, flush)
     row["ratio"] = row["local_linear_ms"] / row["sdpa_ms"]
     if "direct" in paths:
         for name in ("direct", "one_pass"):
-            row[f"{name}_ms"] = device_milliseconds(paths[name], repeats, DEVICE, flush)
+            row[f"{name}_ms"] = device_milliseconds(paths[name], repeats, device, flush)
             row[f"{name}_graph_ms"] = None
-            if DEVICE == "cuda":
+            if device == "cuda":
                 try:
-                    row[f"{name}_graph_ms"] = device_milliseconds(cuda_graph(paths[name]), repeats, DEVICE, flush)
+                    row[f"{name}_graph_ms"] = device_milliseconds(cuda_graph(paths[name]), repeats, device, flush)
                 except Exception as exc:  # noqa: BLE001 - a capture refused (an op that syncs): keep the eager time
                     row[f"{name}_graph_error"] = str(exc).splitlines()[0]
             row[f"{name}_ratio"] = min(filter(None, (row[f"{name}_ms"], row[f"{name}_graph_ms"]))) / row["sdpa_ms"]
@@ -126,17 +127,15 @@ def main(argv=None) -> int:
     add_allow_dirty_argument(parser)
     args = parser.parse_args(argv)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("local_linear_gpu: no CUDA device here; this benchmark runs on a GPU only (nothing written)",
               file=sys.stderr)
         return 2
     if any(n % BLOCK for n in args.decode + args.prefill):
         parser.error(f"lengths must be multiples of the block size {BLOCK}")
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE) if DEVICE == "cuda" else None
-    print(f"{torch.cuda.get_device_name(0) if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=args.device) if args.device == "cuda" else None
+    print(f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(f"{'kind':>8} {'batch':>5} {'tokens':>7} {'lla ms':>9} {'sdpa ms':>9} {'ratio':>7} {'direct ms':>9} "
           f"{'graph ms':>9} {'ratio':>7} {'1-pass':>8} {'graph':>8} {'ratio':>7}")
     plan = [("decode", b, n) for b in args.batches for n in args.decode] + [("prefill", 1, n) for n in args.prefill]
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
                   f"{row['one_pass_ratio']:6.1f}x")
         print(f"{kind:>8} {batch:>5} {length:>7} {row['local_linear_ms']:9.3f} {row['sdpa_ms']:9.3f} "
               f"{row['ratio']:6.1f}x{direct}", flush=True)
-        if DEVICE == "cuda":
+        if args.device == "cuda":
             torch.cuda.empty_cache()
     shape = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "bfloat16"}
     out = write_result(args.out, {"shape": shape, "lam": args.lam, "repeats": args.repeats, "rows": rows},

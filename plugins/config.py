@@ -86,7 +86,7 @@ class LocalLinearSettings(_Settings):
     jacobi: bool = Field(False, description="Jacobi-precondition the conjugate gradient")
     direct_max_queries: int = Field(16, ge=0, le=256, description="a sequence with at most this many queries "
                                     "in a step (decode, verification, short chunks) solves its D x D systems "
-                                    "directly (Cholesky: exact, and 4-7x faster than CG for decode on CPU); "
+                                    "directly (Cholesky: exact, and 3.7-5.7x faster than CG for decode on CPU); "
                                     "0: conjugate gradient always")
 
 

@@ -26,6 +26,7 @@ from afterburner.attention_backends.local_linear.params import (
     CG_MAX_ITERS,
     CG_RTOL,
     DELTA_EPS,
+    away_from_zero,
     lambda_per_head,
 )
 
@@ -141,7 +142,7 @@ def apply_weights(q, keys, values, stats: SoftmaxStats, rho, *, scale: float, bl
                   delta_eps: float) -> torch.Tensor:
     """The last pass: sum_j w_j [1 - rho.(k_j - q)] v_j / delta; values [Hkv, L, D] -> [Hkv, G, T, D]."""
     delta = stats.omega - (centred_mean(q, stats) * rho).sum(-1, keepdim=True)
-    delta = delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)  # params.DELTA_EPS says why
+    delta = away_from_zero(delta, delta_eps)
     rho_q = (rho * q).sum(-1, keepdim=True)
     out = torch.zeros_like(q)
     for start, end, w in _weighted_blocks(q, keys, stats.m, scale, block_size):

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from afterburner.attention_backends.local_linear.params import DELTA_EPS, lambda_per_head
+from afterburner.attention_backends.local_linear.params import DELTA_EPS, away_from_zero, lambda_per_head
 
-MAX_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 for the w k' chunk of the second-moment pass
+MAX_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 for the chunk of centred keys u in the scatter pass
 
 
 def local_linear_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                         lam: float | torch.Tensor, delta_eps: float = DELTA_EPS) -> torch.Tensor:
     """One sequence: q [T, Hq, D], k, v [L, Hkv, D] (queries = the last T positions) -> o [T, Hq, D]."""
-    lengths = torch.tensor([k.shape[0]], device=k.device)
+    lengths = torch.full((1,), k.shape[0], device=k.device)  # filled on the device: no host copy
     return local_linear_direct_batched(q[None], k[None], v[None], lengths, scale=scale, lam=lam,
                                        delta_eps=delta_eps)[0]
 
@@ -65,14 +65,20 @@ def local_linear_direct_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lam = lambda_per_head(lam, num_heads, dtype=dtype, device=q.device).view(num_kv_heads, group, 1)
     mu = s1 - omega[..., None] * rows
     sigma = _weighted_scatter(w, keys, rows, max_chunk_elements)  # [B, Hkv, G, T, D, D]
-    sigma = sigma + torch.diag_embed((lam * omega)[..., None].expand_as(rows))
-    rho = spd_solve(sigma, mu[..., None])[..., 0]
-    delta = omega - (mu * rho).sum(-1)
-    delta = delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)
+    rho, delta = ridge_solve(sigma, mu, omega, lam, delta_eps)
     along = (rho.reshape(batch, num_kv_heads, group * num_q, head_dim) @ keys.mT).view_as(w)  # rho.k'_j
     weights = w * ((1 + (rho * rows).sum(-1))[..., None] - along) / delta[..., None]
     out = weights.view(batch, num_kv_heads, group * num_q, num_keys) @ values  # [B, Hkv, G*T, D]
     return out.view(batch, num_kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
+
+
+def ridge_solve(scatter: torch.Tensor, mu: torch.Tensor, omega: torch.Tensor, lam: torch.Tensor,
+                delta_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho [..., D], delta [...]) from scatter = sum w u u^T [..., D, D], mu [..., D], omega [...] and lambda
+    (broadcastable to omega): rho = (scatter + lambda omega I)^-1 mu, delta = omega - mu.rho moved off 0."""
+    sigma = scatter + torch.diag_embed((lam * omega)[..., None].expand_as(mu))
+    rho = spd_solve(sigma, mu[..., None])[..., 0]
+    return rho, away_from_zero(omega - (mu * rho).sum(-1), delta_eps)
 
 
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

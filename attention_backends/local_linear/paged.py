@@ -11,7 +11,7 @@ the blockwise torch path. The layout is ``selective.py``'s (the engine adapters 
 Each sequence's keys are gathered once and every one of its queries and heads is solved at once; the loop
 is over sequences (reading seq_lens and query_start on the host, as ``selective_attention`` does). A
 sequence with at most ``direct_max_queries`` queries this step (decode, verification, a short chunk) is
-solved directly (``direct.py``: exact, 4-7x the CG path per decode token on CPU); longer ones by the
+solved directly (``direct.py``: exact, 3.7-5.7x the CG path per decode token on CPU); longer ones by the
 blockwise CG path, which never forms the D x D matrices of every query. The Triton kernel
 (``attention_backends/triton/local_linear.py``) takes the same arguments (CG only).
 """

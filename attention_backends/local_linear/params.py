@@ -37,3 +37,8 @@ def lambda_per_head(lam: float | torch.Tensor, num_heads: int, *, dtype: torch.d
         raise ValueError(f"lam must be a float or a tensor of one value per query head ({num_heads}), got "
                          f"shape {tuple(lam.shape)}")
     return lam
+
+
+def away_from_zero(delta: torch.Tensor, delta_eps: float) -> torch.Tensor:
+    """delta + delta_eps * sign(delta), sign(0) = +1 (``DELTA_EPS`` says why)."""
+    return delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)

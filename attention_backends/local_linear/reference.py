@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from afterburner.attention_backends.local_linear.params import DELTA_EPS, lambda_per_head
+from afterburner.attention_backends.local_linear.params import DELTA_EPS, away_from_zero, lambda_per_head
 
 
 def ridge_terms(q: torch.Tensor, k: torch.Tensor, *, scale: float, lam: float | torch.Tensor):
@@ -46,7 +46,7 @@ def local_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            lam: float | torch.Tensor, delta_eps: float = DELTA_EPS) -> torch.Tensor:
     """o [T, Hq, D] in float64 (shapes in the module docstring)."""
     w, u, rho, delta = ridge_terms(q, k, scale=scale, lam=lam)
-    delta = delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)
+    delta = away_from_zero(delta, delta_eps)
     vh = v.double().transpose(0, 1).repeat_interleave(q.shape[1] // v.shape[1], 0)  # [Hq, L, D]
     weights = w * (1 - torch.einsum("htd,htld->htl", rho, u)) / delta[..., None]
     return (weights @ vh).transpose(0, 1)

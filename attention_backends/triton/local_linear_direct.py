@@ -9,7 +9,7 @@ so one pass over K and V (the cost of one softmax pass) gives everything, with n
 conjugate gradient or the weighted pass. One program per (query token, query head, split of the keys)
 keeps two D x D accumulators (Sigma and sum w v u^T; 2 x 16 KiB at D = 64) and online-softmax rescaling;
 splits are merged in torch (rescaled by their maxima, as flash-decoding merges), then rho = Sigma^-1 mu by
-``direct.spd_solve`` (no host sync, so the whole call can be captured in a CUDA graph).
+``direct.ridge_solve`` (no host sync, so the whole call can be captured in a CUDA graph).
 
 Where it fits: decode and other rows with few queries, where forming Sigma per query is cheap and the
 CG kernel (one program per token and kv head, 7-34 serial passes) leaves a GPU idle. Prefill keeps the CG
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from afterburner.attention_backends.local_linear.direct import spd_solve
+from afterburner.attention_backends.local_linear.direct import ridge_solve
 from afterburner.attention_backends.local_linear.params import DELTA_EPS, lambda_per_head
 from afterburner.attention_backends.triton.local_linear import _check, _key_rows, _load_tile, token_positions
 
@@ -140,9 +140,6 @@ def local_linear_direct_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     sigma = (weight[..., None, None] * sigma).sum(2)
     wvu = (weight[..., None, None] * wvu).sum(2)
     lam = lambda_per_head(lam, num_heads, dtype=torch.float32, device=query.device)
-    sigma = sigma + torch.diag_embed((lam * omega)[..., None].expand_as(mu))
-    rho = spd_solve(sigma, mu[..., None])  # [T, Hq, D, 1]
-    delta = omega - (mu * rho[..., 0]).sum(-1)
-    delta = delta + delta_eps * torch.where(delta >= 0, 1.0, -1.0)
-    out.copy_((wv - (wvu @ rho)[..., 0]) / delta[..., None])
+    rho, delta = ridge_solve(sigma, mu, omega, lam, delta_eps)  # [T, Hq, D], [T, Hq]
+    out.copy_((wv - (wvu @ rho[..., None])[..., 0]) / delta[..., None])
     return out
