@@ -46,6 +46,10 @@ CONFIGS = {
     # whole blocks ranked by 8-token page bounds (twice the summaries of the default 16)
     "sparse-1/4-p8": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25, "page_size": 8}}},
     "sparse-1/8-p8": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.125, "page_size": 8}}},
+    "sparse-1/4-p8-bf16": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25, "page_size": 8,
+                                                                       "summary_dtype": "bfloat16"}}},
+    "sparse-1/8-p8-bf16": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.125, "page_size": 8,
+                                                                       "summary_dtype": "bfloat16"}}},
     # single 16-token pages through afterburner's torch op instead of whole blocks through vLLM's kernel
     "sparse-1/4-pages": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25,
                                                                        "read_unit": "page"}}},

@@ -52,6 +52,11 @@ CONFIGS = {
                                                                     "page_size": 8}}},
     "sparse-1/8-p8": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.125,
                                                                     "page_size": 8}}},
+    # the same with bfloat16 summaries (rounded outward): half the bytes that scoring reads every step
+    "sparse-1/4-p8-bf16": {"attention": {"method": "sparse", "sparse": {
+        **_SPARSE, "budget_ratio": 0.25, "page_size": 8, "summary_dtype": "bfloat16"}}},
+    "sparse-1/8-p8-bf16": {"attention": {"method": "sparse", "sparse": {
+        **_SPARSE, "budget_ratio": 0.125, "page_size": 8, "summary_dtype": "bfloat16"}}},
     # every index built in the first decode step (no per-step bound), so that the timed steps run with all
     "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
                                                                       "index_builds_per_step": 0}}},

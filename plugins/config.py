@@ -49,6 +49,9 @@ class SparseSettings(_Settings):
     dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
     dense_layers: int = Field(2, ge=0, description="the first layers stay dense (Quest leaves the first "
                               "two: their attention is not sparse)")
+    summary_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="storage of the page summaries, which scoring reads in full every step: "
+        "bfloat16 halves those bytes, rounded outward so the bound stays an upper bound")
 
 
 class SqueezedSettings(_Settings):

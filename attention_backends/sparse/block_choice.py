@@ -31,7 +31,7 @@ def page_bounds(query: torch.Tensor, bounds: torch.Tensor, pages: torch.Tensor, 
     num_kv_heads = bounds.shape[1]
     q = query.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # [B, Hkv, G, 2D]: (q+, q-)
-    rows = bounds[pages].transpose(1, 2)  # [B, Hkv, P, 2D]
+    rows = bounds[pages].float().transpose(1, 2)  # [B, Hkv, P, 2D]
     per_query = torch.matmul(rows, signed.transpose(-1, -2))  # [B, Hkv, P, G]
     return per_query if per_head else per_query.amax(-1)
 

@@ -12,6 +12,9 @@ Summaries are keyed by physical block id and kept current from the cache writes 
 freed and reused block never carries stale keys; a prefix-cached block is never rewritten, so its summary
 stays valid for every request that shares it.
 
+Summaries may be stored as bfloat16 at half the bytes (scoring reads every one of them each step): each
+is rounded outward (``bf16_outward``: max up, min down), so the bound stays an upper bound, a little looser.
+
 Shapes: kmin, kmax [NB, Hkv, D] (one per physical block); query [n_q, Hq, D]; scores [Hkv, n_blocks].
 """
 
@@ -28,13 +31,26 @@ def empty_summaries(num_blocks: int, num_kv_heads: int, head_dim: int, dtype=tor
     return kmin, -kmin.clone()
 
 
+def bf16_outward(x: torch.Tensor, *, up: bool) -> torch.Tensor:
+    """x as bfloat16 rounded toward +inf (``up``) or -inf. bfloat16 is float32's top 16 bits: truncating
+    moves toward zero, so a value that loses bits steps one unit away from zero when that is the way asked."""
+    bits = x.float().contiguous().view(torch.int32)
+    lost = (bits & 0xFFFF) != 0
+    away = lost & ((x > 0) if up else (x < 0))
+    return ((bits & -0x10000) + away.to(torch.int32) * 0x10000).view(torch.float32).to(torch.bfloat16)
+
+
 def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
                      block_size: int) -> None:
     """Fold this step's keys [N, Hkv, D], written at ``slot_mapping`` [N] (block * BS + offset; negative:
     padding, skipped), into the summaries, in place. Only the blocks written are read and written back
     (a scatter into the whole table costs a pass over it: milliseconds per layer for a decode step)."""
     valid = slot_mapping >= 0
-    slots, key = slot_mapping[valid].long(), key[valid].to(kmin.dtype)
+    slots, key = slot_mapping[valid].long(), key[valid]
+    if kmin.dtype == torch.bfloat16:
+        key_lo, key_hi = bf16_outward(key, up=False), bf16_outward(key, up=True)
+    else:
+        key_lo = key_hi = key.to(kmin.dtype)
     if slots.numel() == 0:
         return
     blocks, inverse = torch.unique(torch.div(slots, block_size, rounding_mode="floor"), return_inverse=True)
@@ -43,8 +59,8 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, 
     lo, hi = kmin[blocks], kmax[blocks]
     lo[restarted], hi[restarted] = math.inf, -math.inf
     index = inverse[:, None, None].expand_as(key)
-    kmin[blocks] = lo.scatter_reduce_(0, index, key, reduce="amin")
-    kmax[blocks] = hi.scatter_reduce_(0, index, key, reduce="amax")
+    kmin[blocks] = lo.scatter_reduce_(0, index, key_lo, reduce="amin")
+    kmax[blocks] = hi.scatter_reduce_(0, index, key_hi, reduce="amax")
 
 
 def summaries_from_cache(k_cache: torch.Tensor, fill: torch.Tensor):

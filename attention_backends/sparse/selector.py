@@ -5,7 +5,8 @@ the budget (``quest.choose_pages``). Pages are the adapter's (``KVLayout.page_si
 On CPU, the summary updates and the batch's block choice run in C (``quest_native``); where that library
 cannot be built the torch path runs, said once in the log and counted (``torch_path_calls``).
 
-Shapes: summaries kmin / kmax [num_pages, Hkv, D] float32 per layer, on the layout's device.
+Shapes: summaries kmin / kmax [num_pages, Hkv, D] per layer, on the layout's device, float32 or bfloat16
+rounded outward (``settings.summary_dtype``; ``quest.bf16_outward``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class QuestSelector:
         a page is one dot product with (q+, q-) (``block_choice.page_bounds``); made empty at first use."""
         if layer not in self._summaries:
             layout = self.layout
-            kmin, kmax = quest.empty_summaries(layout.num_pages, layout.num_kv_heads, layout.head_dim)
+            kmin, kmax = quest.empty_summaries(layout.num_pages, layout.num_kv_heads, layout.head_dim,
+                                               dtype=getattr(torch, self.settings.summary_dtype))
             self._summaries[layer] = torch.cat([kmax, kmin], dim=-1).to(layout.device)
         return self._summaries[layer]
 

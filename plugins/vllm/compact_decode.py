@@ -111,11 +111,12 @@ class DecodePlan:
 
 
 def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, page_size: int,
-              max_query_len: int = 1) -> tuple[DecodePlan | None, DenseRows]:
+              max_query_len: int = 1, summary_itemsize: int = 4) -> tuple[DecodePlan | None, DenseRows]:
     """(the step's plan, or None when no row decodes selectively; the step's decode rows that read
     everything). ``budgets_of(seq_lens) -> blocks``. ``max_query_len``: rows of up to this many queries
     are decode rows (1 + the drafts of a speculative engine: its verification rows, whose queries share
-    one selection, made with the first one's; the kernel keeps them causal, as their blocks come last)."""
+    one selection, made with the first one's; the kernel keeps them causal, as their blocks come last).
+    ``summary_itemsize``: bytes per stored page-summary value (what scoring reads is counted in them)."""
     starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
     num_rows, bs, hkv = len(seq_lens), shape.block_size, shape.num_kv_heads
     queries = [starts[b + 1] - starts[b] for b in range(num_rows)]
@@ -147,7 +148,7 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, pag
         tokens_read=sum(short) * hkv,
         blocks_in_context=sum(-(-n // bs) for n in lens) * hkv, blocks_read=sum(budget_list) * hkv,
         kv_bytes_dense=sum(lens) * hkv * row_bytes, kv_bytes_read=sum(short) * hkv * row_bytes,
-        summary_bytes_read=sum(-(-n // page_size) for n in lens) * hkv * shape.head_dim * 2 * 4,
+        summary_bytes_read=sum(-(-n // page_size) for n in lens) * hkv * shape.head_dim * 2 * summary_itemsize,
         dense_rows=dense)
     return DecodePlan(
         rows=tuple(rows), tokens=metadata.query_start_loc[index].long(), query_tokens=torch.tensor(query_tokens),

@@ -141,11 +141,13 @@ def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
 
     spec = vllm_config.speculative_config  # chain verification rows (drafts + 1 queries) decode selectively too
     max_query_len = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+    summary_itemsize = getattr(torch, settings.summary_dtype).itemsize  # sparse: the one method with kernel budgets
 
     def plan(metadata) -> dict:
         decode_plan, dense_rows = compact_decode.plan_step(metadata, shape, budgets_of=budgets_of,
                                                            dense_below=settings.dense_below_tokens, page_size=page,
-                                                           max_query_len=max_query_len)
+                                                           max_query_len=max_query_len,
+                                                           summary_itemsize=summary_itemsize)
         return {"decode_plan": decode_plan, "dense_decode_rows": dense_rows}
 
     return plan

@@ -48,8 +48,12 @@ def test_a_preempted_request_selects_as_without_preemption(tiny_model):
     assert tight["tokens"] == roomy["tokens"]
 
 
-def test_small_budget_reads_a_fraction_of_the_blocks(tiny_model):
-    quarter = _run(tiny_model, {"attention": {"method": "sparse", "sparse": {**SPARSE, "budget_ratio": 0.25}}})
+@pytest.fixture(scope="module")
+def quarter(tiny_model):
+    return _run(tiny_model, {"attention": {"method": "sparse", "sparse": {**SPARSE, "budget_ratio": 0.25}}})
+
+
+def test_small_budget_reads_a_fraction_of_the_blocks(quarter):
     stats = quarter["stats"]
     assert stats["selective_rows"] > 0
     assert 0 < stats["blocks_gathered"] < 0.5 * stats["blocks_in_context"]
@@ -57,6 +61,18 @@ def test_small_budget_reads_a_fraction_of_the_blocks(tiny_model):
     assert stats["tokens_read"] < stats["tokens_in_context"]
     assert stats["summary_bytes_read"] > 0, "scoring's reads are counted too"
     assert all(len(ids) == 12 for ids in quarter["tokens"])
+
+
+def test_bfloat16_summaries_are_scored_and_counted_at_half_the_bytes(tiny_model, quarter):
+    """``summary_dtype: bfloat16``: the same rows decode selectively over the same number of blocks, and the
+    scoring reads counted are half of float32's (the table the C op scores is bfloat16)."""
+    half = _run(tiny_model, {"attention": {"method": "sparse", "sparse": {**SPARSE, "budget_ratio": 0.25,
+                                                                         "summary_dtype": "bfloat16"}}})
+    stats, full = half["stats"], quarter["stats"]
+    assert stats["selective_rows"] == full["selective_rows"] > 0
+    assert stats["blocks_gathered"] == full["blocks_gathered"]
+    assert 2 * stats["summary_bytes_read"] == full["summary_bytes_read"] > 0
+    assert all(len(ids) == 12 for ids in half["tokens"])
 
 
 def test_vec_cache_views_match_vllms_cache_write_kernel():

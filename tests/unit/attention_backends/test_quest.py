@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from afterburner.attention_backends.sparse.quest import (
+    bf16_outward,
     block_scores,
     budget_blocks,
     empty_summaries,
@@ -107,3 +108,17 @@ def test_selected_blocks_hold_most_attention_mass_when_keys_cluster():
     logits = (k_cache[:, :, 0] @ query[0, 0]).flatten() * head_dim ** -0.5
     mass = torch.softmax(logits, 0).view(num_blocks, block_size).sum(1)
     assert mass[mask].sum() > 0.9 and math.isclose(mass.sum().item(), 1.0, rel_tol=1e-5)
+
+
+def test_bf16_outward_rounds_each_way_by_at_most_one_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * 10.0 ** torch.randint(-6, 6, (4096,), generator=g),
+                   torch.tensor([0.0, -0.0, 1.0, -2.5, float("inf"), -float("inf")])])
+    up, down = bf16_outward(x, up=True).float(), bf16_outward(x, up=False).float()
+    assert (up >= x).all() and (down <= x).all()
+    step = x.abs() * 2.0 ** -7
+    finite = x.isfinite()
+    assert ((up - x)[finite] <= step[finite]).all() and ((x - down)[finite] <= step[finite]).all()
+    exact = x.to(torch.bfloat16).float() == x  # representable values are kept as they are
+    assert torch.equal(up[exact], x[exact]) and torch.equal(down[exact], x[exact])
+    assert (up > down).sum() == (~exact).sum()  # every other value has one step between its two roundings

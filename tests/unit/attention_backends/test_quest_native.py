@@ -25,13 +25,14 @@ def _torch_choice(bounds, query, table, seq_lens, budgets, min_recent, *, block_
                                       recent=min_recent.clamp(min=recent))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(("page", "group", "head_dim"), [(16, 3, 64), (8, 1, 16), (32, 4, 32), (16, 2, 128)])
-def test_native_choice_equals_the_torch_path(seed, page, group, head_dim):
+def test_native_choice_equals_the_torch_path(seed, page, group, head_dim, dtype):
     g = torch.Generator().manual_seed(seed)
     block_size, num_kv_heads, num_blocks = 32, 3, 96
     keys = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=g)
-    kmin, kmax = quest.empty_summaries(num_blocks * block_size // page, num_kv_heads, head_dim)
+    kmin, kmax = quest.empty_summaries(num_blocks * block_size // page, num_kv_heads, head_dim, dtype=dtype)
     # every block written except the last few: their pages stay empty (+-inf) and must score -inf
     quest.update_summaries(kmin, kmax, keys[:-3 * block_size], torch.arange((num_blocks - 3) * block_size), page)
     bounds = block_choice.stack_bounds(kmin, kmax).contiguous()
@@ -82,12 +83,14 @@ def test_a_sequence_longer_than_max_blocks_is_refused_not_overrun():
                                    block_size=32, page_size=16, sink=1, recent=1, k=2, max_blocks=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(3))
-def test_native_updates_equal_the_torch_updates(seed):
-    """Prefill then decode writes, a reused page (offset 0 written again) and padding slots (-1)."""
+def test_native_updates_equal_the_torch_updates(seed, dtype):
+    """Prefill then decode writes, a reused page (offset 0 written again) and padding slots (-1); bfloat16
+    tables bit for bit (both round outward)."""
     g = torch.Generator().manual_seed(seed)
     page, num_pages, num_kv_heads, head_dim = 16, 40, 3, 64
-    kmin, kmax = quest.empty_summaries(num_pages, num_kv_heads, head_dim)
+    kmin, kmax = quest.empty_summaries(num_pages, num_kv_heads, head_dim, dtype=dtype)
     bounds = block_choice.stack_bounds(kmin, kmax).contiguous()
     writes = [torch.arange(0, 200), torch.tensor([200, 201, -1, 330]), torch.arange(32, 40),  # page 2 reused
               torch.tensor([-1, -1]), torch.randperm(num_pages * page, generator=g)[:50]]
@@ -96,6 +99,25 @@ def test_native_updates_equal_the_torch_updates(seed):
         quest.update_summaries(kmin, kmax, keys, slots, page)
         quest_native.update_bounds(lib, bounds, keys, slots, page)
     assert torch.equal(bounds, block_choice.stack_bounds(kmin, kmax))
+
+
+def test_bfloat16_summaries_halve_the_table_and_stay_upper_bounds():
+    """The selector stores bfloat16 rows when asked; every stored max is >= and every min <= the keys of its
+    page (round-to-nearest would break that for about half the values), within one bfloat16 step."""
+    g = torch.Generator().manual_seed(3)
+    settings = SparseSettings(page_size=8, budget_ratio=0.25, summary_dtype="bfloat16")
+    selector = QuestSelector(settings, KVLayout(8, 64, 2, 16))
+    keys = torch.randn(64 * 8, 2, 16, generator=g) * 3
+    selector.observe_keys(0, keys, torch.arange(64 * 8))
+    bounds = selector.bounds(0)
+    assert bounds.dtype == torch.bfloat16 and bounds.element_size() == 2
+    pages = keys.view(64, 8, 2, 16)
+    kmax, kmin = bounds[..., :16].float(), bounds[..., 16:].float()
+    true_max, true_min = pages.amax(1), pages.amin(1)
+    assert (kmax >= true_max).all() and (kmin <= true_min).all()
+    step = true_max.abs().clamp(min=1e-30) * 2.0 ** -7
+    assert (kmax - true_max <= step).all() and (true_min - kmin <= true_min.abs() * 2.0 ** -7).all()
+    assert not (true_max.to(torch.bfloat16).float() >= true_max).all()  # rounding to nearest would not bound
 
 
 def test_the_selector_takes_the_native_path_and_counts_none_on_torch():
@@ -132,3 +154,4 @@ def test_build_caches_by_source_and_cpu(tmp_path, monkeypatch):
     assert first.exists() and native.build(quest_native._SOURCE) == first
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : another-cpu")
     assert native.build(quest_native._SOURCE) != first
+
