@@ -137,7 +137,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     spec = {"method": args.spec_method, "model": args.drafter, "num_speculative_tokens": args.num_spec} \
         if args.num_spec else None
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0,
               distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
               additional_config={"afterburner": json.loads(args.section)})
     tokenizer = llm.get_tokenizer()
@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--draft-layers", type=int, default=25, help="draft_model: the draft's layers")
     parser.add_argument("--eagle3", help="hamburger: the EAGLE-3 baseline's folder (default: make eagle3-drafter's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the target's (and every row's) dtype; bfloat16 runs vLLM's oneDNN / AMX GEMMs where the "
+                             "CPU has them")
     parser.add_argument("--quick", action="store_true", help="3 prompts, 48 tokens (a smoke run)")
     parser.add_argument("--sampled-only", action="store_true",
                         help="only the configurations at temperature > 0 (writes <method>_vllm_sampled.json)")
@@ -227,7 +230,7 @@ def main() -> None:
             result = run_worker_or_exit(name, __file__, "--worker", "--spec-method", spec_method, "--model", model,
                                         "--drafter", spec_model, "--num-spec", num_spec, "--section",
                                         json.dumps(section), "--temperature", temperature, "--prompts", args.prompts,
-                                        "--max-tokens", args.max_tokens)
+                                        "--max-tokens", args.max_tokens, "--dtype", args.dtype)
             tokens = result.pop("tokens")
             if num_spec == 0 and temperature == 0 and reference is None:
                 reference = tokens
@@ -246,7 +249,7 @@ def main() -> None:
     trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
     plan = _tree_plan(rows, drafter) if args.method == "medusa" else None
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
-                       "max_tokens": args.max_tokens, "batch": 1, "repeats": args.repeats, "rows": rows, "runs": runs,
+                       "max_tokens": args.max_tokens, "dtype": args.dtype, "batch": 1, "repeats": args.repeats, "rows": rows, "runs": runs,
                        "training": {name: t for name, t in trained.items() if t}, "tree_plan": plan},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     if plan:
@@ -345,4 +348,4 @@ if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
     main_or_worker(main, _worker, spec_method=str, model=str, drafter=str, section=str, num_spec=int,
-                   temperature=float, prompts=int, max_tokens=int)
+                   temperature=float, prompts=int, max_tokens=int, dtype=str)
