@@ -37,7 +37,7 @@ class AttentionMethod:
 
 
 METHODS: dict[str, AttentionMethod] = {
-    "sparse": AttentionMethod(QuestSelector, page_size=lambda settings: settings.page_size,
+    "sparse": AttentionMethod(QuestSelector, page_size=lambda settings: settings.page_tokens,
                               kernel_budgets=block_choice.settings_budgets),
     "squeezed": AttentionMethod(SqueezedSelector, page_size=lambda settings: None),
     "speckv": AttentionMethod(SpecKVSelector, page_size=lambda settings: None, per_request=True),

@@ -42,7 +42,8 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_C
                      "OMP_NUM_THREADS": str(os.cpu_count() or 1)}.items():
     os.environ.setdefault(_key, _value)
 
-_SPARSE = {"page_size": 16, "sink_pages": 1, "recent_pages": 2, "dense_below_tokens": 1024, "dense_layers": 2}
+_GATES = {"sink_pages": 1, "recent_pages": 2, "dense_below_tokens": 1024, "dense_layers": 2}
+_SPARSE = {"page_size": 16, **_GATES}
 CONFIGS = {
     "stock": None,  # afterburner not loaded
     "sparse-1/4": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.25}}},
@@ -52,6 +53,9 @@ CONFIGS = {
                                                                     "page_size": 8}}},
     "sparse-1/8-p8": {"attention": {"method": "sparse", "sparse": {**_SPARSE, "budget_ratio": 0.125,
                                                                     "page_size": 8}}},
+    # the defaults (no page_size: 8-token bounds at 1/4, 16 at 1/8, ``SparseSettings.page_tokens``)
+    "default-1/4": {"attention": {"method": "sparse", "sparse": {**_GATES, "budget_ratio": 0.25}}},
+    "default-1/8": {"attention": {"method": "sparse", "sparse": {**_GATES, "budget_ratio": 0.125}}},
     # the same with bfloat16 summaries (rounded outward): half the bytes that scoring reads every step
     "sparse-1/4-p8-bf16": {"attention": {"method": "sparse", "sparse": {
         **_SPARSE, "budget_ratio": 0.25, "page_size": 8, "summary_dtype": "bfloat16"}}},

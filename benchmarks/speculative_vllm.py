@@ -249,7 +249,8 @@ def main() -> None:
     trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
     plan = _tree_plan(rows, drafter) if args.method == "medusa" else None
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
-                       "max_tokens": args.max_tokens, "dtype": args.dtype, "batch": 1, "repeats": args.repeats, "rows": rows, "runs": runs,
+                       "max_tokens": args.max_tokens, "dtype": args.dtype, "batch": 1, "repeats": args.repeats,
+                       "rows": rows, "runs": runs,
                        "training": {name: t for name, t in trained.items() if t}, "tree_plan": plan},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     if plan:

@@ -17,8 +17,7 @@ would be a different model), a layer it cannot serve is said once and runs softm
 Per layer, with an ``attention.method`` whose selector picks pages for a whole batch on the device
 (``selector.BatchedPageSelector``: sparse; squeezed has no GPU path yet and is said so once):
 - ``do_kv_cache_update``: the stock write, then the step's keys go to the selector. Pages are vLLM's KV
-  blocks here: the method's ``page_size`` must equal ``--block-size`` (16 by default on GPU, as is
-  ``page_size``);
+  blocks here: a ``page_size`` that is set must equal ``--block-size`` (unset, the block is the page);
 - ``forward``: on steps whose longest sequence is at least ``dense_below_tokens`` (and past the first
   ``dense_layers``), the selector's page ids (Triton Quest scores, batched top-k) and split-K sparse paged
   decode (``sparse_paged_decode``) for the decode rows. Decode-only steps run nothing else. Steps with a
@@ -80,7 +79,8 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
             stats.fallback(_WHERE, f"attention.method {method.name!r} has no GPU path yet")
             method = None
         block_size = getattr(vllm_config.cache_config, "block_size", None)
-        if method is not None and block_size and method.page_size(block_size) != block_size:
+        explicit = getattr(method.settings, "page_size", None) is not None if method is not None else False
+        if method is not None and block_size and explicit and method.page_size(block_size) != block_size:
             page = method.page_size(block_size)
             raise ConfigError(f"afterburner.attention.{method.name}.page_size: {page} must equal the KV block size "
                               f"{block_size} on GPU (--block-size {page})")

@@ -25,7 +25,7 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
     process, before any engine process starts."""
     config = config_of(vllm_config)
     block_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
-    page_size = config.attention.sparse.page_size
+    page_size = config.attention.sparse.page_tokens
     if config.enabled and config.attention.method == "sparse" and block_size and block_size % page_size:
         raise ConfigError(f"afterburner.attention.sparse.page_size: {page_size} does not divide the KV block size "
                           f"{block_size} (--block-size); pick a divisor such as 16 or 8")

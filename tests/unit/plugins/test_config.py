@@ -27,6 +27,19 @@ def test_values_reach_the_typed_config():
     assert config.attention.sparse.sink_pages == 1  # untouched defaults stay
 
 
+@pytest.mark.parametrize(("sparse", "pages"), [
+    ({}, 8),  # the default 1/4 budget: 8-token bounds (the passkey goal at 1/4)
+    ({"budget_ratio": 0.5}, 8),
+    ({"budget_ratio": 0.125}, 16),  # below 1/4 finer bounds bought nothing and cost speed
+    ({"budget_ratio": 0.25, "token_budget": 512}, 16),  # an absolute budget: no ratio to go by
+    ({"budget_ratio": 0.125, "page_size": 8}, 8),  # a page size that is set wins
+    ({"page_size": 32}, 32),
+])
+def test_the_page_size_in_force_follows_the_budget_unless_set(sparse, pages):
+    config = from_additional_config({"afterburner": {"attention": {"sparse": sparse}}})
+    assert config.attention.sparse.page_tokens == pages
+
+
 def test_local_linear_is_a_method_with_its_settings():
     config = from_additional_config({"afterburner": {"attention": {
         "method": "local_linear", "local_linear": {"lam": 1e9, "jacobi": True}}}})
