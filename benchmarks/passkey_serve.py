@@ -3,7 +3,7 @@ afterburner's selective attention on the same, fresh documents, per-document res
 
     python benchmarks/passkey_serve.py [--lengths 1024 2048 4096] [--docs 24] [--seed 2026]
                                        [--configs dense sparse-1/4 sparse-1/8 squeezed-1/4 squeezed-1/8
-                                                  sparse-1/4-pages sparse-1/4-p8 sparse-1/8-p8]
+                                                  sparse-1/4-pages sparse-1/4-p8 sparse-1/8-p8 default-1/4 ...]
 
 Documents come from the project's passkey generator (``plugins/lm_eval/generators.py``) with a seed the
 lm-eval tasks do not use (2026: documents the project never tuned on), token lengths counted by SmolLM2's
@@ -46,6 +46,9 @@ CONFIGS = {
     # whole blocks ranked by 8-token page bounds (twice the summaries of the default 16)
     "sparse-1/4-p8": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25, "page_size": 8}}},
     "sparse-1/8-p8": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.125, "page_size": 8}}},
+    # the defaults (no page_size: 8-token bounds at 1/4, 16 at 1/8, ``SparseSettings.page_tokens``)
+    "default-1/4": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25}}},
+    "default-1/8": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.125}}},
     "sparse-1/4-p8-bf16": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25, "page_size": 8,
                                                                        "summary_dtype": "bfloat16"}}},
     "sparse-1/8-p8-bf16": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.125, "page_size": 8,
