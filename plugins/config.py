@@ -54,7 +54,8 @@ class SparseSettings(_Settings):
     def page_tokens(self) -> int:
         """The page size in force: ``page_size``, or when unset 8 tokens at a ratio budget of 1/4 or more and 16
         otherwise. Measured (README, sparse attention): 8-token bounds bought back 4 of 5 passkey documents lost
-        at 2k at a 1/4 budget and none at 1/8, where they only cost decode speed (twice the summaries to score)."""
+        at 2k at a 1/4 budget and about none at 1/8 (34 against 33 of 72), where they cost decode speed (twice the
+        summaries to score)."""
         if self.page_size is not None:
             return self.page_size
         return 8 if self.token_budget is None and self.budget_ratio >= 0.25 else 16
