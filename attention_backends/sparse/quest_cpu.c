@@ -43,7 +43,8 @@ static inline uint16_t bf16_toward(float x, int up) {
 /* sum_d max(q_d hi_d, q_d lo_d) = q+ . hi + q- . lo (q+ = max(q, 0), q- = min(q, 0)): one dot product of
    the page's row (hi, lo) with each query head's (q+, q-), the max over the kv head's group. The group's
    dot products share one pass over the row (G accumulators): the row is loaded once, not G times, which
-   made scoring about 1.4x faster at SmolLM2's group of 3. LOAD reads element d of a row as float. */
+   made scoring 1.2-1.4x faster at SmolLM2's group of 3 (README, session 22). LOAD reads element d of a row
+   as float. */
 #define LOAD_F32(row, d) ((row)[d])
 #define LOAD_BF16(row, d) bf16_float((row)[d])
 #define EMPTY_ROW(row, LOAD) (LOAD(row, 0) == -INFINITY) /* an empty page (max -inf) bounds nothing */
