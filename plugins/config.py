@@ -50,6 +50,10 @@ class SparseSettings(_Settings):
     dense_below_tokens: int = Field(1024, ge=0, description="sequences shorter than this run dense")
     dense_layers: int = Field(2, ge=0, description="the first layers stay dense (Quest leaves the first "
                               "two: their attention is not sparse)")
+    summary_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="storage of the page summaries, which scoring reads in full every step: "
+        "bfloat16 halves those bytes, rounded outward so the bound stays an upper bound")
+
     @property
     def page_tokens(self) -> int:
         """The page size in force: ``page_size``, or when unset 8 tokens at a ratio budget of 1/4 or more and 16
@@ -59,10 +63,6 @@ class SparseSettings(_Settings):
         if self.page_size is not None:
             return self.page_size
         return 8 if self.token_budget is None and self.budget_ratio >= 0.25 else 16
-
-    summary_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="storage of the page summaries, which scoring reads in full every step: "
-        "bfloat16 halves those bytes, rounded outward so the bound stays an upper bound")
 
 
 class SqueezedSettings(_Settings):

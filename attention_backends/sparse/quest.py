@@ -47,12 +47,12 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, 
     (a scatter into the whole table costs a pass over it: milliseconds per layer for a decode step)."""
     valid = slot_mapping >= 0
     slots, key = slot_mapping[valid].long(), key[valid]
+    if slots.numel() == 0:
+        return
     if kmin.dtype == torch.bfloat16:
         key_lo, key_hi = bf16_outward(key, up=False), bf16_outward(key, up=True)
     else:
         key_lo = key_hi = key.to(kmin.dtype)
-    if slots.numel() == 0:
-        return
     blocks, inverse = torch.unique(torch.div(slots, block_size, rounding_mode="floor"), return_inverse=True)
     restarted = torch.zeros(blocks.shape[0], dtype=torch.bool)
     restarted[inverse[slots % block_size == 0]] = True

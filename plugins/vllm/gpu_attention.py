@@ -79,9 +79,8 @@ class SelectiveTritonAttentionImpl(attention_method.LayerIndexed, TritonAttentio
             stats.fallback(_WHERE, f"attention.method {method.name!r} has no GPU path yet")
             method = None
         block_size = getattr(vllm_config.cache_config, "block_size", None)
-        explicit = getattr(method.settings, "page_size", None) is not None if method is not None else False
-        if method is not None and block_size and explicit and method.page_size(block_size) != block_size:
-            page = method.page_size(block_size)
+        page = getattr(method.settings, "page_size", None) if method is not None else None  # unset: the block
+        if page is not None and block_size and page != block_size:
             raise ConfigError(f"afterburner.attention.{method.name}.page_size: {page} must equal the KV block size "
                               f"{block_size} on GPU (--block-size {page})")
         self.method = method
