@@ -11,6 +11,7 @@ layout, no library); the caller then runs the torch op and says so once.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,22 +54,26 @@ def unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return str(lib) if isinstance(lib, native.NativeUnavailable) else None
 
 
-def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-           seq_lens: torch.Tensor, query_start: torch.Tensor, *, scale: float, token_mask: torch.Tensor,
-           tree_mask: torch.Tensor | None = None, tree_sizes: dict[int, int] | None = None) -> torch.Tensor:
-    """``selective_attention(query, ..., token_mask=token_mask, tree_mask=..., tree_sizes=...)`` (see
-    ``selective.py`` for the shapes): chain rows causal, tree rows by ``tree_mask``; call only where
-    ``unsupported`` returned None."""
-    keys, values = _layouts(k_cache, v_cache)
-    num_tokens, num_heads, head_dim = query.shape
-    batch, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
-    if token_mask.shape[:2] != (batch, num_kv_heads) or token_mask.shape[2] < int(seq_lens.max()):
-        raise ValueError(f"token_mask {tuple(token_mask.shape)} does not cover [{batch}, {num_kv_heads}, max seq_len]")
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32)
-    # contiguous copies where the dtype or layout differs; they live until the call returns
-    query, table = query.contiguous(), block_table.to(torch.int32).contiguous()
-    lengths, starts = seq_lens.to(torch.int32).contiguous(), query_start.to(torch.int32).contiguous()
-    mask = token_mask.to(torch.uint8).contiguous()
+@dataclass(frozen=True)
+class Plan:
+    """A call's rows in the C op's dtypes, shared by every layer of a step (only the query and the cache
+    change from layer to layer)."""
+
+    table: torch.Tensor  # [B, blocks] int32
+    lengths: torch.Tensor  # [B] int32
+    starts: torch.Tensor  # [B + 1] int32
+    mask: torch.Tensor  # [B, Hkv, >= max seq_len] uint8
+    tree: torch.Tensor | None  # [N, N] uint8
+    tree_rows: torch.Tensor | None  # [B] uint8: 1 where the row verifies a tree
+
+
+def plan(block_table: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor, *,
+         token_mask: torch.Tensor, tree_mask: torch.Tensor | None = None,
+         tree_sizes: dict[int, int] | None = None) -> Plan:
+    """The rows of a ``decode`` call (arguments as there), checked and converted once."""
+    batch = seq_lens.shape[0]
+    if token_mask.shape[0] != batch or token_mask.shape[2] < int(seq_lens.max()):
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} does not cover [{batch}, kv heads, max seq_len]")
     tree, rows = None, None
     if tree_sizes:
         sizes = (query_start[1:] - query_start[:-1]).tolist()
@@ -78,12 +83,35 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
         tree = tree_mask.to(torch.uint8).contiguous()
         rows = torch.zeros(batch, dtype=torch.uint8)
         rows[list(tree_sizes)] = 1
+    return Plan(block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+                query_start.to(torch.int32).contiguous(), token_mask.to(torch.uint8).contiguous(), tree, rows)
+
+
+def run(step: Plan, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """One layer's ``decode`` over a prepared ``plan``."""
+    keys, values = _layouts(k_cache, v_cache)
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    if step.mask.shape[1] != num_kv_heads:
+        raise ValueError(f"token_mask has {step.mask.shape[1]} kv heads, the cache {num_kv_heads}")
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32)
+    query, tree, rows = query.contiguous(), step.tree, step.tree_rows  # the copy lives until the call returns
     status = library().selective_decode(
-        query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), table.data_ptr(),
-        table.stride(0), lengths.data_ptr(), starts.data_ptr(), mask.data_ptr(), mask.stride(1),
-        None if tree is None else tree.data_ptr(), 0 if tree is None else tree.stride(0),
-        None if rows is None else rows.data_ptr(), batch,
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), step.table.data_ptr(),
+        step.table.stride(0), step.lengths.data_ptr(), step.starts.data_ptr(), step.mask.data_ptr(),
+        step.mask.stride(1), None if tree is None else tree.data_ptr(), 0 if tree is None else tree.stride(0),
+        None if rows is None else rows.data_ptr(), step.lengths.shape[0],
         num_kv_heads, num_heads // num_kv_heads, head_dim, k_cache.shape[1], scale, out.data_ptr())
     if status != 0:
         raise MemoryError("selective_decode could not allocate its scratch buffers")
     return out
+
+
+def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+           seq_lens: torch.Tensor, query_start: torch.Tensor, *, scale: float, token_mask: torch.Tensor,
+           tree_mask: torch.Tensor | None = None, tree_sizes: dict[int, int] | None = None) -> torch.Tensor:
+    """``selective_attention(query, ..., token_mask=token_mask, tree_mask=..., tree_sizes=...)`` (see
+    ``selective.py`` for the shapes): chain rows causal, tree rows by ``tree_mask``; call only where
+    ``unsupported`` returned None. Layers of one step: ``plan`` once, then ``run``."""
+    return run(plan(block_table, seq_lens, query_start, token_mask=token_mask, tree_mask=tree_mask,
+                    tree_sizes=tree_sizes), query, k_cache, v_cache, scale=scale)

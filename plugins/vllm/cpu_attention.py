@@ -226,6 +226,20 @@ def _all_selected(rows: int, heads: int, length: int) -> torch.Tensor:
     return _ALL_TRUE[:size].view(rows, heads, length)
 
 
+def _native_tree_plan(q, key_cache, value_cache, m, mask, sizes, num_kv_heads: int
+                      ) -> tuple[str | None, selective_native.Plan | None]:
+    """(why the C op cannot serve this tree attention, None if it can; its plan, every position selected)."""
+    slow = selective_native.unsupported(q, key_cache, value_cache)
+    lengths = m.query_start_loc[1:] - m.query_start_loc[:-1]
+    if slow is None and int(lengths.max()) > max(sizes.values(), default=1):
+        slow = "rows longer than a tree (a prefill chunk in the verification step)"
+    if slow is not None:
+        return slow, None
+    every = _all_selected(len(lengths), num_kv_heads, int(m.seq_lens.max()))
+    return None, selective_native.plan(m.block_table, m.seq_lens, m.query_start_loc, token_mask=every,
+                                       tree_mask=mask, tree_sizes=sizes)
+
+
 class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -295,7 +309,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                     self._fail(layer, error)
         n = attn_metadata.num_actual_tokens
         output[:n] = self._tree_attention(layer, query[:n], kv_cache, attn_metadata, step.tree_mask,
-                                          step.tree_sizes).reshape(output[:n].shape)
+                                          step.tree_sizes, step.shared).reshape(output[:n].shape)
         return output
 
     def _tree_selective(self, step: VerifyStep, layer, query, kv_cache, m, output):
@@ -318,22 +332,23 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             output[rows.tokens] = result.reshape(rows.tokens.shape[0], *output.shape[1:]).to(output.dtype)
         return output
 
-    def _tree_attention(self, layer, query, kv_cache, m, mask, sizes) -> torch.Tensor:
+    def _tree_attention(self, layer, query, kv_cache, m, mask, sizes, shared: dict | None = None) -> torch.Tensor:
         """Tree attention over every block of the rows of ``m`` (``query``: their tokens, in order): the
         token-selective C op with every position selected where it serves the cache and no row is longer
         than a tree (a prefill chunk beside the tree keeps the torch op for the whole call), else the torch
-        op, said once; ``SPECULATION.tree_attention_native`` / ``_torch`` count the layer calls."""
+        op, said once; ``SPECULATION.tree_attention_native`` / ``_torch`` count the layer calls. ``shared``
+        (the step's ``VerifyStep.shared``) keeps the C op's plan for the next layers over the same ``m``."""
         key_cache, value_cache = KV_VIEWS[layer.isa](kv_cache)
         q = query.view(query.shape[0], self.num_heads, self.head_size)
-        lengths = m.query_start_loc[1:] - m.query_start_loc[:-1]
-        slow = selective_native.unsupported(q, key_cache, value_cache)
-        if slow is None and int(lengths.max()) > max(sizes.values(), default=1):
-            slow = "rows longer than a tree (a prefill chunk in the verification step)"
+        cached = None if shared is None else shared.get(id(m))
+        if cached is None or cached[0] is not m:  # the first layer of the step decides for all of them
+            cached = (m, *_native_tree_plan(q, key_cache, value_cache, m, mask, sizes, self.num_kv_heads))
+            if shared is not None:
+                shared[id(m)] = cached
+        _, slow, plan = cached
         if slow is None:
             stats.SPECULATION.tree_attention_native += 1
-            every = _all_selected(len(lengths), self.num_kv_heads, int(m.seq_lens.max()))
-            return selective_native.decode(q, key_cache, value_cache, m.block_table, m.seq_lens, m.query_start_loc,
-                                           scale=self.scale, token_mask=every, tree_mask=mask, tree_sizes=sizes)
+            return selective_native.run(plan, q, key_cache, value_cache, scale=self.scale)
         stats.fallback(_WHERE, f"tree attention: the token-selective C op cannot serve {slow}",
                        instead="afterburner's torch tree attention")
         stats.SPECULATION.tree_attention_torch += 1

@@ -23,6 +23,7 @@ class VerifyStep:
     rows        batch row -> (its first tree token, tree size incl. the root), for rows that carry drafts
     tree_mask   [N, N] bool, the largest tree's ancestor mask (a prefix of it is each smaller tree's)
     accepted    row -> accepted node indices (root first), filled by the acceptance hook
+    shared      what the first attention layer prepared for the step's other layers (the C op's plan)
     """
 
     num_tokens: int
@@ -30,6 +31,7 @@ class VerifyStep:
     rows: dict[int, tuple[int, int]]
     tree_mask: torch.Tensor
     accepted: dict[int, list[int]] = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
 
     @property
     def tree_sizes(self) -> dict[int, int]:

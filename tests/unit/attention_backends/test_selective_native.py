@@ -118,3 +118,23 @@ def test_unsupported_calls_say_why():
     assert "float32" in selective_native.unsupported(query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16())
     token_major = k_cache.contiguous()  # [NB, BS, Hkv, D]: not the channel-major layout
     assert "layout" in selective_native.unsupported(query, token_major, v_cache)
+
+
+def test_one_plan_serves_every_layer_of_a_step():
+    """``plan`` once per step, ``run`` per layer (other queries, another cache): each layer's output equals
+    its own ``decode``; a plan for other kv heads is refused."""
+    tree = build_tree(MC_SIM_7B_63[:8], max_depth=3)
+    shape = dict(block_size=32, num_kv_heads=3, group=3, head_dim=64, density=1.0)
+    query, k_cache, v_cache, table, lengths, starts, mask = _batch(0, [400, 70], [tree.num_nodes, 1], **shape)
+    step = selective_native.plan(table, lengths, starts, token_mask=mask, tree_mask=tree.attn_mask,
+                                 tree_sizes={0: tree.num_nodes})
+    for seed in (1, 2):  # another layer: its own queries and cache, the same rows
+        other_query, other_k, other_v, *_ = _batch(seed, [400, 70], [tree.num_nodes, 1], **shape)
+        expected = selective_native.decode(other_query, other_k, other_v, table, lengths, starts, scale=0.125,
+                                           token_mask=mask, tree_mask=tree.attn_mask, tree_sizes={0: tree.num_nodes})
+        got = selective_native.run(step, other_query, other_k, other_v, scale=0.125)
+        assert torch.equal(got, expected)
+        assert not torch.allclose(got, selective_native.run(step, query, k_cache, v_cache, scale=0.125))
+    wrong_heads = selective_native.plan(table, lengths, starts, token_mask=mask[:, :2])
+    with pytest.raises(ValueError, match="kv heads"):
+        selective_native.run(wrong_heads, query, k_cache, v_cache, scale=0.125)
