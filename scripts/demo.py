@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -64,6 +65,7 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 MEDUSA_TREE_NODES = 16
 SPECULATION_REQUEST = {"messages": [{"role": "user", "content": "Explain how a rainbow forms, in a few sentences."}],
                   "max_tokens": 80}
+ROUNDS = 3  # timed requests per side: one request's time is noise at a few seconds
 CONSTRAINED_PROMPT = "Give the largest city of France and its population as JSON:"
 HAMBURGER_DRAFT = 4
 # The drafter's stop head is trained on ~21% positive labels: its default 0.8 drafts almost nothing, 0.3 is
@@ -224,21 +226,28 @@ def medusa_heads(model: Path) -> tuple[Path, str, int, dict]:
 
 
 def _speculation_section(servers: dict[str, VllmServer], name: str, title: str) -> bool:
-    """The chat request with speculation off (the dense afterburner server) and on (``name``): the texts, and
-    from vLLM's own counters the base-model steps each took and the drafts carried."""
+    """The chat request with speculation off (the dense afterburner server) and on (``name``), ``ROUNDS``
+    times each, alternating, after an untimed warm-up of the speculative server (its first request pays
+    one-time costs): the texts, the median seconds, and from vLLM's own counters the base-model steps taken
+    and the drafts carried."""
     print(f"\n{title}:")
+    _ask(servers[name], "/v1/chat/completions", {**SPECULATION_REQUEST, "max_tokens": 8})
     before = servers[name].spec_counters()
-    answers = {label: _ask(servers[server], "/v1/chat/completions", SPECULATION_REQUEST)
-               for label, server in (("off", "afterburner"), ("on", name))}
+    runs: dict[str, list[tuple[str, float]]] = {"off": [], "on": []}
+    for _ in range(ROUNDS):
+        for label, server in (("off", "afterburner"), ("on", name)):
+            runs[label].append(_ask(servers[server], "/v1/chat/completions", SPECULATION_REQUEST))
     done = spec_steps(before, servers[name].spec_counters())
     steps, drafted, accepted = done["verification_steps"], done["drafted"], done["accepted"]
-    for label, (text, seconds) in answers.items():
-        print(f"  {label:>11} ({seconds:4.1f} s): {text!r}")
-    same = answers["off"][0] == answers["on"][0]
+    seconds = {label: statistics.median(s for _, s in answers) for label, answers in runs.items()}
+    for label, answers in runs.items():
+        print(f"  {label:>11} ({seconds[label]:4.1f} s, median of {ROUNDS}): {answers[0][0]!r}")
+    same = all(text == runs["off"][0][0] for answers in runs.values() for text, _ in answers)
     if steps:
-        print(f"  same text: {same}; with speculation {steps} verification steps carried {drafted} draft "
-              f"tokens ({drafted / steps:.2f} per step) and emitted {steps + accepted} tokens "
-              f"({done['tokens_per_verification_step']:.2f} per step; one per step without)")
+        print(f"  same text: {same}; over the {ROUNDS} requests with speculation {steps} verification steps "
+              f"carried {drafted} draft tokens ({drafted / steps:.2f} per step) and emitted {steps + accepted} "
+              f"tokens ({done['tokens_per_verification_step']:.2f} per step; one per step without); time on / "
+              f"off {seconds['on'] / seconds['off']:.2f} (one request at a time)")
     return same
 
 
