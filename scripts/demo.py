@@ -66,6 +66,9 @@ MEDUSA_TREE_NODES = 16
 SPECULATION_REQUEST = {"messages": [{"role": "user", "content": "Explain how a rainbow forms, in a few sentences."}],
                   "max_tokens": 80}
 ROUNDS = 3  # timed requests per side: one request's time is noise at a few seconds
+# The speculation sections' servers (off: the dense afterburner one; on) give the model every core: vLLM-CPU
+# otherwise keeps one for its scheduler, which on 2 cores leaves the model one (benchmarks/medusa_serve.py)
+ALL_CORES = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 CONSTRAINED_PROMPT = "Give the largest city of France and its population as JSON:"
 HAMBURGER_DRAFT = 4
 # The drafter's stop head is trained on ~21% positive labels: its default 0.8 drafts almost nothing, 0.3 is
@@ -306,7 +309,7 @@ def main() -> int:
     report_dir = work / "report"
     servers = {
         "afterburner": VllmServer(model, "--additional-config", json.dumps(config), log=work / "afterburner.log",
-                                  env={report.REPORT_DIR_ENV: str(report_dir)}, max_model_len=2048),
+                                  env={report.REPORT_DIR_ENV: str(report_dir), **ALL_CORES}, max_model_len=2048),
         "stock": VllmServer(model, log=work / "stock.log", env={"VLLM_PLUGINS": ""}),
         "sparse": VllmServer(model, "--block-size", "32", "--additional-config", json.dumps(SPARSE_CONFIG),
                              log=work / "sparse.log", env={report.REPORT_DIR_ENV: str(work / "sparse-report")},
@@ -317,10 +320,11 @@ def main() -> int:
         "medusa": VllmServer(model, "--speculative-config", json.dumps(
             {"method": "medusa", "model": str(heads), "num_speculative_tokens": heads_drafts}),
             "--additional-config", json.dumps({"afterburner": {"speculative": heads_settings}}),
-            log=work / "medusa.log", max_model_len=2048),
+            log=work / "medusa.log", env=ALL_CORES, max_model_len=2048),
         **({"hamburger": VllmServer(model, "--speculative-config", json.dumps(
             {"method": "hamburger", "model": str(drafter), "num_speculative_tokens": HAMBURGER_DRAFT}),
-            "--additional-config", json.dumps(HAMBURGER_CONFIG), log=work / "hamburger.log", max_model_len=2048)}
+            "--additional-config", json.dumps(HAMBURGER_CONFIG), log=work / "hamburger.log", env=ALL_CORES,
+            max_model_len=2048)}
            if drafter else {}),
         "local_linear": VllmServer(lla, "--additional-config", json.dumps(LLA_CONFIG), log=work / "local_linear.log"),
     }
