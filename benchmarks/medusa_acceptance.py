@@ -51,7 +51,6 @@ def chain_steps(top, text, prompt_len: int, depth: int) -> list[tuple[int, int]]
 
 
 def measure(model, tokenizer, heads_dir: Path, prompts: list[str], max_tokens: int, draft_vocab_size: int) -> dict:
-    import torch
 
     from afterburner.spec_decode import draft_vocab
     from afterburner.spec_decode.medusa.checkpoint import load_heads, load_shared_lm_head
@@ -93,8 +92,8 @@ def measure(model, tokenizer, heads_dir: Path, prompts: list[str], max_tokens: i
     summary["all"] = {"tokens_per_step_chain_of": {d + 1: tokens[d] / steps[d] for d in range(depth)}}
     config = json.loads((heads_dir / "config.json").read_text())
     training = (config.get("afterburner") or {}).get("training") or {}
-    summary["training"] = {key: training.get(key) for key in ("holdout_top1", "holdout_accepted", "holdout_positions", "tokens", "steps", "data")
-                           if key in training}
+    kept = ("holdout_top1", "holdout_accepted", "holdout_positions", "tokens", "steps", "data")
+    summary["training"] = {key: training[key] for key in kept if key in training}
     return summary
 
 
