@@ -51,7 +51,6 @@ def chain_steps(top, text, prompt_len: int, depth: int) -> list[tuple[int, int]]
 
 
 def measure(model, tokenizer, heads_dir: Path, prompts: list[str], max_tokens: int, draft_vocab_size: int) -> dict:
-
     from afterburner.spec_decode import draft_vocab
     from afterburner.spec_decode.medusa.checkpoint import load_heads, load_shared_lm_head
 
@@ -105,7 +104,7 @@ def main() -> None:
     from afterburner.spec_decode.medusa.distill_data import load_base
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from speculative_vllm import TOPICS
+    from speculative_vllm import TOPICS, user_prompt
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", type=Path, nargs="+", required=True, help="Medusa heads folders")
@@ -117,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     model, tokenizer = load_base(build_smollm2())
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Explain {topic} in a short paragraph."}],
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": user_prompt(topic)}],
                                              tokenize=False, add_generation_prompt=True)
                for topic in TOPICS[: args.prompts]]
     results = {}

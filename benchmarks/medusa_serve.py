@@ -53,10 +53,10 @@ def chat_requests(count: int | None) -> list[dict]:
     if not count:
         return [REQUEST]
     sys.path.insert(0, str(Path(__file__).parent))
-    from speculative_vllm import TOPICS
+    from speculative_vllm import TOPICS, user_prompt
 
-    return [{"messages": [{"role": "user", "content": f"Explain {topic} in a short paragraph."}], "max_tokens": 96,
-             "temperature": 0, "ignore_eos": True} for topic in TOPICS[:count]]
+    return [{"messages": [{"role": "user", "content": user_prompt(topic)}], "max_tokens": 96, "temperature": 0,
+             "ignore_eos": True} for topic in TOPICS[:count]]
 
 
 def main() -> None:

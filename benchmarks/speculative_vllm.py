@@ -54,6 +54,12 @@ TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revo
           "how vaccines work", "recursion in programming", "why the sky is blue", "plate tectonics",
           "supply and demand", "the immune system", "public key cryptography"]
 
+
+def user_prompt(topic: str) -> str:
+    """The user message of the benchmark's request about ``topic`` (medusa_acceptance / medusa_serve ask it too)."""
+    return f"Explain {topic} in a short paragraph."
+
+
 # per method: name, num_speculative_tokens, afterburner section, temperature[, the row's own proposer]
 CONFIGS = {
     "medusa": [
@@ -141,7 +147,7 @@ def _worker(args: argparse.Namespace) -> None:
               distributed_executor_backend="uni", speculative_config=spec, disable_log_stats=False,
               additional_config={"afterburner": json.loads(args.section)})
     tokenizer = llm.get_tokenizer()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Explain {topic} in a short paragraph."}],
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": user_prompt(topic)}],
                                              tokenize=False, add_generation_prompt=True)
                for topic in TOPICS[: args.prompts]]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0 if not args.temperature
