@@ -10,7 +10,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # `-m venv DIR` makes a venv of stand-ins: this interpreter and a pip that fails `install -r` on FAIL_PIP.
