@@ -4,10 +4,13 @@ multiple choice (``--task mc``, ``quality_tasks.py``), seed 2026.
 
     python benchmarks/specpc_quality.py [--task passkey|mc] [--lengths 1024 2048 4096] [--docs 24]
                                         [--capacities 256 512 1024] [--ratios 0.25 0.125] [--draft-layers 25]
+                                        [--smaller-drafts 12]
 
 Methods (each keeps C prompt tokens; C from ``--capacities`` and C = ratio x the document's length):
 - ``specpc``: SpecPC's rule (``spec_decode/draft/specpc.py``) on a draft derived from SmolLM2 (its first
   ``--draft-layers`` of 30 layers, ``afterburner models draft``), look-ahead 1;
+- ``specpc-<N>L`` (``--smaller-drafts N ...``): the same on a draft of the first N layers; its cells record
+  how much of what it keeps the target's own choice keeps too (``overlap_with_own``: Jaccard);
 - ``own-attention``: the same rule scored by the target itself (no draft: the draft-free baseline, the
   target's own last-window attention, SnapKV-style but prompt-level);
 - ``recent``: the last C tokens.
@@ -34,7 +37,6 @@ import quality_tasks  # noqa: E402
 from passkey_serve import engine_env, wilson  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "specpc_quality.json"
-METHODS = ("specpc", "own-attention", "recent")
 
 
 def capacities(length: int, fixed: list[int], ratios: list[float]) -> dict[str, int]:
@@ -118,11 +120,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_arguments(parser, docs=24)
+    parser.add_argument("--smaller-drafts", type=int, nargs="*", default=[], metavar="N",
+                        help="also SpecPC on drafts of the first N layers (methods specpc-<N>L): a cheaper draft")
     args = parser.parse_args()
     args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
+    from afterburner.spec_decode.draft.derive import cached_layer_draft
+
     model, draft, docs = quality_setup(args)
-    scored = score_documents(docs, {"specpc": draft, "own-attention": model})
+    smaller = {f"specpc-{n}L": cached_layer_draft(model, n) for n in args.smaller_drafts}
+    scored = score_documents(docs, {"specpc": draft, **smaller, "own-attention": model})
+    methods = ("specpc", *smaller, "own-attention", "recent")
 
     # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once
     prompts, index, plan = [], {}, []
@@ -137,12 +145,14 @@ def main() -> None:
         plan.append({"doc": i, "method": "dense", "budget": "all", "kept": len(doc["ids"]),
                      "prompt": ask(doc["ids"], doc)})
         for budget, capacity in capacities(len(doc["ids"]), args.capacities, args.ratios).items():
-            for method in METHODS:
+            own = set(select(scored["own-attention"][i]["scores"], SpecPCSettings(capacity=capacity)).tolist())
+            for method in methods:
                 if method == "recent":
                     kept = list(range(len(doc["ids"]) - capacity, len(doc["ids"])))
                 else:
                     kept = select(scored[method][i]["scores"], SpecPCSettings(capacity=capacity)).tolist()
                 plan.append({"doc": i, "method": method, "budget": budget, "kept": len(kept),
+                             "overlap_with_own": round(len(own & set(kept)) / len(own | set(kept)), 4),
                              "prompt": ask([doc["ids"][k] for k in kept], doc)})
     print(f"[specpc] answering {len(prompts)} distinct prompts ({len(plan)} cells) ...", file=sys.stderr, flush=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
@@ -161,6 +171,7 @@ def main() -> None:
     seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
         "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
+        "smaller_drafts": {f"specpc-{n}L": f"first {n} of 30 layers" for n in args.smaller_drafts},
         "seed": args.seed,
         "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
         "scoring_seconds_per_doc": seconds,
@@ -187,6 +198,9 @@ def summarize(cells: list[dict], lengths: list[int]) -> list[dict]:
                 "kept_share": sum(c["kept"] / c["prompt_tokens"] for c in docs) / n if n else None,
                 "lost_vs_dense": sum(dense[c["length"], c["id"]] and not c["correct"] for c in docs),
                 "gained_vs_dense": sum(c["correct"] and not dense[c["length"], c["id"]] for c in docs)}
+            overlaps = [c["overlap_with_own"] for c in docs if "overlap_with_own" in c]
+            if overlaps:  # mean Jaccard of the kept tokens with the target's own choice
+                row["lengths"][length]["overlap_with_own"] = sum(overlaps) / len(overlaps)
             texts.append(f"{k:2d}/{n:2d} [{lo:.2f},{hi:.2f}]" if n else "-")
         table.append(row)
         print(f"{method:14s} {budget:7s} " + " ".join(f"{t:>22s}" for t in texts))
