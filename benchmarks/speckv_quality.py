@@ -5,13 +5,16 @@ multiple choice (``--task mc``, ``quality_tasks.py``: the choice is made by a de
 
     python benchmarks/speckv_quality.py [--task passkey|mc] [--lengths 1024 2048 4096] [--docs 12]
                                         [--capacities 256 512 1024] [--ratios 0.25 0.125] [--draft-layers 25]
-                                        [--lookahead 32]
+                                        [--lookahead 32] [--smaller-drafts 16]
 
 Methods (C prompt KV entries + the last prompt token per layer and kv head; C from ``--capacities`` and
 C = ratio x the document's length):
 - ``speckv``: SpecKV's rule (``spec_decode/draft/speckv.py``: window 32, kernel 7) on a draft made of
   SmolLM2's first ``--draft-layers`` of 30 layers (so it scores those layers exactly as the target would),
   look-ahead ``--lookahead`` tokens; the last 30 - N layers share the draft's last layer's choice;
+- ``speckv-<N>L`` (``--smaller-drafts N ...``): the same on a draft of the first N layers (the last 30 - N
+  layers share its last layer's choice); its cells record how much of what it keeps (every layer and kv head)
+  SnapKV's choice keeps too (``overlap_with_own``: Jaccard);
 - ``snapkv``: the same rule scored by the target itself with no look-ahead (the draft-free baseline: the
   target's own last-window attention, SnapKV-style, every layer its own);
 - ``recent``: the last C + 1 prompt entries;
@@ -40,10 +43,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks  # noqa: E402
 from passkey_serve import engine_env  # noqa: E402
-from specpc_quality import add_quality_arguments, capacities, quality_setup, summarize  # noqa: E402
+from specpc_quality import add_quality_arguments, capacities, quality_setup, smaller_drafts, summarize  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "speckv_quality.json"
-METHODS = ("speckv", "snapkv", "recent")
 WINDOW = 32
 CELL_KEY = "speckv_quality_cell"  # extra_args: the benchmark's cell index (vLLM passes unknown keys through)
 
@@ -131,7 +133,11 @@ def main() -> None:
     args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     model, draft, docs = quality_setup(args)
-    scored = score_documents(docs, {"speckv": (draft, args.lookahead), "snapkv": (model, 0)})
+    smaller = smaller_drafts(model, args.smaller_drafts, "speckv")
+    scored = score_documents(docs, {"speckv": (draft, args.lookahead),
+                                    **{name: (folder, args.lookahead) for name, folder in smaller.items()},
+                                    "snapkv": (model, 0)})
+    methods = ("speckv", *smaller, "snapkv", "recent")
     layers = 30
 
     requests, plan = [], []
@@ -140,15 +146,18 @@ def main() -> None:
         plan.append({"doc": i, "method": "dense", "budget": "all", "kept": length, "request": len(requests)})
         requests.append((doc["ids"], None, None, doc["choices"]))
         for budget, capacity in capacities(length, args.capacities, args.ratios).items():
-            for method in METHODS:
+            settings = SpecKVSettings(capacity=capacity, window=WINDOW)
+            own = layer_masks(scored["snapkv"][i]["scores"], target_layers=layers, prompt_len=length,
+                              settings=settings)
+            for method in methods:
                 if method == "recent":
                     mask = torch.zeros(layers, 3, length, dtype=torch.bool)
                     mask[:, :, length - capacity - 1:] = True
                 else:
-                    settings = SpecKVSettings(capacity=capacity, window=WINDOW)
                     mask = layer_masks(scored[method][i]["scores"], target_layers=layers, prompt_len=length,
                                        settings=settings)
                 plan.append({"doc": i, "method": method, "budget": budget, "kept": int(mask[0, 0].sum()),
+                             "overlap_with_own": round(float((mask & own).sum() / (mask | own).sum()), 4),
                              "request": len(requests)})
                 requests.append((doc["ids"], pack(mask), capacity, doc["choices"]))
     max_len = max(len(d["ids"]) for d in docs) + 32
@@ -180,6 +189,7 @@ def main() -> None:
     seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
         "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
+        "smaller_drafts": {name: str(folder) for name, folder in smaller.items()},
         "lookahead": args.lookahead, "window": WINDOW, "seed": args.seed, "docs_per_length": args.docs,
         "table": table, "cells": cells, "engine_runs": runs, "scoring_seconds_per_doc": seconds,
         "prompt_tokens_per_doc": [len(d["ids"]) for d in docs],

@@ -90,6 +90,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser, *, docs: int) -> None
     parser.add_argument("--capacities", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.125])
     parser.add_argument("--draft-layers", type=int, default=25)
+    parser.add_argument("--smaller-drafts", type=int, nargs="*", default=[], metavar="N",
+                        help="also the method on drafts of the first N layers (methods <method>-<N>L): cheaper drafts")
     parser.add_argument("--out", help="default: benchmarks/results/<script>[_mc].json")
     add_allow_dirty_argument(parser)
 
@@ -111,6 +113,13 @@ def quality_setup(args: argparse.Namespace) -> tuple[Path, Path, list[dict]]:
     return model, draft, docs
 
 
+def smaller_drafts(model: Path, layers: list[int], method: str) -> dict[str, Path]:
+    """``--smaller-drafts``: method name (``<method>-<N>L``) -> a draft of the target's first N layers."""
+    from afterburner.spec_decode.draft.derive import cached_layer_draft
+
+    return {f"{method}-{n}L": cached_layer_draft(model, n) for n in layers}
+
+
 def main() -> None:
     import tempfile
 
@@ -120,15 +129,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_arguments(parser, docs=24)
-    parser.add_argument("--smaller-drafts", type=int, nargs="*", default=[], metavar="N",
-                        help="also SpecPC on drafts of the first N layers (methods specpc-<N>L): a cheaper draft")
     args = parser.parse_args()
     args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
-    from afterburner.spec_decode.draft.derive import cached_layer_draft
-
     model, draft, docs = quality_setup(args)
-    smaller = {f"specpc-{n}L": cached_layer_draft(model, n) for n in args.smaller_drafts}
+    smaller = smaller_drafts(model, args.smaller_drafts, "specpc")
     scored = score_documents(docs, {"specpc": draft, **smaller, "own-attention": model})
     methods = ("specpc", *smaller, "own-attention", "recent")
 
@@ -171,7 +176,7 @@ def main() -> None:
     seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
         "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
-        "smaller_drafts": {f"specpc-{n}L": f"first {n} of 30 layers" for n in args.smaller_drafts},
+        "smaller_drafts": {name: str(folder) for name, folder in smaller.items()},
         "seed": args.seed,
         "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
         "scoring_seconds_per_doc": seconds,
