@@ -147,15 +147,13 @@ def main() -> None:
         requests.append((doc["ids"], None, None, doc["choices"]))
         for budget, capacity in capacities(length, args.capacities, args.ratios).items():
             settings = SpecKVSettings(capacity=capacity, window=WINDOW)
-            own = layer_masks(scored["snapkv"][i]["scores"], target_layers=layers, prompt_len=length,
-                              settings=settings)
+            masks = {name: layer_masks(rows[i]["scores"], target_layers=layers, prompt_len=length, settings=settings)
+                     for name, rows in scored.items()}
+            masks["recent"] = torch.zeros(layers, 3, length, dtype=torch.bool)
+            masks["recent"][:, :, length - capacity - 1:] = True
+            own = masks["snapkv"]
             for method in methods:
-                if method == "recent":
-                    mask = torch.zeros(layers, 3, length, dtype=torch.bool)
-                    mask[:, :, length - capacity - 1:] = True
-                else:
-                    mask = layer_masks(scored[method][i]["scores"], target_layers=layers, prompt_len=length,
-                                       settings=settings)
+                mask = masks[method]
                 plan.append({"doc": i, "method": method, "budget": budget, "kept": int(mask[0, 0].sum()),
                              "overlap_with_own": round(float((mask & own).sum() / (mask | own).sum()), 4),
                              "request": len(requests)})

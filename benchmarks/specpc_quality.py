@@ -150,12 +150,12 @@ def main() -> None:
         plan.append({"doc": i, "method": "dense", "budget": "all", "kept": len(doc["ids"]),
                      "prompt": ask(doc["ids"], doc)})
         for budget, capacity in capacities(len(doc["ids"]), args.capacities, args.ratios).items():
-            own = set(select(scored["own-attention"][i]["scores"], SpecPCSettings(capacity=capacity)).tolist())
+            chosen = {name: select(rows[i]["scores"], SpecPCSettings(capacity=capacity)).tolist()
+                      for name, rows in scored.items()}
+            chosen["recent"] = list(range(len(doc["ids"]) - capacity, len(doc["ids"])))
+            own = set(chosen["own-attention"])
             for method in methods:
-                if method == "recent":
-                    kept = list(range(len(doc["ids"]) - capacity, len(doc["ids"])))
-                else:
-                    kept = select(scored[method][i]["scores"], SpecPCSettings(capacity=capacity)).tolist()
+                kept = chosen[method]
                 plan.append({"doc": i, "method": method, "budget": budget, "kept": len(kept),
                              "overlap_with_own": round(len(own & set(kept)) / len(own | set(kept)), 4),
                              "prompt": ask([doc["ids"][k] for k in kept], doc)})
