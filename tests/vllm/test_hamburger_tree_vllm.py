@@ -15,10 +15,8 @@ from result_script import run_result_script
 
 from afterburner.plugins.config import ConfigError
 from afterburner.spec_decode.draft.draft_tree import draft_tree
-from afterburner.spec_decode.hamburger.checkpoint import load_drafter, save_drafter
-from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
+from afterburner.spec_decode.hamburger.checkpoint import load_drafter
 from afterburner.spec_decode.hamburger.reference import speculative_generate
-from afterburner.spec_decode.hamburger.train import base_norm_init, drafter_config_for, residual_init
 from afterburner.spec_decode.medusa.distill_data import load_base
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -30,14 +28,10 @@ NEW = 32  # tokens per request in the scripts
 
 
 @pytest.fixture(scope="module")
-def drafter(tiny_model, tmp_path_factory):
-    """The logit lens of the tiny model's layer-1 features (``residual_init``): its top-k often holds the
-    random model's next token where the model repeats itself, so trees accept through siblings too."""
-    base, _ = load_base(tiny_model)
-    config = drafter_config_for(base.config, (1,), max_micro_steps=4, base_model=str(tiny_model))
-    model = MicroStepDrafter(config)
-    model.load_state_dict(residual_init(config, base_norm_init(base, config)), strict=False)
-    return save_drafter(tmp_path_factory.mktemp("drafter") / "lens", model)
+def drafter(lens_drafter):
+    """Its top-k often holds the random model's next token where the model repeats itself, so trees accept
+    through siblings too."""
+    return lens_drafter
 
 
 def _run(model, drafter, num_spec, config):

