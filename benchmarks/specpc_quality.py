@@ -4,15 +4,19 @@ multiple choice (``--task mc``, ``quality_tasks.py``), seed 2026.
 
     python benchmarks/specpc_quality.py [--task passkey|mc] [--lengths 1024 2048 4096] [--docs 24]
                                         [--capacities 256 512 1024] [--ratios 0.25 0.125] [--draft-layers 25]
-                                        [--smaller-drafts 12]
+                                        [--smaller-drafts 12] [--lookaheads 1 8]
 
 Methods (each keeps C prompt tokens; C from ``--capacities`` and C = ratio x the document's length):
 - ``specpc``: SpecPC's rule (``spec_decode/draft/specpc.py``) on a draft derived from SmolLM2 (its first
-  ``--draft-layers`` of 30 layers, ``afterburner models draft``), look-ahead 1;
+  ``--draft-layers`` of 30 layers, ``afterburner models draft``), look-ahead 1 (every released config of the
+  paper: the generated token is only predicted, so only the prompt's last window is scored);
+- ``<draft method>-la<K>`` (``--lookaheads 1 K ...``): each draft again with a look-ahead of K tokens (the
+  first K - 1 generated tokens' attention over the prompt counts too), paired with look-ahead 1 on the same
+  documents;
 - ``specpc-<N>L`` (``--smaller-drafts N ...``): the same on a draft of the first N layers; its cells record
   how much of what it keeps the target's own choice keeps too (``overlap_with_own``: Jaccard);
-- ``own-attention``: the same rule scored by the target itself (no draft: the draft-free baseline, the
-  target's own last-window attention, SnapKV-style but prompt-level);
+- ``own-attention``: the same rule scored by the target itself, always look-ahead 1 (no draft: the draft-free
+  baseline, the target's own last-window attention, SnapKV-style but prompt-level);
 - ``recent``: the last C tokens.
 A draft's scores do not depend on C, so each document is scored once per scorer and every capacity is a
 selection of those scores (the per-request server path, ``vllm_xargs`` ``specpc_capacity``, runs the same
@@ -45,18 +49,19 @@ def capacities(length: int, fixed: list[int], ratios: list[float]) -> dict[str, 
     return {name: c for name, c in named.items() if c < length}
 
 
-def score_documents(docs: list[dict], scorers: dict[str, Path]) -> dict[str, list[dict]]:
-    """Per scorer, per document: SpecPC scores (a list of floats) and the seconds they took."""
+def score_documents(docs: list[dict], scorers: dict[str, tuple[Path, int]]) -> dict[str, list[dict]]:
+    """Per scorer (folder, look-ahead), per document: SpecPC scores (a list of floats), the look-ahead the
+    scorer wrote and the seconds they took."""
     from afterburner.spec_decode.draft.specpc import SpecPCSettings
     from afterburner.spec_decode.draft.specpc_draft import draft_scores, load_draft
 
     scored = {}
-    for name, folder in scorers.items():
+    for name, (folder, lookahead) in scorers.items():
         draft, rows = load_draft(folder), []
         for i, doc in enumerate(docs):
             started = time.perf_counter()
-            scores, _ = draft_scores(draft.model, doc["ids"], SpecPCSettings())
-            rows.append({"scores": scores, "seconds": time.perf_counter() - started})
+            scores, generated = draft_scores(draft.model, doc["ids"], SpecPCSettings(lookahead=lookahead))
+            rows.append({"scores": scores, "seconds": time.perf_counter() - started, "generated": generated})
             print(f"\r[specpc] scoring with {name}: {i + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         scored[name] = rows
@@ -129,13 +134,19 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_arguments(parser, docs=24)
+    parser.add_argument("--lookaheads", type=int, nargs="+", default=[1], metavar="K",
+                        help="each draft's look-ahead lengths (methods <draft method>-la<K> beside 1; the target's "
+                        "own choice always 1)")
     args = parser.parse_args()
     args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     model, draft, docs = quality_setup(args)
     smaller = smaller_drafts(model, args.smaller_drafts, "specpc")
-    scored = score_documents(docs, {"specpc": draft, **smaller, "own-attention": model})
-    methods = ("specpc", *smaller, "own-attention", "recent")
+    drafts = {"specpc": draft, **smaller}
+    scorers = {f"{name}-la{k}" if k != 1 else name: (folder, k) for name, folder in drafts.items()
+               for k in sorted({1, *args.lookaheads})}
+    scored = score_documents(docs, {**scorers, "own-attention": (model, 1)})
+    methods = (*scorers, "own-attention", "recent")
 
     # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once
     prompts, index, plan = [], {}, []
@@ -174,12 +185,13 @@ def main() -> None:
                       "correct": quality_tasks.correct(doc, answer)})
     table = summarize(cells, args.lengths)
     seconds = {name: [round(r["seconds"], 3) for r in rows] for name, rows in scored.items()}
+    generated = {name: [r["generated"] for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
         "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
         "smaller_drafts": {name: str(folder) for name, folder in smaller.items()},
-        "seed": args.seed,
+        "lookaheads": sorted({1, *args.lookaheads}), "seed": args.seed,
         "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
-        "scoring_seconds_per_doc": seconds,
+        "scoring_seconds_per_doc": seconds, "lookahead_ids_per_doc": generated,
         "prompt_tokens_per_doc": [len(d["ids"]) for d in docs],
     }, command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {args.out}")
