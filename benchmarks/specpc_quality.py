@@ -4,15 +4,18 @@ multiple choice (``--task mc``, ``quality_tasks.py``), seed 2026.
 
     python benchmarks/specpc_quality.py [--task passkey|mc] [--lengths 1024 2048 4096] [--docs 24]
                                         [--capacities 256 512 1024] [--ratios 0.25 0.125] [--draft-layers 25]
-                                        [--smaller-drafts 12] [--lookaheads 1 8]
+                                        [--smaller-drafts 12] [--int4-draft] [--lookaheads 1 8]
 
 Methods (each keeps C prompt tokens; C from ``--capacities`` and C = ratio x the document's length):
 - ``specpc``: SpecPC's rule (``spec_decode/draft/specpc.py``) on a draft derived from SmolLM2 (its first
   ``--draft-layers`` of 30 layers, ``afterburner models draft``), look-ahead 1 (every released config of the
   paper: the generated token is only predicted, so only the prompt's last window is scored);
-- ``<draft method>-la<K>`` (``--lookaheads 1 K ...``): each draft again with a look-ahead of K tokens (the
-  first K - 1 generated tokens' attention over the prompt counts too), paired with look-ahead 1 on the same
-  documents;
+- ``specpc-int4`` (``--int4-draft``): the same on SmolLM2 with int4 fake-quantised weights (a draft that
+  writes what the target writes more often than early exits do, at the target's cost on this CPU);
+- ``<method>-la<K>`` (``--lookaheads 1 K ...``): each draft, and the target (``own-attention-la<K>``: the
+  target writing its own look-ahead, not draft-free: the best a draft's look-ahead could do), again with a
+  look-ahead of K tokens (the first K - 1 generated tokens' attention over the prompt counts too), paired with
+  look-ahead 1 on the same documents;
 - ``specpc-<N>L`` (``--smaller-drafts N ...``): the same on a draft of the first N layers; its cells record
   how much of what it keeps the target's own choice keeps too (``overlap_with_own``: Jaccard);
 - ``own-attention``: the same rule scored by the target itself, always look-ahead 1 (no draft: the draft-free
@@ -134,19 +137,23 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_arguments(parser, docs=24)
+    parser.add_argument("--int4-draft", action="store_true", help="also SpecPC on an int4 draft (specpc-int4)")
     parser.add_argument("--lookaheads", type=int, nargs="+", default=[1], metavar="K",
-                        help="each draft's look-ahead lengths (methods <draft method>-la<K> beside 1; the target's "
-                        "own choice always 1)")
+                        help="look-ahead lengths of every scorer (methods <method>-la<K> beside 1; own-attention-la<K> "
+                        "is the target's own look-ahead, not draft-free)")
     args = parser.parse_args()
     args.out = args.out or quality_tasks.out_path(OUT, args.task)
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     model, draft, docs = quality_setup(args)
     smaller = smaller_drafts(model, args.smaller_drafts, "specpc")
-    drafts = {"specpc": draft, **smaller}
-    scorers = {f"{name}-la{k}" if k != 1 else name: (folder, k) for name, folder in drafts.items()
+    from afterburner.spec_decode.draft.derive import cached_int4_draft
+
+    int4 = {"specpc-int4": cached_int4_draft(model)} if args.int4_draft else {}
+    scorers = {f"{name}-la{k}" if k != 1 else name: (folder, k)
+               for name, folder in {"specpc": draft, **smaller, **int4, "own-attention": model}.items()
                for k in sorted({1, *args.lookaheads})}
-    scored = score_documents(docs, {**scorers, "own-attention": (model, 1)})
-    methods = (*scorers, "own-attention", "recent")
+    scored = score_documents(docs, scorers)
+    methods = (*scorers, "recent")
 
     # every (document, method, budget) prompt, deduplicated: the engine answers each distinct one once
     prompts, index, plan = [], {}, []
@@ -188,7 +195,7 @@ def main() -> None:
     generated = {name: [r["generated"] for r in rows] for name, rows in scored.items()}
     write_result(Path(args.out), {
         "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
-        "smaller_drafts": {name: str(folder) for name, folder in smaller.items()},
+        "smaller_drafts": {name: str(folder) for name, folder in smaller.items()}, "int4_draft": args.int4_draft,
         "lookaheads": sorted({1, *args.lookaheads}), "seed": args.seed,
         "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
         "scoring_seconds_per_doc": seconds, "lookahead_ids_per_doc": generated,

@@ -82,11 +82,19 @@ def derive_draft(src: str | Path, out: str | Path, *, layers: int | None = None,
 def cached_layer_draft(model: str | Path, layers: int) -> Path:
     """The draft of ``model``'s first ``layers`` layers in the cache folder beside the model's
     (``<cache>/drafts/<name>-l<layers>``), derived on first use (seconds)."""
-    model = Path(model)
-    draft = model.parent.parent / "drafts" / f"{model.name}-l{layers}"
+    return _cached_draft(Path(model), f"l{layers}", layers=layers)
+
+
+def cached_int4_draft(model: str | Path) -> Path:
+    """``model`` with int4 fake-quantised weights (``<cache>/drafts/<name>-int4``), derived on first use."""
+    return _cached_draft(Path(model), "int4", int4=True)
+
+
+def _cached_draft(model: Path, suffix: str, **derive) -> Path:
+    draft = model.parent.parent / "drafts" / f"{model.name}-{suffix}"
     if not (draft / "config.json").is_file():
         print(f"[afterburner] deriving the draft {draft} ...", flush=True)
-        derive_draft(model, draft, layers=layers)
+        derive_draft(model, draft, **derive)
     return draft
 
 
