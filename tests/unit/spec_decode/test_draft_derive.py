@@ -63,3 +63,19 @@ def test_cli_writes_a_draft(tiny_model, tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
     assert main(["models", "draft", "--from", str(tiny_model), "--layers", "9", "--out", str(out)]) == 2
     assert main(["models", "draft", "--from", str(tiny_model), "--out", str(out)]) == 2
+
+
+def test_cached_drafts_are_derived_once_beside_the_models_cache_folder(tiny_model, tmp_path):
+    import shutil
+
+    from afterburner.spec_decode.draft.derive import cached_int4_draft, cached_layer_draft
+
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model, model)
+    int4, early = cached_int4_draft(model), cached_layer_draft(model, 1)
+    assert int4 == tmp_path / "drafts" / "tiny-int4" and early == tmp_path / "drafts" / "tiny-l1"
+    config = json.loads((int4 / "config.json").read_text())
+    assert "int4_group_size" in config["afterburner_draft"] and config["num_hidden_layers"] == 2
+    assert json.loads((early / "config.json").read_text())["num_hidden_layers"] == 1
+    stamp = (int4 / "config.json").stat().st_mtime_ns
+    assert cached_int4_draft(model) == int4 and (int4 / "config.json").stat().st_mtime_ns == stamp  # reused
