@@ -149,9 +149,10 @@ def main() -> None:
     from afterburner.spec_decode.draft.derive import cached_int4_draft
 
     int4 = {"specpc-int4": cached_int4_draft(model)} if args.int4_draft else {}
+    lookaheads = sorted({1, *args.lookaheads})
     scorers = {f"{name}-la{k}" if k != 1 else name: (folder, k)
                for name, folder in {"specpc": draft, **smaller, **int4, "own-attention": model}.items()
-               for k in sorted({1, *args.lookaheads})}
+               for k in lookaheads}
     scored = score_documents(docs, scorers)
     methods = (*scorers, "recent")
 
@@ -196,7 +197,7 @@ def main() -> None:
     write_result(Path(args.out), {
         "model": "SmolLM2-135M-Instruct", "task": args.task, "draft": f"first {args.draft_layers} of 30 layers",
         "smaller_drafts": {name: str(folder) for name, folder in smaller.items()}, "int4_draft": args.int4_draft,
-        "lookaheads": sorted({1, *args.lookaheads}), "seed": args.seed,
+        "lookaheads": lookaheads, "seed": args.seed,
         "docs_per_length": args.docs, "table": table, "cells": cells, "engine_seconds": run["seconds"],
         "scoring_seconds_per_doc": seconds, "lookahead_ids_per_doc": generated,
         "prompt_tokens_per_doc": [len(d["ids"]) for d in docs],

@@ -11,7 +11,9 @@ pytest.importorskip("vllm")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, str(Path(__file__).parent))
 
+import stress  # noqa: E402
 from engine_args import AFTERBURNER_SECTION, ENGINE_KWARGS  # noqa: E402
+from result_script import run_result_script  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,11 @@ def lens_drafter(tiny_model, tmp_path_factory):
     model = MicroStepDrafter(config)
     model.load_state_dict(residual_init(config, base_norm_init(base, config)), strict=False)
     return save_drafter(tmp_path_factory.mktemp("drafter") / "lens", model)
+
+
+@pytest.fixture(scope="session")
+def stress_plain(tiny_model, lens_drafter):
+    """``stress.py``'s batch without speculation: the reference every proposer's stressed run must equal
+    (without speculation the proposer script and folder do not matter)."""
+    return run_result_script("hamburger_greedy.py", tiny_model, lens_drafter, 0, "{}",
+                             env=stress.env(stress.KV_BLOCKS))[0]

@@ -81,12 +81,11 @@ def test_without_a_threshold_vllms_proposer_runs(tiny_model, draft, plain):
     assert stock["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
 
 
-def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, draft, fixed):
+def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, draft, fixed, stress_plain):
     threshold = _median_confidence(fixed)  # cuts about half the chains somewhere
-    plain = run_draft_model(tiny_model, draft, 0, kv_blocks=stress.KV_BLOCKS)
     stressed = run_draft_model(tiny_model, draft, K, {"speculative": {"stop_threshold": threshold}},
                                kv_blocks=stress.KV_BLOCKS)
-    stress.assert_lossless_under_stress(plain, stressed)
+    stress.assert_lossless_under_stress(stress_plain, stressed)
 
 
 def test_sampling_runs(tiny_model, draft, fixed):

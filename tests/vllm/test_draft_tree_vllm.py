@@ -73,10 +73,9 @@ def test_awrs_beside_a_tree_writes_what_awrs_alone_writes(plain, tree):
     assert tree["awrs"] == plain["awrs"] and tree["awrs"] in ("yes", "no")
 
 
-def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, draft):
-    plain = run_draft_model(tiny_model, draft, 0, kv_blocks=stress.KV_BLOCKS)
+def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, draft, stress_plain):
     stressed = run_draft_model(tiny_model, draft, NODES, TREE, kv_blocks=stress.KV_BLOCKS)
-    stress.assert_lossless_under_stress(plain, stressed)
+    stress.assert_lossless_under_stress(stress_plain, stressed)
 
 
 def test_sampling_runs_and_accepts(tiny_model, draft):

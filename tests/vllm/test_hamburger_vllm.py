@@ -102,12 +102,11 @@ def test_a_drafting_vocabulary_keeps_drafts_inside_it_and_stays_lossless(tiny_mo
 
 @pytest.mark.parametrize("num_spec, config", [(3, {"speculative": {"stop_threshold": 0.0}}),
                                               (4, {"speculative": {"tree": "paper"}})], ids=["chain", "tree"])
-def test_a_prefix_cache_hit_and_preempted_requests_keep_the_greedy_output(tiny_model, lens_drafter, num_spec,
-                                                                           config):
+def test_a_prefix_cache_hit_and_preempted_requests_keep_the_greedy_output(tiny_model, lens_drafter, stress_plain,
+                                                                           num_spec, config):
     """``stress.py``'s batch: preemption mid-speculation and a prefix-cache hit."""
-    plain = _run(tiny_model, lens_drafter, 0, kv_blocks=stress.KV_BLOCKS)
     stressed = _run(tiny_model, lens_drafter, num_spec, config, kv_blocks=stress.KV_BLOCKS)
-    stress.assert_lossless_under_stress(plain, stressed)
+    stress.assert_lossless_under_stress(stress_plain, stressed)
 
 
 def test_sampling_runs(tiny_model, random_drafter):

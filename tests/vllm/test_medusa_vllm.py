@@ -56,10 +56,10 @@ def test_tree_is_lossless_and_accepts_more_than_the_chain(tiny_model, echo_heads
 
 
 @pytest.mark.parametrize("num_spec, tree", [(3, "chain"), (10, "paper")])
-def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, echo_heads, num_spec, tree):
-    plain = _run(tiny_model, echo_heads, 0, kv_blocks=stress.KV_BLOCKS)
+def test_preempted_requests_and_a_prefix_cache_hit_keep_the_greedy_output(tiny_model, echo_heads, stress_plain,
+                                                                           num_spec, tree):
     stressed = _run(tiny_model, echo_heads, num_spec, {"speculative": {"tree": tree}}, kv_blocks=stress.KV_BLOCKS)
-    stress.assert_lossless_under_stress(plain, stressed)
+    stress.assert_lossless_under_stress(stress_plain, stressed)
 
 
 @pytest.fixture(scope="module")

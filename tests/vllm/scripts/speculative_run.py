@@ -58,7 +58,8 @@ def generate(run: Run) -> dict:
     blocks = int(os.environ.get("SPECULATIVE_RUN_KV_BLOCKS", 0)) or None
 
     # a tight cache must still fit one request of max_model_len
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=min(1024, (blocks or 33) * 32 - 32),
+    max_model_len = min(1024, (blocks - 1) * 32) if blocks else 1024
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
               block_size=32, seed=0, distributed_executor_backend="uni", enable_prefix_caching=True,
               speculative_config=spec, max_num_batched_tokens=128, disable_log_stats=False,
               num_gpu_blocks_override=blocks, additional_config={"afterburner": config})
