@@ -128,11 +128,13 @@ def load_drafter(server_args: Any, runner: Any, tree: TokenTree) -> HamburgerDra
         raise RuntimeError(f"--speculative-draft-model-path: feature_layers {list(c.feature_layers)} reach past the "
                            f"target's {target.num_hidden_layers} layers (SGLang captures layer inputs 1.."
                            f"{target.num_hidden_layers - 1})")
-    model = runner.model
-    if not hasattr(model, "set_eagle3_layers_to_capture") or runner.tp_size > 1:
+    from sglang.srt.runtime_context import get_parallel
+
+    model, tp_size = runner.model, get_parallel().tp_size
+    if not hasattr(model, "set_eagle3_layers_to_capture") or tp_size > 1:
         raise RuntimeError(f"--speculative-algorithm AFTERBURNER_HAMBURGER needs a target with SGLang's EAGLE-3 "
                            f"layer capture and tensor parallel size 1; {type(model).__name__} at tp "
-                           f"{runner.tp_size} is not")
+                           f"{tp_size} is not")
     model.set_eagle3_layers_to_capture(capture_ids(c.feature_layers))
     embed, lm_head = model.model.embed_tokens.weight, model.lm_head.weight  # [V_padded, H]
     drafter = drafter.to(runner.device).attach_base(embed.detach()[: c.vocab_size].float(),

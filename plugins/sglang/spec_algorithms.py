@@ -17,10 +17,14 @@ How SGLang's speculative framework is used (read from its 0.5.23 source):
   differs (``proposers.PROPOSERS``): it reads the target's hidden state at the last accepted token
   (``CaptureHiddenMode`` LAST at prefill, FULL at verify; the final layer's, or the layers a drafter asks
   SGLang's EAGLE-3 capture for) and its top-k fill the tree (``tree_verify``, ``tree_spec_worker``).
-- CPU: SGLang's verify runs on CPU only through sgl_kernel's CPU build (``verify_tree_greedy_cpu``,
-  ``assign_extend_cache_locs_cpu``, ``fill_accept_out_cache_loc_cpu``) and the ``intel_amx`` attention
-  backend, the only CPU backend with a TARGET_VERIFY path (``torch_native.forward_extend`` reads
-  ``extend_prefix_lens``, which SGLang leaves unset in that mode). Anything else is refused at startup.
+- CPU: SGLang's verify forward (TARGET_VERIFY) has a CPU path in ``intel_amx`` (an AMX CPU) only;
+  ``torch_native.forward_extend`` reads ``extend_prefix_lens``, unset in that mode, and attends causally. So
+  on ``torch_native`` the worker hands the target's backend afterburner's tree attention for verify steps
+  (``verify_attention``); other CPU backends are refused at startup. SGLang's CPU verify is greedy whatever
+  the temperature (``eagle_sample``): sampled requests are refused one by one (``tree_spec_worker``). The
+  index ops around the verify (``verify_tree_greedy_cpu``, ``assign_extend_cache_locs_cpu``,
+  ``fill_accept_out_cache_loc_cpu``, ``copy_all_layer_kv_cache_cpu``) come from sgl_kernel's CPU build, or
+  here from the tests' shim (README, Speculation in SGLang).
 - CUDA: decode CUDA graphs are turned off (SGLang captures verify graphs for its own algorithms only).
 
 ``speculative.acceptance: "typical"`` is refused: SGLang's verify implements lossless acceptance only.

@@ -10,7 +10,7 @@ from afterburner.plugins.sglang import proposers
 from afterburner.spec_decode.tree import TokenTree, build_tree
 from afterburner.spec_decode.tree_choices import tree_paths
 
-CPU_VERIFY_BACKEND = "intel_amx"
+CPU_VERIFY_BACKENDS = ("torch_native", "intel_amx")
 
 
 def proposer_tree(server_args: Any, num_draft_tokens: int | None, config: AfterburnerConfig) -> TokenTree:
@@ -40,13 +40,14 @@ def make_tree(max_depth: int, num_draft_tokens: int | None, config: AfterburnerC
 
 
 def cpu_blocker(algorithm: str, device: str, prefill_backend: str | None, decode_backend: str | None) -> str | None:
-    """Why SGLang's tree verify cannot run with these settings (None: it can)."""
-    if device != "cpu" or prefill_backend == decode_backend == CPU_VERIFY_BACKEND:
+    """Why SGLang's tree verify cannot run with these settings (None: it can). On CPU the verify forward
+    needs ``intel_amx`` (SGLang's own TARGET_VERIFY path) or ``torch_native`` (afterburner's:
+    ``verify_attention``) for both prefill and decode."""
+    if device != "cpu" or prefill_backend == decode_backend and prefill_backend in CPU_VERIFY_BACKENDS:
         return None
     used = "/".join(sorted({str(prefill_backend), str(decode_backend)}))
-    return (f"--speculative-algorithm {algorithm} on CPU needs --attention-backend {CPU_VERIFY_BACKEND} (an AMX "
-            f"CPU and sgl_kernel's CPU build): SGLang's tree verify has no path through {used} "
-            "(TARGET_VERIFY attention, verify_tree_greedy_cpu, assign_extend_cache_locs_cpu)")
+    return (f"--speculative-algorithm {algorithm} on CPU needs --attention-backend torch_native (or intel_amx on "
+            f"an AMX CPU): SGLang's tree verify has no path through {used}")
 
 
 def attention_blocker(algorithm: str, prefill_backend: str | None, decode_backend: str | None) -> str | None:

@@ -12,17 +12,21 @@ One call of ``forward_batch_generation`` per scheduler step, synchronously (over
   the front of the request's verify window. The drafter then reads the hidden state of the last accepted
   node, which produced the bonus token: the next tree's root.
 
-Not run here: this machine's SGLang has no CPU kernels for the verify (see ``spec_checks.cpu_blocker``), and
-the GPU machine has no SGLang; the path mirrors SGLang 0.5.23's ``NGRAMWorker``.
+On CPU with ``torch_native`` the verify forward runs afterburner's tree attention (``verify_attention``), and
+sampled requests fail alone (SGLang's CPU verify is greedy only). Run on CPU (``tests/sglang/
+test_sglang_speculative_engine.py``); never on a GPU (the lent GPU machine has no SGLang). The path mirrors
+SGLang 0.5.23's ``NGRAMWorker``.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
 from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.runtime_context import get_spec
@@ -42,6 +46,7 @@ from afterburner.plugins.log import get_logger
 from afterburner.plugins.sglang import proposers
 from afterburner.plugins.sglang.spec_checks import attention_backends, cpu_blocker, proposer_tree
 from afterburner.plugins.sglang.tree_verify import TreeCarry, TreeVerifier
+from afterburner.plugins.sglang.verify_attention import enable_tree_verify
 
 logger = get_logger(__name__)
 
@@ -56,11 +61,23 @@ class TreeSpecWorker(BaseSpecWorker):
             raise RuntimeError(problem)
         self._target_worker = target_worker
         self.device = runner.device
+        self.on_cpu = torch.device(self.device).type == "cpu"
+        self.torch_verify = self.on_cpu and attention_backends(server_args)[0] == "torch_native"
         tree = proposer_tree(server_args, get_spec().speculative_num_draft_tokens, from_env())
         self.drafter = proposers.proposer_module(algorithm).load_drafter(server_args, runner, tree)
         self.verifier = TreeVerifier(tree, self.device)
         self.num_nodes = tree.num_nodes
-        self.full_mask = torch.device(self.device).type != "cpu"  # SGLang's NGRAM worker's mask layout
+        self.full_mask = not self.on_cpu  # SGLang's NGRAM worker's mask layout
+        self.sampled_refusal = (f"--speculative-algorithm {algorithm} on CPU verifies greedily only (SGLang's CPU "
+                                "tree verify has no sampling path): this request has temperature > 0; send it with "
+                                "temperature 0, or to a server without speculation")
+        self.refused_sampled = 0
+
+    def init_attention_backends(self):
+        """After the target's backends exist: on CPU with torch_native, verify forwards take afterburner's path."""
+        super().init_attention_backends()
+        if self.torch_verify:
+            enable_tree_verify(self.target_worker.model_runner.attn_backend)
 
     @property
     def draft_worker(self) -> None:
@@ -74,6 +91,8 @@ class TreeSpecWorker(BaseSpecWorker):
         return self._prefill(batch, on_publish, pp_proxy_tensors)
 
     def _prefill(self, batch, on_publish, pp_proxy_tensors) -> GenerationBatchResult:
+        if self.on_cpu:
+            self._refuse_sampled(batch)
         result = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                              capture_hidden_mode=CaptureHiddenMode.LAST)
         drafts = self.drafter.propose(result.logits_output.hidden_states, result.next_token_ids)
@@ -134,6 +153,19 @@ class TreeSpecWorker(BaseSpecWorker):
             next_draft_input=TreeCarry(roots, drafts, new_seq_lens),
             speculative_num_draft_tokens=n,
         )
+
+    def _refuse_sampled(self, batch) -> None:
+        """On CPU SGLang's verify takes the target's argmax whatever the temperature (``eagle_sample``), so a
+        sampled request would silently decode greedily: it fails alone instead, after its prefill, with one
+        line (the rest of the batch goes on)."""
+        if batch.sampling_info.is_all_greedy:
+            return
+        for req in batch.reqs:
+            if req.sampling_params.top_k > 1:  # SGLang's own test for a sampled request
+                req.to_finish = FINISH_ABORT(self.sampled_refusal, HTTPStatus.BAD_REQUEST, "BadRequestError")
+                self.refused_sampled += 1
+                if self.refused_sampled == 1:
+                    logger.warning("%s (counted from now on: TreeSpecWorker.refused_sampled)", self.sampled_refusal)
 
     def _grammar_mask(self, batch, verify_input):
         """Constrained requests: SGLang's vocabulary mask over each request's (cut) tree, as its NGRAM worker

@@ -1,6 +1,7 @@
 """SGLang tier: the real sglang modules (sglang venv), on CPU. Skipped where sglang is not installed.
 
-The CUDA-only ``sgl_kernel`` is replaced by a test shim (``shim/``, its functions raise if called) put
+The CUDA-only ``sgl_kernel`` is replaced by a test shim (``shim/``: torch versions of the CPU-build ops
+SGLang's speculative path calls; any other function raises if called) put
 first on ``sys.path`` and ``PYTHONPATH`` before anything imports sglang: spawned engine processes and
 the subprocesses these tests start inherit both.
 """

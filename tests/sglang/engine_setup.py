@@ -54,6 +54,23 @@ MIXED_PROMPTS = [numbered_text(18, 1), numbered_text(9, 2), "Open the file and",
 LONG_PROMPTS = [numbered_text(80, 4), numbered_text(80, 5)]
 
 
+# ---- speculation through an engine (scripts/spec_engine.py) ----
+
+# Prompts of 4 to 189 tokens, the last one a repeat of the first (a prefix-cache hit), 24 tokens each.
+SPEC_PROMPTS = [*PROMPTS, *MIXED_PROMPTS, PROMPTS[0]]
+SPEC_GREEDY = {**GREEDY, "max_new_tokens": 24}
+
+
+def spec_run(model, engine_args: dict, config: dict | None = None) -> dict:
+    """``scripts/spec_engine.py`` in a fresh process (~20-40 s on 2 cores): its RESULT."""
+    from support.worker import run_worker_or_fail
+
+    env = {"AFTERBURNER_CONFIG": json.dumps({"afterburner": config or {}})}
+    result, _ = run_worker_or_fail(SCRIPTS / "spec_engine.py", model, json.dumps(engine_args), env=env,
+                                   unset=["AFTERBURNER_DISABLE"], timeout=480)
+    return result
+
+
 def cpu_env() -> dict[str, str]:
     """Environment for an SGLang process on this CPU: the shim first on the path, CPU engine on."""
     path = os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH", "")) if p)

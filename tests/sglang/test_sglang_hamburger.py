@@ -1,5 +1,5 @@
-"""``--speculative-algorithm AFTERBURNER_HAMBURGER`` (the micro-step drafter) on the real sglang modules, as
-far as this CPU goes: SGLang's plugin loader registers it (and the alias HAMBURGER) with the folder's
+"""``--speculative-algorithm AFTERBURNER_HAMBURGER`` (the micro-step drafter) on the real sglang modules:
+SGLang's plugin loader registers it (and the alias HAMBURGER) with the folder's
 ``model_type``; SGLang's argument resolution applies its defaults (a chain as long as the drafter reaches,
 no CUDA graphs) and stops on bad settings with one line; the draft stage turns on SGLang's EAGLE-3 capture
 of the drafter's feature layers on SGLang's own Llama class, reads the captured layers in the drafter's
@@ -7,8 +7,8 @@ order, drafts a chain per request whose length the stop head sets, and cuts each
 SGLang's own greedy tree walk (its Triton kernel, interpreted) accepts nothing past the cut even where the
 filler would match the target.
 
-Not here: a verify step and an engine run (SGLang's tree verify on CPU needs sgl_kernel's CPU build and the
-intel_amx backend, ``spec_checks.cpu_blocker``), and the capture inside a real target forward."""
+Engine runs (the capture inside a real target forward, verify steps, greedy output, acceptance equal to the
+engine-free reference's): ``test_sglang_speculative_engine.py``."""
 
 import json
 import shutil
@@ -80,10 +80,8 @@ def test_loader_registers_both_names_and_the_folder_model_type(loaded):
 
 @pytest.mark.parametrize("flags, nodes", [([], STEPS + 1), (["--speculative-num-draft-tokens", "3"], 3)])
 def test_resolution_applies_the_chain_and_no_cuda_graphs(loaded, sglang_dir, tiny_model, monkeypatch, flags, nodes):
-    """The CPU check is set aside (it refuses this machine); everything else is SGLang's own resolution."""
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
-    monkeypatch.setattr(spec_algorithms, "cpu_blocker", lambda *_: None)
     monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
     _, view = resolve(tiny_model, "--speculative-algorithm", "afterburner_hamburger", "--speculative-draft-model-path",
                        str(sglang_dir), *flags)
@@ -108,7 +106,8 @@ DRAFTER = ["--speculative-draft-model-path", "{drafter}"]
     (DRAFTER, '{"speculative": {"tree": "paper"}}',
      r"^afterburner\.speculative\.tree: --speculative-algorithm AFTERBURNER_HAMBURGER drafts a chain; leave tree "
      r"unset or 'chain'$"),
-    (DRAFTER, None, r"^--speculative-algorithm AFTERBURNER_HAMBURGER on CPU needs --attention-backend intel_amx "),
+    ([*DRAFTER, "--attention-backend", "triton"], None,
+     r"^--speculative-algorithm AFTERBURNER_HAMBURGER on CPU needs --attention-backend torch_native "),
 ])
 def test_bad_settings_stop_resolution_with_one_line(loaded, request, tiny_model, monkeypatch, flags, config,
                                                     message):
@@ -140,9 +139,12 @@ def _sglang_llama(tiny_model):
 def test_load_drafter_captures_the_drafters_layers_on_sglangs_llama(drafter_dir, tiny_model, monkeypatch):
     """SGLang captures the input of each layer in ``layers_to_capture`` (llama.py: the ith layer's aux state is
     the (i-1)th layer's output): there, the drafter's feature layers (HF indices: layer i's input)."""
+    from sglang.srt import runtime_context
+
     monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(tp_size=1))  # no runtime here
     model, weights = _sglang_llama(tiny_model)
-    runner = SimpleNamespace(model=model, device="cpu", tp_size=1,
+    runner = SimpleNamespace(model=model, device="cpu",
                              model_config=SimpleNamespace(hidden_size=256, vocab_size=2048, num_hidden_layers=2))
     tree = spec_checks.make_tree(STEPS, None, parse_config({}, source="test"), shape="chain")
     args = SimpleNamespace(speculative_draft_model_path=str(drafter_dir))
@@ -236,7 +238,7 @@ def test_sglangs_greedy_walk_accepts_nothing_past_the_cut():
                        "retrieve_next_token": verify.retrieve_next_token.tolist(),
                        "retrieve_next_sibling": verify.retrieve_next_sibling.tolist(),
                        "target_predict": target.tolist()})
-    uncut, cut = run_worker_or_fail(SCRIPTS / "greedy_walk.py", json.dumps(inputs), timeout=300)[0]
+    uncut, cut = run_worker_or_fail(SCRIPTS / "spec_ops_triton.py", json.dumps(inputs), timeout=300)[0]
     assert uncut["accepted"] == [STEPS] * bs
     assert cut["accepted"] == [STEPS, 2, 0]
     assert cut["accept_index"][1][:4] == [n, n + 1, n + 2, -1]  # row 1: root, two drafts, then nothing

@@ -1,12 +1,10 @@
-"""``--speculative-algorithm AFTERBURNER_MEDUSA`` on the real sglang modules, as far as this CPU goes:
-SGLang's plugin loader registers it (and the alias MEDUSA); the real parser and SGLang's argument
-resolution accept it and apply Medusa's defaults; bad settings stop resolution (and ``sglang.Engine``,
-before any subprocess) with one line; the worker class and its future map build; and the draft stage puts
-the heads' top-k into the tree and lays it out as SGLang's ``NgramVerifyInput`` with the links SGLang's own
-derivation gives.
+"""``--speculative-algorithm AFTERBURNER_MEDUSA`` on the real sglang modules: SGLang's plugin loader
+registers it (and the alias MEDUSA); the real parser and SGLang's argument resolution accept it and apply
+Medusa's defaults; bad settings stop resolution (and ``sglang.Engine``, before any subprocess) with one line;
+the worker class and its future map build; and the draft stage puts the heads' top-k into the tree and lays
+it out as SGLang's ``NgramVerifyInput`` with the links SGLang's own derivation gives.
 
-Not here: a verify step. SGLang's tree verify on CPU needs sgl_kernel's CPU build and the intel_amx
-backend (``spec_checks.cpu_blocker``), which this machine lacks, so the worker is refused at startup."""
+Engine runs (verify steps, greedy output, acceptance): ``test_sglang_speculative_engine.py``."""
 
 import multiprocessing
 
@@ -78,14 +76,12 @@ def test_registering_again_is_a_no_op_and_a_taken_alias_is_left_alone(loaded, mo
 ])
 def test_resolution_accepts_medusa_and_applies_its_defaults(loaded, heads_dir, tiny_model, monkeypatch,
                                                             flags, tree, nodes, depth):
-    """The CPU check is set aside (it refuses this machine); everything else is SGLang's own resolution."""
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.model_executor.cuda_graph_config import Backend
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
     from afterburner.plugins.sglang.tree_spec_worker import TreeSpecWorker
 
-    monkeypatch.setattr(spec_algorithms, "cpu_blocker", lambda *_: None)
     monkeypatch.setenv("AFTERBURNER_CONFIG", f'{{"speculative": {{"tree": "{tree}"}}}}')
     args, view = resolve(tiny_model, "--speculative-algorithm", "afterburner_medusa",
                           "--speculative-draft-model-path", str(heads_dir), *flags)
@@ -102,10 +98,8 @@ def test_resolution_accepts_medusa_and_applies_its_defaults(loaded, heads_dir, t
 
 HEADS = ["--speculative-draft-model-path", "{heads}"]
 DRAFTS = "--speculative-num-draft-tokens"
-CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attention-backend intel_amx "
-            r"\(an AMX CPU and sgl_kernel's CPU build\): SGLang's tree verify has no path through "
-            r"torch_native \(TARGET_VERIFY attention, verify_tree_greedy_cpu, "
-            r"assign_extend_cache_locs_cpu\)$")
+CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attention-backend torch_native \(or "
+            r"intel_amx on an AMX CPU\): SGLang's tree verify has no path through triton$")
 
 
 @pytest.mark.parametrize("flags, config, message", [
@@ -124,7 +118,7 @@ CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attenti
     (HEADS, '{"speculative": {"acceptance": "typical"}}',
      r"^afterburner\.speculative\.acceptance: 'typical' is not available on SGLang"),
     (HEADS, '{"enabled": false}', r"^afterburner\.enabled: false, but --speculative-algorithm AFTERBURNER"),
-    (HEADS, None, CPU_LINE),
+    ([*HEADS, "--attention-backend", "triton"], None, CPU_LINE),
 ])
 def test_bad_settings_stop_resolution_with_one_line(loaded, heads_dir, tiny_model, monkeypatch, flags, config,
                                                     message):
@@ -132,12 +126,13 @@ def test_bad_settings_stop_resolution_with_one_line(loaded, heads_dir, tiny_mode
     assert_refused(monkeypatch, tiny_model, config, message, "--speculative-algorithm", "MEDUSA", *flags)
 
 
-def test_intel_amx_on_a_cpu_without_amx_is_refused_too(loaded, heads_dir, tiny_model, monkeypatch):
+def test_intel_amx_on_a_cpu_without_amx_falls_back_to_torch_native_which_verifies(loaded, heads_dir, tiny_model,
+                                                                                 monkeypatch):
     """SGLang itself swaps intel_amx for torch_native on a CPU without AMX (this one), before our check."""
     monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
-    with pytest.raises(ConfigError, match=CPU_LINE):
-        resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
-                 str(heads_dir), backend="intel_amx")
+    _, view = resolve(tiny_model, "--speculative-algorithm", "MEDUSA", "--speculative-draft-model-path",
+                      str(heads_dir), backend="intel_amx")
+    assert view.attention_backend == "torch_native" and view.speculative_algorithm == "MEDUSA"
 
 
 @pytest.mark.parametrize("backend", ["afterburner-sparse", "afterburner-local-linear"])
@@ -150,14 +145,15 @@ def test_an_afterburner_attention_backend_with_medusa_is_refused_naming_the_pair
                  str(heads_dir), backend=backend)
 
 
-def test_engine_refuses_medusa_on_this_cpu_before_any_subprocess(loaded, heads_dir, tiny_model, monkeypatch):
+def test_engine_refuses_medusa_on_a_cpu_backend_without_verify_before_any_subprocess(loaded, heads_dir, tiny_model,
+                                                                                     monkeypatch):
     import sglang
 
     monkeypatch.delenv("AFTERBURNER_CONFIG", raising=False)
     children = set(multiprocessing.active_children())
-    with pytest.raises(ConfigError, match=r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs"):
+    with pytest.raises(ConfigError, match=CPU_LINE):
         sglang.Engine(model_path=str(tiny_model), speculative_algorithm="AFTERBURNER_MEDUSA",
-                      speculative_draft_model_path=str(heads_dir), **ENGINE_KWARGS)
+                      speculative_draft_model_path=str(heads_dir), **{**ENGINE_KWARGS, "attention_backend": "triton"})
     assert set(multiprocessing.active_children()) == children
 
 

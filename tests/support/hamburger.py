@@ -38,6 +38,19 @@ def tiny_drafter(model, feature_layers: tuple[int, ...] = (1,), seed: int = 0) -
                                                 model.get_output_embeddings().weight).eval()
 
 
+def lens_drafter(model_dir) -> MicroStepDrafter:
+    """A drafter that is the logit lens of a Llama's layer-1 features (``residual_init``): untrained, yet some
+    of its drafts are accepted (where the random tiny model repeats itself)."""
+    from afterburner.spec_decode.hamburger.train import base_norm_init, drafter_config_for, residual_init
+    from afterburner.spec_decode.medusa.distill_data import load_base
+
+    base, _ = load_base(model_dir)
+    config = drafter_config_for(base.config, (1,), max_micro_steps=4, base_model=str(model_dir))
+    model = MicroStepDrafter(config)
+    model.load_state_dict(residual_init(config, base_norm_init(base, config)), strict=False)
+    return model
+
+
 class OracleDrafter(MicroStepDrafter):
     """Drafts the base's greedy continuation of a known sequence, with every ``wrong_at``-th draft
     (1-based) replaced by another token: the base accepts exactly ``wrong_at - 1`` drafts per step.

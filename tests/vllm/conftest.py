@@ -27,18 +27,11 @@ def llm(tiny_model):
 
 @pytest.fixture(scope="session")
 def lens_drafter(tiny_model, tmp_path_factory):
-    """A micro-step drafter that is the logit lens of the tiny model's layer-1 features (``residual_init``):
-    untrained, yet some of its drafts are accepted (where the random model repeats itself)."""
+    """A micro-step drafter that is the logit lens of the tiny model's layer-1 features (``support.hamburger``)."""
     from afterburner.spec_decode.hamburger.checkpoint import save_drafter
-    from afterburner.spec_decode.hamburger.drafter import MicroStepDrafter
-    from afterburner.spec_decode.hamburger.train import base_norm_init, drafter_config_for, residual_init
-    from afterburner.spec_decode.medusa.distill_data import load_base
+    from support.hamburger import lens_drafter as lens
 
-    base, _ = load_base(tiny_model)
-    config = drafter_config_for(base.config, (1,), max_micro_steps=4, base_model=str(tiny_model))
-    model = MicroStepDrafter(config)
-    model.load_state_dict(residual_init(config, base_norm_init(base, config)), strict=False)
-    return save_drafter(tmp_path_factory.mktemp("drafter") / "lens", model)
+    return save_drafter(tmp_path_factory.mktemp("drafter") / "lens", lens(tiny_model))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Test-only stand-in for ``sgl_kernel``, SGLang's CUDA-only kernel package (no CPU wheel exists; the real
 one fails to import here: ``libcuda.so.1`` missing). SGLang imports it at module level even on the CPU
-path, but on a CPU without AMX it calls none of its functions (README, Engine notes). So every name, and every
+path, but on a CPU without AMX it calls none of its functions (README, Engine notes), except the CPU-build ops
+its speculative path calls, which the shim has in torch (``cpu_spec_ops``). Every other name, and every
 ``sgl_kernel.<submodule>``, imports fine and raises if called: a call means the CPU path changed.
 
 Put ``tests/sglang/shim`` first on ``sys.path`` / ``PYTHONPATH`` (tests/sglang/conftest.py does).
@@ -62,6 +63,14 @@ class _ShimSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         pass
 
+
+from sgl_kernel.cpu_spec_ops import (  # noqa: E402,F401  torch versions of the CPU build's speculative ops
+    assign_extend_cache_locs_cpu,
+    assign_req_to_token_pool_cpu,
+    copy_all_layer_kv_cache_cpu,
+    fill_accept_out_cache_loc_cpu,
+    verify_tree_greedy_cpu,
+)
 
 __getattr__ = _missing_attr(__name__)
 sys.meta_path.insert(0, _ShimSubmodules())

@@ -1,0 +1,107 @@
+"""afterburner's speculative algorithms through a real SGLang engine on CPU: ``--attention-backend
+torch_native``, whose verify steps run afterburner's tree attention (``plugins/sglang/verify_attention.py``),
+and the CPU-build ops of sgl_kernel that SGLang's speculative path calls, from the test shim's torch versions
+(``shim/sgl_kernel/cpu_spec_ops.py``). Everything else is SGLang's: scheduler, KV slots, its greedy tree walk,
+the moves of accepted KV, its speculative metrics.
+
+Greedy output equals the engine's without speculation token for token, on a batch of prompts of 4 to 189
+tokens whose last is a prefix-cache hit; drafts are accepted (a run that rejected every draft would pass the
+equality trivially), as many as the engine-free reference accepts."""
+
+import json
+
+import pytest
+import torch
+from engine_setup import SPEC_GREEDY, SPEC_PROMPTS, spec_run
+from transformers import AutoModelForCausalLM
+
+from afterburner.plugins.sglang import hamburger
+from afterburner.spec_decode.hamburger.checkpoint import load_drafter, save_drafter
+from afterburner.spec_decode.hamburger.reference import speculative_generate
+from afterburner.spec_decode.medusa.checkpoint import save_heads
+from afterburner.spec_decode.medusa.distill_data import load_base
+from support.hamburger import lens_drafter
+from support.medusa import untrained_heads
+
+pytestmark = pytest.mark.sglang
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny_model, tmp_path_factory):
+    """Draft folders for the tiny model whose drafts it sometimes accepts (it repeats itself): Medusa heads
+    that echo its own next-token guess, and the logit-lens micro-step drafter (with the config.json
+    ``model_type`` SGLang reads)."""
+    root = tmp_path_factory.mktemp("drafts")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    heads = save_heads(untrained_heads(base, 3), root / "echo", lm_head_weight=base.lm_head.weight)
+    drafter = save_drafter(root / "lens", lens_drafter(tiny_model))
+    config = json.loads((drafter / "config.json").read_text())
+    (drafter / "config.json").write_text(json.dumps({**config, "model_type": hamburger.FOLDER_CONFIG.model_type}))
+    return {"AFTERBURNER_MEDUSA": heads, "AFTERBURNER_HAMBURGER": drafter}
+
+
+RUNS = {  # name: (algorithm, verified nodes with the root, afterburner.speculative)
+    "medusa-chain": ("AFTERBURNER_MEDUSA", 4, {"tree": "chain"}),
+    "medusa-tree": ("AFTERBURNER_MEDUSA", 8, {"tree": "paper"}),
+    "hamburger-chain": ("AFTERBURNER_HAMBURGER", 5, {"stop_threshold": 0.0}),  # every chain full length
+}
+
+
+def _run(model, drafts, name, **engine_args):
+    algorithm, nodes, speculative = RUNS[name]
+    return spec_run(model, {"speculative_algorithm": algorithm, "speculative_draft_model_path": str(drafts[algorithm]),
+                            "speculative_num_draft_tokens": nodes, **engine_args}, {"speculative": speculative})
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model):
+    return spec_run(tiny_model, {})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, drafts):
+    return {name: _run(tiny_model, drafts, name) for name in RUNS}
+
+
+def drafts_per_step(result) -> float:
+    meta = result["meta"]
+    return sum(m["spec_num_correct_drafts"] for m in meta) / sum(m["spec_verify_ct"] for m in meta)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_greedy_output_is_the_engines_own_and_drafts_are_accepted(plain, runs, name):
+    result = runs[name]
+    assert result["tokens"] == plain["tokens"]
+    assert drafts_per_step(result) > 0, result["meta"]
+    # every request was verified by the speculative worker, and the repeated prompt hit the prefix cache
+    assert all(m["spec_verify_ct"] > 0 for m in result["meta"]), result["meta"]
+    assert result["meta"][-1]["cached_tokens"] > 0, result["meta"]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_a_sampled_request_fails_alone_with_one_line_and_its_greedy_neighbour_goes_on(plain, runs, name):
+    """SGLang's CPU verify is greedy whatever the temperature: a sampled request must not be decoded greedily
+    in silence."""
+    greedy, sampled = runs[name]["greedy_and_sampled"]
+    assert greedy["tokens"] == plain["tokens"][0] and greedy["finish"]["type"] == "length"
+    assert sampled["error"] == (
+        f"--speculative-algorithm {RUNS[name][0]} on CPU verifies greedily only (SGLang's CPU tree verify has no "
+        "sampling path): this request has temperature > 0; send it with temperature 0, or to a server without "
+        "speculation")
+    assert [out["finish"]["type"] for out in plain["greedy_and_sampled"]] == ["length", "length"]
+
+
+def test_the_medusa_tree_accepts_more_per_step_than_the_chain(runs):
+    assert drafts_per_step(runs["medusa-tree"]) > drafts_per_step(runs["medusa-chain"])
+
+
+def test_the_micro_step_drafter_accepts_what_the_reference_accepts(tiny_model, drafts, runs):
+    """SGLang's counters equal the engine-free reference's drafts accepted (chains of 4, no stop) on each
+    prompt: the engine's EAGLE-3 capture hands the drafter the right layer at the right position."""
+    base, tokenizer = load_base(tiny_model)
+    drafter = load_drafter(drafts["AFTERBURNER_HAMBURGER"])
+    drafter.attach_base(base.get_input_embeddings().weight, base.get_output_embeddings().weight)
+    expected = [sum(speculative_generate(base, drafter, torch.tensor(tokenizer(prompt)["input_ids"]),
+                                         SPEC_GREEDY["max_new_tokens"], stop_threshold=None)[1])
+                for prompt in SPEC_PROMPTS]
+    assert [m["spec_num_correct_drafts"] for m in runs["hamburger-chain"]["meta"]] == expected
