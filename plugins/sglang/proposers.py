@@ -7,7 +7,8 @@ first use. A proposer module has:
   one ``ConfigError`` line for a draft folder or flag that does not fit);
 - ``load_drafter(server_args, runner, tree)`` (in the scheduler): an object with
   ``propose(hidden [B, X], roots [B]) -> tree_verify.Drafts``, where ``hidden`` is what the target's forward
-  captured at each request's last accepted position and ``roots`` the tokens sampled there;
+  captured at each request's last accepted position and ``roots`` the tokens sampled there (with
+  ``reads_tokens = True``: ``propose(hidden, roots, tokens)``, each request's token ids before its root);
 - optionally ``handle_server_args(server_args)``: its own defaults, after the shared ones;
 - optionally ``FOLDER_CONFIG``: a transformers ``PretrainedConfig`` class for the draft folder's
   config.json ``model_type``. SGLang reads that file with ``AutoConfig`` for every algorithm
@@ -31,6 +32,7 @@ PROPOSERS: dict[str, ProposerEntry] = {
     "AFTERBURNER_MEDUSA": ProposerEntry("afterburner.plugins.sglang.medusa", aliases=("MEDUSA",)),
     "AFTERBURNER_HAMBURGER": ProposerEntry("afterburner.plugins.sglang.hamburger", aliases=("HAMBURGER",),
                                            tree="chain"),
+    "AFTERBURNER_DRAFT": ProposerEntry("afterburner.plugins.sglang.draft_model"),
 }
 
 

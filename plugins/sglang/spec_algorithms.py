@@ -1,5 +1,6 @@
 """afterburner's tree speculation as SGLang (0.5.23) speculative algorithms, generic over the proposers in
-``proposers.PROPOSERS`` (Medusa: ``medusa.py``; the micro-step drafter: ``hamburger.py``).
+``proposers.PROPOSERS`` (Medusa: ``medusa.py``; the micro-step drafter: ``hamburger.py``; a draft model:
+``draft_model.py``).
 
 How SGLang's speculative framework is used (read from its 0.5.23 source):
 - ``SpeculativeAlgorithm.register(name, supports_overlap=, validate_server_args=, spec_class=)`` files a

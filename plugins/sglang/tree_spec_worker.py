@@ -95,7 +95,7 @@ class TreeSpecWorker(BaseSpecWorker):
             self._refuse_sampled(batch)
         result = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                              capture_hidden_mode=CaptureHiddenMode.LAST)
-        drafts = self.drafter.propose(result.logits_output.hidden_states, result.next_token_ids)
+        drafts = self._propose(batch, result.logits_output.hidden_states, result.next_token_ids)
         new_seq_lens = batch.seq_lens.clone()  # V2: committed length, without the sampled token
         if on_publish is not None:
             on_publish(new_seq_lens)
@@ -142,7 +142,8 @@ class TreeSpecWorker(BaseSpecWorker):
         # the last accepted node of each request, as a row of the B*N verify tokens: [B]
         last = accept_index.gather(1, (accept_lens - 1).long()[:, None]).squeeze(1).long()
         roots = predict[last]
-        drafts = self.drafter.propose(logits_output.hidden_states[last], roots)
+        emitted = [predict[row[:n]].tolist() for row, n in zip(accept_index, accept_lens.tolist(), strict=True)]
+        drafts = self._propose(batch, logits_output.hidden_states[last], roots, [e[:-1] for e in emitted])
         batch.forward_mode = ForwardMode.DECODE
         return GenerationBatchResult(
             logits_output=logits_output,
@@ -153,6 +154,17 @@ class TreeSpecWorker(BaseSpecWorker):
             next_draft_input=TreeCarry(roots, drafts, new_seq_lens),
             speculative_num_draft_tokens=n,
         )
+
+    def _propose(self, batch, hidden, roots, accepted=None):
+        """The drafter's proposal from the hidden states at each request's root; a drafter that
+        ``reads_tokens`` (a draft model) also gets each request's tokens before its root: what SGLang holds
+        (prompt and output so far) and the drafts this step accepted (``accepted``, not in ``output_ids`` yet)."""
+        if not getattr(self.drafter, "reads_tokens", False):
+            return self.drafter.propose(hidden, roots)
+        accepted = accepted or [[] for _ in batch.reqs]
+        tokens = [[*req.origin_input_ids, *req.output_ids, *more] for req, more in zip(batch.reqs, accepted,
+                                                                                        strict=True)]
+        return self.drafter.propose(hidden, roots, tokens)
 
     def _refuse_sampled(self, batch) -> None:
         """On CPU SGLang's verify takes the target's argmax whatever the temperature (``eagle_sample``), so a

@@ -1,8 +1,8 @@
-"""afterburner's speculative algorithms through a real SGLang engine on CPU: ``--attention-backend
-torch_native``, whose verify steps run afterburner's tree attention (``plugins/sglang/verify_attention.py``),
-and the CPU-build ops of sgl_kernel that SGLang's speculative path calls, from the test shim's torch versions
-(``shim/sgl_kernel/cpu_spec_ops.py``). Everything else is SGLang's: scheduler, KV slots, its greedy tree walk,
-the moves of accepted KV, its speculative metrics.
+"""afterburner's speculative algorithms (Medusa, the micro-step drafter, a draft model) through a real SGLang
+engine on CPU: ``--attention-backend torch_native``, whose verify steps run afterburner's tree attention
+(``plugins/sglang/verify_attention.py``), and the CPU-build ops of sgl_kernel that SGLang's speculative path
+calls, from the test shim's torch versions (``shim/sgl_kernel/cpu_spec_ops.py``). Everything else is
+SGLang's: scheduler, KV slots, its greedy tree walk, the moves of accepted KV, its speculative metrics.
 
 Greedy output equals the engine's without speculation token for token, on a batch of prompts of 4 to 189
 tokens whose last is a prefix-cache hit; drafts are accepted (a run that rejected every draft would pass the
@@ -16,6 +16,8 @@ from engine_setup import SPEC_GREEDY, SPEC_PROMPTS, spec_run
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.sglang import hamburger
+from afterburner.spec_decode.draft.derive import derive_draft
+from afterburner.spec_decode.draft.draft_tree import draft_tree, draft_tree_generate
 from afterburner.spec_decode.hamburger.checkpoint import load_drafter, save_drafter
 from afterburner.spec_decode.hamburger.reference import speculative_generate
 from afterburner.spec_decode.medusa.checkpoint import save_heads
@@ -29,21 +31,23 @@ pytestmark = pytest.mark.sglang
 @pytest.fixture(scope="module")
 def drafts(tiny_model, tmp_path_factory):
     """Draft folders for the tiny model whose drafts it sometimes accepts (it repeats itself): Medusa heads
-    that echo its own next-token guess, and the logit-lens micro-step drafter (with the config.json
-    ``model_type`` SGLang reads)."""
+    that echo its own next-token guess, the logit-lens micro-step drafter (with the config.json
+    ``model_type`` SGLang reads), and its first layer as a draft model."""
     root = tmp_path_factory.mktemp("drafts")
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     heads = save_heads(untrained_heads(base, 3), root / "echo", lm_head_weight=base.lm_head.weight)
     drafter = save_drafter(root / "lens", lens_drafter(tiny_model))
     config = json.loads((drafter / "config.json").read_text())
     (drafter / "config.json").write_text(json.dumps({**config, "model_type": hamburger.FOLDER_CONFIG.model_type}))
-    return {"AFTERBURNER_MEDUSA": heads, "AFTERBURNER_HAMBURGER": drafter}
+    return {"AFTERBURNER_MEDUSA": heads, "AFTERBURNER_HAMBURGER": drafter,
+            "AFTERBURNER_DRAFT": derive_draft(tiny_model, root / "l1", layers=1)}
 
 
 RUNS = {  # name: (algorithm, verified nodes with the root, afterburner.speculative)
     "medusa-chain": ("AFTERBURNER_MEDUSA", 4, {"tree": "chain"}),
     "medusa-tree": ("AFTERBURNER_MEDUSA", 8, {"tree": "paper"}),
     "hamburger-chain": ("AFTERBURNER_HAMBURGER", 5, {"stop_threshold": 0.0}),  # every chain full length
+    "draft-tree": ("AFTERBURNER_DRAFT", 6, {"tree": "paper"}),
 }
 
 
@@ -105,3 +109,17 @@ def test_the_micro_step_drafter_accepts_what_the_reference_accepts(tiny_model, d
                                          SPEC_GREEDY["max_new_tokens"], stop_threshold=None)[1])
                 for prompt in SPEC_PROMPTS]
     assert [m["spec_num_correct_drafts"] for m in runs["hamburger-chain"]["meta"]] == expected
+
+
+def test_the_draft_model_tree_accepts_what_the_reference_accepts(tiny_model, drafts, runs):
+    """SGLang's counters equal the engine-free reference's (``draft_tree_generate``, the paper's tree of 5
+    drafted nodes) prompt by prompt: the draft sees each request's tokens up to its root, accepted drafts
+    included."""
+    from transformers import AutoModelForCausalLM
+
+    target, tokenizer = load_base(tiny_model)
+    draft = AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
+    tree = draft_tree("paper", RUNS["draft-tree"][1] - 1)
+    expected = [sum(draft_tree_generate(target, draft, tree, torch.tensor(tokenizer(prompt)["input_ids"]),
+                                        SPEC_GREEDY["max_new_tokens"]).accepted) for prompt in SPEC_PROMPTS]
+    assert [m["spec_num_correct_drafts"] for m in runs["draft-tree"]["meta"]] == expected
