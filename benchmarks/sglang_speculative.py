@@ -1,5 +1,6 @@
-"""afterburner's Medusa through SGLang on CPU (``--attention-backend torch_native``, afterburner's verify
-attention), speculation off and on, one request at a time: what SGLang's CPU path gives a user today.
+"""afterburner's speculation through SGLang on CPU (``--attention-backend torch_native``, afterburner's verify
+attention): Medusa with trained heads and a draft model (SmolLM2's first 25 layers), against no speculation,
+one request at a time: what SGLang's CPU path gives a user today.
 
     python benchmarks/sglang_speculative.py [--heads DIR] [--prompts 6] [--rounds 2] [--out FILE]
 
@@ -29,12 +30,14 @@ SHIM = ROOT / "tests" / "sglang" / "shim"
 ENGINE = dict(device="cpu", attention_backend="torch_native", dtype="float32", max_total_tokens=8192,
               context_length=2048, random_seed=0, sleep_on_idle=True)
 GREEDY = {"temperature": 0.0, "max_new_tokens": 96, "ignore_eos": True}
-SETTINGS = {  # name: (engine arguments beyond ENGINE, afterburner.speculative)
-    "off": ({}, {}),
-    "medusa chain 3": ({"speculative_num_draft_tokens": 4}, {"tree": "chain"}),
-    "medusa tree 4": ({"speculative_num_draft_tokens": 5}, {"tree": "paper"}),
-    "medusa tree 8": ({"speculative_num_draft_tokens": 9}, {"tree": "paper"}),
+SETTINGS = {  # name: (algorithm, engine arguments beyond ENGINE, afterburner.speculative)
+    "off": (None, {}, {}),
+    "medusa chain 3": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 4}, {"tree": "chain"}),
+    "medusa tree 4": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 5}, {"tree": "paper"}),
+    "medusa tree 8": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 9}, {"tree": "paper"}),
+    "draft l25 tree 4": ("AFTERBURNER_DRAFT", {"speculative_num_draft_tokens": 5}, {"tree": "paper"}),
 }
+DRAFT_LAYERS = 25
 
 
 def prompts(model: Path, count: int) -> list[str]:
@@ -49,13 +52,13 @@ def prompts(model: Path, count: int) -> list[str]:
                                           add_generation_prompt=True) for topic in TOPICS[:count]]
 
 
-def one_setting(model: str, heads: str, name: str, texts: list[str], rounds: int) -> dict:
-    """In this process: one engine with setting ``name``, timed."""
+def one_setting(model: str, folders: dict, name: str, texts: list[str], rounds: int) -> dict:
+    """In this process: one engine with setting ``name`` (``folders``: algorithm -> its draft folder), timed."""
     import sglang
 
-    extra, _ = SETTINGS[name]
-    if name != "off":
-        extra = {**extra, "speculative_algorithm": "AFTERBURNER_MEDUSA", "speculative_draft_model_path": heads}
+    algorithm, extra, _ = SETTINGS[name]
+    if algorithm is not None:
+        extra = {**extra, "speculative_algorithm": algorithm, "speculative_draft_model_path": folders[algorithm]}
     engine = sglang.Engine(model_path=model, **ENGINE, **extra)
     try:
         engine.generate(texts[0], {**GREEDY, "max_new_tokens": 8})  # first-request costs, untimed
@@ -79,6 +82,7 @@ def one_setting(model: str, heads: str, name: str, texts: list[str], rounds: int
 def main() -> None:
     from afterburner.plugins.cli.models import build_smollm2, trained_speculator
     from afterburner.plugins.devtools.provenance import add_allow_dirty_argument, exit_if_refused, write_result
+    from afterburner.spec_decode.draft.derive import cached_layer_draft
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", type=Path, default=None, help="default: what make medusa-heads writes")
@@ -93,9 +97,10 @@ def main() -> None:
     if heads is None or not (Path(heads) / "config.json").is_file():
         sys.exit("no Medusa heads: run `make medusa-heads` first (or pass --heads)")
     model = build_smollm2()
+    folders = {"AFTERBURNER_MEDUSA": str(heads), "AFTERBURNER_DRAFT": str(cached_layer_draft(model, DRAFT_LAYERS))}
     texts = prompts(model, args.prompts)
     if args.one:
-        print("RESULT " + json.dumps(one_setting(str(model), str(heads), args.one, texts, args.rounds)), flush=True)
+        print("RESULT " + json.dumps(one_setting(str(model), folders, args.one, texts, args.rounds)), flush=True)
         return
     exit_if_refused(parser, args.out, allow_dirty=args.allow_dirty)
     rows = {}
@@ -103,7 +108,7 @@ def main() -> None:
         print(f"[sglang speculative] {name} ...", file=sys.stderr, flush=True)
         env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH", "")) if p),
-               "AFTERBURNER_CONFIG": json.dumps({"afterburner": {"speculative": SETTINGS[name][1]}})}
+               "AFTERBURNER_CONFIG": json.dumps({"afterburner": {"speculative": SETTINGS[name][2]}})}
         run = subprocess.run([sys.executable, __file__, "--one", name, "--heads", str(heads), "--prompts",
                               str(args.prompts), "--rounds", str(args.rounds)], env=env, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -118,7 +123,7 @@ def main() -> None:
         print(f"{name}: {row['tokens_per_s']:.1f} tok/s ({row.get('speedup', float('nan')):.2f}x), "
               f"{row['tokens_per_verify_step']} tokens a verify step, identical {row.get('identical_to_off')}",
               flush=True)
-    write_result(args.out, {"heads": str(heads), "engine": ENGINE, "sampling": GREEDY, "prompts": texts,
+    write_result(args.out, {"drafts": folders, "engine": ENGINE, "sampling": GREEDY, "prompts": texts,
                             "rounds": args.rounds, "rows": rows},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
     print(f"wrote {args.out}")
