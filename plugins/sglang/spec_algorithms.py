@@ -22,10 +22,10 @@ How SGLang's speculative framework is used (read from its 0.5.23 source):
   ``torch_native.forward_extend`` reads ``extend_prefix_lens``, unset in that mode, and attends causally. So
   on ``torch_native`` the worker hands the target's backend afterburner's tree attention for verify steps
   (``verify_attention``); other CPU backends are refused at startup. SGLang's CPU verify is greedy whatever
-  the temperature (``eagle_sample``): sampled requests are refused one by one (``tree_spec_worker``). The
-  index ops around the verify (``verify_tree_greedy_cpu``, ``assign_extend_cache_locs_cpu``,
-  ``fill_accept_out_cache_loc_cpu``, ``copy_all_layer_kv_cache_cpu``) come from sgl_kernel's CPU build, or
-  here from the tests' shim (README, Speculation in SGLang).
+  the temperature (``eagle_sample``): batches with sampled requests are verified by afterburner
+  (``sampled_verify``). The index ops around the verify (``verify_tree_greedy_cpu``,
+  ``assign_extend_cache_locs_cpu``, ``fill_accept_out_cache_loc_cpu``, ``copy_all_layer_kv_cache_cpu``) come
+  from sgl_kernel's CPU build, or here from the tests' shim (README, Speculation in SGLang).
 - CUDA: decode CUDA graphs are turned off (SGLang captures verify graphs for its own algorithms only).
 
 ``speculative.acceptance: "typical"`` is refused: SGLang's verify implements lossless acceptance only.

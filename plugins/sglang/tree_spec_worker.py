@@ -13,9 +13,9 @@ One call of ``forward_batch_generation`` per scheduler step, synchronously (over
   node, which produced the bonus token: the next tree's root.
 
 On CPU with ``torch_native`` the verify forward runs afterburner's tree attention (``verify_attention``), and
-sampled requests fail alone (SGLang's CPU verify is greedy only). Run on CPU (``tests/sglang/
-test_sglang_speculative_engine.py``); never on a GPU (the lent GPU machine has no SGLang). The path mirrors
-SGLang 0.5.23's ``NGRAMWorker``.
+batches with sampled requests are verified by ``sampled_verify`` (SGLang's CPU verify is greedy only). Run on
+CPU (``tests/sglang/test_sglang_speculative_engine.py``); never on a GPU (the lent GPU machine has no SGLang).
+The path mirrors SGLang 0.5.23's ``NGRAMWorker``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sglang.srt.speculative.spec_utils import (
 
 from afterburner.plugins.config import from_env
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.sglang import proposers
+from afterburner.plugins.sglang import proposers, sampled_verify
 from afterburner.plugins.sglang.spec_checks import attention_backends, cpu_blocker, proposer_tree
 from afterburner.plugins.sglang.tree_verify import TreeCarry, TreeVerifier
 from afterburner.plugins.sglang.verify_attention import enable_tree_verify
@@ -68,10 +68,9 @@ class TreeSpecWorker(BaseSpecWorker):
         self.verifier = TreeVerifier(tree, self.device)
         self.num_nodes = tree.num_nodes
         self.full_mask = not self.on_cpu  # SGLang's NGRAM worker's mask layout
-        self.sampled_refusal = (f"--speculative-algorithm {algorithm} on CPU verifies greedily only (SGLang's CPU "
-                                "tree verify has no sampling path): this request has temperature > 0; send it with "
-                                "temperature 0, or to a server without speculation")
-        self.refused_sampled = 0
+        self.algorithm = algorithm
+        self.refused_sampled = 0  # sampled requests refused on CPU (sampled_verify.unsupported)
+        self.generator = torch.Generator().manual_seed(server_args.random_seed or 0)  # CPU sampled verification
 
     def init_attention_backends(self):
         """After the target's backends exist: on CPU with torch_native, verify forwards take afterburner's path."""
@@ -128,9 +127,13 @@ class TreeSpecWorker(BaseSpecWorker):
                                                              capture_hidden_mode=CaptureHiddenMode.FULL)
         logits_output = result.logits_output
         grammar_mask = self._grammar_mask(batch, verify_input) if batch.has_grammar else None
-        predict, accept_lens, accept_index = eagle_sample(  # accept_index [B, N]: root first, -1 after
-            verify_input, batch, logits_output, grammar_mask,
-            watermark_state=self.target_worker.model_runner.watermark_state)
+        if self.on_cpu and not batch.sampling_info.is_all_greedy:  # SGLang's CPU verify would take the argmax
+            predict, accept_lens, accept_index = self._sampled_accept(batch, verify_input, carry, logits_output,
+                                                                      grammar_mask)
+        else:
+            predict, accept_lens, accept_index = eagle_sample(  # accept_index [B, D + 1]: root first, -1 after
+                verify_input, batch, logits_output, grammar_mask,
+                watermark_state=self.target_worker.model_runner.watermark_state)
         commit_mamba_states_after_verify(self.target_worker, batch, accept_lens, accept_index, n)
         move_accept_tokens_to_target_kvcache(batch, accept_index, accept_lens - 1,
                                              self.token_to_kv_pool_allocator)
@@ -167,17 +170,31 @@ class TreeSpecWorker(BaseSpecWorker):
         return self.drafter.propose(hidden, roots, tokens)
 
     def _refuse_sampled(self, batch) -> None:
-        """On CPU SGLang's verify takes the target's argmax whatever the temperature (``eagle_sample``), so a
-        sampled request would silently decode greedily: it fails alone instead, after its prefill, with one
-        line (the rest of the batch goes on)."""
+        """On CPU sampled requests are verified by ``sampled_verify``, which does not reproduce SGLang's top-k /
+        top-p / min-p or seeds: a sampled request that sets one fails alone, after its prefill, with one line
+        (the rest of the batch goes on)."""
         if batch.sampling_info.is_all_greedy:
             return
         for req in batch.reqs:
-            if req.sampling_params.top_k > 1:  # SGLang's own test for a sampled request
-                req.to_finish = FINISH_ABORT(self.sampled_refusal, HTTPStatus.BAD_REQUEST, "BadRequestError")
+            settings = sampled_verify.unsupported(req) if sampled_verify.is_sampled(req) else None
+            if settings:
+                message = (f"--speculative-algorithm {self.algorithm} on CPU verifies sampled requests by temperature "
+                           f"alone: this request sets {settings}; leave them unset, send temperature 0, or use a "
+                           "server without speculation")
+                req.to_finish = FINISH_ABORT(message, HTTPStatus.BAD_REQUEST, "BadRequestError")
                 self.refused_sampled += 1
                 if self.refused_sampled == 1:
-                    logger.warning("%s (counted from now on: TreeSpecWorker.refused_sampled)", self.sampled_refusal)
+                    logger.warning("%s (counted from now on: TreeSpecWorker.refused_sampled)", message)
+
+    def _sampled_accept(self, batch, verify_input, carry, logits_output, grammar_mask):
+        """``eagle_sample``'s outputs from afterburner's lossless acceptance (``sampled_verify``)."""
+        bs, n = len(batch.reqs), self.num_nodes
+        logits = sampled_verify.adjusted_logits(logits_output.next_token_logits, batch, n, grammar_mask)
+        temperatures = [float(t) if sampled_verify.is_sampled(req) else 0.0
+                        for req, t in zip(batch.reqs, batch.sampling_info.temperatures.view(-1).tolist(), strict=True)]
+        out = sampled_verify.sampled_accept(self.verifier.tree, verify_input.draft_token.view(bs, n).cpu(),
+                                            logits.cpu(), carry.drafts.depths.tolist(), temperatures, self.generator)
+        return tuple(t.to(self.device) for t in out)
 
     def _grammar_mask(self, batch, verify_input):
         """Constrained requests: SGLang's vocabulary mask over each request's (cut) tree, as its NGRAM worker

@@ -59,6 +59,9 @@ LONG_PROMPTS = [numbered_text(80, 4), numbered_text(80, 5)]
 # Prompts of 4 to 189 tokens, the last one a repeat of the first (a prefix-cache hit), 24 tokens each.
 SPEC_PROMPTS = [*PROMPTS, *MIXED_PROMPTS, PROMPTS[0]]
 SPEC_GREEDY = {**GREEDY, "max_new_tokens": 24}
+# Sampled continuations of one prompt whose tokens 2 and 3 come out of verify steps (token 1: the prefill's).
+SPEC_SAMPLES = 240
+SPEC_SAMPLING = {"temperature": 0.1, "max_new_tokens": 3, "ignore_eos": True}  # the random model: ~20 bins
 
 
 def spec_run(model, engine_args: dict, config: dict | None = None) -> dict:
