@@ -5,7 +5,7 @@ calls, from the test shim's torch versions (``shim/sgl_kernel/cpu_spec_ops.py``)
 SGLang's: scheduler, KV slots, its greedy tree walk, the moves of accepted KV, its speculative metrics.
 
 Greedy output equals the engine's without speculation token for token, on a batch of prompts of 4 to 189
-tokens whose last is a prefix-cache hit; drafts are accepted (a run that rejected every draft would pass the
+tokens whose last is a prefix-cache hit, also when SGLang retracts requests mid-speculation; drafts are accepted (a run that rejected every draft would pass the
 equality trivially), as many as the engine-free reference accepts."""
 
 import json
@@ -52,10 +52,10 @@ RUNS = {  # name: (algorithm, verified nodes with the root, afterburner.speculat
 }
 
 
-def _run(model, drafts, name, **engine_args):
+def _run(model, drafts, name, *, retract=False):
     algorithm, nodes, speculative = RUNS[name]
     return spec_run(model, {"speculative_algorithm": algorithm, "speculative_draft_model_path": str(drafts[algorithm]),
-                            "speculative_num_draft_tokens": nodes, **engine_args}, {"speculative": speculative})
+                            "speculative_num_draft_tokens": nodes}, {"speculative": speculative}, retract=retract)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,27 @@ def test_sampled_tokens_follow_the_targets_distribution(tiny_model, plain, runs,
     assert chi_square_p(bins_observed, bins_expected) > 1e-3
     if name is not None:
         assert sum(m["spec_num_correct_drafts"] for m in result["samples_meta"]) > 0
+
+
+def retractions(result) -> int:
+    return sum(m["num_retractions"] for m in result["meta"])
+
+
+@pytest.fixture(scope="module")
+def plain_retracted(tiny_model):
+    result = spec_run(tiny_model, {}, retract=True)
+    assert retractions(result) > 0
+    return result
+
+
+@pytest.mark.parametrize("name", ["medusa-tree", "hamburger-chain", "draft-tree"])
+def test_retracted_requests_keep_the_greedy_output(tiny_model, drafts, plain, plain_retracted, name):
+    """SGLang retracts running requests mid-speculation (its own ``retract_decode``, forced every 3 steps by
+    its test switch) and runs them again from their tokens so far: the output stays the greedy output."""
+    result = _run(tiny_model, drafts, name, retract=True)
+    assert retractions(result) > 0, result["meta"]
+    assert result["tokens"] == plain_retracted["tokens"] == plain["tokens"]
+    assert drafts_per_step(result) > 0, result["meta"]
 
 
 def test_the_medusa_tree_accepts_more_per_step_than_the_chain(runs):

@@ -17,7 +17,7 @@ import sys
 
 from afterburner.plugins.devtools.worker import print_result
 
-META = ("completion_tokens", "cached_tokens", "spec_verify_ct", "spec_num_correct_drafts")
+META = ("completion_tokens", "cached_tokens", "num_retractions", "spec_verify_ct", "spec_num_correct_drafts")
 
 
 def counters(out: dict) -> dict:
