@@ -5,8 +5,10 @@ calls, from the test shim's torch versions (``shim/sgl_kernel/cpu_spec_ops.py``)
 SGLang's: scheduler, KV slots, its greedy tree walk, the moves of accepted KV, its speculative metrics.
 
 Greedy output equals the engine's without speculation token for token, on a batch of prompts of 4 to 189
-tokens whose last is a prefix-cache hit, also when SGLang retracts requests mid-speculation; drafts are accepted (a run that rejected every draft would pass the
-equality trivially), as many as the engine-free reference accepts."""
+tokens whose last is a prefix-cache hit, also when SGLang retracts requests mid-speculation; drafts are
+accepted (a run that rejected every draft would pass the equality trivially), as many as the engine-free
+references accept. Sampled requests: verified by afterburner's lossless rule (the tokens fit the target's
+distribution), refused one by one where they set what that rule does not reproduce."""
 
 import json
 
