@@ -4,13 +4,17 @@
     [--speculative-num-draft-tokens N]    N tokens verified per request: the root + N - 1 tree nodes
                                           (default: 4 drafted nodes)
     AFTERBURNER_CONFIG='{"speculative": {"tree": "chain" | "paper" | [[0], [1], [0, 0], ...]}}'
+    AFTERBURNER_CONFIG='{"speculative": {"tree": "chain", "stop_threshold": P}}'   a chain cut per request
+                                          before its first draft of draft probability below P
 
 The draft is a Hugging Face causal LM with the target's vocabulary (``afterburner models draft`` derives one
 from the target). Each step it runs its greedy chain after the request's tokens and keeps its top-k at every
 depth (``spec_decode.draft.draft_tree``: the chain is the tree's greedy path; a chain setting keeps the
-top-1). It runs with transformers in the scheduler process, over the whole sequence each step, without a KV
-cache of its own (SGLang's draft workers need a draft attention backend that ``torch_native`` lacks): correct
-and slow, a cost that grows with the context.
+top-1); with ``stop_threshold`` each chain stops where the draft's confidence falls
+(``spec_decode.draft.confident_chain``; SGLang verifies a fixed width, so the rest of the chain is cut, not
+dropped: ``tree_verify.cut_links``). It runs with transformers in the scheduler process, over the whole
+sequence each step, without a KV cache of its own (SGLang's draft workers need a draft attention backend
+that ``torch_native`` lacks): correct and slow, a cost that grows with the context.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Any, Sequence
 
 import torch
 
-from afterburner.plugins.config import ConfigError
+from afterburner.plugins.config import ConfigError, from_env
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.sglang.tree_verify import Drafts
+from afterburner.plugins.sglang.tree_verify import FILLER_TOKEN, Drafts
+from afterburner.spec_decode.draft.confident_chain import draft_chain
 from afterburner.spec_decode.draft.draft_tree import draft_topk
 from afterburner.spec_decode.tree import TokenTree
 
@@ -48,6 +53,10 @@ def draft_vocab_size(draft_path: str | None) -> int:
 def max_depth(server_args: Any) -> int:
     """How deep the draft drafts (argument checks, the user's process): as deep as the verified nodes reach."""
     draft_vocab_size(server_args.speculative_draft_model_path)
+    speculative = from_env().speculative
+    if speculative.stop_threshold is not None and speculative.tree != "chain":
+        raise ConfigError("afterburner.speculative.stop_threshold: AFTERBURNER_DRAFT cuts chains where the draft's "
+                          "confidence falls; set tree to \"chain\" (or drop stop_threshold for a token tree)")
     num = server_args.speculative_num_draft_tokens
     return DEFAULT_DEPTH if num is None else max(num - 1, 1)
 
@@ -57,20 +66,28 @@ class DraftModelDrafter:
 
     reads_tokens = True  # the worker hands ``propose`` each request's tokens
 
-    def __init__(self, draft, tree: TokenTree):
+    def __init__(self, draft, tree: TokenTree, stop_threshold: float | None):
         self.draft = draft
         self.tree = tree
+        self.stop_threshold = stop_threshold
 
     @torch.inference_mode()
     def propose(self, hidden: torch.Tensor, roots: torch.Tensor, tokens: Sequence[Sequence[int]]) -> Drafts:
         """For each request, its tokens before the root and the root: the draft's top-T at each depth of its
-        greedy chain after them, head_topk [B, D, T]; every request drafts the tree's full depth."""
-        device = roots.device
-        rows = [draft_topk(self.draft, torch.tensor([*history, int(root)], dtype=torch.long, device=device),
-                           self.tree.depth, self.tree.topk) for history, root in zip(tokens, roots.tolist(),
-                                                                                     strict=True)]
-        head_topk = torch.stack(rows) if rows else torch.zeros(0, self.tree.depth, self.tree.topk, dtype=torch.long)
-        return Drafts(head_topk.to(device), torch.full((len(rows),), self.tree.depth, dtype=torch.long, device=device))
+        greedy chain after them, head_topk [B, D, T]; every request drafts the tree's full depth, or with a
+        stop threshold its chain up to its first unconfident draft."""
+        device, depth = roots.device, self.tree.depth
+        contexts = [torch.tensor([*history, int(root)], dtype=torch.long, device=device)
+                    for history, root in zip(tokens, roots.tolist(), strict=True)]
+        if self.stop_threshold is None:
+            rows = [draft_topk(self.draft, ids, depth, self.tree.topk) for ids in contexts]
+            depths = [depth] * len(rows)
+        else:
+            chains = [draft_chain(self.draft, ids, depth, self.stop_threshold)[0] for ids in contexts]
+            rows = [torch.tensor(chain + [FILLER_TOKEN] * (depth - len(chain)))[:, None] for chain in chains]
+            depths = [len(chain) for chain in chains]
+        head_topk = torch.stack(rows) if rows else torch.zeros(0, depth, self.tree.topk, dtype=torch.long)
+        return Drafts(head_topk.to(device), torch.tensor(depths, dtype=torch.long, device=device))
 
 
 def load_drafter(server_args: Any, runner: Any, tree: TokenTree) -> DraftModelDrafter:
@@ -83,6 +100,8 @@ def load_drafter(server_args: Any, runner: Any, tree: TokenTree) -> DraftModelDr
         raise RuntimeError(f"--speculative-draft-model-path: a draft with a vocabulary of {ours} tokens does not fit "
                            f"the target's {target}")
     draft = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).to(runner.device).eval()
-    logger.info("draft model: %s (%d layers), tree of %d nodes (depth %d, top-%d)", folder,
-                draft.config.num_hidden_layers, tree.num_nodes, tree.depth, tree.topk)
-    return DraftModelDrafter(draft, tree)
+    threshold = from_env().speculative.stop_threshold
+    logger.info("draft model: %s (%d layers), tree of %d nodes (depth %d, top-%d)%s", folder,
+                draft.config.num_hidden_layers, tree.num_nodes, tree.depth, tree.topk,
+                "" if threshold is None else f", chains cut below draft probability {threshold}")
+    return DraftModelDrafter(draft, tree, threshold)

@@ -38,7 +38,7 @@ from transformers import PretrainedConfig
 
 from afterburner.plugins.config import ConfigError, from_env
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.sglang.tree_verify import Drafts
+from afterburner.plugins.sglang.tree_verify import FILLER_TOKEN, Drafts
 from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, read_config
 from afterburner.spec_decode.hamburger.checkpoint import load_drafter as load_drafter_folder
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, MicroStepDrafter
@@ -46,7 +46,6 @@ from afterburner.spec_decode.tree import TokenTree
 
 logger = get_logger(__name__)
 
-FILLER_TOKEN = 0  # the token of chain nodes past a request's stop: never reachable (tree_verify.cut_links)
 
 
 @functools.lru_cache(maxsize=8)

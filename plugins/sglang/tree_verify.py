@@ -57,6 +57,9 @@ def tree_links(tree: TokenTree) -> TreeLinks:
     return TreeLinks(tree.attn_mask.clone(), tree.position_offsets.clone(), next_token, next_sibling)
 
 
+FILLER_TOKEN = 0  # the token of chain nodes past a request's stop: never reachable (``cut_links``)
+
+
 @dataclass(frozen=True)
 class Drafts:
     """What a drafter proposes for B requests."""

@@ -42,6 +42,13 @@ def test_resolution_applies_the_trees_defaults(loaded, draft_dir, tiny_model, mo
     assert (view.speculative_num_draft_tokens, view.speculative_num_steps) == (nodes, depth)
 
 
+def test_a_stop_threshold_with_a_tree_stops_resolution_with_one_line(loaded, draft_dir, tiny_model, monkeypatch):
+    assert_refused(monkeypatch, tiny_model, '{"speculative": {"stop_threshold": 0.5}}',
+                   r'^afterburner\.speculative\.stop_threshold: AFTERBURNER_DRAFT cuts chains where the draft\'s '
+                   r'confidence falls; set tree to "chain" \(or drop stop_threshold for a token tree\)$',
+                   "--speculative-algorithm", "AFTERBURNER_DRAFT", "--speculative-draft-model-path", str(draft_dir))
+
+
 def test_no_draft_folder_stops_resolution_with_one_line(loaded, tiny_model, monkeypatch):
     assert_refused(monkeypatch, tiny_model, None,
                    r"^--speculative-algorithm AFTERBURNER_DRAFT needs --speculative-draft-model-path: a draft model "

@@ -18,6 +18,7 @@ from engine_setup import SPEC_GREEDY, SPEC_PROMPTS, SPEC_SAMPLING, spec_run
 from transformers import AutoModelForCausalLM
 
 from afterburner.plugins.sglang import hamburger
+from afterburner.spec_decode.draft.confident_chain import speculative_generate as confident_generate
 from afterburner.spec_decode.draft.derive import derive_draft
 from afterburner.spec_decode.draft.draft_tree import draft_tree, draft_tree_generate
 from afterburner.spec_decode.hamburger.checkpoint import load_drafter, save_drafter
@@ -180,3 +181,40 @@ def test_the_draft_model_tree_accepts_what_the_reference_accepts(tiny_model, dra
     expected = [sum(draft_tree_generate(target, draft, tree, torch.tensor(tokenizer(prompt)["input_ids"]),
                                         SPEC_GREEDY["max_new_tokens"]).accepted) for prompt in SPEC_PROMPTS]
     assert [m["spec_num_correct_drafts"] for m in runs["draft-tree"]["meta"]] == expected
+
+
+@pytest.fixture(scope="module")
+def confidence_threshold(tiny_model, drafts, plain) -> float:
+    """The draft's median probability of its own greedy token along the batch's greedy outputs: a stop there
+    cuts about half the chains' tokens."""
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = load_base(tiny_model)
+    draft = AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
+    probabilities = []
+    with torch.no_grad():
+        for prompt, output in zip(SPEC_PROMPTS, plain["tokens"], strict=True):
+            ids = torch.tensor([tokenizer(prompt)["input_ids"] + output])
+            probabilities += draft(input_ids=ids).logits[0].softmax(-1).max(-1).values.tolist()
+    return float(torch.tensor(probabilities).median())
+
+
+def test_the_draft_models_confidence_stop_cuts_chains_as_the_reference_does(tiny_model, drafts, plain,
+                                                                             confidence_threshold):
+    """A chain of up to 4 drafts cut before the first whose draft probability is below the threshold: greedy
+    output unchanged, and SGLang accepts per prompt exactly what the engine-free reference
+    (``confident_chain.speculative_generate``) accepts, where the stop shortened chains."""
+    from transformers import AutoModelForCausalLM
+
+    result = spec_run(tiny_model, {"speculative_algorithm": "AFTERBURNER_DRAFT", "speculative_num_draft_tokens": 5,
+                                   "speculative_draft_model_path": str(drafts["AFTERBURNER_DRAFT"])},
+                      {"speculative": {"tree": "chain", "stop_threshold": confidence_threshold}})
+    assert result["tokens"] == plain["tokens"]
+    target, tokenizer = load_base(tiny_model)
+    draft = AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
+    references = [confident_generate(target, draft, torch.tensor(tokenizer(prompt)["input_ids"]),
+                                     SPEC_GREEDY["max_new_tokens"], max_drafts=4, threshold=confidence_threshold)
+                  for prompt in SPEC_PROMPTS]
+    proposed = [n for _, steps, _ in references for n in steps]
+    assert 0 < sum(proposed) < 4 * len(proposed)  # the stop cut some chains, not all
+    assert [m["spec_num_correct_drafts"] for m in result["meta"]] == [sum(acc) for _, _, acc in references]
