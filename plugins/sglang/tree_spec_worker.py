@@ -65,6 +65,7 @@ class TreeSpecWorker(BaseSpecWorker):
         self.torch_verify = self.on_cpu and attention_backends(server_args)[0] == "torch_native"
         tree = proposer_tree(server_args, get_spec().speculative_num_draft_tokens, from_env())
         self.drafter = proposers.proposer_module(algorithm).load_drafter(server_args, runner, tree)
+        self.reads_tokens = getattr(self.drafter, "reads_tokens", False)
         self.verifier = TreeVerifier(tree, self.device)
         self.num_nodes = tree.num_nodes
         self.full_mask = not self.on_cpu  # SGLang's NGRAM worker's mask layout
@@ -145,8 +146,11 @@ class TreeSpecWorker(BaseSpecWorker):
         # the last accepted node of each request, as a row of the B*N verify tokens: [B]
         last = accept_index.gather(1, (accept_lens - 1).long()[:, None]).squeeze(1).long()
         roots = predict[last]
-        emitted = [predict[row[:n]].tolist() for row, n in zip(accept_index, accept_lens.tolist(), strict=True)]
-        drafts = self._propose(batch, logits_output.hidden_states[last], roots, [e[:-1] for e in emitted])
+        accepted = None  # the tokens each request emitted before its new root (what a draft model reads)
+        if self.reads_tokens:
+            accepted = [predict[row[: count - 1]].tolist()
+                        for row, count in zip(accept_index, accept_lens.tolist(), strict=True)]
+        drafts = self._propose(batch, logits_output.hidden_states[last], roots, accepted)
         batch.forward_mode = ForwardMode.DECODE
         return GenerationBatchResult(
             logits_output=logits_output,
@@ -162,7 +166,7 @@ class TreeSpecWorker(BaseSpecWorker):
         """The drafter's proposal from the hidden states at each request's root; a drafter that
         ``reads_tokens`` (a draft model) also gets each request's tokens before its root: what SGLang holds
         (prompt and output so far) and the drafts this step accepted (``accepted``, not in ``output_ids`` yet)."""
-        if not getattr(self.drafter, "reads_tokens", False):
+        if not self.reads_tokens:
             return self.drafter.propose(hidden, roots)
         accepted = accepted or [[] for _ in batch.reqs]
         tokens = [[*req.origin_input_ids, *req.output_ids, *more] for req, more in zip(batch.reqs, accepted,
