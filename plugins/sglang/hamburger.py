@@ -47,7 +47,6 @@ from afterburner.spec_decode.tree import TokenTree
 logger = get_logger(__name__)
 
 
-
 @functools.lru_cache(maxsize=8)
 def drafter_config(draft_path: str | None) -> DrafterConfig:
     """The config of the drafter in ``--speculative-draft-model-path``, or one ``ConfigError`` line."""

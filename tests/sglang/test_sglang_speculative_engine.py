@@ -47,6 +47,18 @@ def drafts(tiny_model, tmp_path_factory):
             "AFTERBURNER_DRAFT": derive_draft(tiny_model, root / "l1", layers=1)}
 
 
+@pytest.fixture(scope="module")
+def target(tiny_model):
+    """The tiny model and its tokenizer, for the engine-free references."""
+    return load_base(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def draft_lm(drafts):
+    """The draft model of the AFTERBURNER_DRAFT runs, for the engine-free references."""
+    return AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
+
+
 RUNS = {  # name: (algorithm, verified nodes with the root, afterburner.speculative)
     "medusa-chain": ("AFTERBURNER_MEDUSA", 4, {"tree": "chain"}),
     "medusa-tree": ("AFTERBURNER_MEDUSA", 8, {"tree": "paper"}),
@@ -100,11 +112,11 @@ def test_a_sampled_request_runs_beside_a_greedy_one_and_one_with_top_p_fails_alo
     assert "error" not in plain["mixed"][2]
 
 
-def _expected_distribution(model, samples) -> torch.Tensor:
+def _expected_distribution(target, samples) -> torch.Tensor:
     """The mean, over samples and over their tokens 2 and 3, of the target's distribution of that token
     given the prompt and the tokens before it (SPEC_SAMPLING's temperature): the expected frequencies of the
     tokens the verify steps emitted, if they are lossless."""
-    base, tokenizer = load_base(model)
+    base, tokenizer = target
     prompt = tokenizer(SPEC_PROMPTS[0])["input_ids"]
     ids = torch.tensor([prompt + list(sample) for sample in samples])
     with torch.no_grad():
@@ -113,14 +125,14 @@ def _expected_distribution(model, samples) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", [None, "medusa-tree", "hamburger-chain", "draft-tree"])
-def test_sampled_tokens_follow_the_targets_distribution(tiny_model, plain, runs, name):
+def test_sampled_tokens_follow_the_targets_distribution(target, plain, runs, name):
     """Chi-square goodness of fit of the verify steps' tokens (SPEC_SAMPLES samples x 2 positions) against
     the target's own distribution, in bins of expected count >= 5 and the rest pooled; None: SGLang without
     speculation, the test's control. Fixed seeds (engine random_seed 0); a lossless verify fails this at
     level 0.001 once in a thousand. Drafts were accepted, so acceptance, not only the residual, is tested."""
     result = plain if name is None else runs[name]
     samples = result["samples"]
-    expected = _expected_distribution(tiny_model, samples)
+    expected = _expected_distribution(target, samples)
     observed = torch.bincount(torch.tensor([t for sample in samples for t in sample[1:]]),
                               minlength=expected.numel()).double()
     big = expected * observed.sum() >= 5
@@ -157,10 +169,10 @@ def test_the_medusa_tree_accepts_more_per_step_than_the_chain(runs):
     assert drafts_per_step(runs["medusa-tree"]) > drafts_per_step(runs["medusa-chain"])
 
 
-def test_the_micro_step_drafter_accepts_what_the_reference_accepts(tiny_model, drafts, runs):
+def test_the_micro_step_drafter_accepts_what_the_reference_accepts(target, drafts, runs):
     """SGLang's counters equal the engine-free reference's drafts accepted (chains of 4, no stop) on each
     prompt: the engine's EAGLE-3 capture hands the drafter the right layer at the right position."""
-    base, tokenizer = load_base(tiny_model)
+    base, tokenizer = target
     drafter = load_drafter(drafts["AFTERBURNER_HAMBURGER"])
     drafter.attach_base(base.get_input_embeddings().weight, base.get_output_embeddings().weight)
     expected = [sum(speculative_generate(base, drafter, torch.tensor(tokenizer(prompt)["input_ids"]),
@@ -169,50 +181,41 @@ def test_the_micro_step_drafter_accepts_what_the_reference_accepts(tiny_model, d
     assert [m["spec_num_correct_drafts"] for m in runs["hamburger-chain"]["meta"]] == expected
 
 
-def test_the_draft_model_tree_accepts_what_the_reference_accepts(tiny_model, drafts, runs):
+def test_the_draft_model_tree_accepts_what_the_reference_accepts(target, draft_lm, runs):
     """SGLang's counters equal the engine-free reference's (``draft_tree_generate``, the paper's tree of 5
     drafted nodes) prompt by prompt: the draft sees each request's tokens up to its root, accepted drafts
     included."""
-    from transformers import AutoModelForCausalLM
-
-    target, tokenizer = load_base(tiny_model)
-    draft = AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
+    base, tokenizer = target
     tree = draft_tree("paper", RUNS["draft-tree"][1] - 1)
-    expected = [sum(draft_tree_generate(target, draft, tree, torch.tensor(tokenizer(prompt)["input_ids"]),
+    expected = [sum(draft_tree_generate(base, draft_lm, tree, torch.tensor(tokenizer(prompt)["input_ids"]),
                                         SPEC_GREEDY["max_new_tokens"]).accepted) for prompt in SPEC_PROMPTS]
     assert [m["spec_num_correct_drafts"] for m in runs["draft-tree"]["meta"]] == expected
 
 
 @pytest.fixture(scope="module")
-def confidence_threshold(tiny_model, drafts, plain) -> float:
+def confidence_threshold(target, draft_lm, plain) -> float:
     """The draft's median probability of its own greedy token along the batch's greedy outputs: a stop there
     cuts about half the chains' tokens."""
-    from transformers import AutoModelForCausalLM
-
-    _, tokenizer = load_base(tiny_model)
-    draft = AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
+    _, tokenizer = target
     probabilities = []
     with torch.no_grad():
         for prompt, output in zip(SPEC_PROMPTS, plain["tokens"], strict=True):
             ids = torch.tensor([tokenizer(prompt)["input_ids"] + output])
-            probabilities += draft(input_ids=ids).logits[0].softmax(-1).max(-1).values.tolist()
+            probabilities += draft_lm(input_ids=ids).logits[0].softmax(-1).max(-1).values.tolist()
     return float(torch.tensor(probabilities).median())
 
 
-def test_the_draft_models_confidence_stop_cuts_chains_as_the_reference_does(tiny_model, drafts, plain,
-                                                                             confidence_threshold):
+def test_the_draft_models_confidence_stop_cuts_chains_as_the_reference_does(tiny_model, drafts, target, draft_lm,
+                                                                             plain, confidence_threshold):
     """A chain of up to 4 drafts cut before the first whose draft probability is below the threshold: greedy
     output unchanged, and SGLang accepts per prompt exactly what the engine-free reference
     (``confident_chain.speculative_generate``) accepts, where the stop shortened chains."""
-    from transformers import AutoModelForCausalLM
-
     result = spec_run(tiny_model, {"speculative_algorithm": "AFTERBURNER_DRAFT", "speculative_num_draft_tokens": 5,
                                    "speculative_draft_model_path": str(drafts["AFTERBURNER_DRAFT"])},
                       {"speculative": {"tree": "chain", "stop_threshold": confidence_threshold}})
     assert result["tokens"] == plain["tokens"]
-    target, tokenizer = load_base(tiny_model)
-    draft = AutoModelForCausalLM.from_pretrained(drafts["AFTERBURNER_DRAFT"]).eval()
-    references = [confident_generate(target, draft, torch.tensor(tokenizer(prompt)["input_ids"]),
+    base, tokenizer = target
+    references = [confident_generate(base, draft_lm, torch.tensor(tokenizer(prompt)["input_ids"]),
                                      SPEC_GREEDY["max_new_tokens"], max_drafts=4, threshold=confidence_threshold)
                   for prompt in SPEC_PROMPTS]
     proposed = [n for _, steps, _ in references for n in steps]
