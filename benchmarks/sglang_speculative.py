@@ -1,8 +1,9 @@
 """afterburner's speculation through SGLang on CPU (``--attention-backend torch_native``, afterburner's verify
-attention): Medusa with trained heads and a draft model (SmolLM2's first 25 layers), against no speculation,
-one request at a time: what SGLang's CPU path gives a user today.
+attention): Medusa with trained heads, the micro-step drafter (``make hamburger-drafter``, fixed length), with
+and without a drafting vocabulary, and a draft model (SmolLM2's first 25 layers, through its KV cache), against no speculation, one request at a time:
+what SGLang's CPU path gives a user today.
 
-    python benchmarks/sglang_speculative.py [--heads DIR] [--prompts 6] [--rounds 2] [--out FILE]
+    python benchmarks/sglang_speculative.py [--heads DIR] [--drafter DIR] [--prompts 6] [--rounds 2] [--out FILE]
 
 Run with the sglang venv's python (``scripts/venv.sh sglang``); SGLang on CPU needs sgl_kernel's CPU build,
 for which the tests' shim stands in (``tests/sglang/shim``, put on the path here). Each setting runs in an
@@ -30,12 +31,20 @@ SHIM = ROOT / "tests" / "sglang" / "shim"
 ENGINE = dict(device="cpu", attention_backend="torch_native", dtype="float32", max_total_tokens=8192,
               context_length=2048, random_seed=0, sleep_on_idle=True)
 GREEDY = {"temperature": 0.0, "max_new_tokens": 96, "ignore_eos": True}
+VOCAB = {"draft_vocab": 4096}  # heads / micro-steps score the folder's 4,096 most written tokens only
 SETTINGS = {  # name: (algorithm, engine arguments beyond ENGINE, afterburner.speculative)
     "off": (None, {}, {}),
     "medusa chain 3": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 4}, {"tree": "chain"}),
+    "medusa chain 3, vocab 4096": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 4},
+                                   {"tree": "chain", **VOCAB}),
     "medusa tree 4": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 5}, {"tree": "paper"}),
+    "medusa tree 4, vocab 4096": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 5},
+                                  {"tree": "paper", **VOCAB}),
     "medusa tree 8": ("AFTERBURNER_MEDUSA", {"speculative_num_draft_tokens": 9}, {"tree": "paper"}),
+    "micro-step chain 2, vocab 4096": ("AFTERBURNER_HAMBURGER", {"speculative_num_draft_tokens": 3},
+                                       {"stop_threshold": 0.0, **VOCAB}),
     "draft l25 tree 4": ("AFTERBURNER_DRAFT", {"speculative_num_draft_tokens": 5}, {"tree": "paper"}),
+    "draft l25 chain 2": ("AFTERBURNER_DRAFT", {"speculative_num_draft_tokens": 3}, {"tree": "chain"}),
 }
 DRAFT_LAYERS = 25
 
@@ -86,6 +95,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", type=Path, default=None, help="default: what make medusa-heads writes")
+    parser.add_argument("--drafter", type=Path, default=None, help="default: what make hamburger-drafter writes")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -98,6 +108,11 @@ def main() -> None:
         sys.exit("no Medusa heads: run `make medusa-heads` first (or pass --heads)")
     model = build_smollm2()
     folders = {"AFTERBURNER_MEDUSA": str(heads), "AFTERBURNER_DRAFT": str(cached_layer_draft(model, DRAFT_LAYERS))}
+    drafter = args.drafter or trained_speculator("hamburger")
+    if drafter is not None:
+        folders["AFTERBURNER_HAMBURGER"] = str(drafter)
+    elif any(SETTINGS[name][0] == "AFTERBURNER_HAMBURGER" for name in args.settings):
+        sys.exit("no micro-step drafter: run `make hamburger-drafter` first (or pass --drafter)")
     texts = prompts(model, args.prompts)
     if args.one:
         print("RESULT " + json.dumps(one_setting(str(model), folders, args.one, texts, args.rounds)), flush=True)
@@ -110,7 +125,9 @@ def main() -> None:
                "PYTHONPATH": os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH", "")) if p),
                "AFTERBURNER_CONFIG": json.dumps({"afterburner": {"speculative": SETTINGS[name][2]}})}
         run = subprocess.run([sys.executable, __file__, "--one", name, "--heads", str(heads), "--prompts",
-                              str(args.prompts), "--rounds", str(args.rounds)], env=env, capture_output=True, text=True)
+                              str(args.prompts), "--rounds", str(args.rounds),
+                              *(["--drafter", folders["AFTERBURNER_HAMBURGER"]] if drafter else [])],
+                             env=env, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         if run.returncode or not lines:
             sys.exit(f"{name}: exit status {run.returncode}\n{run.stderr[-3000:]}")

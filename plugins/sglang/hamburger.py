@@ -38,6 +38,7 @@ from transformers import PretrainedConfig
 
 from afterburner.plugins.config import ConfigError, from_env
 from afterburner.plugins.log import get_logger
+from afterburner.plugins.sglang.proposers import drafting_vocabulary
 from afterburner.plugins.sglang.tree_verify import FILLER_TOKEN, Drafts
 from afterburner.spec_decode.hamburger.checkpoint import CheckpointError, read_config
 from afterburner.spec_decode.hamburger.checkpoint import load_drafter as load_drafter_folder
@@ -61,7 +62,9 @@ def drafter_config(draft_path: str | None) -> DrafterConfig:
 
 def max_depth(server_args: Any) -> int:
     """How many tokens the drafter drafts at most (argument checks, the user's process)."""
-    steps = drafter_config(server_args.speculative_draft_model_path).max_micro_steps
+    config = drafter_config(server_args.speculative_draft_model_path)
+    drafting_vocabulary(server_args.speculative_draft_model_path, config.vocab_size)  # one line if it does not fit
+    steps = config.max_micro_steps
     num = server_args.speculative_num_draft_tokens
     if num is not None and num - 1 > steps:
         raise ConfigError(f"--speculative-num-draft-tokens: {num} is the root + {num - 1} drafted tokens, more than "
@@ -135,12 +138,14 @@ def load_drafter(server_args: Any, runner: Any, tree: TokenTree) -> HamburgerDra
                            f"{tp_size} is not")
     model.set_eagle3_layers_to_capture(capture_ids(c.feature_layers))
     embed, lm_head = model.model.embed_tokens.weight, model.lm_head.weight  # [V_padded, H]
+    draft_ids = drafting_vocabulary(folder, c.vocab_size)  # micro-steps score only these tokens
     drafter = drafter.to(runner.device).attach_base(embed.detach()[: c.vocab_size].float(),
-                                                    lm_head.detach()[: c.vocab_size].float())
+                                                    lm_head.detach()[: c.vocab_size].float(), draft_ids)
     threshold = from_env().speculative.stop_threshold
     threshold = c.stop_threshold if threshold is None else threshold
     logger.info("hamburger: micro-step drafter from %s, features of layers %s, chains of up to %d tokens, stop "
-                "below P(accepted) %.2f", folder, list(c.feature_layers), tree.depth, threshold)
+                "below P(accepted) %.2f, drafting from %s tokens", folder, list(c.feature_layers), tree.depth,
+                threshold, "all" if draft_ids is None else draft_ids.numel())
     return HamburgerDrafter(drafter, tree, threshold)
 
 

@@ -8,8 +8,10 @@ first use. A proposer module has:
 - ``load_drafter(server_args, runner, tree)`` (in the scheduler): an object with
   ``propose(hidden [B, X], roots [B]) -> tree_verify.Drafts``, where ``hidden`` is what the target's forward
   captured at each request's last accepted position and ``roots`` the tokens sampled there (with
-  ``reads_tokens = True``: ``propose(hidden, roots, tokens)``, each request's token ids before its root);
+  ``reads_tokens = True``: ``propose(hidden, roots, tokens, request_ids)``, each request's token ids before
+  its root and its id);
 - optionally ``handle_server_args(server_args)``: its own defaults, after the shared ones;
+- a drafter that reads ``afterburner.speculative.draft_vocab`` takes its ids from ``drafting_vocabulary``;
 - optionally ``FOLDER_CONFIG``: a transformers ``PretrainedConfig`` class for the draft folder's
   config.json ``model_type``. SGLang reads that file with ``AutoConfig`` for every algorithm
   (``_resolve_speculative_algorithm_alias``), before any validator; registration registers the class.
@@ -34,6 +36,21 @@ PROPOSERS: dict[str, ProposerEntry] = {
                                            tree="chain"),
     "AFTERBURNER_DRAFT": ProposerEntry("afterburner.plugins.sglang.draft_model"),
 }
+
+
+def drafting_vocabulary(folder: str, vocab_size: int):
+    """``afterburner.speculative.draft_vocab``'s token ids [size] from ``folder``'s ranking (the drafter scores
+    only those: ``spec_decode.draft_vocab``), None when unset; one ``ConfigError`` line when they do not fit."""
+    from afterburner.plugins.config import ConfigError, from_env
+    from afterburner.spec_decode import draft_vocab
+
+    size = from_env().speculative.draft_vocab
+    if not size:
+        return None
+    try:
+        return draft_vocab.load(folder, size, vocab_size)
+    except draft_vocab.DraftVocabError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def names() -> dict[str, str]:

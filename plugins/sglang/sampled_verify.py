@@ -48,14 +48,21 @@ def adjusted_logits(logits: torch.Tensor, batch: Any, n: int, grammar_mask: Any 
     return logits
 
 
+_CUTS: dict[tuple[int, int], tuple[TokenTree, TokenTree]] = {}  # (id(tree), depth) -> (tree, its cut)
+
+
 def cut_tree(tree: TokenTree, depth: int) -> TokenTree | None:
     """The nodes of ``tree`` at depth <= ``depth``, numbered as in ``tree`` (nodes come by depth); None for
-    depth 0 (nothing drafted)."""
+    depth 0 (nothing drafted). Built once per tree and depth (a server verifies one tree)."""
     if depth >= tree.depth:
         return tree
     if depth <= 0:
         return None
-    return build_tree([c for c in tree.choices if len(c) <= depth], max_depth=depth, topk=tree.topk)
+    cached = _CUTS.get((id(tree), depth))
+    if cached is None or cached[0] is not tree:
+        cached = tree, build_tree([c for c in tree.choices if len(c) <= depth], max_depth=depth, topk=tree.topk)
+        _CUTS[(id(tree), depth)] = cached
+    return cached[1]
 
 
 def sampled_accept(tree: TokenTree, tokens: torch.Tensor, logits: torch.Tensor, depths: list[int],

@@ -165,13 +165,14 @@ class TreeSpecWorker(BaseSpecWorker):
     def _propose(self, batch, hidden, roots, accepted=None):
         """The drafter's proposal from the hidden states at each request's root; a drafter that
         ``reads_tokens`` (a draft model) also gets each request's tokens before its root: what SGLang holds
-        (prompt and output so far) and the drafts this step accepted (``accepted``, not in ``output_ids`` yet)."""
+        (prompt and output so far) and the drafts this step accepted (``accepted``, not in ``output_ids`` yet),
+        and its request id (a drafter's cache per request)."""
         if not self.reads_tokens:
             return self.drafter.propose(hidden, roots)
         accepted = accepted or [[] for _ in batch.reqs]
         tokens = [[*req.origin_input_ids, *req.output_ids, *more] for req, more in zip(batch.reqs, accepted,
                                                                                         strict=True)]
-        return self.drafter.propose(hidden, roots, tokens)
+        return self.drafter.propose(hidden, roots, tokens, [req.rid for req in batch.reqs])
 
     def _refuse_sampled(self, batch) -> None:
         """On CPU sampled requests are verified by ``sampled_verify``, which does not reproduce SGLang's top-k /

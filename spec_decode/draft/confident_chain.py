@@ -9,7 +9,7 @@ fixed-``k`` chain); a threshold above every probability drafts nothing. Lossless
 chain changes what is verified, not how (the target's exact greedy / rejection sampling).
 
     confident_lengths   [B, k] draft probabilities -> [B] kept lengths (what the engine proposer applies)
-    draft_chain         the draft's greedy chain after ``ids``, cut by the rule (one request, no cache)
+    draft_chain         the draft's greedy chain after ``ids``, cut by the rule (one request; its draft cache optional)
     speculative_generate  draft -> verify -> accept with a target and a draft Hugging Face causal LM
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from afterburner.spec_decode.acceptance import _sample, accept_chain, base_probs, final_tokens
+from afterburner.spec_decode.draft.draft_cache import DraftKV, last_logits
 
 
 def confident_lengths(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -26,18 +27,17 @@ def confident_lengths(confidence: torch.Tensor, threshold: float) -> torch.Tenso
     return (confidence >= threshold).int().cumprod(dim=1).sum(dim=1)
 
 
-def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids[None], use_cache=False).logits[0, -1].float()
-
-
 @torch.inference_mode()
-def draft_chain(draft, ids: torch.Tensor, max_tokens: int, threshold: float) -> tuple[list[int], list[float]]:
+def draft_chain(draft, ids: torch.Tensor, max_tokens: int, threshold: float,
+                kv: DraftKV | None = None) -> tuple[list[int], list[float]]:
     """(drafted tokens, their draft probabilities): greedy from ``draft`` after ids [L], at most
-    ``max_tokens``, stopped before the first token whose probability is below ``threshold``."""
+    ``max_tokens``, stopped before the first token whose probability is below ``threshold``; with ``kv``,
+    through that request's draft cache."""
     tokens: list[int] = []
     confidence: list[float] = []
     for _ in range(max_tokens):
-        probability, token = _last_logits(draft, torch.cat([ids, torch.tensor(tokens, dtype=torch.long)])) \
+        probability, token = last_logits(draft, torch.cat([ids, torch.tensor(tokens, dtype=torch.long,
+                                                                                device=ids.device)]), kv) \
             .softmax(-1).max(-1)
         if bool(probability < threshold):  # compared in float32, as confident_lengths does
             break

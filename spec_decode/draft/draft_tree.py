@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from afterburner.spec_decode.acceptance import _sample, accept_tree, base_probs, final_tokens
+from afterburner.spec_decode.draft.draft_cache import DraftKV, last_logits
 from afterburner.spec_decode.medusa.reference import tree_verify
 from afterburner.spec_decode.tree import TokenTree, build_tree, tree_candidates
 from afterburner.spec_decode.tree_choices import tree_paths
@@ -42,18 +43,15 @@ def flatten_candidates(topk: torch.Tensor, tree: TokenTree) -> torch.Tensor:
     return flat[:, tree.candidate_index[1:].to(topk.device)]
 
 
-def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids[None], use_cache=False).logits[0, -1].float()
-
-
 @torch.inference_mode()
-def draft_topk(draft, ids: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
+def draft_topk(draft, ids: torch.Tensor, depth: int, topk: int, kv: DraftKV | None = None) -> torch.Tensor:
     """[depth, topk]: after ids [L], the draft's ``topk`` best tokens at each depth of its greedy chain
-    (column 0 is the chain)."""
+    (column 0 is the chain); with ``kv``, through that request's draft cache."""
     rows: list[torch.Tensor] = []
     chain: list[int] = []
     for _ in range(depth):
-        best = _last_logits(draft, torch.cat([ids, torch.tensor(chain, dtype=torch.long)])).topk(topk).indices
+        best = last_logits(draft, torch.cat([ids, torch.tensor(chain, dtype=torch.long, device=ids.device)]),
+                           kv).topk(topk).indices
         rows.append(best)
         chain.append(int(best[0]))
     return torch.stack(rows)

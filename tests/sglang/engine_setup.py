@@ -64,17 +64,21 @@ SPEC_SAMPLES = 240
 SPEC_SAMPLING = {"temperature": 0.1, "max_new_tokens": 3, "ignore_eos": True}  # the random model: ~20 bins
 
 
-def spec_run(model, engine_args: dict, config: dict | None = None, *, retract: bool = False) -> dict:
+def spec_run(model, engine_args: dict, config: dict | None = None, *, retract: bool = False,
+             report_dir=None) -> dict:
     """``scripts/spec_engine.py`` in a fresh process (~20-40 s on 2 cores): its RESULT. ``retract``: SGLang's
     own test switch retracts running requests every 3 steps (``SGLANG_TEST_RETRACT``: its ``retract_decode``,
-    as when the KV pool runs out), and they run again from their prompt and output so far."""
+    as when the KV pool runs out), and they run again from their prompt and output so far. With
+    ``report_dir``, the result's ``report`` holds afterburner's report events of every engine process."""
+    from afterburner.plugins import report
     from support.worker import run_worker_or_fail
 
     env = {"AFTERBURNER_CONFIG": json.dumps({"afterburner": config or {}}),
-           **({"SGLANG_TEST_RETRACT": "1"} if retract else {})}
+           **({"SGLANG_TEST_RETRACT": "1"} if retract else {}),
+           **({report.REPORT_DIR_ENV: str(report_dir)} if report_dir else {})}
     result, _ = run_worker_or_fail(SCRIPTS / "spec_engine.py", model, json.dumps(engine_args), env=env,
                                    unset=["AFTERBURNER_DISABLE"], timeout=480)
-    return result
+    return {**result, "report": report.read_dir(report_dir)} if report_dir else result
 
 
 def cpu_env() -> dict[str, str]:

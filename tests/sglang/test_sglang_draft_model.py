@@ -49,6 +49,13 @@ def test_a_stop_threshold_with_a_tree_stops_resolution_with_one_line(loaded, dra
                    "--speculative-algorithm", "AFTERBURNER_DRAFT", "--speculative-draft-model-path", str(draft_dir))
 
 
+def test_a_drafting_vocabulary_stops_resolution_with_one_line(loaded, draft_dir, tiny_model, monkeypatch):
+    assert_refused(monkeypatch, tiny_model, '{"speculative": {"tree": "chain", "draft_vocab": 64}}',
+                   r"^afterburner\.speculative\.draft_vocab: AFTERBURNER_DRAFT drafts from the draft model's whole "
+                   r"vocabulary; leave draft_vocab unset$",
+                   "--speculative-algorithm", "AFTERBURNER_DRAFT", "--speculative-draft-model-path", str(draft_dir))
+
+
 def test_no_draft_folder_stops_resolution_with_one_line(loaded, tiny_model, monkeypatch):
     assert_refused(monkeypatch, tiny_model, None,
                    r"^--speculative-algorithm AFTERBURNER_DRAFT needs --speculative-draft-model-path: a draft model "

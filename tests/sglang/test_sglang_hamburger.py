@@ -108,6 +108,8 @@ DRAFTER = ["--speculative-draft-model-path", "{drafter}"]
      r"unset or 'chain'$"),
     ([*DRAFTER, "--attention-backend", "triton"], None,
      r"^--speculative-algorithm AFTERBURNER_HAMBURGER on CPU needs --attention-backend torch_native "),
+    (DRAFTER, '{"speculative": {"draft_vocab": 32}}',
+     r"^speculative\.draft_vocab: .* has no draft_vocab\.safetensors \(write one with `afterburner train draft-vocab"),
 ])
 def test_bad_settings_stop_resolution_with_one_line(loaded, request, tiny_model, monkeypatch, flags, config,
                                                     message):
@@ -157,6 +159,31 @@ def test_load_drafter_captures_the_drafters_layers_on_sglangs_llama(drafter_dir,
     runner.model_config.num_hidden_layers = 1  # layer 1's input is the final norm's, which SGLang cannot capture
     with pytest.raises(RuntimeError, match=r"^--speculative-draft-model-path: feature_layers \[1\] reach past"):
         hamburger.load_drafter(args, runner, tree)
+
+
+def test_load_drafter_drafts_from_the_drafting_vocabulary(drafter_dir, tiny_model, monkeypatch, tmp_path):
+    """``speculative.draft_vocab``: the drafter scores the folder's first N ranked tokens (its LM head's rows for
+    them) and every draft is one of them; a folder without a ranking stops resolution with one line."""
+    from sglang.srt import runtime_context
+
+    from afterburner.spec_decode import draft_vocab
+
+    folder = shutil.copytree(drafter_dir, tmp_path / "drafter")
+    ranked = torch.randperm(2048, generator=torch.Generator().manual_seed(4))
+    draft_vocab.save(folder, ranked)
+    monkeypatch.setenv("AFTERBURNER_CONFIG", '{"speculative": {"draft_vocab": 32, "stop_threshold": 0}}')
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(tp_size=1))
+    model, weights = _sglang_llama(tiny_model)
+    runner = SimpleNamespace(model=model, device="cpu",
+                             model_config=SimpleNamespace(hidden_size=256, vocab_size=2048, num_hidden_layers=2))
+    tree = spec_checks.make_tree(STEPS, None, parse_config({}, source="test"), shape="chain")
+    drafter = hamburger.load_drafter(SimpleNamespace(speculative_draft_model_path=str(folder)), runner, tree)
+    assert torch.equal(drafter.drafter.vocab_ids, ranked[:32])
+    assert torch.equal(drafter.drafter.lm_head_weight, weights["lm_head.weight"][ranked[:32]])
+    hidden = torch.randn(6, 256, generator=torch.Generator().manual_seed(5))  # one feature layer
+    drafts = drafter.propose(hidden, torch.arange(6))
+    assert drafts.depths.tolist() == [STEPS] * 6
+    assert set(drafts.head_topk.flatten().tolist()) <= set(ranked[:32].tolist())
 
 
 def test_propose_reads_the_captured_layers_in_the_drafters_order():

@@ -118,6 +118,8 @@ CPU_LINE = (r"^--speculative-algorithm AFTERBURNER_MEDUSA on CPU needs --attenti
     (HEADS, '{"speculative": {"acceptance": "typical"}}',
      r"^afterburner\.speculative\.acceptance: 'typical' is not available on SGLang"),
     (HEADS, '{"enabled": false}', r"^afterburner\.enabled: false, but --speculative-algorithm AFTERBURNER"),
+    (HEADS, '{"speculative": {"draft_vocab": 64}}',
+     r"^speculative\.draft_vocab: .* has no draft_vocab\.safetensors \(write one with `afterburner train draft-vocab"),
     ([*HEADS, "--attention-backend", "triton"], None, CPU_LINE),
 ])
 def test_bad_settings_stop_resolution_with_one_line(loaded, heads_dir, tiny_model, monkeypatch, flags, config,
@@ -177,6 +179,23 @@ def test_tree_links_are_what_sglang_derives_from_the_mask(paths):
     assert torch.equal(next_token, links.next_token.expand(bs, n))
     assert torch.equal(next_sibling, links.next_sibling.expand(bs, n))
     assert torch.equal(links.depth, tree.attn_mask.sum(-1) - 1)
+
+
+def test_a_drafting_vocabulary_scores_its_tokens_only(heads_dir):
+    """With ``speculative.draft_vocab`` the heads score the ranked tokens alone (the LM head's rows for them) and
+    propose token ids of the whole vocabulary: the top-k among those tokens."""
+    heads, lm_head = load_heads(heads_dir), load_shared_lm_head(heads_dir)
+    tree = spec_checks.make_tree(heads.config.num_heads, 12, parse_config({"speculative": {"tree": "paper"}},
+                                                                          source="test"))
+    ids = torch.randperm(heads.config.vocab_size, generator=torch.Generator().manual_seed(3))[:40]
+    hidden = torch.randn(3, heads.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    drafts = medusa.MedusaDrafter(heads, tree, lm_head, "cpu", ids).propose(hidden)
+    with torch.no_grad():
+        scores = heads(hidden, lm_head)[: tree.depth, :, ids]  # [D, B, 40]: the full logits at those ids
+    expected = ids[scores.topk(tree.topk, dim=-1).indices.permute(1, 0, 2)]
+    assert torch.equal(drafts.head_topk, expected)
+    assert set(drafts.head_topk.flatten().tolist()) <= set(ids.tolist())
+    assert not torch.equal(drafts.head_topk, medusa.MedusaDrafter(heads, tree, lm_head, "cpu").propose(hidden).head_topk)
 
 
 def test_draft_stage_puts_each_heads_top_k_where_the_tree_says(heads_dir):

@@ -11,11 +11,12 @@ references accept. Sampled requests: verified by afterburner's lossless rule (th
 distribution), refused one by one where they set what that rule does not reproduce."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from engine_setup import SPEC_GREEDY, SPEC_PROMPTS, SPEC_SAMPLING, spec_run
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from afterburner.plugins.sglang import hamburger
 from afterburner.spec_decode.draft.confident_chain import speculative_generate as confident_generate
@@ -67,10 +68,11 @@ RUNS = {  # name: (algorithm, verified nodes with the root, afterburner.speculat
 }
 
 
-def _run(model, drafts, name, *, retract=False):
+def _run(model, drafts, name, *, retract=False, report_dir=None):
     algorithm, nodes, speculative = RUNS[name]
     return spec_run(model, {"speculative_algorithm": algorithm, "speculative_draft_model_path": str(drafts[algorithm]),
-                            "speculative_num_draft_tokens": nodes}, {"speculative": speculative}, retract=retract)
+                            "speculative_num_draft_tokens": nodes}, {"speculative": speculative}, retract=retract,
+                    report_dir=report_dir)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,9 @@ def plain(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, drafts):
-    return {name: _run(tiny_model, drafts, name) for name in RUNS}
+def runs(tiny_model, drafts, tmp_path_factory):
+    return {name: _run(tiny_model, drafts, name, report_dir=tmp_path_factory.mktemp(f"report-{name}"))
+            for name in RUNS}
 
 
 def drafts_per_step(result) -> float:
@@ -181,6 +184,47 @@ def test_the_micro_step_drafter_accepts_what_the_reference_accepts(target, draft
     assert [m["spec_num_correct_drafts"] for m in runs["hamburger-chain"]["meta"]] == expected
 
 
+@pytest.fixture(scope="module")
+def vocab_run(tiny_model, drafts, plain, tmp_path_factory):
+    """The micro-step drafter's chain with a drafting vocabulary: the folder ranks the tokens of the engine's
+    greedy outputs by count (then the rest by id), and the drafter scores the top half of those only."""
+    from collections import Counter
+
+    from afterburner.spec_decode import draft_vocab
+
+    folder = shutil.copytree(drafts["AFTERBURNER_HAMBURGER"], tmp_path_factory.mktemp("vocab") / "drafter")
+    counts = Counter(token for tokens in plain["tokens"] for token in tokens)
+    written = [token for token, _ in counts.most_common()]
+    vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
+    draft_vocab.save(folder, torch.tensor(written + sorted(set(range(vocab)) - set(written))))
+    size = max(len(written) // 2, 1)
+    result = spec_run(tiny_model, {"speculative_algorithm": "AFTERBURNER_HAMBURGER", "speculative_num_draft_tokens": 5,
+                                   "speculative_draft_model_path": str(folder)},
+                      {"speculative": {"stop_threshold": 0.0, "draft_vocab": size}})
+    return folder, size, result
+
+
+def test_the_micro_step_drafter_with_a_drafting_vocabulary_accepts_what_the_reference_accepts(target, plain,
+                                                                                              vocab_run):
+    """Greedy output unchanged, and accepted drafts equal the engine-free reference's with the same drafting
+    vocabulary prompt by prompt, which differ from the whole vocabulary's (so the setting is not ignored)."""
+    folder, size, result = vocab_run
+    assert result["tokens"] == plain["tokens"]
+    base, tokenizer = target
+    from afterburner.spec_decode import draft_vocab
+
+    embed, lm_head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    accepted = {}
+    for name, ids in (("vocab", draft_vocab.load(folder, size, lm_head.shape[0])), ("all", None)):
+        drafter = load_drafter(folder)
+        drafter.attach_base(embed, lm_head, ids)
+        accepted[name] = [sum(speculative_generate(base, drafter, torch.tensor(tokenizer(prompt)["input_ids"]),
+                                                   SPEC_GREEDY["max_new_tokens"], stop_threshold=None)[1])
+                          for prompt in SPEC_PROMPTS]
+    assert [m["spec_num_correct_drafts"] for m in result["meta"]] == accepted["vocab"]
+    assert accepted["vocab"] != accepted["all"] and sum(accepted["vocab"]) > 0
+
+
 def test_the_draft_model_tree_accepts_what_the_reference_accepts(target, draft_lm, runs):
     """SGLang's counters equal the engine-free reference's (``draft_tree_generate``, the paper's tree of 5
     drafted nodes) prompt by prompt: the draft sees each request's tokens up to its root, accepted drafts
@@ -190,6 +234,17 @@ def test_the_draft_model_tree_accepts_what_the_reference_accepts(target, draft_l
     expected = [sum(draft_tree_generate(base, draft_lm, tree, torch.tensor(tokenizer(prompt)["input_ids"]),
                                         SPEC_GREEDY["max_new_tokens"]).accepted) for prompt in SPEC_PROMPTS]
     assert [m["spec_num_correct_drafts"] for m in runs["draft-tree"]["meta"]] == expected
+
+
+def test_the_draft_model_reads_each_request_once_through_its_cache(runs):
+    """The draft keeps a KV cache per request across steps: each request that left the batch reports the
+    tokens its draft read: at least its sequence (all of it was read once), and over the run a small share
+    of what re-reading the sequence at every draft pass (the drafter before its cache) would have read."""
+    events = [e for e in runs["draft-tree"]["report"] if e["event"] == "draft_kv"]
+    assert len(events) >= len(SPEC_PROMPTS), events
+    for event in events:
+        assert event["length"] <= event["fed"] <= event["whole"], event
+    assert sum(e["fed"] for e in events) < sum(e["whole"] for e in events) / 3, events
 
 
 @pytest.fixture(scope="module")
