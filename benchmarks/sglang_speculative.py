@@ -1,7 +1,7 @@
 """afterburner's speculation through SGLang on CPU (``--attention-backend torch_native``, afterburner's verify
-attention): Medusa with trained heads, the micro-step drafter (``make hamburger-drafter``, fixed length), with
-and without a drafting vocabulary, and a draft model (SmolLM2's first 25 layers, through its KV cache), against no speculation, one request at a time:
-what SGLang's CPU path gives a user today.
+attention): Medusa with trained heads and the micro-step drafter (``make hamburger-drafter``, fixed length),
+with and without a drafting vocabulary, and a draft model (SmolLM2's first 25 layers, through its KV cache),
+against no speculation, one request at a time: what SGLang's CPU path gives a user today.
 
     python benchmarks/sglang_speculative.py [--heads DIR] [--drafter DIR] [--prompts 6] [--rounds 2] [--out FILE]
 
