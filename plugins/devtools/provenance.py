@@ -189,10 +189,21 @@ def write_json(path: str | os.PathLike, record: dict[str, Any], *, allow_dirty: 
     builds it) after ``check_overwrite``, with ``git`` set to what that check found (a ``git`` key already
     in ``record`` keeps its place)."""
     out = Path(path)
-    info = check_overwrite(out, allow_dirty=allow_dirty, repo=repo)
+    try:
+        info = check_overwrite(out, allow_dirty=allow_dirty, repo=repo)
+    except DirtyTreeError as exc:  # the tree changed during the run: keep the numbers beside, never lose them
+        kept = unsaved_path(out)
+        kept.write_text(json.dumps({**record, "git": git_info(repo, exclude=[out, kept])}, indent=2) + "\n")
+        raise DirtyTreeError(f"{exc} This run's numbers are kept in {kept} (it records the dirty tree).") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**record, "git": info}, indent=2) + "\n")
     return out
+
+
+def unsaved_path(out: Path) -> Path:
+    """Where ``write_json`` keeps a record it refused to write over ``out``: beside it, named by the time."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return out.with_name(f"{out.stem}.unsaved-{stamp}{out.suffix}")
 
 
 def write_result(path: str | os.PathLike, results: dict[str, Any], command: str, *, allow_dirty: bool = False,

@@ -73,9 +73,12 @@ def test_results_are_outputs_not_code(repo):
 
 def test_dirty_tree_refuses_to_overwrite_a_committed_result(repo):
     (repo / "bench.py").write_text("print('measure faster')\n")
-    with pytest.raises(DirtyTreeError, match=r"refusing to overwrite .*bench\.json.*--allow-dirty"):
+    with pytest.raises(DirtyTreeError, match=r"refusing to overwrite .*bench\.json.*--allow-dirty.*numbers are "
+                                             r"kept in .*bench\.unsaved-\d{8}T\d{6}\.json"):
         _write(repo)
     assert (repo / RESULT).read_text() == COMMITTED
+    kept = json.loads(next((repo / RESULT).parent.glob("bench.unsaved-*.json")).read_text())  # not lost
+    assert kept["results"] == {"ms": 2.0} and kept["git"]["dirty"] is True
 
     written = json.loads(_write(repo, allow_dirty=True).read_text())
     assert written["results"] == {"ms": 2.0}
