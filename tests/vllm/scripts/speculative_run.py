@@ -88,3 +88,28 @@ def generate(run: Run) -> dict:
     return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "awrs": awrs,
             "metrics": {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_METRICS},
             "attention": totals(method) if method else {}, **stress}
+
+
+def generate_recording_chains(run: Run) -> dict:
+    """``generate``, and with ``speculative.stop_threshold`` set (afterburner's confidence stop on vLLM's
+    draft model or EAGLE-3) the first proposals' draft probabilities with the lengths kept, afterburner's
+    proposal counters and the number of proposals."""
+    from afterburner.plugins import stats
+
+    chains, calls = [], [0]
+    if run.config.get("speculative", {}).get("stop_threshold") is not None:
+        from afterburner.plugins.vllm import confidence_stop
+
+        lengths_of = confidence_stop.confident_lengths
+
+        def recording(confidence, threshold):
+            lengths = lengths_of(confidence, threshold)
+            calls[0] += 1
+            if len(chains) < RECORDED:
+                chains.append({"confidence": confidence.tolist(), "lengths": lengths.tolist()})
+            return lengths
+
+        confidence_stop.confident_lengths = recording
+    result = generate(run)
+    return {**result, "stats": stats.SPECULATION.as_dict(), "chains": chains, "propose_calls": calls[0]}
+

@@ -42,6 +42,29 @@ def test_greedy_drafting_is_the_unroll_fed_its_own_drafts():
     assert all(d in vocab.tolist() for d in drafter.draft(features, tokens, 3, vocab_ids=vocab))
 
 
+def test_a_stop_threshold_cuts_the_chain_before_its_first_unconfident_draft():
+    """The chain with a stop is the full chain's prefix up to (not including) its first draft whose probability
+    (softmax over the drafting vocabulary) is below the threshold; 0 never cuts."""
+    drafter, g = _small(), torch.Generator().manual_seed(1)
+    vocab = torch.arange(0, 50, 3)
+    cut_somewhere = False
+    for _ in range(12):
+        features, tokens = torch.randn(9, 3, 32, generator=g), torch.randint(0, 50, (9,), generator=g)
+        for ids in (None, vocab):
+            full = drafter.draft(features, tokens, 3, vocab_ids=ids)
+            assert drafter.draft(features, tokens, 3, vocab_ids=ids, stop_threshold=0.0) == full
+            with torch.no_grad():
+                unrolled = drafter.unroll(features[None], torch.cat([tokens, torch.tensor(full[:2])])[None], 3)
+            scores = unrolled[:, 0, -1] if ids is None else unrolled[:, 0, -1][:, ids]
+            probabilities = scores.softmax(-1).max(-1).values.tolist()  # each step's, given the full chain
+            lowest, second = sorted(probabilities)[:2]
+            threshold = (lowest + second) / 2  # cuts before the least confident draft (no rounding ties)
+            kept = next((m for m, p in enumerate(probabilities) if p < threshold), 3)
+            assert drafter.draft(features, tokens, 3, vocab_ids=ids, stop_threshold=threshold) == full[:kept]
+            cut_somewhere |= kept < 3
+    assert cut_somewhere
+
+
 def test_unroll_sees_earlier_step1_entries_and_only_its_own_draft_steps():
     drafter, g = _small(), torch.Generator().manual_seed(2)
     features, tokens = torch.randn(1, 10, 3, 32, generator=g), torch.randint(0, 50, (1, 12), generator=g)
@@ -141,7 +164,7 @@ def test_the_reference_decoder_is_greedy_decoding_and_accepts_agreeing_drafts(ba
         plain = model.generate(prompt[None], max_new_tokens=30, do_sample=False)[0].tolist()
     calls = []
 
-    def oracle(features, tokens, num_tokens, vocab_ids=None):
+    def oracle(features, tokens, num_tokens, vocab_ids=None, stop_threshold=None):
         calls.append((features, tokens))
         done = len(tokens) + 1  # ids so far
         return plain[done:done + num_tokens - 1] + [(plain[done + num_tokens - 1] + 1) % config.vocab_size]
