@@ -65,7 +65,9 @@ class MedusaDrafter:
         self.heads = heads.float().to(device).eval()
         self.tree = tree
         self.draft_ids = None if draft_ids is None else draft_ids.to(device)  # the drafting vocabulary
-        if lm_head_weight is not None and draft_ids is not None:
+        if draft_ids is not None:  # heads with LM heads of their own cannot (max_depth refuses them)
+            if lm_head_weight is None:
+                raise ValueError("a drafting vocabulary needs heads that share the target's LM head")
             lm_head_weight = lm_head_weight[draft_ids].contiguous()  # its rows only: a fraction of the reads
         self.lm_head_weight = None if lm_head_weight is None else lm_head_weight.float().to(device)
 
