@@ -43,6 +43,7 @@ class VerifyLayout:
     slots: torch.Tensor  # [B, max length] each request's KV slots
     lengths: torch.Tensor  # [B] committed tokens + N
     query_start: torch.Tensor  # [B + 1]
+    tree_sizes: dict[int, int]  # request -> N, as tree_verify_attention takes them
 
 
 def verify_layout(backend: Any, forward_batch) -> VerifyLayout:
@@ -57,7 +58,8 @@ def verify_layout(backend: Any, forward_batch) -> VerifyLayout:
         raise RuntimeError("afterburner's CPU tree verify takes one tree shape per step; this batch has several")
     lengths = forward_batch.seq_lens.long() + n
     slots = backend.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.long(), : int(lengths.max())]
-    layout = VerifyLayout(forward_batch, masks[0] if bs else masks, slots, lengths, torch.arange(0, bs * n + 1, n))
+    layout = VerifyLayout(forward_batch, masks[0] if bs else masks, slots, lengths, torch.arange(0, bs * n + 1, n),
+                          dict.fromkeys(range(bs), n))
     backend._afterburner_verify_layout = layout
     return layout
 
@@ -71,9 +73,7 @@ def verify_extend(backend: Any, q, k, v, layer, forward_batch, save_kv_cache: bo
     k_cache = pool.get_key_buffer(layer.layer_id)  # [slots, Hkv, D]: a block of one token per slot
     v_cache = pool.get_value_buffer(layer.layer_id)
     query = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-    n = forward_batch.spec_info.draft_token_num
     out = tree_verify_attention(
         query.to(k_cache.dtype), k_cache.unsqueeze(1), v_cache.unsqueeze(1), layout.slots, layout.lengths,
-        layout.query_start, scale=layer.scaling, tree_mask=layout.mask,
-        tree_sizes=dict.fromkeys(range(forward_batch.batch_size), n))
+        layout.query_start, scale=layer.scaling, tree_mask=layout.mask, tree_sizes=layout.tree_sizes)
     return out.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -27,6 +27,9 @@ class ProposerEntry:
     wanted: str | None = None
     # custom_class route: the class that drafts a token tree, when ``speculative.tree`` asks for one
     tree_proposer: str | None = None
+    # "module:function", fn(vllm_config) -> None, raises ConfigError: checks of what vLLM settles only after
+    # the spec is read (scheduling), run by ``hooks.check_engine_config``
+    engine_check: str | None = None
 
 
 PROPOSERS: dict[str, ProposerEntry] = {
@@ -37,10 +40,12 @@ PROPOSERS: dict[str, ProposerEntry] = {
                                tree_proposer="afterburner.plugins.vllm.hamburger_tree_proposer:HamburgerTreeProposer"),
     "draft_model": ProposerEntry("afterburner.plugins.vllm.draft_proposer:make_proposer",
                                  "afterburner.plugins.vllm.draft_proposer:check_config",
-                                 wanted="afterburner.plugins.vllm.draft_proposer:wanted"),
+                                 wanted="afterburner.plugins.vllm.draft_proposer:wanted",
+                                 engine_check="afterburner.plugins.vllm.draft_proposer:check_engine"),
     "eagle3": ProposerEntry("afterburner.plugins.vllm.eagle3_stop:ConfidentEagleProposer",
                             "afterburner.plugins.vllm.eagle3_stop:check_config",
-                            wanted="afterburner.plugins.vllm.eagle3_stop:wanted"),
+                            wanted="afterburner.plugins.vllm.eagle3_stop:wanted",
+                            engine_check="afterburner.plugins.vllm.eagle3_stop:check_engine"),
 }
 
 
@@ -96,6 +101,13 @@ def build_proposer(method: str, vllm_config, device):
 
 def config_check(method: str):
     return _load(PROPOSERS[method].check)
+
+
+def check_engine(method: str | None, vllm_config) -> None:
+    """The engine-level check of ``method``'s proposer, where it has one (ConfigError)."""
+    entry = PROPOSERS.get(method)
+    if entry is not None and entry.engine_check:
+        _load(entry.engine_check)(vllm_config)
 
 
 def check_draft_vocab(folder: str, config, vocab_size: int) -> None:

