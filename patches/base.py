@@ -10,6 +10,8 @@ Hooks:
 - ``before``: ``hook(*args, **kwargs)``, runs before the original; its return value is ignored.
 - ``after``:  ``hook(result, *args, **kwargs)``, runs after the original; the original's result is
   returned unchanged.
+- ``before_async``: for a coroutine method, ``await hook(*args, **kwargs)`` before awaiting the original (a hook
+  that must not block the engine's event loop hands its work to a thread and awaits it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Patch:
     name: str
     target: str  # "package.module:Class.method"
     verified_on: str  # PEP 440 specifier over the engine's release version
-    when: Literal["before", "after"]
+    when: Literal["before", "after", "before_async"]
     # Parameter names the target must have; a rename upstream fails loudly instead of misbehaving.
     expects_params: tuple[str, ...] = ()
 
@@ -75,7 +77,14 @@ def _check_signature(patch: Patch, original: Callable) -> None:
 
 
 def _wrap(patch: Patch, original: Callable, hook: Callable) -> Callable:
-    if patch.when == "before":
+    if patch.when == "before_async":
+
+        @functools.wraps(original)
+        async def wrapper(*args, **kwargs):
+            await hook(*args, **kwargs)
+            return await original(*args, **kwargs)
+
+    elif patch.when == "before":
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
@@ -108,6 +117,9 @@ def apply(patch: Patch, hook: Callable, *, engine_version: str) -> None:
     if isinstance(original, (staticmethod, classmethod)):
         raise PatchError(f"{patch.target} is a {type(original).__name__}; only plain methods are supported")
     _check_signature(patch, original)
+    if (patch.when == "before_async") != inspect.iscoroutinefunction(original):
+        raise PatchError(f"{patch.target} is {'not ' * (patch.when == 'before_async')}a coroutine function; "
+                         f"a {patch.when!r} patch cannot wrap it")
     setattr(owner, attr, _wrap(patch, original, hook))
     _applied[patch.name] = _Applied(patch, owner, attr, original)
 

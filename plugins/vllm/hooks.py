@@ -8,6 +8,7 @@ from typing import Any
 from afterburner.attention_backends.local_linear.model import LAMBDA_KEY
 from afterburner.attention_backends.registry import OUTPUT_METHODS, make_output
 from afterburner.patches import vllm_tree_speculation as tree_patches
+from afterburner.patches.vllm_async_drafts import ASYNC_DRAFTS
 from afterburner.patches.vllm_cpu_sampling import CPU_EXPAND
 from afterburner.patches.vllm_engine_config import ENGINE_CONFIG
 from afterburner.patches.vllm_prompt_compression import PROMPT_COMPRESSION
@@ -42,15 +43,8 @@ def check_engine_config(vllm_config: Any, *_args: Any, **_kwargs: Any) -> None:
         except ValueError as error:
             raise ConfigError(f"afterburner.attention.method {method!r}: {error}") from None
     composition.check_engine(vllm_config)
-    method = proposers.method_of(getattr(vllm_config, "speculative_config", None))
-    if config.enabled and method == "draft_model":
-        from afterburner.plugins.vllm import draft_proposer
-
-        draft_proposer.check_engine(vllm_config)
-    if config.enabled and method == "eagle3":
-        from afterburner.plugins.vllm import eagle3_stop
-
-        eagle3_stop.check_engine(vllm_config)
+    if config.enabled:
+        proposers.check_engine(proposers.method_of(getattr(vllm_config, "speculative_config", None)), vllm_config)
     if config.enabled and config.specpc.draft:
         from afterburner.plugins.vllm import specpc
 
@@ -159,6 +153,15 @@ def compress_prompt(*args: Any, **kwargs: Any) -> None:
         speckv.on_process_inputs(*args, **kwargs)
 
 
+async def draft_before_add_request(*args: Any, **kwargs: Any) -> None:
+    """Before the API server's engine client takes a request: SpecPC / SpecKV drafts off its event loop."""
+    extra = getattr(args[3] if len(args) > 3 else kwargs.get("params"), "extra_args", None)
+    if extra and (SPECPC_REQUEST_KEY in extra or SPECKV_REQUEST_KEY in extra):  # the common request imports nothing
+        from afterburner.plugins.vllm import draft_off_loop, speckv
+
+        await draft_off_loop.before_add_request(*args, admit=admit_request, drafts=speckv.request_drafts, **kwargs)
+
+
 def _speculative_awrs(*args: Any, **kwargs: Any) -> None:
     from afterburner.plugins.vllm import awrs_speculative  # worker processes only
 
@@ -182,6 +185,7 @@ HOOKS = {
     WORKER_INIT_DEVICE.name: on_worker_device,
     REQUEST_ADMISSION.name: admit_request,
     PROMPT_COMPRESSION.name: compress_prompt,
+    ASYNC_DRAFTS.name: draft_before_add_request,
     tree_patches.SPEC_CONFIG.name: check_speculative_config,
     tree_patches.TREE_PROPOSER.name: _runner_hook("on_runner_init"),
     tree_patches.TREE_POSITIONS.name: on_prepare_inputs,

@@ -5,7 +5,8 @@ Start the engine with ``attention.method: "speckv"`` and a draft (``--additional
 {"attention": {"method": "speckv", "speckv": {"draft": DIR}}}}'``) and ask per request with
 ``"vllm_xargs": {"speckv_capacity": C}`` (offline: ``SamplingParams(extra_args=...)``). Where requests are
 taken (after ``InputProcessor.process_inputs``, patch ``vllm.prompt_compression``; the API server under
-``vllm serve``), the draft reads the prompt, writes its look-ahead and chooses; the choice travels with the
+``vllm serve``, where the draft runs on afterburner's draft thread first: ``draft_off_loop``), the draft reads
+the prompt, writes its look-ahead and chooses; the choice travels with the
 request to the engine as a packed bit mask in ``extra_args`` (``SPECKV_KEEP_KEY``: afterburner's own, a
 client may not send it). In the worker, each step the runner hook (``on_prepare_inputs``) gives the
 attention metadata builders the choice of every batch row, and decode rows that have one read only it
@@ -15,6 +16,7 @@ chunks, run vLLM's kernel. The first token comes from the dense prefill (an engi
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,28 +92,57 @@ def unpack(packed: Mapping[str, Any]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool).reshape(shape))
 
 
+def draft_choice(vllm_config: Any, prompt: list[int], capacity: int):
+    """The server's draft's choice for ``prompt`` (``speckv_keep``'s result; None: a prompt within the capacity
+    carries none and decodes densely, as the paper)."""
+    config = config_of(vllm_config)
+    settings = rule_settings(config, capacity)
+    if settings.keeps_all(len(prompt)):
+        return None
+    with specpc.DRAFT_LOCK:
+        return speckv_keep(specpc.loaded_draft(config.attention.speckv.draft), prompt, settings,
+                           target_layers=vllm_config.model_config.hf_config.num_hidden_layers)
+
+
+def request_drafts(vllm_config: Any, prompt: list[int], extra: Mapping[str, Any]) -> dict:
+    """A served request's drafts in the hook's order, SpecPC then SpecKV on what SpecPC kept, as
+    ``draft_off_loop`` keeps them: method -> (the prompt it read, its result or the exception it raised, the
+    thread it ran on)."""
+    ready, thread = {}, threading.current_thread().name
+    try:
+        capacity = specpc.requested_capacity(extra)
+        if capacity is not None:
+            compressed = specpc.draft_compression(vllm_config, prompt, capacity)
+            ready["specpc"] = (prompt, compressed, thread)
+            prompt = compressed.token_ids if compressed is not None else prompt
+        capacity = specpc.requested_capacity(extra, SPECKV_REQUEST_KEY)
+        if capacity is not None:
+            ready["speckv"] = (prompt, draft_choice(vllm_config, prompt, capacity), thread)
+    except Exception as exc:  # noqa: BLE001 - raised again where vLLM makes the request, which answers it
+        ready["speckv" if "specpc" in ready else "specpc"] = (prompt, exc, thread)
+    return ready
+
+
 def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs: Any) -> None:
     """After ``InputProcessor.process_inputs`` (and SpecPC, when both are asked): the draft's choice joins
-    the request. A prompt within the capacity carries none: it decodes densely, as the paper."""
+    the request (drafted on the draft thread before the request was made, under ``vllm serve``)."""
+    from afterburner.plugins.vllm import draft_off_loop
+
     params = request.sampling_params
     capacity = specpc.requested_capacity(getattr(params, "extra_args", None), SPECKV_REQUEST_KEY)
     if capacity is None:
         return
     prompt = specpc.token_prompt(request, SPECKV_REQUEST_KEY)
-    vllm_config = input_processor.vllm_config
-    config = config_of(vllm_config)
-    settings = rule_settings(config, capacity)
-    if settings.keeps_all(len(prompt)):
+    kept, thread = draft_off_loop.take("speckv", prompt,
+                                       lambda: draft_choice(input_processor.vllm_config, prompt, capacity))
+    if kept is None:
         report.record("speckv_request", prompt_tokens=len(prompt), kept_per_head=len(prompt), draft_seconds=0.0)
         return
-    with specpc.DRAFT_LOCK:
-        kept = speckv_keep(specpc.loaded_draft(config.attention.speckv.draft), prompt, settings,
-                           target_layers=vllm_config.model_config.hf_config.num_hidden_layers)
     params.extra_args = {**params.extra_args, SPECKV_KEEP_KEY: pack(kept.mask)}
-    logger.debug("speckv: request %s keeps %d of %d prompt entries per layer and kv head (draft %.2f s)",
-                 request.request_id, capacity + 1, len(prompt), kept.draft_seconds)
+    logger.debug("speckv: request %s keeps %d of %d prompt entries per layer and kv head (draft %.2f s on %s)",
+                 request.request_id, capacity + 1, len(prompt), kept.draft_seconds, thread)
     report.record("speckv_request", prompt_tokens=len(prompt), kept_per_head=int(kept.mask[0, 0].sum()),
-                  draft_seconds=kept.draft_seconds)
+                  draft_seconds=kept.draft_seconds, drafted_on=thread)
 
 
 class KeptRowsReceiver:

@@ -6,7 +6,8 @@ DIR}}}'``) and ask for a capacity per request (``"vllm_xargs": {"specpc_capacity
 (``InputProcessor.process_inputs``, patch ``vllm.prompt_compression``), a prompt longer than C is replaced by
 the C tokens the draft keeps; the engine, its prefix cache and the response's ``usage.prompt_tokens`` see
 the kept tokens. The draft runs in that process (the API server under ``vllm serve``), on the thread that
-processes requests: while it reads a long prompt, other requests' streams wait (seconds on CPU).
+makes requests: under ``vllm serve``, on afterburner's draft thread before vLLM takes the request
+(``draft_off_loop``), so other requests' streams go on while it reads a long prompt (seconds on CPU).
 
 Offline, before the engine:
 
@@ -141,21 +142,32 @@ def token_prompt(request: Any, key: str) -> list[int]:
     return list(request.prompt_token_ids)
 
 
+def draft_compression(vllm_config: Any, prompt: list[int], capacity: int) -> Compressed | None:
+    """What the server's draft keeps of ``prompt`` at ``capacity`` (None: the prompt fits, no draft runs)."""
+    if len(prompt) <= capacity:
+        return None
+    config = config_of(vllm_config)
+    with DRAFT_LOCK:
+        return compress_ids(loaded_draft(config.specpc.draft), prompt, rule_settings(config.specpc, capacity))
+
+
 def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs: Any) -> None:
-    """After ``InputProcessor.process_inputs``: the request's prompt becomes what the draft keeps."""
+    """After ``InputProcessor.process_inputs``: the request's prompt becomes what the draft keeps (drafted on
+    the draft thread before the request was made, under ``vllm serve``: ``draft_off_loop``)."""
+    from afterburner.plugins.vllm import draft_off_loop
+
     params = request.sampling_params
     capacity = requested_capacity(getattr(params, "extra_args", None))
     if capacity is None:
         return
     prompt = token_prompt(request, REQUEST_KEY)
-    config = config_of(input_processor.vllm_config)
-    if len(prompt) <= capacity:
+    result, thread = draft_off_loop.take("specpc", prompt,
+                                         lambda: draft_compression(input_processor.vllm_config, prompt, capacity))
+    if result is None:
         report.record("specpc_request", prompt_tokens=len(prompt), kept_tokens=len(prompt), draft_seconds=0.0)
         return
-    with DRAFT_LOCK:
-        result = compress_ids(loaded_draft(config.specpc.draft), prompt, rule_settings(config.specpc, capacity))
     request.prompt_token_ids = result.token_ids
-    logger.debug("specpc: request %s kept %d of %d prompt tokens (draft %.2f s)", request.request_id,
-                 len(result.kept), result.prompt_len, result.draft_seconds)
+    logger.debug("specpc: request %s kept %d of %d prompt tokens (draft %.2f s on %s)", request.request_id,
+                 len(result.kept), result.prompt_len, result.draft_seconds, thread)
     report.record("specpc_request", prompt_tokens=result.prompt_len, kept_tokens=len(result.kept),
-                  draft_seconds=result.draft_seconds)
+                  draft_seconds=result.draft_seconds, drafted_on=thread)

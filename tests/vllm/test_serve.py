@@ -97,8 +97,15 @@ def test_awrs_over_the_openai_api_and_a_malformed_constraint_is_a_400_for_that_r
     assert body["usage"]["completion_tokens"] == 3
 
 
+def _drafted_on(report_dir, event: str) -> list[str]:
+    """The threads the API server ran ``event``'s drafts on."""
+    return [e["drafted_on"] for e in report.read_dir(report_dir) if e["event"] == event and "drafted_on" in e]
+
+
 def test_specpc_per_request_over_the_openai_api(served):
-    _, port, _ = served
+    """The prompt the engine sees is what the draft kept; the draft ran on afterburner's draft thread, not on
+    the server's event loop (where it would stall every other request's stream)."""
+    _, port, report_dir = served
     prompt = "Open the file and read every line; return a new list of the words it holds. " * 10
     plain = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0})
     assert plain["usage"]["prompt_tokens"] > 64
@@ -108,12 +115,14 @@ def test_specpc_per_request_over_the_openai_api(served):
     whole = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0,
                                            "vllm_xargs": {"specpc_capacity": 4096}})
     assert whole["usage"] == plain["usage"] and whole["choices"][0]["text"] == plain["choices"][0]["text"]
+    threads = _drafted_on(report_dir, "specpc_request")
+    assert threads and all(name.startswith("afterburner-draft") for name in threads), threads
 
 
 def test_speckv_per_request_over_the_openai_api(served, tiny_model):
     """The choice crosses from the API server to the engine process inside the request; the engine decodes
     over it exactly as the plain-torch reference does."""
-    _, port, _ = served
+    _, port, report_dir = served
     prompt = "Open the file and read every line; return a new list of the words it holds. " * 10
     asked = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
     plain = post(port, "/v1/completions", asked)
@@ -127,6 +136,23 @@ def test_speckv_per_request_over_the_openai_api(served, tiny_model):
     assert kept["choices"][0]["token_ids"] == greedy_with_kept(target.eval(), prompt_ids, mask, 8)
     assert greedy_with_kept(target, prompt_ids, None, 8) == plain["choices"][0]["token_ids"]
     assert kept["choices"][0]["token_ids"] != plain["choices"][0]["token_ids"]  # the choice acted
+    threads = _drafted_on(report_dir, "speckv_request")
+    assert threads and all(name.startswith("afterburner-draft") for name in threads), threads
+
+
+def test_specpc_and_speckv_in_one_request_both_draft_off_the_event_loop(served):
+    """SpecKV chooses within what SpecPC kept: the draft thread drafts both in that order (a SpecKV draft of
+    the uncompressed prompt would not match the request and be drafted again on the loop)."""
+    _, port, report_dir = served
+    prompt = "Each line of the log names a host, a port and a status code for one request. " * 12
+    before = len(_drafted_on(report_dir, "speckv_request"))
+    body = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                          "vllm_xargs": {"specpc_capacity": 96, "speckv_capacity": 48}})
+    assert body["usage"]["prompt_tokens"] == 96 and body["usage"]["completion_tokens"] == 4
+    events = [e for e in report.read_dir(report_dir) if e["event"] == "speckv_request" and "drafted_on" in e][before:]
+    assert [e["prompt_tokens"] for e in events] == [96]
+    assert events[0]["drafted_on"].startswith("afterburner-draft")
+    assert _drafted_on(report_dir, "specpc_request")[-1].startswith("afterburner-draft")
 
 
 # Bad requests over HTTP: each fails alone (400) or ends cleanly; the server stays healthy and answers a

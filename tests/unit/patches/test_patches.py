@@ -81,3 +81,35 @@ def test_moved_or_unverified_targets_fail_loudly_and_touch_nothing(engine_module
     with pytest.raises(PatchError, match=reason):
         patching.apply(_patch(**overrides), lambda *a, **k: None, engine_version=version)
     assert engine_module.Runner.__dict__["step"] is original and patching.applied() == []
+
+
+def test_before_async_hook_is_awaited_before_the_original_coroutine(engine_module):
+    import asyncio
+
+    order = []
+
+    async def step(self, x):
+        order.append("original")
+        return x + 1
+
+    async def hook(runner, x):
+        await asyncio.sleep(0)
+        order.append(("hook", x))
+
+    engine_module.Runner.step = step
+    patching.apply(_patch(when="before_async"), hook, engine_version="1.0")
+    assert asyncio.run(engine_module.Runner().step(4)) == 5
+    assert order == [("hook", 4), "original"]
+
+
+@pytest.mark.parametrize("when", ["before", "after", "before_async"])
+def test_a_patch_refuses_a_target_of_the_other_kind(engine_module, when):
+    """An async hook on a plain method (or a plain one on a coroutine) would never run or never be awaited."""
+    if when != "before_async":
+        async def step(self, x):
+            return x
+
+        engine_module.Runner.step = step
+    with pytest.raises(PatchError, match="coroutine function"):
+        patching.apply(_patch(when=when), lambda *a, **k: None, engine_version="1.0")
+    assert patching.applied() == []
