@@ -10,8 +10,10 @@ Hooks:
 - ``before``: ``hook(*args, **kwargs)``, runs before the original; its return value is ignored.
 - ``after``:  ``hook(result, *args, **kwargs)``, runs after the original; the original's result is
   returned unchanged.
-- ``before_async``: for a coroutine method, ``await hook(*args, **kwargs)`` before awaiting the original (a hook
-  that must not block the engine's event loop hands its work to a thread and awaits it).
+- ``before_async`` / ``after_async``: for a coroutine method, ``await hook(*args, **kwargs)`` before awaiting
+  the original, or ``await hook(result, *args, **kwargs)`` after it (the result returned unchanged, though
+  the hook may change it in place); a hook that must not block the engine's event loop hands its work to a
+  thread and awaits it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Patch:
     name: str
     target: str  # "package.module:Class.method"
     verified_on: str  # PEP 440 specifier over the engine's release version
-    when: Literal["before", "after", "before_async"]
+    when: Literal["before", "after", "before_async", "after_async"]
     # Parameter names the target must have; a rename upstream fails loudly instead of misbehaving.
     expects_params: tuple[str, ...] = ()
 
@@ -84,6 +86,14 @@ def _wrap(patch: Patch, original: Callable, hook: Callable) -> Callable:
             await hook(*args, **kwargs)
             return await original(*args, **kwargs)
 
+    elif patch.when == "after_async":
+
+        @functools.wraps(original)
+        async def wrapper(*args, **kwargs):
+            result = await original(*args, **kwargs)
+            await hook(result, *args, **kwargs)
+            return result
+
     elif patch.when == "before":
 
         @functools.wraps(original)
@@ -117,9 +127,10 @@ def apply(patch: Patch, hook: Callable, *, engine_version: str) -> None:
     if isinstance(original, (staticmethod, classmethod)):
         raise PatchError(f"{patch.target} is a {type(original).__name__}; only plain methods are supported")
     _check_signature(patch, original)
-    if (patch.when == "before_async") != inspect.iscoroutinefunction(original):
-        raise PatchError(f"{patch.target} is {'not ' * (patch.when == 'before_async')}a coroutine function; "
-                         f"a {patch.when!r} patch cannot wrap it")
+    is_async = patch.when.endswith("_async")
+    if is_async != inspect.iscoroutinefunction(original):
+        raise PatchError(f"{patch.target} is {'not ' * is_async}a coroutine function; a {patch.when!r} patch "
+                         "cannot wrap it")
     setattr(owner, attr, _wrap(patch, original, hook))
     _applied[patch.name] = _Applied(patch, owner, attr, original)
 

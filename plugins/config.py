@@ -189,9 +189,10 @@ SPECPC_REQUEST_KEY = "specpc_capacity"
 
 
 class PromptCompressionSettings(_Settings):
-    """SpecPC per request (vLLM: ``vllm_xargs: {"specpc_capacity": C}``): a draft model reads each such
-    prompt and the engine gets the C tokens it keeps (``spec_decode/draft/specpc.py``; defaults: the paper
-    code's). The draft runs in the process that takes requests (``vllm serve``'s API server)."""
+    """SpecPC per request (vLLM: ``vllm_xargs: {"specpc_capacity": C}``; SGLang: ``custom_params``): a draft
+    model reads each such prompt and the engine gets the C tokens it keeps (``spec_decode/draft/specpc.py``;
+    defaults: the paper code's). The draft runs in the process that takes requests (``vllm serve``'s API
+    server, SGLang's tokenizer manager), on afterburner's draft thread."""
 
     draft: str | None = Field(None, description="draft model folder sharing the target's tokenizer (`afterburner "
                               "models draft`); None: requests asking for SpecPC are refused")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from afterburner.patches.sglang_check_server_args import CHECK_SERVER_ARGS
+from afterburner.patches.sglang_prompt_compression import BATCH_PROMPT_COMPRESSION, PROMPT_COMPRESSION
 from afterburner.plugins import report
-from afterburner.plugins.config import ConfigError, from_env
+from afterburner.plugins.config import SPECPC_REQUEST_KEY, ConfigError, from_env
 from afterburner.plugins.sglang import attention
 
 
@@ -28,7 +29,21 @@ def check_server_args(server_args: Any, *_args: Any, **_kwargs: Any) -> None:
     cannot run. Uncaught, it prints as one line (``guard`` installs that)."""
     config = from_env()
     attention.check_flags(server_args, config)
+    from afterburner.plugins.sglang import specpc
+
+    specpc.check_startup(server_args, config)
     report.record("config", engine="sglang", where="check_server_args", config=config.model_dump())
 
 
-HOOKS = {CHECK_SERVER_ARGS.name: check_server_args}
+async def compress_prompts(result: Any, *args: Any, **kwargs: Any) -> None:
+    """After the tokenizer manager made a request (or a batch): SpecPC for those that ask."""
+    tokenized = result if isinstance(result, list) else [result]
+    if any(SPECPC_REQUEST_KEY in (getattr(getattr(t, "sampling_params", None), "custom_params", None) or {})
+           for t in tokenized):  # the common request imports nothing
+        from afterburner.plugins.sglang import specpc
+
+        await specpc.on_tokenized(result, *args, **kwargs)
+
+
+HOOKS = {CHECK_SERVER_ARGS.name: check_server_args, PROMPT_COMPRESSION.name: compress_prompts,
+         BATCH_PROMPT_COMPRESSION.name: compress_prompts}

@@ -7,7 +7,7 @@ token prompt, which vLLM turns into an engine request synchronously, on the even
 draft thread while the loop keeps serving; the result waits in the request's task context, and the
 ``vllm.prompt_compression`` hook (``specpc`` / ``speckv.on_process_inputs``) takes it instead of drafting
 again. Elsewhere (``LLM.generate``, raw prompts that vLLM already processes on its renderer's threads) the
-hook drafts where it runs, as before. Drafts run one at a time (``specpc.DRAFT_LOCK``). What runs, in which
+hook drafts where it runs, as before. Drafts run one at a time (``draft_requests``). What runs, in which
 order, is ``speckv.request_drafts``; this module only moves it off the loop.
 """
 
@@ -17,14 +17,13 @@ import asyncio
 import contextvars
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from afterburner.plugins import report
+from afterburner.plugins.draft_requests import DRAFT_EXECUTOR
 from afterburner.plugins.log import get_logger
 
 logger = get_logger(__name__)
-_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afterburner-draft")
 # method -> (the prompt it read, the result or the exception it raised, the thread it ran on): ``drafts``' result
 _READY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("afterburner_drafted", default=None)
 _warned_mismatch = False
@@ -45,7 +44,7 @@ async def before_add_request(engine: Any, request_id: str, prompt: Any, params: 
     except ValueError:
         return
     ids = list(prompt["prompt_token_ids"])
-    _READY.set(await asyncio.get_running_loop().run_in_executor(_EXECUTOR, drafts, engine.vllm_config, ids, extra))
+    _READY.set(await asyncio.get_running_loop().run_in_executor(DRAFT_EXECUTOR, drafts, engine.vllm_config, ids, extra))
 
 
 def take(method: str, prompt: list[int], draft: Callable[[], Any]) -> tuple[Any, str]:

@@ -25,6 +25,7 @@ import torch
 
 from afterburner.plugins import report
 from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY, ConfigError
+from afterburner.plugins.draft_requests import DRAFT_LOCK, loaded_draft
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import specpc
 from afterburner.plugins.vllm.config_access import config_of
@@ -99,8 +100,8 @@ def draft_choice(vllm_config: Any, prompt: list[int], capacity: int):
     settings = rule_settings(config, capacity)
     if settings.keeps_all(len(prompt)):
         return None
-    with specpc.DRAFT_LOCK:
-        return speckv_keep(specpc.loaded_draft(config.attention.speckv.draft), prompt, settings,
+    with DRAFT_LOCK:
+        return speckv_keep(loaded_draft(config.attention.speckv.draft), prompt, settings,
                            target_layers=vllm_config.model_config.hf_config.num_hidden_layers)
 
 

@@ -23,33 +23,20 @@ engine exactly the tokens it would have made itself.
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from afterburner.plugins import report
+from afterburner.plugins import draft_requests, report
 from afterburner.plugins.config import SPECPC_REQUEST_KEY as REQUEST_KEY
-from afterburner.plugins.config import ConfigError, PromptCompressionSettings
+from afterburner.plugins.draft_requests import check_draft_folder, compress_served, loaded_draft, specpc_rule
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.spec_decode.draft.specpc import SpecPCSettings
-from afterburner.spec_decode.draft.specpc_draft import Compressed, Draft, compress_ids, load_draft
+from afterburner.spec_decode.draft.specpc_draft import Compressed, compress_ids
 
 logger = get_logger(__name__)
-_drafts: dict[Path, Draft] = {}  # loaded drafts by resolved folder: loading costs seconds
-DRAFT_LOCK = threading.Lock()  # one draft run at a time (request threads share drafts; SpecKV too)
-
-
-def loaded_draft(draft_dir: str | Path) -> Draft:
-    """This process's draft from ``draft_dir`` (loaded at first use; said once)."""
-    path = Path(draft_dir).resolve()
-    if path not in _drafts:
-        logger.info("afterburner: loading the draft %s (first request that asks for it)", path)
-        _drafts[path] = load_draft(path)
-    return _drafts[path]
 
 
 def compress(draft_dir: str | Path, prompts: Sequence[str | Sequence[int] | dict], capacity: int,
@@ -87,34 +74,13 @@ def check_engine(vllm_config: Any) -> None:
 
 def draft_config(folder: str | Path, vllm_config: Any, *, where: str) -> dict:
     """A draft folder's config.json, checked against the served model's vocabulary (``ConfigError``)."""
-    folder = Path(folder)
-    try:
-        draft = json.loads((folder / "config.json").read_text())
-        vocab = draft["vocab_size"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{where}: {folder} is not a model folder with a config.json naming vocab_size "
-                          f"({type(exc).__name__}: {exc}); build one with `afterburner models draft`") from None
     target = getattr(getattr(vllm_config.model_config, "hf_config", None), "vocab_size", None)
-    if target is not None and vocab != target:
-        raise ConfigError(f"{where}: the draft's vocabulary has {vocab} tokens, the served model's {target}: the "
-                          "draft must share the model's tokenizer")
-    return draft
+    return check_draft_folder(folder, target, where=where)
 
 
 def requested_capacity(extra_args: Mapping[str, Any] | None, key: str = REQUEST_KEY) -> int | None:
     """The request's capacity under ``key`` (None: it asks for none); ``ValueError`` when not an integer."""
-    if not extra_args or key not in extra_args:
-        return None
-    capacity = extra_args[key]
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise ValueError(f"afterburner: vllm_xargs {key} must be an integer (prompt tokens to keep), "
-                         f"got {capacity!r:.60}")
-    return capacity
-
-
-def rule_settings(settings: PromptCompressionSettings, capacity: int) -> SpecPCSettings:
-    fields = settings.model_dump(exclude={"draft"})
-    return SpecPCSettings(capacity=capacity, **fields)
+    return draft_requests.requested_capacity(extra_args, key, channel="vllm_xargs")
 
 
 def check_request(input_processor: Any, params: Any) -> None:
@@ -128,7 +94,7 @@ def check_request(input_processor: Any, params: Any) -> None:
         raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} needs a server started with a SpecPC draft "
                          "(--additional-config '{\"afterburner\": {\"specpc\": {\"draft\": DIR}}}')")
     try:
-        rule_settings(config.specpc, capacity)
+        specpc_rule(config.specpc, capacity)
     except ValueError as exc:
         raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY}: {exc}") from None
 
@@ -144,11 +110,7 @@ def token_prompt(request: Any, key: str) -> list[int]:
 
 def draft_compression(vllm_config: Any, prompt: list[int], capacity: int) -> Compressed | None:
     """What the server's draft keeps of ``prompt`` at ``capacity`` (None: the prompt fits, no draft runs)."""
-    if len(prompt) <= capacity:
-        return None
-    config = config_of(vllm_config)
-    with DRAFT_LOCK:
-        return compress_ids(loaded_draft(config.specpc.draft), prompt, rule_settings(config.specpc, capacity))
+    return compress_served(config_of(vllm_config).specpc, prompt, capacity)
 
 
 def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs: Any) -> None:

@@ -26,13 +26,18 @@ pytest.importorskip("sglang")
 def engine(tiny_model, tmp_path_factory):
     """One Engine for the session (~50-60 s to start on 2 cores: the scheduler and detokenizer each
     import sglang). The report dir and config are set only while it starts: its subprocesses inherit
-    them, and later tests in this process do not write there."""
+    them, and later tests in this process do not write there. The tiny model is its own SpecPC draft
+    (requests that do not ask for SpecPC never load it)."""
+    import json
+
     import sglang
 
     report_dir = tmp_path_factory.mktemp("report")
+    config = json.loads(AFTERBURNER_CONFIG)
+    config["afterburner"]["specpc"] = {"draft": str(tiny_model), "window": 16, "kernel": 8, "neighbours": 4}
     with pytest.MonkeyPatch.context() as env:
         env.setenv(report.REPORT_DIR_ENV, str(report_dir))
-        env.setenv("AFTERBURNER_CONFIG", AFTERBURNER_CONFIG)
+        env.setenv("AFTERBURNER_CONFIG", json.dumps(config))
         env.delenv("AFTERBURNER_DISABLE", raising=False)
         started = sglang.Engine(model_path=str(tiny_model), **ENGINE_KWARGS)
     yield started, report_dir

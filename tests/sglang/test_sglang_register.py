@@ -21,10 +21,13 @@ pytestmark = pytest.mark.sglang
 @pytest.fixture
 def stock(monkeypatch):
     """This process as if register() had never run here (the session engine's may have): SGLang's
-    original method, an empty patch table, our flag unset. Everything comes back afterwards."""
-    original = ServerArgs.__dict__["check_server_args"]
-    stock_method = getattr(original, "__wrapped__", original)
-    monkeypatch.setattr(ServerArgs, "check_server_args", stock_method)
+    original methods, an empty patch table, our flag unset. Everything comes back afterwards. Yields the
+    original ``check_server_args``."""
+    for patch in SGLANG_PATCHES:
+        owner, attr = patching._resolve(patch.target)
+        original = owner.__dict__[attr]
+        monkeypatch.setattr(owner, attr, getattr(original, "__wrapped__", original))
+    stock_method = ServerArgs.__dict__["check_server_args"]
     monkeypatch.setattr(patching, "_applied", {})
     monkeypatch.setattr(adapter, "_active", None)
     monkeypatch.delenv("AFTERBURNER_DISABLE", raising=False)
@@ -91,9 +94,9 @@ def test_unsupported_sglang_registers_nothing(stock, monkeypatch, log_lines):
 
 
 def test_moved_target_registers_nothing(stock, monkeypatch, log_lines):
-    (patch,) = SGLANG_PATCHES
+    patch, *others = SGLANG_PATCHES
     moved = patching.Patch(**{**patch.__dict__, "target": "sglang.srt.server_args:ServerArgs.check_args"})
-    monkeypatch.setattr(adapter, "SGLANG_PATCHES", (moved,))
+    monkeypatch.setattr(adapter, "SGLANG_PATCHES", (moved, *others))
     since = time.time()
     adapter.register()
     _assert_registered_nothing(stock, log_lines, since, "ServerArgs.check_args is missing")

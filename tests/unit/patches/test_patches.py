@@ -102,10 +102,25 @@ def test_before_async_hook_is_awaited_before_the_original_coroutine(engine_modul
     assert order == [("hook", 4), "original"]
 
 
-@pytest.mark.parametrize("when", ["before", "after", "before_async"])
+def test_after_async_hook_sees_the_awaited_result_and_may_change_it_in_place(engine_module):
+    import asyncio
+
+    async def step(self, x):
+        return {"ids": list(range(x))}
+
+    async def hook(result, runner, x):
+        await asyncio.sleep(0)
+        result["ids"] = result["ids"][-2:]
+
+    engine_module.Runner.step = step
+    patching.apply(_patch(when="after_async"), hook, engine_version="1.0")
+    assert asyncio.run(engine_module.Runner().step(5)) == {"ids": [3, 4]}
+
+
+@pytest.mark.parametrize("when", ["before", "after", "before_async", "after_async"])
 def test_a_patch_refuses_a_target_of_the_other_kind(engine_module, when):
     """An async hook on a plain method (or a plain one on a coroutine) would never run or never be awaited."""
-    if when != "before_async":
+    if not when.endswith("_async"):
         async def step(self, x):
             return x
 

@@ -1,0 +1,75 @@
+"""What serving a draft model per request needs in either engine (SpecPC on vLLM and SGLang, SpecKV on vLLM):
+the draft folder's startup check, each process's loaded drafts, one draft run at a time on afterburner's draft
+thread, and a request's capacity as the request gives it (vLLM: ``vllm_xargs``; SGLang: ``custom_params``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from afterburner.plugins.config import ConfigError, PromptCompressionSettings
+from afterburner.plugins.log import get_logger
+from afterburner.spec_decode.draft.specpc import SpecPCSettings
+from afterburner.spec_decode.draft.specpc_draft import Draft, load_draft
+
+logger = get_logger(__name__)
+_drafts: dict[Path, Draft] = {}  # loaded drafts by resolved folder: loading costs seconds
+DRAFT_LOCK = threading.Lock()  # one draft run at a time (request threads share drafts)
+# Where served requests' drafts run, so an engine's event loop awaits them instead of running them.
+DRAFT_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afterburner-draft")
+
+
+def loaded_draft(draft_dir: str | Path) -> Draft:
+    """This process's draft from ``draft_dir`` (loaded at first use; said once)."""
+    path = Path(draft_dir).resolve()
+    if path not in _drafts:
+        logger.info("afterburner: loading the draft %s (first request that asks for it)", path)
+        _drafts[path] = load_draft(path)
+    return _drafts[path]
+
+
+def check_draft_folder(folder: str | Path, target_vocab: int | None, *, where: str) -> dict:
+    """A draft folder's config.json, checked against the served model's vocabulary (``ConfigError``)."""
+    folder = Path(folder)
+    try:
+        draft = json.loads((folder / "config.json").read_text())
+        vocab = draft["vocab_size"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{where}: {folder} is not a model folder with a config.json naming vocab_size "
+                          f"({type(exc).__name__}: {exc}); build one with `afterburner models draft`") from None
+    if target_vocab is not None and vocab != target_vocab:
+        raise ConfigError(f"{where}: the draft's vocabulary has {vocab} tokens, the served model's {target_vocab}: "
+                          "the draft must share the model's tokenizer")
+    return draft
+
+
+def requested_capacity(params: Mapping[str, Any] | None, key: str, *, channel: str) -> int | None:
+    """The request's capacity under ``key`` of its ``channel`` (None: it asks for none); ``ValueError`` when
+    not an integer."""
+    if not params or key not in params:
+        return None
+    capacity = params[key]
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise ValueError(f"afterburner: {channel} {key} must be an integer (prompt tokens to keep), "
+                         f"got {capacity!r:.60}")
+    return capacity
+
+
+def specpc_rule(settings: PromptCompressionSettings, capacity: int) -> SpecPCSettings:
+    """The SpecPC rule a request's capacity asks for, with the server's settings (``ValueError``: a bad one)."""
+    return SpecPCSettings(capacity=capacity, **settings.model_dump(exclude={"draft"}))
+
+
+def compress_served(settings: PromptCompressionSettings, prompt: list[int], capacity: int):
+    """What the server's SpecPC draft keeps of ``prompt`` (``Compressed``; None: the prompt fits)."""
+    from afterburner.spec_decode.draft.specpc_draft import compress_ids
+
+    if len(prompt) <= capacity:
+        return None
+    with DRAFT_LOCK:
+        return compress_ids(loaded_draft(settings.draft), prompt, specpc_rule(settings, capacity))
