@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from afterburner.plugins import draft_requests, report
-from afterburner.plugins.config import SPECPC_REQUEST_KEY, AfterburnerConfig
+from afterburner.plugins.config import SPECPC_REQUEST_KEY, AfterburnerConfig, from_env
 from afterburner.plugins.log import get_logger
 
 logger = get_logger(__name__)
@@ -53,11 +53,17 @@ async def on_tokenized(result: Any, manager: Any, *_args: Any, **_kwargs: Any) -
         custom = getattr(getattr(tokenized, "sampling_params", None), "custom_params", None)
         capacity = draft_requests.requested_capacity(custom, SPECPC_REQUEST_KEY, channel=CHANNEL)
         if capacity is not None:
-            await _compress(tokenized, getattr(manager.server_args, _CONFIG_ATTR, None), capacity)
+            await _compress(tokenized, _startup_config(manager.server_args), capacity)
 
 
-async def _compress(tokenized: Any, config: AfterburnerConfig | None, capacity: int) -> None:
-    if config is None or not config.enabled or not config.specpc.draft:
+def _startup_config(server_args: Any) -> AfterburnerConfig:
+    """The config ``check_server_args`` read; a tokenizer worker process of its own (``--tokenizer-worker-num``)
+    reads the environment it inherited (checked at startup by the main process)."""
+    return getattr(server_args, _CONFIG_ATTR, None) or from_env()
+
+
+async def _compress(tokenized: Any, config: AfterburnerConfig, capacity: int) -> None:
+    if not config.enabled or not config.specpc.draft:
         raise ValueError(f"afterburner: {CHANNEL} {SPECPC_REQUEST_KEY} needs a server started with a SpecPC draft "
                          "(AFTERBURNER_CONFIG='{\"specpc\": {\"draft\": DIR}}')")
     try:
