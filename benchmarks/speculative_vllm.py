@@ -96,6 +96,9 @@ CONFIGS = {
         ("fixed 3 drafts, draft vocab 4096", 3, {"speculative": {"stop_threshold": 0.0, "draft_vocab": 4096}}, 0.0),
         ("up to 4, stop at 0.3, draft vocab 4096", 4, {"speculative": {"stop_threshold": 0.3, "draft_vocab": 4096}},
          0.0),
+        # the first draft always kept (speculative.min_drafts): the stop head decides from the second on
+        *[(f"up to 4, stop at {p} after at least 1, draft vocab 4096", 4,
+           {"speculative": {"stop_threshold": p, "min_drafts": 1, "draft_vocab": 4096}}, 0.0) for p in (0.2, 0.4, 0.6)],
         # the stop head never lets a draft through: what a step pays for the features and the first micro-step
         ("up to 4, stop at 1.0 (drafts nothing), draft vocab 4096", 4,
          {"speculative": {"stop_threshold": 1.0, "draft_vocab": 4096}}, 0.0),

@@ -182,6 +182,10 @@ class SpeculativeSettings(_Settings):
                                          "draft length); None: the drafter's own (config.json). vLLM's "
                                          "draft_model: set, afterburner cuts each chain before its first token "
                                          "of draft probability below this; None: vLLM's own proposer")
+    min_drafts: int = Field(0, ge=0, description="micro-step drafter (vLLM): the first N drafts of each step are "
+                            "kept whatever the stop head says (the first micro-step is paid for anyway, and one more "
+                            "verified token costs little where verification is memory-bound); 0: the stop head may "
+                            "cut before the first draft")
 
 
 # The per-request field that asks for SpecPC (vLLM: vllm_xargs / SamplingParams.extra_args).

@@ -29,6 +29,9 @@ def check_server_args(server_args: Any, *_args: Any, **_kwargs: Any) -> None:
     cannot run. Uncaught, it prints as one line (``guard`` installs that)."""
     config = from_env()
     attention.check_flags(server_args, config)
+    if "min_drafts" in config.speculative.model_fields_set:
+        raise ConfigError("afterburner.speculative.min_drafts: vLLM's micro-step drafter only (SGLang's "
+                          "AFTERBURNER_HAMBURGER cuts where its stop head says)")
     from afterburner.plugins.sglang import specpc
 
     specpc.check_startup(server_args, config)

@@ -47,6 +47,7 @@ class HamburgerProposer:
         self.feature_layers = tuple(self.config.feature_layers)  # the runner collects these (aux hidden states)
         self.stop_threshold = self.config.stop_threshold if settings.stop_threshold is None else settings.stop_threshold
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.min_drafts = settings.min_drafts
         self.draft_vocab = settings.draft_vocab
         self.features: torch.Tensor | None = None  # [num_reqs, F, H]: set by the runner hook each step
         self.has_features: list[bool] = []
@@ -85,7 +86,7 @@ class HamburgerProposer:
     def draft_rows(self, features: torch.Tensor, last: torch.Tensor) -> list[list[int]]:
         """A chain per row (features [R, F, H], last tokens [R]), cut by the stop head."""
         proposed = self.drafter.draft(features, last, max_tokens=self.num_speculative_tokens,
-                                      stop_threshold=self.stop_threshold)
+                                      stop_threshold=self.stop_threshold, min_tokens=self.min_drafts)
         stats.SPECULATION.count_proposals([len(tokens) for tokens in proposed], self.num_speculative_tokens)
         return proposed
 
@@ -109,6 +110,9 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
     elif num > drafter.max_micro_steps:
         raise ConfigError(f"speculative_config.num_speculative_tokens: {num} is more than the drafter's "
                           f"max_micro_steps {drafter.max_micro_steps}")
+    elif config.speculative.min_drafts > num:
+        raise ConfigError(f"afterburner.speculative.min_drafts: {config.speculative.min_drafts} is more than the "
+                          f"{num} drafts a step may have (num_speculative_tokens)")
     extra = sorted(set(spec) - {"method", "model", "num_speculative_tokens"})
     if extra:
         raise ConfigError(f"speculative_config: {extra} not supported with method 'hamburger' (give method, model "
@@ -126,9 +130,10 @@ def _check_tree(config: AfterburnerConfig, num: int, max_micro_steps: int) -> No
     """A tree of ``num`` nodes that the drafter's micro-steps can fill; the stop head does not cut trees."""
     from afterburner.spec_decode.draft.draft_tree import draft_tree
 
-    if config.speculative.stop_threshold is not None:
-        raise ConfigError("afterburner.speculative.stop_threshold: a token tree has a fixed shape (the stop head "
-                          "cuts chains); drop stop_threshold or set tree to \"chain\"")
+    for key in ("stop_threshold", "min_drafts"):
+        if key in config.speculative.model_fields_set:
+            raise ConfigError(f"afterburner.speculative.{key}: a token tree has a fixed shape (the stop head cuts "
+                              f"chains); drop {key} or set tree to \"chain\"")
     try:
         tree = draft_tree(config.speculative.tree, num)
     except ValueError as exc:

@@ -68,6 +68,10 @@ def check_speculative_config(engine_args: Any, *_args: Any, **_kwargs: Any) -> N
     spec = dict(engine_args.speculative_config or {})
     method = spec.get("method") or getattr(engine_args, "spec_method", None)
     config = config_of(engine_args)
+    if config.enabled and "min_drafts" in config.speculative.model_fields_set and method != "hamburger":
+        raise ConfigError(f"afterburner.speculative.min_drafts: only the micro-step drafter (method 'hamburger') "
+                          f"keeps a minimum of drafts before its stop head; this engine runs {method or 'no'} "
+                          "speculation")
     if method in proposers.PROPOSERS and config.enabled:
         proposers.config_check(method)(spec, config, engine_args)
 

@@ -277,10 +277,11 @@ class MicroStepDrafter(nn.Module):
 
     @torch.no_grad()
     def draft(self, features: torch.Tensor, last_tokens: torch.Tensor, *, max_tokens: int,
-              stop_threshold: float | None) -> list[list[int]]:
+              stop_threshold: float | None, min_tokens: int = 0) -> list[list[int]]:
         """Greedy drafts per row, features [B, F, H_base], last_tokens [B] (x_{t+1}): drafted token j is
-        kept iff p_continue_j >= stop_threshold (None or 0: always, exactly max_tokens); a row ends at its
-        first rejection (0 tokens possible). Rows stop independently; the batch runs until all have."""
+        kept iff j < min_tokens or p_continue_j >= stop_threshold (None or 0: always, exactly max_tokens); a
+        row ends at its first rejection (0 tokens possible without ``min_tokens``). Rows stop independently;
+        the batch runs until all have."""
         if not 0 <= max_tokens <= self.config.max_micro_steps:
             raise ValueError(f"draft: max_tokens must be in 0..max_micro_steps={self.config.max_micro_steps}, "
                              f"got {max_tokens}")
@@ -288,14 +289,14 @@ class MicroStepDrafter(nn.Module):
         alive = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         lengths = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         feature_input = self._feature_input(self._checked(features))
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
             # no cache: recompute all micro-steps (at most max_micro_steps positions); causal, so earlier
             # micro-steps come out as before
             logits, p_continue = self.heads(self._states(feature_input, tokens)[:, -1], stop=bool(stop_threshold))
             drafted = logits.argmax(-1)  # [B]
             if self.vocab_ids is not None:
                 drafted = self.vocab_ids[drafted]
-            if stop_threshold:
+            if stop_threshold and step >= min_tokens:
                 alive &= p_continue >= stop_threshold
             lengths += alive.long()
             if not alive.any():

@@ -52,10 +52,11 @@ def check_feature_layers(drafter: MicroStepDrafter, num_base_layers: int) -> Non
 
 def speculative_step(model, drafter: MicroStepDrafter, ids: torch.Tensor, features: torch.Tensor, *,
                      temperature: float, generator: torch.Generator | None, max_tokens: int,
-                     stop_threshold: float | None) -> tuple[list[int], int, torch.Tensor]:
+                     stop_threshold: float | None, min_tokens: int = 0) -> tuple[list[int], int, torch.Tensor]:
     """One step from ids [L] and features [F, H] (at position L-2): (emitted tokens, accepted drafts,
     the features at the last emitted token's predecessor)."""
-    drafts = drafter.draft(features[None], ids[-1:], max_tokens=max_tokens, stop_threshold=stop_threshold)[0]
+    drafts = drafter.draft(features[None], ids[-1:], max_tokens=max_tokens, stop_threshold=stop_threshold,
+                           min_tokens=min_tokens)[0]
     logits, all_features = base_forward(model, torch.cat([ids, torch.tensor(drafts, dtype=torch.long)]),
                                         drafter.config.feature_layers)
     node_logits = logits[ids.numel() - 1:]  # [1 + len(drafts), V]: root, then each draft
@@ -85,10 +86,12 @@ def tree_step(model, drafter: MicroStepDrafter, tree: TokenTree, ids: torch.Tens
 def speculative_generate(base, drafter: MicroStepDrafter, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                          temperature: float = 0.0, generator: torch.Generator | None = None, max_tokens: int = 4,
                          stop_threshold: float | None | Literal["config"] = "config",
-                         eos_token_id: int | None = None, tree: TokenTree | None = None) -> tuple[list[int], list[int]]:
+                         eos_token_id: int | None = None, tree: TokenTree | None = None,
+                         min_tokens: int = 0) -> tuple[list[int], list[int]]:
     """(new tokens, drafts accepted per step) after prompt_ids [L >= 1]: at most max_new_tokens (the last
     step's surplus is dropped), stopping after ``eos_token_id`` if given. ``stop_threshold`` "config" uses
-    drafter.config.stop_threshold; None never stops a draft early. ``drafter`` must be attached to the
+    drafter.config.stop_threshold; None never stops a draft early; the first ``min_tokens`` drafts of a step
+    are kept whatever the stop head says. ``drafter`` must be attached to the
     base's embedding and LM head. The prompt's first token is decoded by the base alone (no features yet).
     ``tree``: draft a token tree each step (``tree_step``; the stop head is not used)."""
     check_feature_layers(drafter, base.config.num_hidden_layers)
@@ -105,7 +108,7 @@ def speculative_generate(base, drafter: MicroStepDrafter, prompt_ids: torch.Tens
         else:
             emitted, length, features = speculative_step(base, drafter, ids, features, temperature=temperature,
                                                          generator=generator, max_tokens=max_tokens,
-                                                         stop_threshold=threshold)
+                                                         stop_threshold=threshold, min_tokens=min_tokens)
         ids = torch.cat([ids, torch.tensor(emitted)])
         new += emitted
         lengths.append(length)

@@ -66,7 +66,7 @@ class OracleDrafter(MicroStepDrafter):
             self.features = base_forward(model, ids, feature_layers)[1]  # [T, F, H]
 
     @torch.no_grad()
-    def draft(self, features, last_tokens, *, max_tokens, stop_threshold):
+    def draft(self, features, last_tokens, *, max_tokens, stop_threshold, min_tokens=0):
         rows = []
         for row in features:
             t = int(((self.features - row) ** 2).flatten(1).sum(1).argmin())  # the position of these features
@@ -103,5 +103,5 @@ class FixedDrafter(MicroStepDrafter):
         super().__init__(config)
         self.tokens = tokens
 
-    def draft(self, features, last_tokens, *, max_tokens, stop_threshold):
+    def draft(self, features, last_tokens, *, max_tokens, stop_threshold, min_tokens=0):
         return [list(self.tokens[:max_tokens]) for _ in range(features.shape[0])]

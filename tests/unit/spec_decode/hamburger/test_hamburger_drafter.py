@@ -86,6 +86,14 @@ def test_draft_lengths_follow_the_stop_head():
         assert drafts[row] == full[row][:lengths[row]]
         assert drafts[row] == greedy_loop(drafter, features[row], last[row], 4, threshold)
 
+    # min_tokens: the first N drafts stay whatever the stop head says, the rule cuts from the next one
+    for least in (1, 2):
+        kept = drafter.draft(features, last, max_tokens=4, stop_threshold=threshold, min_tokens=least)
+        for row in range(8):
+            below = [j for j in (p[row] < threshold).nonzero().flatten().tolist() if j >= least]
+            assert kept[row] == full[row][:below[0] if below else 4]
+    assert drafter.draft(features, last, max_tokens=4, stop_threshold=1.01, min_tokens=1) == [d[:1] for d in full]
+
 
 def test_an_engines_linear_drafts_what_torch_drafts():
     """attach_base(linear=...) as the engines call it: the LM head and fc_in's feature / token halves go
