@@ -129,26 +129,19 @@ def test_sampling_runs(tiny_model, random_drafter):
 def test_bad_settings_stop_startup_with_one_line(tiny_model, random_drafter, tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
-    def start(spec):
-        args = EngineArgs(model=str(tiny_model), speculative_config=spec, enforce_eager=True)
+    def start(spec, speculative=None):
+        args = EngineArgs(model=str(tiny_model), speculative_config=spec, enforce_eager=True,
+                          additional_config={"afterburner": {"speculative": speculative or {}}})
         args.create_engine_config()
 
+    two = {"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 2}
     with pytest.raises(ConfigError, match="micro-step drafter folder .* does not exist"):
         start({"method": "hamburger", "model": str(tmp_path / "missing"), "num_speculative_tokens": 2})
     with pytest.raises(ConfigError, match="more than the drafter's max_micro_steps 4"):
         start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 6})
     with pytest.raises(ConfigError, match="has no draft_vocab.safetensors"):
-        args = EngineArgs(model=str(tiny_model), enforce_eager=True,
-                          speculative_config={"method": "hamburger", "model": str(random_drafter),
-                                              "num_speculative_tokens": 2},
-                          additional_config={"afterburner": {"speculative": {"draft_vocab": 64}}})
-        args.create_engine_config()
+        start(two, {"draft_vocab": 64})
     with pytest.raises(ConfigError, match="min_drafts: 3 is more than the 2 drafts"):
-        args = EngineArgs(model=str(tiny_model), enforce_eager=True,
-                          speculative_config={"method": "hamburger", "model": str(random_drafter),
-                                              "num_speculative_tokens": 2},
-                          additional_config={"afterburner": {"speculative": {"min_drafts": 3}}})
-        args.create_engine_config()
+        start(two, {"min_drafts": 3})
     with pytest.raises(ConfigError, match=r"\['draft_tensor_parallel_size'\] not supported"):
-        start({"method": "hamburger", "model": str(random_drafter), "num_speculative_tokens": 2,
-               "draft_tensor_parallel_size": 1})
+        start({**two, "draft_tensor_parallel_size": 1})
