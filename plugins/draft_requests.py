@@ -15,7 +15,7 @@ from typing import Any
 from afterburner.plugins.config import ConfigError, PromptCompressionSettings
 from afterburner.plugins.log import get_logger
 from afterburner.spec_decode.draft.specpc import SpecPCSettings
-from afterburner.spec_decode.draft.specpc_draft import Draft, load_draft
+from afterburner.spec_decode.draft.specpc_draft import Compressed, Draft, compress_ids, load_draft
 
 logger = get_logger(__name__)
 _drafts: dict[Path, Draft] = {}  # loaded drafts by resolved folder: loading costs seconds
@@ -65,10 +65,8 @@ def specpc_rule(settings: PromptCompressionSettings, capacity: int) -> SpecPCSet
     return SpecPCSettings(capacity=capacity, **settings.model_dump(exclude={"draft"}))
 
 
-def compress_served(settings: PromptCompressionSettings, prompt: list[int], capacity: int):
-    """What the server's SpecPC draft keeps of ``prompt`` (``Compressed``; None: the prompt fits)."""
-    from afterburner.spec_decode.draft.specpc_draft import compress_ids
-
+def compress_served(settings: PromptCompressionSettings, prompt: list[int], capacity: int) -> Compressed | None:
+    """What the server's SpecPC draft keeps of ``prompt`` (None: the prompt fits)."""
     if len(prompt) <= capacity:
         return None
     with DRAFT_LOCK:

@@ -109,18 +109,19 @@ def request_drafts(vllm_config: Any, prompt: list[int], extra: Mapping[str, Any]
     """A served request's drafts in the hook's order, SpecPC then SpecKV on what SpecPC kept, as
     ``draft_off_loop`` keeps them: method -> (the prompt it read, its result or the exception it raised, the
     thread it ran on)."""
-    ready, thread = {}, threading.current_thread().name
+    ready, thread, method = {}, threading.current_thread().name, "specpc"
     try:
         capacity = specpc.requested_capacity(extra)
         if capacity is not None:
             compressed = specpc.draft_compression(vllm_config, prompt, capacity)
             ready["specpc"] = (prompt, compressed, thread)
             prompt = compressed.token_ids if compressed is not None else prompt
+        method = "speckv"
         capacity = specpc.requested_capacity(extra, SPECKV_REQUEST_KEY)
         if capacity is not None:
             ready["speckv"] = (prompt, draft_choice(vllm_config, prompt, capacity), thread)
     except Exception as exc:  # noqa: BLE001 - raised again where vLLM makes the request, which answers it
-        ready["speckv" if "specpc" in ready else "specpc"] = (prompt, exc, thread)
+        ready[method] = (prompt, exc, thread)  # the method whose hook takes it
     return ready
 
 

@@ -57,3 +57,13 @@ def test_the_packed_choice_round_trips(shape):
     packed = speckv.pack(mask)
     assert isinstance(packed["bits"], bytes) and len(packed["bits"]) == -(-mask.numel() // 8)
     assert torch.equal(speckv.unpack(packed), mask)
+
+
+def test_a_failing_draft_is_kept_for_the_method_that_raised_it(tmp_path):
+    """``request_drafts`` (the draft thread's work): a SpecKV-only request whose draft cannot load keeps the
+    error under "speckv", where its hook takes it and raises it, instead of drafting again on the loop."""
+    prompt = list(range(300))
+    ready = speckv.request_drafts(_engine(tmp_path / "missing"), prompt, {"speckv_capacity": 64})
+    assert list(ready) == ["speckv"]
+    read, error, _ = ready["speckv"]
+    assert read == prompt and isinstance(error, Exception)
