@@ -41,13 +41,14 @@ def count_reads(token_mask: torch.Tensor, seq_lens: Sequence[int], page_size: in
 
 def select_batch(selector: KVSelector, gate: DenseGate, *, layer: int, query: torch.Tensor,
                  sequences: Sequence[SequenceKV], page_size: int, num_kv_heads: int,
-                 scale: float) -> torch.Tensor:
+                 scale: float, per_request: bool = False) -> torch.Tensor:
     """[B, Hkv, max seq_len] bool for a decode batch (query [B, Hq, D], one token per sequence): every
-    position of a sequence the gate keeps dense, the selector's choice for the others."""
+    position of a sequence the gate keeps dense (``per_request``: whose request brought nothing to choose
+    from), the selector's choice for the others."""
     length = max(seq.seq_len for seq in sequences)
     mask = torch.zeros(len(sequences), num_kv_heads, length, dtype=torch.bool)
     for b, seq in enumerate(sequences):
-        if gate.sequence_is_dense(seq.seq_len):
+        if seq.request is None if per_request else gate.sequence_is_dense(seq.seq_len):
             mask[b, :, : seq.seq_len] = True
             continue
         chosen = selector.select(layer, query[b : b + 1], seq, scale=scale)

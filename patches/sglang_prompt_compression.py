@@ -1,7 +1,8 @@
-"""SpecPC per request on SGLang: after SGLang's tokenizer manager has turned a request into the tokenized
+"""Drafts per request on SGLang: after SGLang's tokenizer manager has turned a request into the tokenized
 request it sends to the scheduler (one at a time, or a batch of pre-tokenized prompts at once), afterburner
-replaces the prompt's token ids with the ones a draft model keeps (``plugins/sglang/specpc.py``); the draft runs
-on afterburner's draft thread while the manager's event loop awaits it."""
+replaces the prompt's token ids with the ones a draft model keeps (SpecPC, ``plugins/sglang/specpc.py``) and
+adds the KV entries a draft chooses for decoding (SpecKV, ``plugins/sglang/speckv.py``); the drafts run on
+afterburner's draft thread while the manager's event loop awaits them."""
 
 from afterburner.patches.base import Patch
 

@@ -9,16 +9,16 @@ costs seconds, which the detokenizer and ``--help`` should not pay).
 ``check_flags`` runs where SGLang checks its arguments, in the user's process, and refuses with one
 ``ConfigError`` line what would otherwise fail inside the scheduler or run silently wrong:
 - a method that is planned (``config.PLANNED_ATTENTION_METHODS``, as the config itself refuses them) or
-  that is in neither table of ``attention_backends.registry`` yet, or that chooses per request (SpecKV:
-  nothing hands a request's draft scores to SGLang's attention yet);
+  that is in neither table of ``attention_backends.registry`` yet (SpecKV without its draft folder:
+  ``speckv.check_startup``);
 - the backend for only one of prefill and decode (a selector's state is built from prefill's writes and,
   for squeezed, queries; an output method such as local-linear changes the math of both);
 - speculative decoding (verify steps write KV in a mode the summaries do not follow).
 
 On SGLang the backend name chooses the method; ``attention.method`` is vLLM's switch. The method's
-settings (``attention.sparse`` / ``.squeezed`` / ``.local_linear``) come from ``AFTERBURNER_CONFIG``, and a
-local-linear model's own lambda per layer from its config.json (``selective_backend`` serves KV-selection
-methods, ``output_backend`` output methods);
+settings (``attention.sparse`` / ``.squeezed`` / ``.local_linear`` / ``.speckv``) come from
+``AFTERBURNER_CONFIG``, and a local-linear model's own lambda per layer from its config.json
+(``selective_backend`` serves KV-selection methods, ``output_backend`` output methods);
 ``enabled: false`` makes the backend SGLang's stock torch_native.
 """
 
@@ -44,9 +44,6 @@ def _unavailable(name: str) -> str | None:
         reason = f"'{method}' is planned but not in this release"
     elif method not in METHODS and method not in OUTPUT_METHODS:
         reason = f"'{method}' has no SGLang backend yet"
-    elif method in METHODS and METHODS[method].per_request:
-        reason = f"'{method}' chooses per request from a draft's scores, which only afterburner's vLLM adapter hands " \
-                 "to attention so far"
     else:
         return None
     available = sorted(n for n, m in BACKENDS.items() if m not in PLANNED_ATTENTION_METHODS)
@@ -83,7 +80,8 @@ def _create(runner: Any, *, name: str):
 
     page = METHODS[method].page_size(settings) or kv_blocks.MIN_BLOCK_TOKENS
     return SelectiveAttnBackend(runner, method=method, make_selector=functools.partial(make_selector, method, settings),
-                                gate=DenseGate.of(settings), min_block_tokens=page)
+                                gate=DenseGate.of(settings), min_block_tokens=page,
+                                per_request=METHODS[method].per_request)
 
 
 def register_backends() -> list[str]:

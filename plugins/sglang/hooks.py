@@ -6,8 +6,9 @@ from typing import Any
 
 from afterburner.patches.sglang_check_server_args import CHECK_SERVER_ARGS
 from afterburner.patches.sglang_prompt_compression import BATCH_PROMPT_COMPRESSION, PROMPT_COMPRESSION
+from afterburner.patches.sglang_speckv_requests import SPECKV_REQUESTS
 from afterburner.plugins import report
-from afterburner.plugins.config import SPECPC_REQUEST_KEY, ConfigError, from_env
+from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY, SPECPC_REQUEST_KEY, ConfigError, from_env
 from afterburner.plugins.sglang import attention
 
 
@@ -32,21 +33,52 @@ def check_server_args(server_args: Any, *_args: Any, **_kwargs: Any) -> None:
     if "min_drafts" in config.speculative.model_fields_set:
         raise ConfigError("afterburner.speculative.min_drafts: vLLM's micro-step drafter only (SGLang's "
                           "AFTERBURNER_HAMBURGER cuts where its stop head says)")
-    from afterburner.plugins.sglang import specpc
+    from afterburner.plugins.sglang import speckv, specpc
 
     specpc.check_startup(server_args, config)
+    speckv.check_startup(server_args, config)
     report.record("config", engine="sglang", where="check_server_args", config=config.model_dump())
 
 
-async def compress_prompts(result: Any, *args: Any, **kwargs: Any) -> None:
-    """After the tokenizer manager made a request (or a batch): SpecPC for those that ask."""
-    tokenized = result if isinstance(result, list) else [result]
-    if any(SPECPC_REQUEST_KEY in (getattr(getattr(t, "sampling_params", None), "custom_params", None) or {})
-           for t in tokenized):  # the common request imports nothing
-        from afterburner.plugins.sglang import specpc
-
-        await specpc.on_tokenized(result, *args, **kwargs)
+_DRAFT_KEYS = (SPECPC_REQUEST_KEY, SPECKV_REQUEST_KEY, SPECKV_KEEP_KEY)
 
 
-HOOKS = {CHECK_SERVER_ARGS.name: check_server_args, PROMPT_COMPRESSION.name: compress_prompts,
-         BATCH_PROMPT_COMPRESSION.name: compress_prompts}
+async def request_drafts(result: Any, manager: Any, *_args: Any, **_kwargs: Any) -> None:
+    """After the tokenizer manager made a request (or a batch): each that asks gets its drafts, SpecPC first,
+    then SpecKV on what SpecPC kept. A bad request raises ``ValueError`` (SGLang answers that request alone)."""
+    for tokenized in result if isinstance(result, list) else [result]:
+        custom = getattr(getattr(tokenized, "sampling_params", None), "custom_params", None) or {}
+        if not any(key in custom for key in _DRAFT_KEYS):
+            continue  # the common request imports nothing
+        from afterburner.plugins.draft_requests import requested_capacity
+        from afterburner.plugins.sglang import speckv, specpc
+
+        if SPECKV_KEEP_KEY in custom:
+            raise ValueError(f"afterburner: {specpc.CHANNEL} {SPECKV_KEEP_KEY} is set by afterburner itself; ask "
+                             f"with {SPECKV_REQUEST_KEY}")
+        capacity = requested_capacity(custom, SPECPC_REQUEST_KEY, channel=specpc.CHANNEL)
+        if capacity is not None:
+            await specpc.compress(tokenized, manager, capacity)
+        capacity = requested_capacity(custom, SPECKV_REQUEST_KEY, channel=specpc.CHANNEL)
+        if capacity is not None:
+            await speckv.choose(tokenized, manager, capacity)
+
+
+async def batch_request_drafts(result: Any, manager: Any, batch_size: int, obj: Any, *args: Any, **kwargs: Any) -> None:
+    """After the tokenizer manager made a batch: a batch with text is made at once, and its requests get their
+    drafts here; one of token ids only is made one request at a time (SGLang's ``_batch_has_text``), and each
+    got its drafts in ``_tokenize_one_request``'s hook already."""
+    if manager._batch_has_text(batch_size, obj):
+        await request_drafts(result, manager)
+
+
+def keep_speckv_choice(*args: Any, **kwargs: Any) -> None:
+    """After the scheduler made a ``Req``: a SpecKV choice it carries is kept for the attention backend."""
+    if SPECKV_KEEP_KEY in (getattr(args[1].sampling_params, "custom_params", None) or {}):
+        from afterburner.plugins.sglang import speckv
+
+        speckv.on_request_made(*args, **kwargs)
+
+
+HOOKS = {CHECK_SERVER_ARGS.name: check_server_args, PROMPT_COMPRESSION.name: request_drafts,
+         BATCH_PROMPT_COMPRESSION.name: batch_request_drafts, SPECKV_REQUESTS.name: keep_speckv_choice}

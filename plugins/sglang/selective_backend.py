@@ -11,6 +11,9 @@ Per layer and step:
   selector picks each such sequence's pages (Quest) or positions (Squeezed) per kv head
   (``batch_selection.select_batch``) and the selective op (``attention_backends.selective``) reads only
   those; shorter sequences in the batch read everything. A batch with no long sequence runs the stock decode.
+- per-request methods (SpecKV): nothing is learned from prefill; a decode row reads what its request's draft
+  chose (``plugins/sglang/speckv.py``, found by request id), rows whose request did not ask read everything,
+  and a batch where none asked runs the stock decode.
 
 Layers the selective op does not cover (``rules.unsupported_reason``: cross-attention, sliding windows,
 soft-capping, differing K / V head dims, ...; said once in the log) and pools it has not been checked
@@ -30,7 +33,7 @@ from afterburner.attention_backends.selective import selective_attention
 from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
 from afterburner.plugins import stats
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.sglang import kv_blocks
+from afterburner.plugins.sglang import kv_blocks, speckv
 
 logger = get_logger(__name__)
 _WHERE = "SGLang afterburner attention"
@@ -44,13 +47,14 @@ def layer_traits(layer) -> LayerTraits:
 
 
 class SelectiveAttnBackend(TorchNativeAttnBackend):
-    """``make_selector(layout) -> KVSelector``; ``method`` names the counters (``stats.attention``)."""
+    """``make_selector(layout) -> KVSelector``; ``method`` names the counters (``stats.attention``);
+    ``per_request``: the selector chooses from what each request brings (``registry.AttentionMethod``)."""
 
     def __init__(self, model_runner, *, method: str, make_selector, gate: DenseGate,
-                 min_block_tokens: int = kv_blocks.MIN_BLOCK_TOKENS):
+                 min_block_tokens: int = kv_blocks.MIN_BLOCK_TOKENS, per_request: bool = False):
         super().__init__(model_runner)
         pool = self.token_to_kv_pool
-        self.method, self.gate = method, gate
+        self.method, self.gate, self.per_request = method, gate, per_request
         self.page_size = pool.page_size
         self.block_size = kv_blocks.block_tokens(self.page_size, min_block_tokens)
         self.pool_supported = (
@@ -67,6 +71,7 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
         self.last_layer_id = pool.start_layer + pool.layer_num - 1
         self.state_current = True  # false once a step wrote KV that the selector did not see
         self.step: kv_blocks.StepBlocks | None = None
+        self.requests: tuple | None = None  # per-request methods: each decode row's choice (None: no row has one)
         self.last_token_masks: dict[int, torch.Tensor] = {}  # layer id -> [B, Hkv, Lmax] of the last decode
 
     def _supported(self, layer) -> bool:
@@ -78,7 +83,7 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
-        self.step = None
+        self.step, self.requests = None, None
         if not self.pool_supported or not self.state_current or mode.is_idle():
             return
         if not (mode.is_decode() or mode.is_extend_or_draft_extend_or_mixed()):
@@ -91,9 +96,22 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
             req_to_token=self.req_to_token_pool.req_to_token, page_size=self.page_size, block_size=self.block_size,
             decode=mode.is_decode(), req_pool_indices=forward_batch.req_pool_indices, seq_lens=seq_lens.tolist(),
             prefix_lens=forward_batch.extend_prefix_lens_cpu, extend_lens=forward_batch.extend_seq_lens_cpu)
+        if self.per_request and mode.is_decode():
+            self.requests = speckv.choices(forward_batch.rids)
 
     def _active(self, layer) -> bool:
         return self.step is not None and not self.gate.layer_is_dense(layer.layer_id) and self._supported(layer)
+
+    def _learns(self, layer) -> bool:
+        """The selector learns from this layer's keys and prefill queries (a per-request one learns nothing)."""
+        return not self.per_request and self._active(layer)
+
+    def _stock_decode(self, layer) -> bool:
+        if not self._active(layer):
+            return True
+        if self.per_request:
+            return self.requests is None
+        return self.gate.sequence_is_dense(max(self.step.seq_lens))
 
     def _observe(self, layer, forward_batch) -> None:
         """The keys this step stored (read back from the pool: exactly what attention will read)."""
@@ -102,7 +120,7 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
-        if self._active(layer):
+        if self._learns(layer):
             self._observe(layer, forward_batch)
             query = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [T, Hq, D], out_cache_loc order
             self.selector.observe_prefill(layer.layer_id, query, self._prefill_chunks(forward_batch))
@@ -119,20 +137,22 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         step = self.step
-        if not self._active(layer) or self.gate.sequence_is_dense(max(step.seq_lens)):
+        if self._stock_decode(layer):
             out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
-            if self._active(layer):
+            if self._learns(layer):
                 self._observe(layer, forward_batch)
             return out
         if save_kv_cache and k is not None and v is not None:  # the stock decode's write, same call
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
-        self._observe(layer, forward_batch)
+        if self._learns(layer):
+            self._observe(layer, forward_batch)
         query = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [B, Hq, D]
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         sequences = [self._sequence(b, seq_len, keys) for b, seq_len in enumerate(step.seq_lens)]
         mask = select_batch(self.selector, self.gate, layer=layer.layer_id, query=query, sequences=sequences,
-                            page_size=self.block_size, num_kv_heads=keys.shape[1], scale=layer.scaling)
+                            page_size=self.block_size, num_kv_heads=keys.shape[1], scale=layer.scaling,
+                            per_request=self.per_request)
         self.last_token_masks[layer.layer_id] = mask
         stats.attention(self.method).add(count_reads(mask, step.seq_lens, self.block_size))
         if layer.layer_id == self.last_layer_id:
@@ -149,4 +169,5 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
         """Request b of a decode step (keys: the layer's key buffer [S, Hkv, D])."""
         slots = self.step.token_table[b, :seq_len]
         return SequenceKV(pages=self.step.block_rows[b, : -(-seq_len // self.block_size)], seq_len=seq_len,
-                          slot_of=lambda p: int(slots[p]), read_keys=lambda n: keys[slots[:n]])
+                          slot_of=lambda p: int(slots[p]), read_keys=lambda n: keys[slots[:n]],
+                          request=self.requests[b] if self.requests else None)

@@ -14,9 +14,7 @@ where the draft folder is checked against the model's vocabulary.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from array import array
 from pathlib import Path
 from typing import Any
@@ -34,35 +32,29 @@ def check_startup(server_args: Any, config: AfterburnerConfig) -> None:
     """At ``check_server_args``: the SpecPC draft folder shares the model's vocabulary (``ConfigError``), and
     the config stays with the server's arguments for the tokenizer manager to read."""
     if config.enabled and config.specpc.draft:
-        draft_requests.check_draft_folder(config.specpc.draft, _model_vocab(server_args.model_path),
+        draft_requests.check_draft_folder(config.specpc.draft, model_json(server_args.model_path).get("vocab_size"),
                                           where="afterburner.specpc.draft")
     setattr(server_args, _CONFIG_ATTR, config)
 
 
-def _model_vocab(model_path: str) -> int | None:
+def model_json(model_path: str) -> dict:
+    """The served model's config.json (empty for a hub name or an unusual layout: SGLang's own loading says
+    what is wrong there)."""
     try:
-        return json.loads((Path(model_path) / "config.json").read_text()).get("vocab_size")
+        return json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
-        return None  # a hub name or an unusual layout: SGLang's own loading says what is wrong
+        return {}
 
 
-async def on_tokenized(result: Any, manager: Any, *_args: Any, **_kwargs: Any) -> None:
-    """After the tokenizer manager made a request (or a list of them): each that asks for SpecPC carries the
-    draft's kept tokens. A bad request raises ``ValueError`` (SGLang answers that request alone)."""
-    for tokenized in result if isinstance(result, list) else [result]:
-        custom = getattr(getattr(tokenized, "sampling_params", None), "custom_params", None)
-        capacity = draft_requests.requested_capacity(custom, SPECPC_REQUEST_KEY, channel=CHANNEL)
-        if capacity is not None:
-            await _compress(tokenized, _startup_config(manager.server_args), capacity)
-
-
-def _startup_config(server_args: Any) -> AfterburnerConfig:
+def startup_config(server_args: Any) -> AfterburnerConfig:
     """The config ``check_server_args`` read; a tokenizer worker process of its own (``--tokenizer-worker-num``)
     reads the environment it inherited (checked at startup by the main process)."""
     return getattr(server_args, _CONFIG_ATTR, None) or from_env()
 
 
-async def _compress(tokenized: Any, config: AfterburnerConfig, capacity: int) -> None:
+async def compress(tokenized: Any, manager: Any, capacity: int) -> None:
+    """The request's prompt becomes the tokens the draft keeps (a bad request: ``ValueError``)."""
+    config = startup_config(manager.server_args)
     if not config.enabled or not config.specpc.draft:
         raise ValueError(f"afterburner: {CHANNEL} {SPECPC_REQUEST_KEY} needs a server started with a SpecPC draft "
                          "(AFTERBURNER_CONFIG='{\"specpc\": {\"draft\": DIR}}')")
@@ -70,16 +62,13 @@ async def _compress(tokenized: Any, config: AfterburnerConfig, capacity: int) ->
         draft_requests.specpc_rule(config.specpc, capacity)
     except ValueError as exc:
         raise ValueError(f"afterburner: {CHANNEL} {SPECPC_REQUEST_KEY}: {exc}") from None
-    if tokenized.input_embeds is not None or tokenized.mm_inputs is not None or tokenized.input_ids is None:
-        raise ValueError(f"afterburner: {CHANNEL} {SPECPC_REQUEST_KEY} works on token prompts only (this request "
-                         "carries input embeddings or multimodal inputs)")
-    prompt = list(tokenized.input_ids)
+    prompt = token_prompt(tokenized, SPECPC_REQUEST_KEY)
     if len(prompt) <= capacity:
         report.record("specpc_request", engine="sglang", prompt_tokens=len(prompt), kept_tokens=len(prompt),
                       draft_seconds=0.0)
         return
-    kept, thread = await asyncio.get_running_loop().run_in_executor(
-        draft_requests.DRAFT_EXECUTOR, _draft, config, prompt, capacity)
+    kept, thread = await draft_requests.on_draft_thread(draft_requests.compress_served, config.specpc, prompt,
+                                                        capacity)
     ids = kept.token_ids
     tokenized.input_ids = array(tokenized.input_ids.typecode, ids) if isinstance(tokenized.input_ids, array) else ids
     logger.debug("specpc: request %s kept %d of %d prompt tokens (draft %.2f s)", tokenized.rid, len(kept.kept),
@@ -88,5 +77,10 @@ async def _compress(tokenized: Any, config: AfterburnerConfig, capacity: int) ->
                   draft_seconds=kept.draft_seconds, drafted_on=thread)
 
 
-def _draft(config: AfterburnerConfig, prompt: list[int], capacity: int):
-    return draft_requests.compress_served(config.specpc, prompt, capacity), threading.current_thread().name
+def token_prompt(tokenized: Any, key: str) -> list[int]:
+    """The request's prompt token ids (``ValueError``: it carries input embeddings or multimodal inputs)."""
+    if tokenized.input_embeds is not None or tokenized.mm_inputs is not None or tokenized.input_ids is None:
+        raise ValueError(f"afterburner: {CHANNEL} {key} works on token prompts only (this request carries input "
+                         "embeddings or multimodal inputs)")
+    return list(tokenized.input_ids)
+

@@ -20,18 +20,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import torch
-
-from afterburner.plugins import report
+from afterburner.plugins import draft_requests, report
 from afterburner.plugins.config import SPECKV_KEEP_KEY, SPECKV_REQUEST_KEY, ConfigError
-from afterburner.plugins.draft_requests import DRAFT_LOCK, loaded_draft
+from afterburner.plugins.draft_requests import pack, unpack
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import specpc
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.verify_step import builders_of
-from afterburner.spec_decode.draft.speckv import SpecKVSettings
-from afterburner.spec_decode.draft.speckv_draft import speckv_keep
 
 logger = get_logger(__name__)
 _WHERE = "afterburner.attention.speckv.draft"
@@ -49,17 +44,9 @@ def check_engine(vllm_config: Any) -> None:
     if not config.attention.speckv.draft:
         raise ConfigError(f"{_WHERE}: attention.method \"speckv\" needs a draft model folder (`afterburner models "
                           "draft --from MODEL --layers N`)")
-    draft = specpc.draft_config(config.attention.speckv.draft, vllm_config, where=_WHERE)
     hf_config = getattr(vllm_config.model_config, "hf_config", None)
-    target_heads = getattr(hf_config, "num_key_value_heads", None)
-    draft_heads = draft.get("num_key_value_heads", draft.get("num_attention_heads"))
-    if target_heads is not None and draft_heads != target_heads:
-        raise ConfigError(f"{_WHERE}: the draft has {draft_heads} kv heads, the served model {target_heads}: "
-                          "SpecKV maps the draft's kv heads to the model's one to one")
-
-
-def rule_settings(config, capacity: int) -> SpecKVSettings:
-    return SpecKVSettings(capacity=capacity, **config.attention.speckv.model_dump(exclude={"draft"}))
+    target = {key: getattr(hf_config, key, None) for key in ("vocab_size", "num_key_value_heads")}
+    draft_requests.check_speckv_draft(config.attention.speckv.draft, target, where=_WHERE)
 
 
 def check_request(input_processor: Any, params: Any) -> None:
@@ -77,32 +64,16 @@ def check_request(input_processor: Any, params: Any) -> None:
                          "(--additional-config '{\"afterburner\": {\"attention\": {\"method\": \"speckv\", "
                          "\"speckv\": {\"draft\": DIR}}}}')")
     try:
-        rule_settings(config, capacity)
+        draft_requests.speckv_rule(config.attention.speckv, capacity)
     except ValueError as exc:
         raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY}: {exc}") from None
 
 
-def pack(mask: torch.Tensor) -> dict:
-    """[layers, Hkv, prompt_len] bool -> what ``extra_args`` carries (msgpack: a shape and bytes)."""
-    return {"shape": list(mask.shape), "bits": np.packbits(mask.numpy().ravel()).tobytes()}
-
-
-def unpack(packed: Mapping[str, Any]) -> torch.Tensor:
-    shape = tuple(packed["shape"])
-    bits = np.unpackbits(np.frombuffer(packed["bits"], dtype=np.uint8), count=int(np.prod(shape)))
-    return torch.from_numpy(bits.astype(bool).reshape(shape))
-
-
 def draft_choice(vllm_config: Any, prompt: list[int], capacity: int):
-    """The server's draft's choice for ``prompt`` (``speckv_keep``'s result; None: a prompt within the capacity
-    carries none and decodes densely, as the paper)."""
+    """The server's draft's choice for ``prompt`` (``speckv_keep``'s result, or None: the prompt fits)."""
     config = config_of(vllm_config)
-    settings = rule_settings(config, capacity)
-    if settings.keeps_all(len(prompt)):
-        return None
-    with DRAFT_LOCK:
-        return speckv_keep(loaded_draft(config.attention.speckv.draft), prompt, settings,
-                           target_layers=vllm_config.model_config.hf_config.num_hidden_layers)
+    return draft_requests.choose_served(config.attention.speckv, prompt, capacity,
+                                        target_layers=vllm_config.model_config.hf_config.num_hidden_layers)
 
 
 def request_drafts(vllm_config: Any, prompt: list[int], extra: Mapping[str, Any]) -> dict:

@@ -66,7 +66,7 @@ def test_real_parser_accepts_the_backend_and_the_registry_builds_it(loaded):
     (["--attention-backend", "afterburner-sparse", "--speculative-algorithm", "NGRAM"],
      r"afterburner-sparse does not support speculative decoding \(--speculative-algorithm NGRAM\)"),
     (["--attention-backend", "afterburner-speckv"],
-     r"afterburner-speckv: 'speckv' chooses per request from a draft's scores, which only afterburner's vLLM"),
+     r"^afterburner.attention.speckv.draft: --attention-backend afterburner-speckv needs a draft model folder"),
 ])
 def test_misuse_stops_at_sglangs_argument_check(loaded, monkeypatch, flags, message):
     from sglang.srt.server_args import prepare_server_args

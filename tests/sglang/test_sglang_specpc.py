@@ -47,13 +47,19 @@ def test_the_engine_serves_the_tokens_the_draft_keeps_drafted_off_the_event_loop
     assert event["drafted_on"].startswith("afterburner-draft") and event["drafted_on"] != threading.main_thread().name
 
 
-def test_a_pre_tokenized_batch_compresses_each_prompt_that_asks(engine, prompts):
+@pytest.mark.parametrize("as_text", [False, True])
+def test_a_batch_compresses_each_prompt_that_asks_once(engine, prompts, as_text):
+    """SGLang makes a batch of token prompts one request at a time and a batch of texts at once: either way
+    each prompt that asks is drafted once."""
     eng, _ = engine
     ids, kept = prompts
-    outs = eng.generate(input_ids=ids, sampling_params=[_asked(48), dict(GREEDY)])
+    before = len(report.events())
+    batch = {"prompt": [numbered_text(18, seed) for seed in (1, 2)]} if as_text else {"input_ids": ids}
+    outs = eng.generate(**batch, sampling_params=[_asked(48), dict(GREEDY)])
     plain = eng.generate(input_ids=[kept[0], ids[1]], sampling_params=dict(GREEDY))
     assert [o["meta_info"]["prompt_tokens"] for o in outs] == [48, len(ids[1])]
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in plain]
+    assert [(e["prompt_tokens"], e["kept_tokens"]) for e in _drafted(before)] == [(len(ids[0]), 48)]
 
 
 def test_a_capacity_at_or_above_the_prompt_changes_nothing(engine, prompts):

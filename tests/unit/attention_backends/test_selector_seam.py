@@ -147,3 +147,25 @@ def test_squeezed_builds_at_most_its_budget_per_step_and_the_rest_wait():
         unbounded.observe_prefill(layer, query[:window], [PrefillChunk(last_page, end, window, window)])
         assert not unbounded.select(layer, decode, seq, scale=scale).all()
     assert unbounded.counters()["indexes_built"] == 3
+
+
+def test_a_per_request_batch_reads_everything_of_rows_whose_request_brought_no_choice():
+    """SpecKV's selector chooses from what a request carries (prompt entries per layer and kv head, then every
+    generated token); a batch row without a choice reads all of its sequence and never reaches the selector."""
+    from afterburner.plugins.config import SpecKVSettings
+
+    hkv, prompt = 2, 6
+    settings = SpecKVSettings()
+    selector = registry.make_selector("speckv", settings, KVLayout(page_size=1, num_pages=64, num_kv_heads=hkv,
+                                                                   head_dim=4))
+    keep = torch.rand(3, hkv, prompt, generator=torch.Generator().manual_seed(0)) < 0.5
+    sequences = [SequenceKV(pages=torch.arange(n), seq_len=n, slot_of=int, read_keys=None, request=request)
+                 for n, request in ((prompt + 3, keep), (5, None))]
+    mask = select_batch(selector, DenseGate.of(settings), layer=1, query=torch.zeros(2, 4, 4), sequences=sequences,
+                        page_size=1, num_kv_heads=hkv, scale=1.0, per_request=True)
+    assert torch.equal(mask[0, :, :prompt], keep[1]) and mask[0, :, prompt:].all()
+    assert mask[1, :, :5].all() and not mask[1, :, 5:].any()
+    assert selector.counters() == {"speckv_selections": 1}
+    with pytest.raises(ValueError, match="only for requests that carry"):  # without the flag the gate passes it on
+        select_batch(selector, DenseGate.of(settings), layer=1, query=torch.zeros(2, 4, 4), sequences=sequences,
+                     page_size=1, num_kv_heads=hkv, scale=1.0)
