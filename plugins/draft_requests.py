@@ -89,6 +89,15 @@ def requested_capacity(params: Mapping[str, Any] | None, key: str, *, channel: s
     return capacity
 
 
+def check_rule(rule: Callable[[Any, int], Any], settings: Any, capacity: int, *, channel: str, key: str) -> None:
+    """Admission: ``rule(settings, capacity)`` accepts the request's capacity, else a one-line ``ValueError``
+    naming where the request gave it."""
+    try:
+        rule(settings, capacity)
+    except ValueError as exc:
+        raise ValueError(f"afterburner: {channel} {key}: {exc}") from None
+
+
 def specpc_rule(settings: PromptCompressionSettings, capacity: int) -> SpecPCSettings:
     """The SpecPC rule a request's capacity asks for, with the server's settings (``ValueError``: a bad one)."""
     return SpecPCSettings(capacity=capacity, **settings.model_dump(exclude={"draft"}))

@@ -13,7 +13,9 @@ costs seconds, which the detokenizer and ``--help`` should not pay).
   ``speckv.check_startup``);
 - the backend for only one of prefill and decode (a selector's state is built from prefill's writes and,
   for squeezed, queries; an output method such as local-linear changes the math of both);
-- speculative decoding (verify steps write KV in a mode the summaries do not follow).
+- speculative decoding (verify steps write KV in a mode the summaries do not follow);
+- ``--enable-mixed-chunk`` with a KV-selection method (SGLang runs the decode rows that share a step with
+  prefill chunks as one extend, which the backend serves densely).
 
 On SGLang the backend name chooses the method; ``attention.method`` is vLLM's switch. The method's
 settings (``attention.sparse`` / ``.squeezed`` / ``.local_linear`` / ``.speckv``) come from
@@ -113,6 +115,9 @@ def check_flags(server_args: Any, config: AfterburnerConfig) -> None:
         speculative = getattr(server_args, "speculative_algorithm", None)
         if speculative:
             raise ConfigError(f"{name} does not support speculative decoding (--speculative-algorithm {speculative})")
+        if BACKENDS[name] in METHODS and getattr(server_args, "enable_mixed_chunk", False):
+            raise ConfigError(f"{name} selects for decode steps, and --enable-mixed-chunk runs decode rows inside "
+                              "prefill steps, where they would read every entry; drop --enable-mixed-chunk")
     if not ours and config.enabled and config.attention.method != "dense":
         logger.warning("afterburner: attention.method %r has no effect on SGLang; select it with "
                        "--attention-backend afterburner-%s", config.attention.method, config.attention.method)

@@ -58,10 +58,8 @@ async def choose(tokenized: Any, manager: Any, capacity: int) -> None:
         raise ValueError(f"afterburner: {CHANNEL} {SPECKV_REQUEST_KEY} needs a server started with "
                          f"--attention-backend {BACKEND} and a SpecKV draft (AFTERBURNER_CONFIG='{{\"attention\": "
                          "{\"speckv\": {\"draft\": DIR}}}')")
-    try:
-        draft_requests.speckv_rule(config.attention.speckv, capacity)
-    except ValueError as exc:
-        raise ValueError(f"afterburner: {CHANNEL} {SPECKV_REQUEST_KEY}: {exc}") from None
+    draft_requests.check_rule(draft_requests.speckv_rule, config.attention.speckv, capacity, channel=CHANNEL,
+                              key=SPECKV_REQUEST_KEY)
     prompt = token_prompt(tokenized, SPECKV_REQUEST_KEY)
     kept, thread = await draft_requests.on_draft_thread(
         draft_requests.choose_served, config.attention.speckv, prompt, capacity,

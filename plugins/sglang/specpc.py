@@ -58,10 +58,8 @@ async def compress(tokenized: Any, manager: Any, capacity: int) -> None:
     if not config.enabled or not config.specpc.draft:
         raise ValueError(f"afterburner: {CHANNEL} {SPECPC_REQUEST_KEY} needs a server started with a SpecPC draft "
                          "(AFTERBURNER_CONFIG='{\"specpc\": {\"draft\": DIR}}')")
-    try:
-        draft_requests.specpc_rule(config.specpc, capacity)
-    except ValueError as exc:
-        raise ValueError(f"afterburner: {CHANNEL} {SPECPC_REQUEST_KEY}: {exc}") from None
+    draft_requests.check_rule(draft_requests.specpc_rule, config.specpc, capacity, channel=CHANNEL,
+                              key=SPECPC_REQUEST_KEY)
     prompt = token_prompt(tokenized, SPECPC_REQUEST_KEY)
     if len(prompt) <= capacity:
         report.record("specpc_request", engine="sglang", prompt_tokens=len(prompt), kept_tokens=len(prompt),

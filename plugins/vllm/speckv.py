@@ -63,10 +63,8 @@ def check_request(input_processor: Any, params: Any) -> None:
         raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY} needs a server started with SpecKV "
                          "(--additional-config '{\"afterburner\": {\"attention\": {\"method\": \"speckv\", "
                          "\"speckv\": {\"draft\": DIR}}}}')")
-    try:
-        draft_requests.speckv_rule(config.attention.speckv, capacity)
-    except ValueError as exc:
-        raise ValueError(f"afterburner: vllm_xargs {SPECKV_REQUEST_KEY}: {exc}") from None
+    draft_requests.check_rule(draft_requests.speckv_rule, config.attention.speckv, capacity, channel="vllm_xargs",
+                              key=SPECKV_REQUEST_KEY)
 
 
 def draft_choice(vllm_config: Any, prompt: list[int], capacity: int):

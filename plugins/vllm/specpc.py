@@ -93,10 +93,7 @@ def check_request(input_processor: Any, params: Any) -> None:
     if not config.enabled or not config.specpc.draft:
         raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY} needs a server started with a SpecPC draft "
                          "(--additional-config '{\"afterburner\": {\"specpc\": {\"draft\": DIR}}}')")
-    try:
-        specpc_rule(config.specpc, capacity)
-    except ValueError as exc:
-        raise ValueError(f"afterburner: vllm_xargs {REQUEST_KEY}: {exc}") from None
+    draft_requests.check_rule(specpc_rule, config.specpc, capacity, channel="vllm_xargs", key=REQUEST_KEY)
 
 
 def token_prompt(request: Any, key: str) -> list[int]:

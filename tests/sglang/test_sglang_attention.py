@@ -65,6 +65,8 @@ def test_real_parser_accepts_the_backend_and_the_registry_builds_it(loaded):
      r"afterburner-sparse must run both prefill and decode .* got prefill torch_native, decode afterburner-sparse"),
     (["--attention-backend", "afterburner-sparse", "--speculative-algorithm", "NGRAM"],
      r"afterburner-sparse does not support speculative decoding \(--speculative-algorithm NGRAM\)"),
+    (["--attention-backend", "afterburner-squeezed", "--enable-mixed-chunk"],
+     r"afterburner-squeezed selects for decode steps, and --enable-mixed-chunk runs decode rows inside prefill"),
     (["--attention-backend", "afterburner-speckv"],
      r"^afterburner.attention.speckv.draft: --attention-backend afterburner-speckv needs a draft model folder"),
 ])
