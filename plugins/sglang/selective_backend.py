@@ -17,7 +17,8 @@ Per layer and step:
 
 Layers the selective op does not cover (``rules.unsupported_reason``: cross-attention, sliding windows,
 soft-capping, differing K / V head dims, ...; said once in the log) and pools it has not been checked
-against (sliding-window pools, quantized or non-NHD KV layouts) run the stock path on every step.
+against (sliding-window pools, quantized or non-NHD KV layouts) run the stock path on every step (said once,
+counted as fallbacks).
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ class SelectiveAttnBackend(TorchNativeAttnBackend):
         super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
         self.step, self.requests = None, None
-        if not self.pool_supported or not self.state_current or mode.is_idle():
+        if mode.is_idle():
+            return
+        if not self.pool_supported:
+            stats.fallback(_WHERE, f"{self.method} cannot act on this KV pool (sliding-window, quantized or not NHD)")
+            return
+        if not self.state_current:
             return
         if not (mode.is_decode() or mode.is_extend_or_draft_extend_or_mixed()):
             # Its KV writes would not reach the selector: stock attention from here on, not stale state.

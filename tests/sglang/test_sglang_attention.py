@@ -159,6 +159,22 @@ def _decode_as_torch_native(world: World, steps: int = 3) -> dict[str, int]:
     return {key: value - before.get(key, 0) for key, value in world.counts().items()}
 
 
+def test_a_pool_the_op_was_not_checked_against_runs_stock_and_says_so():
+    runner = _runner()
+    runner.token_to_kv_pool.kv_cache_layout = "hnd"  # what a non-NHD pool reports
+    settings = SparseSettings(budget_ratio=0.25, **SETTINGS)
+    backend = selective_backend.SelectiveAttnBackend(runner, method="sparse", gate=DenseGate.of(settings),
+                                                     make_selector=functools.partial(QuestSelector, settings))
+    world = PoolWorld(runner, backend, page_size=1)
+    world.step({1: 200}, ForwardMode.EXTEND)
+    before = stats.attention("sparse").as_dict()
+    _, ours, stock = world.step({1: 1}, ForwardMode.DECODE, also_stock=True)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+    assert stats.attention("sparse").as_dict() == before  # nothing selective ran, nothing counted as read
+    reason = "sparse cannot act on this KV pool (sliding-window, quantized or not NHD)"
+    assert stats.FALLBACKS[(selective_backend._WHERE, reason)] >= 2  # the prefill and the decode step
+
+
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_full_budget_decode_matches_torch_native(page_size):
     grew = _decode_as_torch_native(_build(SparseSettings(budget_ratio=1.0, **SETTINGS), page_size))
