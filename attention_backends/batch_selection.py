@@ -48,7 +48,8 @@ def select_batch(selector: KVSelector, gate: DenseGate, *, layer: int, query: to
     length = max(seq.seq_len for seq in sequences)
     mask = torch.zeros(len(sequences), num_kv_heads, length, dtype=torch.bool)
     for b, seq in enumerate(sequences):
-        if seq.request is None if per_request else gate.sequence_is_dense(seq.seq_len):
+        dense = seq.request is None if per_request else gate.sequence_is_dense(seq.seq_len)
+        if dense:
             mask[b, :, : seq.seq_len] = True
             continue
         chosen = selector.select(layer, query[b : b + 1], seq, scale=scale)

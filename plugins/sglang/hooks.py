@@ -72,12 +72,12 @@ async def batch_request_drafts(result: Any, manager: Any, batch_size: int, obj: 
         await request_drafts(result, manager)
 
 
-def keep_speckv_choice(*args: Any, **kwargs: Any) -> None:
+def keep_speckv_choice(_result: Any, req: Any, *_args: Any, **_kwargs: Any) -> None:
     """After the scheduler made a ``Req``: a SpecKV choice it carries is kept for the attention backend."""
-    if SPECKV_KEEP_KEY in (getattr(args[1].sampling_params, "custom_params", None) or {}):
+    if SPECKV_KEEP_KEY in (getattr(req.sampling_params, "custom_params", None) or {}):
         from afterburner.plugins.sglang import speckv
 
-        speckv.on_request_made(*args, **kwargs)
+        speckv.keep_choice(req)
 
 
 HOOKS = {CHECK_SERVER_ARGS.name: check_server_args, PROMPT_COMPRESSION.name: request_drafts,

@@ -75,13 +75,11 @@ async def choose(tokenized: Any, manager: Any, capacity: int) -> None:
                   kept_per_head=int(kept.mask[0, 0].sum()), draft_seconds=kept.draft_seconds, drafted_on=thread)
 
 
-def on_request_made(_result: Any, req: Any, *_args: Any, **_kwargs: Any) -> None:
-    """After the scheduler's ``Req.__init__``: a request that carries a choice keeps it unpacked (and its
+def keep_choice(req: Any) -> None:
+    """After the scheduler's ``Req.__init__``, for a request that carries a choice: it keeps it unpacked (and its
     ``custom_params`` no longer carry the bytes)."""
-    custom = getattr(req.sampling_params, "custom_params", None)
-    if custom and SPECKV_KEEP_KEY in custom:
-        req._afterburner_speckv = draft_requests.unpack(custom.pop(SPECKV_KEEP_KEY))
-        _CHOICES[req.rid] = req._afterburner_speckv
+    req._afterburner_speckv = draft_requests.unpack(req.sampling_params.custom_params.pop(SPECKV_KEEP_KEY))
+    _CHOICES[req.rid] = req._afterburner_speckv
 
 
 def choices(rids: list[str] | None) -> tuple | None:

@@ -81,4 +81,3 @@ def token_prompt(tokenized: Any, key: str) -> list[int]:
         raise ValueError(f"afterburner: {CHANNEL} {key} works on token prompts only (this request carries input "
                          "embeddings or multimodal inputs)")
     return list(tokenized.input_ids)
-
