@@ -123,6 +123,10 @@ class SpecKVSettings(_Settings):
     kernel: int = Field(7, ge=1, description="max-pool kernel over key scores (odd)")
     lookahead: int = Field(32, ge=0, description="tokens the draft writes greedily before scoring (0: none, the "
                            "last window's queries alone, as SnapKV)")
+    compact_mib: float = Field(2048, ge=0, description="vLLM: memory, over all layers and outside vLLM's KV "
+                               "cache space, for compact copies of asking requests' kept entries, which decode "
+                               "rows read through vLLM's own kernel (a request that finds no room is read in "
+                               "place by the token-selective op, said once); 0: always in place")
 
     @field_validator("kernel")
     @classmethod

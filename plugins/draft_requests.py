@@ -113,7 +113,7 @@ def compress_served(settings: PromptCompressionSettings, prompt: list[int], capa
 
 def speckv_rule(settings: SpecKVConfig, capacity: int) -> SpecKVSettings:
     """The SpecKV rule a request's capacity asks for, with the server's settings (``ValueError``: a bad one)."""
-    return SpecKVSettings(capacity=capacity, **settings.model_dump(exclude={"draft"}))
+    return SpecKVSettings(capacity=capacity, **settings.model_dump(exclude={"draft", "compact_mib"}))
 
 
 def choose_served(settings: SpecKVConfig, prompt: list[int], capacity: int, *, target_layers: int) -> KeptKV | None:

@@ -42,5 +42,9 @@ class SpecKVSelector:
         self._rows += 1
         return mask
 
+    def count_served(self, rows: int) -> None:
+        """Rows an adapter served from this selector's choice without asking it (vLLM's compact copies)."""
+        self._rows += rows
+
     def counters(self) -> dict[str, int]:
         return {"speckv_selections": self._rows}

@@ -111,6 +111,15 @@ def count_plan(method: LayerMethod, selector: KVSelector, counts, *, mixed: bool
         stats.report_attention(method.name, selector)
 
 
+def count_compact(method: LayerMethod, selector: KVSelector, counts, *, copied: int, mixed: bool) -> None:
+    """Add one layer-step of SpecKV's compact path (``speckv_compact``): its reads and the entries copied."""
+    totals = stats.attention(method.name)
+    totals.compact_rows += counts.rows
+    totals.compact_copied_entries += copied
+    selector.count_served(counts.rows)
+    count_plan(method, selector, counts, mixed=mixed)
+
+
 def count_dense_rows(method: LayerMethod, rows) -> None:
     """A layer-step with no selective row (``rows``: its decode rows, ``compact_decode.DenseRows``)."""
     totals = stats.attention(method.name)

@@ -25,8 +25,10 @@ With a method on, per layer:
   per step). A decode row is one query, or a chain's drafts + 1 in a speculative engine: one selection
   per row, made with its first query (a last prefill chunk that short is served as one too).
 - ``forward``, for per-request methods (SpecKV): the decode rows whose request carries its kept prompt
-  entries (``StepMetadata.kept_rows``, from the runner hook ``speckv.on_prepare_inputs``) through the
-  selective op over them, the other rows through the stock kernel as a sub-batch;
+  entries (``StepMetadata.kept_rows``, from the runner hook ``speckv.on_prepare_inputs``) through vLLM's
+  kernel over compact copies of them (``speckv_compact``, planned once per step by the metadata builder),
+  or the selective op in place where the copies have no room; the other rows through the stock kernel as
+  a sub-batch;
 - ``forward``, for output methods (``registry.OUTPUT_METHODS``: local-linear): every step's output, prefill
   and decode, from the method's own op over the cache (``output_attention``); nothing is selected.
 A tree verification step (``verify_step``, from the metadata builder) runs tree attention instead.
@@ -58,7 +60,7 @@ from afterburner.attention_backends.selective import gather_sequence, selective_
 from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
 from afterburner.plugins import stats
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.vllm import attention_method, compact_decode, output_attention
+from afterburner.plugins.vllm import attention_method, compact_decode, output_attention, speckv_compact
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 from afterburner.plugins.vllm.speckv import KeptRowsReceiver
@@ -80,12 +82,14 @@ class StepMetadata(CPUAttentionMetadata):
     decode_plan: compact_decode.DecodePlan | None = None
     dense_decode_rows: compact_decode.DenseRows = compact_decode.DenseRows()
     kept_rows: tuple | None = None
+    speckv_plan: speckv_compact.StepPlan | None = None
 
 
 class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._planner = _decode_planner(self, vllm_config)
+        self._speckv = _speckv_planner(self, vllm_config, len(layer_names))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -94,7 +98,9 @@ class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAtt
         if step is not None:
             extra = {**extra, "verify_step": step}
         if kept is not None:
-            extra = {**extra, "kept_rows": kept}
+            extra = {**extra, "kept_rows": kept.masks}
+            if step is None and self._speckv is not None:  # tree steps read in place (``_tree_selective``)
+                extra = {**extra, "speckv_plan": self._speckv(metadata, kept)}
         if not extra:
             return metadata
         return StepMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **extra)
@@ -151,6 +157,24 @@ def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
         return {"decode_plan": decode_plan, "dense_decode_rows": dense_rows}
 
     return plan
+
+
+def _speckv_planner(builder: CPUAttentionMetadataBuilder, vllm_config, layers: int):
+    """(metadata, KeptRows) -> ``speckv_compact.StepPlan`` | None, for SpecKV on a cache layout we verified with
+    room for compact copies (else None: rows with a choice are read in place)."""
+    config = config_of(vllm_config)
+    if (not config.enabled or config.attention.method != "speckv" or builder.isa not in KV_VIEWS
+            or builder.window_size != -1 or builder.is_cross_attention or builder.is_encoder_only_attention):
+        return None
+    shape = compact_decode.KernelShape(builder.num_heads, builder.num_kv_heads, builder.head_dim, builder.block_size,
+                                       builder.dtype, builder.isa, builder.kv_cache_dtype)
+    capacity = speckv_compact.capacity_blocks(config.attention.speckv.compact_mib, layers=layers, shape=shape)
+    if capacity == 0:
+        return None
+    cache = speckv_compact.CompactCache(capacity, builder.block_size)
+    spec = vllm_config.speculative_config
+    decode_queries = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+    return lambda metadata, kept: cache.plan_step(metadata, kept, shape, decode_queries=decode_queries)
 
 
 def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor, page: int,
@@ -399,27 +423,44 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         return output
 
     def _per_request(self, layer, q, query, key, value, kv_cache, m, output):
-        """Per-request methods (SpecKV): the decode rows whose request carries a choice through the selective
-        op, the others through the stock kernel. A single query at or before the prompt's end (a prefix-cache
-        hit recomputes the last prompt token) is prefill: the first token always comes from the whole
-        prompt, whatever the cache held."""
-        return self._stock_and_selective(layer, q, query, key, value, kv_cache, m, output,
-                                         mixed=m.max_query_len > self._decode_queries)
+        """Per-request methods (SpecKV): the decode rows whose request carries a choice through vLLM's kernel
+        over compact copies of it (``StepMetadata.speckv_plan``) or the selective op in place, the others
+        through the stock kernel. A single query at or before the prompt's end (a prefix-cache hit recomputes
+        the last prompt token) is prefill: the first token always comes from the whole prompt, whatever the
+        cache held."""
+        mixed = m.max_query_len > self._decode_queries
+        plan: speckv_compact.StepPlan | None = getattr(m, "speckv_plan", None)
+        if plan is None:
+            return self._stock_and_selective(layer, q, query, key, value, kv_cache, m, output, mixed=mixed)
+        index = self._index(layer)
+        compact = plan.cache.layer_cache(index, kv_cache)
+        speckv_compact.copy(plan, index, layer.isa, kv_cache, compact)  # after vLLM's write of the step
+        self._stock_and_selective(layer, q, query, key, value, kv_cache, m, output, mixed=mixed,
+                                  rows=list(plan.in_place), elsewhere=plan.rows)
+        self._stock_rows(layer, query, key, value, compact, plan.tokens, plan.metadata, output)
+        attention_method.count_compact(self.method, self.selector, plan.counts, copied=plan.copies.entries,
+                                       mixed=mixed)
+        return output
 
-    def _stock_and_selective(self, layer, q, query, key, value, kv_cache, m, output, *, mixed: bool):
-        """The step's selective rows (``_selective_rows``) through the selective op, the others (prefill
-        chunks, short rows, requests that did not ask) through the stock kernel as a sub-batch, planned once
-        per step for all layers; no row is computed twice."""
-        rows = self._selective_rows(m)
-        if not rows:
+    def _stock_and_selective(self, layer, q, query, key, value, kv_cache, m, output, *, mixed: bool,
+                             rows: list[int] | None = None, elsewhere: tuple[int, ...] = ()):
+        """The step's selective ``rows`` (default ``_selective_rows``) through the selective op, the others
+        (prefill chunks, short rows, requests that did not ask) through the stock kernel as a sub-batch,
+        planned once per step for all layers, but for the rows the caller serves itself (``elsewhere``); no
+        row is computed twice."""
+        rows = self._selective_rows(m) if rows is None else rows
+        if not rows and not elsewhere:
             return super().forward(layer, query, key, value, kv_cache, m, output)
-        rest = _rest_of_step(m, compact_decode.KernelShape(self.num_heads, self.num_kv_heads, self.head_size,
-                                                           kv_cache.shape[2], query.dtype, layer.isa,
-                                                           self.kv_cache_dtype), tuple(rows))
+        rest = _rest_of_step(m, self._shape(layer, query, kv_cache), tuple(rows) + elsewhere)
         if rest["rest_metadata"] is not None:
             self._stock_rows(layer, query, key, value, kv_cache, rest["rest_tokens"], rest["rest_metadata"], output)
-        self._selective(layer, q, kv_cache, m, rows, output, mixed=mixed)
+        if rows:
+            self._selective(layer, q, kv_cache, m, rows, output, mixed=mixed)
         return output
+
+    def _shape(self, layer, query, kv_cache) -> compact_decode.KernelShape:
+        return compact_decode.KernelShape(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2],
+                                          query.dtype, layer.isa, self.kv_cache_dtype)
 
     def _stock_rows(self, layer, query, key, value, kv_cache, tokens, sub_metadata, output) -> None:
         """The step's query ``tokens`` through the stock kernel as the sub-batch ``sub_metadata``, into

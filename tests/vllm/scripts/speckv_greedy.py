@@ -4,7 +4,8 @@ draft's shared choice): greedy token ids of a mixed batch (two long prompts aski
 prompt not asking, a short one asking; the first asked again), the first two again once cached (prefix
 hits down to the last token), the same prompts with a
 capacity >= their length and without asking, the choices the draft makes offline, the attention counters,
-and the one-line refusals.
+and the one-line refusals. The compact copies have room for two of the three asking requests of a batch: the
+third is read in place by the token-selective op.
 
     python tests/vllm/scripts/speckv_greedy.py MODEL_DIR OUT_DIR
 """
@@ -20,13 +21,15 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 SETTINGS = {"window": 16, "lookahead": 4}
 CAPACITY = 48
 MAX_TOKENS = 10
+COMPACT_BLOCKS = 4  # room in the compact copies for two of the three asking requests (2 blocks each)
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/vllm: engine_args
     from engine_args import ENGINE_KWARGS
+    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from afterburner.plugins import report
+    from afterburner.plugins import report, stats
     from afterburner.plugins.vllm import attention_method
     from afterburner.spec_decode.draft.derive import derive_draft
     from afterburner.spec_decode.draft.speckv import SpecKVSettings
@@ -35,7 +38,11 @@ if __name__ == "__main__":
 
     model, out = sys.argv[1], Path(sys.argv[2])
     draft_dir = derive_draft(model, out / "draft-l1", layers=1)
-    config = {"attention": {"method": "speckv", "speckv": {"draft": str(draft_dir), **SETTINGS}}}
+    hf = AutoConfig.from_pretrained(model)
+    block_bytes = hf.num_key_value_heads * 32 * 2 * (hf.hidden_size // hf.num_attention_heads) * 4
+    compact_mib = COMPACT_BLOCKS * hf.num_hidden_layers * block_bytes / 2**20
+    config = {"attention": {"method": "speckv", "speckv": {"draft": str(draft_dir), **SETTINGS,
+                                                            "compact_mib": compact_mib}}}
     # 32-token blocks and prompts of whole blocks: a cached prompt is a hit down to its last token
     llm = LLM(model=model, **ENGINE_KWARGS, block_size=32, additional_config={"afterburner": config})
     tokenizer = llm.get_tokenizer()
@@ -75,6 +82,7 @@ if __name__ == "__main__":
         "asks": asks, "plain": plain, "full": full, "chosen": chosen, "again": again, "masks": masks,
         "counts": {k: after.get(k, 0) - before.get(k, 0) for k in after},
         "refused": refused,
+        "fallbacks": [reason for where, reason in stats.FALLBACKS if where == "afterburner.attention.speckv"],
         "events": [(e["prompt_tokens"], e["kept_per_head"]) for e in report.events()
                    if e["event"] == "speckv_request"],
     }
