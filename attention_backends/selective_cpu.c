@@ -36,7 +36,8 @@
    -ffast-math). Relative error below 2e-7 for x >= -87; smaller x gives 0 (as expf underflows). */
 static inline float exp_nonpositive(float x) {
     float clamped = x < -87.0f ? -87.0f : x;
-    float k = floorf(clamped * 1.44269504088896341f + 0.5f);
+    float y = clamped * 1.44269504088896341f;
+    float k = (y + 12582912.0f) - 12582912.0f; /* y rounded to an integer: adding 1.5 * 2^23 drops the fraction */
     float r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -45,8 +46,39 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)k + 127) << 23};
-    return x < -87.0f ? 0.0f : p * scale.f;
+    int32_t bits = ((int32_t)k + 127) << 23; /* 2^k */
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* a[0 .. dim) = a * shrink + the weighted values of the positions with a nonzero weight w[t]. When most
+   positions are read (``dense``) and dim is a multiple of 16, each 16-wide slice of a stays in a register across
+   the block's tokens; otherwise a is updated token by token, so that only the values read are loaded. */
+static inline void add_values(float *a, float shrink, const float *w, const float *v, int count, int dim,
+                              int dense) {
+    if (!dense || dim % 16) {
+        for (int d = 0; d < dim; d++) a[d] *= shrink;
+        for (int t = 0; t < count; t++) {
+            float wt = w[t];
+            if (wt == 0.0f) continue;
+            const float *vt = v + (int64_t)t * dim;
+#pragma omp simd
+            for (int d = 0; d < dim; d++) a[d] += wt * vt[d];
+        }
+        return;
+    }
+    for (int d0 = 0; d0 < dim; d0 += 16) {
+        float part[16];
+        for (int dd = 0; dd < 16; dd++) part[dd] = a[d0 + dd] * shrink;
+        for (int t = 0; t < count; t++) {
+            float wt = w[t];
+            const float *vt = v + (int64_t)t * dim + d0;
+#pragma omp simd
+            for (int dd = 0; dd < 16; dd++) part[dd] += wt * vt[dd];
+        }
+        for (int dd = 0; dd < 16; dd++) a[d0 + dd] = part[dd];
+    }
 }
 
 /* Returns 0; -1 when a scratch buffer could not be allocated (that pair's rows are left unwritten). */
@@ -81,10 +113,13 @@ int selective_decode(const float *query, const float *keys, const float *values,
         int n_blocks = (n + block_size - 1) / block_size;
         for (int j = 0; j < n_blocks; j++) {
             int first = j * block_size, count = n - first < block_size ? n - first : block_size;
-            int any_run[block_size / RUN + 1], any = 0;
+            int any_run[block_size / RUN + 1], any = 0, picked_count = 0;
             for (int run = 0; run * RUN < count; run++) {
                 int hit = 0;
-                for (int t = run * RUN; t < count && t < (run + 1) * RUN; t++) hit |= selected[first + t];
+                for (int t = run * RUN; t < count && t < (run + 1) * RUN; t++) {
+                    hit |= selected[first + t];
+                    picked_count += selected[first + t];
+                }
                 any_run[run] = hit;
                 any |= hit;
             }
@@ -110,10 +145,19 @@ int selective_decode(const float *query, const float *keys, const float *values,
                 float *s = score + (int64_t)r * block_size, best = -INFINITY;
                 int i = r / group, row_start = n - n_q - first; /* the row's first query, as a block offset */
                 const uint8_t *path = in_tree ? tree + (int64_t)i * tree_stride : NULL;
-                for (int t = 0; t < count; t++) { /* unread positions score -inf: weight 0 below */
-                    int seen = t < row_start ? 1 : path ? path[t - row_start] : t - row_start <= i;
-                    s[t] = any_run[t / RUN] && seen && selected[first + t] ? s[t] : -INFINITY;
-                    best = s[t] > best ? s[t] : best;
+                const uint8_t *picked = selected + first; /* a picked position lies in a run that was scored */
+                if (row_start >= count) { /* the block lies before the row's queries: the selection alone */
+#pragma omp simd reduction(max : best)
+                    for (int t = 0; t < count; t++) { /* unread positions score -inf: weight 0 below */
+                        s[t] = picked[t] ? s[t] : -INFINITY;
+                        best = s[t] > best ? s[t] : best;
+                    }
+                } else {
+                    for (int t = 0; t < count; t++) {
+                        int seen = t < row_start ? 1 : path ? path[t - row_start] : t - row_start <= i;
+                        s[t] = seen && picked[t] ? s[t] : -INFINITY;
+                        best = s[t] > best ? s[t] : best;
+                    }
                 }
                 if (best == -INFINITY) continue;
                 /* online softmax: rescale once per block */
@@ -128,14 +172,7 @@ int selective_decode(const float *query, const float *keys, const float *values,
                     total += w;
                 }
                 sum[r] = sum[r] * shrink + total;
-                for (int d = 0; d < dim; d++) a[d] *= shrink;
-                for (int t = 0; t < count; t++) {
-                    float w = s[t];
-                    if (w == 0.0f) continue;
-                    const float *vt = v + (int64_t)t * dim;
-#pragma omp simd
-                    for (int d = 0; d < dim; d++) a[d] += w * vt[d];
-                }
+                add_values(a, shrink, s, v, count, dim, 4 * picked_count >= 3 * count);
             }
         }
         for (int i = 0; i < n_q; i++)

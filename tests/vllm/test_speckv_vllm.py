@@ -3,7 +3,8 @@ the engine's greedy output equals the plain-torch reference of decoding over the
 (``speckv_reference``), for every request of a mixed batch (a prefix-cache hit among them), read through
 vLLM's kernel over compact copies of them or, where those have no room, in place by the token-selective op;
 requests that do not ask, or whose prompt fits the capacity, are token-identical to plain decoding; the
-counters say what was read; a bad capacity and afterburner's own key sent by a client are refused in one line."""
+counters say what was read; a bad capacity and afterburner's own key sent by a client are refused in one line;
+a preempted request decodes as it does with room for every request."""
 
 import pytest
 from result_script import run_result_script
@@ -42,3 +43,13 @@ def test_counters_say_what_was_read(result):
 def test_bad_requests_are_refused_in_one_line_and_reports_count_the_rest(result):
     checks.check_refusals(result["refused"])
     assert sorted(map(tuple, result["events"])) == checks.expected_events(result)
+
+
+def test_a_preempted_request_decodes_as_without_preemption(tiny_model, tmp_path):
+    """28 KV blocks for ~30 blocks of prompts that each decode 96 tokens: vLLM must preempt and recompute a
+    request, whose compact copies are then rebuilt or kept; its tokens equal those of a run with room for all."""
+    roomy = run_result_script("speckv_preempt.py", str(tiny_model), str(tmp_path / "roomy"), "200")[0]
+    tight = run_result_script("speckv_preempt.py", str(tiny_model), str(tmp_path / "tight"), "28")[0]
+    assert tight["preemptions"] > 0 and roomy["preemptions"] == 0
+    assert tight["counts"]["compact_rows"] > 0 and tight["counts"]["native_op_rows"] == 0
+    assert tight["tokens"] == roomy["tokens"]
