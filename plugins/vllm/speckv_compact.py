@@ -13,7 +13,8 @@ the next step). The rows then run vLLM's kernel over their compact block tables,
 they read exactly the choice, and a chain's queries stay causal (they come last).
 
 Memory: ``attention.speckv.compact_mib`` for all layers, outside vLLM's KV cache space (``torch.empty``: only
-blocks in use are touched); a request's blocks are freed once it has left the engine. A request that finds
+blocks in use are touched); a request's blocks are reused once it has left the engine (at the next step
+that plans SpecKV rows). A request that finds
 no room, or whose choice keeps unequal counts per head, is read in place by the token-selective op (said
 once, counted). The metadata builder plans each step once (``plan_step``); per layer, one index copy of the
 step's new entries for keys and one for values, and one kernel call.
