@@ -142,7 +142,7 @@ def plan_step(metadata, shape: KernelShape, *, budgets_of, dense_below: int, pag
     virtual_start[1:] = per_virtual.cumsum(0)
     virtual_token = torch.tensor([t for b in rows for _ in range(hkv) for t in range(starts[b], starts[b + 1])])
     virtual_head = torch.tensor([h for b in rows for h in range(hkv) for _ in range(queries[b])])
-    row_bytes = shape.head_dim * 2 * _itemsize(shape.dtype)
+    row_bytes = shape.head_dim * 2 * shape.dtype.itemsize
     counts = DecodeCounts(
         rows=len(rows), verify_rows=sum(queries[b] > 1 for b in rows), tokens_in_context=sum(lens) * hkv,
         tokens_read=sum(short) * hkv,
@@ -168,21 +168,22 @@ def rest_batch(metadata, shape: KernelShape, selective: set[int]) -> dict:
     if not rest:
         return {"rest_rows": (), "rest_tokens": None, "rest_metadata": None}
     tokens = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in rest])
-    lengths = torch.tensor([starts[b + 1] - starts[b] for b in rest])
-    query_start = torch.zeros(len(rest) + 1, dtype=metadata.query_start_loc.dtype)
-    query_start[1:] = lengths.cumsum(0)
     index = torch.tensor(rest)
-    seq_lens = metadata.seq_lens[index]
-    sub = replace(metadata, num_actual_tokens=tokens.shape[0], max_query_len=int(lengths.max()),
-                  query_start_loc=query_start, seq_lens=seq_lens, max_seq_len=int(seq_lens.max()),
-                  block_table=metadata.block_table[index], slot_mapping=metadata.slot_mapping[:0],
-                  scheduler_metadata=shape.schedule(seq_lens, query_start, heads=shape.num_heads,
-                                                    kv_heads=shape.num_kv_heads))
+    sub = sub_batch(metadata, shape, torch.tensor([starts[b + 1] - starts[b] for b in rest]),
+                    metadata.seq_lens[index], metadata.block_table[index])
     return {"rest_rows": tuple(rest), "rest_tokens": tokens, "rest_metadata": sub}
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def sub_batch(metadata, shape: KernelShape, sizes: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor):
+    """CPU metadata for the stock kernel over rows of ``sizes`` queries (their tokens back to back), lengths
+    ``seq_lens``, over ``block_table``; it writes no KV (the step's write has been done)."""
+    query_start = torch.zeros(sizes.shape[0] + 1, dtype=metadata.query_start_loc.dtype)
+    query_start[1:] = sizes.cumsum(0)
+    return replace(metadata, num_actual_tokens=int(sizes.sum()), max_query_len=int(sizes.max()),
+                   query_start_loc=query_start, seq_lens=seq_lens, max_seq_len=int(seq_lens.max()),
+                   block_table=block_table, slot_mapping=metadata.slot_mapping[:0],
+                   scheduler_metadata=shape.schedule(seq_lens, query_start, heads=shape.num_heads,
+                                                     kv_heads=shape.num_kv_heads))
 
 
 def one_head_blocks(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

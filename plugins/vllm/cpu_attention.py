@@ -128,25 +128,39 @@ def _rest_of_step(m, shape: compact_decode.KernelShape, rows: tuple[int, ...]) -
     return _step_rest[2]
 
 
+def _decode_queries(vllm_config) -> int:
+    """Queries of a decode row: one, or a chain's drafts + 1 in a speculative engine (its verification rows
+    decode selectively too)."""
+    spec = vllm_config.speculative_config
+    return 1 + (spec.num_speculative_tokens if spec is not None else 0)
+
+
+def _kernel_shape(builder: CPUAttentionMetadataBuilder) -> compact_decode.KernelShape | None:
+    """The builder's layers as the kernel's scheduler sees them, where afterburner plans steps for vLLM's
+    kernel itself: a cache layout we verified, full causal decoder attention (else None)."""
+    if (builder.isa not in KV_VIEWS or builder.window_size != -1 or builder.is_cross_attention
+            or builder.is_encoder_only_attention):
+        return None
+    return compact_decode.KernelShape(builder.num_heads, builder.num_kv_heads, builder.head_dim, builder.block_size,
+                                      builder.dtype, builder.isa, builder.kv_cache_dtype)
+
+
 def _decode_planner(builder: CPUAttentionMetadataBuilder, vllm_config):
     """metadata -> StepMetadata fields, for a method that picks whole kernel blocks on a cache layout we
     verified (else None: the Impl's other paths)."""
     config = config_of(vllm_config)
     method = config.attention.method if config.enabled else "dense"
     kernel_budgets = registry.kernel_budgets(method, getattr(config.attention, method, None))
-    if (kernel_budgets is None or builder.isa not in KV_VIEWS or builder.window_size != -1
-            or builder.is_cross_attention or builder.is_encoder_only_attention):
+    shape = _kernel_shape(builder)
+    if kernel_budgets is None or shape is None:
         return None
     settings = getattr(config.attention, method)
     page = METHODS[method].page_size(settings) or builder.block_size
-    shape = compact_decode.KernelShape(builder.num_heads, builder.num_kv_heads, builder.head_dim, builder.block_size,
-                                       builder.dtype, builder.isa, builder.kv_cache_dtype)
 
     def budgets_of(seq_lens: list[int]) -> list[int]:
         return kernel_budgets(settings, seq_lens, page_size=page, block_size=builder.block_size)
 
-    spec = vllm_config.speculative_config  # chain verification rows (drafts + 1 queries) decode selectively too
-    max_query_len = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+    max_query_len = _decode_queries(vllm_config)
     summary_itemsize = getattr(torch, settings.summary_dtype).itemsize  # sparse: the one method with kernel budgets
 
     def plan(metadata) -> dict:
@@ -163,17 +177,14 @@ def _speckv_planner(builder: CPUAttentionMetadataBuilder, vllm_config, layers: i
     """(metadata, KeptRows) -> ``speckv_compact.StepPlan`` | None, for SpecKV on a cache layout we verified with
     room for compact copies (else None: rows with a choice are read in place)."""
     config = config_of(vllm_config)
-    if (not config.enabled or config.attention.method != "speckv" or builder.isa not in KV_VIEWS
-            or builder.window_size != -1 or builder.is_cross_attention or builder.is_encoder_only_attention):
+    shape = _kernel_shape(builder)
+    if not config.enabled or config.attention.method != "speckv" or shape is None:
         return None
-    shape = compact_decode.KernelShape(builder.num_heads, builder.num_kv_heads, builder.head_dim, builder.block_size,
-                                       builder.dtype, builder.isa, builder.kv_cache_dtype)
     capacity = speckv_compact.capacity_blocks(config.attention.speckv.compact_mib, layers=layers, shape=shape)
     if capacity == 0:
         return None
     cache = speckv_compact.CompactCache(capacity, builder.block_size)
-    spec = vllm_config.speculative_config
-    decode_queries = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+    decode_queries = _decode_queries(vllm_config)
     return lambda metadata, kept: cache.plan_step(metadata, kept, shape, decode_queries=decode_queries)
 
 
@@ -278,8 +289,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
                                                                                               where=_WHERE)
         self.selector: KVSelector | None = None  # made at the first cache write, when the layout is known
         self._page = 0
-        spec = vllm_config.speculative_config  # rows of up to this many queries decode (chain or tree verification)
-        self._decode_queries = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+        self._decode_queries = _decode_queries(vllm_config)  # rows of up to this many queries decode (chain or tree)
 
     def _selector_for(self, kv_cache: torch.Tensor) -> KVSelector:
         if self.selector is None:

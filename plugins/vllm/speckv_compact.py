@@ -22,12 +22,12 @@ step's new entries for keys and one for values, and one kernel call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from afterburner.plugins import stats
-from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, KernelShape
+from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, KernelShape, sub_batch
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
 _WHERE = "afterburner.attention.speckv"
@@ -158,7 +158,7 @@ class CompactCache:
         for entry, seq_len, _ in plans:
             entry.copied = seq_len - entry.prompt
         return StepPlan(self, tuple(rows), torch.cat([torch.arange(starts[b], starts[b + 1]) for b in rows]),
-                        _kernel_metadata(metadata, rows, plans, shape), tuple(in_place), copies,
+                        _kernel_metadata(metadata, plans, shape), tuple(in_place), copies,
                         _counts(plans, shape))
 
 
@@ -205,20 +205,13 @@ def copy(plan: StepPlan, layer: int, isa: str, kv_cache: torch.Tensor, compact: 
             target[block, offset, head] = source[c.generated_src[0], c.generated_src[1], head]
 
 
-def _kernel_metadata(metadata, rows: list[int], plans: list, shape: KernelShape):
-    sizes = torch.tensor([size for _, _, size in plans])
-    query_start = torch.zeros(len(rows) + 1, dtype=metadata.query_start_loc.dtype)
-    query_start[1:] = sizes.cumsum(0)
-    lengths = [entry.kept + seq_len - entry.prompt for entry, seq_len, _ in plans]
-    table = torch.zeros(len(rows), max(len(entry.blocks) for entry, _, _ in plans), dtype=metadata.block_table.dtype)
+def _kernel_metadata(metadata, plans: list, shape: KernelShape):
+    table = torch.zeros(len(plans), max(len(entry.blocks) for entry, _, _ in plans), dtype=metadata.block_table.dtype)
     for i, (entry, _, _) in enumerate(plans):
         table[i, :len(entry.blocks)] = torch.tensor(entry.blocks)
-    seq_lens = torch.tensor(lengths, dtype=metadata.seq_lens.dtype)
-    return replace(metadata, num_actual_tokens=int(sizes.sum()), max_query_len=int(sizes.max()),
-                   query_start_loc=query_start, seq_lens=seq_lens, max_seq_len=max(lengths), block_table=table,
-                   slot_mapping=metadata.slot_mapping[:0],
-                   scheduler_metadata=shape.schedule(seq_lens, query_start, heads=shape.num_heads,
-                                                     kv_heads=shape.num_kv_heads))
+    lengths = [entry.kept + seq_len - entry.prompt for entry, seq_len, _ in plans]
+    return sub_batch(metadata, shape, torch.tensor([size for _, _, size in plans]),
+                     torch.tensor(lengths, dtype=metadata.seq_lens.dtype), table)
 
 
 def _counts(plans: list, shape: KernelShape) -> DecodeCounts:
@@ -226,7 +219,7 @@ def _counts(plans: list, shape: KernelShape) -> DecodeCounts:
     hkv, bs = shape.num_kv_heads, shape.block_size
     context = [seq_len for _, seq_len, _ in plans]
     read = [entry.kept + seq_len - entry.prompt for entry, seq_len, _ in plans]
-    row_bytes = shape.head_dim * 2 * torch.empty((), dtype=shape.dtype).element_size()
+    row_bytes = shape.head_dim * 2 * shape.dtype.itemsize
     return DecodeCounts(
         rows=len(plans), verify_rows=sum(size > 1 for _, _, size in plans), tokens_in_context=sum(context) * hkv,
         tokens_read=sum(read) * hkv, blocks_in_context=sum(-(-n // bs) for n in context) * hkv,
@@ -236,6 +229,5 @@ def _counts(plans: list, shape: KernelShape) -> DecodeCounts:
 
 def capacity_blocks(mib: float, *, layers: int, shape: KernelShape) -> int:
     """Blocks of every layer's compact cache that ``mib`` MiB hold."""
-    block_bytes = shape.num_kv_heads * shape.block_size * 2 * shape.head_dim * torch.empty(
-        (), dtype=shape.dtype).element_size()
+    block_bytes = shape.num_kv_heads * shape.block_size * 2 * shape.head_dim * shape.dtype.itemsize
     return int(mib * 2**20 // (block_bytes * layers))
