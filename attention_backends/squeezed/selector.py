@@ -19,15 +19,20 @@ stalling one for everyone.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from afterburner.attention_backends.rules import restarted_pages
 from afterburner.attention_backends.selector import KVLayout, PrefillChunk, SequenceKV
-from afterburner.attention_backends.squeezed import lookup
+from afterburner.attention_backends.squeezed import blocks, lookup
+from afterburner.attention_backends.squeezed.blocks import ClusterBlocks
 from afterburner.attention_backends.squeezed.contexts import ContextIndexes
+from afterburner.attention_backends.squeezed.index import SqueezedIndex
 from afterburner.attention_backends.squeezed.store import FixedContextStore
+
+_BLOCK_LAYOUTS = 4096  # cluster-ordered layouts kept before those of dropped indexes are pruned
 
 
 class SqueezedSelector:
@@ -38,7 +43,8 @@ class SqueezedSelector:
     def __init__(self, settings, layout: KVLayout):
         self.settings, self.layout = settings, layout
         self.store = FixedContextStore(settings.index_memory_mb * 2**20)
-        self._counts = {"indexes_built": 0, "index_hits": 0, "index_builds_deferred": 0}
+        self._counts = {"indexes_built": 0, "index_hits": 0, "index_builds_deferred": 0, "block_layouts_built": 0}
+        self._blocks: dict[int, tuple[weakref.ref, ClusterBlocks]] = {}  # id(index) -> its layout
         self._layers: dict[int, ContextIndexes] = {}
         self._builds_left: int | None = None  # this step's index builds (None: no bound, no step seen)
 
@@ -71,15 +77,33 @@ class SqueezedSelector:
             first = chunk.query_end - min(chunk.num_queries, self.settings.observation_window)
             self.contexts(layer).add_window(chunk.last_page, chunk.last_position, query[first: chunk.query_end])
 
-    def select(self, layer: int, query: torch.Tensor, sequence: SequenceKV, *, scale: float) -> torch.Tensor:
+    def index_of(self, layer: int, sequence: SequenceKV, *, scale: float) -> SqueezedIndex | None:
+        """The index of the sequence's fixed context in ``layer`` (found, or built now), None when it has none
+        yet (it reads every key)."""
         pages, page, seq_len = sequence.pages.tolist(), self.layout.page_size, sequence.seq_len
         index, _ = self.contexts(layer).index(
             pages, seq_len=seq_len, block_size=page, scale=scale,
             context_key=lambda n: (*pages[:n], ("last slot", sequence.slot_of(n * page - 1))),
             context_keys=lambda n: sequence.read_keys(n * page), may_build=self._may_build)
+        return index
+
+    def select(self, layer: int, query: torch.Tensor, sequence: SequenceKV, *, scale: float) -> torch.Tensor:
+        index = self.index_of(layer, sequence, scale=scale)
         if index is None:
-            return torch.ones(self.layout.num_kv_heads, seq_len, dtype=torch.bool)
-        return lookup.extend_to_sequence(lookup.select_tokens(index, query, scale=scale), seq_len)
+            return torch.ones(self.layout.num_kv_heads, sequence.seq_len, dtype=torch.bool)
+        return lookup.extend_to_sequence(lookup.select_tokens(index, query, scale=scale), sequence.seq_len)
+
+    def cluster_blocks(self, index: SqueezedIndex, sequence: SequenceKV, block_size: int) -> ClusterBlocks:
+        """The index's context in cluster order (``blocks.py``), made once per index from the sequence's keys."""
+        found = self._blocks.get(id(index))
+        if found is not None and found[0]() is index:
+            return found[1]
+        if len(self._blocks) >= _BLOCK_LAYOUTS:  # drop the layouts of indexes the store let go
+            self._blocks = {key: value for key, value in self._blocks.items() if value[0]() is not None}
+        layout = blocks.cluster_blocks(index, sequence.read_keys(index.num_tokens), block_size)
+        self._blocks[id(index)] = (weakref.ref(index), layout)
+        self._counts["block_layouts_built"] += 1
+        return layout
 
     def counters(self) -> dict[str, int]:
         return dict(self._counts)

@@ -112,11 +112,13 @@ def count_plan(method: LayerMethod, selector: KVSelector, counts, *, mixed: bool
 
 
 def count_compact(method: LayerMethod, selector: KVSelector, counts, *, copied: int, mixed: bool) -> None:
-    """Add one layer-step of SpecKV's compact path (``speckv_compact``): its reads and the entries copied."""
+    """Add one layer-step of a compact path (``speckv_compact``, ``squeezed_compact``): its reads and the
+    entries copied."""
     totals = stats.attention(method.name)
     totals.compact_rows += counts.rows
     totals.compact_copied_entries += copied
-    selector.count_served(counts.rows)
+    if (served := getattr(selector, "count_served", None)) is not None:  # SpecKV counts its served requests
+        served(counts.rows)
     count_plan(method, selector, counts, mixed=mixed)
 
 
@@ -132,6 +134,7 @@ def _add_dense(totals, rows) -> None:
     totals.dense_decode_rows += rows.total
     totals.dense_short_rows += rows.short
     totals.dense_full_budget_rows += rows.full_budget
+    totals.dense_waiting_rows += rows.waiting
 
 
 def totals(method: str) -> dict[str, int]:

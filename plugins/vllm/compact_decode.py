@@ -61,15 +61,16 @@ class KernelShape:
 
 @dataclass(frozen=True)
 class DenseRows:
-    """A step's decode rows that read everything: shorter than ``dense_below_tokens``, or with a budget
-    that covers their length."""
+    """A step's decode rows that read everything: shorter than ``dense_below_tokens``, with a budget that
+    covers their length, or waiting for the method's state."""
 
     short: int = 0
     full_budget: int = 0
+    waiting: int = 0  # the method's state is not there yet (squeezed: an index that waits, no compact room)
 
     @property
     def total(self) -> int:
-        return self.short + self.full_budget
+        return self.short + self.full_budget + self.waiting
 
 
 @dataclass(frozen=True)

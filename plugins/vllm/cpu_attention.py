@@ -60,10 +60,18 @@ from afterburner.attention_backends.selective import gather_sequence, selective_
 from afterburner.attention_backends.selector import KVLayout, KVSelector, PrefillChunk, SequenceKV
 from afterburner.plugins import stats
 from afterburner.plugins.log import get_logger
-from afterburner.plugins.vllm import attention_method, compact_decode, output_attention, speckv_compact
+from afterburner.plugins.vllm import (
+    attention_method,
+    compact_decode,
+    compact_pool,
+    output_attention,
+    speckv_compact,
+    squeezed_compact,
+)
 from afterburner.plugins.vllm.config_access import config_of
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 from afterburner.plugins.vllm.speckv import KeptRowsReceiver
+from afterburner.plugins.vllm.squeezed_compact import RowRequestsReceiver
 from afterburner.plugins.vllm.verify_step import VerifyStep, VerifyStepReceiver
 from afterburner.spec_decode.tree_attention import tree_verify_attention
 
@@ -83,17 +91,21 @@ class StepMetadata(CPUAttentionMetadata):
     dense_decode_rows: compact_decode.DenseRows = compact_decode.DenseRows()
     kept_rows: tuple | None = None
     speckv_plan: speckv_compact.StepPlan | None = None
+    row_requests: squeezed_compact.RowRequests | None = None
+    squeezed_pool: squeezed_compact.SqueezedPool | None = None
 
 
-class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAttentionMetadataBuilder):
+class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, RowRequestsReceiver,
+                                    CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._planner = _decode_planner(self, vllm_config)
         self._speckv = _speckv_planner(self, vllm_config, len(layer_names))
+        self._squeezed = _squeezed_pool(self, vllm_config, len(layer_names))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        step, kept = self.take_step(), self.take_kept()
+        step, kept, requests = self.take_step(), self.take_kept(), self.take_requests()
         extra = self._planner(metadata) if self._planner else {}  # a tree step's long rows select too (sparse)
         if step is not None:
             extra = {**extra, "verify_step": step}
@@ -101,6 +113,9 @@ class AfterburnerCPUMetadataBuilder(VerifyStepReceiver, KeptRowsReceiver, CPUAtt
             extra = {**extra, "kept_rows": kept.masks}
             if step is None and self._speckv is not None:  # tree steps read in place (``_tree_selective``)
                 extra = {**extra, "speckv_plan": self._speckv(metadata, kept)}
+        if requests is not None and self._squeezed is not None:
+            self._squeezed.retain(requests.live)
+            extra = {**extra, "row_requests": requests, "squeezed_pool": self._squeezed}
         if not extra:
             return metadata
         return StepMetadata(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **extra)
@@ -180,12 +195,27 @@ def _speckv_planner(builder: CPUAttentionMetadataBuilder, vllm_config, layers: i
     shape = _kernel_shape(builder)
     if not config.enabled or config.attention.method != "speckv" or shape is None:
         return None
-    capacity = speckv_compact.capacity_blocks(config.attention.speckv.compact_mib, layers=layers, shape=shape)
+    capacity = compact_pool.capacity_blocks(config.attention.speckv.compact_mib, layers=layers, shape=shape)
     if capacity == 0:
         return None
     cache = speckv_compact.CompactCache(capacity, builder.block_size)
     decode_queries = _decode_queries(vllm_config)
     return lambda metadata, kept: cache.plan_step(metadata, kept, shape, decode_queries=decode_queries)
+
+
+def _squeezed_pool(builder: CPUAttentionMetadataBuilder, vllm_config, layers: int):
+    """The pool of squeezed's cluster-ordered copies (``read_unit: "block"``) on a cache layout we verified,
+    else None (its rows read every key through the stock kernel: said once)."""
+    config = config_of(vllm_config)
+    if not squeezed_compact.serves(config):
+        return None
+    shape = _kernel_shape(builder)
+    pool = None if shape is None else squeezed_compact.make_pool(config.attention.squeezed.compact_mib,
+                                                                 layers=layers, shape=shape)
+    if pool is None:
+        stats.fallback(_WHERE, "squeezed read_unit 'block' needs a cache layout afterburner verified and "
+                       "attention.squeezed.compact_mib > 0", instead="the stock kernel reading every key")
+    return pool
 
 
 def _sequence(b: int, seq_len: int, table: torch.Tensor, key_cache: torch.Tensor, page: int,
@@ -418,6 +448,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             return self._kernel_decode(layer, query, key, value, kv_cache, m, output)
         if METHODS[self.method.name].per_request:
             return self._per_request(layer, q, query, key, value, kv_cache, m, output)
+        if getattr(m, "squeezed_pool", None) is not None:
+            return self._squeezed_blocks(layer, q, query, key, value, kv_cache, m, output)
         # Steps with a prefill chunk run the stock kernel for the prefill chunks and short rows (prefill reads
         # every block anyway) and the selective op for the long decode rows, so a sequence's decode does not
         # depend on what shares its step. Decode rows are rows of up to ``_decode_queries`` queries (a chain's
@@ -450,6 +482,34 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         self._stock_rows(layer, query, key, value, compact, plan.tokens, plan.metadata, output)
         attention_method.count_compact(self.method, self.selector, plan.counts, copied=plan.copies.entries,
                                        mixed=mixed)
+        return output
+
+    def _squeezed_blocks(self, layer, q, query, key, value, kv_cache, m, output):
+        """Squeezed in blocks (``squeezed_compact``): single-query decode rows of long sequences through vLLM's
+        kernel over their cluster-ordered copies, every other row through the stock kernel as a sub-batch.
+        Prefill chunks still leave their last queries with the selector (its indexes are built from them)."""
+        mixed = m.max_query_len > self._decode_queries
+        if m.max_query_len > 1:
+            chunks = _prefill_chunks(m, kv_cache.shape[2], self._page, longer_than=self._decode_queries)
+            self.selector.observe_prefill(self._index(layer), q, chunks)
+        starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+        rows = [b for b in self._selective_rows(m) if starts[b + 1] - starts[b] == 1]
+        key_cache, _ = KV_VIEWS[layer.isa](kv_cache)
+        _begin_step(self.selector, m)
+        sequences = [_sequence(b, seq_lens[b], m.block_table, key_cache, self._page) for b in rows]
+        shape = self._shape(layer, query, kv_cache)
+        result = squeezed_compact.decode_layer(
+            m.squeezed_pool, self.selector, self._index(layer), layer.isa, kv_cache, q, m, rows, sequences,
+            m.row_requests, shape=shape, scale=self.scale, ratio=self.method.settings.budget_ratio)
+        rest = _rest_of_step(m, shape, result.rows)
+        if rest["rest_metadata"] is not None:
+            self._stock_rows(layer, query, key, value, kv_cache, rest["rest_tokens"], rest["rest_metadata"], output)
+        if result.rows:
+            output[result.tokens] = result.output.reshape(result.tokens.shape[0], *output.shape[1:]).to(output.dtype)
+            attention_method.count_compact(self.method, self.selector, result.counts, copied=result.copied,
+                                           mixed=mixed)
+        else:
+            attention_method.count_dense_rows(self.method, result.counts.dense_rows)
         return output
 
     def _stock_and_selective(self, layer, q, query, key, value, kv_cache, m, output, *, mixed: bool,

