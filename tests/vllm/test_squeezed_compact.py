@@ -17,7 +17,6 @@ from afterburner.attention_backends.squeezed import blocks  # noqa: E402
 from afterburner.attention_backends.squeezed.index import build_index  # noqa: E402
 from afterburner.plugins import stats  # noqa: E402
 from afterburner.plugins.vllm import squeezed_compact  # noqa: E402
-from afterburner.plugins.vllm.compact_pool import CompactPool  # noqa: E402
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
 from support.cpu_cache import BS, HKV, SHAPE, D, G  # noqa: E402
 from support.cpu_cache import cache as _cache
@@ -45,19 +44,21 @@ class _Selector:
 
 
 def _pool(capacity=64):
-    return squeezed_compact.SqueezedPool(CompactPool(capacity, BS, where="test", setting="compact_mib",
-                                                     instead="the stock kernel"))
+    return squeezed_compact.SqueezedPool(capacity, BS)
 
 
 def _step(state, selector, kv_cache, table, seq_lens, *, ratio, ids=("a", "b", "c")):
     query_lens = [1, 1, 20]
     m = _metadata(query_lens, seq_lens, table)
     query = torch.randn(sum(query_lens), HKV * G, D, generator=torch.Generator().manual_seed(sum(seq_lens)))
-    sequences = [types.SimpleNamespace(row=b, seq_len=seq_lens[b]) for b in (0, 1)]
+    return _layer(state, selector, kv_cache, m, query, 0, ratio=ratio, ids=ids), query, m
+
+
+def _layer(state, selector, kv_cache, m, query, layer, *, ratio, ids=("a", "b", "c")):
     requests = squeezed_compact.RowRequests(ids, frozenset(ids))
-    result = squeezed_compact.decode_layer(state, selector, 0, "vec", kv_cache, query, m, [0, 1], sequences,
-                                           requests, shape=SHAPE, scale=SCALE, ratio=ratio)
-    return result, query, m
+    return squeezed_compact.decode_layer(state, selector, layer, "vec", kv_cache, query, m, [0, 1],
+                                         lambda b: types.SimpleNamespace(row=b, seq_len=int(m.seq_lens[b])),
+                                         requests, shape=SHAPE, scale=SCALE, ratio=ratio)
 
 
 def _expected(selector, kv_cache, m, query, rows, ratio):
@@ -97,8 +98,12 @@ def test_compact_rows_equal_the_reference_over_their_blocks_across_steps():
                                        key, value, slot.view(1), "vec")
     result, query, m = _step(state, selector, kv_cache, table, [301, 231, 60], ratio=0.25)
     assert result.copied == 2 * HKV
-    torch.testing.assert_close(result.output, _expected(selector, kv_cache, m, query, [0, 1], 0.25),
-                               atol=2e-5, rtol=1e-4)
+    expected = _expected(selector, kv_cache, m, query, [0, 1], 0.25)
+    torch.testing.assert_close(result.output, expected, atol=2e-5, rtol=1e-4)
+    # a layer that had no copies yet (its index was built later) copies everything, in the same step's plan
+    result = _layer(state, selector, kv_cache, m, query, 1, ratio=0.25)
+    assert result.copied == (301 + 231) * HKV
+    torch.testing.assert_close(result.output, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_budget_one_reads_every_block_as_the_stock_kernel():
@@ -113,10 +118,19 @@ def test_budget_one_reads_every_block_as_the_stock_kernel():
 def test_no_room_reads_through_the_stock_kernel_and_blocks_are_reused():
     kv_cache, table = _cache([300, 230, 64], 3)
     key_cache, _ = KV_VIEWS["vec"](kv_cache)
-    selector, state = _Selector(key_cache, table), _pool(capacity=10)  # a's 10 blocks; b's 8 find no room
+    # 10 blocks: row 0's context (7 sorted blocks) and a's tail (76 positions: 3 blocks); row 1's 5 + 3 find no room
+    selector, state = _Selector(key_cache, table), _pool(capacity=10)
     result, _, _ = _step(state, selector, kv_cache, table, [300, 230, 60], ratio=0.25)
     assert result.rows == (0,) and result.counts.dense_rows.waiting == 1
-    assert any("no room" in reason for where, reason in stats.FALLBACKS if where == "test")
-    state.retain(frozenset("bc"))  # a has left: its blocks go to the next request (here b, in row 0)
+    assert any("no room" in reason for where, reason in stats.FALLBACKS if where == "afterburner.attention.squeezed")
+    # a has left: its tail's blocks go to b, now in row 0 (a request over the same context), which reads the same
+    # context copy; row 1's context cannot evict it (b reads it)
+    state.retain(frozenset("bc"))
     result, _, _ = _step(state, selector, kv_cache, table, [300, 230, 60], ratio=0.25, ids=("b", "x", "c"))
-    assert result.rows == (0,) and state.pool.blocks_in_use() == 10
+    assert result.rows == (0,) and result.copied == (300 - 224) * HKV, "only b's tail: the context is shared"
+    assert state.blocks_in_use() == 10
+    # b left too: the context copy nobody reads makes room for row 1's
+    state.retain(frozenset("c"))
+    first = next(iter(state.contexts))
+    assert state.place("x", (192, tuple(table[1, :6].tolist())), 5, 230)
+    assert first not in state.contexts and state.blocks_in_use() == 5 + 3
