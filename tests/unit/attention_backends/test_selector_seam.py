@@ -109,9 +109,11 @@ def test_squeezed_selector_builds_calibrates_reuses_and_forgets():
     index = build_calibrated_index(settings, gather(k_cache, table[0], fixed), query[:window], scale=dim ** -0.5)
     expected = lookup.extend_to_sequence(lookup.select_tokens(index, decode, scale=dim ** -0.5), seq_len)
     assert torch.equal(chosen, expected) and not chosen.all()
-    assert selector.counters() == {"indexes_built": 1, "index_hits": 0, "index_builds_deferred": 0}
+    assert selector.counters() == {"indexes_built": 1, "index_hits": 0, "index_builds_deferred": 0,
+                                   "block_layouts_built": 0}
     assert torch.equal(selector.select(0, decode, seq, scale=dim ** -0.5), expected)
-    assert selector.counters() == {"indexes_built": 1, "index_hits": 1, "index_builds_deferred": 0}
+    assert selector.counters() == {"indexes_built": 1, "index_hits": 1, "index_builds_deferred": 0,
+                                   "block_layouts_built": 0}
     # the context's first page written again from offset 0: its index is gone, the sequence reads all
     selector.observe_keys(0, k_cache[0, :1], torch.tensor([int(table[0, 0]) * block_size]))
     assert selector.select(0, decode, seq, scale=dim ** -0.5).all()
@@ -141,7 +143,8 @@ def test_squeezed_builds_at_most_its_budget_per_step_and_the_rest_wait():
     selector.begin_step()
     second = [selector.select(layer, decode, seq, scale=scale) for layer in layers]
     assert not second[2].all() and torch.equal(second[0], first[0])
-    assert selector.counters() == {"indexes_built": 3, "index_hits": 2, "index_builds_deferred": 1}
+    assert selector.counters() == {"indexes_built": 3, "index_hits": 2, "index_builds_deferred": 1,
+                                   "block_layouts_built": 0}
     unbounded = registry.make_selector("squeezed", settings, KVLayout(block_size, k_cache.shape[0], hkv, dim))
     for layer in layers:
         unbounded.observe_prefill(layer, query[:window], [PrefillChunk(last_page, end, window, window)])
