@@ -58,6 +58,11 @@ CONFIGS = {
                                                                        "read_unit": "page"}}},
     "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "threshold_quantile": 0.75}}},
     "squeezed-1/8": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "threshold_quantile": 0.875}}},
+    # squeezed in kernel blocks: cluster-ordered copies read by vLLM's kernel (``plugins/vllm/squeezed_compact.py``)
+    "squeezed-blocks-1/4": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "read_unit": "block",
+                                                                             "budget_ratio": 0.25}}},
+    "squeezed-blocks-1/8": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "read_unit": "block",
+                                                                             "budget_ratio": 0.125}}},
 }
 
 
