@@ -69,9 +69,9 @@ def cluster_blocks(index: SqueezedIndex, keys: torch.Tensor, block_size: int) ->
     return ClusterBlocks(order, centroids, block_size)
 
 
-def budget_of(layout: ClusterBlocks, ratio: float) -> int:
-    """Sorted blocks a query reads at ``ratio`` of them (at least one)."""
-    return max(1, round(ratio * layout.sorted_blocks))
+def budget_of(sorted_blocks: int, ratio: float) -> int:
+    """Of ``sorted_blocks`` cluster-ordered blocks, those a query reads at ``ratio`` (at least one; all at 1)."""
+    return max(1, round(ratio * sorted_blocks))
 
 
 def block_scores(centroids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

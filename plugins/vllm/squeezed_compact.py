@@ -204,7 +204,7 @@ class SqueezedPool:
             if not self.place(req_id, context, sorted_blocks, seq_len):
                 waiting += 1
                 continue
-            budget = min(max(1, round(ratio * sorted_blocks)), sorted_blocks)  # all of them: the path's check
+            budget = blocks.budget_of(sorted_blocks, ratio)  # ratio 1: all of them, the path's own check
             planned.append(_Row(b, req_id, seq_len, context, sorted_blocks, budget))
         self._dense = DenseRows(short=short, waiting=waiting)
         plan = _step_plan(self, m, planned, shape) if planned else None

@@ -68,7 +68,7 @@ def _expected(selector, kv_cache, m, query, rows, ratio):
     masks = torch.zeros(len(rows), HKV, int(lengths.max()), dtype=torch.bool)
     for r, b in enumerate(rows):
         layout = selector.layouts["layout", b]
-        chosen = blocks.choose_blocks(layout, query[b], blocks.budget_of(layout, ratio))
+        chosen = blocks.choose_blocks(layout, query[b], blocks.budget_of(layout.sorted_blocks, ratio))
         masks[r, :, :int(lengths[r])] = blocks.token_mask(layout, chosen, int(lengths[r]))
     return selective_attention_reference(query[index], keys, values, m.block_table[index], lengths,
                                          torch.arange(len(rows) + 1), scale=SCALE, token_mask=masks)

@@ -62,7 +62,7 @@ def test_choice_is_the_top_blocks_by_query_centroid_product_over_the_group():
     keys, _, _ = _blobs(clusters=6, per_cluster=12, sinks=0, seed=2)
     layout = cluster_blocks(build_index(keys, centroid_ratio=0.08), keys, BS)
     query = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(3))
-    budget = budget_of(layout, 0.25)
+    budget = budget_of(layout.sorted_blocks, 0.25)
     assert budget == round(0.25 * layout.sorted_blocks)
     chosen = choose_blocks(layout, query, budget)
     for h in range(HKV):
