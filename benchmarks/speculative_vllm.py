@@ -27,7 +27,8 @@ weights).
                                           [--sampled-only | --only TEXT ...] [--repeats R] [--out FILE]
 
 Each configuration runs in a fresh engine process (one engine per process), on the same fixed prompts,
-one request at a time (speculation pays off when decode is latency-bound, i.e. small batches), each
+one request at a time (speculation pays off when decode is latency-bound, i.e. small batches; ``--batch N``
+submits the prompts N at a time instead, where each verified token costs the step more), each
 ``--max-tokens`` long (``ignore_eos``: for SmolLM2's short answers about a third of those tokens come after
 the answer, text no drafter was trained on) or, with ``--until-eos``, ending where the answer ends. "accepted
 per step" is vLLM's own spec-decode counters: 1 + accepted drafts / verification steps (the 1 is the token
@@ -163,8 +164,9 @@ def _worker(args: argparse.Namespace) -> None:
     llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     before = _spec_counters(llm)
     started, tokens = time.perf_counter(), []
-    for prompt in prompts:  # one request at a time
-        tokens.append(list(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids))
+    for first in range(0, len(prompts), args.batch):  # --batch requests at a time (default one)
+        outputs = llm.generate(prompts[first:first + args.batch], params, use_tqdm=False)
+        tokens.extend(list(output.outputs[0].token_ids) for output in outputs)
     seconds = time.perf_counter() - started
     after = _spec_counters(llm)
     counts = {key: after.get(key, 0) - before.get(key, 0) for key in after}
@@ -197,6 +199,7 @@ def main() -> None:
     parser.add_argument("--model", help="the heads or drafter folder (default: what the make target writes)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=1, help="requests submitted together (default 1: one at a time)")
     parser.add_argument("--until-eos", action="store_true",
                         help="answers end at the model's end of turn (or --max-tokens), as a user's request does; "
                              "default: exactly --max-tokens each (ignore_eos), text past the answer included")
@@ -230,24 +233,20 @@ def main() -> None:
             sys.exit(f"no {args.method} weights at {drafter or 'the cache'}: run "
                      f"`{TRAINED_SPECULATORS[args.method][1]}` first (or pass --model)")
         drafter = str(drafter)
+    selected = [config for config in CONFIGS[args.method] if _selected(config, args)]
     proposers = {args.method: (args.method, drafter)}
-    if args.method == "hamburger":
+    if any(len(config) > 4 for config in selected):  # a row of its own proposer: vLLM's EAGLE-3
         proposers.update(_eagle3_baselines(args.eagle3, drafter, model))
     runs, reference = [], None
     for round_ in range(args.repeats):  # configurations in turn, each round against its own no-speculation run
-        for name, num_spec, section, temperature, *row_proposer in CONFIGS[args.method]:
-            if args.sampled_only and temperature == 0:
-                continue
-            if args.only and not (num_spec and _chosen(name, args.only) or not num_spec and temperature in {
-                    t for n, k, _, t, *_ in CONFIGS[args.method] if k and _chosen(n, args.only)}):
-                continue
+        for name, num_spec, section, temperature, *row_proposer in selected:
             spec_method, spec_model = proposers[row_proposer[0] if row_proposer else args.method]
             print(f"[{args.method} bench] {name} (round {round_ + 1} of {args.repeats}) ...", file=sys.stderr,
                   flush=True)
             result = run_worker_or_exit(name, __file__, "--worker", "--spec-method", spec_method, "--model", model,
                                         "--drafter", spec_model, "--num-spec", num_spec, "--section",
                                         json.dumps(section), "--temperature", temperature, "--prompts", args.prompts,
-                                        "--max-tokens", args.max_tokens, "--dtype", args.dtype,
+                                        "--max-tokens", args.max_tokens, "--dtype", args.dtype, "--batch", args.batch,
                                         "--until-eos", int(args.until_eos))
             tokens = result.pop("tokens")
             if num_spec == 0 and temperature == 0 and reference is None:
@@ -267,7 +266,8 @@ def main() -> None:
     trained = {name: _training_of(folder) for name, (_, folder) in proposers.items()}
     plan = _tree_plan(rows, drafter) if args.method == "medusa" else None
     write_result(out, {"method": args.method, "model": drafter, "proposers": proposers, "prompts": args.prompts,
-                       "max_tokens": args.max_tokens, "until_eos": args.until_eos, "dtype": args.dtype, "batch": 1,
+                       "max_tokens": args.max_tokens, "until_eos": args.until_eos, "dtype": args.dtype,
+                       "batch": args.batch,
                        "repeats": args.repeats,
                        "rows": rows, "runs": runs,
                        "training": {name: t for name, t in trained.items() if t}, "tree_plan": plan},
@@ -275,6 +275,16 @@ def main() -> None:
     if plan:
         print(f"tree_plan ({plan['heldout_positions']} held-out positions): {plan['chosen']}")
     print(f"wrote {out}")
+
+
+def _selected(config: tuple, args: argparse.Namespace) -> bool:
+    """Whether ``--sampled-only`` / ``--only`` keep this configuration (``--only`` keeps no speculation at the
+    temperatures of the configurations it names)."""
+    name, num_spec, _, temperature = config[:4]
+    if args.sampled_only and temperature == 0:
+        return False
+    return not args.only or bool(num_spec and _chosen(name, args.only)) or not num_spec and temperature in {
+        t for n, k, _, t, *_ in CONFIGS[args.method] if k and _chosen(n, args.only)}
 
 
 def _summarise(runs: list[dict]) -> list[dict]:
@@ -368,4 +378,4 @@ if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 
     main_or_worker(main, _worker, spec_method=str, model=str, drafter=str, section=str, num_spec=int,
-                   temperature=float, prompts=int, max_tokens=int, dtype=str, until_eos=int)
+                   temperature=float, prompts=int, max_tokens=int, dtype=str, until_eos=int, batch=int)
