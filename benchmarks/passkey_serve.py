@@ -56,8 +56,10 @@ CONFIGS = {
     # single 16-token pages through afterburner's torch op instead of whole blocks through vLLM's kernel
     "sparse-1/4-pages": {"attention": {"method": "sparse", "sparse": {**_GATE, "budget_ratio": 0.25,
                                                                        "read_unit": "page"}}},
-    "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "threshold_quantile": 0.75}}},
-    "squeezed-1/8": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "threshold_quantile": 0.875}}},
+    "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "read_unit": "token",
+                                                                      "threshold_quantile": 0.75}}},
+    "squeezed-1/8": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "read_unit": "token",
+                                                                      "threshold_quantile": 0.875}}},
     # squeezed in kernel blocks: cluster-ordered copies read by vLLM's kernel (``plugins/vllm/squeezed_compact.py``)
     "squeezed-blocks-1/4": {"attention": {"method": "squeezed", "squeezed": {**_GATE, "read_unit": "block",
                                                                              "budget_ratio": 0.25}}},

@@ -36,7 +36,8 @@ def configs(methods: list[str], dense_below: int) -> list[tuple[str, dict]]:
             continue
         for budget in BUDGETS:
             # squeezed keeps about (1 - quantile) of the fixed context: the calibrated threshold
-            settings = {"budget_ratio": budget} if method == "sparse" else {"threshold_quantile": 1 - budget}
+            settings = {"budget_ratio": budget} if method == "sparse" else {"threshold_quantile": 1 - budget,
+                                                                             "read_unit": "token"}
             settings["dense_below_tokens"] = dense_below
             out.append((f"{method} 1/{round(1 / budget)}", {"attention": {"method": method, method: settings}}))
     if "sparse" in methods:  # finer pages: more summary reads, better choices at small budgets

@@ -70,7 +70,7 @@ CONFIGS = {
     "sparse-1/8-p8-bf16": {"attention": {"method": "sparse", "sparse": {
         **_SPARSE, "budget_ratio": 0.125, "page_size": 8, "summary_dtype": "bfloat16"}}},
     # every index built in the first decode step (no per-step bound), so that the timed steps run with all
-    "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
+    "squeezed-1/4": {"attention": {"method": "squeezed", "squeezed": {"read_unit": "token", "threshold_quantile": 0.75,
                                                                       "index_builds_per_step": 0}}},
     # squeezed in kernel blocks: the context copied in cluster order per request, vLLM's kernel over the best
     # budget_ratio of its blocks (``plugins/vllm/squeezed_compact.py``)

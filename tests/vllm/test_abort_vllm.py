@@ -26,7 +26,8 @@ from afterburner.spec_decode.medusa.heads import HeadsConfig, MedusaHeads
 SPARSE = {"method": "sparse", "sparse": {"budget_ratio": 0.25, "sink_pages": 1, "recent_pages": 1,
                                          "dense_below_tokens": 64, "dense_layers": 0}}
 SQUEEZED = {"method": "squeezed", "squeezed": {"dense_below_tokens": 64, "dense_layers": 0, "observation_window": 16,
-                                               "threshold_quantile": 0.75}}
+                                               "threshold_quantile": 0.75}}  # in blocks (the default) at 1/4
+SQUEEZED_TOKENS = {**SQUEEZED, "squeezed": {**SQUEEZED["squeezed"], "read_unit": "token"}}
 
 
 def _run(model, config, *spec):
@@ -41,7 +42,8 @@ def _assert_nothing_stale(result):
         assert after == pytest.approx(fresh, abs=1e-5)
 
 
-@pytest.mark.parametrize("attention", [SPARSE, SQUEEZED], ids=["sparse", "squeezed"])
+@pytest.mark.parametrize("attention", [SPARSE, SQUEEZED, SQUEEZED_TOKENS],
+                         ids=["sparse", "squeezed", "squeezed-tokens"])
 def test_aborted_selective_state_is_not_reused(tiny_model, attention):
     result = _run(tiny_model, {"attention": attention})
     _assert_nothing_stale(result)

@@ -117,10 +117,13 @@ def test_sparse_selects_inside_a_proposers_verification_steps(tiny_model, propos
 
 # token selectors: one choice per verifying row, made with its first query ("keep all": the setting that reads
 # every key); tree rows read the chosen keys and their own path
+_SQUEEZED = {"dense_below_tokens": 64, "dense_layers": 0, "observation_window": 16}
 SELECTORS = {
-    "squeezed": ({"method": "squeezed", "squeezed": {"dense_below_tokens": 64, "dense_layers": 0,
-                                                     "observation_window": 16}}, {"threshold_quantile": 0.0},
+    "squeezed": ({"method": "squeezed", "squeezed": {**_SQUEEZED, "read_unit": "token"}}, {"threshold_quantile": 0.0},
                  {"threshold_quantile": 0.75}),
+    # in blocks (vLLM's default): verification rows by the token lookup, single-query rows through the copies
+    "squeezed-blocks": ({"method": "squeezed", "squeezed": {**_SQUEEZED, "read_unit": "block"}},
+                        {"threshold_quantile": 0.0, "budget_ratio": 1.0}, {"threshold_quantile": 0.75}),
     "sparse-pages": ({"method": "sparse", "sparse": {**SPARSE["sparse"], "read_unit": "page"}},
                      {"token_budget": 100_000}, {}),
 }
@@ -129,6 +132,7 @@ SELECTORS = {
 @pytest.mark.parametrize("selector, method", [("squeezed", "hamburger"), ("squeezed", "draft-model"),
                                               ("squeezed", "hamburger-tree"), ("squeezed", "medusa-tree"),
                                               ("squeezed", "eagle3"), ("squeezed", "ngram"),
+                                              ("squeezed-blocks", "ngram"), ("squeezed-blocks", "hamburger"),
                                               ("sparse-pages", "medusa"), ("sparse-pages", "medusa-tree"),
                                               ("sparse-pages", "draft-model-tree")])
 def test_token_selectors_select_inside_verification_steps(tiny_model, proposers, dense, selector, method):
@@ -143,6 +147,8 @@ def test_token_selectors_select_inside_verification_steps(tiny_model, proposers,
     assert full["attention"]["selective_verify_rows"] > 0, full["attention"]
     assert full["attention"]["tokens_read"] == full["attention"]["tokens_in_context"]
     assert full["attention"]["native_op_rows"] > 0 == full["attention"]["torch_op_rows"], full["attention"]
+    if selector == "squeezed-blocks" and method == "ngram":  # steps without a match decode one query: the copies
+        assert full["attention"]["compact_rows"] > 0, full["attention"]
     chosen = _run(tiny_model, proposers, method, attention(fraction))
     assert chosen["awrs"] == dense["awrs"] and dense["awrs"] in ("yes", "no")  # all three methods in one engine
     counts = chosen["attention"]
