@@ -14,15 +14,13 @@ from afterburner.plugins import stats
 from afterburner.plugins.vllm.compact_decode import KernelShape
 
 
-class CompactPool:
-    """``capacity`` blocks per layer; ``where``, ``setting`` and ``instead`` (what reads a refused request)
-    are what a refusal says."""
+class LayerBlocks:
+    """``capacity`` blocks of one cache tensor per layer (made at the layer's first use), the same ids in every
+    layer, and the list of the free ones (what each compact path hands out its own way)."""
 
-    def __init__(self, capacity_blocks: int, block_size: int, *, where: str, setting: str, instead: str):
+    def __init__(self, capacity_blocks: int, block_size: int):
         self.capacity, self.block_size = capacity_blocks, block_size
-        self.where, self.setting, self.instead = where, setting, instead
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out the lowest block first
-        self._blocks: dict[str, list[int]] = {}
         self._caches: dict[int, torch.Tensor] = {}
 
     def layer_cache(self, layer: int, like: torch.Tensor) -> torch.Tensor:
@@ -33,6 +31,16 @@ class CompactPool:
 
     def blocks_in_use(self) -> int:
         return self.capacity - len(self._free)
+
+
+class CompactPool(LayerBlocks):
+    """Blocks by request id; ``where``, ``setting`` and ``instead`` (what reads a refused request) are what a
+    refusal says."""
+
+    def __init__(self, capacity_blocks: int, block_size: int, *, where: str, setting: str, instead: str):
+        super().__init__(capacity_blocks, block_size)
+        self.where, self.setting, self.instead = where, setting, instead
+        self._blocks: dict[str, list[int]] = {}
 
     def blocks(self, req_id: str) -> list[int]:
         return self._blocks.get(req_id, [])

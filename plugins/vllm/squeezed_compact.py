@@ -34,7 +34,7 @@ from afterburner.attention_backends.squeezed import blocks
 from afterburner.attention_backends.squeezed.blocks import ClusterBlocks
 from afterburner.plugins import stats
 from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, KernelShape, one_head_blocks
-from afterburner.plugins.vllm.compact_pool import capacity_blocks
+from afterburner.plugins.vllm.compact_pool import LayerBlocks, capacity_blocks
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
 _WHERE = "afterburner.attention.squeezed"
@@ -89,27 +89,16 @@ class StepPlan:
     counts: DecodeCounts
 
 
-class SqueezedPool:
-    """Blocks of one compact cache per layer (made at the layer's first use): contexts and tails by name, the
-    same block ids in every layer."""
+class SqueezedPool(LayerBlocks):
+    """Blocks of one compact cache per layer: contexts and tails by name."""
 
     def __init__(self, capacity: int, block_size: int):
-        self.capacity, self.block_size = capacity, block_size
-        self._caches: dict[int, torch.Tensor] = {}
-        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out the lowest block first
+        super().__init__(capacity, block_size)
         self.contexts: OrderedDict[tuple, _Context] = OrderedDict()  # least recently used first
         self.tails: dict[str, _Tail] = {}
         self._plan: tuple[object, StepPlan | None] = (None, None)  # (step metadata, its plan)
         self._dense = DenseRows()  # the planned step's rows left to the stock kernel
         self._stacked: dict[int, tuple] = {}  # layer -> (its rows' layout ids, their centroids stacked, layouts)
-
-    def layer_cache(self, layer: int, like: torch.Tensor) -> torch.Tensor:
-        if layer not in self._caches:
-            self._caches[layer] = torch.empty(self.capacity, *like.shape[1:], dtype=like.dtype)
-        return self._caches[layer]
-
-    def blocks_in_use(self) -> int:
-        return self.capacity - len(self._free)
 
     def stacked(self, layer: int, layouts: list[ClusterBlocks], most: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layouts' block centroids [R, Hkv, most, D] and, where a row has fewer blocks, the padding [R, 1,
