@@ -122,10 +122,11 @@ def count_compact(method: LayerMethod, selector: KVSelector, counts, *, copied: 
     count_plan(method, selector, counts, mixed=mixed)
 
 
-def count_dense_rows(method: LayerMethod, rows) -> None:
-    """A layer-step with no selective row (``rows``: its decode rows, ``compact_decode.DenseRows``)."""
+def count_dense_rows(method: LayerMethod, rows, *, layer_step: bool = True) -> None:
+    """A layer-step with no selective row (``rows``: its decode rows, ``compact_decode.DenseRows``); with
+    ``layer_step`` False only the rows (another path served selective rows in the same layer-step)."""
     totals = stats.attention(method.name)
-    totals.dense_layer_steps += 1
+    totals.dense_layer_steps += layer_step
     if rows is not None:
         _add_dense(totals, rows)
 

@@ -512,8 +512,8 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
             output[result.tokens] = result.output.reshape(result.tokens.shape[0], *output.shape[1:]).to(output.dtype)
             attention_method.count_compact(self.method, self.selector, result.counts, copied=result.copied,
                                            mixed=mixed)
-        else:
-            attention_method.count_dense_rows(self.method, result.counts.dense_rows)
+        else:  # the verification rows, if any, were counted by the token path
+            attention_method.count_dense_rows(self.method, result.counts.dense_rows, layer_step=not verify)
         return output
 
     def _stock_and_selective(self, layer, q, query, key, value, kv_cache, m, output, *, mixed: bool,
