@@ -205,16 +205,19 @@ def _speckv_planner(builder: CPUAttentionMetadataBuilder, vllm_config, layers: i
 
 def _squeezed_pool(builder: CPUAttentionMetadataBuilder, vllm_config, layers: int):
     """The pool of squeezed's cluster-ordered copies (``read_unit`` "block" or "auto") on a cache layout we
-    verified, else None (said once: its rows take the token lookup, which needs a verified layout too)."""
+    verified, else None (said once: its rows take the token lookup)."""
     config = config_of(vllm_config)
     if not squeezed_compact.serves(config):
         return None
-    shape = _kernel_shape(builder)
-    pool = None if shape is None else squeezed_compact.make_pool(config.attention.squeezed.compact_mib,
-                                                                 layers=layers, shape=shape)
+    unit, shape = config.attention.squeezed.read_unit, _kernel_shape(builder)
+    if shape is None:  # the token lookup reads the cache in place too: on a layout it does not know it fails, said
+        stats.fallback(_WHERE, f"squeezed read_unit {unit!r} reads blocks only on a cache layout afterburner "
+                       "verified, with full causal attention", instead="the token lookup of read_unit 'token', "
+                       "and where it cannot read the cache either the stock kernel")
+        return None
+    pool = squeezed_compact.make_pool(config.attention.squeezed.compact_mib, layers=layers, shape=shape)
     if pool is None:
-        stats.fallback(_WHERE, f"squeezed read_unit {config.attention.squeezed.read_unit!r} reads blocks on a cache "
-                       "layout afterburner verified with attention.squeezed.compact_mib > 0",
+        stats.fallback(_WHERE, f"squeezed read_unit {unit!r}: attention.squeezed.compact_mib holds no block",
                        instead="the token lookup of read_unit 'token'")
     return pool
 
