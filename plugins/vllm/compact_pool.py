@@ -2,8 +2,10 @@
 ([NB, Hkv, BS, 2D]), handed out to requests by id: what SpecKV (``speckv_compact``) and Squeezed in blocks
 (``squeezed_compact``) copy a request's entries into, so that vLLM's kernel reads them through block tables.
 
-A request's blocks are the same ids in every layer. ``torch.empty``: only blocks in use are touched. Blocks of
-requests that left the engine return to the pool when the next step names the live ones (``retain``).
+A request's blocks are the same ids in every layer. ``torch.empty``: only blocks in use are touched, and they are
+zeroed when handed out, because vLLM's kernel reads a block's unfilled tail at weight zero and 0 x NaN (what
+recycled memory may hold) is NaN. Blocks of requests that left the engine return to the pool when the next step
+names the live ones (``retain``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ class LayerBlocks:
         cache = self._caches.get(layer)
         if cache is None:
             cache = self._caches[layer] = torch.empty(self.capacity, *like.shape[1:], dtype=like.dtype)
+            free = set(self._free)
+            cache.index_fill_(0, torch.tensor([b for b in range(self.capacity) if b not in free], dtype=torch.long), 0)
         return cache
+
+    def take(self, count: int) -> list[int]:
+        """``count`` free blocks, zeroed in every layer's cache made so far (a later one zeroes them as it is made)."""
+        blocks = [self._free.pop() for _ in range(count)]
+        if blocks:
+            index = torch.tensor(blocks, dtype=torch.long)
+            for cache in self._caches.values():
+                cache.index_fill_(0, index, 0)
+        return blocks
 
     def blocks_in_use(self) -> int:
         return self.capacity - len(self._free)
@@ -64,7 +77,7 @@ class CompactPool(LayerBlocks):
             self.release(req_id)
             self.refuse(f"no room left in its compact cache ({self.setting})")
             return False
-        held.extend(self._free.pop() for _ in range(need))
+        held.extend(self.take(need))
         return True
 
     def refuse(self, reason: str) -> None:

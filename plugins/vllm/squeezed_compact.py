@@ -119,7 +119,7 @@ class SqueezedPool(LayerBlocks):
             if idle is None:
                 return None
             self._free.extend(self.contexts.pop(idle).blocks)
-        return [self._free.pop() for _ in range(count)]
+        return self.take(count)
 
     def _drop_tail(self, req_id: str) -> None:
         tail = self.tails.pop(req_id, None)

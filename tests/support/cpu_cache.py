@@ -6,7 +6,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
-from afterburner.plugins.vllm import compact_decode
+from afterburner.plugins.vllm import compact_decode, compact_pool
 
 BS, HKV, G, D = 32, 3, 3, 64
 SHAPE = compact_decode.KernelShape(HKV * G, HKV, D, BS, torch.float32, "vec", "auto")
@@ -50,3 +50,19 @@ def stock(query, kv_cache, metadata, scale):
         alibi_slopes=None, sliding_window=-1, block_table=metadata.block_table, softcap=0,
         scheduler_metadata=metadata.scheduler_metadata, s_aux=None)
     return out
+
+
+class _NaNEmpty:
+    """``torch`` for ``compact_pool`` with ``empty`` filled with NaN: memory as recycled memory may hold it."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size, dtype=None):
+        return torch.full(size, float("nan"), dtype=dtype)
+
+
+def poison_compact_pools(monkeypatch):
+    """Compact caches made from NaN, so that a block the kernel reads before it is written shows as NaN."""
+    monkeypatch.setattr(compact_pool, "torch", _NaNEmpty())

@@ -14,10 +14,16 @@ from afterburner.attention_backends.selective import selective_attention_referen
 from afterburner.plugins import stats  # noqa: E402
 from afterburner.plugins.vllm import compact_pool, speckv_compact  # noqa: E402
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
-from support.cpu_cache import BS, HKV, SHAPE, D, G  # noqa: E402
+from support.cpu_cache import BS, HKV, SHAPE, D, G, poison_compact_pools  # noqa: E402
 from support.cpu_cache import cache as _cache
 from support.cpu_cache import metadata as _metadata
 from support.cpu_cache import stock as _stock
+
+
+@pytest.fixture(autouse=True)
+def _recycled_memory(monkeypatch):
+    poison_compact_pools(monkeypatch)  # a block's unwritten tail must not reach the output
+
 
 LAYERS, KEPT = 2, 40
 PROMPTS = {"a": 150, "b": 100}  # requests with a choice; "c" did not ask, "d" is a prefill chunk
@@ -111,3 +117,17 @@ def test_no_room_or_unequal_counts_are_read_in_place_and_blocks_are_reused():
 def test_capacity_counts_every_layer():
     block_bytes = HKV * BS * 2 * D * 4
     assert compact_pool.capacity_blocks(block_bytes * 30 * 7 / 2**20, layers=30, shape=SHAPE) == 7
+
+
+def test_blocks_are_zero_when_handed_out_and_only_those_are_touched():
+    like = torch.zeros(1, HKV, BS, 2 * D)
+    pool = compact_pool.CompactPool(4, BS, where="w", setting="s", instead="i")
+    assert pool.reserve("a", BS + 1)  # blocks 0 and 1, before any layer's cache is made
+    first = pool.layer_cache(0, like)
+    assert not first[:2].isnan().any() and first[2:].isnan().all(), "free blocks are not written"
+    first[:2] = float("nan")  # what a request may leave behind
+    pool.release("a")
+    assert pool.reserve("b", 1)
+    (given,), (other,) = pool.blocks("b"), {0, 1} - set(pool.blocks("b"))
+    assert (first[given] == 0).all() and first[other].isnan().all()
+    assert (pool.layer_cache(1, like)[given] == 0).all()

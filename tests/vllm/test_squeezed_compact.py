@@ -18,10 +18,16 @@ from afterburner.attention_backends.squeezed.index import build_index  # noqa: E
 from afterburner.plugins import stats  # noqa: E402
 from afterburner.plugins.vllm import squeezed_compact  # noqa: E402
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS  # noqa: E402
-from support.cpu_cache import BS, HKV, SHAPE, D, G  # noqa: E402
+from support.cpu_cache import BS, HKV, SHAPE, D, G, poison_compact_pools  # noqa: E402
 from support.cpu_cache import cache as _cache
 from support.cpu_cache import metadata as _metadata
 from support.cpu_cache import stock as _stock
+
+
+@pytest.fixture(autouse=True)
+def _recycled_memory(monkeypatch):
+    poison_compact_pools(monkeypatch)  # a block's unwritten tail must not reach the output
+
 
 CONTEXTS = (256, 192)  # fixed-context tokens of rows 0 and 1 (8 and 6 blocks); row 2 is a prefill chunk
 SCALE = 0.125
