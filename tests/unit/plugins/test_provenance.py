@@ -2,8 +2,10 @@
 overwrite a committed result unless told to (plugins/devtools/provenance.py), in a throwaway repository."""
 
 import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +142,11 @@ def test_a_given_commit_does_not_lift_the_dirty_guard(repo, monkeypatch):
     (repo / "code.py").write_text("changed = True\n")
     with pytest.raises(DirtyTreeError):
         write_result(repo / RESULT, {"ms": 1.0}, command="c", repo=repo)
+
+
+def test_every_committed_result_names_the_commit_it_was_measured_on():
+    results = sorted((Path(__file__).parents[3] / "benchmarks" / "results").glob("*.json"))
+    assert len(results) > 50
+    missing = [path.name for path in results
+               if not re.fullmatch(r"[0-9a-f]{40}", str((json.loads(path.read_text()).get("git") or {}).get("commit")))]
+    assert not missing, f"results without their commit: {missing}"
