@@ -63,8 +63,15 @@ class DenseGate:
         return seq_len < self.dense_below_tokens
 
 
-def restarted_pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:
+_FEW_SLOTS = 64  # a decode step's slots, at most
+
+
+def restarted_pages(slots: torch.Tensor, page_size: int) -> list[int]:
     """The pages that ``slots`` [N] (negative: padding) write at offset 0: the engine reused them, so any
-    state kept for their former content is stale. Sorted, unique."""
+    state kept for their former content is stale. Sorted, unique. A decode step's few slots in Python: every
+    layer asks, and four torch ops cost more than the loop."""
+    if slots.numel() <= _FEW_SLOTS:
+        return sorted({slot // page_size for slot in slots.tolist() if slot >= 0 and slot % page_size == 0})
     slots = slots[slots >= 0].long()
-    return torch.div(slots[slots % page_size == 0], page_size, rounding_mode="floor").unique()
+    return torch.div(slots[slots % page_size == 0], page_size, rounding_mode="floor").unique().tolist()
+

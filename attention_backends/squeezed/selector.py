@@ -67,7 +67,7 @@ class SqueezedSelector:
         return self._layers[layer]
 
     def observe_keys(self, layer: int, keys: torch.Tensor, slots: torch.Tensor) -> None:
-        self.contexts(layer).forget_blocks(restarted_pages(slots, self.layout.page_size).tolist())
+        self.contexts(layer).forget_blocks(restarted_pages(slots, self.layout.page_size))
 
     def observe_prefill(self, layer: int, query: torch.Tensor, chunks: Sequence[PrefillChunk]) -> None:
         """Keep the last ``observation_window`` queries of each chunk under the page of its last position."""

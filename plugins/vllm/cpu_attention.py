@@ -133,6 +133,7 @@ def _begin_step(selector, m) -> None:
 
 
 _step_rest: list = [None, None, None]  # (metadata, selective rows, rest_batch) of the step being run
+_step_rows: list = [None, None]  # (metadata, squeezed in blocks' row split) of the step being run
 
 
 def _rest_of_step(m, shape: compact_decode.KernelShape, rows: tuple[int, ...]) -> dict:
@@ -498,10 +499,7 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         if m.max_query_len > 1:
             chunks = _prefill_chunks(m, kv_cache.shape[2], self._page, longer_than=self._decode_queries)
             self.selector.observe_prefill(self._index(layer), q, chunks)
-        starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
-        selective = self._selective_rows(m)
-        rows = [b for b in selective if starts[b + 1] - starts[b] == 1]
-        verify = [b for b in selective if starts[b + 1] - starts[b] > 1]
+        rows, verify, seq_lens = self._single_and_verify_rows(m)
         key_cache, _ = KV_VIEWS[layer.isa](kv_cache)
         _begin_step(self.selector, m)
         shape = self._shape(layer, query, kv_cache)
@@ -518,6 +516,16 @@ class SelectiveCPUAttentionImpl(attention_method.LayerIndexed, CPUAttentionBacke
         else:  # the verification rows, if any, were counted by the token path
             attention_method.count_dense_rows(self.method, result.counts.dense_rows, layer_step=not verify)
         return output
+
+    def _single_and_verify_rows(self, m) -> tuple[list[int], list[int], list[int]]:
+        """The step's selective rows of one query and of several (verification), and every row's length: made by
+        the step's first layer, shared by the others."""
+        if _step_rows[0] is not m:
+            starts, seq_lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+            selective = self._selective_rows(m)
+            _step_rows[:] = [m, ([b for b in selective if starts[b + 1] - starts[b] == 1],
+                                 [b for b in selective if starts[b + 1] - starts[b] > 1], seq_lens)]
+        return _step_rows[1]
 
     def _stock_and_selective(self, layer, q, query, key, value, kv_cache, m, output, *, mixed: bool,
                              rows: list[int] | None = None, elsewhere: tuple[int, ...] = ()):

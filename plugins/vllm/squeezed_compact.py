@@ -24,19 +24,23 @@ attention over the context in another order (the engine tests check the path so)
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
 from vllm import _custom_ops as ops
 
-from afterburner.attention_backends.squeezed import blocks
+from afterburner.attention_backends import native
+from afterburner.attention_backends.squeezed import blocks, blocks_native
 from afterburner.attention_backends.squeezed.blocks import ClusterBlocks
 from afterburner.plugins import stats
 from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, KernelShape, one_head_blocks
 from afterburner.plugins.vllm.compact_pool import LayerBlocks, capacity_blocks
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
+logger = logging.getLogger(__name__)
 _WHERE = "afterburner.attention.squeezed"
 _NO_DENSE = DenseRows()
 
@@ -77,10 +81,11 @@ class _Row:
 class StepPlan:
     rows: tuple[_Row, ...]
     tokens: torch.Tensor  # [R] their query tokens
-    context_blocks: torch.Tensor  # [R, S max] each row's context blocks
-    tail_table: torch.Tensor  # [R, W]: each column's tail block (columns from the budget on)
+    context_heads: torch.Tensor  # [R, Hkv, S max] int32: each row's context blocks as one-head blocks
+    tail_heads: torch.Tensor  # [R, Hkv, W] int32: each column's tail block (columns from the budget on), likewise
     budgets: torch.Tensor  # [R]
     lengths: torch.Tensor  # [R * Hkv] int32
+    query_start: torch.Tensor  # [R * Hkv + 1] int32: one query per (row, kv head) sequence
     schedule: object
     new_tokens: tuple  # (src block, src offset, dst block, dst offset, dst head) [R * Hkv]: this step's tokens
     in_choice: torch.Tensor  # [R, 1, W] the table's columns of chosen context blocks
@@ -99,18 +104,21 @@ class SqueezedPool(LayerBlocks):
         self._plan: tuple[object, StepPlan | None] = (None, None)  # (step metadata, its plan)
         self._dense = DenseRows()  # the planned step's rows left to the stock kernel
         self._stacked: dict[int, tuple] = {}  # layer -> (its rows' layout ids, their centroids stacked, layouts)
+        self._offsets: tuple = (None, None)  # ((plan, cache shapes), the new tokens' element offsets)
 
-    def stacked(self, layer: int, layouts: list[ClusterBlocks], most: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layouts' block centroids [R, Hkv, most, D] and, where a row has fewer blocks, the padding [R, 1,
-        most] (True: none of its own); kept while a layer's rows stay the same (most steps)."""
+    def stacked(self, layer: int, layouts: list[ClusterBlocks], most: int) -> tuple:
+        """The layouts' block centroids [R, Hkv, most, D], where a row has fewer blocks the padding [R, 1, most]
+        (True: none of its own) or None, and the rows' sizes [R] int32; kept while a layer's rows stay the same
+        (most steps)."""
         key = tuple(map(id, layouts))
         kept = self._stacked.get(layer)
         if kept is None or kept[0] != key:
-            sizes = torch.tensor([layout.sorted_blocks for layout in layouts])
+            sizes = torch.tensor([layout.sorted_blocks for layout in layouts], dtype=torch.int32)
             padding = (torch.arange(most) >= sizes[:, None])[:, None, :] if bool((sizes < most).any()) else None
             stacked = torch.stack([torch.nn.functional.pad(layout.centroids, (0, 0, 0, most - layout.sorted_blocks))
                                    for layout in layouts])
-            kept = self._stacked[layer] = (key, (stacked, padding), layouts)  # layouts held: their ids stay theirs
+            # the layouts are held: their ids stay theirs
+            kept = self._stacked[layer] = (key, (stacked, padding, sizes), layouts)
         return kept[1]
 
     def _take(self, count: int) -> list[int] | None:
@@ -200,6 +208,16 @@ class SqueezedPool(LayerBlocks):
         self._plan = (m, plan)
         return plan, self._dense
 
+    def _new_token_offsets(self, plan: StepPlan, isa: str, kv_cache, compact) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element offsets of the plan's new tokens (keys, then values) in vLLM's cache and in the compact one:
+        the same for every layer (the caches of all layers share their shapes)."""
+        key = (plan, kv_cache.shape, compact.shape)
+        if self._offsets[0] != key:
+            src_block, src_offset, dst_block, dst_offset, head = plan.new_tokens
+            self._offsets = (key, (_element_offsets(KV_VIEWS[isa](kv_cache), kv_cache, src_block, src_offset, head),
+                                   _element_offsets(KV_VIEWS[isa](compact), compact, dst_block, dst_offset, head)))
+        return self._offsets[1]
+
     def copy_layer(self, plan: StepPlan, layer: int, layouts: list, fresh: list[bool], isa: str, kv_cache, compact,
                    block_table) -> int:
         """Bring the layer's copies up to date from vLLM's cache (after its write): a context this layer holds
@@ -217,6 +235,10 @@ class SqueezedPool(LayerBlocks):
             firsts.append(min(tail.copied.get(layer, start), row.seq_len - 1))
             tail.copied[layer] = row.seq_len
         if not parts and all(first == row.seq_len - 1 for first, row in zip(firsts, plan.rows, strict=True)):
+            if kv_cache.is_contiguous():  # most steps: the step's token of each row, one gather for all
+                source, target = self._new_token_offsets(plan, isa, kv_cache, compact)
+                compact.view(-1).index_copy_(0, target, kv_cache.view(-1).index_select(0, source))
+                return plan.new_tokens[0].shape[0]
             src, dst = plan.new_tokens[:2], plan.new_tokens[2:]
         else:
             for row, layout, first in zip(plan.rows, layouts, firsts, strict=True):
@@ -230,6 +252,17 @@ class SqueezedPool(LayerBlocks):
         for source, target in zip(KV_VIEWS[isa](kv_cache), KV_VIEWS[isa](compact), strict=True):  # [NB, BS, Hkv, D]
             target[dst] = source[src[0], src[1], dst[2]]
         return dst[0].shape[0]
+
+
+def _element_offsets(views, base: torch.Tensor, block, offset, head) -> torch.Tensor:
+    """Offsets in the contiguous ``base`` of the D elements of entries (block, offset, head) [E] of each of its
+    ``views`` [NB, BS, Hkv, D] (keys, values), view after view."""
+    parts = []
+    for view in views:
+        s_block, s_offset, s_head, s_dim = view.stride()
+        first = view.storage_offset() - base.storage_offset() + block * s_block + offset * s_offset + head * s_head
+        parts.append((first[:, None] + torch.arange(view.shape[3]) * s_dim).flatten())
+    return torch.cat(parts)
 
 
 def _entries(table, source: torch.Tensor, targets: list[int], slots: torch.Tensor, bs: int) -> tuple:
@@ -257,8 +290,10 @@ def _step_plan(pool: SqueezedPool, m, rows: list[_Row], shape: KernelShape) -> S
     new_tokens = tuple(t.repeat_interleave(hkv) for t in (
         m.block_table[index, last // bs].long(), last % bs, tails.gather(1, (slot // bs)[:, None])[:, 0], slot % bs))
     column = torch.arange(width)
-    return StepPlan(tuple(rows), m.query_start_loc[index].long(),
-                    _padded([pool.contexts[row.context].blocks for row in rows]), tail_table, budgets, lengths,
+    heads = torch.arange(hkv, dtype=torch.int32)[:, None]
+    context_blocks = _padded([pool.contexts[row.context].blocks for row in rows]).to(torch.int32)
+    return StepPlan(tuple(rows), m.query_start_loc[index].long(), context_blocks[:, None, :] * hkv + heads,
+                    tail_table.to(torch.int32)[:, None, :] * hkv + heads, budgets, lengths, start,
                     shape.schedule(lengths, start, heads=shape.num_heads // hkv, kv_heads=1),
                     (*new_tokens, torch.arange(hkv).repeat(len(rows))), (column < budgets[:, None])[:, None, :],
                     column.clamp(max=int(budgets.max()) - 1), int(budgets.max()), _counts(rows, shape))
@@ -305,14 +340,15 @@ def decode_layer(pool: SqueezedPool, selector, layer: int, isa: str, kv_cache: t
         layouts.append(layout)
     compact = pool.layer_cache(layer, kv_cache)
     copied = pool.copy_layer(plan, layer, layouts, fresh, isa, kv_cache, compact, m.block_table)
-    table = _table(plan, pool.stacked(layer, layouts, plan.context_blocks.shape[1]), query[plan.tokens], shape)
+    queries = query[plan.tokens]
+    table = _table(plan, pool.stacked(layer, layouts, plan.context_heads.shape[2]), queries)
     group = shape.num_heads // shape.num_kv_heads
-    q = query[plan.tokens].reshape(-1, group, shape.head_dim)  # (row, kv head) sequences of one query each
+    q = queries.reshape(-1, group, shape.head_dim)  # (row, kv head) sequences of one query each
     key_cache, value_cache = one_head_blocks(compact)
     out = torch.empty_like(q)
     ops.cpu_attention_with_kv_cache(
         query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=torch.arange(q.shape[0] + 1, dtype=torch.int32), seq_lens=plan.lengths, scale=scale,
+        query_start_loc=plan.query_start, seq_lens=plan.lengths, scale=scale,
         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0,
         scheduler_metadata=plan.schedule, s_aux=None)
     counts = plan.counts if dense == _NO_DENSE else replace(plan.counts, dense_rows=dense)
@@ -324,17 +360,29 @@ def _nothing(query, shape: KernelShape, dense: DenseRows) -> LayerResult:
     return LayerResult((), torch.empty(0, dtype=torch.long), query[:0], 0, _counts([], shape, dense))
 
 
-def _table(plan: StepPlan, stacked: tuple, queries: torch.Tensor, shape: KernelShape) -> torch.Tensor:
+def _table(plan: StepPlan, stacked: tuple, queries: torch.Tensor) -> torch.Tensor:
     """Block tables [R * Hkv, W] of the (row, kv head) sequences: the chosen context blocks (``stacked``:
-    ``SqueezedPool.stacked``), best first, then the row's tail blocks (the last one partly filled)."""
-    hkv, (centroids, padding) = shape.num_kv_heads, stacked
+    ``SqueezedPool.stacked``), best first, then the row's tail blocks (the last one partly filled): in C where
+    it is built (one call), else in torch (said once)."""
+    centroids, padding, sizes = stacked
+    if (lib := _native()) is not None:
+        return blocks_native.block_table(lib, centroids, sizes, queries, plan.budgets, plan.context_heads,
+                                         plan.tail_heads)
     scores = blocks.block_scores(centroids, queries)  # [R, Hkv, S max]
     if padding is not None:
         scores.masked_fill_(padding, -torch.inf)
     chosen = scores.topk(plan.k, dim=-1).indices  # [R, Hkv, k]
-    picked = plan.context_blocks.gather(1, chosen.flatten(1)).view(chosen.shape)[:, :, plan.pick]  # [R, Hkv, W]
-    table = torch.where(plan.in_choice, picked, plan.tail_table[:, None, :])
-    return (table * hkv + torch.arange(hkv)[:, None]).flatten(0, 1).to(torch.int32)
+    picked = plan.context_heads.gather(2, chosen)[:, :, plan.pick]  # [R, Hkv, W]
+    return torch.where(plan.in_choice, picked, plan.tail_heads).flatten(0, 1)
+
+
+@functools.cache
+def _native():
+    lib = blocks_native.library()
+    if isinstance(lib, native.NativeUnavailable):
+        logger.warning("afterburner: squeezed's block choice runs its slower torch path: %s", lib)
+        return None
+    return lib
 
 
 def _padded(lists: list[list[int]]) -> torch.Tensor:

@@ -30,7 +30,10 @@ def test_dense_gate_and_the_rewrite_rule():
     assert gate.sequence_is_dense(99) and not gate.sequence_is_dense(100)
     # pages of 4: slots 8 (page 2, offset 0) and 20 (page 5, offset 0) restart; padding -1 is ignored
     slots = torch.tensor([8, 9, 20, 20, -1, 3, 12 + 1])
-    assert restarted_pages(slots, 4).tolist() == [2, 5]
+    assert restarted_pages(slots, 4) == [2, 5]
+    # a prefill's many slots take the torch path: the same rule
+    many = torch.randint(-1, 4000, (1000,), generator=torch.Generator().manual_seed(0))
+    assert restarted_pages(many, 16) == sorted({s // 16 for s in many.tolist() if s >= 0 and s % 16 == 0})
 
 
 def test_every_registered_method_makes_a_selector_that_keeps_the_protocol():
