@@ -8,12 +8,14 @@ The step is planned once, by its first layer to run (``SqueezedPool.plan``): whi
 blocks of each context and tail (the same ids in every layer's cache), the copies of the tokens written since
 the step before, the tables' tail part, the lengths and the kernel's schedule. Per layer: each row's index
 lookup (the selector's, shared with the token unit), a context copy where this layer has none of the current
-index, one index copy of the new tokens for keys and one for values, one batched choice and one kernel call
-over (row, kv head) sequences of one kv head each (``compact_decode.one_head_blocks``).
+index, one gather of the new tokens' elements (keys and values, offsets made once a step), one choice call
+(``attention_backends/squeezed/blocks_cpu.c``; torch where it cannot be built) and one kernel call over
+(row, kv head) sequences of one kv head each (``compact_decode.one_head_blocks``).
 
 Memory: ``attention.squeezed.compact_mib`` for all layers, outside vLLM's KV space (``torch.empty``: only blocks
-in use are touched). A tail is freed once its request left; a context copy stays until the room is needed by
-another (least recently used first, never one a live request reads).
+in use are touched, zeroed as they are handed out: ``compact_pool``). A tail is freed once its request left; a
+context copy stays until the room is needed by another (least recently used first, never one a live request
+reads).
 
 Rows read by the stock kernel instead, counted as dense decode rows (``DenseRows.waiting``): a context whose
 index waits for a later step (``index_builds_per_step``; in a layer where a planned row's index differs from the
