@@ -39,3 +39,11 @@ def test_entry_points(wheel):
 def test_lm_eval_tasks_are_package_data(wheel):
     tasks = [n for n in wheel.namelist() if n.startswith("afterburner/plugins/lm_eval/tasks/")]
     assert any(n.endswith(".yaml") for n in tasks) and any(n.endswith(".jsonl") for n in tasks)
+
+
+def test_native_sources_are_package_data(wheel):
+    """The C ops are built from their sources at first use: an installed wheel must carry every one."""
+    names = set(wheel.namelist())
+    sources = sorted(path.relative_to(REPO).as_posix() for path in REPO.glob("attention_backends/**/*.c"))
+    assert len(sources) >= 3
+    assert [source for source in sources if f"afterburner/{source}" not in names] == []
