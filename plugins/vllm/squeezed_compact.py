@@ -106,7 +106,7 @@ class SqueezedPool(LayerBlocks):
         self._plan: tuple[object, StepPlan | None] = (None, None)  # (step metadata, its plan)
         self._dense = DenseRows()  # the planned step's rows left to the stock kernel
         self._stacked: dict[int, tuple] = {}  # layer -> (its rows' layout ids, their centroids stacked, layouts)
-        self._offsets: tuple = (None, None)  # ((plan, cache shapes), the new tokens' element offsets)
+        self._offsets: tuple = (None, None, None)  # (plan, cache shapes, the new tokens' element offsets)
 
     def stacked(self, layer: int, layouts: list[ClusterBlocks], most: int) -> tuple:
         """The layouts' block centroids [R, Hkv, most, D], where a row has fewer blocks the padding [R, 1, most]
@@ -213,12 +213,13 @@ class SqueezedPool(LayerBlocks):
     def _new_token_offsets(self, plan: StepPlan, isa: str, kv_cache, compact) -> tuple[torch.Tensor, torch.Tensor]:
         """Element offsets of the plan's new tokens (keys, then values) in vLLM's cache and in the compact one:
         the same for every layer (the caches of all layers share their shapes)."""
-        key = (plan, kv_cache.shape, compact.shape)
-        if self._offsets[0] != key:
+        shapes = (kv_cache.shape, compact.shape)
+        if self._offsets[0] is not plan or self._offsets[1] != shapes:  # by identity: a plan holds tensors
             src_block, src_offset, dst_block, dst_offset, head = plan.new_tokens
-            self._offsets = (key, (_element_offsets(KV_VIEWS[isa](kv_cache), kv_cache, src_block, src_offset, head),
-                                   _element_offsets(KV_VIEWS[isa](compact), compact, dst_block, dst_offset, head)))
-        return self._offsets[1]
+            self._offsets = (plan, shapes, (
+                _element_offsets(KV_VIEWS[isa](kv_cache), kv_cache, src_block, src_offset, head),
+                _element_offsets(KV_VIEWS[isa](compact), compact, dst_block, dst_offset, head)))
+        return self._offsets[2]
 
     def copy_layer(self, plan: StepPlan, layer: int, layouts: list, fresh: list[bool], isa: str, kv_cache, compact,
                    block_table) -> int:
