@@ -358,21 +358,15 @@ def _eagle3_baselines(folder: str | None, drafter: str, model: str) -> dict[str,
     """The EAGLE-3 rows' proposers: vLLM's eagle3 with the trained folder, and with a copy drafting from the
     micro-step drafter's first 4,096 ranked tokens (written beside it on first use)."""
     from afterburner.plugins.cli.models import TRAINED_SPECULATORS, trained_speculator
-    from afterburner.spec_decode import draft_vocab
-    from afterburner.spec_decode.eagle3.folder import with_draft_vocab
+    from afterburner.spec_decode.eagle3.folder import draft_vocab_copy
     from afterburner.spec_decode.hamburger.checkpoint import load_base_embeddings
 
     folder = Path(folder) if folder else trained_speculator("eagle3")
     if folder is None or not (folder / "config.json").is_file():
         sys.exit(f"no EAGLE-3 drafter at {folder or 'the cache'}: run `{TRAINED_SPECULATORS['eagle3'][1]}` first "
                  "(or pass --eagle3)")
-    lm_head = load_base_embeddings(model)[1].float()
-    restricted = folder.with_name(folder.name + "-vocab4096")
-    if not (restricted / "config.json").is_file() or \
-            (restricted / "config.json").stat().st_mtime < (folder / "config.json").stat().st_mtime:
-        with_draft_vocab(folder, restricted, draft_vocab.load(drafter, 4096, lm_head.shape[0]), lm_head)
+    restricted = draft_vocab_copy(folder, drafter, 4096, load_base_embeddings(model)[1].float())
     return {"eagle3": ("eagle3", str(folder)), "eagle3-vocab": ("eagle3", str(restricted))}
-
 
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker

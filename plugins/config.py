@@ -198,6 +198,9 @@ class SpeculativeSettings(_Settings):
                                          "draft length); None: the drafter's own (config.json). vLLM's "
                                          "draft_model: set, afterburner cuts each chain before its first token "
                                          "of draft probability below this; None: vLLM's own proposer")
+    stop_head: bool = Field(False, description="vLLM's eagle3 with stop_threshold: cut each chain where the stop "
+                            "head fitted on the EAGLE-3 folder (its stop_head/, `afterburner train eagle3-stop`) says "
+                            "P(accepted) < stop_threshold, instead of where the draft probability is below it")
     min_drafts: int = Field(0, ge=0, description="micro-step drafter (vLLM): the first N drafts of each step are "
                             "kept whatever the stop head says (the first micro-step is paid for anyway, and one more "
                             "verified token costs little where verification is memory-bound); 0: the stop head may "

@@ -20,6 +20,9 @@
     afterburner train eagle3 --base DIR --data FILE... --out DIR [...]
                                                     an EAGLE-3 drafter in vLLM's format, same recipe: the
                                                     fixed-length baseline (plugins/cli/train_eagle3.py)
+    afterburner train eagle3-stop --eagle3 DIR --base DIR --data FILE... [...]
+                                                    a learned stop head on that drafter: vLLM's eagle3 with a
+                                                    draft length per request and step (train_eagle3_stop.py)
     afterburner train draft-vocab --base DIR --data FILE... --out DIR
                                                     rank the tokens the target writes, for drafting from the
                                                     most frequent (plugins/cli/train_draft_vocab.py)

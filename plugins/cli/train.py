@@ -45,11 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     medusa.add_argument("--work-dir", type=Path, default=None, help="default: OUT.train")
     medusa.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
     medusa.set_defaults(run=run)
-    from afterburner.plugins.cli import train_draft_vocab, train_eagle3, train_hamburger, train_lla
+    from afterburner.plugins.cli import train_draft_vocab, train_eagle3, train_eagle3_stop, train_hamburger, train_lla
 
     train_lla.add_parser(methods)
     train_hamburger.add_parser(methods)
     train_eagle3.add_parser(methods)
+    train_eagle3_stop.add_parser(methods)
     train_draft_vocab.add_parser(methods)
 
 

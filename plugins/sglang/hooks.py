@@ -33,6 +33,9 @@ def check_server_args(server_args: Any, *_args: Any, **_kwargs: Any) -> None:
     if "min_drafts" in config.speculative.model_fields_set:
         raise ConfigError("afterburner.speculative.min_drafts: vLLM's micro-step drafter only (SGLang's "
                           "AFTERBURNER_HAMBURGER cuts where its stop head says)")
+    if config.speculative.stop_head:
+        raise ConfigError("afterburner.speculative.stop_head: a stop head on vLLM's EAGLE-3 only (SGLang's "
+                          "AFTERBURNER_HAMBURGER carries its own; AFTERBURNER_DRAFT cuts by the draft's confidence)")
     from afterburner.plugins.sglang import speckv, specpc
 
     specpc.check_startup(server_args, config)

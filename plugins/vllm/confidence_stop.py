@@ -57,8 +57,14 @@ class ConfidenceStop:
             return out
 
         self.model.forward = gated
-        logger.info("%s: chains of up to %d tokens cut below draft probability %.2f", self.name,
-                    self.num_speculative_tokens, self.threshold)
+        logger.info("%s: chains of up to %d tokens cut below %s %.2f", self.name, self.num_speculative_tokens,
+                    self.signal, self.threshold)
+
+    signal = "draft probability"  # what ``_stop_scores`` returns, for the log
+
+    def _stop_scores(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[B] the score a chain is cut below: the draft's probability of its token (a subclass may learn one)."""
+        return logits.float().softmax(-1).max(-1).values
 
     def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self._drafting:
@@ -66,9 +72,10 @@ class ConfidenceStop:
         if self._all_cut:  # nothing drafted from here on is kept: any tokens of the right shape
             return torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
         # EAGLE-3 with a drafting vocabulary: its compute_logits maps onto the target's ids, -inf elsewhere
-        probability, tokens = self.model.compute_logits(hidden_states).float().softmax(-1).max(-1)
-        self._confidence.append(probability)
-        confident = probability >= self.threshold
+        logits = self.model.compute_logits(hidden_states)
+        tokens, score = logits.argmax(-1), self._stop_scores(hidden_states, logits)
+        self._confidence.append(score)
+        confident = score >= self.threshold
         self._running = confident if self._running is None else self._running & confident
         return tokens
 

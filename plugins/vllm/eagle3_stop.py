@@ -4,7 +4,8 @@ drafter weights vLLM's fixed-``k`` EAGLE-3 runs (the stop idea of the micro-step
 Users keep ``--speculative-config '{"method": "eagle3", "model": EAGLE3_DIR, "num_speculative_tokens": K}'``
 and add ``--additional-config '{"afterburner": {"speculative": {"stop_threshold": P}}}'``: each request's
 chain of up to K drafts is cut before its first draft whose EAGLE-3 probability is below P
-(``confidence_stop.ConfidenceStop``; with a drafting vocabulary, the probability over its tokens).
+(``confidence_stop.ConfidenceStop``; with a drafting vocabulary, the probability over its tokens), or with
+``"stop_head": true`` whose P(accepted) by the stop head fitted on the folder (``train eagle3-stop``) is.
 Without ``stop_threshold`` vLLM's proposer runs untouched. Needs synchronous scheduling, greedy drafting and
 no afterburner token tree; afterburner's own ``speculative.draft_vocab`` does not apply (vLLM's EAGLE-3
 folder carries its drafting vocabulary, ``draft_vocab_size`` + ``d2t``).
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from afterburner.plugins.config import AfterburnerConfig, ConfigError
 from afterburner.plugins.vllm.confidence_stop import ConfidenceStop
 from afterburner.plugins.vllm.config_access import config_of
+from afterburner.spec_decode.eagle3.folder import Eagle3FolderError, load_stop_head
 
 SETTING = "afterburner.speculative.stop_threshold with method 'eagle3'"
 
@@ -29,7 +32,23 @@ def wanted(config: AfterburnerConfig) -> bool:
 
 
 class ConfidentEagleProposer(ConfidenceStop, EagleProposer):
+    """With ``speculative.stop_head`` the score is the stop head's P(accepted) from the drafter's normed
+    state (what vLLM hands ``_greedy_sample``) and its logits, as ``Eagle3Drafter.draft`` applies it."""
+
     name = "EAGLE-3"
+
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.stop_head = None
+        if config_of(vllm_config).speculative.stop_head:
+            folder = vllm_config.speculative_config.model
+            self.stop_head = load_stop_head(folder).to(device=device, dtype=torch.float32)
+            self.signal = f"the stop head's P(accepted) ({folder}/stop_head)"
+
+    def _stop_scores(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.stop_head is None:
+            return super()._stop_scores(hidden_states, logits)
+        return self.stop_head.p_accept(hidden_states.float(), logits)
 
 
 def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> None:
@@ -41,8 +60,16 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
     if "tree" in config.speculative.model_fields_set and config.speculative.tree != "chain":
         raise ConfigError("afterburner.speculative.tree with method 'eagle3': vLLM's EAGLE-3 drafts chains (a stop "
                           "threshold cuts them); leave tree unset")
+    if config.speculative.stop_head and not wanted(config):
+        raise ConfigError("afterburner.speculative.stop_head cuts chains below speculative.stop_threshold; set one "
+                          "(P(accepted), e.g. 0.3)")
     if not wanted(config):
         return
+    if config.speculative.stop_head:
+        try:
+            load_stop_head(spec.get("model") or "")
+        except Eagle3FolderError as exc:
+            raise ConfigError(f"afterburner.speculative.stop_head: {exc}") from None
     if spec.get("draft_sample_method", "greedy") != "greedy":
         raise ConfigError(f"{SETTING} drafts greedily; leave speculative_config.draft_sample_method at \"greedy\"")
 

@@ -72,6 +72,9 @@ def check_speculative_config(engine_args: Any, *_args: Any, **_kwargs: Any) -> N
         raise ConfigError(f"afterburner.speculative.min_drafts: only the micro-step drafter (method 'hamburger') "
                           f"keeps a minimum of drafts before its stop head; this engine runs {method or 'no'} "
                           "speculation")
+    if config.enabled and config.speculative.stop_head and method != "eagle3":
+        raise ConfigError(f"afterburner.speculative.stop_head: a stop head fitted on vLLM's EAGLE-3 (method 'eagle3'); "
+                          f"this engine runs {method or 'no'} speculation (the micro-step drafter carries its own)")
     if method in proposers.PROPOSERS and config.enabled:
         proposers.config_check(method)(spec, config, engine_args)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig, RMSNorm, rope_at
+from afterburner.spec_decode.stop_head import StopHead
 
 
 def check_config(c: DrafterConfig) -> None:
@@ -142,6 +143,11 @@ class Eagle3Drafter(nn.Module):
         """Teacher-forced draft steps at every position: features [B, T, F, H] (base positions 0..T-1),
         tokens [B, T + steps - 1] (tokens[:, t + m - 1] = x_{t+m}, step m's input at slot t) -> logits
         [steps, B, T, V]; step m at slot t predicts x_{t+m+1}."""
+        return self.logits(self.unroll_states(features, tokens, steps))
+
+    def unroll_states(self, features: torch.Tensor, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+        """``unroll``'s draft-step outputs before the final norm, [steps, B, T, H] (what a stop head reads,
+        normed, beside the logits)."""
         if self.embed_weight is None:
             raise RuntimeError("Eagle3Drafter: call attach_base(embed, lm_head) first")
         t = features.shape[1]
@@ -153,18 +159,20 @@ class Eagle3Drafter(nn.Module):
                 cache = kv
             else:
                 diagonal.append(kv)
-            out.append(self.logits(pre))
+            out.append(pre)
             hidden = pre
         return torch.stack(out)
 
     @torch.no_grad()
     def draft(self, features: torch.Tensor, tokens: torch.Tensor, num_tokens: int, *,
-              vocab_ids: torch.Tensor | None = None, stop_threshold: float | None = None) -> list[int]:
+              vocab_ids: torch.Tensor | None = None, stop_threshold: float | None = None,
+              stop_head: StopHead | None = None) -> list[int]:
         """Greedy draft of ``num_tokens`` after a sequence: features [T, F, H] at base positions 0..T-1,
         tokens [T] (x_1 .. x_T: each position's next token, the last one just emitted by the base);
         ``vocab_ids``: argmax over these tokens only (vLLM's draft_vocab_size / d2t); ``stop_threshold``: the
         chain ends before its first token whose draft probability (softmax over the drafting vocabulary) is
-        below it (``confident_chain``'s rule)."""
+        below it (``confident_chain``'s rule), or with ``stop_head`` whose P(accepted) is below it (the head
+        reads the normed draft state and the drafting vocabulary's logits, as ``stop_train`` fits it)."""
         t = features.shape[0]
         slots = torch.arange(t)
         pre, cache = self._step(tokens[None], self.combine(features[None]), slots, slots, None, [])
@@ -174,6 +182,8 @@ class Eagle3Drafter(nn.Module):
             logits = self.logits(pre[:, -1])[0]
             scores = logits if vocab_ids is None else logits[vocab_ids]
             probability, best = scores.float().softmax(-1).max(-1)
+            if stop_head is not None:
+                probability = stop_head.p_accept(self.norm(pre[:, -1])[0], scores)
             if stop_threshold is not None and bool(probability < stop_threshold):
                 break
             token = int(best) if vocab_ids is None else int(vocab_ids[best])

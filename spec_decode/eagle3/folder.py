@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from afterburner.spec_decode.eagle3.drafter import Eagle3Drafter
 from afterburner.spec_decode.hamburger.drafter import DrafterConfig
 from afterburner.spec_decode.medusa.checkpoint import WEIGHTS, write_folder
+from afterburner.spec_decode.stop_head import StopHead
 
 MARKER = "afterburner_eagle3"
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -80,3 +82,60 @@ def with_draft_vocab(folder: str | Path, out: str | Path, vocab_ids: torch.Tenso
     raw = json.loads((Path(folder) / "config.json").read_text())
     return save_eagle3(out, drafter, max_position_embeddings=raw["max_position_embeddings"], vocab_ids=vocab_ids,
                        provenance={**(raw[MARKER].get("training") or {}), "draft_vocab_of": str(folder)})
+
+
+# A stop head fitted on an EAGLE-3 folder (``stop_train.py``) lives in that folder's ``stop_head/`` (vLLM's
+# loader reads only the top level's weights), with the digest of the drafter weights it was fitted on.
+STOP_HEAD = "stop_head"
+STOP_MARKER = "afterburner_stop_head"
+
+
+def weights_digest(folder: str | Path) -> str:
+    """sha256 of an EAGLE-3 folder's weights file (what a stop head is tied to)."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_stop_head(folder: str | Path, head: StopHead, *, provenance: dict | None = None) -> Path:
+    """Write ``head`` into the EAGLE-3 folder ``folder`` (its ``stop_head/``, replaced whole)."""
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in head.state_dict().items()}
+    config = {STOP_MARKER: {"hidden_size": head.hidden_size, "width": head.width,
+                            "drafter_sha256": weights_digest(folder), "training": provenance}}
+    return write_folder(Path(folder) / STOP_HEAD, tensors, config)
+
+
+def load_stop_head(folder: str | Path) -> StopHead:
+    """The stop head fitted on the EAGLE-3 folder ``folder``; an Eagle3FolderError line when there is none
+    or when it was fitted on other drafter weights."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / STOP_HEAD / "config.json"
+    if not path.is_file():
+        raise Eagle3FolderError(f"{folder} has no stop head ({STOP_HEAD}/): fit one with `afterburner train "
+                                f"eagle3-stop --eagle3 {folder} ...`")
+    meta = json.loads(path.read_text()).get(STOP_MARKER)
+    if not isinstance(meta, dict):
+        raise Eagle3FolderError(f"{path} is not an afterburner stop head (no {STOP_MARKER!r} entry)")
+    if meta.get("drafter_sha256") != weights_digest(folder):
+        raise Eagle3FolderError(f"{path} was fitted on other drafter weights than {folder}'s {WEIGHTS}: fit it "
+                                "again (`afterburner train eagle3-stop`)")
+    head = StopHead(int(meta["hidden_size"]), int(meta["width"]))
+    head.load_state_dict(load_file(str(path.parent / WEIGHTS)))
+    return head.eval()
+
+
+def draft_vocab_copy(folder: str | Path, ranking_folder: str | Path, size: int, lm_head: torch.Tensor) -> Path:
+    """``folder``'s copy drafting from the first ``size`` tokens ``ranking_folder``'s draft_vocab.safetensors
+    ranks (``train draft-vocab``), beside it as FOLDER-vocabSIZE; written when missing or older than
+    ``folder`` (then any stop head in it is gone with it: it was fitted on the old copy)."""
+    from afterburner.spec_decode import draft_vocab
+
+    folder = Path(folder)
+    out = folder.with_name(f"{folder.name}-vocab{size}")
+    if not (out / "config.json").is_file() or \
+            (out / "config.json").stat().st_mtime < (folder / "config.json").stat().st_mtime:
+        with_draft_vocab(folder, out, draft_vocab.load(ranking_folder, size, lm_head.shape[0]), lm_head)
+    return out

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afterburner.spec_decode.stop_head import StopHead
+
 
 @dataclass
 class DrafterConfig:
@@ -182,8 +184,7 @@ class MicroStepDrafter(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         wide = c.hidden_size == c.base_hidden_size
         self.fc_out = nn.Identity() if wide else nn.Linear(c.hidden_size, c.base_hidden_size, bias=False)
-        stop_width = max(16, c.hidden_size // 4)
-        self.stop_head = nn.Sequential(nn.Linear(c.hidden_size + 2, stop_width), nn.SiLU(), nn.Linear(stop_width, 1))
+        self.stop_head = StopHead(c.hidden_size)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=1 / math.sqrt(module.in_features))
@@ -263,12 +264,8 @@ class MicroStepDrafter(nn.Module):
         logits = out @ self.lm_head_weight.T if self._project is None else self._project(out)
         if not stop:
             return logits, None
-        with torch.no_grad():
-            logq = torch.log_softmax(logits.float(), -1)
-            confidence = torch.stack([logq.max(-1).values, -(logq.exp() * logq).sum(-1)], -1).to(states.dtype)
         # detached: the stop head reads the state, its loss does not reshape it (train.py)
-        p_continue = torch.sigmoid(self.stop_head(torch.cat([states.detach(), confidence], -1)).squeeze(-1))
-        return logits, p_continue
+        return logits, self.stop_head.p_accept(states.detach(), logits)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [B, F, H_base] (base position t), tokens [B, T] (x_{t+1}, ..., x_{t+T}) ->

@@ -13,8 +13,9 @@ import pytest
 import torch
 from result_script import run_result_script
 
-from afterburner.spec_decode.eagle3.folder import load_eagle3, save_eagle3
+from afterburner.spec_decode.eagle3.folder import load_eagle3, load_stop_head, save_eagle3, save_stop_head
 from afterburner.spec_decode.eagle3.reference import eagle3_generate
+from afterburner.spec_decode.eagle3.stop_train import StopTrainConfig, train_stop_head
 from afterburner.spec_decode.eagle3.train import residual_init, train_eagle3
 from afterburner.spec_decode.hamburger.train import TrainConfig, base_norm_init, drafter_config_for
 from afterburner.spec_decode.medusa.distill_data import load_base, load_or_build
@@ -57,16 +58,34 @@ def folders(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stop_head_folder(tiny_model, folders):
+    """The drafting-vocabulary folder with a stop head fitted on the training corpus's drafts (its
+    ``stop_head/``; vLLM reads only the folder's top level)."""
+    base, tokenizer = load_base(tiny_model)
+    root = folders[0].parent
+    features, _ = load_or_build(base, tokenizer, tiny_model, [root / "corpus.jsonl"], root / "pass.pt", seq_len=64,
+                                max_tokens=None, progress=False, feature_layers=(1,))
+    drafter, vocab_ids = load_eagle3(folders[1])
+    embed, lm_head = base.get_input_embeddings().weight.detach(), base.get_output_embeddings().weight.detach()
+    result = train_stop_head(drafter.attach_base(embed, lm_head), features, lm_head, vocab_ids=vocab_ids,
+                             config=StopTrainConfig(epochs=20, holdout=0.1), progress=False)
+    save_stop_head(folders[1], result.head)
+    return folders[1]
+
+
+@pytest.fixture(scope="module")
 def plain(tiny_model, folders):
     return _run(tiny_model, folders[0], 0)
 
 
-def _reference_accepted(model, folder, stop_threshold: float | None = None) -> int:
+def _reference_accepted(model, folder, stop_threshold: float | None = None, stop_head: bool = False) -> int:
     base, tokenizer = load_base(model)
     drafter, vocab_ids = load_eagle3(folder)
     drafter.attach_base(base.get_input_embeddings().weight, base.get_output_embeddings().weight)
+    head = load_stop_head(folder) if stop_head else None
     return sum(sum(eagle3_generate(base, drafter, torch.tensor(tokenizer(p)["input_ids"]), NEW, num_tokens=NUM_SPEC,
-                                   vocab_ids=vocab_ids, stop_threshold=stop_threshold)[1]) for p in PROMPTS)
+                                   vocab_ids=vocab_ids, stop_threshold=stop_threshold, stop_head=head)[1])
+               for p in PROMPTS)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["whole vocabulary", "drafting vocabulary"])
@@ -104,6 +123,29 @@ def test_a_confidence_stop_on_vllms_eagle3_accepts_what_the_reference_accepts(ti
     assert accepted == _reference_accepted(tiny_model, folders[which], stop_threshold=threshold)
 
 
+def test_a_learned_stop_head_on_vllms_eagle3_cuts_where_the_head_says(tiny_model, stop_head_folder, plain):
+    """``speculative.stop_head``: vLLM's EAGLE-3 (drafting vocabulary) with the head fitted on its folder, at
+    the median of the head's scores: greedy output unchanged, the scores are the head's (not the draft
+    probabilities), each chain keeps its drafts up to the first scored below the threshold, and vLLM accepts
+    what the engine-free reference with the same head accepts."""
+    probability = _run(tiny_model, stop_head_folder, NUM_SPEC, {"speculative": {"stop_threshold": 0.0}})
+    scored = _run(tiny_model, stop_head_folder, NUM_SPEC, {"speculative": {"stop_threshold": 0.0, "stop_head": True}})
+    assert scored["tokens"] == plain["tokens"] and scored["stats"]["stopped_early"] == 0
+    first = [p for chain in scored["chains"] for row in chain["confidence"] for p in row]
+    assert first != [p for chain in probability["chains"] for row in chain["confidence"] for p in row]
+    threshold = sorted(first)[len(first) // 2]
+    cut = _run(tiny_model, stop_head_folder, NUM_SPEC,
+               {"speculative": {"stop_threshold": threshold, "stop_head": True}})
+    assert cut["tokens"] == plain["tokens"]
+    assert 0 < cut["stats"]["stopped_early"] < cut["stats"]["proposals"], cut["stats"]
+    for chain in cut["chains"]:
+        for row, kept in zip(chain["confidence"], chain["lengths"], strict=True):
+            below = [i for i, p in enumerate(row) if p < threshold]
+            assert kept == (below[0] if below else len(row)), (row, kept)
+    accepted = cut["metrics"]["vllm:spec_decode_num_accepted_tokens"]
+    assert accepted == _reference_accepted(tiny_model, stop_head_folder, stop_threshold=threshold, stop_head=True)
+
+
 def test_bad_eagle3_settings_stop_startup_with_one_line(tiny_model, folders):
     from afterburner.plugins.config import ConfigError, parse_config
     from afterburner.plugins.vllm import eagle3_stop
@@ -121,4 +163,25 @@ def test_bad_eagle3_settings_stop_startup_with_one_line(tiny_model, folders):
         eagle3_stop.check_config({**spec, "draft_sample_method": "probabilistic"},
                                  parse_config({"speculative": {"stop_threshold": 0.5}}, source="test"), None)
     eagle3_stop.check_config(spec, parse_config({"speculative": {"tree": "chain"}}, source="test"), None)  # allowed
+    with pytest.raises(ConfigError, match=r"^afterburner\.speculative\.stop_head cuts chains below "
+                                          r"speculative\.stop_threshold; set one"):
+        eagle3_stop.check_config(spec, parse_config({"speculative": {"stop_head": True}}, source="test"), None)
+    with pytest.raises(ConfigError, match=r"^afterburner\.speculative\.stop_head: .* has no stop head \(stop_head/\): "
+                                          r"fit one with `afterburner train eagle3-stop"):
+        eagle3_stop.check_config(spec, parse_config({"speculative": {"stop_threshold": 0.5, "stop_head": True}},
+                                                    source="test"), None)
+
+
+def test_a_stop_head_with_another_method_stops_startup_with_one_line(tiny_model):
+    from types import SimpleNamespace
+
+    from afterburner.plugins.config import ConfigError
+    from afterburner.plugins.vllm import hooks
+
+    args = SimpleNamespace(speculative_config={"method": "draft_model", "model": str(tiny_model)},
+                           additional_config={"afterburner": {"speculative": {"stop_threshold": 0.5,
+                                                                               "stop_head": True}}})
+    with pytest.raises(ConfigError, match=r"^afterburner\.speculative\.stop_head: a stop head fitted on vLLM's "
+                                          r"EAGLE-3 \(method 'eagle3'\); this engine runs draft_model speculation"):
+        hooks.check_speculative_config(args)
 
