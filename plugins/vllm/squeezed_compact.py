@@ -27,7 +27,6 @@ attention over the context in another order (the engine tests check the path so)
 from __future__ import annotations
 
 import functools
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -42,7 +41,6 @@ from afterburner.plugins.vllm.compact_decode import DecodeCounts, DenseRows, Ker
 from afterburner.plugins.vllm.compact_pool import LayerBlocks, capacity_blocks
 from afterburner.plugins.vllm.kv_layout import KV_VIEWS
 
-logger = logging.getLogger(__name__)
 _WHERE = "afterburner.attention.squeezed"
 _NO_DENSE = DenseRows()
 
@@ -366,11 +364,13 @@ def _nothing(query, shape: KernelShape, dense: DenseRows) -> LayerResult:
 def _table(plan: StepPlan, stacked: tuple, queries: torch.Tensor) -> torch.Tensor:
     """Block tables [R * Hkv, W] of the (row, kv head) sequences: the chosen context blocks (``stacked``:
     ``SqueezedPool.stacked``), best first, then the row's tail blocks (the last one partly filled): in C where
-    it is built (one call), else in torch (said once)."""
+    it is built (one call), else in torch (said once, counted)."""
     centroids, padding, sizes = stacked
-    if (lib := _native()) is not None:
+    lib = _native()
+    if not isinstance(lib, native.NativeUnavailable):
         return blocks_native.block_table(lib, centroids, sizes, queries, plan.budgets, plan.context_heads,
                                          plan.tail_heads)
+    stats.fallback(_WHERE, f"the block choice in C is unavailable ({lib})", instead="its slower torch path")
     scores = blocks.block_scores(centroids, queries)  # [R, Hkv, S max]
     if padding is not None:
         scores.masked_fill_(padding, -torch.inf)
@@ -381,11 +381,8 @@ def _table(plan: StepPlan, stacked: tuple, queries: torch.Tensor) -> torch.Tenso
 
 @functools.cache
 def _native():
-    lib = blocks_native.library()
-    if isinstance(lib, native.NativeUnavailable):
-        logger.warning("afterburner: squeezed's block choice runs its slower torch path: %s", lib)
-        return None
-    return lib
+    """The block choice's C library, or the NativeUnavailable that says why not (built once per process)."""
+    return blocks_native.library()
 
 
 def _padded(lists: list[list[int]]) -> torch.Tensor:

@@ -6,6 +6,7 @@ equals the stock kernel; a request that finds no room reads through the stock ke
 blocks of requests that left are reused."""
 
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -140,3 +141,26 @@ def test_no_room_reads_through_the_stock_kernel_and_blocks_are_reused():
     first = next(iter(state.contexts))
     assert state.place("x", (192, tuple(table[1, :6].tolist())), 5, 230)
     assert first not in state.contexts and state.blocks_in_use() == 5 + 3
+
+
+def test_without_the_c_block_choice_the_torch_choice_runs_the_same_and_is_counted(monkeypatch):
+    """No C library (no compiler): the torch rule chooses the same blocks, and the fallback is counted at every
+    layer-step it serves (said once in the log)."""
+    from afterburner.attention_backends import native
+    from afterburner.attention_backends.squeezed import blocks_native
+
+    kv_cache, table = _cache([300, 230, 64], 4)
+    key_cache, _ = KV_VIEWS["vec"](kv_cache)
+    in_c, query, m = _step(_pool(), _Selector(key_cache, table), kv_cache, table, [300, 230, 60], ratio=0.25)
+    squeezed_compact._native.cache_clear()
+    monkeypatch.setattr(blocks_native, "library", lambda: native.NativeUnavailable("no C compiler (test)"))
+    monkeypatch.setattr(stats, "FALLBACKS", Counter())
+    try:
+        state, selector = _pool(), _Selector(key_cache, table)
+        in_torch, _, _ = _step(state, selector, kv_cache, table, [300, 230, 60], ratio=0.25)
+        _layer(state, selector, kv_cache, m, query, 1, ratio=0.25)
+    finally:
+        squeezed_compact._native.cache_clear()
+    torch.testing.assert_close(in_torch.output, in_c.output)
+    counted = {key: n for key, n in stats.FALLBACKS.items() if "block choice in C" in key[1]}
+    assert list(counted.values()) == [2] and "no C compiler (test)" in next(iter(counted))[1]
