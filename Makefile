@@ -8,7 +8,7 @@ SGLANG_VENV = $(eval SGLANG_VENV := $$(call venv,sglang))$(SGLANG_VENV)
 venv = $(or $(shell scripts/venv.sh $(1)),$(error building the $(1) venv failed; see the lines above))
 PYTEST_ARGS ?=
 
-.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads hamburger-drafter eagle3-drafter lla-models lla-eval
+.PHONY: help venvs models test check-upstream test-unit test-quality test-vllm test-sglang demo eval tasks lint medusa-heads hamburger-drafter eagle3-drafter eagle3-stop-head lla-models lla-eval
 
 help:
 	@echo "make demo   - build what is needed, start vLLM with afterburner on SmolLM2, compare with stock"
@@ -18,6 +18,7 @@ help:
 	@echo "make medusa-heads - sample a corpus from SmolLM2 and train 3 Medusa heads on it (CPU, resumable)"
 	@echo "make hamburger-drafter - sample a corpus from SmolLM2 and train a micro-step drafter on it (CPU, resumable)"
 	@echo "make eagle3-drafter - after hamburger-drafter: an EAGLE-3 drafter by the same recipe, for vLLM's eagle3 (CPU, resumable)"
+	@echo "make eagle3-stop-head - after eagle3-drafter: a learned stop head on it (its 4,096-token drafting copy; minutes)"
 	@echo "make lla-models - train the softmax and local-linear tiny Llamas on MQAR and regression (CPU, ~30 min, resumable)"
 	@echo "make lla-eval - both through lm-eval served by vLLM (results in benchmarks/results/lla_lm_eval.json)"
 
@@ -89,6 +90,14 @@ eagle3-drafter: hamburger-drafter
 	$(VLLM_VENV)/bin/afterburner train eagle3 --base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct \
 		--data $(HAMBURGER_DIR)/smollm2-corpus.jsonl --out $(HAMBURGER_DIR)/smollm2-eagle3 \
 		--work-dir $(HAMBURGER_DIR)/smollm2-drafter.train $(EAGLE3_TRAIN_ARGS) --resume
+
+# A learned stop head on that drafter, drafting from the micro-step drafter's first 4,096 tokens (the copy
+# smollm2-eagle3-vocab4096 the benchmark's EAGLE-3 rows use; a few minutes)
+eagle3-stop-head: eagle3-drafter
+	$(VLLM_VENV)/bin/afterburner train eagle3-stop --eagle3 $(HAMBURGER_DIR)/smollm2-eagle3 \
+		--base $(AFTERBURNER_CACHE)/models/SmolLM2-135M-Instruct --data $(HAMBURGER_DIR)/smollm2-corpus.jsonl \
+		--work-dir $(HAMBURGER_DIR)/smollm2-drafter.train --draft-vocab 4096 --ranking $(HAMBURGER_DIR)/smollm2-drafter \
+		--threads 2
 
 # Two tiny Llamas of one size from scratch (softmax, local-linear), then both through lm-eval served by vLLM.
 LLA_TRAIN_ARGS ?= --steps 6000 --threads 1

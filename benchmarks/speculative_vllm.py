@@ -7,7 +7,8 @@ and tokens/s, side by side in one run, against no speculation, for one proposer 
   a fixed-k drafter gives) and with its learned stop, greedy and sampled (``--model``: default what
   ``make hamburger-drafter`` writes), against vLLM's own EAGLE-3 at k = 1..5 with a drafter trained by the
   same recipe (``--eagle3``: default what ``make eagle3-drafter`` writes; its draft-vocab rows use the
-  micro-step drafter's token ranking);
+  micro-step drafter's token ranking), and that EAGLE-3 with a stop head fitted on its weights
+  (``make eagle3-stop-head``: the same tensors as its fixed-k rows, a length per request and step);
 - ``--method draft_model``: vLLM's own draft-model chain at fixed lengths against afterburner's confidence
   stop (``speculative.stop_threshold``: each chain cut before its first token the draft gives less than
   that probability) and afterburner's token tree from the draft's top-k (``speculative.tree``), with the
@@ -123,6 +124,9 @@ CONFIGS = {
         # vLLM's EAGLE-3 with afterburner's confidence stop (eagle3_stop): the same weights, a length per step
         *[(f"vLLM EAGLE-3, up to 3, afterburner stop below {p}, draft vocab 4096", 3,
            {"speculative": {"stop_threshold": p}}, 0.0, "eagle3-vocab") for p in (0.2, 0.4, 0.6)],
+        # the same weights with a stop head fitted on them (make eagle3-stop-head): cut below its P(accepted)
+        *[(f"vLLM EAGLE-3, up to 3, learned stop at {p}, draft vocab 4096", 3,
+           {"speculative": {"stop_threshold": p, "stop_head": True}}, 0.0, "eagle3-vocab") for p in (0.1, 0.2, 0.3)],
         ("no speculation, T=0.7", 0, {}, 0.7),
         ("up to 4, learned stop at 0.3, T=0.7", 4, {"speculative": {"stop_threshold": 0.3}}, 0.7),
         ("vLLM EAGLE-3, k=2, T=0.7", 2, {}, 0.7, "eagle3"),
@@ -237,6 +241,9 @@ def main() -> None:
     proposers = {args.method: (args.method, drafter)}
     if any(len(config) > 4 for config in selected):  # a row of its own proposer: vLLM's EAGLE-3
         proposers.update(_eagle3_baselines(args.eagle3, drafter, model))
+    if any(config[2].get("speculative", {}).get("stop_head") for config in selected) and \
+            not Path(proposers["eagle3-vocab"][1], "stop_head", "config.json").is_file():
+        sys.exit(f"no stop head in {proposers['eagle3-vocab'][1]}: run `make eagle3-stop-head` first")
     runs, reference = [], None
     for round_ in range(args.repeats):  # configurations in turn, each round against its own no-speculation run
         for name, num_spec, section, temperature, *row_proposer in selected:

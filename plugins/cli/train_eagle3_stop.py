@@ -3,7 +3,7 @@ stop_train.py), so vLLM's own EAGLE-3 drafts with the same weights as at a fixed
 request's draft length per step (``speculative.stop_head: true`` with ``stop_threshold``).
 
     afterburner train eagle3-stop --eagle3 DIR --base DIR --data FILE [FILE ...] [--work-dir DIR]
-        [--draft-vocab N --ranking DIR] [--seq-len 256] [--max-tokens N] [--epochs 30] [--threads T]
+        [--draft-vocab N --ranking DIR] [--seq-len 256] [--max-tokens N] [--epochs 10] [--threads T]
 
 Writes DIR/stop_head/ (with ``--draft-vocab N``: first the copy of DIR drafting from the N tokens --ranking's
 draft_vocab.safetensors ranks first, DIR-vocabN, and the head in it: a head is fitted on the vocabulary it
@@ -34,7 +34,7 @@ def add_parser(methods: argparse._SubParsersAction) -> None:
                                                                 "draft_vocab.safetensors ranks the tokens")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per chunk (default 256, train eagle3's)")
     p.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens of data")
-    p.add_argument("--epochs", type=int, default=30, help="passes over the drafter's outputs (default 30)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the drafter's outputs (default 10)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (AdamW; default 2e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(run=run)

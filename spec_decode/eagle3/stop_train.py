@@ -28,7 +28,7 @@ from afterburner.spec_decode.stop_head import StopHead, confidence_features
 
 @dataclass(frozen=True)
 class StopTrainConfig:
-    epochs: int = 30
+    epochs: int = 10  # held out (SmolLM2, 42k drafts): BCE 0.32 at 4-12 epochs, 0.41 at 30 (it overfits)
     lr: float = 2e-3
     batch_size: int = 512
     seed: int = 0
