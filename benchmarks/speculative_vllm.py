@@ -127,6 +127,10 @@ CONFIGS = {
         # the same weights with a stop head fitted on them (make eagle3-stop-head): cut below its P(accepted)
         *[(f"vLLM EAGLE-3, up to 3, learned stop at {p}, draft vocab 4096", 3,
            {"speculative": {"stop_threshold": p, "stop_head": True}}, 0.0, "eagle3-vocab") for p in (0.1, 0.2, 0.3)],
+        # k = 1's first draft always kept (min_drafts), the head deciding the second and third
+        *[(f"vLLM EAGLE-3, up to 3, learned stop at {p} after at least 1, draft vocab 4096", 3,
+           {"speculative": {"stop_threshold": p, "stop_head": True, "min_drafts": 1}}, 0.0, "eagle3-vocab")
+          for p in (0.2, 0.3, 0.4)],
         ("no speculation, T=0.7", 0, {}, 0.7),
         ("up to 4, learned stop at 0.3, T=0.7", 4, {"speculative": {"stop_threshold": 0.3}}, 0.7),
         ("vLLM EAGLE-3, k=2, T=0.7", 2, {}, 0.7, "eagle3"),

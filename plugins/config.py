@@ -201,7 +201,8 @@ class SpeculativeSettings(_Settings):
     stop_head: bool = Field(False, description="vLLM's eagle3 with stop_threshold: cut each chain where the stop "
                             "head fitted on the EAGLE-3 folder (its stop_head/, `afterburner train eagle3-stop`) says "
                             "P(accepted) < stop_threshold, instead of where the draft probability is below it")
-    min_drafts: int = Field(0, ge=0, description="micro-step drafter (vLLM): the first N drafts of each step are "
+    min_drafts: int = Field(0, ge=0, description="micro-step drafter and vLLM's eagle3 with stop_threshold (vLLM): "
+                            "the first N drafts of each step are "
                             "kept whatever the stop head says (the first micro-step is paid for anyway, and one more "
                             "verified token costs little where verification is memory-bound); 0: the stop head may "
                             "cut before the first draft")

@@ -32,7 +32,9 @@ class ConfidenceStop:
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         self._returns_tuple = False  # the draft's forward returns (hidden, hidden before its norm): EAGLE-3
-        self.threshold = float(config_of(vllm_config).speculative.stop_threshold)
+        settings = config_of(vllm_config).speculative
+        self.threshold = float(settings.stop_threshold)
+        self.min_drafts = settings.min_drafts  # leading drafts kept whatever their score (EAGLE-3's check allows it)
         self._drafting = False  # inside propose (vLLM's warm-up passes run as vLLM's own)
         self._confidence: list[torch.Tensor] = []  # per drafted position: [B] draft probabilities
         self._running: torch.Tensor | None = None  # [B]: rows whose chain is not cut yet (None: not drafting)
@@ -74,6 +76,8 @@ class ConfidenceStop:
         # EAGLE-3 with a drafting vocabulary: its compute_logits maps onto the target's ids, -inf elsewhere
         logits = self.model.compute_logits(hidden_states)
         tokens, score = logits.argmax(-1), self._stop_scores(hidden_states, logits)
+        if len(self._confidence) < self.min_drafts:  # kept whatever it scores: never cut here
+            score = torch.full_like(score, float("inf"))
         self._confidence.append(score)
         confident = score >= self.threshold
         self._running = confident if self._running is None else self._running & confident

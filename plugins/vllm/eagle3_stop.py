@@ -5,7 +5,8 @@ Users keep ``--speculative-config '{"method": "eagle3", "model": EAGLE3_DIR, "nu
 and add ``--additional-config '{"afterburner": {"speculative": {"stop_threshold": P}}}'``: each request's
 chain of up to K drafts is cut before its first draft whose EAGLE-3 probability is below P
 (``confidence_stop.ConfidenceStop``; with a drafting vocabulary, the probability over its tokens), or with
-``"stop_head": true`` whose P(accepted) by the stop head fitted on the folder (``train eagle3-stop``) is.
+``"stop_head": true`` whose P(accepted) by the stop head fitted on the folder (``train eagle3-stop``) is;
+``"min_drafts": N`` keeps each chain's first N drafts whatever they score (the first EAGLE-3 pass runs anyway).
 Without ``stop_threshold`` vLLM's proposer runs untouched. Needs synchronous scheduling, greedy drafting and
 no afterburner token tree; afterburner's own ``speculative.draft_vocab`` does not apply (vLLM's EAGLE-3
 folder carries its drafting vocabulary, ``draft_vocab_size`` + ``d2t``).
@@ -60,11 +61,16 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
     if "tree" in config.speculative.model_fields_set and config.speculative.tree != "chain":
         raise ConfigError("afterburner.speculative.tree with method 'eagle3': vLLM's EAGLE-3 drafts chains (a stop "
                           "threshold cuts them); leave tree unset")
-    if config.speculative.stop_head and not wanted(config):
-        raise ConfigError("afterburner.speculative.stop_head cuts chains below speculative.stop_threshold; set one "
-                          "(P(accepted), e.g. 0.3)")
+    for key in ("stop_head", "min_drafts"):
+        if key in config.speculative.model_fields_set and not wanted(config):
+            raise ConfigError(f"afterburner.speculative.{key} with method 'eagle3' acts on the stop below "
+                              "speculative.stop_threshold; set one (e.g. 0.3)")
     if not wanted(config):
         return
+    num = spec.get("num_speculative_tokens") or 0
+    if config.speculative.min_drafts > num:
+        raise ConfigError(f"afterburner.speculative.min_drafts: {config.speculative.min_drafts} is more than the "
+                          f"{num} drafts a step may have (num_speculative_tokens)")
     if config.speculative.stop_head:
         try:
             load_stop_head(spec.get("model") or "")

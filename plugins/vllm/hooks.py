@@ -68,10 +68,10 @@ def check_speculative_config(engine_args: Any, *_args: Any, **_kwargs: Any) -> N
     spec = dict(engine_args.speculative_config or {})
     method = spec.get("method") or getattr(engine_args, "spec_method", None)
     config = config_of(engine_args)
-    if config.enabled and "min_drafts" in config.speculative.model_fields_set and method != "hamburger":
-        raise ConfigError(f"afterburner.speculative.min_drafts: only the micro-step drafter (method 'hamburger') "
-                          f"keeps a minimum of drafts before its stop head; this engine runs {method or 'no'} "
-                          "speculation")
+    if config.enabled and "min_drafts" in config.speculative.model_fields_set and method not in ("hamburger", "eagle3"):
+        raise ConfigError(f"afterburner.speculative.min_drafts: only the micro-step drafter (method 'hamburger') and "
+                          f"vLLM's EAGLE-3 with a stop keep a minimum of drafts before the stop; this engine runs "
+                          f"{method or 'no'} speculation")
     if config.enabled and config.speculative.stop_head and method != "eagle3":
         raise ConfigError(f"afterburner.speculative.stop_head: a stop head fitted on vLLM's EAGLE-3 (method 'eagle3'); "
                           f"this engine runs {method or 'no'} speculation (the micro-step drafter carries its own)")

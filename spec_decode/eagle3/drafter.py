@@ -166,13 +166,14 @@ class Eagle3Drafter(nn.Module):
     @torch.no_grad()
     def draft(self, features: torch.Tensor, tokens: torch.Tensor, num_tokens: int, *,
               vocab_ids: torch.Tensor | None = None, stop_threshold: float | None = None,
-              stop_head: StopHead | None = None) -> list[int]:
+              stop_head: StopHead | None = None, min_tokens: int = 0) -> list[int]:
         """Greedy draft of ``num_tokens`` after a sequence: features [T, F, H] at base positions 0..T-1,
         tokens [T] (x_1 .. x_T: each position's next token, the last one just emitted by the base);
         ``vocab_ids``: argmax over these tokens only (vLLM's draft_vocab_size / d2t); ``stop_threshold``: the
         chain ends before its first token whose draft probability (softmax over the drafting vocabulary) is
         below it (``confident_chain``'s rule), or with ``stop_head`` whose P(accepted) is below it (the head
-        reads the normed draft state and the drafting vocabulary's logits, as ``stop_train`` fits it)."""
+        reads the normed draft state and the drafting vocabulary's logits, as ``stop_train`` fits it); the first
+        ``min_tokens`` drafts are kept whatever they score."""
         t = features.shape[0]
         slots = torch.arange(t)
         pre, cache = self._step(tokens[None], self.combine(features[None]), slots, slots, None, [])
@@ -184,7 +185,7 @@ class Eagle3Drafter(nn.Module):
             probability, best = scores.float().softmax(-1).max(-1)
             if stop_head is not None:
                 probability = stop_head.p_accept(self.norm(pre[:, -1])[0], scores)
-            if stop_threshold is not None and bool(probability < stop_threshold):
+            if stop_threshold is not None and m >= min_tokens and bool(probability < stop_threshold):
                 break
             token = int(best) if vocab_ids is None else int(vocab_ids[best])
             drafted.append(token)

@@ -21,11 +21,11 @@ from afterburner.spec_decode.stop_head import StopHead
 @torch.inference_mode()
 def eagle3_generate(base, drafter: Eagle3Drafter, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                     num_tokens: int, vocab_ids: torch.Tensor | None = None, stop_threshold: float | None = None,
-                    stop_head: StopHead | None = None, eos_token_id: int | None = None
+                    stop_head: StopHead | None = None, min_drafts: int = 0, eos_token_id: int | None = None
                     ) -> tuple[list[int], list[int]]:
     """(new tokens, drafts accepted per step) after prompt_ids [L >= 1], greedy; ``vocab_ids``: the
     drafting vocabulary (argmax over those tokens only); ``stop_threshold``: each chain cut before its first
-    draft of draft probability (with ``stop_head``: of P(accepted)) below it."""
+    draft of draft probability (with ``stop_head``: of P(accepted)) below it, after its first ``min_drafts``."""
     layers = drafter.config.feature_layers
     ids = prompt_ids.flatten().long()
     logits, features = base_forward(base, ids, layers)
@@ -34,7 +34,7 @@ def eagle3_generate(base, drafter: Eagle3Drafter, prompt_ids: torch.Tensor, max_
     lengths: list[int] = []
     while (tokens := final_tokens(new, max_new_tokens, eos_token_id)) is None:
         drafts = drafter.draft(features[:len(ids) - 1], ids[1:], num_tokens, vocab_ids=vocab_ids,
-                               stop_threshold=stop_threshold, stop_head=stop_head)
+                               stop_threshold=stop_threshold, stop_head=stop_head, min_tokens=min_drafts)
         logits, features = base_forward(base, torch.cat([ids, torch.tensor(drafts, dtype=torch.long)]), layers)
         emitted, length = accept_chain(int(ids[-1]), drafts, logits[len(ids) - 1:], temperature=0.0, generator=None)
         ids = torch.cat([ids, torch.tensor(emitted)])

@@ -71,6 +71,8 @@ def test_disabled_afterburner_gives_identical_output(engine, tiny_model, tmp_pat
          r"afterburner\.turbo: unknown key; allowed keys here: attention, enabled"),
         ("/no/such/afterburner.yaml", r"names a file that does not exist: /no/such/afterburner\.yaml"),
         ('{"speculative": {"min_drafts": 1}}', r"afterburner\.speculative\.min_drafts: vLLM's micro-step drafter only"),
+        ('{"speculative": {"stop_head": true}}',
+         r"afterburner\.speculative\.stop_head: a stop head on vLLM's EAGLE-3 only"),
     ],
 )
 def test_bad_config_stops_engine_before_any_subprocess(engine, tiny_model, monkeypatch, config, field):

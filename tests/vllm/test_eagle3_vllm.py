@@ -78,13 +78,15 @@ def plain(tiny_model, folders):
     return _run(tiny_model, folders[0], 0)
 
 
-def _reference_accepted(model, folder, stop_threshold: float | None = None, stop_head: bool = False) -> int:
+def _reference_accepted(model, folder, stop_threshold: float | None = None, stop_head: bool = False,
+                        min_drafts: int = 0) -> int:
     base, tokenizer = load_base(model)
     drafter, vocab_ids = load_eagle3(folder)
     drafter.attach_base(base.get_input_embeddings().weight, base.get_output_embeddings().weight)
     head = load_stop_head(folder) if stop_head else None
     return sum(sum(eagle3_generate(base, drafter, torch.tensor(tokenizer(p)["input_ids"]), NEW, num_tokens=NUM_SPEC,
-                                   vocab_ids=vocab_ids, stop_threshold=stop_threshold, stop_head=head)[1])
+                                   vocab_ids=vocab_ids, stop_threshold=stop_threshold, stop_head=head,
+                                   min_drafts=min_drafts)[1])
                for p in PROMPTS)
 
 
@@ -144,6 +146,18 @@ def test_a_learned_stop_head_on_vllms_eagle3_cuts_where_the_head_says(tiny_model
             assert kept == (below[0] if below else len(row)), (row, kept)
     accepted = cut["metrics"]["vllm:spec_decode_num_accepted_tokens"]
     assert accepted == _reference_accepted(tiny_model, stop_head_folder, stop_threshold=threshold, stop_head=True)
+    # min_drafts 1: every chain keeps its first draft, the head cuts from the second on
+    kept = _run(tiny_model, stop_head_folder, NUM_SPEC,
+                {"speculative": {"stop_threshold": threshold, "stop_head": True, "min_drafts": 1}})
+    assert kept["tokens"] == plain["tokens"]
+    lengths = [n for chain in kept["chains"] for n in chain["lengths"]]
+    assert min(lengths) >= 1 and sum(lengths) > sum(n for chain in cut["chains"] for n in chain["lengths"])
+    for chain in kept["chains"]:
+        for row, n in zip(chain["confidence"], chain["lengths"], strict=True):
+            below = [i for i, p in enumerate(row[1:], 1) if p < threshold]
+            assert n == (below[0] if below else len(row)), (row, n)
+    assert kept["metrics"]["vllm:spec_decode_num_accepted_tokens"] == _reference_accepted(
+        tiny_model, stop_head_folder, stop_threshold=threshold, stop_head=True, min_drafts=1)
 
 
 def test_bad_eagle3_settings_stop_startup_with_one_line(tiny_model, folders):
@@ -163,9 +177,13 @@ def test_bad_eagle3_settings_stop_startup_with_one_line(tiny_model, folders):
         eagle3_stop.check_config({**spec, "draft_sample_method": "probabilistic"},
                                  parse_config({"speculative": {"stop_threshold": 0.5}}, source="test"), None)
     eagle3_stop.check_config(spec, parse_config({"speculative": {"tree": "chain"}}, source="test"), None)  # allowed
-    with pytest.raises(ConfigError, match=r"^afterburner\.speculative\.stop_head cuts chains below "
-                                          r"speculative\.stop_threshold; set one"):
-        eagle3_stop.check_config(spec, parse_config({"speculative": {"stop_head": True}}, source="test"), None)
+    for key, value in (("stop_head", True), ("min_drafts", 1)):
+        with pytest.raises(ConfigError, match=rf"^afterburner\.speculative\.{key} with method 'eagle3' acts on the "
+                                              r"stop below speculative\.stop_threshold; set one"):
+            eagle3_stop.check_config(spec, parse_config({"speculative": {key: value}}, source="test"), None)
+    with pytest.raises(ConfigError, match=r"^afterburner\.speculative\.min_drafts: 4 is more than the 3 drafts"):
+        eagle3_stop.check_config(spec, parse_config({"speculative": {"stop_threshold": 0.5, "min_drafts": 4}},
+                                                    source="test"), None)
     with pytest.raises(ConfigError, match=r"^afterburner\.speculative\.stop_head: .* has no stop head \(stop_head/\): "
                                           r"fit one with `afterburner train eagle3-stop"):
         eagle3_stop.check_config(spec, parse_config({"speculative": {"stop_threshold": 0.5, "stop_head": True}},

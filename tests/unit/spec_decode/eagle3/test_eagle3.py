@@ -164,7 +164,7 @@ def test_the_reference_decoder_is_greedy_decoding_and_accepts_agreeing_drafts(ba
         plain = model.generate(prompt[None], max_new_tokens=30, do_sample=False)[0].tolist()
     calls = []
 
-    def oracle(features, tokens, num_tokens, vocab_ids=None, stop_threshold=None, stop_head=None):
+    def oracle(features, tokens, num_tokens, vocab_ids=None, stop_threshold=None, stop_head=None, min_tokens=0):
         calls.append((features, tokens))
         done = len(tokens) + 1  # ids so far
         return plain[done:done + num_tokens - 1] + [(plain[done + num_tokens - 1] + 1) % config.vocab_size]

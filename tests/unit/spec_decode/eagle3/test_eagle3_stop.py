@@ -70,6 +70,8 @@ def test_the_stop_head_not_the_draft_probability_cuts_the_chain():
                                  stop_head=_constant_head(20.0)) == full
             assert drafter.draft(features, tokens, 3, vocab_ids=ids, stop_threshold=0.5,
                                  stop_head=_constant_head(-20.0)) == []
+            assert drafter.draft(features, tokens, 3, vocab_ids=ids, stop_threshold=0.5, min_tokens=2,
+                                 stop_head=_constant_head(-20.0)) == full[:2]  # the first two kept whatever
             assert len(drafter.draft(features, tokens, 3, vocab_ids=ids, stop_threshold=1.0)) == 0  # probability < 1
             with torch.no_grad():
                 pre = drafter.unroll_states(features[None], torch.cat([tokens, torch.tensor(full[:2])])[None], 3)
