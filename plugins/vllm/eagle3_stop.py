@@ -67,8 +67,8 @@ def check_config(spec: dict, config: AfterburnerConfig, engine_args: Any) -> Non
                               "speculative.stop_threshold; set one (e.g. 0.3)")
     if not wanted(config):
         return
-    num = spec.get("num_speculative_tokens") or 0
-    if config.speculative.min_drafts > num:
+    num = spec.get("num_speculative_tokens")  # None: vLLM derives it (checked against it no further)
+    if num is not None and config.speculative.min_drafts > num:
         raise ConfigError(f"afterburner.speculative.min_drafts: {config.speculative.min_drafts} is more than the "
                           f"{num} drafts a step may have (num_speculative_tokens)")
     if config.speculative.stop_head:
