@@ -379,6 +379,7 @@ def _eagle3_baselines(folder: str | None, drafter: str, model: str) -> dict[str,
     restricted = draft_vocab_copy(folder, drafter, 4096, load_base_embeddings(model)[1].float())
     return {"eagle3": ("eagle3", str(folder)), "eagle3-vocab": ("eagle3", str(restricted))}
 
+
 if __name__ == "__main__":
     from afterburner.plugins.devtools.worker import main_or_worker
 

@@ -62,14 +62,12 @@ def _train(args: argparse.Namespace) -> int:
     started = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = args.eagle3
-    drafter, _ = load_eagle3(folder)
     model, tokenizer = distill_data.load_base(args.base)
     embed = model.get_input_embeddings().weight.detach().float().clone()
     lm_head = model.get_output_embeddings().weight.detach().float().clone()
-    if args.draft_vocab is not None:
-        folder = draft_vocab_copy(folder, args.ranking, args.draft_vocab, lm_head)
-    _, vocab_ids = load_eagle3(folder)
+    folder = args.eagle3 if args.draft_vocab is None else \
+        draft_vocab_copy(args.eagle3, args.ranking, args.draft_vocab, lm_head)
+    drafter, vocab_ids = load_eagle3(folder)  # a drafting copy holds the same drafter weights
     c = drafter.config
     work = args.work_dir or args.eagle3.with_name(args.eagle3.name + ".train")
     base, cached = distill_data.load_or_build(model, tokenizer, args.base, args.data, work / "base_pass.pt",

@@ -28,6 +28,7 @@ class ConfidenceStop:
     ``speculative.stop_threshold``; once every row is cut, the draft's remaining passes are skipped."""
 
     name = "draft"  # for the log and the fallback counter
+    signal = "draft probability"  # what ``_stop_scores`` returns, for the log
 
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
@@ -61,8 +62,6 @@ class ConfidenceStop:
         self.model.forward = gated
         logger.info("%s: chains of up to %d tokens cut below %s %.2f", self.name, self.num_speculative_tokens,
                     self.signal, self.threshold)
-
-    signal = "draft probability"  # what ``_stop_scores`` returns, for the log
 
     def _stop_scores(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """[B] the score a chain is cut below: the draft's probability of its token (a subclass may learn one)."""

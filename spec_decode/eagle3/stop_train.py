@@ -104,18 +104,15 @@ def evaluate(head: StopHead, examples: StopExamples) -> dict:
         return {}
     p = scores(head, examples)
     probability = examples.confidence[:, 0].exp()
-    per_step = [int(m) for m in examples.steps.unique()]
-    return {
-        "examples": len(examples), "label_rate": float(examples.labels.float().mean()),
-        "head_auc": roc_auc(p, examples.labels), "confidence_auc": roc_auc(probability, examples.labels),
-        "head_bce": float(F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), examples.labels.float())),
-        "per_step": {m + 1: {"examples": int((examples.steps == m).sum()),
-                             "label_rate": float(examples.labels[examples.steps == m].float().mean()),
-                             "head_auc": roc_auc(p[examples.steps == m], examples.labels[examples.steps == m]),
-                             "confidence_auc": roc_auc(probability[examples.steps == m],
-                                                       examples.labels[examples.steps == m])}
-                     for m in per_step},
-    }
+    def numbers(at: torch.Tensor) -> dict:
+        labels = examples.labels[at]
+        return {"examples": int(at.sum()), "label_rate": float(labels.float().mean()),
+                "head_auc": roc_auc(p[at], labels), "confidence_auc": roc_auc(probability[at], labels)}
+
+    every = torch.ones_like(examples.labels)
+    return {**numbers(every),
+            "head_bce": float(F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), examples.labels.float())),
+            "per_step": {int(m) + 1: numbers(examples.steps == m) for m in examples.steps.unique()}}
 
 
 def train_stop_head(drafter: Eagle3Drafter, base: BasePass, lm_head: torch.Tensor, *, config: StopTrainConfig,
