@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from afterburner.plugins.cli import main
+from afterburner.spec_decode import draft_vocab
 from afterburner.spec_decode.eagle3.drafter import Eagle3Drafter
 from afterburner.spec_decode.eagle3.folder import (
     Eagle3FolderError,
+    load_eagle3,
     load_stop_head,
     save_eagle3,
     save_stop_head,
@@ -181,3 +183,20 @@ def test_cli_fits_a_head_into_the_folder(tiny_model, text_file, tmp_path, capsys
     assert load_stop_head(out).hidden_size == meta["hidden_size"]
     assert main(["train", "eagle3-stop", "--eagle3", str(out), *common, "--draft-vocab", "64"]) == 2
     assert capsys.readouterr().err.strip() == "error: --draft-vocab and --ranking go together"
+
+    # --draft-vocab: the head goes into the drafting copy EAGLE3-vocabN (written from --ranking's first N tokens)
+    ranking = tmp_path / "ranking"
+    ranking.mkdir()
+    ranked = torch.randperm(load_eagle3(out)[0].config.vocab_size, generator=torch.Generator().manual_seed(0))
+    draft_vocab.save(ranking, ranked)
+    argv = ["train", "eagle3-stop", "--eagle3", str(out), *common, "--epochs", "2", "--draft-vocab", "64",
+            "--ranking", str(ranking)]
+    assert main(argv) == 0
+    copy = tmp_path / "eagle3-vocab64"
+    assert f"stop head -> {copy}/stop_head" in capsys.readouterr().out
+    drafter, vocab = load_eagle3(copy)
+    assert torch.equal(vocab, ranked[:64]) and load_stop_head(copy).hidden_size == meta["hidden_size"]
+    for name, tensor in load_eagle3(out)[0].state_dict().items():
+        assert torch.equal(tensor, drafter.state_dict()[name]), name
+    written = (copy / "config.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (copy / "config.json").stat().st_mtime_ns == written  # a fresh copy is kept
